@@ -1,0 +1,53 @@
+# sandboxd — build, lint, test.
+#
+#   make test     everything CI runs: installs what is missing, lint, static build, image,
+#                 unit and integration tests against a real control plane
+#   make build    the static x86_64-unknown-linux-musl release binary
+#   make image    the OCI image (FROM scratch) of that binary, checked with skopeo
+#   make lint     rustfmt and clippy
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-musl
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+BIN := $(TARGET_DIR)/$(TARGET)/release/sandboxd
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
+STAGE := scripts/stage.sh
+export CARGO_BUILD_JOBS ?= 2
+
+.PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
+
+all: build
+
+bootstrap:
+	@$(STAGE) bootstrap scripts/bootstrap.sh
+
+control-plane:
+	@$(STAGE) control-plane scripts/control-plane.sh >/dev/null
+
+build:
+	@$(STAGE) build $(CARGO) build --release --locked --target $(TARGET) --bin sandboxd
+	@ls -l $(BIN) | awk '{printf "binary: %s (%.1f MiB)\n", $$9, $$5/1048576}'
+
+image: build
+	@$(STAGE) image scripts/oci-image.sh $(BIN) $(IMAGE_DIR) $(VERSION)
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	@$(STAGE) fmt $(CARGO) fmt --all -- --check
+	@$(STAGE) clippy $(CARGO) clippy --all-targets --locked -- -D warnings
+
+unit:
+	@$(STAGE) unit $(CARGO) test --locked --lib --bins
+
+integration:
+	@$(STAGE) integration env SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		$(CARGO) test --locked --test integration
+
+test: bootstrap control-plane lint image unit integration
+
+clean:
+	$(CARGO) clean

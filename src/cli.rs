@@ -1,0 +1,26 @@
+//! The command line: global flags and one subcommand per component.
+//!
+//! Argument structs are plain data so tests can build them without parsing.
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogArgs;
+
+/// sandboxd: Kubernetes pods in their own cloud VMs, from one binary.
+#[derive(Debug, Parser)]
+#[command(name = "sandboxd", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Logging flags, shared by every subcommand.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The components and tools of sandboxd.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the version and build target.
+    Version,
+}

@@ -1,0 +1,13 @@
+//! sandboxd runs Kubernetes pods in their own cloud VMs ("peer pods") from one binary.
+//!
+//! The library holds every component; `src/main.rs` only parses the command line and
+//! dispatches. Modules that describe data or wire formats import nothing else of the crate.
+
+pub mod cli;
+pub mod k8s;
+pub mod pki;
+pub mod shutdown;
+pub mod telemetry;
+
+/// The version reported by every component (`sandboxd version`, `/metrics` build info).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,269 @@
+//! A small certificate authority: the webhook's serving certificates, the CAA's mutual TLS
+//! between node and pod VM, and the test control plane all use it. Keys stay in memory;
+//! callers decide what is written where.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+/// Errors issuing certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// rcgen refused the parameters or failed to sign.
+    #[error("issuing certificate {subject:?}: {source}")]
+    Issue {
+        /// The subject's common name.
+        subject: String,
+        /// Why.
+        source: rcgen::Error,
+    },
+    /// A PEM key or certificate could not be parsed.
+    #[error("parsing {what}: {source}")]
+    Parse {
+        /// What was being parsed (never its content).
+        what: &'static str,
+        /// Why.
+        source: rcgen::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Issue { .. } => "issue",
+            Error::Parse { .. } => "parse",
+        }
+    }
+}
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Clone)]
+pub struct CertKey {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The PKCS#8 private key. Never logged.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertKey")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    /// TLS server authentication.
+    Server,
+    /// TLS client authentication.
+    Client,
+    /// Both.
+    ServerAndClient,
+}
+
+/// A certificate authority held in memory.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    /// A new self-signed CA valid for `validity` from now.
+    pub fn new(common_name: &str, validity: Duration) -> Result<Self, Error> {
+        let issue = |source| Error::Issue {
+            subject: common_name.to_string(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(issue)?;
+        let key_pem = key.serialize_pem();
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(issue)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, validity);
+        let cert_pem = params.self_signed(&key).map_err(issue)?.pem();
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Loads a CA from its PEM certificate and key (e.g. from a Secret).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(|source| Error::Parse {
+            what: "CA private key",
+            source,
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| Error::Parse {
+            what: "CA certificate",
+            source,
+        })?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// The CA certificate and key.
+    pub fn cert_key(&self) -> CertKey {
+        CertKey {
+            cert_pem: self.cert_pem(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+
+    /// Issues a leaf certificate for `common_name` with `organizations` and the DNS names or
+    /// IP addresses in `sans`, valid for `validity` from now.
+    pub fn issue(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+        sans: &[&str],
+        usage: Usage,
+        validity: Duration,
+    ) -> Result<CertKey, Error> {
+        let issue = |source| Error::Issue {
+            subject: common_name.to_string(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(issue)?;
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<String>>())
+                .map_err(issue)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        for org in organizations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *org);
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::ServerAndClient => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue)?;
+        Ok(CertKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A fresh key pair (ECDSA P-256) as `(PKCS#8 private key PEM, SubjectPublicKeyInfo PEM)`,
+/// e.g. for signing service-account tokens.
+pub fn key_pair_pem() -> Result<(String, String), Error> {
+    KeyPair::generate()
+        .map(|k| (k.serialize_pem(), k.public_key_pem()))
+        .map_err(|source| Error::Issue {
+            subject: "key".into(),
+            source,
+        })
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    // Back-date a little so clocks slightly behind still accept the certificate.
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + validity;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_is_signed_by_the_ca_and_debug_hides_the_key() {
+        let ca = Ca::new("test-ca", Duration::days(1)).unwrap();
+        let leaf = ca
+            .issue(
+                "svc",
+                &["org"],
+                &["svc.ns.svc", "127.0.0.1"],
+                Usage::Server,
+                Duration::hours(1),
+            )
+            .unwrap();
+        assert!(leaf.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(!format!("{leaf:?}").contains("PRIVATE KEY"));
+
+        // rustls accepts the chain for the IP SAN.
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_der =
+            rustls_pki_types::pem::PemObject::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
+        roots.add(ca_der).unwrap();
+        let leaf_der: rustls_pki_types::CertificateDer<'static> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        verifier
+            .verify_server_cert(
+                &leaf_der,
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .unwrap();
+        let wrong = rustls_pki_types::ServerName::try_from("other.example").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(
+                    &leaf_der,
+                    &[],
+                    &wrong,
+                    &[],
+                    rustls_pki_types::UnixTime::now()
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_ca_reloaded_from_pem_issues_certificates() {
+        let ca = Ca::new("test-ca", Duration::days(1)).unwrap();
+        let ck = ca.cert_key();
+        let again = Ca::from_pem(&ck.cert_pem, &ck.key_pem).unwrap();
+        again
+            .issue("c", &[], &[], Usage::Client, Duration::hours(1))
+            .unwrap();
+        assert!(Ca::from_pem(&ck.cert_pem, "garbage").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! Logging, metrics and the health/metrics HTTP server shared by every daemon.
+
+mod server;
+
+pub use server::{Readiness, ReadyFlag, bind, router, serve};
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Errors of logging setup and the health server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--log-level` or `RUST_LOG` is not a valid filter.
+    #[error(
+        "invalid log level {value:?}: {reason} (expected e.g. info, debug or sandboxd=debug,kube=info)"
+    )]
+    LogLevel {
+        /// What was given.
+        value: String,
+        /// Why it did not parse.
+        reason: String,
+    },
+    /// A global logger was already installed.
+    #[error("logging was already initialised")]
+    AlreadyInitialised,
+    /// The server address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server stopped with an I/O error.
+    #[error("serving health and metrics: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::LogLevel { .. } => "log_level",
+            Error::AlreadyInitialised => "already_initialised",
+            Error::Bind { .. } => "bind",
+            Error::Serve(_) => "serve",
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Logging flags every subcommand shares.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SANDBOXD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
+    /// `sandboxd=debug,kube=info`. Defaults to `RUST_LOG`, then `info`.
+    #[arg(long, global = true, env = "SANDBOXD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl LogArgs {
+    /// The filter in force: `--log-level`, else `RUST_LOG`, else `info`.
+    pub fn filter(&self) -> Result<EnvFilter, Error> {
+        let value = self
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| "info".to_string());
+        EnvFilter::builder()
+            .parse(&value)
+            .map_err(|e| Error::LogLevel {
+                value,
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Installs the global logger. Logs go to stderr so stdout stays free for command output.
+pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
+    let filter = args.filter()?;
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match args.log_format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(true),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    result.map_err(|_| Error::AlreadyInitialised)
+}
+
+/// A metrics registry under the `sandboxd` prefix, with a `build_info` gauge.
+///
+/// Components register their metrics into [`Metrics::registry_mut`] at start-up, then share
+/// the finished registry with the server through [`Metrics::finish`].
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry holding `sandboxd_build_info{version, component}`.
+    pub fn new() -> Self {
+        Self::for_component("sandboxd")
+    }
+
+    /// Like [`Metrics::new`], labelling build info with the running component.
+    pub fn for_component(component: &str) -> Self {
+        let mut registry = Registry::with_prefix("sandboxd");
+        let info = Family::<Vec<(String, String)>, Gauge>::default();
+        info.get_or_create(&vec![
+            ("version".to_string(), crate::VERSION.to_string()),
+            ("component".to_string(), component.to_string()),
+        ])
+        .set(1);
+        registry.register("build_info", "Build information", info);
+        Self { registry }
+    }
+
+    /// The registry, for registering a component's metrics.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The registry, frozen for serving.
+    pub fn finish(self) -> Arc<Registry> {
+        Arc::new(self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_log_level_wins_and_bad_filters_name_the_value() {
+        let args = LogArgs {
+            log_level: Some("debug".into()),
+            ..Default::default()
+        };
+        assert_eq!(args.filter().unwrap().to_string(), "debug");
+
+        let args = LogArgs {
+            log_level: Some("sandboxd=[".into()),
+            ..Default::default()
+        };
+        let err = args.filter().unwrap_err().to_string();
+        assert!(err.contains("sandboxd=["), "{err}");
+    }
+}

@@ -1,0 +1,154 @@
+//! Test support: one real control plane per test run, namespaces per test, and the
+//! stand-ins for what no kubelet does here (node readiness, pod phases).
+
+pub mod control_plane;
+pub mod kube_helpers;
+pub mod process;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use kube::Client;
+
+pub use control_plane::{ControlPlane, Options};
+pub use kube_helpers::*;
+
+/// A test's future.
+pub type TestFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// What a test needs before it can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing beyond the process.
+    Nothing,
+    /// The shared control plane; the test gets a fresh namespace in it.
+    Cluster,
+}
+
+/// One integration test.
+pub struct Case {
+    /// `suite::behaviour`.
+    pub name: String,
+    /// What it needs.
+    pub needs: Needs,
+    /// Why it must be skipped on this machine, if it must.
+    pub skip: Option<String>,
+    /// The test body.
+    pub run: Box<dyn Fn(Env) -> TestFuture + Send + Sync>,
+}
+
+impl Case {
+    /// A test that needs the control plane.
+    pub fn cluster<F, Fut>(name: &str, f: F) -> Self
+    where
+        F: Fn(Env) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        Self {
+            name: name.to_string(),
+            needs: Needs::Cluster,
+            skip: None,
+            run: Box::new(move |env| Box::pin(f(env))),
+        }
+    }
+
+    /// A test that needs no control plane.
+    pub fn plain<F, Fut>(name: &str, f: F) -> Self
+    where
+        F: Fn(Env) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        Self {
+            name: name.to_string(),
+            needs: Needs::Nothing,
+            skip: None,
+            run: Box::new(move |env| Box::pin(f(env))),
+        }
+    }
+
+    /// Skips the test with a reason when `reason` is `Some`.
+    pub fn skip_if(mut self, reason: Option<String>) -> Self {
+        self.skip = reason;
+        self
+    }
+}
+
+/// What a running test gets.
+pub struct Env {
+    /// The test's name (used for unique object names).
+    pub name: String,
+    /// The control plane, for `Needs::Cluster` tests.
+    pub cp: Option<&'static ControlPlane>,
+    /// Its own namespace, for `Needs::Cluster` tests.
+    pub ns: String,
+}
+
+impl Env {
+    /// The control plane (panics for tests that did not ask for it).
+    pub fn cp(&self) -> &'static ControlPlane {
+        self.cp.expect("this test did not declare Needs::Cluster")
+    }
+
+    /// A cluster-admin client.
+    pub async fn admin(&self) -> Result<Client> {
+        self.cp().admin_client().await
+    }
+
+    /// A name unique to this test, for cluster-scoped objects (`<prefix>-<ns suffix>`).
+    pub fn unique(&self, prefix: &str) -> String {
+        let suffix = self.ns.rsplit('-').next().unwrap_or("x");
+        format!("{prefix}-{suffix}")
+    }
+}
+
+static CLUSTER: OnceLock<std::result::Result<ControlPlane, String>> = OnceLock::new();
+static CLUSTER_INIT: Mutex<()> = Mutex::new(());
+
+/// The shared control plane, started on first use (blocking; call outside async code). A
+/// failed start is remembered, so every test reports it without trying again.
+pub fn cluster() -> Result<&'static ControlPlane> {
+    let _guard = CLUSTER_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    let started = CLUSTER
+        .get_or_init(|| ControlPlane::start(Options::default()).map_err(|e| format!("{e:#}")));
+    started.as_ref().map_err(|e| anyhow!("{e}"))
+}
+
+/// Stops the shared control plane, if it was started, and removes its files. On failure
+/// the files stay for inspection.
+pub fn shutdown(success: bool) {
+    if let Some(Ok(cp)) = CLUSTER.get() {
+        cp.stop();
+    }
+    if success {
+        let _ = std::fs::remove_dir_all(process::run_dir());
+    } else {
+        eprintln!("harness: logs kept in {}", process::run_dir().display());
+    }
+}
+
+/// Polls `check` until it returns `Ok(Some(v))`, failing after `timeout` with the last
+/// error or `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("condition never held");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!(
+                "timed out after {timeout:?} waiting for {what}: {last}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
