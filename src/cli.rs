@@ -21,6 +21,12 @@ pub struct Cli {
 /// The components and tools of sandboxd.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator: KataConfig, PeerPodConfig and PeerPod controllers.
+    Operator(crate::operator::Args),
+    /// Run the mutating admission webhook for peer pods.
+    Webhook(crate::webhook::Args),
+    /// Run the cloud-api-adaptor on a node.
+    Caa(crate::caa::Args),
     /// Print the version and build target.
     Version,
 }

@@ -3,11 +3,15 @@
 //! The library holds every component; `src/main.rs` only parses the command line and
 //! dispatches. Modules that describe data or wire formats import nothing else of the crate.
 
+pub mod api;
+pub mod caa;
 pub mod cli;
 pub mod k8s;
+pub mod operator;
 pub mod pki;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 /// The version reported by every component (`sandboxd version`, `/metrics` build info).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -34,6 +34,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Operator(args) => sandboxd::operator::run(args).await,
+        Command::Webhook(args) => sandboxd::webhook::run(args).await,
+        Command::Caa(args) => sandboxd::caa::run(args).await,
         Command::Version => {
             println!(
                 "sandboxd {} ({}-{})",

@@ -2,10 +2,13 @@
 //! so no process outlives the run, and runs every suite against it.
 
 // Test support grows ahead of the suites that use each helper.
+mod caa;
 #[allow(dead_code)]
 mod harness;
+mod operator;
 mod smoke;
 mod static_binary;
+mod webhook;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -102,10 +105,16 @@ fn main() {
         // Integration tests mostly wait on the API server: run several at once.
         args.test_threads = Some(6);
     }
-    let cases: Vec<Case> = [smoke::cases(), static_binary::cases()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let cases: Vec<Case> = [
+        smoke::cases(),
+        static_binary::cases(),
+        webhook::cases(),
+        operator::cases(),
+        caa::cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let trials = cases
         .into_iter()
         .map(|case| {

@@ -1,0 +1,7 @@
+//! Integration tests of `sandboxd caa`.
+
+use crate::harness::Case;
+
+pub fn cases() -> Vec<Case> {
+    vec![]
+}
