@@ -39,6 +39,7 @@ fmt:
 lint:
 	@$(STAGE) fmt $(CARGO) fmt --all -- --check
 	@$(STAGE) clippy $(CARGO) clippy --all-targets --locked -- -D warnings
+	@$(STAGE) no-openssl-no-aws-lc scripts/check-deps.sh
 
 unit:
 	@$(STAGE) unit $(CARGO) test --locked --lib --bins
@@ -51,3 +52,9 @@ test: bootstrap control-plane lint image unit integration
 
 clean:
 	$(CARGO) clean
+
+# Benchmark of `sandboxd webhook` against the upstream Go webhook (docs/BENCHMARKS.md).
+.PHONY: bench-webhook
+bench-webhook:
+	$(CARGO) build --release --locked --bin sandboxd
+	SANDBOXD=$(TARGET_DIR)/release/sandboxd scripts/bench-webhook.sh
