@@ -4,11 +4,15 @@
 //! dispatches. Modules that describe data or wire formats import nothing else of the crate.
 
 pub mod api;
+pub mod armtest;
 pub mod caa;
 pub mod cli;
+pub mod cloud;
+pub mod config;
 pub mod k8s;
 pub mod operator;
 pub mod pki;
+pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

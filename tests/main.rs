@@ -27,6 +27,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Held shared by cluster tests and exclusively by `Needs::ClusterExclusive` tests.
+static CLUSTER_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn namespace_for(name: &str) -> String {
     let short: String = name
         .rsplit("::")
@@ -64,14 +67,23 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         cp: None,
         ns: namespace_for(&case.name),
     };
-    if case.needs == Needs::Cluster {
+    let needs_ns = case.needs != Needs::Nothing;
+    if needs_ns {
         let cp = harness::cluster().map_err(|e| Failed::from(format!("control plane: {e:#}")))?;
         env.cp = Some(cp);
     }
-    let needs_ns = case.needs == Needs::Cluster;
     let ns = env.ns.clone();
     let fut = (case.run)(env);
+    let exclusive = case.needs == Needs::ClusterExclusive;
     runtime().block_on(async move {
+        // Exclusive tests run alone; the others share the control plane.
+        let _read;
+        let _write;
+        if exclusive {
+            _write = CLUSTER_LOCK.write().await;
+        } else {
+            _read = CLUSTER_LOCK.read().await;
+        }
         let client = if needs_ns {
             let cp = harness::cluster().map_err(|e| Failed::from(format!("{e:#}")))?;
             let client = cp

@@ -1,10 +1,134 @@
-//! `sandboxd caa`.
+//! `sandboxd caa`: the cloud-api-adaptor of one worker node. It serves the remote hypervisor
+//! API (`hypervisor.Hypervisor`, `podvminfo.PodVMInfo`) over ttrpc on a unix socket and
+//! drives pod VMs through a cloud [`Provider`](crate::cloud::Provider).
+//!
+//! Zero leaks by design: a `PeerPod` (owned by the pod, finalizer `peer.pod/finalizer`)
+//! records the deterministic VM name before any create call; on start every PeerPod of the
+//! node is reconciled; a periodic sweep deletes VMs carrying this cluster's and node's tags
+//! that no PeerPod references.
 
-/// Flags of `sandboxd caa`.
+mod error;
+mod service;
+mod state;
+mod sweep;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::Error;
+pub use service::Caa;
+
+/// Readiness modes of StartVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Readiness {
+    /// ARM says Succeeded and the VM has an IP.
+    Provisioned,
+}
+
+/// Flags of `sandboxd caa`, as the DaemonSet gives them (the `peer-pods-cm` and
+/// `peer-pods-secret` keys arrive as environment variables through `envFrom`).
 #[derive(Clone, Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Kubernetes client flags.
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
+    /// Unix socket of the remote hypervisor service.
+    #[arg(
+        long,
+        env = "CAA_SOCKET",
+        default_value = "/run/peerpod/hypervisor.sock"
+    )]
+    pub socket: PathBuf,
+    /// Directory of per-pod agent sockets.
+    #[arg(long, env = "CAA_PODS_DIR", default_value = "/run/peerpod/pods")]
+    pub pods_dir: PathBuf,
+    /// This node's name (downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// When StartVM returns.
+    #[arg(long, value_enum, default_value = "provisioned")]
+    pub readiness: Readiness,
+    /// SSH public key file put on every VM.
+    #[arg(
+        long,
+        env = "CAA_SSH_PUBLIC_KEY",
+        default_value = "/etc/sandboxd/ssh-key/id_rsa.pub"
+    )]
+    pub ssh_public_key: PathBuf,
+    /// ARM endpoint.
+    #[arg(
+        long,
+        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
+        default_value = "https://management.azure.com/"
+    )]
+    pub arm_endpoint: url::Url,
+    /// Entra ID authority host.
+    #[arg(
+        long,
+        env = "AZURE_AUTHORITY_HOST",
+        default_value = "https://login.microsoftonline.com/"
+    )]
+    pub authority_host: url::Url,
+    /// Seconds between sweeps for VMs no PeerPod references.
+    #[arg(long, env = "CAA_SWEEP_SECONDS", default_value_t = 300)]
+    pub sweep_seconds: u64,
+    /// Seconds an unreferenced VM is left alone before the sweep deletes it.
+    #[arg(long, env = "CAA_SWEEP_GRACE_SECONDS", default_value_t = 600)]
+    pub sweep_grace_seconds: u64,
+    /// Fastest LRO polling interval in milliseconds (tests lower it).
+    #[arg(long, env = "CAA_MIN_POLL_MS", default_value_t = 1000, hide = true)]
+    pub min_poll_ms: u64,
+}
 
-/// Runs `sandboxd caa` until shutdown.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("sandboxd caa is not implemented yet")
+/// Runs `sandboxd caa` until a signal arrives.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = crate::shutdown::on_signals()?;
+    let env = crate::config::env_map();
+    let cfg = crate::config::PeerPodsConfig::from_map(&env)?;
+    let provider: Arc<dyn crate::cloud::Provider> = match cfg.cloud_provider {
+        crate::config::CloudProvider::Azure => {
+            let secret = crate::config::CloudSecret::from_map(&env)?;
+            let az = cfg.azure.clone().expect("validated azure config");
+            Arc::new(crate::cloud::azure::AzureProvider::new(
+                &secret.subscription_id,
+                &secret.credentials,
+                az,
+                crate::cloud::azure::Endpoints {
+                    arm: args.arm_endpoint.clone(),
+                    authority: args.authority_host.clone(),
+                },
+                crate::cloud::azure::Manners::default(),
+                crate::cloud::azure::Polling {
+                    min_interval: Duration::from_millis(args.min_poll_ms),
+                    ..Default::default()
+                },
+            )?)
+        }
+        crate::config::CloudProvider::Local => {
+            anyhow::bail!("CLOUD_PROVIDER=local is not available in this build yet")
+        }
+    };
+    let client = args.kube.client().await?;
+    let ssh_key = match std::fs::read_to_string(&args.ssh_public_key) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) => {
+            tracing::warn!(path = %args.ssh_public_key.display(), error = %e, "no SSH public key; VMs are created without one");
+            None
+        }
+    };
+    let caa = Caa::start(client, provider, cfg, args.clone(), ssh_key).await?;
+    let server = service::serve(caa.clone(), &args.socket).await?;
+    tracing::info!(socket = %args.socket.display(), node = %args.node_name, "CAA serving");
+    let sweeper = tokio::spawn(sweep::run(
+        caa.clone(),
+        Duration::from_secs(args.sweep_seconds),
+        Duration::from_secs(args.sweep_grace_seconds),
+        shutdown.clone(),
+    ));
+    shutdown.cancelled().await;
+    sweeper.abort();
+    drop(server);
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
 }

@@ -1,6 +1,9 @@
 //! Kubernetes plumbing shared by every component: client construction and the field
 //! manager that owns everything sandboxd applies.
 
+pub mod apply;
+pub mod conditions;
+
 use std::path::PathBuf;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};

@@ -1,10 +1,231 @@
-//! `sandboxd operator`.
+//! `sandboxd operator`: the KataConfig lifecycle (node selection, the `kata-remote`
+//! RuntimeClass, the node installer, status, uninstall) with leader election; plus the
+//! `crd` and `node-install` subcommands.
+
+pub mod admission;
+pub mod installer;
+pub mod kataconfig;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod node_install;
+pub mod nodes;
+pub mod runtimeclass;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+use self::metrics::OperatorMetrics;
+use self::nodes::Flavor;
+
+/// Errors of the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The controller failed.
+    #[error(transparent)]
+    Controller(#[from] kataconfig::Error),
+    /// Leader election failed.
+    #[error(transparent)]
+    Leader(#[from] leader::Error),
+    /// The admission policy could not be installed.
+    #[error("installing the single-KataConfig admission policy: {0}")]
+    Admission(#[source] crate::k8s::apply::Error),
+    /// API discovery failed.
+    #[error("discovering API groups: {0}")]
+    Discovery(#[source] kube::Error),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Controller(e) => e.metric_label(),
+            Error::Leader(e) => e.metric_label(),
+            Error::Admission(_) => "admission",
+            Error::Discovery(_) => "discovery",
+        }
+    }
+}
+
+/// Which platform the operator runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Platform {
+    /// OpenShift when the `machineconfiguration.openshift.io` API exists, else Kubernetes.
+    #[default]
+    Auto,
+    /// Plain Kubernetes.
+    Kubernetes,
+    /// OpenShift.
+    Openshift,
+}
+
+/// Everything the operator needs, as plain data (tests build it directly).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The operator namespace.
+    pub namespace: String,
+    /// The sandboxd image (the node installer runs it).
+    pub image: String,
+    /// The platform.
+    pub platform: Platform,
+    /// Leader election: `None` runs without it (tests, single replica).
+    pub leader: Option<leader::LeaderConfig>,
+    /// Install the single-KataConfig admission policy at start.
+    pub admission_policy: bool,
+}
 
 /// Flags of `sandboxd operator`.
 #[derive(Clone, Debug, clap::Args)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    /// A tool instead of the controllers.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The operator namespace.
+    #[arg(long, env = "SANDBOXD_NAMESPACE", default_value = names::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The sandboxd image the node installer DaemonSet runs.
+    #[arg(long, env = "SANDBOXD_IMAGE", default_value = "sandboxd:latest")]
+    pub image: String,
+    /// The platform (decides the workers of an empty selector).
+    #[arg(long, value_enum, default_value_t = Platform::Auto)]
+    pub platform: Platform,
+    /// This replica's identity for leader election.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Run without leader election (one replica only).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// How to reach the API server.
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
+}
 
-/// Runs `sandboxd operator` until shutdown.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("sandboxd operator is not implemented yet")
+/// Tools of `sandboxd operator`.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print every CRD sandboxd owns (YAML).
+    Crd,
+    /// Run the privileged per-node installer (in the node installer DaemonSet).
+    NodeInstall(node_install::Args),
+}
+
+/// Every CRD as one multi-document YAML stream.
+pub fn crds_yaml() -> String {
+    crate::api::all_crds()
+        .iter()
+        .map(|(_, crd)| crate::api::crd_yaml(crd))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+async fn detect_flavor(client: &Client, platform: Platform) -> Result<Flavor, Error> {
+    Ok(match platform {
+        Platform::Kubernetes => Flavor::Kubernetes,
+        Platform::Openshift => Flavor::OpenShift,
+        Platform::Auto => {
+            let groups = client.list_api_groups().await.map_err(Error::Discovery)?;
+            if groups
+                .groups
+                .iter()
+                .any(|g| g.name == "machineconfiguration.openshift.io")
+            {
+                Flavor::OpenShift
+            } else {
+                Flavor::Kubernetes
+            }
+        }
+    })
+}
+
+/// Runs the operator's controllers with `client` until `shutdown` (the library entry point:
+/// tests run it in-process and restart it).
+pub async fn run_operator(
+    client: Client,
+    opts: Options,
+    metrics: Arc<OperatorMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    if opts.admission_policy {
+        admission::ensure(&client).await.map_err(Error::Admission)?;
+    }
+    let flavor = detect_flavor(&client, opts.platform).await?;
+    let instance = opts
+        .leader
+        .as_ref()
+        .map(|l| l.identity.clone())
+        .unwrap_or_else(|| "sandboxd-operator".into());
+    let kc_opts = kataconfig::Options {
+        namespace: opts.namespace.clone(),
+        image: opts.image.clone(),
+        flavor,
+        instance,
+    };
+    match opts.leader.clone() {
+        None => Ok(kataconfig::run(client, kc_opts, metrics, shutdown).await?),
+        Some(cfg) => {
+            let c = client.clone();
+            let inner = leader::run_as_leader(client, cfg, shutdown, move |token| {
+                kataconfig::run(c, kc_opts, metrics, token)
+            })
+            .await?;
+            Ok(inner?)
+        }
+    }
+}
+
+/// Runs `sandboxd operator` (or one of its tools).
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Some(Command::Crd) => {
+            print!("{}", crds_yaml());
+            return Ok(());
+        }
+        Some(Command::NodeInstall(a)) => return node_install::run(a).await,
+        None => {}
+    }
+    let client = args.kube.client().await?;
+    let shutdown = crate::shutdown::on_signals()?;
+    let mut registry = crate::telemetry::Metrics::for_component("operator");
+    let metrics = Arc::new(OperatorMetrics::default());
+    metrics.register(registry.registry_mut());
+    let readiness = crate::telemetry::Readiness::default();
+    let listener = crate::telemetry::bind(args.metrics_addr).await?;
+    let router = crate::telemetry::router(registry.finish(), readiness);
+    let server = tokio::spawn(crate::telemetry::serve(listener, router, shutdown.clone()));
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("sandboxd-operator-{}", std::process::id()));
+    let opts = Options {
+        namespace: args.namespace,
+        image: args.image,
+        platform: args.platform,
+        leader: (!args.no_leader_election).then(|| leader::LeaderConfig {
+            namespace: String::new(),
+            name: names::LEASE_NAME.into(),
+            identity,
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }),
+        admission_policy: true,
+    };
+    let opts = Options {
+        leader: opts.leader.map(|mut l| {
+            l.namespace = opts.namespace.clone();
+            l
+        }),
+        ..opts
+    };
+    run_operator(client, opts, metrics, shutdown.clone()).await?;
+    shutdown.cancel();
+    let _ = server.await;
+    Ok(())
 }

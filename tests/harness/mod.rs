@@ -26,6 +26,9 @@ pub enum Needs {
     Nothing,
     /// The shared control plane; the test gets a fresh namespace in it.
     Cluster,
+    /// The shared control plane, with no other test running: for tests of cluster-wide
+    /// singletons and cluster-wide scans (the KataConfig, every peer pod in the cluster).
+    ClusterExclusive,
 }
 
 /// One integration test.
@@ -52,6 +55,18 @@ impl Case {
             needs: Needs::Cluster,
             skip: None,
             run: Box::new(move |env| Box::pin(f(env))),
+        }
+    }
+
+    /// A test that needs the control plane to itself (see [`Needs::ClusterExclusive`]).
+    pub fn cluster_exclusive<F, Fut>(name: &str, f: F) -> Self
+    where
+        F: Fn(Env) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        Self {
+            needs: Needs::ClusterExclusive,
+            ..Self::cluster(name, f)
         }
     }
 

@@ -1,0 +1,454 @@
+//! The ARM test server: the subset of Azure Resource Manager sandboxd uses, in process, for
+//! tests, demos and `ctl` dry runs. No cloud is reachable from tests; this reproduces what
+//! the provider depends on: `Azure-AsyncOperation` LROs, 404/409/429 + `Retry-After`/5xx,
+//! request checks (api-version, required fields, referenced resources), a token endpoint
+//! for the client-credential flow, fault and latency injection, and inspection endpoints
+//! (`/armtest/vms`, `/armtest/resources`, `/armtest/requests`).
+//!
+//! Paths are matched case-insensitively, as ARM does. Response bodies follow the shapes of
+//! the REST API specification examples.
+
+mod compute;
+mod faults;
+mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+pub use faults::{Fault, FaultKind};
+pub use store::{RequestLog, VmView};
+
+use store::Store;
+
+/// Errors of the test server itself (binding, serving).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding or serving failed.
+    #[error("ARM test server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        "io"
+    }
+}
+
+/// Behaviour of the server.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a VM create or delete takes before its operation succeeds.
+    pub lro_duration: Duration,
+    /// `Retry-After` (seconds) sent with LRO responses.
+    pub lro_retry_after_secs: u64,
+    /// Delay added to every ARM request.
+    pub latency: Duration,
+    /// VM sizes offered in every region: (name, vCPUs, memory MiB).
+    pub sizes: Vec<(String, u32, u64)>,
+    /// ARM write requests allowed per second per subscription before 429 (0 = no limit).
+    pub writes_per_second: u32,
+    /// ARM read requests allowed per second per subscription before 429 (0 = no limit).
+    pub reads_per_second: u32,
+    /// Regional core quota; a create beyond it fails with `OperationNotAllowed`.
+    pub core_quota: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let sizes = [
+            ("Standard_B2als_v2", 2, 4096),
+            ("Standard_D2as_v5", 2, 8192),
+            ("Standard_D4as_v5", 4, 16384),
+            ("Standard_D8as_v5", 8, 32768),
+            ("Standard_DC2as_v5", 2, 8192),
+            ("Standard_DC4as_v5", 4, 16384),
+            ("Standard_DC8as_v5", 8, 32768),
+            ("Standard_E2as_v5", 2, 16384),
+            ("Standard_F4s_v2", 4, 8192),
+        ];
+        Self {
+            lro_duration: Duration::from_millis(300),
+            lro_retry_after_secs: 0,
+            latency: Duration::ZERO,
+            sizes: sizes
+                .iter()
+                .map(|(n, c, m)| (n.to_string(), *c, *m))
+                .collect(),
+            writes_per_second: 0,
+            reads_per_second: 0,
+            core_quota: None,
+        }
+    }
+}
+
+/// A handle on a server's state: inspect it and inject faults from tests.
+#[derive(Clone)]
+pub struct Handle {
+    store: Arc<Store>,
+}
+
+impl Handle {
+    /// Live VMs (any provisioning state).
+    pub fn vms(&self) -> Vec<VmView> {
+        self.store.vms()
+    }
+
+    /// Every request served, in order.
+    pub fn requests(&self) -> Vec<RequestLog> {
+        self.store.requests()
+    }
+
+    /// Ids of every stored resource (resource groups, NICs, disks, ...), lower-case.
+    pub fn resource_ids(&self) -> Vec<String> {
+        self.store.resource_ids()
+    }
+
+    /// Adds a fault rule.
+    pub fn inject(&self, fault: Fault) {
+        self.store.inject(fault);
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.store.clear_faults();
+    }
+
+    /// Changes the behaviour (latency, LRO duration, limits) from now on.
+    pub fn set_config(&self, f: impl FnOnce(&mut Config)) {
+        self.store.set_config(f);
+    }
+
+    /// Seeds what a peer-pods setup needs in `subscription`: resource group `rg` in
+    /// `location`, VNet `vnet` with subnet `worker` (10.0.1.0/24), NSG `nsg`, and gallery
+    /// image version `g/podvm/1.0.0`. Returns (subnet id, NSG id, image id).
+    pub fn seed_peer_pods(
+        &self,
+        subscription: &str,
+        rg: &str,
+        location: &str,
+    ) -> (String, String, String) {
+        let rg_id = format!("/subscriptions/{subscription}/resourceGroups/{rg}");
+        let vnet = format!("{rg_id}/providers/Microsoft.Network/virtualNetworks/vnet");
+        let subnet = format!("{vnet}/subnets/worker");
+        let nsg = format!("{rg_id}/providers/Microsoft.Network/networkSecurityGroups/nsg");
+        let gallery = format!("{rg_id}/providers/Microsoft.Compute/galleries/g");
+        let image = format!("{gallery}/images/podvm/versions/1.0.0");
+        let mut g = self.store.lock();
+        let loc = serde_json::json!(location);
+        for (id, ty, extra) in [
+            (
+                rg_id.clone(),
+                "Microsoft.Resources/resourceGroups",
+                serde_json::json!({}),
+            ),
+            (
+                vnet.clone(),
+                "Microsoft.Network/virtualNetworks",
+                serde_json::json!({"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]}}),
+            ),
+            (
+                subnet.clone(),
+                "Microsoft.Network/virtualNetworks/subnets",
+                serde_json::json!({"addressPrefix": "10.0.1.0/24"}),
+            ),
+            (
+                nsg.clone(),
+                "Microsoft.Network/networkSecurityGroups",
+                serde_json::json!({}),
+            ),
+            (
+                gallery.clone(),
+                "Microsoft.Compute/galleries",
+                serde_json::json!({}),
+            ),
+            (
+                format!("{gallery}/images/podvm"),
+                "Microsoft.Compute/galleries/images",
+                serde_json::json!({}),
+            ),
+            (
+                image.clone(),
+                "Microsoft.Compute/galleries/images/versions",
+                serde_json::json!({}),
+            ),
+        ] {
+            let mut props = extra;
+            props["provisioningState"] = "Succeeded".into();
+            let name = id.rsplit('/').next().unwrap_or_default().to_string();
+            g.resources.insert(
+                id.to_ascii_lowercase(),
+                serde_json::json!({"id": id, "name": name, "type": ty, "location": loc, "properties": props}),
+            );
+        }
+        (subnet, nsg, image)
+    }
+
+    /// The request body last sent for the VM `name`, as ARM received it.
+    pub fn vm_request(&self, name: &str) -> Option<Value> {
+        self.store.vm_request(name)
+    }
+}
+
+/// The router and a handle on its state.
+pub fn router(config: Config) -> (Router, Handle) {
+    let store = Arc::new(Store::new(config));
+    let router = Router::new().fallback(dispatch).with_state(store.clone());
+    (router, Handle { store })
+}
+
+/// Binds `addr` and serves until `shutdown` fires; returns the bound address and a handle.
+pub async fn serve(
+    addr: SocketAddr,
+    config: Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(SocketAddr, Handle, tokio::task::JoinHandle<()>), Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let (router, handle) = router(config);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok((local, handle, task))
+}
+
+/// Flags of `sandboxd dev arm-server`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub addr: SocketAddr,
+    /// Milliseconds a VM create or delete takes.
+    #[arg(long, default_value_t = 2000)]
+    pub lro_ms: u64,
+    /// Milliseconds added to every request.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+/// Runs the ARM test server until a signal arrives.
+pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+    let config = Config {
+        lro_duration: Duration::from_millis(args.lro_ms),
+        latency: Duration::from_millis(args.latency_ms),
+        lro_retry_after_secs: 1,
+        ..Config::default()
+    };
+    let (addr, _handle, task) = serve(args.addr, config, shutdown).await?;
+    tracing::info!(%addr, "ARM test server listening");
+    let _ = task.await;
+    Ok(())
+}
+
+/// An ARM error response.
+pub(crate) fn arm_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+async fn dispatch(State(store): State<Arc<Store>>, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let headers = req.headers().clone();
+    let body = match axum::body::to_bytes(req.into_body(), 4 << 20).await {
+        Ok(b) => b,
+        Err(_) => {
+            return arm_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContent",
+                "body too large or unreadable",
+            );
+        }
+    };
+    let path = uri.path().to_string();
+    if path.starts_with("/armtest/") {
+        return inspect(&store, &method, &path, &body);
+    }
+    let latency = store.config().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (response, fault) = handle(&store, &method, &uri, &headers, body).await;
+    let status = response.status().as_u16();
+    store.log(RequestLog {
+        method: method.to_string(),
+        path,
+        status,
+        fault,
+        micros: started.elapsed().as_micros() as u64,
+    });
+    response
+}
+
+async fn handle(
+    store: &Arc<Store>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> (Response, Option<String>) {
+    let path = uri.path();
+    let segs: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    // Token endpoint: POST /{tenant}/oauth2/v2.0/token
+    if segs.len() == 4 && segs[1] == "oauth2" && segs[3] == "token" && method == Method::POST {
+        return (store.token(&segs[0], &body), None);
+    }
+    if !store.authorized(headers) {
+        return (
+            arm_error(
+                StatusCode::UNAUTHORIZED,
+                "AuthenticationFailed",
+                "missing or invalid bearer token",
+            ),
+            None,
+        );
+    }
+    let query: Vec<(String, String)> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let api_version = query
+        .iter()
+        .find(|(k, _)| k == "api-version")
+        .map(|(_, v)| v.clone());
+    let Some(api_version) = api_version else {
+        return (
+            arm_error(
+                StatusCode::BAD_REQUEST,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            ),
+            None,
+        );
+    };
+    if !faults::valid_api_version(&api_version) {
+        return (
+            arm_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidApiVersionParameter",
+                format!("The api-version '{api_version}' is invalid."),
+            ),
+            None,
+        );
+    }
+    let base = format!(
+        "http://{}",
+        headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+    );
+    let write = *method != Method::GET;
+    if let Some(resp) = store.rate_limited(&segs, write) {
+        return (resp, Some("rate_limit".into()));
+    }
+    if let Some(fault) = store.take_fault(method, path) {
+        let label = fault.label();
+        return match fault {
+            FaultKind::Status {
+                status,
+                code,
+                retry_after_secs,
+                retry_after_ms,
+            } => {
+                let mut resp = arm_error(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    &code,
+                    "injected fault",
+                );
+                if let Some(s) = retry_after_secs {
+                    resp.headers_mut().insert("retry-after", s.into());
+                }
+                if let Some(ms) = retry_after_ms {
+                    resp.headers_mut().insert("retry-after-ms", ms.into());
+                }
+                (resp, Some(label))
+            }
+            FaultKind::Drop { apply } => {
+                if apply {
+                    let _ = compute::route(store, &base, method, &segs, &query, &api_version, body)
+                        .await;
+                }
+                (dropped(), Some(label))
+            }
+            FaultKind::Delay { millis } => {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                (
+                    compute::route(store, &base, method, &segs, &query, &api_version, body).await,
+                    Some(label),
+                )
+            }
+            FaultKind::FailProvisioning { code } => {
+                store.fail_next_provisioning(code);
+                (
+                    compute::route(store, &base, method, &segs, &query, &api_version, body).await,
+                    Some(label),
+                )
+            }
+        };
+    }
+    (
+        compute::route(store, &base, method, &segs, &query, &api_version, body).await,
+        None,
+    )
+}
+
+/// A response whose body fails after the headers: the client sees the connection drop.
+fn dropped() -> Response {
+    let stream = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected connection drop",
+        ))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("static response")
+}
+
+fn inspect(store: &Store, method: &Method, path: &str, body: &Bytes) -> Response {
+    match (method.as_str(), path) {
+        ("GET", "/armtest/vms") => axum::Json(json!(store.vms())).into_response(),
+        ("GET", "/armtest/resources") => axum::Json(json!(store.resource_ids())).into_response(),
+        ("GET", "/armtest/requests") => axum::Json(json!(store.requests())).into_response(),
+        ("POST", "/armtest/faults") => match serde_json::from_slice::<Fault>(body) {
+            Ok(f) => {
+                store.inject(f);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(e) => arm_error(StatusCode::BAD_REQUEST, "InvalidFault", e.to_string()),
+        },
+        ("DELETE", "/armtest/faults") => {
+            store.clear_faults();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => arm_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "unknown inspection endpoint",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

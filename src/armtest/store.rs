@@ -1,0 +1,361 @@
+//! The server's state: resources, VMs and their operations, tokens, faults, the request log.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::faults::{Fault, FaultKind};
+use super::{Config, arm_error};
+
+/// One served request.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestLog {
+    /// HTTP method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// Status answered.
+    pub status: u16,
+    /// The injected fault, if one hit.
+    pub fault: Option<String>,
+    /// Time the server spent on it (including injected latency), µs.
+    pub micros: u64,
+}
+
+/// A VM as the inspection endpoint shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmView {
+    /// ARM id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Resource group.
+    pub resource_group: String,
+    /// Size.
+    pub size: String,
+    /// `Creating`, `Succeeded`, `Failed` or `Deleting`.
+    pub provisioning_state: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Private IP of its NIC.
+    pub private_ip: String,
+}
+
+pub(crate) struct Vm {
+    pub id: String,
+    pub name: String,
+    pub rg: String,
+    pub location: String,
+    pub size: String,
+    pub vcpus: u32,
+    pub request: Value,
+    pub response: Value,
+    pub created_until: Instant,
+    pub failure: Option<String>,
+    pub create_op: String,
+    pub deleting: Option<(Instant, String)>,
+    pub nic_id: String,
+    pub disk_id: String,
+    pub delete_nic: bool,
+    pub delete_disk: bool,
+    pub private_ip: String,
+}
+
+impl Vm {
+    pub fn state(&self, now: Instant) -> &'static str {
+        if self.deleting.is_some() {
+            "Deleting"
+        } else if now < self.created_until {
+            "Creating"
+        } else if self.failure.is_some() {
+            "Failed"
+        } else {
+            "Succeeded"
+        }
+    }
+}
+
+pub(crate) struct Op {
+    pub until: Instant,
+    pub failure: Option<String>,
+    pub start: String,
+}
+
+pub(crate) struct Inner {
+    pub config: Config,
+    pub tokens: HashSet<String>,
+    pub resources: BTreeMap<String, Value>,
+    pub vms: BTreeMap<String, Vm>,
+    pub ops: HashMap<String, Op>,
+    pub faults: Vec<Fault>,
+    pub log: Vec<RequestLog>,
+    pub windows: HashMap<(String, bool), VecDeque<Instant>>,
+    pub fail_next: Option<String>,
+    pub next_ip: HashMap<String, u32>,
+    pub counter: u64,
+}
+
+impl Inner {
+    /// Applies time: finishes deletes whose operation is over.
+    pub fn advance(&mut self, now: Instant) {
+        let done: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.deleting.as_ref().is_some_and(|(t, _)| now >= *t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            if let Some(vm) = self.vms.remove(&k) {
+                if vm.delete_nic {
+                    self.resources.remove(&vm.nic_id.to_ascii_lowercase());
+                }
+                if vm.delete_disk {
+                    self.resources.remove(&vm.disk_id.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+
+    pub fn next_id(&mut self) -> String {
+        self.counter += 1;
+        let r = fastrand::u64(..);
+        format!(
+            "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+            r >> 32,
+            self.counter & 0xffff,
+            (r >> 8) & 0xfff,
+            r & 0xfff,
+            self.counter
+        )
+    }
+}
+
+pub(crate) struct Store {
+    pub inner: Mutex<Inner>,
+}
+
+impl Store {
+    pub fn new(config: Config) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                config,
+                tokens: HashSet::new(),
+                resources: BTreeMap::new(),
+                vms: BTreeMap::new(),
+                ops: HashMap::new(),
+                faults: Vec::new(),
+                log: Vec::new(),
+                windows: HashMap::new(),
+                fail_next: None,
+                next_ip: HashMap::new(),
+                counter: 0,
+            }),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.advance(Instant::now());
+        g
+    }
+
+    pub fn config(&self) -> Config {
+        self.lock().config.clone()
+    }
+
+    pub fn set_config(&self, f: impl FnOnce(&mut Config)) {
+        f(&mut self.lock().config);
+    }
+
+    pub fn vms(&self) -> Vec<VmView> {
+        let g = self.lock();
+        let now = Instant::now();
+        g.vms
+            .values()
+            .map(|v| VmView {
+                id: v.id.clone(),
+                name: v.name.clone(),
+                resource_group: v.rg.clone(),
+                size: v.size.clone(),
+                provisioning_state: v.state(now).to_string(),
+                tags: serde_json::from_value(v.response["tags"].clone()).unwrap_or_default(),
+                private_ip: v.private_ip.clone(),
+            })
+            .collect()
+    }
+
+    pub fn vm_request(&self, name: &str) -> Option<Value> {
+        let g = self.lock();
+        g.vms
+            .values()
+            .find(|v| v.name.eq_ignore_ascii_case(name))
+            .map(|v| v.request.clone())
+    }
+
+    pub fn resource_ids(&self) -> Vec<String> {
+        self.lock().resources.keys().cloned().collect()
+    }
+
+    pub fn requests(&self) -> Vec<RequestLog> {
+        self.lock().log.clone()
+    }
+
+    pub fn log(&self, entry: RequestLog) {
+        self.lock().log.push(entry);
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    pub fn fail_next_provisioning(&self, code: String) {
+        self.lock().fail_next = Some(code);
+    }
+
+    /// The first matching fault rule that fires for this request, if any.
+    pub fn take_fault(&self, method: &Method, path: &str) -> Option<FaultKind> {
+        let mut g = self.lock();
+        for f in g.faults.iter_mut() {
+            if !f.matches(method.as_str(), path) {
+                continue;
+            }
+            if let Some(p) = f.probability
+                && fastrand::f64() >= p
+            {
+                continue;
+            }
+            if let Some(t) = f.times.as_mut() {
+                *t -= 1;
+            }
+            return Some(f.kind.clone());
+        }
+        None
+    }
+
+    /// 429 when the subscription's read or write budget of the last second is spent.
+    pub fn rate_limited(&self, segs: &[String], write: bool) -> Option<Response> {
+        let mut g = self.lock();
+        let limit = if write {
+            g.config.writes_per_second
+        } else {
+            g.config.reads_per_second
+        };
+        if limit == 0 || segs.len() < 2 {
+            return None;
+        }
+        let now = Instant::now();
+        let window = g
+            .windows
+            .entry((segs[1].to_ascii_lowercase(), write))
+            .or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        if window.len() as u32 >= limit {
+            let mut resp = arm_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "SubscriptionRequestsThrottled",
+                format!(
+                    "Number of {} requests for subscription exceeded the limit",
+                    if write { "write" } else { "read" }
+                ),
+            );
+            resp.headers_mut().insert("retry-after", 1.into());
+            return Some(resp);
+        }
+        window.push_back(now);
+        None
+    }
+
+    /// Client-credential (secret or federated assertion) token endpoint.
+    pub fn token(&self, tenant: &str, body: &Bytes) -> Response {
+        let form: HashMap<String, String> = url::form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let has = |k: &str| form.get(k).is_some_and(|v| !v.is_empty());
+        if form.get("grant_type").map(String::as_str) != Some("client_credentials")
+            || !has("client_id")
+            || !has("scope")
+            || !(has("client_secret") || has("client_assertion"))
+            || tenant.is_empty()
+        {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({
+                    "error": "invalid_request",
+                    "error_description": "AADSTS900144: The request body must contain grant_type=client_credentials, client_id, scope and a client secret or assertion."
+                })),
+            )
+                .into_response();
+        }
+        if form.get("client_secret").map(String::as_str) == Some("wrong") {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided."
+                })),
+            )
+                .into_response();
+        }
+        let mut g = self.lock();
+        let token = format!("armtest-{}", g.next_id());
+        g.tokens.insert(token.clone());
+        axum::Json(json!({
+            "token_type": "Bearer",
+            "expires_in": 3599,
+            "ext_expires_in": 3599,
+            "access_token": token,
+        }))
+        .into_response()
+    }
+
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        v.strip_prefix("Bearer ")
+            .is_some_and(|t| self.lock().tokens.contains(t))
+    }
+}
+
+/// RFC 3339 UTC time for response bodies.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.0000000+00:00",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,60 @@
+//! Errors of CAA and their one mapping to ttrpc status codes.
+
+/// Errors of CAA.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request lacks something the shim always sends.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No sandbox of that id was created here.
+    #[error("unknown sandbox {0}")]
+    UnknownSandbox(String),
+    /// The pod asks for a size that cannot be used.
+    #[error(transparent)]
+    Size(#[from] crate::cloud::sizes::Error),
+    /// The cloud failed.
+    #[error(transparent)]
+    Cloud(#[from] crate::cloud::Error),
+    /// The API server failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// Serving the socket failed.
+    #[error("hypervisor socket: {0}")]
+    Socket(String),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::UnknownSandbox(_) => "unknown_sandbox",
+            Error::Size(e) => e.metric_label(),
+            Error::Cloud(e) => e.metric_label(),
+            Error::Kube(_) => "kube",
+            Error::Config(e) => e.metric_label(),
+            Error::Socket(_) => "socket",
+        }
+    }
+
+    /// The ttrpc status the shim sees.
+    pub fn to_ttrpc(&self) -> ttrpc::Error {
+        use ttrpc::Code;
+        let code = match self {
+            Error::InvalidRequest(_) | Error::Size(_) => Code::INVALID_ARGUMENT,
+            Error::UnknownSandbox(_) => Code::NOT_FOUND,
+            Error::Cloud(crate::cloud::Error::NotFound(_)) => Code::NOT_FOUND,
+            Error::Cloud(crate::cloud::Error::Quota(_)) => Code::RESOURCE_EXHAUSTED,
+            Error::Cloud(crate::cloud::Error::Throttled { .. }) => Code::UNAVAILABLE,
+            Error::Cloud(crate::cloud::Error::Transient(_)) => Code::UNAVAILABLE,
+            Error::Cloud(crate::cloud::Error::Permanent(_)) => Code::FAILED_PRECONDITION,
+            Error::Kube(_) => Code::UNAVAILABLE,
+            Error::Config(_) => Code::FAILED_PRECONDITION,
+            Error::Socket(_) => Code::INTERNAL,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, self.to_string()))
+    }
+}

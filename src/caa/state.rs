@@ -1,0 +1,201 @@
+//! PeerPod records: written (server-side apply, owned by the pod, with the finalizer) before
+//! any create call, updated as the VM progresses, released once the VM is gone.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::api::peerpod::{FINALIZER, PeerPod, PeerPodSpec, PeerPodStatus};
+use crate::k8s::FIELD_MANAGER;
+
+/// Label with the node whose CAA owns the record.
+pub const LABEL_NODE: &str = "sandboxd.io/node";
+/// Label with (the first 32 characters of) the sandbox id.
+pub const LABEL_SANDBOX: &str = "sandboxd.io/sandbox-id";
+/// Annotation with the instance size chosen at CreateVM.
+pub const ANNOTATION_SIZE: &str = "sandboxd.io/instance-size";
+
+/// The label value of a sandbox id.
+pub fn sandbox_label(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(32)
+        .collect()
+}
+
+/// What a record says.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Pod namespace (the record's namespace).
+    pub namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod uid.
+    pub pod_uid: String,
+    /// VM name (the record's name).
+    pub vm_name: String,
+    /// Sandbox id.
+    pub sandbox_id: String,
+    /// Chosen instance size.
+    pub size: String,
+}
+
+impl Record {
+    /// Reads a record back from a PeerPod.
+    pub fn from_peerpod(p: &PeerPod) -> Self {
+        Self {
+            namespace: p.namespace().unwrap_or_default(),
+            pod_name: p
+                .owner_references()
+                .first()
+                .map(|o| o.name.clone())
+                .unwrap_or_default(),
+            pod_uid: p.spec.pod_uid.clone(),
+            vm_name: p.spec.vm_name.clone(),
+            sandbox_id: p.spec.sandbox_id.clone(),
+            size: p
+                .annotations()
+                .get(ANNOTATION_SIZE)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Writes (or re-asserts) the PeerPod of `r`: idempotent.
+pub async fn record(
+    client: &Client,
+    r: &Record,
+    node: &str,
+    provider: &str,
+) -> Result<PeerPod, kube::Error> {
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), &r.namespace);
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: r.pod_name.clone(),
+        uid: r.pod_uid.clone(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    };
+    let obj = json!({
+        "apiVersion": "confidentialcontainers.org/v1alpha1",
+        "kind": "PeerPod",
+        "metadata": {
+            "name": r.vm_name,
+            "namespace": r.namespace,
+            "labels": {LABEL_NODE: node, LABEL_SANDBOX: sandbox_label(&r.sandbox_id)},
+            "annotations": {ANNOTATION_SIZE: r.size},
+            "finalizers": [FINALIZER],
+            "ownerReferences": [owner],
+        },
+        "spec": PeerPodSpec {
+            cloud_provider: provider.to_string(),
+            instance_id: String::new(),
+            vm_name: r.vm_name.clone(),
+            node_name: node.to_string(),
+            pod_uid: r.pod_uid.clone(),
+            sandbox_id: r.sandbox_id.clone(),
+        },
+    });
+    // instanceID is owned by the status updates once set: do not apply it back to empty.
+    let mut obj = obj;
+    if let Ok(existing) = api.get(&r.vm_name).await {
+        obj["spec"]["instanceID"] = existing.spec.instance_id.clone().into();
+    }
+    api.patch(
+        &r.vm_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+}
+
+/// Sets the instance id (spec) of a record.
+pub async fn set_instance_id(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    id: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"instanceID": id}})),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Merges `status` into the record's status.
+pub async fn set_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &PeerPodStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Removes the finalizer and deletes the record; succeeds when it is already gone.
+pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
+    let Some(p) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let finalizers: Vec<String> = p
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.resource_version()}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every record of `node`, in every namespace.
+pub async fn of_node(client: &Client, node: &str) -> Result<Vec<PeerPod>, kube::Error> {
+    let api: Api<PeerPod> = Api::all(client.clone());
+    Ok(api
+        .list(&ListParams::default().labels(&format!("{LABEL_NODE}={node}")))
+        .await?
+        .items)
+}
+
+/// The record of a sandbox id, if any.
+pub async fn of_sandbox(
+    client: &Client,
+    node: &str,
+    id: &str,
+) -> Result<Option<PeerPod>, kube::Error> {
+    let api: Api<PeerPod> = Api::all(client.clone());
+    let sel = format!("{LABEL_NODE}={node},{LABEL_SANDBOX}={}", sandbox_label(id));
+    Ok(api
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| p.spec.sandbox_id == id))
+}

@@ -1,0 +1,120 @@
+//! The VM create body (DESIGN §6), built as `azure_mgmt_compute` models: NIC inline with
+//! `deleteOption: Delete`, OS disk from image with `deleteOption: Delete`, image by id
+//! (managed, gallery, or community gallery), SSH key with password login disabled,
+//! `userData`, tags, and the Confidential VM profile when `DISABLECVM=false`.
+
+use azure_mgmt_compute::package_2024_07_01::models as m;
+use base64::Engine;
+
+use crate::cloud::VmSpec;
+use crate::config::AzureConfig;
+
+/// The `PUT virtualMachines/{name}` body for `spec`.
+pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
+    let mut resource = m::Resource::new(cfg.region.clone());
+    resource.tags = Some(serde_json::to_value(&spec.tags).unwrap_or_default());
+
+    let mut ip = m::VirtualMachineNetworkInterfaceIpConfiguration::new(format!("{}-ip", spec.name));
+    ip.properties = Some(m::VirtualMachineNetworkInterfaceIpConfigurationProperties {
+        subnet: Some(m::SubResource {
+            id: Some(cfg.subnet_id.clone()),
+        }),
+        primary: Some(true),
+        ..Default::default()
+    });
+    let mut nic_props = m::VirtualMachineNetworkInterfaceConfigurationProperties::new(vec![ip]);
+    nic_props.primary = Some(true);
+    nic_props.delete_option =
+        Some(m::virtual_machine_network_interface_configuration_properties::DeleteOption::Delete);
+    nic_props.network_security_group = cfg.nsg_id.clone().map(|id| m::SubResource { id: Some(id) });
+    let mut nic = m::VirtualMachineNetworkInterfaceConfiguration::new(format!("{}-nic", spec.name));
+    nic.properties = Some(nic_props);
+
+    let mut image = m::ImageReference::new();
+    if spec
+        .image_id
+        .to_ascii_lowercase()
+        .starts_with("/communitygalleries/")
+    {
+        image.community_gallery_image_id = Some(spec.image_id.clone());
+    } else {
+        image.sub_resource.id = Some(spec.image_id.clone());
+    }
+
+    let mut os_disk = m::OsDisk::new(m::CreateOption::FromImage);
+    os_disk.delete_option = Some(m::DeleteOption::Delete);
+    os_disk.disk_size_gb = cfg.root_volume_gb.map(|g| g as i32);
+    let mut managed = m::ManagedDiskParameters::new();
+    managed.storage_account_type = Some(m::StorageAccountType::StandardLrs);
+    let mut security_profile = None;
+    if !cfg.disable_cvm {
+        managed.security_profile = Some(m::VmDiskSecurityProfile {
+            security_encryption_type: Some(
+                m::vm_disk_security_profile::SecurityEncryptionType::VmGuestStateOnly,
+            ),
+            disk_encryption_set: None,
+        });
+        security_profile = Some(m::SecurityProfile {
+            security_type: Some(m::security_profile::SecurityType::ConfidentialVm),
+            uefi_settings: Some(m::UefiSettings {
+                secure_boot_enabled: Some(cfg.secure_boot),
+                v_tpm_enabled: Some(true),
+            }),
+            ..Default::default()
+        });
+    } else if cfg.secure_boot {
+        security_profile = Some(m::SecurityProfile {
+            security_type: Some(m::security_profile::SecurityType::TrustedLaunch),
+            uefi_settings: Some(m::UefiSettings {
+                secure_boot_enabled: Some(true),
+                v_tpm_enabled: Some(true),
+            }),
+            ..Default::default()
+        });
+    }
+    os_disk.managed_disk = Some(managed);
+
+    let ssh = spec.ssh_public_key.as_ref().map(|key| m::SshConfiguration {
+        public_keys: vec![m::SshPublicKey {
+            path: Some(format!("/home/{}/.ssh/authorized_keys", cfg.ssh_username)),
+            key_data: Some(key.clone()),
+        }],
+    });
+    let os_profile = m::OsProfile {
+        computer_name: Some(spec.name.clone()),
+        admin_username: Some(cfg.ssh_username.clone()),
+        linux_configuration: Some(m::LinuxConfiguration {
+            disable_password_authentication: Some(true),
+            ssh,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let properties = m::VirtualMachineProperties {
+        hardware_profile: Some(m::HardwareProfile {
+            vm_size: Some(m::hardware_profile::VmSize::UnknownValue(spec.size.clone())),
+            vm_size_properties: None,
+        }),
+        storage_profile: Some(m::StorageProfile {
+            image_reference: Some(image),
+            os_disk: Some(os_disk),
+            ..Default::default()
+        }),
+        os_profile: Some(os_profile),
+        network_profile: Some(m::NetworkProfile {
+            network_api_version: Some(m::network_profile::NetworkApiVersion::N2020_11_01),
+            network_interface_configurations: vec![nic],
+            ..Default::default()
+        }),
+        security_profile,
+        user_data: spec
+            .user_data
+            .as_ref()
+            .map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
+        ..Default::default()
+    };
+    let mut vm = m::VirtualMachine::new(resource);
+    vm.properties = Some(properties);
+    vm
+}

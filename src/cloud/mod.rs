@@ -1,0 +1,220 @@
+//! Cloud providers: the [`Provider`] trait CAA drives, the VM description it passes, typed
+//! errors, and instance size selection. This module imports nothing else of the crate but
+//! [`crate::config`].
+
+pub mod azure;
+pub mod sizes;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Everything a provider needs to create one pod VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The deterministic VM name (see [`vm_name`]).
+    pub name: String,
+    /// The instance size, one of the allowed sizes.
+    pub size: String,
+    /// The image to boot.
+    pub image_id: String,
+    /// Cloud-init user data (plain text; the provider encodes it).
+    pub user_data: Option<String>,
+    /// OpenSSH public key for the admin user, if any.
+    pub ssh_public_key: Option<String>,
+    /// Tags; ownership tags already merged over the user's.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Provisioning state of a VM as the cloud reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Being created or updated.
+    Creating,
+    /// Created and running.
+    Succeeded,
+    /// Creation failed; the VM must be deleted.
+    Failed,
+    /// Being deleted.
+    Deleting,
+    /// Any other state the cloud reports.
+    Other(String),
+}
+
+/// A VM as the cloud knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    /// The VM name.
+    pub name: String,
+    /// The cloud's id (ARM resource id on Azure).
+    pub id: String,
+    /// Provisioning state.
+    pub state: VmState,
+    /// Private IP of the primary NIC, once known.
+    pub private_ip: Option<IpAddr>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// An instance size with its resources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSize {
+    /// Name, e.g. `Standard_D2as_v5`.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+}
+
+/// Errors of cloud calls, typed by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The resource does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The cloud throttled us past the retry budget.
+    #[error("throttled by the cloud (retry after {retry_after:?}): {message}")]
+    Throttled {
+        /// What the cloud asked us to wait, if it said.
+        retry_after: Option<Duration>,
+        /// The cloud's message.
+        message: String,
+    },
+    /// A quota or capacity limit refuses the request; retrying will not help soon.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
+    /// A failure that may pass (5xx, timeouts, dropped connections, conflicts).
+    #[error("transient cloud error: {0}")]
+    Transient(String),
+    /// A failure retrying cannot fix (bad request, forbidden, failed provisioning).
+    #[error("cloud error: {0}")]
+    Permanent(String),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::NotFound(_) => "not_found",
+            Error::Throttled { .. } => "throttled",
+            Error::Quota(_) => "quota",
+            Error::Transient(_) => "transient",
+            Error::Permanent(_) => "permanent",
+        }
+    }
+
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Throttled { .. } | Error::Transient(_))
+    }
+}
+
+/// A cloud that runs pod VMs. Every method is idempotent and safe to retry.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// `azure` or `local`, as in `CLOUD_PROVIDER`.
+    fn name(&self) -> &'static str;
+
+    /// The resources of each of `names` in this region; an error names any size the region
+    /// lacks.
+    async fn sizes(&self, names: &[String]) -> Result<Vec<VmSize>, Error>;
+
+    /// Creates the VM (or adopts the one of the same name) and returns once the cloud says it
+    /// is provisioned and it has a private IP.
+    async fn create(&self, spec: &VmSpec) -> Result<Vm, Error>;
+
+    /// The VM of that name, or `None`.
+    async fn get(&self, name: &str) -> Result<Option<Vm>, Error>;
+
+    /// Deletes the VM and what was created with it; succeeds when it is already gone.
+    async fn delete(&self, name: &str) -> Result<(), Error>;
+
+    /// Every VM carrying all of `tags`.
+    async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error>;
+}
+
+/// Tag keys sandboxd puts on every VM; user tags cannot override them.
+pub mod tags {
+    /// The `kube-system` namespace UID: one value per cluster.
+    pub const CLUSTER: &str = "sandboxd.io/cluster";
+    /// The worker node whose CAA owns the VM.
+    pub const NODE: &str = "sandboxd.io/node";
+    /// Pod namespace.
+    pub const POD_NAMESPACE: &str = "sandboxd.io/pod-namespace";
+    /// Pod name.
+    pub const POD_NAME: &str = "sandboxd.io/pod-name";
+    /// Pod uid.
+    pub const POD_UID: &str = "sandboxd.io/pod-uid";
+    /// Sandbox id the shim gave.
+    pub const SANDBOX: &str = "sandboxd.io/sandbox-id";
+}
+
+/// The VM name of a pod sandbox: `podvm-<pod name, sanitized>-<first 8 of sandbox id>`, at
+/// most 63 characters, lower-case letters, digits and `-`.
+pub fn vm_name(pod_name: &str, sandbox_id: &str) -> String {
+    let suffix: String = sandbox_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let mut pod: String = pod_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    // "podvm-" + pod + "-" + suffix <= 63.
+    let room = 63 - "podvm-".len() - 1 - suffix.len();
+    pod.truncate(room);
+    let pod = pod.trim_matches('-');
+    if pod.is_empty() {
+        format!("podvm-{suffix}")
+    } else {
+        format!("podvm-{pod}-{suffix}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_names_are_deterministic_sanitized_and_at_most_63_chars() {
+        assert_eq!(vm_name("web", "3c1f0c0e7a9b4c8d9e"), "podvm-web-3c1f0c0e");
+        assert_eq!(
+            vm_name("My_Pod.v2", "ABCDEF0123"),
+            "podvm-my-pod-v2-abcdef01"
+        );
+        let long = "a".repeat(200);
+        let n = vm_name(&long, "0123456789abcdef");
+        assert_eq!(n.len(), 63);
+        assert!(n.ends_with("-01234567"));
+        let n = vm_name(&format!("{}.x", "b".repeat(47)), "0123456789");
+        assert!(!n.contains("--") && n.len() <= 63, "{n}");
+        assert_eq!(
+            vm_name("web", "3c1f0c0e7a9b"),
+            vm_name("web", "3c1f0c0e7a9b")
+        );
+    }
+
+    #[test]
+    fn only_throttling_and_transient_errors_are_retryable() {
+        assert!(Error::Transient("x".into()).is_retryable());
+        assert!(
+            Error::Throttled {
+                retry_after: None,
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(!Error::Quota("x".into()).is_retryable());
+        assert!(!Error::Permanent("x".into()).is_retryable());
+        assert!(!Error::NotFound("x".into()).is_retryable());
+    }
+}

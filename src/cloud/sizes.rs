@@ -1,0 +1,260 @@
+//! Instance size selection (DESIGN §6): the `machine_type` annotation if set (it must be an
+//! allowed size); else, when both vCPUs and memory are requested, the smallest allowed size
+//! that fits both; else the default size.
+//!
+//! "Smallest" is decided over every allowed size that fits, ordered by memory, then vCPUs,
+//! then name: no sorted-list search that can skip a fitting size.
+
+use super::VmSize;
+
+/// What a pod asks for, from the shim's annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SizeRequest {
+    /// `machine_type`, if set.
+    pub machine_type: Option<String>,
+    /// `default_vcpus`; 0 when unset.
+    pub vcpus: u32,
+    /// `default_memory` in MiB; 0 when unset.
+    pub memory_mib: u64,
+}
+
+/// Why no size could be chosen.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The requested `machine_type` is not an allowed size.
+    #[error("instance size {requested:?} is not allowed; allowed sizes: {}", .allowed.join(", "))]
+    NotAllowed {
+        /// The requested size.
+        requested: String,
+        /// The allowed sizes.
+        allowed: Vec<String>,
+    },
+    /// No allowed size has that many vCPUs and that much memory.
+    #[error("no allowed instance size has {vcpus} vCPUs and {memory_mib} MiB; allowed sizes: {}", .allowed.join(", "))]
+    NoneFits {
+        /// Requested vCPUs.
+        vcpus: u32,
+        /// Requested memory in MiB.
+        memory_mib: u64,
+        /// The allowed sizes with their resources.
+        allowed: Vec<String>,
+    },
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::NotAllowed { .. } => "size_not_allowed",
+            Error::NoneFits { .. } => "no_size_fits",
+        }
+    }
+}
+
+impl SizeRequest {
+    /// Reads the request from the shim's annotation values ("0" or missing = unset).
+    pub fn from_annotations(
+        machine_type: Option<&str>,
+        vcpus: Option<&str>,
+        memory_mib: Option<&str>,
+    ) -> Self {
+        let num = |v: Option<&str>| v.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        Self {
+            machine_type: machine_type
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            vcpus: u32::try_from(num(vcpus)).unwrap_or(u32::MAX),
+            memory_mib: num(memory_mib),
+        }
+    }
+}
+
+/// Chooses the instance size for `req` among `allowed` (which contains `default`).
+pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<String, Error> {
+    if let Some(mt) = &req.machine_type {
+        return allowed
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(mt))
+            .map(|s| s.name.clone())
+            .ok_or_else(|| Error::NotAllowed {
+                requested: mt.clone(),
+                allowed: allowed.iter().map(|s| s.name.clone()).collect(),
+            });
+    }
+    if req.vcpus > 0 && req.memory_mib > 0 {
+        return allowed
+            .iter()
+            .filter(|s| s.vcpus >= req.vcpus && s.memory_mib >= req.memory_mib)
+            .min_by(|a, b| (a.memory_mib, a.vcpus, &a.name).cmp(&(b.memory_mib, b.vcpus, &b.name)))
+            .map(|s| s.name.clone())
+            .ok_or_else(|| Error::NoneFits {
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                allowed: allowed
+                    .iter()
+                    .map(|s| format!("{} ({} vCPUs, {} MiB)", s.name, s.vcpus, s.memory_mib))
+                    .collect(),
+            });
+    }
+    Ok(default.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(name: &str, vcpus: u32, memory_mib: u64) -> VmSize {
+        VmSize {
+            name: name.into(),
+            vcpus,
+            memory_mib,
+        }
+    }
+
+    fn allowed() -> Vec<VmSize> {
+        vec![
+            size("Standard_D8as_v5", 8, 32768),
+            size("Standard_DC2as_v5", 2, 8192),
+            size("Standard_B2als_v2", 2, 4096),
+            // More memory than F4 but fewer cores: a memory-sorted binary search for
+            // (4 vCPU, 4 GiB) lands here, sees too few cores and misses F4 and D4.
+            size("Standard_E2as_v5", 2, 16384),
+            size("Standard_F4s_v2", 4, 8192),
+            size("Standard_D4as_v5", 4, 16384),
+        ]
+    }
+
+    type Row = (
+        &'static str,
+        Option<&'static str>,
+        u32,
+        u64,
+        Result<&'static str, &'static str>,
+    );
+
+    #[test]
+    fn size_selection_table() {
+        let cases: &[Row] = &[
+            (
+                "nothing requested: default",
+                None,
+                0,
+                0,
+                Ok("Standard_B2als_v2"),
+            ),
+            (
+                "machine type wins over resources",
+                Some("Standard_D8as_v5"),
+                1,
+                1,
+                Ok("Standard_D8as_v5"),
+            ),
+            (
+                "machine type is case-insensitive",
+                Some("standard_f4s_v2"),
+                0,
+                0,
+                Ok("Standard_F4s_v2"),
+            ),
+            (
+                "machine type outside the list",
+                Some("Standard_NC6"),
+                0,
+                0,
+                Err("Standard_NC6"),
+            ),
+            ("exact fit", None, 2, 4096, Ok("Standard_B2als_v2")),
+            (
+                "smallest memory that fits",
+                None,
+                2,
+                5000,
+                Ok("Standard_DC2as_v5"),
+            ),
+            (
+                "ties on memory break on vCPUs",
+                None,
+                1,
+                8192,
+                Ok("Standard_DC2as_v5"),
+            ),
+            (
+                "cores force a bigger size than memory alone",
+                None,
+                4,
+                4096,
+                Ok("Standard_F4s_v2"),
+            ),
+            (
+                "memory beyond every 4-core but D8",
+                None,
+                4,
+                20000,
+                Ok("Standard_D8as_v5"),
+            ),
+            ("nothing fits", None, 16, 1024, Err("16 vCPUs")),
+            (
+                "only vCPUs set: default (upstream rule)",
+                None,
+                4,
+                0,
+                Ok("Standard_B2als_v2"),
+            ),
+            (
+                "only memory set: default (upstream rule)",
+                None,
+                0,
+                9000,
+                Ok("Standard_B2als_v2"),
+            ),
+        ];
+        for (what, mt, vcpus, mem, want) in cases {
+            let req = SizeRequest {
+                machine_type: mt.map(str::to_string),
+                vcpus: *vcpus,
+                memory_mib: *mem,
+            };
+            let got = select(&req, "Standard_B2als_v2", &allowed());
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(&g, w, "{what}"),
+                (Err(fragment), Err(e)) => {
+                    let text = e.to_string();
+                    assert!(text.contains(fragment), "{what}: {text}");
+                    assert!(
+                        text.contains("Standard_D4as_v5"),
+                        "{what}: names allowed sizes: {text}"
+                    );
+                }
+                (w, g) => panic!("{what}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn smallest_fit_is_found_whatever_the_input_order() {
+        let mut sizes = allowed();
+        for rotation in 0..sizes.len() {
+            sizes.rotate_left(1);
+            let req = SizeRequest {
+                machine_type: None,
+                vcpus: 4,
+                memory_mib: 4096,
+            };
+            assert_eq!(
+                select(&req, "Standard_B2als_v2", &sizes).unwrap(),
+                "Standard_F4s_v2",
+                "rotation {rotation}"
+            );
+        }
+    }
+
+    #[test]
+    fn annotation_values_of_zero_or_garbage_mean_unset() {
+        let r = SizeRequest::from_annotations(Some(""), Some("0"), Some("x"));
+        assert_eq!(r, SizeRequest::default());
+        let r = SizeRequest::from_annotations(Some(" Standard_F4s_v2 "), Some("3"), Some("5120"));
+        assert_eq!(r.machine_type.as_deref(), Some("Standard_F4s_v2"));
+        assert_eq!((r.vcpus, r.memory_mib), (3, 5120));
+    }
+}

@@ -1,0 +1,510 @@
+//! `peer-pods-cm` and `peer-pods-secret`: parsing and validation shared by every component
+//! that reads them (CAA now; operator and `ctl` later).
+//!
+//! One validator for all: every problem names the key and what was expected, every problem
+//! in a map is reported at once, and secret values never appear in errors, logs or `Debug`.
+//! This module imports nothing else of the crate.
+
+mod duration;
+mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+pub use duration::parse_duration;
+pub use secret::{AzureCredentials, CloudSecret, SecretString};
+
+/// Name of the ConfigMap holding the peer-pods settings.
+pub const CONFIG_MAP_NAME: &str = "peer-pods-cm";
+/// Name of the Secret holding the cloud credentials.
+pub const SECRET_NAME: &str = "peer-pods-secret";
+
+/// Upstream default of `VXLAN_PORT` (collides with Calico; the seed uses 9000).
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// Upstream default of `AZURE_INSTANCE_SIZE`.
+pub const DEFAULT_INSTANCE_SIZE: &str = "Standard_DC2as_v5";
+/// Upstream default of `SSH_USERNAME`.
+pub const DEFAULT_SSH_USERNAME: &str = "peerpod";
+/// Upstream default of `PROXY_TIMEOUT`.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Upstream default of `PEERPODS_LIMIT_PER_NODE` (and of `PeerPodConfig.spec.limit`).
+pub const DEFAULT_LIMIT_PER_NODE: u32 = 10;
+
+/// The cloud behind the peer pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudProvider {
+    /// Microsoft Azure through ARM.
+    Azure,
+    /// Local "VMs" (namespaces on the worker), for development and tests.
+    Local,
+}
+
+impl CloudProvider {
+    /// The value as written in `CLOUD_PROVIDER`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudProvider::Azure => "azure",
+            CloudProvider::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for CloudProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One invalid or missing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, e.g. `VXLAN_PORT`.
+    pub key: &'static str,
+    /// What the key must hold.
+    pub expected: String,
+    /// The value found, or `None` when the key is missing or its value is secret.
+    pub found: Option<String>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.found {
+            Some(v) => write!(f, "{}: expected {}, found {v:?}", self.key, self.expected),
+            None => write!(f, "{}: expected {}", self.key, self.expected),
+        }
+    }
+}
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// One or more keys of the named source are missing or invalid.
+    #[error("invalid {source_name}: {}", join(.problems))]
+    Invalid {
+        /// `peer-pods-cm`, `peer-pods-secret` or `PeerPodConfig`.
+        source_name: &'static str,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "invalid_config",
+        }
+    }
+
+    /// The keys with problems.
+    pub fn keys(&self) -> Vec<&'static str> {
+        match self {
+            Error::Invalid { problems, .. } => problems.iter().map(|p| p.key).collect(),
+        }
+    }
+}
+
+fn join(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Validated `peer-pods-cm`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerPodsConfig {
+    /// `CLOUD_PROVIDER`.
+    pub cloud_provider: CloudProvider,
+    /// `VXLAN_PORT`.
+    pub vxlan_port: u16,
+    /// `PROXY_TIMEOUT`.
+    pub proxy_timeout: Duration,
+    /// `PEERPODS_LIMIT_PER_NODE`.
+    pub limit_per_node: u32,
+    /// `TAGS`, in the order written.
+    pub tags: Vec<(String, String)>,
+    /// Azure settings, present when `cloud_provider` is Azure.
+    pub azure: Option<AzureConfig>,
+}
+
+/// The Azure keys of `peer-pods-cm`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AzureConfig {
+    /// `AZURE_INSTANCE_SIZE`: the size used when a pod asks for none.
+    pub instance_size: String,
+    /// `AZURE_INSTANCE_SIZES`: the sizes pods may use; always contains `instance_size`.
+    pub instance_sizes: Vec<String>,
+    /// `AZURE_SUBNET_ID`.
+    pub subnet_id: String,
+    /// `AZURE_NSG_ID`, optional.
+    pub nsg_id: Option<String>,
+    /// `AZURE_IMAGE_ID`; empty until the image job fills it.
+    pub image_id: Option<String>,
+    /// `AZURE_REGION`.
+    pub region: String,
+    /// `AZURE_RESOURCE_GROUP`.
+    pub resource_group: String,
+    /// `DISABLECVM`: `true` creates plain VMs, `false` Confidential VMs.
+    pub disable_cvm: bool,
+    /// `ENABLE_SECURE_BOOT`.
+    pub secure_boot: bool,
+    /// `SSH_USERNAME`.
+    pub ssh_username: String,
+    /// `ROOT_VOLUME_SIZE` in GB; `None` keeps the image's size.
+    pub root_volume_gb: Option<u32>,
+    /// `USE_PUBLIC_IP`.
+    pub use_public_ip: bool,
+}
+
+/// Reads keys of one source and collects every problem.
+struct Reader<'a> {
+    map: &'a BTreeMap<String, String>,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(map: &'a BTreeMap<String, String>) -> Self {
+        Self {
+            map,
+            problems: Vec::new(),
+        }
+    }
+
+    /// The trimmed value; empty counts as unset.
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.map
+            .get(key)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn problem(&mut self, key: &'static str, expected: impl Into<String>, found: Option<&str>) {
+        self.problems.push(Problem {
+            key,
+            expected: expected.into(),
+            found: found.map(str::to_string),
+        });
+    }
+
+    fn required(&mut self, key: &'static str, expected: &str) -> String {
+        match self.get(key) {
+            Some(v) => v.to_string(),
+            None => {
+                self.problem(key, format!("{expected} (required)"), None);
+                String::new()
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(v) => match parse_bool(v) {
+                Some(b) => b,
+                None => {
+                    self.problem(key, "a boolean (true or false)", Some(v));
+                    default
+                }
+            },
+        }
+    }
+
+    fn number<T: std::str::FromStr + Copy>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        expected: &str,
+        valid: impl Fn(T) -> bool,
+    ) -> T {
+        match self.get(key) {
+            None => default,
+            Some(v) => match v.parse::<T>() {
+                Ok(n) if valid(n) => n,
+                _ => {
+                    self.problem(key, expected.to_string(), Some(v));
+                    default
+                }
+            },
+        }
+    }
+
+    fn arm_id(&mut self, key: &'static str, kind: &str, required: bool) -> Option<String> {
+        let v = match self.get(key) {
+            Some(v) => v,
+            None => {
+                if required {
+                    self.problem(
+                        key,
+                        format!("an Azure resource id of {kind} (required)"),
+                        None,
+                    );
+                }
+                return None;
+            }
+        };
+        if is_arm_id_of(v, kind) {
+            Some(v.to_string())
+        } else {
+            self.problem(
+                key,
+                format!("an Azure resource id of {kind} (/subscriptions/<id>/resourceGroups/<group>/providers/{kind}/...)"),
+                Some(v),
+            );
+            None
+        }
+    }
+
+    fn finish<T>(self, source_name: &'static str, value: T) -> Result<T, Error> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(Error::Invalid {
+                source_name,
+                problems: self.problems,
+            })
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool` spellings, which the upstream components accept.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `id` is an ARM resource id whose path contains the provider segment `kind`
+/// (e.g. `Microsoft.Network/virtualNetworks`), compared case-insensitively as ARM does.
+fn is_arm_id_of(id: &str, kind: &str) -> bool {
+    let lower = id.to_ascii_lowercase();
+    let parts: Vec<&str> = lower.split('/').collect();
+    parts.len() >= 9
+        && parts[0].is_empty()
+        && parts[1] == "subscriptions"
+        && !parts[2].is_empty()
+        && parts[3] == "resourcegroups"
+        && !parts[4].is_empty()
+        && lower.contains(&format!("/providers/{}/", kind.to_ascii_lowercase()))
+        && parts[1..].iter().all(|p| !p.is_empty())
+}
+
+/// Parses `k=v,k2=v2`.
+fn parse_tags(r: &mut Reader<'_>) -> Vec<(String, String)> {
+    let Some(v) = r.get("TAGS") else {
+        return Vec::new();
+    };
+    let mut tags = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.split_once('=') {
+            Some((k, val)) if !k.trim().is_empty() => {
+                tags.push((k.trim().to_string(), val.trim().to_string()))
+            }
+            _ => {
+                r.problem(
+                    "TAGS",
+                    "comma-separated key=value pairs (k=v,k2=v2)",
+                    Some(v),
+                );
+                return Vec::new();
+            }
+        }
+    }
+    tags
+}
+
+impl PeerPodsConfig {
+    /// Parses and validates the data of `peer-pods-cm` (or the same keys from the
+    /// environment of the CAA DaemonSet).
+    pub fn from_map(map: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let mut r = Reader::new(map);
+        let cloud_provider = match r.get("CLOUD_PROVIDER") {
+            Some("azure") => Some(CloudProvider::Azure),
+            Some("local") => Some(CloudProvider::Local),
+            Some(other) => {
+                r.problem("CLOUD_PROVIDER", "one of azure, local", Some(other));
+                None
+            }
+            None => {
+                r.problem("CLOUD_PROVIDER", "one of azure, local (required)", None);
+                None
+            }
+        };
+        let vxlan_port = r.number(
+            "VXLAN_PORT",
+            DEFAULT_VXLAN_PORT,
+            "a UDP port number 1-65535",
+            |p: u16| p > 0,
+        );
+        let proxy_timeout = match r.get("PROXY_TIMEOUT") {
+            None => DEFAULT_PROXY_TIMEOUT,
+            Some(v) => match parse_duration(v) {
+                Some(d) if !d.is_zero() => d,
+                _ => {
+                    r.problem(
+                        "PROXY_TIMEOUT",
+                        "a positive duration such as 5m, 90s or 1h30m",
+                        Some(v),
+                    );
+                    DEFAULT_PROXY_TIMEOUT
+                }
+            },
+        };
+        let limit_per_node = r.number(
+            "PEERPODS_LIMIT_PER_NODE",
+            DEFAULT_LIMIT_PER_NODE,
+            "a non-negative integer",
+            |_: u32| true,
+        );
+        let tags = parse_tags(&mut r);
+        let azure = if cloud_provider == Some(CloudProvider::Azure) {
+            Some(azure_config(&mut r))
+        } else {
+            None
+        };
+        let cfg = PeerPodsConfig {
+            cloud_provider: cloud_provider.unwrap_or(CloudProvider::Azure),
+            vxlan_port,
+            proxy_timeout,
+            limit_per_node,
+            tags,
+            azure,
+        };
+        r.finish(CONFIG_MAP_NAME, cfg)
+    }
+
+    /// The per-node VM limit: `PeerPodConfig.spec.limit` when set, else
+    /// `PEERPODS_LIMIT_PER_NODE`.
+    pub fn effective_limit(&self, peerpodconfig_limit: Option<&str>) -> Result<u32, Error> {
+        match peerpodconfig_limit.map(str::trim).filter(|s| !s.is_empty()) {
+            None => Ok(self.limit_per_node),
+            Some(v) => v.parse::<u32>().map_err(|_| Error::Invalid {
+                source_name: "PeerPodConfig",
+                problems: vec![Problem {
+                    key: "spec.limit",
+                    expected: "a non-negative integer as a string, e.g. \"10\"".into(),
+                    found: Some(v.to_string()),
+                }],
+            }),
+        }
+    }
+}
+
+fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
+    let instance_size = r
+        .get("AZURE_INSTANCE_SIZE")
+        .unwrap_or(DEFAULT_INSTANCE_SIZE)
+        .to_string();
+    let mut instance_sizes: Vec<String> = Vec::new();
+    if let Some(v) = r.get("AZURE_INSTANCE_SIZES") {
+        for s in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !instance_sizes.iter().any(|x| x.eq_ignore_ascii_case(s)) {
+                instance_sizes.push(s.to_string());
+            }
+        }
+    }
+    if instance_sizes.is_empty() {
+        instance_sizes.push(instance_size.clone());
+    } else if !instance_sizes
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(&instance_size))
+    {
+        r.problem(
+            "AZURE_INSTANCE_SIZE",
+            format!(
+                "one of AZURE_INSTANCE_SIZES ({})",
+                instance_sizes.join(", ")
+            ),
+            Some(&instance_size),
+        );
+    }
+    let subnet_id = r
+        .arm_id("AZURE_SUBNET_ID", "Microsoft.Network/virtualNetworks", true)
+        .unwrap_or_default();
+    if !subnet_id.is_empty() && !subnet_id.to_ascii_lowercase().contains("/subnets/") {
+        r.problem(
+            "AZURE_SUBNET_ID",
+            "a subnet id (.../virtualNetworks/<vnet>/subnets/<subnet>)",
+            Some(&subnet_id),
+        );
+    }
+    let nsg_id = r.arm_id(
+        "AZURE_NSG_ID",
+        "Microsoft.Network/networkSecurityGroups",
+        false,
+    );
+    let image_id = r.get("AZURE_IMAGE_ID").map(str::to_string);
+    if let Some(id) = &image_id
+        && !is_image_id(id)
+    {
+        r.problem(
+            "AZURE_IMAGE_ID",
+            "a managed image id, a gallery image (version) id, or /CommunityGalleries/<gallery>/Images/<image>[/Versions/<version>]",
+            Some(id),
+        );
+    }
+    let region = r.required("AZURE_REGION", "an Azure region such as eastus");
+    let resource_group = r.required("AZURE_RESOURCE_GROUP", "a resource group name");
+    let disable_cvm = r.bool("DISABLECVM", false);
+    let secure_boot = r.bool("ENABLE_SECURE_BOOT", false);
+    let ssh_username = r
+        .get("SSH_USERNAME")
+        .unwrap_or(DEFAULT_SSH_USERNAME)
+        .to_string();
+    if !ssh_username
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        r.problem(
+            "SSH_USERNAME",
+            "a Linux user name (letters, digits, '.', '_', '-')",
+            Some(&ssh_username),
+        );
+    }
+    let root_volume_gb = match r.number(
+        "ROOT_VOLUME_SIZE",
+        0u32,
+        "a disk size in GB between 1 and 4095",
+        |n| (1..=4095).contains(&n),
+    ) {
+        0 => None,
+        n => Some(n),
+    };
+    let use_public_ip = r.bool("USE_PUBLIC_IP", false);
+    AzureConfig {
+        instance_size,
+        instance_sizes,
+        subnet_id,
+        nsg_id,
+        image_id,
+        region,
+        resource_group,
+        disable_cvm,
+        secure_boot,
+        ssh_username,
+        root_volume_gb,
+        use_public_ip,
+    }
+}
+
+/// Whether `id` names an image Azure can boot a VM from: a managed image, a gallery image or
+/// image version, or a community gallery image.
+pub fn is_image_id(id: &str) -> bool {
+    let lower = id.to_ascii_lowercase();
+    if lower.starts_with("/communitygalleries/") {
+        return lower.contains("/images/");
+    }
+    is_arm_id_of(id, "Microsoft.Compute/images") || is_arm_id_of(id, "Microsoft.Compute/galleries")
+}
+
+/// The process environment as a map, for components that get the keys through `envFrom`.
+pub fn env_map() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,266 @@
+//! Writes: server-side apply under [`FIELD_MANAGER`], a content hash so unchanged objects
+//! are never re-applied, and finalizer add/remove guarded by `resourceVersion`.
+
+use std::fmt::Debug;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::FIELD_MANAGER;
+
+/// The annotation holding the hash of what sandboxd last applied to an object.
+pub const HASH_ANNOTATION: &str = "sandboxd.io/applied-hash";
+
+/// Errors of apply and finalizer helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a write.
+    #[error("{verb} {kind} {name}: {source}")]
+    Api {
+        /// What was attempted.
+        verb: &'static str,
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// The object could not be serialised.
+    #[error("serialising {kind} {name}: {source}")]
+    Serialise {
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Api { source, .. } if is_conflict(source) => "conflict",
+            Error::Api { .. } => "api",
+            Error::Serialise { .. } => "serialise",
+        }
+    }
+
+    /// Whether the write lost an optimistic-concurrency race (retry with fresh data).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Api { source, .. } if is_conflict(source))
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Whether a kube error is a 404.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// SHA-256 (hex, first 16 bytes) of a value's JSON: a stable content hash.
+pub fn content_hash<T: Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Sets [`HASH_ANNOTATION`] on `obj` to the hash of its content (without that annotation).
+pub fn stamp_hash<K: Resource + Serialize>(obj: &mut K) -> String {
+    obj.annotations_mut().remove(HASH_ANNOTATION);
+    let hash = content_hash(obj);
+    obj.annotations_mut()
+        .insert(HASH_ANNOTATION.to_string(), hash.clone());
+    hash
+}
+
+/// Whether an observed object carries the hash `desired` was stamped with (so applying it
+/// again would change nothing sandboxd owns).
+pub fn hash_matches<K: Resource>(observed: Option<&K>, desired: &K) -> bool {
+    match (observed, desired.annotations().get(HASH_ANNOTATION)) {
+        (Some(o), Some(h)) => o.annotations().get(HASH_ANNOTATION) == Some(h),
+        _ => false,
+    }
+}
+
+/// Server-side applies `obj` (forcing ownership of its fields) under [`FIELD_MANAGER`].
+pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let name = obj.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        verb: "applying",
+        kind: K::kind(&Default::default()).to_string(),
+        name,
+        source,
+    })
+}
+
+/// Server-side applies a partial object given as JSON (must carry apiVersion, kind and
+/// metadata.name) under `manager`.
+pub async fn apply_json<K>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    body: serde_json::Value,
+) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    api.patch(
+        name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        verb: "applying",
+        kind: K::kind(&Default::default()).to_string(),
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// Server-side applies the status of `name` (a JSON object with apiVersion, kind and
+/// status) through the status subresource under [`FIELD_MANAGER`].
+pub async fn apply_status<K>(api: &Api<K>, name: &str, body: serde_json::Value) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        verb: "applying status of",
+        kind: K::kind(&Default::default()).to_string(),
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// Deletes an object; an object already gone is success.
+pub async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(Error::Api {
+            verb: "deleting",
+            kind: K::kind(&Default::default()).to_string(),
+            name: name.to_string(),
+            source,
+        }),
+    }
+}
+
+async fn set_finalizers<K>(api: &Api<K>, obj: &K, finalizers: Vec<String>) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let name = obj.name_any();
+    // The resourceVersion makes the merge patch fail with 409 if someone else changed the
+    // list in between, instead of silently dropping their finalizer.
+    let body = json!({"metadata": {
+        "resourceVersion": obj.resource_version(),
+        "finalizers": finalizers,
+    }});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map_err(|source| Error::Api {
+            verb: "updating finalizers of",
+            kind: K::kind(&Default::default()).to_string(),
+            name,
+            source,
+        })
+}
+
+/// Adds `finalizer` to `obj` unless present. Returns whether it wrote.
+pub async fn add_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    if obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(false);
+    }
+    let mut list = obj.finalizers().to_vec();
+    list.push(finalizer.to_string());
+    set_finalizers(api, obj, list).await?;
+    Ok(true)
+}
+
+/// Removes `finalizer` from `obj` if present. Returns whether it wrote. An object that is
+/// already gone counts as done.
+pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    if !obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(false);
+    }
+    let list: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != finalizer)
+        .cloned()
+        .collect();
+    match set_finalizers(api, obj, list).await {
+        Ok(_) => Ok(true),
+        Err(Error::Api { source, .. }) if is_not_found(&source) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::node::v1::RuntimeClass;
+
+    #[test]
+    fn hash_ignores_its_own_annotation_and_tracks_content() {
+        let mut a = RuntimeClass {
+            handler: "kata-remote".into(),
+            ..Default::default()
+        };
+        a.metadata.name = Some("kata-remote".into());
+        let h1 = stamp_hash(&mut a);
+        let h1_again = stamp_hash(&mut a);
+        assert_eq!(h1, h1_again, "stamping twice is stable");
+        let mut b = a.clone();
+        b.handler = "other".into();
+        let h2 = stamp_hash(&mut b);
+        assert_ne!(h1, h2);
+        assert!(hash_matches(Some(&a), &a));
+        assert!(!hash_matches(Some(&a), &b));
+        assert!(!hash_matches(None, &a));
+    }
+}

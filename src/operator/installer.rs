@@ -1,0 +1,125 @@
+//! The node installer DaemonSet (pure): the same image running `sandboxd operator
+//! node-install` on every node labelled for install or uninstall.
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::Resource;
+use serde_json::json;
+
+use super::names::*;
+use crate::api::kataconfig::KataConfig;
+use crate::k8s::apply::stamp_hash;
+
+/// What the DaemonSet needs besides its owner.
+#[derive(Clone, Debug)]
+pub struct InstallerSpec<'a> {
+    /// The operator namespace.
+    pub namespace: &'a str,
+    /// The sandboxd image.
+    pub image: &'a str,
+    /// The KataConfig's `logLevel`.
+    pub log_level: &'a str,
+}
+
+/// The DaemonSet, hash-stamped so an unchanged one is never re-applied.
+pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
+    let owner_ref = owner.controller_owner_ref(&());
+    let app = json!({"app.kubernetes.io/name": INSTALLER_DAEMONSET});
+    let host = |name: &str, path: &str| json!({"name": name, "hostPath": {"path": path, "type": "Directory"}});
+    let mut ds: DaemonSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": INSTALLER_DAEMONSET,
+            "namespace": spec.namespace,
+            "labels": {"app.kubernetes.io/name": INSTALLER_DAEMONSET, LABEL_MANAGED_BY: MANAGED_BY},
+            "ownerReferences": owner_ref.into_iter().collect::<Vec<_>>(),
+        },
+        "spec": {
+            "selector": {"matchLabels": app},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%"}},
+            "template": {
+                "metadata": {"labels": app},
+                "spec": {
+                    "serviceAccountName": INSTALLER_SERVICE_ACCOUNT,
+                    "automountServiceAccountToken": true,
+                    "terminationGracePeriodSeconds": 30,
+                    "tolerations": [{"operator": "Exists"}],
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{
+                            "key": LABEL_NODE_INSTALL, "operator": "In", "values": [INSTALL, UNINSTALL]
+                        }]}]
+                    }}},
+                    "containers": [{
+                        "name": "node-install",
+                        "image": spec.image,
+                        "args": ["operator", "node-install"],
+                        "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "KATA_LOG_LEVEL", "value": spec.log_level},
+                        ],
+                        "securityContext": {"privileged": true},
+                        "resources": {"requests": {"cpu": "10m", "memory": "24Mi"},
+                                      "limits": {"memory": "64Mi"}},
+                        "volumeMounts": [
+                            {"name": "host-etc", "mountPath": "/host/etc"},
+                            {"name": "host-opt", "mountPath": "/host/opt", "readOnly": true},
+                            {"name": "host-usr", "mountPath": "/host/usr", "readOnly": true},
+                            {"name": "host-dbus", "mountPath": "/host/run/dbus"},
+                        ],
+                    }],
+                    "volumes": [
+                        host("host-etc", "/etc"),
+                        host("host-opt", "/opt"),
+                        host("host-usr", "/usr"),
+                        host("host-dbus", "/run/dbus"),
+                    ],
+                }
+            }
+        }
+    }))
+    .expect("a static DaemonSet always deserialises");
+    stamp_hash(&mut ds);
+    ds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installer_runs_the_same_image_and_follows_log_level() {
+        let kc = KataConfig::new("k", Default::default());
+        let spec = InstallerSpec {
+            namespace: "ns",
+            image: "sandboxd:latest",
+            log_level: "info",
+        };
+        let a = desired(&kc, &spec);
+        let c = &a
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert_eq!(c.image.as_deref(), Some("sandboxd:latest"));
+        assert_eq!(c.args.as_ref().unwrap(), &["operator", "node-install"]);
+        let b = desired(
+            &kc,
+            &InstallerSpec {
+                log_level: "debug",
+                ..spec.clone()
+            },
+        );
+        assert_ne!(
+            a.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION],
+            b.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION]
+        );
+        assert!(crate::k8s::apply::hash_matches(
+            Some(&desired(&kc, &spec)),
+            &a
+        ));
+    }
+}

@@ -1,0 +1,87 @@
+//! Owned host files: written only with sandboxd's marker, removed only when they carry it,
+//! replaced atomically.
+
+use std::path::{Path, PathBuf};
+
+use super::Error;
+
+/// The first line of every file sandboxd owns on a host.
+pub const MARKER: &str = "# Managed by sandboxd node-install; removed on uninstall. Do not edit.\n";
+
+/// `root` joined with a host-absolute path.
+pub fn host_path(root: &Path, abs: &str) -> PathBuf {
+    root.join(abs.trim_start_matches('/'))
+}
+
+/// Reads a file; a missing file is `None`.
+pub fn read_opt(path: &Path) -> Result<Option<String>, Error> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes `content` atomically (temporary file + rename), creating parent directories.
+/// Returns the directories it had to create, outermost first.
+pub fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut created = Vec::new();
+    if let Some(parent) = path.parent() {
+        let mut missing = Vec::new();
+        let mut p = parent;
+        while !p.exists() {
+            missing.push(p.to_path_buf());
+            match p.parent() {
+                Some(pp) => p = pp,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(parent).map_err(io)?;
+        missing.reverse();
+        created = missing;
+    }
+    let tmp = path.with_extension("sandboxd-tmp");
+    std::fs::write(&tmp, content).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(created)
+}
+
+/// Writes an owned file (with [`MARKER`] prepended to `body`). Refuses to replace a file
+/// that is not ours. Returns (changed, directories created).
+pub fn write_owned(path: &Path, body: &str) -> Result<(bool, Vec<PathBuf>), Error> {
+    let want = format!("{MARKER}{body}");
+    match read_opt(path)? {
+        Some(have) if have == want => Ok((false, Vec::new())),
+        Some(have) if !have.starts_with(MARKER) => Err(Error::NotOurs(path.to_path_buf())),
+        _ => Ok((true, write_atomic(path, &want)?)),
+    }
+}
+
+/// Removes an owned file. A missing file is fine; a file without [`MARKER`] is left alone.
+/// Returns whether it removed something.
+pub fn remove_owned(path: &Path) -> Result<bool, Error> {
+    match read_opt(path)? {
+        Some(have) if have.starts_with(MARKER) => {
+            std::fs::remove_file(path).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Removes directories (innermost first) if they are empty.
+pub fn remove_empty_dirs(dirs: &[PathBuf]) {
+    for d in dirs.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+}

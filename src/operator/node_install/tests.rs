@@ -1,0 +1,271 @@
+//! Host edits on a temporary root: idempotent, unrelated config kept byte for byte, fully
+//! reversible.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::systemd::Recorded;
+use super::*;
+
+fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let key = p.strip_prefix(base).unwrap().display().to_string();
+            if p.is_dir() {
+                out.insert(format!("{key}/"), Vec::new());
+                walk(base, &p, out);
+            } else {
+                out.insert(key, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn host_with_shim() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("opt/kata/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("containerd-shim-kata-v2"), "shim").unwrap();
+    dir
+}
+
+fn put(root: &Path, abs: &str, content: &str) {
+    let p = files::host_path(root, abs);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+fn restarts(r: &Recorded) -> Vec<String> {
+    r.restarted.lock().unwrap().clone()
+}
+
+const CONTAINERD_1X: &str = r#"version = 2
+root = "/var/lib/containerd"
+
+# operators keep comments like this one
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.9"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+"#;
+
+const CONTAINERD_2X: &str = r#"version = 3
+imports = ["/etc/containerd/extra.toml"]
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = 'io.containerd.runc.v2'
+"#;
+
+#[tokio::test]
+async fn containerd_v2_install_is_idempotent_and_uninstall_restores_every_byte() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_1X);
+    put(root, "/etc/containerd/certs.d/unrelated.toml", "x = 1\n");
+    let before = snapshot(root);
+    let rt = Runtime::Containerd("containerd://1.7.22".into());
+    let sm = Recorded::default();
+    let cfg = InstallConfig::new("info");
+
+    assert!(install(root, &rt, &cfg, &sm).await.unwrap());
+    let main = std::fs::read_to_string(files::host_path(root, containerd::MAIN_CONFIG)).unwrap();
+    assert!(main.starts_with(CONTAINERD_1X.lines().next().unwrap()));
+    assert!(main.contains("# operators keep comments like this one"));
+    assert!(containerd::imports_dropin(&main).unwrap());
+    let dropin = std::fs::read_to_string(files::host_path(root, containerd::DROPIN)).unwrap();
+    assert!(dropin.contains("io.containerd.grpc.v1.cri"), "{dropin}");
+    assert!(dropin.contains("runtime_path = \"/opt/kata/bin/containerd-shim-kata-v2\""));
+    let kata = std::fs::read_to_string(files::host_path(root, kata_config::KATA_CONFIG)).unwrap();
+    assert!(kata.contains("/run/peerpod/hypervisor.sock"));
+    assert_eq!(restarts(&sm), ["containerd.service"]);
+
+    let after_first = snapshot(root);
+    assert!(
+        !install(root, &rt, &cfg, &sm).await.unwrap(),
+        "second install changed files"
+    );
+    assert_eq!(snapshot(root), after_first);
+    assert_eq!(restarts(&sm).len(), 1, "no restart without a change");
+
+    assert!(uninstall(root, &rt, &sm).await.unwrap());
+    assert_eq!(snapshot(root), before, "uninstall left the host different");
+    assert_eq!(restarts(&sm).len(), 2);
+    assert!(
+        !uninstall(root, &rt, &sm).await.unwrap(),
+        "second uninstall changed something"
+    );
+}
+
+#[tokio::test]
+async fn containerd_v3_keeps_existing_imports_and_reverts_exactly() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_2X);
+    let before = snapshot(root);
+    let rt = Runtime::Containerd("containerd://2.0.0".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("debug"), &sm)
+        .await
+        .unwrap();
+    let main = std::fs::read_to_string(files::host_path(root, containerd::MAIN_CONFIG)).unwrap();
+    assert!(main.contains("/etc/containerd/extra.toml") && main.contains(containerd::DROPIN));
+    let dropin = std::fs::read_to_string(files::host_path(root, containerd::DROPIN)).unwrap();
+    assert!(dropin.contains("io.containerd.cri.v1.runtime"), "{dropin}");
+    let kata = std::fs::read_to_string(files::host_path(root, kata_config::KATA_CONFIG)).unwrap();
+    assert!(kata.contains("enable_debug = true"));
+    uninstall(root, &rt, &sm).await.unwrap();
+    assert_eq!(snapshot(root), before);
+}
+
+#[tokio::test]
+async fn log_level_change_rewrites_only_the_kata_config() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_2X);
+    let rt = Runtime::Containerd("containerd://2.0.0".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    let main1 = std::fs::read(files::host_path(root, containerd::MAIN_CONFIG)).unwrap();
+    assert!(
+        install(root, &rt, &InstallConfig::new("debug"), &sm)
+            .await
+            .unwrap()
+    );
+    let main2 = std::fs::read(files::host_path(root, containerd::MAIN_CONFIG)).unwrap();
+    assert_eq!(main1, main2);
+    let before_uninstall_main = String::from_utf8(main2).unwrap();
+    assert!(before_uninstall_main.contains(containerd::DROPIN));
+    uninstall(root, &rt, &sm).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(files::host_path(root, containerd::MAIN_CONFIG)).unwrap(),
+        CONTAINERD_2X
+    );
+}
+
+#[tokio::test]
+async fn containerd_without_config_gets_one_and_loses_it_again() {
+    let host = host_with_shim();
+    let root = host.path();
+    let before = snapshot(root);
+    let rt = Runtime::Containerd("containerd://2.1.1".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    let main = std::fs::read_to_string(files::host_path(root, containerd::MAIN_CONFIG)).unwrap();
+    assert!(main.contains("version = 3"));
+    uninstall(root, &rt, &sm).await.unwrap();
+    assert_eq!(snapshot(root), before);
+}
+
+#[tokio::test]
+async fn edits_made_after_install_survive_uninstall() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_1X);
+    let rt = Runtime::Containerd("containerd://1.7.0".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    let path = files::host_path(root, containerd::MAIN_CONFIG);
+    let mut main = std::fs::read_to_string(&path).unwrap();
+    main.push_str("\n[metrics]\n  address = \"127.0.0.1:1338\"\n");
+    std::fs::write(&path, &main).unwrap();
+    uninstall(root, &rt, &sm).await.unwrap();
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert!(after.contains("127.0.0.1:1338"), "{after}");
+    assert!(!after.contains(containerd::DROPIN), "{after}");
+    assert!(after.contains("# operators keep comments like this one"));
+}
+
+#[tokio::test]
+async fn crio_dropin_is_added_and_removed() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(
+        root,
+        "/etc/crio/crio.conf",
+        "[crio]\nlog_level = \"info\"\n",
+    );
+    put(
+        root,
+        "/etc/crio/crio.conf.d/00-default.conf",
+        "[crio.runtime]\n",
+    );
+    let before = snapshot(root);
+    let sm = Recorded::default();
+    assert!(
+        install(root, &Runtime::Crio, &InstallConfig::new("info"), &sm)
+            .await
+            .unwrap()
+    );
+    let dropin = std::fs::read_to_string(files::host_path(root, crio::DROPIN)).unwrap();
+    assert!(dropin.contains("[crio.runtime.runtimes.kata-remote]"));
+    assert!(
+        !install(root, &Runtime::Crio, &InstallConfig::new("info"), &sm)
+            .await
+            .unwrap()
+    );
+    assert_eq!(restarts(&sm), ["crio.service"]);
+    uninstall(root, &Runtime::Crio, &sm).await.unwrap();
+    assert_eq!(snapshot(root), before);
+}
+
+#[tokio::test]
+async fn missing_shim_is_the_failure_reason_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    put(dir.path(), containerd::MAIN_CONFIG, CONTAINERD_1X);
+    let before = snapshot(dir.path());
+    let sm = Recorded::default();
+    let rt = Runtime::Containerd("containerd://1.7.0".into());
+    let err = install(dir.path(), &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "shim_missing");
+    assert!(err.to_string().contains("kata-deploy"), "{err}");
+    assert_eq!(snapshot(dir.path()), before);
+    assert!(restarts(&sm).is_empty());
+}
+
+#[tokio::test]
+async fn foreign_file_at_our_path_is_never_overwritten() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(
+        root,
+        crio::DROPIN,
+        "[crio.runtime.runtimes.kata-remote]\n# someone else's\n",
+    );
+    let sm = Recorded::default();
+    let err = install(root, &Runtime::Crio, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "not_ours");
+    uninstall(root, &Runtime::Crio, &sm).await.unwrap();
+    assert!(files::host_path(root, crio::DROPIN).exists());
+}
+
+#[test]
+fn runtime_is_read_from_node_info() {
+    assert_eq!(
+        Runtime::from_node_info("containerd://2.0.0").unwrap(),
+        Runtime::Containerd("containerd://2.0.0".into())
+    );
+    assert_eq!(
+        Runtime::from_node_info("cri-o://1.31.0").unwrap(),
+        Runtime::Crio
+    );
+    assert_eq!(
+        Runtime::from_node_info("docker://27")
+            .unwrap_err()
+            .metric_label(),
+        "unsupported_runtime"
+    );
+}

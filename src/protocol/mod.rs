@@ -1,0 +1,88 @@
+//! Wire protocols generated from `proto/` by `build.rs`: the remote hypervisor service the
+//! kata shim calls (`hypervisor.Hypervisor`) and `podvminfo.PodVMInfo`. Messages use
+//! rust-protobuf (keeps unknown fields); services are async ttrpc. This module imports
+//! nothing else of the crate.
+
+include!(concat!(env!("OUT_DIR"), "/protocol.rs"));
+
+/// ttrpc method paths, as the shim sends them.
+pub mod methods {
+    /// `/hypervisor.Hypervisor/CreateVM`.
+    pub const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
+    /// `/hypervisor.Hypervisor/StartVM`.
+    pub const START_VM: &str = "/hypervisor.Hypervisor/StartVM";
+    /// `/hypervisor.Hypervisor/StopVM`.
+    pub const STOP_VM: &str = "/hypervisor.Hypervisor/StopVM";
+    /// `/hypervisor.Hypervisor/Version`.
+    pub const VERSION: &str = "/hypervisor.Hypervisor/Version";
+    /// `/podvminfo.PodVMInfo/GetInfo`.
+    pub const GET_INFO: &str = "/podvminfo.PodVMInfo/GetInfo";
+}
+
+/// Annotation keys the shim sends in `CreateVMRequest.annotations`.
+pub mod annotations {
+    /// The pod's name.
+    pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+    /// The pod's namespace.
+    pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+    /// The pod's uid.
+    pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
+    /// Requested instance size.
+    pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
+    /// Requested image.
+    pub const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
+    /// Requested vCPUs ("0" when unset).
+    pub const DEFAULT_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
+    /// Requested memory in MiB ("0" when unset).
+    pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
+    /// Requested GPUs ("0" when unset).
+    pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
+}
+
+#[cfg(test)]
+mod tests {
+    use protobuf::Message;
+
+    use super::hypervisor::{CreateVMRequest, CreateVMResponse};
+    use super::podvminfo::GetInfoRequest;
+
+    #[test]
+    fn a_create_vm_request_round_trips_through_the_wire_format() {
+        let mut req = CreateVMRequest::new();
+        req.id = "3c1f0c0e7a9b4c8d".into();
+        req.annotations
+            .insert(super::annotations::SANDBOX_NAME.into(), "web".into());
+        req.annotations
+            .insert(super::annotations::DEFAULT_VCPUS.into(), "2".into());
+        req.networkNamespacePath = "/var/run/netns/cni-1".into();
+        let bytes = req.write_to_bytes().unwrap();
+        let back = CreateVMRequest::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn field_numbers_match_the_shim() {
+        // Field 1 (id) as a length-delimited string: tag 0x0a; field 3 (netns): tag 0x1a.
+        let mut req = CreateVMRequest::new();
+        req.id = "a".into();
+        req.networkNamespacePath = "b".into();
+        assert_eq!(
+            req.write_to_bytes().unwrap(),
+            vec![0x0a, 1, b'a', 0x1a, 1, b'b']
+        );
+        let mut resp = CreateVMResponse::new();
+        resp.agentSocketPath = "p".into();
+        assert_eq!(resp.write_to_bytes().unwrap(), vec![0x0a, 1, b'p']);
+        let mut info = GetInfoRequest::new();
+        info.Wait = true;
+        assert_eq!(info.write_to_bytes().unwrap(), vec![0x18, 1]);
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_decode_and_encode() {
+        // Field 9, varint 7: a field this build does not know.
+        let bytes = vec![0x0a, 1, b'x', 0x48, 7];
+        let req = CreateVMRequest::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(req.write_to_bytes().unwrap(), bytes);
+    }
+}
