@@ -58,3 +58,20 @@ clean:
 bench-webhook:
 	$(CARGO) build --release --locked --bin sandboxd
 	SANDBOXD=$(TARGET_DIR)/release/sandboxd scripts/bench-webhook.sh
+
+# Benchmark of `sandboxd operator`: 1000 fake Nodes, one KataConfig (docs/BENCHMARKS.md).
+.PHONY: bench bench-operator
+bench: bench-operator
+bench-operator:
+	$(CARGO) build --release --locked --bin sandboxd
+	SANDBOXD_BENCH=1 SANDBOXD_BENCH_BIN=$(abspath $(TARGET_DIR))/release/sandboxd \
+		$(CARGO) test --locked --test integration -- operator::bench_1000_nodes_one_kataconfig --exact
+
+# Benchmark of `sandboxd caa` (docs/BENCHMARKS.md): overhead per pod, 100 concurrent pods vs
+# one. The CAA under test is the release binary; results are appended to docs/BENCHMARKS.md.
+.PHONY: bench-caa
+bench-caa:
+	$(CARGO) build --release --locked --bin sandboxd
+	SANDBOXD_BENCH_CAA=1 SANDBOXD_BENCH_CAA_BIN=$(abspath $(TARGET_DIR))/release/sandboxd \
+		SANDBOXD_BENCH_CAA_OUT=$(abspath docs/BENCHMARKS.md) \
+		$(CARGO) test --locked --test integration -- caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one --exact

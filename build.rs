@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["hypervisor", "podvminfo"];
+const PROTOS: &[&str] = &["hypervisor", "podvminfo", "oci", "agent"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -35,6 +35,10 @@ fn main() {
             (p.to_string(), format!("{p}.rs")),
             (format!("{p}_ttrpc"), format!("{p}_ttrpc.rs")),
         ] {
+            // Protos without a service have no ttrpc file.
+            if !gen_dir.join(&file).exists() {
+                continue;
+            }
             module.push_str(&format!(
                 "#[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, dead_code, deprecated, unknown_lints, renamed_and_removed_lints)]\npub mod {name} {{\n"
             ));

@@ -13,6 +13,9 @@ pub struct Cli {
     /// Logging flags, shared by every subcommand.
     #[command(flatten)]
     pub log: LogArgs,
+    /// Enter this network namespace before starting (tests run components in namespaces).
+    #[arg(long, global = true, hide = true)]
+    pub netns: Option<std::path::PathBuf>,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -27,6 +30,18 @@ pub enum Command {
     Webhook(crate::webhook::Args),
     /// Run the cloud-api-adaptor on a node.
     Caa(crate::caa::Args),
+    /// Run the agent-protocol forwarder inside a pod VM.
+    Forwarder(crate::forwarder::Args),
     /// Print the version and build target.
     Version,
+    /// Developer tools, not part of a deployment (hidden from help).
+    #[command(subcommand, hide = true)]
+    Dev(DevCommand),
+}
+
+/// Developer tools: test peers that demos and `ctl` dry runs start as processes.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Serve the ARM test server (the Azure Resource Manager subset sandboxd uses).
+    ArmServer(crate::armtest::Args),
 }

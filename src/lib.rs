@@ -9,6 +9,7 @@ pub mod caa;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod forwarder;
 pub mod k8s;
 pub mod operator;
 pub mod pki;

@@ -3,10 +3,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sandboxd::cli::{Cli, Command};
+use sandboxd::cli::{Cli, Command, DevCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Namespaces are entered while the process still has one thread.
+    let (unshare_net, private_run) = match &cli.command {
+        Command::Forwarder(a) => (a.unshare_net, a.private_run.as_deref()),
+        _ => (false, None),
+    };
+    if let Err(e) = sandboxd::forwarder::ns::enter(cli.netns.as_deref(), unshare_net, private_run) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // One TLS crypto provider for every client and server in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     if let Err(e) = sandboxd::telemetry::init_logging(&cli.log) {
@@ -37,6 +46,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(args) => sandboxd::operator::run(args).await,
         Command::Webhook(args) => sandboxd::webhook::run(args).await,
         Command::Caa(args) => sandboxd::caa::run(args).await,
+        Command::Forwarder(args) => sandboxd::forwarder::run(args).await,
+        Command::Dev(DevCommand::ArmServer(args)) => {
+            Ok(sandboxd::armtest::run(args, sandboxd::shutdown::on_signals()?).await?)
+        }
         Command::Version => {
             println!(
                 "sandboxd {} ({}-{})",

@@ -22,8 +22,47 @@ use crate::harness::{self, Case, Env};
 
 const SUB: &str = "11111111-2222-3333-4444-555555555555";
 
+mod bench;
+mod crash;
+mod dev;
+mod faults;
+mod gc;
+
 pub fn cases() -> Vec<Case> {
     vec![
+        Case::plain(
+            "caa::the_hidden_dev_arm_server_subcommand_serves_arm_to_the_azure_provider",
+            dev::arm_server_subcommand,
+        ),
+        Case::cluster_exclusive(
+            "caa::operator_deletes_the_vm_and_finalizer_of_a_pod_deleted_while_its_caa_is_down",
+            gc::pod_deleted_while_caa_down,
+        ),
+        Case::cluster_exclusive(
+            "caa::operator_deletes_the_vms_of_a_deleted_node",
+            gc::vms_of_a_deleted_node_are_deleted,
+        ),
+        Case::cluster(
+            "caa::sigkill_at_every_create_and_delete_step_leaks_no_vm_and_no_finalizer",
+            crash::every_step_boundary,
+        ),
+        Case::cluster(
+            "caa::sigkill_at_random_points_leaks_no_vm_and_no_finalizer",
+            crash::random_points,
+        ),
+        Case::cluster(
+            "caa::create_delete_cycles_with_10pct_arm_faults_leak_nothing_time_boxed_or_env_cycles",
+            faults::cycles,
+        ),
+        Case::cluster(
+            "caa::with_429s_injected_creates_complete_and_arm_sees_at_most_the_limiter_rate",
+            faults::throttling,
+        ),
+        Case::cluster(
+            "caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one",
+            bench::run,
+        )
+        .skip_if(bench::skip()),
         Case::cluster(
             "caa::a_pod_vm_is_recorded_created_tagged_and_deleted_through_the_hypervisor_api",
             lifecycle,
@@ -50,20 +89,38 @@ struct Setup {
     socket: PathBuf,
     node: String,
     admin: Client,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+}
+
+/// A further CAA (own node, own socket) sharing a [`Setup`]'s ARM test server.
+struct NodeCaa {
+    caa: Process,
+    args: Vec<String>,
+    envs: Vec<(&'static str, String)>,
+    name: String,
+    socket: PathBuf,
+    node: String,
 }
 
 async fn setup(env: &Env, tags: &str) -> Result<Setup> {
+    setup_with(env, tags, armtest::Config::default(), &[]).await
+}
+
+/// [`setup`] with an ARM test server configuration and extra CAA environment (which
+/// override the defaults).
+async fn setup_with(
+    env: &Env,
+    tags: &str,
+    config: armtest::Config,
+    extra: &[(&'static str, String)],
+) -> Result<Setup> {
     let admin = env.admin().await?;
     let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy/crds/peerpods.confidentialcontainers.org.yaml");
     harness::install_crds(&admin, &crd).await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let (addr, arm, _task) = armtest::serve(
-        "127.0.0.1:0".parse()?,
-        armtest::Config::default(),
-        stop.clone(),
-    )
-    .await?;
+    let (addr, arm, _task) = armtest::serve("127.0.0.1:0".parse()?, config, stop.clone()).await?;
     let (subnet, nsg, image) = arm.seed_peer_pods(SUB, "rg", "eastus");
     let node = env.unique("caa-node");
     harness::fake_node(&admin, &node, &[], &[]).await?;
@@ -77,7 +134,7 @@ async fn setup(env: &Env, tags: &str) -> Result<Setup> {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Qta2V5LW5vdC1yZWFs test\n",
     )?;
     let base = format!("http://{addr}/");
-    let envs: Vec<(&'static str, String)> = vec![
+    let mut envs: Vec<(&'static str, String)> = vec![
         ("CAA_SWEEP_SECONDS", "1".into()),
         ("CAA_SWEEP_GRACE_SECONDS", "1".into()),
         ("CLOUD_PROVIDER", "azure".into()),
@@ -104,15 +161,11 @@ async fn setup(env: &Env, tags: &str) -> Result<Setup> {
         ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
         ("RUST_LOG", "info".into()),
     ];
-    let args = vec![
-        "caa".to_string(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--socket".into(),
-        socket.display().to_string(),
-        "--pods-dir".into(),
-        dir.join("pods").display().to_string(),
-    ];
+    for (k, v) in extra {
+        envs.retain(|(k2, _)| k2 != k);
+        envs.push((k, v.clone()));
+    }
+    let args = caa_args(&kubeconfig, &socket, &dir.join("pods"));
     let name = format!("caa-{}", env.ns);
     let caa = start_caa(&name, &args, &envs, &socket).await?;
     Ok(Setup {
@@ -125,7 +178,21 @@ async fn setup(env: &Env, tags: &str) -> Result<Setup> {
         socket,
         node,
         admin,
+        kubeconfig,
+        dir,
     })
+}
+
+fn caa_args(kubeconfig: &Path, socket: &Path, pods: &Path) -> Vec<String> {
+    vec![
+        "caa".to_string(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--pods-dir".into(),
+        pods.display().to_string(),
+    ]
 }
 
 async fn start_caa(
@@ -136,12 +203,11 @@ async fn start_caa(
 ) -> Result<Process> {
     let _ = std::fs::remove_file(socket);
     let envs_ref: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let caa = Process::start(
-        name,
-        Path::new(env!("CARGO_BIN_EXE_sandboxd")),
-        args,
-        &envs_ref,
-    )?;
+    // The benchmark measures a release CAA when given one.
+    let bin = std::env::var_os(bench::BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+    let caa = Process::start(name, &bin, args, &envs_ref)?;
     let s = socket.to_path_buf();
     harness::eventually("the hypervisor socket", Duration::from_secs(30), || {
         let s = s.clone();
@@ -164,6 +230,53 @@ impl Setup {
             &self.socket,
         )
         .await?;
+        Ok(())
+    }
+
+    /// A new node with its own CAA (same ARM test server, same settings plus `extra`).
+    async fn node_caa(
+        &self,
+        env: &Env,
+        label: &str,
+        extra: &[(&'static str, String)],
+    ) -> Result<NodeCaa> {
+        let node = env.unique(&format!("caa-{label}"));
+        harness::fake_node(&self.admin, &node, &[], &[]).await?;
+        let dir = self.dir.join(label);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("hypervisor.sock");
+        let mut envs = self.envs.clone();
+        envs.retain(|(k, _)| *k != "NODE_NAME" && !extra.iter().any(|(k2, _)| k2 == k));
+        envs.push(("NODE_NAME", node.clone()));
+        envs.extend(extra.iter().cloned());
+        let args = caa_args(&self.kubeconfig, &socket, &dir.join("pods"));
+        let name = format!("caa-{}-{label}", env.ns);
+        let caa = start_caa(&name, &args, &envs, &socket).await?;
+        Ok(NodeCaa {
+            caa,
+            args,
+            envs,
+            name,
+            socket,
+            node,
+        })
+    }
+}
+
+impl NodeCaa {
+    /// SIGKILLs CAA and starts a new one whose environment is changed by `set` (`None`
+    /// removes the variable).
+    async fn kill_and_restart(&mut self, set: &[(&'static str, Option<&str>)]) -> Result<()> {
+        self.caa.signal(nix::sys::signal::Signal::SIGKILL);
+        self.caa.stop(Duration::from_secs(5));
+        for (k, v) in set {
+            self.envs.retain(|(k2, _)| k2 != k);
+            if let Some(v) = v {
+                self.envs.push((k, v.to_string()));
+            }
+        }
+        self.name = format!("{}-r", self.name);
+        self.caa = start_caa(&self.name, &self.args, &self.envs, &self.socket).await?;
         Ok(())
     }
 }
@@ -255,7 +368,9 @@ fn create_request(
     for (k, v) in extra {
         r.annotations.insert(k.to_string(), v.to_string());
     }
-    r.networkNamespacePath = "/var/run/netns/cni-test".into();
+    // No pod network namespace: these tests cover the VM lifecycle; the data path (tunnel,
+    // agent socket) has its own suite.
+    r.networkNamespacePath = String::new();
     r
 }
 
@@ -411,14 +526,27 @@ async fn lifecycle(env: Env) -> Result<()> {
 
 async fn start_pod_vm(s: &Setup, ns: &str, name: &str, id: &str) -> Result<String> {
     pod(&s.admin, ns, name, &s.node).await?;
-    hv(&s.socket)
+    start_via(&s.socket, ns, name, id).await
+}
+
+/// CreateVM and StartVM of sandbox `id` for pod `ns/name` through `socket`; the VM name.
+async fn start_via(socket: &Path, ns: &str, name: &str, id: &str) -> Result<String> {
+    hv(socket)
         .await?
         .create_vm(ctx(), &create_request(id, ns, name, &[]))
         .await?;
     let mut start = hypervisor::StartVMRequest::new();
     start.id = id.to_string();
-    hv(&s.socket).await?.start_vm(ctx(), &start).await?;
+    hv(socket).await?.start_vm(ctx(), &start).await?;
     Ok(format!("podvm-{name}-{}", &id[..8]))
+}
+
+/// StopVM of sandbox `id` through `socket`.
+async fn stop_via(socket: &Path, id: &str) -> Result<()> {
+    let mut stop = hypervisor::StopVMRequest::new();
+    stop.id = id.to_string();
+    hv(socket).await?.stop_vm(ctx(), &stop).await?;
+    Ok(())
 }
 
 async fn crash_restart(env: Env) -> Result<()> {
@@ -550,7 +678,12 @@ fn stray_provider(s: &Setup, subnet: String) -> Result<sandboxd::cloud::azure::A
         .unwrap()
         .1
         .clone();
-    let url = url::Url::parse(&base)?;
+    provider_at(&base, subnet)
+}
+
+/// An Azure provider (subscription [`SUB`], resource group `rg`) talking to `base`.
+fn provider_at(base: &str, subnet: String) -> Result<sandboxd::cloud::azure::AzureProvider> {
+    let url = url::Url::parse(base)?;
     let cfg = sandboxd::config::AzureConfig {
         instance_size: "Standard_D2as_v5".into(),
         instance_sizes: vec!["Standard_D2as_v5".into()],

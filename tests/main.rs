@@ -3,6 +3,7 @@
 
 // Test support grows ahead of the suites that use each helper.
 mod caa;
+mod datapath;
 #[allow(dead_code)]
 mod harness;
 mod operator;
@@ -123,6 +124,7 @@ fn main() {
         webhook::cases(),
         operator::cases(),
         caa::cases(),
+        datapath::cases(),
     ]
     .into_iter()
     .flatten()

@@ -234,6 +234,16 @@ pub struct Args {
     /// Milliseconds added to every request.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Seed a peer-pods setup in this subscription (resource group, VNet with subnet
+    /// `worker`, NSG, gallery image); its ids are printed as `peer-pods-cm` keys.
+    #[arg(long)]
+    pub seed_subscription: Option<String>,
+    /// Resource group of the seeded setup.
+    #[arg(long, default_value = "rg")]
+    pub seed_resource_group: String,
+    /// Region of the seeded setup.
+    #[arg(long, default_value = "eastus")]
+    pub seed_region: String,
 }
 
 /// Runs the ARM test server until a signal arrives.
@@ -244,7 +254,20 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
         lro_retry_after_secs: 1,
         ..Config::default()
     };
-    let (addr, _handle, task) = serve(args.addr, config, shutdown).await?;
+    let (addr, handle, task) = serve(args.addr, config, shutdown).await?;
+    if let Some(sub) = &args.seed_subscription {
+        let (subnet, nsg, image) =
+            handle.seed_peer_pods(sub, &args.seed_resource_group, &args.seed_region);
+        // What a `peer-pods-cm` pointing here needs (stdout, for scripts).
+        println!("AZURE_SUBSCRIPTION_ID={sub}");
+        println!("AZURE_RESOURCE_GROUP={}", args.seed_resource_group);
+        println!("AZURE_REGION={}", args.seed_region);
+        println!("AZURE_SUBNET_ID={subnet}");
+        println!("AZURE_NSG_ID={nsg}");
+        println!("AZURE_IMAGE_ID={image}");
+        println!("AZURE_RESOURCE_MANAGER_ENDPOINT=http://{addr}/");
+        println!("AZURE_AUTHORITY_HOST=http://{addr}/");
+    }
     tracing::info!(%addr, "ARM test server listening");
     let _ = task.await;
     Ok(())
@@ -290,6 +313,7 @@ async fn dispatch(State(store): State<Arc<Store>>, req: Request) -> Response {
         status,
         fault,
         micros: started.elapsed().as_micros() as u64,
+        at_micros: started.duration_since(store.started).as_micros() as u64,
     });
     response
 }

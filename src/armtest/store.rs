@@ -27,6 +27,8 @@ pub struct RequestLog {
     pub fault: Option<String>,
     /// Time the server spent on it (including injected latency), µs.
     pub micros: u64,
+    /// When it arrived, µs since the server started.
+    pub at_micros: u64,
 }
 
 /// A VM as the inspection endpoint shows it.
@@ -140,6 +142,8 @@ impl Inner {
 
 pub(crate) struct Store {
     pub inner: Mutex<Inner>,
+    /// When the server started (the origin of [`RequestLog::at_micros`]).
+    pub started: Instant,
 }
 
 impl Store {
@@ -158,6 +162,7 @@ impl Store {
                 next_ip: HashMap::new(),
                 counter: 0,
             }),
+            started: Instant::now(),
         }
     }
 

@@ -24,6 +24,9 @@ pub enum Error {
     /// Serving the socket failed.
     #[error("hypervisor socket: {0}")]
     Socket(String),
+    /// The pod data path (tunnel, forwarder, agent socket) failed.
+    #[error("pod data path: {0}")]
+    DataPath(String),
 }
 
 impl Error {
@@ -37,6 +40,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Config(e) => e.metric_label(),
             Error::Socket(_) => "socket",
+            Error::DataPath(_) => "data_path",
         }
     }
 
@@ -54,6 +58,7 @@ impl Error {
             Error::Kube(_) => Code::UNAVAILABLE,
             Error::Config(_) => Code::FAILED_PRECONDITION,
             Error::Socket(_) => Code::INTERNAL,
+            Error::DataPath(_) => Code::UNAVAILABLE,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, self.to_string()))
     }

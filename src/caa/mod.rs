@@ -7,10 +7,14 @@
 //! node is reconciled; a periodic sweep deletes VMs carrying this cluster's and node's tags
 //! that no PeerPod references.
 
+pub mod crashpoint;
+mod datapath;
 mod error;
+pub mod relay;
 mod service;
 mod state;
 mod sweep;
+pub mod tunnel;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +28,8 @@ pub use service::Caa;
 pub enum Readiness {
     /// ARM says Succeeded and the VM has an IP.
     Provisioned,
+    /// Provisioned, and its forwarder completed a mutual-TLS handshake.
+    Agent,
 }
 
 /// Flags of `sandboxd caa`, as the DaemonSet gives them (the `peer-pods-cm` and
@@ -79,6 +85,33 @@ pub struct Args {
     /// Fastest LRO polling interval in milliseconds (tests lower it).
     #[arg(long, env = "CAA_MIN_POLL_MS", default_value_t = 1000, hide = true)]
     pub min_poll_ms: u64,
+    /// ARM reads per second per subscription the client-side token bucket refills (ARM: 25).
+    #[arg(
+        long,
+        env = "CAA_ARM_READS_PER_SECOND",
+        default_value_t = 25.0,
+        hide = true
+    )]
+    pub arm_reads_per_second: f64,
+    /// Burst of ARM reads per subscription (ARM: 250).
+    #[arg(long, env = "CAA_ARM_READ_BURST", default_value_t = 250.0, hide = true)]
+    pub arm_read_burst: f64,
+    /// ARM writes per second per subscription the client-side token bucket refills (ARM: 10).
+    #[arg(
+        long,
+        env = "CAA_ARM_WRITES_PER_SECOND",
+        default_value_t = 10.0,
+        hide = true
+    )]
+    pub arm_writes_per_second: f64,
+    /// Burst of ARM writes per subscription (ARM: 200).
+    #[arg(
+        long,
+        env = "CAA_ARM_WRITE_BURST",
+        default_value_t = 200.0,
+        hide = true
+    )]
+    pub arm_write_burst: f64,
 }
 
 /// Runs `sandboxd caa` until a signal arrives.
@@ -98,7 +131,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     arm: args.arm_endpoint.clone(),
                     authority: args.authority_host.clone(),
                 },
-                crate::cloud::azure::Manners::default(),
+                crate::cloud::azure::Manners {
+                    reads_per_second: args.arm_reads_per_second.max(0.1),
+                    read_burst: args.arm_read_burst.max(1.0),
+                    writes_per_second: args.arm_writes_per_second.max(0.1),
+                    write_burst: args.arm_write_burst.max(1.0),
+                    ..Default::default()
+                },
                 crate::cloud::azure::Polling {
                     min_interval: Duration::from_millis(args.min_poll_ms),
                     ..Default::default()
@@ -106,7 +145,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             )?)
         }
         crate::config::CloudProvider::Local => {
-            anyhow::bail!("CLOUD_PROVIDER=local is not available in this build yet")
+            Arc::new(crate::cloud::local::LocalProvider::from_env()?)
         }
     };
     let client = args.kube.client().await?;

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::Api;
 
+use super::crashpoint;
 use super::state::{self, Record};
 use super::{Args, Error};
 use crate::api::peerpod::{PeerPodStatus, phases};
@@ -30,6 +31,7 @@ pub struct Caa {
     image_id: String,
     sandboxes: Mutex<HashMap<String, Record>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) datapath: super::datapath::Datapath,
 }
 
 impl Caa {
@@ -64,6 +66,7 @@ impl Caa {
             ));
         }
         let sizes = provider.sizes(&names).await?;
+        let datapath = super::datapath::Datapath::new(&client).await;
         let caa = Arc::new(Self {
             client,
             provider,
@@ -76,6 +79,7 @@ impl Caa {
             image_id,
             sandboxes: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            datapath,
         });
         caa.reconcile().await?;
         Ok(caa)
@@ -172,8 +176,12 @@ impl Caa {
         };
         let lock = self.lock_of(&req.id);
         let _g = lock.lock().await;
+        crashpoint::reached(crashpoint::CREATE_BEFORE_RECORD).await;
         state::record(&self.client, &r, self.node(), self.provider.name()).await?;
         tracing::info!(sandbox = %req.id, vm = %r.vm_name, size = %r.size, pod = %format!("{ns}/{name}"), "recorded PeerPod");
+        crashpoint::reached(crashpoint::CREATE_RECORDED).await;
+        self.datapath
+            .remember_netns(&req.id, &req.networkNamespacePath);
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -196,7 +204,13 @@ impl Caa {
             .await?
             .ok_or_else(|| Error::UnknownSandbox(id.to_string()))?;
         // Re-assert the record before any create call (a no-op when it exists).
-        state::record(&self.client, &r, self.node(), self.provider.name()).await?;
+        let pp = state::record(&self.client, &r, self.node(), self.provider.name()).await?;
+        if pp.metadata.deletion_timestamp.is_some() {
+            // The pod is gone: creating its VM now could only leak it.
+            return Err(Error::InvalidRequest(format!(
+                "the pod of sandbox {id} is being deleted"
+            )));
+        }
         let spec = VmSpec {
             name: r.vm_name.clone(),
             size: if r.size.is_empty() {
@@ -205,7 +219,7 @@ impl Caa {
                 r.size.clone()
             },
             image_id: self.image_id.clone(),
-            user_data: None,
+            user_data: self.datapath.user_data(self, &r).await?,
             ssh_public_key: self.ssh_key.clone(),
             tags: self.tags_of(&r),
         };
@@ -220,6 +234,7 @@ impl Caa {
             &status(phases::CREATING),
         )
         .await?;
+        crashpoint::reached(crashpoint::START_BEFORE_CREATE).await;
         let deadline = Instant::now() + self.config.proxy_timeout;
         let mut attempt = 0u32;
         let result = loop {
@@ -233,9 +248,22 @@ impl Caa {
                 other => break other,
             }
         };
+        let result: Result<_, Error> = match result {
+            Ok(vm) => {
+                let budget = deadline.saturating_duration_since(Instant::now());
+                let budget = budget.max(Duration::from_secs(1));
+                self.datapath
+                    .ready(self, &r, &vm, budget)
+                    .await
+                    .map(|()| vm)
+            }
+            Err(e) => Err(e.into()),
+        };
         match result {
             Ok(vm) => {
+                crashpoint::reached(crashpoint::START_CREATED).await;
                 state::set_instance_id(&self.client, &r.namespace, &r.vm_name, &vm.id).await?;
+                crashpoint::reached(crashpoint::START_INSTANCE_RECORDED).await;
                 let st = PeerPodStatus {
                     phase: Some(phases::RUNNING.into()),
                     vm_ip: vm.private_ip.map(|ip| ip.to_string()),
@@ -243,10 +271,12 @@ impl Caa {
                 };
                 state::set_status(&self.client, &r.namespace, &r.vm_name, &st).await?;
                 tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
+                crashpoint::reached(crashpoint::START_RUNNING).await;
                 Ok(())
             }
             Err(e) => {
                 // A failed VM is deleted now; the record stays so nothing leaks if this fails.
+                self.datapath.stop(&r).await;
                 let _ = self.provider.delete(&spec.name).await;
                 let st = PeerPodStatus {
                     phase: Some(phases::FAILED.into()),
@@ -254,7 +284,7 @@ impl Caa {
                     ..Default::default()
                 };
                 let _ = state::set_status(&self.client, &r.namespace, &r.vm_name, &st).await;
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -267,6 +297,7 @@ impl Caa {
             return Ok(());
         };
         self.delete_vm_and_record(&r).await?;
+        crashpoint::reached(crashpoint::STOP_RELEASED).await;
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -278,7 +309,25 @@ impl Caa {
         Ok(())
     }
 
+    /// Deletes the VM and releases the record of a sandbox whose pod is gone, serialised with
+    /// the shim's calls for it.
+    pub(crate) async fn forget(&self, r: &Record) -> Result<(), Error> {
+        let lock = self.lock_of(&r.sandbox_id);
+        let _g = lock.lock().await;
+        self.delete_vm_and_record(r).await?;
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&r.sandbox_id);
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&r.sandbox_id);
+        Ok(())
+    }
+
     pub(crate) async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
+        self.datapath.stop(r).await;
         let _ = state::set_status(
             &self.client,
             &r.namespace,
@@ -289,6 +338,7 @@ impl Caa {
             },
         )
         .await;
+        crashpoint::reached(crashpoint::STOP_BEFORE_DELETE).await;
         let mut attempt = 0u32;
         loop {
             match self.provider.delete(&r.vm_name).await {
@@ -301,6 +351,7 @@ impl Caa {
                 Err(e) => return Err(e.into()),
             }
         }
+        crashpoint::reached(crashpoint::STOP_VM_DELETED).await;
         state::release(&self.client, &r.namespace, &r.vm_name).await?;
         tracing::info!(vm = %r.vm_name, "VM deleted and record released");
         Ok(())
@@ -345,6 +396,7 @@ impl Caa {
                 None => false,
             };
             if alive {
+                self.datapath.resume(self, &r, &p);
                 self.sandboxes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

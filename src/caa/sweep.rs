@@ -24,13 +24,25 @@ pub async fn sweep_once(
             return Vec::new();
         }
     };
-    let records: HashSet<String> = match state::of_node(&caa.client, &caa.args.node_name).await {
-        Ok(p) => p.into_iter().map(|p| p.spec.vm_name).collect(),
+    let peerpods = match state::of_node(&caa.client, &caa.args.node_name).await {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "sweep: listing PeerPods failed");
             return Vec::new();
         }
     };
+    // Records being deleted lost their pod (the garbage collector deletes them with it)
+    // without a StopVM reaching this CAA: their VMs go now, then the records.
+    for p in peerpods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+    {
+        let r = state::Record::from_peerpod(p);
+        if let Err(e) = caa.forget(&r).await {
+            tracing::warn!(vm = %r.vm_name, error = %e, "sweep: deleting the VM of a deleted PeerPod failed");
+        }
+    }
+    let records: HashSet<String> = peerpods.into_iter().map(|p| p.spec.vm_name).collect();
     let now = Instant::now();
     let mut deleted = Vec::new();
     let unreferenced: HashSet<String> = vms

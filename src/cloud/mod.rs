@@ -3,6 +3,7 @@
 //! [`crate::config`].
 
 pub mod azure;
+pub mod local;
 pub mod sizes;
 
 use std::collections::BTreeMap;

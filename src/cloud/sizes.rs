@@ -1,6 +1,10 @@
 //! Instance size selection (DESIGN §6): the `machine_type` annotation if set (it must be an
-//! allowed size); else, when both vCPUs and memory are requested, the smallest allowed size
-//! that fits both; else the default size.
+//! allowed size); else, when vCPUs or memory are requested, the smallest allowed size that
+//! fits what was given (an unset dimension counts as 0); else the default size.
+//!
+//! DESIGN §6 (and upstream) fall back to the default size unless *both* are set; a pod that
+//! only asks for 4 vCPUs would then get the (possibly 2-vCPU) default. Treating the unset
+//! dimension as 0 gives the user the smallest size that honours what they asked for.
 //!
 //! "Smallest" is decided over every allowed size that fits, ordered by memory, then vCPUs,
 //! then name: no sorted-list search that can skip a fitting size.
@@ -82,7 +86,7 @@ pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<St
                 allowed: allowed.iter().map(|s| s.name.clone()).collect(),
             });
     }
-    if req.vcpus > 0 && req.memory_mib > 0 {
+    if req.vcpus > 0 || req.memory_mib > 0 {
         return allowed
             .iter()
             .filter(|s| s.vcpus >= req.vcpus && s.memory_mib >= req.memory_mib)
@@ -195,18 +199,25 @@ mod tests {
             ),
             ("nothing fits", None, 16, 1024, Err("16 vCPUs")),
             (
-                "only vCPUs set: default (upstream rule)",
+                "only vCPUs set: smallest size with that many cores",
                 None,
                 4,
                 0,
-                Ok("Standard_B2als_v2"),
+                Ok("Standard_F4s_v2"),
             ),
             (
-                "only memory set: default (upstream rule)",
+                "only memory set: smallest size with that much memory",
                 None,
                 0,
                 9000,
-                Ok("Standard_B2als_v2"),
+                Ok("Standard_E2as_v5"),
+            ),
+            (
+                "only vCPUs set, beyond every size",
+                None,
+                16,
+                0,
+                Err("16 vCPUs"),
             ),
         ];
         for (what, mt, vcpus, mem, want) in cases {

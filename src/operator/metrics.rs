@@ -81,6 +81,11 @@ impl OperatorMetrics {
         self.write("node");
     }
 
+    /// Records a write of an object the operator owns (RuntimeClass, DaemonSet, ...).
+    pub fn object_write(&self, kind: &str) {
+        self.write(kind);
+    }
+
     /// Records a status write.
     pub fn status_write(&self) {
         self.write("status");

@@ -6,10 +6,12 @@ pub mod admission;
 pub mod installer;
 pub mod kataconfig;
 pub mod leader;
+pub mod machineconfig;
 pub mod metrics;
 pub mod names;
 pub mod node_install;
 pub mod nodes;
+pub mod peerpod_gc;
 pub mod runtimeclass;
 
 use std::net::SocketAddr;
@@ -168,12 +170,17 @@ pub async fn run_operator(
         flavor,
         instance,
     };
+    let gc = peerpod_gc::Options::new(opts.namespace.clone());
     match opts.leader.clone() {
-        None => Ok(kataconfig::run(client, kc_opts, metrics, shutdown).await?),
+        None => {
+            let kc = kataconfig::run(client.clone(), kc_opts, metrics, shutdown.clone());
+            Ok(peerpod_gc::alongside(client, gc, shutdown, kc).await?)
+        }
         Some(cfg) => {
             let c = client.clone();
             let inner = leader::run_as_leader(client, cfg, shutdown, move |token| {
-                kataconfig::run(c, kc_opts, metrics, token)
+                let kc = kataconfig::run(c.clone(), kc_opts, metrics, token.clone());
+                peerpod_gc::alongside(c, gc, token, kc)
             })
             .await?;
             Ok(inner?)

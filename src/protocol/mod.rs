@@ -5,6 +5,8 @@
 
 include!(concat!(env!("OUT_DIR"), "/protocol.rs"));
 
+pub mod frame;
+
 /// ttrpc method paths, as the shim sends them.
 pub mod methods {
     /// `/hypervisor.Hypervisor/CreateVM`.

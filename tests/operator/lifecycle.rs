@@ -15,6 +15,7 @@ use sandboxd::operator::names::*;
 use serde_json::json;
 
 use super::support::*;
+use super::writes::Writes;
 use crate::harness::{Case, Env, eventually};
 
 pub fn cases() -> Vec<Case> {
@@ -74,38 +75,6 @@ fn has_kata_labels(l: &BTreeMap<String, String>) -> bool {
 
 fn has_none_of_ours(l: &BTreeMap<String, String>) -> bool {
     !l.contains_key(LABEL_KATA) && !l.contains_key(LABEL_NODE_INSTALL)
-}
-
-/// Every resourceVersion the operator could touch.
-async fn versions(f: &Fixture, kc: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let k = f.kcs().get(kc).await?;
-    out.push((
-        format!("kataconfig/{kc}"),
-        k.resource_version().unwrap_or_default(),
-    ));
-    let rcs: Api<RuntimeClass> = Api::all(f.admin.clone());
-    let rc = rcs.get(RUNTIME_CLASS).await?;
-    out.push((
-        "runtimeclass".into(),
-        rc.resource_version().unwrap_or_default(),
-    ));
-    let dss: Api<DaemonSet> = Api::namespaced(f.admin.clone(), &f.ns);
-    let ds = dss.get(INSTALLER_DAEMONSET).await?;
-    // The DaemonSet's status is the DaemonSet controller's; the operator owns its spec.
-    out.push((
-        "daemonset generation".into(),
-        ds.metadata.generation.unwrap_or_default().to_string(),
-    ));
-    for n in &f.nodes {
-        if let Some(node) = f.node_api().get_opt(n).await? {
-            out.push((
-                format!("node/{n}"),
-                node.resource_version().unwrap_or_default(),
-            ));
-        }
-    }
-    Ok(out)
 }
 
 async fn install_and_progress(env: Env) -> Result<()> {
@@ -196,15 +165,42 @@ async fn install_and_progress(env: Env) -> Result<()> {
     ensure!(sorted(&kata_nodes(&kc).installed) == sorted(&[a.clone(), b.clone(), c.clone()]));
     ensure!(kc.status.as_ref().unwrap().runtime_classes == [RUNTIME_CLASS]);
 
-    // Steady state: nothing is written (the Lease aside).
-    let before = versions(&f, &name).await?;
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let after = versions(&f, &name).await?;
+    // Steady state: for a minute nothing is written but the Lease (which is not watched),
+    // while the operator keeps reconciling what it watches.
+    let writes = Writes::start(&f.admin, &f.ns).await?;
+    let passes = op.metrics.reconcile_count("ok");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Events the operator must look at and leave alone: a peer pod comes and goes, a
+    // node it does not select changes.
+    let pods: Api<Pod> = Api::namespaced(f.admin.clone(), &f.ns);
+    let mut peer = kata_pod("steady-peer", None)?;
+    peer.labels_mut()
+        .insert(PEER_POD_LABEL.into(), "true".into());
+    peer.spec.as_mut().unwrap().runtime_class_name = None;
+    pods.create(&PostParams::default(), &peer).await?;
+    f.node_api()
+        .patch(
+            &other,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"unrelated": "x"}}})),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    delete_pod_now(&f, "steady-peer").await?;
+    tokio::time::sleep(Duration::from_secs(28)).await;
+    let mut seen = writes.take();
+    // The watch sees writes: the test's own change to the unselected node is there.
+    let own = format!("Node/{other}");
     ensure!(
-        before == after,
-        "writes at steady state: {before:?} -> {after:?}"
+        seen.contains(&own),
+        "the write watch missed {own}: {seen:?}"
     );
-    ensure!(op.metrics.reconcile_count("ok") > 0);
+    seen.retain(|w| *w != own);
+    ensure!(seen.is_empty(), "writes at steady state: {seen:?}");
+    ensure!(
+        op.metrics.reconcile_count("ok") > passes,
+        "the operator did not reconcile during the steady-state minute"
+    );
 
     // Uninstall.
     f.kcs().delete(&name, &DeleteParams::default()).await?;

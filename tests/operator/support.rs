@@ -187,14 +187,29 @@ impl Fixture {
     }
 
     /// Starts the operator under its ServiceAccount, with leader election in the test
-    /// namespace.
+    /// namespace, on plain Kubernetes (whatever stand-in APIs other tests installed).
     pub fn start(&self) -> Running {
+        self.start_on(Platform::Kubernetes)
+    }
+
+    /// Re-applies the operator's RBAC (after a test took some of it away).
+    pub async fn restore_rbac(&self) -> Result<()> {
+        apply_rbac(&self.admin, &self.ns, &self.suffix).await
+    }
+
+    /// The name of a cluster-scoped RBAC object of `rbac.yaml` in this test.
+    pub fn cluster_rbac_name(&self, name: &str) -> String {
+        format!("{name}-{}", self.suffix)
+    }
+
+    /// Starts the operator (see [`Fixture::start`]) with `platform`.
+    pub fn start_on(&self, platform: Platform) -> Running {
         let token = CancellationToken::new();
         let metrics = Arc::new(OperatorMetrics::default());
         let opts = Options {
             namespace: self.ns.clone(),
             image: "sandboxd:latest".into(),
-            platform: Platform::Kubernetes,
+            platform,
             leader: Some(LeaderConfig {
                 namespace: self.ns.clone(),
                 name: LEASE_NAME.into(),

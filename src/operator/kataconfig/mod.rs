@@ -12,7 +12,8 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
-use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use self::plan::{NodeAction, NodeView, PodRef};
 use self::status::Phase;
 use super::installer::{self, InstallerSpec};
+use super::machineconfig::{self as mco, PoolView};
 use super::metrics::OperatorMetrics;
 use super::names::*;
 use super::node_install::InstallConfig;
@@ -89,8 +91,35 @@ struct Ctx {
     nodes: Store<PartialObjectMeta<Node>>,
     rcs: Store<RuntimeClass>,
     dss: Store<DaemonSet>,
+    /// OpenShift only: the MachineConfig and the MachineConfigPool, by name.
+    mco: Option<McoStores>,
     metrics: Arc<OperatorMetrics>,
     recorder: Recorder,
+}
+
+struct McoStores {
+    mcs: Store<DynamicObject>,
+    pools: Store<DynamicObject>,
+}
+
+fn dynamic_watch(
+    client: &Client,
+    ar: &ApiResource,
+    name: &str,
+    notify: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Store<DynamicObject> {
+    let writer = reflector::store::Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let s = reflector::reflector(
+        writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), ar),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        ),
+    );
+    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
+    store
 }
 
 fn spawn_watch<S, T>(stream: S, notify: Arc<Notify>, shutdown: CancellationToken)
@@ -168,6 +197,31 @@ pub async fn run(
     );
     spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
 
+    let mco = (opts.flavor == Flavor::OpenShift).then(|| McoStores {
+        mcs: dynamic_watch(
+            &client,
+            &mco::machine_config_resource(),
+            mco::MACHINE_CONFIG,
+            &notify,
+            &shutdown,
+        ),
+        pools: dynamic_watch(
+            &client,
+            &mco::pool_resource(),
+            mco::POOL,
+            &notify,
+            &shutdown,
+        ),
+    });
+    if let Some(m) = &mco {
+        for (what, store) in [("MachineConfig", &m.mcs), ("MachineConfigPool", &m.pools)] {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = store.wait_until_ready() => r.map_err(|_| Error::Sync(what))?,
+            }
+        }
+    }
+
     for (what, ready) in [
         (
             "KataConfig",
@@ -198,6 +252,7 @@ pub async fn run(
         nodes,
         rcs,
         dss,
+        mco,
         metrics,
         recorder,
     };
@@ -277,16 +332,77 @@ async fn reconcile_duplicate(
     Ok(None)
 }
 
-fn node_views(ctx: &Ctx) -> Vec<NodeView> {
+fn pool_view(ctx: &Ctx) -> Option<PoolView> {
+    let m = ctx.mco.as_ref()?;
+    m.pools.state().first().map(|p| PoolView::from_object(p))
+}
+
+/// The nodes as the plan reads them; on OpenShift the machine-config operator's reports
+/// are translated into the installer protocol.
+fn node_views(ctx: &Ctx, config_hash: &str) -> Vec<NodeView> {
+    let pool = pool_view(ctx);
     ctx.nodes
         .state()
         .iter()
-        .map(|n| NodeView {
-            name: n.name_any(),
-            labels: n.labels().clone(),
-            annotations: n.annotations().clone(),
+        .map(|n| {
+            let view = NodeView {
+                name: n.name_any(),
+                labels: n.labels().clone(),
+                annotations: n.annotations().clone(),
+            };
+            match ctx.mco {
+                Some(_) => mco::translate(&view, pool.as_ref(), config_hash),
+                None => view,
+            }
         })
         .collect()
+}
+
+async fn apply_dynamic(ctx: &Ctx, ar: &ApiResource, obj: &DynamicObject) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
+    let name = obj.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| apply::Error::Api {
+        verb: "applying",
+        kind: ar.kind.clone(),
+        name,
+        source,
+    })?;
+    ctx.metrics.object_write(&ar.kind);
+    Ok(())
+}
+
+async fn delete_dynamic(ctx: &Ctx, ar: &ApiResource, name: &str) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(apply::Error::Api {
+            verb: "deleting",
+            kind: ar.kind.clone(),
+            name: name.to_string(),
+            source,
+        }
+        .into()),
+    }
+}
+
+/// OpenShift: the MachineConfig and the pool, applied only when their hash differs.
+async fn ensure_machine_config(ctx: &Ctx, m: &McoStores, kc: &KataConfig) -> Result<(), Error> {
+    let mc = mco::desired_machine_config(kc, &InstallConfig::new(&kc.spec.log_level));
+    if !hash_matches(m.mcs.state().first().map(|o| o.as_ref()), &mc) {
+        apply_dynamic(ctx, &mco::machine_config_resource(), &mc).await?;
+    }
+    let pool = mco::desired_pool(kc);
+    if !hash_matches(m.pools.state().first().map(|o| o.as_ref()), &pool) {
+        apply_dynamic(ctx, &mco::pool_resource(), &pool).await?;
+    }
+    Ok(())
 }
 
 async fn reconcile_active(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duration>, Error> {
@@ -324,10 +440,14 @@ async fn reconcile_active(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duration>
     let observed = ctx.rcs.state().into_iter().next();
     if !hash_matches(observed.as_deref(), &rc) {
         apply::apply(&Api::<RuntimeClass>::all(ctx.client.clone()), &rc).await?;
+        ctx.metrics.object_write("RuntimeClass");
     }
-    ensure_installer(ctx, kc).await?;
+    match &ctx.mco {
+        Some(m) => ensure_machine_config(ctx, m, kc).await?,
+        None => ensure_installer(ctx, kc).await?,
+    }
 
-    let nodes = node_views(ctx);
+    let nodes = node_views(ctx, &config_hash);
     let mut p = plan::plan(&nodes, Some(&selection), &config_hash, None);
     let mut requeue = None;
     if p.needs_pods {
@@ -336,6 +456,15 @@ async fn reconcile_active(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duration>
         if !p.held_by_pods.is_empty() {
             requeue = Some(POD_RECHECK);
         }
+    }
+    // OpenShift: the pool's own counts gate completion (a failed node already says more).
+    if ctx.mco.is_some()
+        && p.failures.is_empty()
+        && let Some(pending) = pool_view(ctx)
+            .unwrap_or_default()
+            .pending(p.nodes.node_count as usize)
+    {
+        p.pending.push(pending);
     }
     apply_node_actions(ctx, &p.actions).await?;
     write_status(ctx, kc, &p, &Phase::Active).await?;
@@ -355,6 +484,7 @@ async fn ensure_installer(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
     if !hash_matches(observed.as_deref(), &ds) {
         let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.opts.namespace);
         apply::apply(&api, &ds).await?;
+        ctx.metrics.object_write("DaemonSet");
     }
     Ok(())
 }
@@ -374,19 +504,40 @@ async fn uninstall(
         apply::delete_if_exists(&Api::<RuntimeClass>::all(ctx.client.clone()), RUNTIME_CLASS)
             .await?;
     }
-    let nodes = node_views(ctx);
-    let p = plan::plan(&nodes, None, config_hash, Some(&pods));
-    if p.remaining > 0 {
+    let nodes = node_views(ctx, config_hash);
+    let mut p = plan::plan(&nodes, None, config_hash, Some(&pods));
+    if p.remaining > 0 && ctx.mco.is_none() {
         // The installer must run to undo its work on the remaining nodes.
         ensure_installer(ctx, kc).await?;
     }
     apply_node_actions(ctx, &p.actions).await?;
-    if p.remaining > 0 {
+    // OpenShift: the pool must be empty (every node back in the worker pool) before the
+    // MachineConfig and the pool go.
+    if let Some(pool) = pool_view(ctx).filter(|v| v.machines > 0) {
+        p.pending.push(format!(
+            "waiting for the machine-config operator to move {} machine(s) out of pool {}",
+            pool.machines,
+            mco::POOL
+        ));
+    }
+    if p.remaining > 0 || !p.pending.is_empty() {
         write_status(ctx, kc, &p, &Phase::Uninstalling).await?;
         return Ok(None);
     }
-    let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.opts.namespace);
-    apply::delete_if_exists(&ds_api, INSTALLER_DAEMONSET).await?;
+    match &ctx.mco {
+        Some(m) => {
+            if !m.mcs.state().is_empty() {
+                delete_dynamic(ctx, &mco::machine_config_resource(), mco::MACHINE_CONFIG).await?;
+            }
+            if !m.pools.state().is_empty() {
+                delete_dynamic(ctx, &mco::pool_resource(), mco::POOL).await?;
+            }
+        }
+        None => {
+            let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.opts.namespace);
+            apply::delete_if_exists(&ds_api, INSTALLER_DAEMONSET).await?;
+        }
+    }
     let api: Api<KataConfig> = Api::all(ctx.client.clone());
     apply::remove_finalizer(&api, kc, FINALIZER).await?;
     tracing::info!(kataconfig = %kc.name_any(), "uninstall finished");
@@ -396,20 +547,26 @@ async fn uninstall(
 async fn apply_node_actions(ctx: &Ctx, actions: &[(String, NodeAction)]) -> Result<(), Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
     for (name, action) in actions {
-        let result = match action {
-            NodeAction::Install | NodeAction::Uninstall => {
-                let labels = if *action == NodeAction::Install {
-                    json!({LABEL_KATA: "", LABEL_NODE_INSTALL: INSTALL})
-                } else {
-                    json!({LABEL_NODE_INSTALL: UNINSTALL})
-                };
+        // OpenShift: the kata label alone moves a node into the kata pool and removing it
+        // moves the node back to the worker pool; elsewhere the installer follows
+        // `node-install`.
+        let labels = match (action, ctx.mco.is_some()) {
+            (NodeAction::Install, true) => Some(json!({LABEL_KATA: ""})),
+            (NodeAction::Install, false) => {
+                Some(json!({LABEL_KATA: "", LABEL_NODE_INSTALL: INSTALL}))
+            }
+            (NodeAction::Uninstall, false) => Some(json!({LABEL_NODE_INSTALL: UNINSTALL})),
+            (NodeAction::Uninstall, true) | (NodeAction::Clean, _) => None,
+        };
+        let result = match labels {
+            Some(labels) => {
                 let body = json!({"apiVersion": "v1", "kind": "Node",
                                   "metadata": {"name": name, "labels": labels}});
                 apply::apply_json(&api, name, FIELD_MANAGER, body)
                     .await
                     .map(|_| ())
             }
-            NodeAction::Clean => {
+            None => {
                 let manager = PatchParams {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..Default::default()

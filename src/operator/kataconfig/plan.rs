@@ -80,6 +80,9 @@ pub struct Plan {
     pub remaining: usize,
     /// Some node already had the runtime (so a change is an update, not a first install).
     pub had_installed: bool,
+    /// What else the install waits on besides the nodes (OpenShift: the machine-config
+    /// pool's rollout). Non-empty keeps `InProgress` true.
+    pub pending: Vec<String>,
 }
 
 /// Plans every node. `selection` is `None` while the KataConfig is being deleted (no node

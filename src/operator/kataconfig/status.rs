@@ -96,6 +96,7 @@ pub fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> C
                     list(&k.uninstalling)
                 ));
             }
+            parts.extend(plan.pending.iter().cloned());
             if let Some(f) = failures(plan) {
                 parts.push(f);
             }
@@ -108,7 +109,8 @@ pub fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> C
             let busy = !k.waiting_to_install.is_empty()
                 || !k.installing.is_empty()
                 || !k.uninstalling.is_empty()
-                || !k.waiting_to_uninstall.is_empty();
+                || !k.waiting_to_uninstall.is_empty()
+                || !plan.pending.is_empty();
             let mut parts = vec![format!(
                 "installed on {} of {} node(s)",
                 k.ready_node_count, k.node_count
@@ -132,6 +134,7 @@ pub fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> C
                     pods_list(pods)
                 ));
             }
+            parts.extend(plan.pending.iter().cloned());
             if let Some(f) = failures(plan) {
                 parts.push(f);
             }

@@ -1,0 +1,376 @@
+//! `CLOUD_PROVIDER=local`: a pod "VM" is a `sandboxd forwarder` process in a fresh network
+//! namespace (linked to the node by a veth pair with its own /30) and its own mount
+//! namespace whose `/run` is a private directory, so VMs never share `/run/netns/podns` or
+//! the agent socket. Its configuration arrives NoCloud-style (a `user-data` file).
+//!
+//! State lives in `<dir>/<vm name>/` (`LOCAL_VM_DIR`, default `/run/peerpod/local`):
+//! `vm.json` (index, pid and start time, IP, tags), `user-data`, `run/` (the VM's `/run`:
+//! kata-agent's socket goes to `run/kata-containers/agent.sock`) and `forwarder.log`.
+//! VMs outlive a CAA restart like cloud VMs do; delete kills the process (its namespaces
+//! and veth pair go with it) and removes the directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
+use crate::forwarder::net::Netlink;
+
+/// Default state directory.
+pub const DEFAULT_DIR: &str = "/run/peerpod/local";
+/// Default address range of VM links (one /30 per VM).
+pub const DEFAULT_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 0);
+
+/// What `vm.json` records.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct LocalVm {
+    /// Slot of the VM's /30.
+    pub index: u32,
+    /// The forwarder's pid.
+    pub pid: i32,
+    /// Its start time (clock ticks since boot), to never signal a recycled pid.
+    pub start_time: u64,
+    /// The VM's address.
+    pub ip: Ipv4Addr,
+    /// The node end of the veth pair.
+    pub node_link: String,
+    /// Tags of the VM.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The local provider.
+pub struct LocalProvider {
+    dir: PathBuf,
+    exe: PathBuf,
+    subnet: Ipv4Addr,
+    children: Mutex<HashMap<String, tokio::process::Child>>,
+    alloc: tokio::sync::Mutex<()>,
+}
+
+fn err(op: &str, e: impl std::fmt::Display) -> Error {
+    Error::Permanent(format!("local VM: {op}: {e}"))
+}
+
+/// The start time of a process (field 22 of `/proc/<pid>/stat`), if it runs (zombies
+/// count as gone).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+impl LocalProvider {
+    /// A provider keeping state in `dir`, giving VMs /30s from `subnet` (a /16), starting
+    /// `exe forwarder` as VMs.
+    pub fn new(dir: PathBuf, subnet: Ipv4Addr, exe: PathBuf) -> Self {
+        Self {
+            dir,
+            exe,
+            subnet,
+            children: Mutex::new(HashMap::new()),
+            alloc: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// From `LOCAL_VM_DIR` and `LOCAL_VM_SUBNET` (the first address of a /16), running this
+    /// executable.
+    pub fn from_env() -> Result<Self, Error> {
+        let dir = std::env::var("LOCAL_VM_DIR").unwrap_or_else(|_| DEFAULT_DIR.into());
+        let subnet = match std::env::var("LOCAL_VM_SUBNET") {
+            Ok(s) => s
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| err("LOCAL_VM_SUBNET", e))?,
+            Err(_) => DEFAULT_SUBNET,
+        };
+        let exe = std::env::current_exe().map_err(|e| err("finding sandboxd", e))?;
+        Ok(Self::new(dir.into(), subnet, exe))
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The state directory of a VM (its `/run` is `<dir>/run`).
+    pub fn dir_of(&self, name: &str) -> PathBuf {
+        self.vm_dir(name)
+    }
+
+    fn read(&self, name: &str) -> Option<LocalVm> {
+        let text = std::fs::read_to_string(self.vm_dir(name).join("vm.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn all(&self) -> Vec<(String, LocalVm)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                self.read(&name).map(|v| (name, v))
+            })
+            .collect()
+    }
+
+    fn addresses(&self, index: u32) -> (Ipv4Addr, Ipv4Addr) {
+        let base = u32::from(self.subnet) + index * 4;
+        (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+    }
+
+    fn vm_of(name: &str, v: &LocalVm) -> Vm {
+        let alive = start_time(v.pid) == Some(v.start_time);
+        Vm {
+            name: name.to_string(),
+            id: format!("local://{name}"),
+            state: if alive {
+                VmState::Succeeded
+            } else {
+                VmState::Failed
+            },
+            private_ip: Some(IpAddr::V4(v.ip)),
+            tags: v.tags.clone(),
+        }
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Vm, Error> {
+        let user_data = spec.user_data.as_deref().ok_or_else(|| {
+            err(
+                "create",
+                "a local VM needs user data (the forwarder config)",
+            )
+        })?;
+        let dir = self.vm_dir(&spec.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).map_err(|e| err("creating its directory", e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        std::fs::write(dir.join("user-data"), user_data)
+            .map_err(|e| err("writing user-data", e))?;
+        let used: Vec<u32> = self.all().into_iter().map(|(_, v)| v.index).collect();
+        let index = (0..16000u32)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| Error::Quota("no free local VM slots".into()))?;
+        let (node_ip, vm_ip) = self.addresses(index);
+        let log =
+            File::create(dir.join("forwarder.log")).map_err(|e| err("creating the log", e))?;
+        let log2 = log.try_clone().map_err(|e| err("creating the log", e))?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("forwarder")
+            .arg("--seed")
+            .arg(dir.join("user-data"))
+            .arg("--unshare-net")
+            .arg("--private-run")
+            .arg(dir.join("run"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| err("starting the forwarder", e))?;
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or_else(|| err("starting the forwarder", "no pid"))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.name.clone(), child);
+        // Wait until the child is in its own network namespace.
+        let own = std::fs::read_link("/proc/thread-self/ns/net")
+            .map_err(|e| err("reading our namespace", e))?;
+        let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::read_link(&ns_path) {
+                Ok(l) if l != own => break,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                _ => {
+                    return Err(err(
+                        "starting the forwarder",
+                        format!(
+                            "it did not enter its namespace (see {})",
+                            dir.join("forwarder.log").display()
+                        ),
+                    ));
+                }
+            }
+        }
+        let st =
+            start_time(pid).ok_or_else(|| err("starting the forwarder", "it exited at once"))?;
+        let node_link = format!("sbxl{index}");
+        let peer = format!("sbxp{index}");
+        let node = Netlink::node().await.map_err(|e| err("netlink", e))?;
+        for n in [&node_link, &peer] {
+            if let Some(i) = node.index_of(n).await.map_err(|e| err("netlink", e))? {
+                let _ = node.delete(i).await;
+            }
+        }
+        let rec = LocalVm {
+            index,
+            pid,
+            start_time: st,
+            ip: vm_ip,
+            node_link: node_link.clone(),
+            tags: spec.tags.clone(),
+        };
+        // Recorded before the links exist, so a failure below is cleaned up by delete.
+        std::fs::write(
+            dir.join("vm.json"),
+            serde_json::to_vec(&rec).expect("serialises"),
+        )
+        .map_err(|e| err("writing vm.json", e))?;
+        let li = node
+            .add_veth(&node_link, &peer)
+            .await
+            .map_err(|e| err("veth", e))?;
+        node.add_addr(li, node_ip, 30)
+            .await
+            .map_err(|e| err("veth", e))?;
+        node.up(li).await.map_err(|e| err("veth", e))?;
+        let pi = node
+            .index_of(&peer)
+            .await
+            .map_err(|e| err("veth", e))?
+            .ok_or_else(|| err("veth", "peer vanished"))?;
+        let ns = File::open(&ns_path).map_err(|e| err("opening the VM namespace", e))?;
+        node.move_to(pi, &ns).await.map_err(|e| err("veth", e))?;
+        let vm = Netlink::in_netns(&ns_path)
+            .await
+            .map_err(|e| err("netlink", e))?;
+        let pi = vm
+            .index_of(&peer)
+            .await
+            .map_err(|e| err("veth", e))?
+            .ok_or_else(|| err("veth", "peer not in the VM"))?;
+        vm.configure(pi, "eth0", 1500, None)
+            .await
+            .map_err(|e| err("veth", e))?;
+        vm.add_addr(pi, vm_ip, 30)
+            .await
+            .map_err(|e| err("veth", e))?;
+        vm.up(pi).await.map_err(|e| err("veth", e))?;
+        if let Some(lo) = vm.index_of("lo").await.map_err(|e| err("netlink", e))? {
+            vm.up(lo).await.map_err(|e| err("netlink", e))?;
+        }
+        vm.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(node_ip), pi)
+            .await
+            .map_err(|e| err("default route", e))?;
+        tracing::info!(vm = %spec.name, pid, ip = %vm_ip, "local VM started");
+        Ok(Self::vm_of(&spec.name, &rec))
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), Error> {
+        let dir = self.vm_dir(name);
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(v) = self.read(name) {
+            if start_time(v.pid) == Some(v.start_time) {
+                use nix::sys::signal::{Signal, kill};
+                let pid = nix::unistd::Pid::from_raw(v.pid);
+                let _ = kill(pid, Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while start_time(v.pid) == Some(v.start_time) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if start_time(v.pid) == Some(v.start_time) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+            }
+            if let Some(mut c) = child {
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while start_time(v.pid) == Some(v.start_time) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The veth pair dies with the VM's namespace; remove a leftover node end.
+            if let Ok(node) = Netlink::node().await
+                && let Ok(Some(i)) = node.index_of(&v.node_link).await
+            {
+                let _ = node.delete(i).await;
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err("removing its directory", e)),
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn sizes(&self, names: &[String]) -> Result<Vec<VmSize>, Error> {
+        Ok(names
+            .iter()
+            .map(|n| VmSize {
+                name: n.clone(),
+                vcpus: 1,
+                memory_mib: 1024,
+            })
+            .collect())
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
+        let _g = self.alloc.lock().await;
+        if let Some(v) = self.read(&spec.name)
+            && start_time(v.pid) == Some(v.start_time)
+        {
+            return Ok(Self::vm_of(&spec.name, &v));
+        }
+        match self.start(spec).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let _ = self.stop(&spec.name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Vm>, Error> {
+        Ok(self.read(name).map(|v| Self::vm_of(name, &v)))
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.stop(name).await
+    }
+
+    async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error> {
+        Ok(self
+            .all()
+            .into_iter()
+            .filter(|(_, v)| tags.iter().all(|(k, val)| v.tags.get(k) == Some(val)))
+            .map(|(n, v)| Self::vm_of(&n, &v))
+            .collect())
+    }
+}
+
+/// The path of a local VM's `/run` as seen from the node.
+pub fn run_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name).join("run")
+}

@@ -1,0 +1,146 @@
+//! The forwarder's relay: mTLS listener → kata-agent's unix socket, frame by frame, with
+//! CreateSandbox/CreateContainer rewritten (see [`super::rewrite`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::frame::{self, FrameError};
+
+/// How the relay runs.
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    /// kata-agent's socket.
+    pub agent_socket: PathBuf,
+    /// The namespace path CreateContainer gets.
+    pub netns: String,
+    /// How long a connection waits for the agent socket to accept.
+    pub agent_wait: Duration,
+}
+
+/// Accepts mTLS connections until `shutdown`, relaying each to the agent.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    opts: RelayOptions,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let opts = opts.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused a client: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused a client: TLS handshake timed out");
+                        return;
+                    }
+                };
+            let agent = match dial_agent(&opts.agent_socket, opts.agent_wait, &shutdown).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "no agent to relay to");
+                    return;
+                }
+            };
+            tracing::debug!(%peer, "relaying to the agent");
+            if let Err(e) = relay(tls, agent, Some(opts.netns.as_str())).await {
+                tracing::warn!(%peer, error = %e, kind = e.metric_label(), "relay ended");
+            }
+        });
+    }
+}
+
+/// Connects to the agent socket, retrying until it accepts or `wait` passes.
+pub async fn dial_agent(
+    path: &Path,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("agent socket {}: {e}", path.display()),
+                ));
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Relays frames between `client` and `upstream` until either side ends. With `netns`,
+/// requests from the client are rewritten on the way; everything else passes unchanged.
+pub async fn relay<C, U>(client: C, upstream: U, netns: Option<&str>) -> Result<(), FrameError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = async {
+        while let Some(f) = frame::read_frame(&mut cr).await? {
+            let f = match netns {
+                Some(ns) => match super::rewrite::rewrite(&f, ns) {
+                    Ok(Some(new)) => new,
+                    Ok(None) => f,
+                    Err(e) => {
+                        // The agent answers such a request with its own error.
+                        tracing::warn!(error = %e, "passing a request that cannot be decoded unchanged");
+                        f
+                    }
+                },
+                None => f,
+            };
+            frame::write_frame(&mut uw, &f).await?;
+        }
+        let _ = uw.shutdown().await;
+        Ok::<(), FrameError>(())
+    };
+    let down = async {
+        frame::pump(&mut ur, &mut cw, |f| f).await?;
+        Ok::<(), FrameError>(())
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        r = &mut up => {
+            r?;
+            // The client finished sending; let the answers drain.
+            match tokio::time::timeout(Duration::from_secs(600), down).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+        r = &mut down => r,
+    }
+}

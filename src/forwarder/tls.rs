@@ -1,0 +1,81 @@
+//! Mutual TLS between CAA (client) and the forwarder (server): the forwarder presents the
+//! per-VM server certificate and accepts only clients whose certificate chains to the CAA
+//! CA; CAA checks that the server's certificate names the VM and chains to the same CA.
+
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Errors of building a TLS configuration (never carrying key material).
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup: {0}")]
+pub struct TlsError(pub String);
+
+impl TlsError {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        "tls"
+    }
+}
+
+fn certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let v: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError(format!("{what}: {e}")))?;
+    if v.is_empty() {
+        return Err(TlsError(format!("{what}: no certificate in PEM")));
+    }
+    Ok(v)
+}
+
+fn key(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| TlsError(format!("{what}: not a PEM private key")))
+}
+
+fn roots(pem: &str, what: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs(pem, what)? {
+        store.add(c).map_err(|e| TlsError(format!("{what}: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The forwarder's server configuration: its certificate, and client certificates required
+/// and verified against `client_ca_pem`.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder(roots(client_ca_pem, "tls-client-ca")?)
+        .build()
+        .map_err(|e| TlsError(format!("client verifier: {e}")))?;
+    let cfg = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(cert_pem, "tls-server-cert")?,
+            key(key_pem, "tls-server-key")?,
+        )
+        .map_err(|e| TlsError(format!("server certificate: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+/// CAA's client configuration: trusts `ca_pem` for servers, presents its client certificate.
+pub fn client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots(ca_pem, "CAA CA")?)
+        .with_client_auth_cert(
+            certs(cert_pem, "CAA client certificate")?,
+            key(key_pem, "CAA client key")?,
+        )
+        .map_err(|e| TlsError(format!("client certificate: {e}")))?;
+    Ok(Arc::new(cfg))
+}

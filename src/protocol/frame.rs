@@ -1,0 +1,259 @@
+//! The ttrpc frame codec: a 10-byte header (u32 big-endian payload length, u32 big-endian
+//! stream id, u8 type, u8 flags) followed by the payload, at most 4 MiB. Relays copy frames
+//! without decoding them; [`pump`] moves frames from one stream to another and lets the
+//! caller rewrite the few it must.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 10;
+/// Largest payload ttrpc allows.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Frame type of a request.
+pub const TYPE_REQUEST: u8 = 1;
+/// Frame type of a response.
+pub const TYPE_RESPONSE: u8 = 2;
+/// Frame type of a stream data frame.
+pub const TYPE_DATA: u8 = 3;
+
+/// One ttrpc frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Stream id (odd: client-initiated).
+    pub stream_id: u32,
+    /// One of the `TYPE_*` constants.
+    pub kind: u8,
+    /// Frame flags (remote closed, remote open, no data).
+    pub flags: u8,
+    /// The payload (a protobuf `ttrpc.Request`/`Response`, or stream data).
+    pub payload: Vec<u8>,
+}
+
+/// Errors of reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header announces a payload larger than ttrpc allows.
+    #[error(
+        "malformed ttrpc frame on stream {stream_id}: payload of {len} bytes exceeds the 4 MiB limit"
+    )]
+    TooLarge {
+        /// The stream the frame claims.
+        stream_id: u32,
+        /// The announced length.
+        len: usize,
+    },
+    /// The header has a type ttrpc does not define.
+    #[error("malformed ttrpc frame on stream {stream_id}: unknown frame type {kind}")]
+    UnknownType {
+        /// The stream the frame claims.
+        stream_id: u32,
+        /// The type byte.
+        kind: u8,
+    },
+    /// The connection ended inside a frame.
+    #[error("truncated ttrpc frame: the connection ended after {got} of {want} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes the frame needs.
+        want: usize,
+    },
+    /// Reading or writing failed.
+    #[error("ttrpc connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge { .. } => "frame_too_large",
+            FrameError::UnknownType { .. } => "frame_unknown_type",
+            FrameError::Truncated { .. } => "frame_truncated",
+            FrameError::Io(_) => "io",
+        }
+    }
+
+    /// Whether the peer sent something that is not ttrpc.
+    pub fn is_malformed(&self) -> bool {
+        !matches!(self, FrameError::Io(_))
+    }
+}
+
+/// Parses a header: (payload length, stream id, type, flags), checking length and type.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(usize, u32, u8, u8), FrameError> {
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let stream_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let (kind, flags) = (h[8], h[9]);
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge { stream_id, len });
+    }
+    if !(TYPE_REQUEST..=TYPE_DATA).contains(&kind) {
+        return Err(FrameError::UnknownType { stream_id, kind });
+    }
+    Ok((len, stream_id, kind, flags))
+}
+
+impl Frame {
+    /// The header of this frame.
+    pub fn header(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        h[4..8].copy_from_slice(&self.stream_id.to_be_bytes());
+        h[8] = self.kind;
+        h[9] = self.flags;
+        h
+    }
+
+    /// Header and payload as one buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        v.extend_from_slice(&self.header());
+        v.extend_from_slice(&self.payload);
+        v
+    }
+}
+
+/// Reads one frame; `Ok(None)` when the connection ends cleanly between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut h[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(FrameError::Truncated {
+                got,
+                want: HEADER_LEN,
+            });
+        }
+        got += n;
+    }
+    let (len, stream_id, kind, flags) = parse_header(&h)?;
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = r.read(&mut payload[got..]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                got: HEADER_LEN + got,
+                want: HEADER_LEN + len,
+            });
+        }
+        got += n;
+    }
+    Ok(Some(Frame {
+        stream_id,
+        kind,
+        flags,
+        payload,
+    }))
+}
+
+/// Writes one frame (header and payload in one write).
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), FrameError> {
+    if f.payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            stream_id: f.stream_id,
+            len: f.payload.len(),
+        });
+    }
+    w.write_all(&f.encode()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Copies frames from `r` to `w` until `r` ends, passing each through `rewrite`; returns the
+/// number of frames copied. The writer is shut down when the reader ends.
+pub async fn pump<R, W, F>(r: &mut R, w: &mut W, mut rewrite: F) -> Result<u64, FrameError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    F: FnMut(Frame) -> Frame,
+{
+    let mut n = 0u64;
+    while let Some(f) = read_frame(r).await? {
+        write_frame(w, &rewrite(f)).await?;
+        n += 1;
+    }
+    let _ = w.shutdown().await;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Frame {
+        Frame {
+            stream_id: 7,
+            kind: TYPE_REQUEST,
+            flags: 0,
+            payload: (0..len).map(|i| i as u8).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_with_the_ttrpc_header_layout() {
+        let f = frame(300);
+        let bytes = f.encode();
+        assert_eq!(&bytes[..10], &[0, 0, 1, 44, 0, 0, 0, 7, 1, 0]);
+        let mut r = &bytes[..];
+        assert_eq!(read_frame(&mut r).await.unwrap(), Some(f));
+        assert_eq!(read_frame(&mut r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_its_payload_is_read() {
+        let mut h = frame(0).header();
+        h[0..4].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_be_bytes());
+        let mut r = &h[..];
+        let e = read_frame(&mut r).await.unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { len, .. } if len == MAX_PAYLOAD + 1));
+        assert!(e.to_string().contains("exceeds the 4 MiB limit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unknown_types_and_truncation_are_clear_errors() {
+        let mut h = frame(0).header();
+        h[8] = 9;
+        let e = read_frame(&mut &h[..]).await.unwrap_err();
+        assert!(e.to_string().contains("unknown frame type 9"), "{e}");
+        let bytes = frame(100).encode();
+        let e = read_frame(&mut &bytes[..50]).await.unwrap_err();
+        assert!(
+            matches!(e, FrameError::Truncated { got: 50, want: 110 }),
+            "{e}"
+        );
+        let e = read_frame(&mut &bytes[..4]).await.unwrap_err();
+        assert!(matches!(e, FrameError::Truncated { got: 4, want: 10 }));
+    }
+
+    #[tokio::test]
+    async fn a_pump_copies_frames_byte_for_byte_and_applies_rewrites() {
+        let mut input = Vec::new();
+        for i in 0..5 {
+            let mut f = frame(i * 1000);
+            f.stream_id = i as u32 * 2 + 1;
+            input.extend(f.encode());
+        }
+        let mut out = Vec::new();
+        let n = pump(&mut &input[..], &mut out, |f| f).await.unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(out, input);
+        let mut out = Vec::new();
+        pump(&mut &input[..], &mut out, |mut f| {
+            if f.stream_id == 3 {
+                f.payload = b"new".to_vec();
+            }
+            f
+        })
+        .await
+        .unwrap();
+        let mut r = &out[..];
+        let _ = read_frame(&mut r).await.unwrap();
+        assert_eq!(read_frame(&mut r).await.unwrap().unwrap().payload, b"new");
+    }
+}

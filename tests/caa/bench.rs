@@ -1,0 +1,203 @@
+//! `make bench-caa`: CAA's own cost per pod and its behaviour under 100 concurrent pods.
+//! Skipped unless `SANDBOXD_BENCH_CAA=1`; with `SANDBOXD_BENCH_CAA_OUT=<file>` the results
+//! are appended there as Markdown (the Makefile points it at `docs/BENCHMARKS.md`).
+//!
+//! Overhead of one pod = wall time of CreateVM + StartVM + StopVM as the shim sees it, minus
+//! the time ARM was busy with that pod: the union of the server-side intervals of its
+//! requests and of its two long-running operations (create and delete), as the ARM test
+//! server logged them. What is left is CAA: PeerPod writes, ttrpc, polling lag, the client.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sandboxd::armtest::{self, RequestLog};
+
+use super::{pod, setup_with, start_via, stop_via};
+use crate::harness::Env;
+
+/// Set to run the benchmark.
+pub const ENV: &str = "SANDBOXD_BENCH_CAA";
+const OUT_ENV: &str = "SANDBOXD_BENCH_CAA_OUT";
+/// The `sandboxd` binary the CAA processes run (the Makefile gives the release build).
+pub const BIN_ENV: &str = "SANDBOXD_BENCH_CAA_BIN";
+
+pub fn skip() -> Option<String> {
+    std::env::var(ENV)
+        .is_err()
+        .then(|| format!("benchmark: set {ENV}=1 (make bench-caa)"))
+}
+
+/// Length of the union of `[start, end)` intervals (µs).
+fn union_len(mut iv: Vec<(u64, u64)>) -> u64 {
+    iv.sort_unstable();
+    let mut total = 0;
+    let mut cur: Option<(u64, u64)> = None;
+    for (s, e) in iv {
+        match cur {
+            Some((cs, ce)) if s <= ce => cur = Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                total += ce - cs;
+                cur = Some((s, e));
+            }
+            None => cur = Some((s, e)),
+        }
+    }
+    if let Some((cs, ce)) = cur {
+        total += ce - cs;
+    }
+    total
+}
+
+/// ARM-busy time of one pod's requests (µs).
+fn arm_time(reqs: &[RequestLog], vm: &str, lro: Duration) -> u64 {
+    let lro = lro.as_micros() as u64;
+    let mut iv: Vec<(u64, u64)> = reqs
+        .iter()
+        .filter(|r| r.path.contains("/subscriptions/"))
+        .map(|r| (r.at_micros, r.at_micros + r.micros))
+        .collect();
+    let vm_path = format!("/virtualmachines/{vm}").to_ascii_lowercase();
+    for method in ["PUT", "DELETE"] {
+        if let Some(r) = reqs
+            .iter()
+            .find(|r| r.method == method && r.path.to_ascii_lowercase().ends_with(&vm_path))
+        {
+            iv.push((r.at_micros, r.at_micros + r.micros + lro));
+        }
+    }
+    union_len(iv)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn run(env: Env) -> Result<()> {
+    let mut report = String::new();
+    let profile = if std::env::var_os(BIN_ENV).is_some() {
+        "release CAA binary"
+    } else {
+        "debug CAA binary"
+    };
+
+    // 1. Overhead per pod, pods one after another.
+    let lro = Duration::from_millis(200);
+    let config = armtest::Config {
+        lro_duration: lro,
+        ..Default::default()
+    };
+    let extra = [
+        ("CAA_SWEEP_GRACE_SECONDS", "600".to_string()),
+        ("CAA_MIN_POLL_MS", "10".to_string()),
+        ("RUST_LOG", "warn".to_string()),
+    ];
+    let mut s = setup_with(&env, "", config, &extra).await?;
+    let ns = env.ns.clone();
+    let n = 60;
+    let mut overhead_ms = Vec::new();
+    for i in 0..n {
+        let name = format!("o{i}");
+        let id = format!("{i:08x}0000b0b0");
+        pod(&s.admin, &ns, &name, &s.node).await?;
+        let before = s.arm.requests().len();
+        let t = Instant::now();
+        let vm = start_via(&s.socket, &ns, &name, &id).await?;
+        stop_via(&s.socket, &id).await?;
+        let wall = t.elapsed().as_micros() as u64;
+        let reqs = s.arm.requests()[before..].to_vec();
+        let arm = arm_time(&reqs, &vm, lro);
+        if i >= 5 {
+            // The first pods warm connections and caches.
+            overhead_ms.push(wall.saturating_sub(arm) as f64 / 1000.0);
+        }
+    }
+    overhead_ms.sort_by(f64::total_cmp);
+    let (p50, p99) = (pct(&overhead_ms, 0.5), pct(&overhead_ms, 0.99));
+
+    // 2. 100 concurrent pods vs one, ARM operations taking 2 s, production manners.
+    let lro = Duration::from_secs(2);
+    s.arm.set_config(|c| {
+        c.lro_duration = lro;
+        c.lro_retry_after_secs = 1;
+    });
+    s.envs.retain(|(k, _)| *k != "CAA_MIN_POLL_MS");
+    s.envs.push(("CAA_MIN_POLL_MS", "1000".to_string()));
+    s.crash_and_restart().await?;
+    let phase = |k: usize| {
+        let s = &s;
+        let ns = ns.clone();
+        async move {
+            for i in 0..k {
+                pod(&s.admin, &ns, &format!("c{k}-{i}"), &s.node).await?;
+            }
+            let t = Instant::now();
+            let all = futures::future::join_all((0..k).map(|i| {
+                let (socket, ns) = (s.socket.clone(), ns.clone());
+                async move {
+                    start_via(
+                        &socket,
+                        &ns,
+                        &format!("c{k}-{i}"),
+                        &format!("{i:08x}{k:08x}"),
+                    )
+                    .await
+                }
+            }))
+            .await;
+            let create = t.elapsed();
+            for r in all {
+                r?;
+            }
+            let t = Instant::now();
+            let all = futures::future::join_all((0..k).map(|i| {
+                let socket = s.socket.clone();
+                async move { stop_via(&socket, &format!("{i:08x}{k:08x}")).await }
+            }))
+            .await;
+            let delete = t.elapsed();
+            for r in all {
+                r?;
+            }
+            Ok::<(Duration, Duration), anyhow::Error>((create, delete))
+        }
+    };
+    let (c1, d1) = phase(1).await?;
+    // Let the token buckets refill before the burst.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (c100, d100) = phase(100).await?;
+    let throttled = s.arm.requests().iter().filter(|r| r.status == 429).count();
+    let line = |a: Duration| format!("{:.2} s", a.as_secs_f64());
+    report.push_str(&format!(
+        "\n## CAA (`make bench-caa`, {profile} build)\n\n\
+         Reproduce: `make bench-caa` (builds the release binary and runs \
+         `caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one` with \
+         `SANDBOXD_BENCH_CAA=1`; 2 shared cores, the API server on loopback).\n\n\
+         | measure | result | goal |\n|---|---|---|\n\
+         | CAA overhead per pod (CreateVM+StartVM+StopVM wall time minus ARM-busy time), p50 | {p50:.1} ms | |\n\
+         | CAA overhead per pod, p99 ({} pods, ARM operations 200 ms, polling 10 ms) | {p99:.1} ms | ≤ 50 ms |\n\
+         | 1 pod, ARM operations 2 s: create / delete | {} / {} | |\n\
+         | 100 concurrent pods: create / delete | {} / {} | |\n\
+         | ratio 100 / 1: create / delete | {:.2} / {:.2} | ≤ 1.2 |\n\
+         | 429s ARM answered during the run | {throttled} | |\n\n\
+         The concurrent run uses production manners: token buckets of 250 reads (25/s) and \
+         200 writes (10/s) per subscription, polling at the operation's `Retry-After` (1 s).\n",
+        overhead_ms.len(),
+        line(c1),
+        line(d1),
+        line(c100),
+        line(d100),
+        c100.as_secs_f64() / c1.as_secs_f64(),
+        d100.as_secs_f64() / d1.as_secs_f64(),
+    ));
+    eprintln!("{report}");
+    if let Ok(path) = std::env::var(OUT_ENV) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(report.as_bytes())?;
+    }
+    Ok(())
+}
