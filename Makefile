@@ -75,3 +75,11 @@ bench-caa:
 	SANDBOXD_BENCH_CAA=1 SANDBOXD_BENCH_CAA_BIN=$(abspath $(TARGET_DIR))/release/sandboxd \
 		SANDBOXD_BENCH_CAA_OUT=$(abspath docs/BENCHMARKS.md) \
 		$(CARGO) test --locked --test integration -- caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one --exact
+
+# Benchmark of the pod data path (docs/BENCHMARKS.md): small-call latency and 1 MiB message
+# throughput through CAA's agent relay + mTLS + the forwarder relay vs a direct unix socket
+# and a plain TLS echo over loopback. The relays run in the (release) test binary.
+.PHONY: bench-relay
+bench-relay:
+	SANDBOXD_BENCH_RELAY=1 $(CARGO) test --release --locked --test integration -- \
+		datapath::bench_relay_latency_and_throughput_vs_direct_socket --exact --nocapture

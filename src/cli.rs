@@ -13,9 +13,6 @@ pub struct Cli {
     /// Logging flags, shared by every subcommand.
     #[command(flatten)]
     pub log: LogArgs,
-    /// Enter this network namespace before starting (tests run components in namespaces).
-    #[arg(long, global = true, hide = true)]
-    pub netns: Option<std::path::PathBuf>,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,

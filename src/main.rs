@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Command::Forwarder(a) => (a.unshare_net, a.private_run.as_deref()),
         _ => (false, None),
     };
-    if let Err(e) = sandboxd::forwarder::ns::enter(cli.netns.as_deref(), unshare_net, private_run) {
+    if let Err(e) = sandboxd::forwarder::ns::enter(unshare_net, private_run) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use sandboxd::api::peerpod::PeerPod;
@@ -282,8 +282,8 @@ impl NodeCaa {
 }
 
 /// A kubeconfig of a ServiceAccount bound to the ClusterRole of `deploy/caa/rbac.yaml`
-/// (under a per-test name).
-async fn caa_kubeconfig(env: &Env, admin: &Client) -> Result<PathBuf> {
+/// (under a per-test name) and to its namespaced Roles (in the test namespace).
+pub(crate) async fn caa_kubeconfig(env: &Env, admin: &Client) -> Result<PathBuf> {
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/caa/rbac.yaml"),
     )?;
@@ -315,6 +315,31 @@ async fn caa_kubeconfig(env: &Env, admin: &Client) -> Result<PathBuf> {
             &Patch::Apply(&binding),
         )
         .await?;
+    for doc in docs.iter().filter(|d| d["kind"] == "Role") {
+        let mut role: Role = serde_json::from_value(doc.clone())?;
+        role.metadata.namespace = Some(env.ns.clone());
+        let role_name = role.metadata.name.clone().context("Role name")?;
+        Api::<Role>::namespaced(admin.clone(), &env.ns)
+            .patch(
+                &role_name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&role),
+            )
+            .await?;
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": role_name, "namespace": env.ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name},
+            "subjects": [{"kind": "ServiceAccount", "name": "sandboxd-caa", "namespace": env.ns}]
+        }))?;
+        Api::<RoleBinding>::namespaced(admin.clone(), &env.ns)
+            .patch(
+                &role_name,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&binding),
+            )
+            .await?;
+    }
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), &env.ns);
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "sandboxd-caa"}}))?;
     let _ = sas.create(&PostParams::default(), &sa).await;

@@ -3,6 +3,7 @@
 //! with their VXLAN tunnel, driven through the hypervisor API of a real CAA process.
 
 mod agent;
+mod bench;
 mod e2e;
 
 use std::sync::Arc;
@@ -33,6 +34,11 @@ pub fn cases() -> Vec<Case> {
             "datapath::malformed_frames_close_the_connection_with_nothing_forwarded",
             |_env| malformed_frames(),
         ),
+        Case::plain(
+            "datapath::bench_relay_latency_and_throughput_vs_direct_socket",
+            |_env| bench::run(),
+        )
+        .skip_if(bench::skip()),
     ];
     v.extend(e2e::cases());
     v

@@ -7,6 +7,7 @@ mod datapath;
 #[allow(dead_code)]
 mod harness;
 mod operator;
+mod peerpods;
 mod smoke;
 mod static_binary;
 mod webhook;
@@ -123,6 +124,7 @@ fn main() {
         static_binary::cases(),
         webhook::cases(),
         operator::cases(),
+        peerpods::cases(),
         caa::cases(),
         datapath::cases(),
     ]

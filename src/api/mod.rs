@@ -3,6 +3,7 @@
 
 pub mod kataconfig;
 pub mod peerpod;
+pub mod peerpodconfig;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -12,6 +13,7 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     let mut crds = Vec::new();
     crds.extend(kataconfig::crds());
     crds.extend(peerpod::crds());
+    crds.extend(peerpodconfig::crds());
     crds
 }
 

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::arm_error;
 use super::store::{Inner, Op, Store, Vm, rfc3339};
+use crate::cloud::Provider;
 
 /// API versions of `Microsoft.Compute/virtualMachines` this server understands.
 const VM_API_VERSIONS: &[&str] = &["2023-09-01", "2024-03-01", "2024-07-01", "2024-11-01"];
@@ -31,6 +32,122 @@ pub(crate) async fn route(
     query: &[(String, String)],
     api_version: &str,
     body: Bytes,
+) -> Response {
+    let Some(local) = store.local.clone() else {
+        return route_locked(store, base, method, segs, query, api_version, body, None);
+    };
+    let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let vm_path = l.len() == 8
+        && l[0] == "subscriptions"
+        && l[2] == "resourcegroups"
+        && l[4] == "providers"
+        && l[5] == "microsoft.compute"
+        && l[6] == "virtualmachines"
+        && VM_API_VERSIONS.contains(&api_version);
+    if !vm_path {
+        return route_locked(store, base, method, segs, query, api_version, body, None);
+    }
+    let name = segs[7].clone();
+    let key = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+        segs[1], segs[3], segs[7]
+    )
+    .to_ascii_lowercase();
+    let exists = store.lock().vms.contains_key(&key);
+    match *method {
+        // A new VM: its local VM first (outside the store lock), then the record.
+        Method::PUT if !exists => {
+            let ip = match start_local_vm(&local, &name, &body).await {
+                Ok(ip) => ip,
+                Err(r) => return r,
+            };
+            let resp = route_locked(
+                store,
+                base,
+                method,
+                segs,
+                query,
+                api_version,
+                body,
+                Some(ip),
+            );
+            if !resp.status().is_success() {
+                let _ = local.delete(&name).await;
+            }
+            resp
+        }
+        Method::DELETE => {
+            if let Err(e) = local.delete(&name).await {
+                return arm_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerError",
+                    format!("deleting the local VM: {e}"),
+                );
+            }
+            route_locked(store, base, method, segs, query, api_version, body, None)
+        }
+        _ => route_locked(store, base, method, segs, query, api_version, body, None),
+    }
+}
+
+/// Starts the local VM backing `name` from the base64 `userData` of a VM PUT body; returns
+/// its address.
+async fn start_local_vm(
+    local: &crate::cloud::local::LocalProvider,
+    name: &str,
+    body: &Bytes,
+) -> Result<String, Response> {
+    let req = parse_body(body)?;
+    let user_data = req["properties"]["userData"]
+        .as_str()
+        .and_then(|ud| base64::engine::general_purpose::STANDARD.decode(ud).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| bad("InvalidParameter", "a local VM needs base64 userData"))?;
+    let tags = req["tags"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = crate::cloud::VmSpec {
+        name: name.to_string(),
+        size: req["properties"]["hardwareProfile"]["vmSize"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        image_id: String::new(),
+        user_data: Some(user_data),
+        ssh_public_key: None,
+        tags,
+    };
+    let vm = local.create(&spec).await.map_err(|e| {
+        arm_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            format!("starting the local VM: {e}"),
+        )
+    })?;
+    vm.private_ip.map(|ip| ip.to_string()).ok_or_else(|| {
+        arm_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "the local VM has no address",
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route_locked(
+    store: &Arc<Store>,
+    base: &str,
+    method: &Method,
+    segs: &[String],
+    query: &[(String, String)],
+    api_version: &str,
+    body: Bytes,
+    local_ip: Option<String>,
 ) -> Response {
     let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = l.iter().map(String::as_str).collect();
@@ -148,7 +265,7 @@ pub(crate) async fn route(
                                 not_found("Microsoft.Compute/virtualMachines", &segs[7], &segs[3])
                             }
                         },
-                        Method::PUT => put_vm(&mut g, base, api_version, &id, segs, body),
+                        Method::PUT => put_vm(&mut g, base, api_version, &id, segs, body, local_ip),
                         Method::DELETE => delete_vm(&mut g, base, api_version, &id, segs),
                         _ => method_not_allowed(),
                     }
@@ -401,6 +518,7 @@ fn put_vm(
     id: &str,
     segs: &[String],
     body: Bytes,
+    local_ip: Option<String>,
 ) -> Response {
     let key = id.to_ascii_lowercase();
     let req = match parse_body(&body) {
@@ -490,9 +608,14 @@ fn put_vm(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "10.0.0.0/24".into());
-    let n = g.next_ip.entry(subnet_id.to_ascii_lowercase()).or_insert(3);
-    *n += 1;
-    let ip = ip_in(&prefix, *n);
+    let ip = match local_ip {
+        Some(ip) => ip,
+        None => {
+            let n = g.next_ip.entry(subnet_id.to_ascii_lowercase()).or_insert(3);
+            *n += 1;
+            ip_in(&prefix, *n)
+        }
+    };
     let op = g.next_id();
     let disk_name = format!("{}_OsDisk_1_{}", segs[7], &op[..8]);
     let disk_id = format!(

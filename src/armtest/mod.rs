@@ -60,6 +60,21 @@ pub struct Config {
     pub reads_per_second: u32,
     /// Regional core quota; a create beyond it fails with `OperationNotAllowed`.
     pub core_quota: Option<u32>,
+    /// Back every created VM with a local pod VM (`CLOUD_PROVIDER=local`'s kind), started
+    /// from the request's `userData`; its address becomes the NIC's private IP. Deleting
+    /// the VM (or [`Handle::delete_local_vms`]) deletes it. `None`: VMs are records only.
+    pub local_vms: Option<LocalVms>,
+}
+
+/// Where and how the server runs local pod VMs (see [`Config::local_vms`]).
+#[derive(Clone, Debug)]
+pub struct LocalVms {
+    /// State directory of the local VMs.
+    pub dir: std::path::PathBuf,
+    /// First address of the /16 the VM links are taken from.
+    pub subnet: std::net::Ipv4Addr,
+    /// The `sandboxd` executable started as `<exe> forwarder ...` for each VM.
+    pub exe: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -86,6 +101,7 @@ impl Default for Config {
             writes_per_second: 0,
             reads_per_second: 0,
             core_quota: None,
+            local_vms: None,
         }
     }
 }
@@ -192,6 +208,23 @@ impl Handle {
         (subnet, nsg, image)
     }
 
+    /// Deletes every local pod VM the server started (see [`Config::local_vms`]).
+    pub async fn delete_local_vms(&self) {
+        let Some(local) = self.store.local.clone() else {
+            return;
+        };
+        use crate::cloud::Provider;
+        let all = local
+            .list_owned(&std::collections::BTreeMap::new())
+            .await
+            .unwrap_or_default();
+        for vm in all {
+            if let Err(e) = local.delete(&vm.name).await {
+                tracing::warn!(vm = %vm.name, error = %e, "deleting a local VM");
+            }
+        }
+    }
+
     /// The request body last sent for the VM `name`, as ARM received it.
     pub fn vm_request(&self, name: &str) -> Option<Value> {
         self.store.vm_request(name)
@@ -244,6 +277,14 @@ pub struct Args {
     /// Region of the seeded setup.
     #[arg(long, default_value = "eastus")]
     pub seed_region: String,
+    /// Back each created VM with a local pod VM (a `sandboxd forwarder` in its own network
+    /// namespace, as `CLOUD_PROVIDER=local` runs them) kept in this state directory; the
+    /// VM's NIC gets the local VM's address. Needs root. Deleted with the VM and on exit.
+    #[arg(long)]
+    pub local_vms: Option<std::path::PathBuf>,
+    /// First address of the /16 local VM links are taken from.
+    #[arg(long, default_value = "10.250.0.0")]
+    pub local_vm_subnet: std::net::Ipv4Addr,
 }
 
 /// Runs the ARM test server until a signal arrives.
@@ -252,6 +293,14 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
         lro_duration: Duration::from_millis(args.lro_ms),
         latency: Duration::from_millis(args.latency_ms),
         lro_retry_after_secs: 1,
+        local_vms: match &args.local_vms {
+            Some(dir) => Some(LocalVms {
+                dir: dir.clone(),
+                subnet: args.local_vm_subnet,
+                exe: std::env::current_exe()?,
+            }),
+            None => None,
+        },
         ..Config::default()
     };
     let (addr, handle, task) = serve(args.addr, config, shutdown).await?;
@@ -270,6 +319,7 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
     }
     tracing::info!(%addr, "ARM test server listening");
     let _ = task.await;
+    handle.delete_local_vms().await;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The server's state: resources, VMs and their operations, tokens, faults, the request log.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
@@ -142,13 +142,23 @@ impl Inner {
 
 pub(crate) struct Store {
     pub inner: Mutex<Inner>,
+    /// Local pod VMs backing created VMs, when configured.
+    pub local: Option<Arc<crate::cloud::local::LocalProvider>>,
     /// When the server started (the origin of [`RequestLog::at_micros`]).
     pub started: Instant,
 }
 
 impl Store {
     pub fn new(config: Config) -> Self {
+        let local = config.local_vms.as_ref().map(|l| {
+            Arc::new(crate::cloud::local::LocalProvider::new(
+                l.dir.clone(),
+                l.subnet,
+                l.exe.clone(),
+            ))
+        });
         Self {
+            local,
             inner: Mutex::new(Inner {
                 config,
                 tokens: HashSet::new(),

@@ -106,7 +106,7 @@ pub struct Args {
 
 /// Enters the namespaces the flags ask for; call before any thread starts.
 pub fn enter_namespaces(args: &Args) -> Result<(), String> {
-    ns::enter(None, args.unshare_net, args.private_run.as_deref())
+    ns::enter(args.unshare_net, args.private_run.as_deref())
 }
 
 /// Loads the configuration from the first source available.

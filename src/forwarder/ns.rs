@@ -1,25 +1,15 @@
 //! Entering namespaces at process start, before any thread exists (mount namespaces can only
 //! be unshared by a single-threaded process). Used by local pod VMs (`forwarder
-//! --unshare-net --private-run DIR`) and by the hidden global `--netns PATH`.
+//! --unshare-net --private-run DIR`).
 
-use std::fs::File;
 use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 
-/// Enters the network namespace at `netns`, then a new network namespace when
-/// `unshare_net`, then a new mount namespace whose `/run` is `private_run`.
-pub fn enter(
-    netns: Option<&Path>,
-    unshare_net: bool,
-    private_run: Option<&Path>,
-) -> Result<(), String> {
-    if let Some(p) = netns {
-        let f = File::open(p).map_err(|e| format!("opening {}: {e}", p.display()))?;
-        setns(&f, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering network namespace {}: {e}", p.display()))?;
-    }
+/// Enters a new network namespace when `unshare_net`, then a new mount namespace whose
+/// `/run` is `private_run`.
+pub fn enter(unshare_net: bool, private_run: Option<&Path>) -> Result<(), String> {
     if unshare_net {
         unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("new network namespace: {e}"))?;
     }

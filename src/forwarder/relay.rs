@@ -99,6 +99,9 @@ pub async fn dial_agent(
     }
 }
 
+/// Read buffer of each direction of a relayed connection.
+const READ_BUFFER: usize = 64 << 10;
+
 /// Relays frames between `client` and `upstream` until either side ends. With `netns`,
 /// requests from the client are rewritten on the way; everything else passes unchanged.
 pub async fn relay<C, U>(client: C, upstream: U, netns: Option<&str>) -> Result<(), FrameError>
@@ -106,8 +109,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (cr, mut cw) = tokio::io::split(client);
+    let (ur, mut uw) = tokio::io::split(upstream);
+    // Header and payload of a small frame in one read call.
+    let mut cr = tokio::io::BufReader::with_capacity(READ_BUFFER, cr);
+    let mut ur = tokio::io::BufReader::with_capacity(READ_BUFFER, ur);
     let up = async {
         while let Some(f) = frame::read_frame(&mut cr).await? {
             let f = match netns {

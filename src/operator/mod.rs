@@ -12,6 +12,7 @@ pub mod names;
 pub mod node_install;
 pub mod nodes;
 pub mod peerpod_gc;
+pub mod peerpods;
 pub mod runtimeclass;
 
 use std::net::SocketAddr;
@@ -173,13 +174,13 @@ pub async fn run_operator(
     let gc = peerpod_gc::Options::new(opts.namespace.clone());
     match opts.leader.clone() {
         None => {
-            let kc = kataconfig::run(client.clone(), kc_opts, metrics, shutdown.clone());
+            let kc = peerpods::with_kataconfig(client.clone(), kc_opts, metrics, shutdown.clone());
             Ok(peerpod_gc::alongside(client, gc, shutdown, kc).await?)
         }
         Some(cfg) => {
             let c = client.clone();
             let inner = leader::run_as_leader(client, cfg, shutdown, move |token| {
-                let kc = kataconfig::run(c.clone(), kc_opts, metrics, token.clone());
+                let kc = peerpods::with_kataconfig(c.clone(), kc_opts, metrics, token.clone());
                 peerpod_gc::alongside(c, gc, token, kc)
             })
             .await?;

@@ -152,7 +152,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     }))
 }
 
-/// Writes one frame (header and payload in one write).
+/// Writes one frame: header and payload in one write when small; a large payload is
+/// written after its header without being copied.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), FrameError> {
     if f.payload.len() > MAX_PAYLOAD {
         return Err(FrameError::TooLarge {
@@ -160,7 +161,12 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
             len: f.payload.len(),
         });
     }
-    w.write_all(&f.encode()).await?;
+    if f.payload.len() > 16 << 10 {
+        w.write_all(&f.header()).await?;
+        w.write_all(&f.payload).await?;
+    } else {
+        w.write_all(&f.encode()).await?;
+    }
     w.flush().await?;
     Ok(())
 }

@@ -190,7 +190,10 @@ async fn install_and_uninstall(env: &Env) -> Result<()> {
         kata_toml.contains("enable_debug = true"),
         "logLevel debug must turn on the runtime's debug output"
     );
-    let pool = pools(&f.admin).get(POOL).await?;
+    let pool = eventually("the MachineConfigPool", WAIT, || async {
+        Ok(pools(&f.admin).get_opt(POOL).await?)
+    })
+    .await?;
     ensure!(pool.data["spec"]["nodeSelector"]["matchLabels"][LABEL_KATA] == "");
     for n in [&a, &b] {
         f.wait_node(n, "kata label", |l| {

@@ -125,7 +125,14 @@ impl Writes {
                 Api::all(admin.clone()),
                 watcher::Config::default().labels("sandboxd.test/fake-node=true"),
                 "Node",
-                Box::new(rv),
+                // The controller manager's TTL controller annotates nodes as the cluster
+                // grows; everything else on a fake node's metadata is the operator's or
+                // the test's.
+                Box::new(|n: &Node| {
+                    let mut anns = n.metadata.annotations.clone().unwrap_or_default();
+                    anns.remove("node.alpha.kubernetes.io/ttl");
+                    Some(format!("{:?} {anns:?}", n.metadata.labels))
+                }),
                 s(),
                 t(),
             ),

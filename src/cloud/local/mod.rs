@@ -82,7 +82,8 @@ impl LocalProvider {
     }
 
     /// From `LOCAL_VM_DIR` and `LOCAL_VM_SUBNET` (the first address of a /16), running this
-    /// executable.
+    /// executable (or `LOCAL_VM_FORWARDER`, another build of it, started as
+    /// `<exe> forwarder ...`) as each VM.
     pub fn from_env() -> Result<Self, Error> {
         let dir = std::env::var("LOCAL_VM_DIR").unwrap_or_else(|_| DEFAULT_DIR.into());
         let subnet = match std::env::var("LOCAL_VM_SUBNET") {
@@ -94,7 +95,10 @@ impl LocalProvider {
                 .map_err(|e| err("LOCAL_VM_SUBNET", e))?,
             Err(_) => DEFAULT_SUBNET,
         };
-        let exe = std::env::current_exe().map_err(|e| err("finding sandboxd", e))?;
+        let exe = match std::env::var_os("LOCAL_VM_FORWARDER") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe().map_err(|e| err("finding sandboxd", e))?,
+        };
         Ok(Self::new(dir.into(), subnet, exe))
     }
 

@@ -95,6 +95,9 @@ struct Ctx {
     mco: Option<McoStores>,
     metrics: Arc<OperatorMetrics>,
     recorder: Recorder,
+    /// KataConfigs (by uid) whose uninstall finished: a pass on a store that has not yet
+    /// seen them go must not start over (it would label nodes again).
+    finished: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct McoStores {
@@ -159,13 +162,15 @@ pub async fn run(
     );
     spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
 
+    // Node metadata without managedFields (the bulk of it, and never read).
     let (nodes, w) = reflector::store();
     let s = reflector::reflector(
         w,
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             wc.clone(),
-        ),
+        )
+        .modify(|n| n.managed_fields_mut().clear()),
     );
     spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
 
@@ -255,6 +260,7 @@ pub async fn run(
         mco,
         metrics,
         recorder,
+        finished: Default::default(),
     };
     tracing::info!("KataConfig controller started");
     let mut backoff = Duration::from_millis(500);
@@ -298,6 +304,10 @@ fn min_requeue(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 
 async fn reconcile_all(ctx: &Ctx) -> Result<Option<Duration>, Error> {
     let mut kcs = ctx.kcs.state();
+    {
+        let finished = ctx.finished.lock().unwrap_or_else(|e| e.into_inner());
+        kcs.retain(|k| k.uid().is_none_or(|u| !finished.contains(&u)));
+    }
     // The oldest KataConfig is the active one; any other is ignored and marked.
     kcs.sort_by(|a, b| {
         let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
@@ -540,61 +550,82 @@ async fn uninstall(
     }
     let api: Api<KataConfig> = Api::all(ctx.client.clone());
     apply::remove_finalizer(&api, kc, FINALIZER).await?;
+    if let Some(uid) = kc.uid() {
+        ctx.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid);
+    }
     tracing::info!(kataconfig = %kc.name_any(), "uninstall finished");
     Ok(None)
 }
 
+/// How many node writes are in flight at once (one reconcile may label a thousand nodes).
+const NODE_WRITES_IN_FLIGHT: usize = 16;
+
 async fn apply_node_actions(ctx: &Ctx, actions: &[(String, NodeAction)]) -> Result<(), Error> {
     let api: Api<Node> = Api::all(ctx.client.clone());
-    for (name, action) in actions {
-        // OpenShift: the kata label alone moves a node into the kata pool and removing it
-        // moves the node back to the worker pool; elsewhere the installer follows
-        // `node-install`.
-        let labels = match (action, ctx.mco.is_some()) {
-            (NodeAction::Install, true) => Some(json!({LABEL_KATA: ""})),
-            (NodeAction::Install, false) => {
-                Some(json!({LABEL_KATA: "", LABEL_NODE_INSTALL: INSTALL}))
-            }
-            (NodeAction::Uninstall, false) => Some(json!({LABEL_NODE_INSTALL: UNINSTALL})),
-            (NodeAction::Uninstall, true) | (NodeAction::Clean, _) => None,
-        };
-        let result = match labels {
-            Some(labels) => {
-                let body = json!({"apiVersion": "v1", "kind": "Node",
+    let api = &api;
+    futures::stream::iter(actions.iter().cloned())
+        .map(|(name, action)| async move { apply_node_action(ctx, api, &name, &action).await })
+        .buffer_unordered(NODE_WRITES_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn apply_node_action(
+    ctx: &Ctx,
+    api: &Api<Node>,
+    name: &str,
+    action: &NodeAction,
+) -> Result<(), Error> {
+    // OpenShift: the kata label alone moves a node into the kata pool and removing it
+    // moves the node back to the worker pool; elsewhere the installer follows
+    // `node-install`.
+    let labels = match (action, ctx.mco.is_some()) {
+        (NodeAction::Install, true) => Some(json!({LABEL_KATA: ""})),
+        (NodeAction::Install, false) => Some(json!({LABEL_KATA: "", LABEL_NODE_INSTALL: INSTALL})),
+        (NodeAction::Uninstall, false) => Some(json!({LABEL_NODE_INSTALL: UNINSTALL})),
+        (NodeAction::Uninstall, true) | (NodeAction::Clean, _) => None,
+    };
+    let result = match labels {
+        Some(labels) => {
+            let body = json!({"apiVersion": "v1", "kind": "Node",
                                   "metadata": {"name": name, "labels": labels}});
-                apply::apply_json(&api, name, FIELD_MANAGER, body)
-                    .await
-                    .map(|_| ())
-            }
-            None => {
-                let manager = PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                };
-                let body = json!({"metadata": {
-                    "labels": {LABEL_KATA: null, LABEL_NODE_INSTALL: null},
-                    "annotations": {ANN_STATE: null, ANN_MESSAGE: null, ANN_CONFIG: null},
-                }});
-                api.patch(name, &manager, &Patch::Merge(&body))
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| apply::Error::Api {
-                        verb: "cleaning",
-                        kind: "Node".into(),
-                        name: name.clone(),
-                        source,
-                    })
-            }
-        };
-        match result {
-            Ok(()) => {
-                ctx.metrics.node_write();
-                tracing::debug!(node = %name, ?action, "node updated");
-            }
-            // A node that vanished needs nothing any more.
-            Err(apply::Error::Api { source, .. }) if is_not_found(&source) => {}
-            Err(e) => return Err(e.into()),
+            apply::apply_json(api, name, FIELD_MANAGER, body)
+                .await
+                .map(|_| ())
         }
+        None => {
+            let manager = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            let body = json!({"metadata": {
+                "labels": {LABEL_KATA: null, LABEL_NODE_INSTALL: null},
+                "annotations": {ANN_STATE: null, ANN_MESSAGE: null, ANN_CONFIG: null},
+            }});
+            api.patch(name, &manager, &Patch::Merge(&body))
+                .await
+                .map(|_| ())
+                .map_err(|source| apply::Error::Api {
+                    verb: "cleaning",
+                    kind: "Node".into(),
+                    name: name.to_string(),
+                    source,
+                })
+        }
+    };
+    match result {
+        Ok(()) => {
+            ctx.metrics.node_write();
+            tracing::debug!(node = %name, ?action, "node updated");
+        }
+        // A node that vanished needs nothing any more.
+        Err(apply::Error::Api { source, .. }) if is_not_found(&source) => {}
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

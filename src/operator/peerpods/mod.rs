@@ -1,0 +1,569 @@
+//! The peer-pods controller: with `enablePeerPods: true` on the KataConfig it keeps the
+//! default `PeerPodConfig`, makes every node its `nodeSelector` matches advertise
+//! `kata.peerpods.io/vm` = limit (the scheduler then never places more peer pods on a node
+//! than its limit), and reports whether the user's secret, configmap and ssh key secret
+//! are valid. With peer pods off, or the KataConfig deleted, the resource leaves every node.
+//!
+//! The secrets and the configmap are read by name in the operator namespace on every pass
+//! (no Secret cache); nodes, KataConfigs and PeerPodConfigs are watched.
+
+pub mod caa;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use self::plan::{ConfigInputs, NodeAction, NodeView};
+use crate::api::kataconfig::KataConfig;
+use crate::api::peerpodconfig::{
+    CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, DEFAULT_NAME, PeerPodConfig,
+    PeerPodConfigSpec, PeerPodConfigStatus, SSH_KEY_SECRET, VM_RESOURCE,
+};
+use crate::k8s::{apply, conditions};
+
+/// How often the user's secret and configmap are re-read while peer pods are on.
+const CONFIG_RECHECK: Duration = Duration::from_secs(5);
+
+/// Reasons of the PeerPodConfig conditions.
+pub mod reasons {
+    /// The limit is advertised by every selected node.
+    pub const APPLIED: &str = "Applied";
+    /// `spec.limit` is not a non-negative integer; nodes were left unchanged.
+    pub const INVALID_LIMIT: &str = "InvalidLimit";
+    /// The secret, configmap and ssh key secret are valid.
+    pub const VALID: &str = "Valid";
+    /// A key is missing or invalid, or an object is missing; the message names each.
+    pub const INVALID_CONFIG: &str = "InvalidConfig";
+}
+
+/// Errors of the peer-pods controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A write or read failed.
+    #[error(transparent)]
+    Apply(#[from] apply::Error),
+    /// A read by name failed.
+    #[error("reading {kind} {name}: {source}")]
+    Read {
+        /// The kind read.
+        kind: &'static str,
+        /// The object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Creating the default PeerPodConfig failed.
+    #[error("creating PeerPodConfig {DEFAULT_NAME}: {0}")]
+    Create(#[source] kube::Error),
+    /// Patching a node's status failed.
+    #[error("patching the status of node {node}: {source}")]
+    NodeStatus {
+        /// The node.
+        node: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Apply(e) => e.metric_label(),
+            Error::Read { .. } => "read",
+            Error::Create(_) => "create",
+            Error::NodeStatus { .. } => "node_status",
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    namespace: String,
+    image: String,
+    kcs: Store<KataConfig>,
+    ppcs: Store<PeerPodConfig>,
+    nodes: Store<Node>,
+    recorder: Recorder,
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    notify: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+    let (notify, shutdown) = (notify.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = stream.next() => match ev {
+                    Some(Ok(_)) => notify.notify_one(),
+                    Some(Err(e)) => tracing::debug!(error = %e, "peer-pods watch error (retrying)"),
+                    None => break,
+                },
+            }
+        }
+    });
+    store
+}
+
+/// Runs `work` with the peer-pods controller beside it (stopped when `work` ends).
+pub async fn alongside<F, T>(
+    client: Client,
+    namespace: String,
+    image: String,
+    instance: String,
+    shutdown: CancellationToken,
+    work: F,
+) -> T
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let token = shutdown.child_token();
+    let ctl = tokio::spawn(run(client, namespace, image, instance, token.clone()));
+    let out = work.await;
+    token.cancel();
+    let _ = ctl.await;
+    out
+}
+
+/// Runs the peer-pods controller until `shutdown`. Errors are retried with backoff, never
+/// returned: peer pods must not stop the KataConfig controller.
+pub async fn run(
+    client: Client,
+    namespace: String,
+    image: String,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let notify = Arc::new(Notify::new());
+    let wc = watcher::Config::default();
+    let kcs = spawn_reflector(Api::all(client.clone()), wc.clone(), &notify, &shutdown);
+    let ppcs = spawn_reflector(
+        Api::namespaced(client.clone(), &namespace),
+        wc.clone(),
+        &notify,
+        &shutdown,
+    );
+    let nodes = spawn_reflector(Api::all(client.clone()), wc, &notify, &shutdown);
+    for ready in [
+        Box::pin(kcs.wait_until_ready()) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>,
+        Box::pin(ppcs.wait_until_ready()),
+        Box::pin(nodes.wait_until_ready()),
+    ] {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = ready => if r.is_err() { return },
+        }
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "sandboxd-operator".into(),
+            instance: Some(instance),
+        },
+    );
+    let ctx = Ctx {
+        client,
+        namespace,
+        image,
+        kcs,
+        ppcs,
+        nodes,
+        recorder,
+    };
+    tracing::info!("peer-pods controller started");
+    let mut backoff = Duration::from_millis(500);
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match reconcile(&ctx).await {
+            Ok(next) => {
+                backoff = Duration::from_millis(500);
+                wait = next;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "peer-pods reconcile failed; retrying");
+                wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The KataConfig in force: the oldest one, when it is not being deleted.
+fn active_kataconfig(ctx: &Ctx) -> Option<Arc<KataConfig>> {
+    let mut kcs = ctx.kcs.state();
+    kcs.sort_by(|a, b| {
+        (a.metadata.creation_timestamp.clone(), a.name_any())
+            .cmp(&(b.metadata.creation_timestamp.clone(), b.name_any()))
+    });
+    kcs.into_iter()
+        .next()
+        .filter(|kc| kc.metadata.deletion_timestamp.is_none())
+}
+
+fn node_views(ctx: &Ctx) -> Vec<NodeView> {
+    ctx.nodes
+        .state()
+        .iter()
+        .map(|n| {
+            let status = n.status.as_ref();
+            let cap = status.and_then(|s| s.capacity.as_ref());
+            let alloc = status.and_then(|s| s.allocatable.as_ref());
+            NodeView {
+                name: n.name_any(),
+                labels: n.labels().clone(),
+                capacity: cap.and_then(|m| m.get(VM_RESOURCE)).map(|q| q.0.clone()),
+                allocatable: alloc.and_then(|m| m.get(VM_RESOURCE)).map(|q| q.0.clone()),
+                has_maps: (cap.is_some(), alloc.is_some()),
+            }
+        })
+        .collect()
+}
+
+async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
+    let kc = active_kataconfig(ctx).filter(|kc| kc.spec.enable_peer_pods);
+    let Some(kc) = kc else {
+        // Peer pods off or uninstalling: the resource leaves every node, the default
+        // PeerPodConfig goes (the KataConfig's deletion takes it too, as its owner).
+        let nodes = node_views(ctx);
+        apply_nodes(
+            ctx,
+            &nodes,
+            &plan::node_actions(&nodes, &BTreeMap::new(), None),
+        )
+        .await?;
+        let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+        if get_daemonset(&dss).await?.is_some() {
+            apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
+        }
+        if ctx
+            .kcs
+            .state()
+            .iter()
+            .any(|k| k.metadata.deletion_timestamp.is_none())
+            && ctx
+                .ppcs
+                .state()
+                .iter()
+                .any(|p| p.name_any() == DEFAULT_NAME)
+        {
+            let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+            apply::delete_if_exists(&api, DEFAULT_NAME).await?;
+        }
+        return Ok(Duration::from_secs(300));
+    };
+    let ppc = match ctx
+        .ppcs
+        .state()
+        .into_iter()
+        .find(|p| p.name_any() == DEFAULT_NAME)
+    {
+        Some(p) => p,
+        None => {
+            create_default(ctx, &kc).await?;
+            // The watch brings it back for the next pass.
+            return Ok(Duration::from_secs(1));
+        }
+    };
+    let inputs = read_config(ctx, &ppc.spec).await?;
+    let verdict = plan::config_verdict(&inputs);
+    let cm_limit = inputs
+        .configmap
+        .1
+        .as_ref()
+        .and_then(|m| m.get("PEERPODS_LIMIT_PER_NODE"))
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let generation = ppc.metadata.generation;
+    let limit_condition = match plan::effective_limit(&ppc.spec.limit, cm_limit) {
+        Ok(limit) => {
+            let nodes = node_views(ctx);
+            let actions = plan::node_actions(&nodes, &ppc.spec.node_selector, Some(limit));
+            apply_nodes(ctx, &nodes, &actions).await?;
+            conditions::new(
+                CONDITION_LIMIT_APPLIED,
+                true,
+                reasons::APPLIED,
+                format!("selected nodes advertise {VM_RESOURCE}={limit}"),
+                generation,
+            )
+        }
+        Err(problem) => conditions::new(
+            CONDITION_LIMIT_APPLIED,
+            false,
+            reasons::INVALID_LIMIT,
+            format!("limit refused, nodes left unchanged: {problem}"),
+            generation,
+        ),
+    };
+    let config_condition = match &verdict {
+        Ok(_) => conditions::new(
+            CONDITION_CONFIG_VALID,
+            true,
+            reasons::VALID,
+            "the cloud secret, the configmap and the ssh key secret are valid",
+            generation,
+        ),
+        Err(problems) => conditions::new(
+            CONDITION_CONFIG_VALID,
+            false,
+            reasons::INVALID_CONFIG,
+            problems.join("; "),
+            generation,
+        ),
+    };
+    write_status(ctx, &ppc, vec![limit_condition, config_condition]).await?;
+    if verdict.is_ok() {
+        // Only a valid configuration ever (re)starts the CAA.
+        ensure_caa(ctx, &kc, &ppc.spec, &caa::config_hash(&inputs)).await?;
+    }
+    Ok(CONFIG_RECHECK)
+}
+
+fn owner(kc: &KataConfig) -> OwnerReference {
+    OwnerReference {
+        api_version: KataConfig::api_version(&()).into(),
+        kind: KataConfig::kind(&()).into(),
+        name: kc.name_any(),
+        uid: kc.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+async fn get_daemonset(api: &Api<DaemonSet>) -> Result<Option<DaemonSet>, Error> {
+    api.get_opt(caa::DAEMONSET)
+        .await
+        .map_err(|source| Error::Read {
+            kind: "DaemonSet",
+            name: caa::DAEMONSET.into(),
+            source,
+        })
+}
+
+/// Applies the CAA DaemonSet when its hash-stamped content differs from what is there.
+async fn ensure_caa(
+    ctx: &Ctx,
+    kc: &KataConfig,
+    spec: &PeerPodConfigSpec,
+    config_hash: &str,
+) -> Result<(), Error> {
+    let desired = caa::daemonset(
+        &ctx.namespace,
+        &ctx.image,
+        &spec.cloud_secret_name,
+        &spec.config_map_name,
+        &spec.node_selector,
+        config_hash,
+        owner(kc),
+    );
+    let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    if apply::hash_matches(get_daemonset(&api).await?.as_ref(), &desired) {
+        return Ok(());
+    }
+    apply::apply(&api, &desired).await?;
+    tracing::info!(config_hash, "CAA DaemonSet applied");
+    Ok(())
+}
+
+async fn create_default(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
+    let mut ppc = PeerPodConfig::new(DEFAULT_NAME, PeerPodConfigSpec::default());
+    ppc.metadata.namespace = Some(ctx.namespace.clone());
+    ppc.metadata.owner_references = Some(vec![owner(kc)]);
+    let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    // Created once and never overwritten: the spec is the user's to edit.
+    let pp = PostParams {
+        field_manager: Some(crate::k8s::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&pp, &ppc).await {
+        Ok(_) => {
+            tracing::info!(namespace = %ctx.namespace, "created PeerPodConfig {DEFAULT_NAME}");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Create(source)),
+    }
+}
+
+fn data_of_secret(s: Secret) -> BTreeMap<String, String> {
+    s.data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
+}
+
+async fn read_config(ctx: &Ctx, spec: &PeerPodConfigSpec) -> Result<ConfigInputs, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let get_secret = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            match secrets.get_opt(&name).await {
+                Ok(s) => Ok(s.map(data_of_secret)),
+                Err(source) => Err(Error::Read {
+                    kind: "Secret",
+                    name,
+                    source,
+                }),
+            }
+        }
+    };
+    let secret = get_secret(spec.cloud_secret_name.clone()).await?;
+    let ssh = get_secret(SSH_KEY_SECRET.to_string()).await?;
+    let cm = cms
+        .get_opt(&spec.config_map_name)
+        .await
+        .map_err(|source| Error::Read {
+            kind: "ConfigMap",
+            name: spec.config_map_name.clone(),
+            source,
+        })?
+        .map(|c| c.data.unwrap_or_default());
+    Ok(ConfigInputs {
+        secret: (spec.cloud_secret_name.clone(), secret),
+        configmap: (spec.config_map_name.clone(), cm),
+        ssh,
+    })
+}
+
+async fn apply_nodes(
+    ctx: &Ctx,
+    nodes: &[NodeView],
+    actions: &[(String, NodeAction)],
+) -> Result<(), Error> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    for (name, action) in actions {
+        let Some(view) = nodes.iter().find(|n| &n.name == name) else {
+            continue;
+        };
+        let patch: json_patch::Patch = serde_json::from_value(plan::json_patch(view, action))
+            .expect("the plan builds valid JSON patches");
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => tracing::info!(node = %name, ?action, "peer-pod VM capacity updated"),
+            // A node deleted meanwhile, or a remove racing another change: the watch
+            // brings the next pass.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 => {}
+            Err(source) => {
+                return Err(Error::NodeStatus {
+                    node: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_status(ctx: &Ctx, ppc: &PeerPodConfig, new: Vec<Condition>) -> Result<(), Error> {
+    let old = ppc.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    for c in new {
+        conditions::merge(&mut status.conditions, c);
+    }
+    status.observed_generation = ppc.metadata.generation;
+    if conditions::lists_equal_ignoring_time(&old.conditions, &status.conditions)
+        && old.observed_generation == status.observed_generation
+    {
+        return Ok(());
+    }
+    let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let body = json!({
+        "apiVersion": PeerPodConfig::api_version(&()),
+        "kind": PeerPodConfig::kind(&()),
+        "status": status,
+    });
+    apply::apply_status(&api, DEFAULT_NAME, body).await?;
+    event_on_change(ctx, ppc, &old, &status).await;
+    Ok(())
+}
+
+async fn event_on_change(
+    ctx: &Ctx,
+    ppc: &PeerPodConfig,
+    old: &PeerPodConfigStatus,
+    new: &PeerPodConfigStatus,
+) {
+    for type_ in [CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED] {
+        let Some(c) = conditions::find(&new.conditions, type_) else {
+            continue;
+        };
+        let before = conditions::find(&old.conditions, type_);
+        if before.is_some_and(|b| b.status == c.status && b.message == c.message) {
+            continue;
+        }
+        let ok = c.status == "True";
+        if ok && before.is_none() {
+            continue;
+        }
+        let mut note = c.message.clone();
+        note.truncate(1000);
+        let ev = Event {
+            type_: if ok {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: c.reason.clone(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &ppc.object_ref(&())).await {
+            tracing::debug!(error = %e, "publishing an event");
+        }
+    }
+}
+
+/// The KataConfig controller with the peer-pods controller beside it (same client, same
+/// namespace, same shutdown).
+pub async fn with_kataconfig(
+    client: Client,
+    opts: super::kataconfig::Options,
+    metrics: Arc<super::metrics::OperatorMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), super::kataconfig::Error> {
+    let (namespace, image, instance) = (
+        opts.namespace.clone(),
+        opts.image.clone(),
+        opts.instance.clone(),
+    );
+    let kc = super::kataconfig::run(client.clone(), opts, metrics, shutdown.clone());
+    alongside(client, namespace, image, instance, shutdown, kc).await
+}

@@ -1,0 +1,311 @@
+//! Support for the peer-pods suite: CRDs, the operator's RBAC as deployed, the operator
+//! in-process under its ServiceAccount, a KataConfig that selects no node, cleanup.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::{Client, ResourceExt};
+use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
+use sandboxd::api::peerpodconfig::{DEFAULT_NAME, PeerPodConfig, VM_RESOURCE};
+use sandboxd::operator::metrics::OperatorMetrics;
+use sandboxd::operator::{Options, Platform};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{self, Env, eventually};
+
+/// Default wait for the operator to react.
+pub const WAIT: Duration = Duration::from_secs(40);
+
+/// One test's world.
+pub struct Fixture {
+    pub admin: Client,
+    pub ns: String,
+    pub suffix: String,
+    /// Label key this test's PeerPodConfig selects (value `yes`).
+    pub select_key: String,
+    nodes: Vec<String>,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), sandboxd::operator::Error>>,
+}
+
+fn crd_path(file: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/crds")
+        .join(file)
+}
+
+/// Applies `deploy/operator/rbac.yaml` to namespace `ns`, cluster-scoped names suffixed.
+async fn apply_rbac(admin: &Client, ns: &str, suffix: &str) -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/operator/rbac.yaml");
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&std::fs::read_to_string(&path)?)?;
+    for mut doc in docs {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
+        let (group, version) = api_version.split_once('/').unwrap_or(("", "v1"));
+        let cluster = kind.starts_with("Cluster");
+        if cluster {
+            let name = format!("{}-{suffix}", doc["metadata"]["name"].as_str().unwrap());
+            doc["metadata"]["name"] = json!(name);
+            if kind == "ClusterRoleBinding" {
+                let role = format!("{}-{suffix}", doc["roleRef"]["name"].as_str().unwrap());
+                doc["roleRef"]["name"] = json!(role);
+            }
+        } else {
+            doc["metadata"]["namespace"] = json!(ns);
+        }
+        if let Some(subjects) = doc.get_mut("subjects").and_then(|s| s.as_array_mut()) {
+            for s in subjects {
+                s["namespace"] = json!(ns);
+            }
+        }
+        let plural = match kind.as_str() {
+            "ServiceAccount" => "serviceaccounts",
+            "ClusterRole" => "clusterroles",
+            "ClusterRoleBinding" => "clusterrolebindings",
+            "Role" => "roles",
+            "RoleBinding" => "rolebindings",
+            other => return Err(anyhow!("unexpected kind {other} in rbac.yaml")),
+        };
+        let api = harness::dynamic_api(
+            admin,
+            &GroupVersionKind::gvk(group, version, &kind),
+            plural,
+            (!cluster).then_some(ns),
+        );
+        let obj: DynamicObject = serde_json::from_value(doc)?;
+        let name = obj.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("sandboxd-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .with_context(|| format!("applying {kind} {name}"))?;
+    }
+    Ok(())
+}
+
+/// Deletes every KataConfig (finalizers dropped) and waits until none is left.
+async fn clear_kataconfigs(admin: &Client) -> Result<()> {
+    let api: Api<KataConfig> = Api::all(admin.clone());
+    for kc in api.list(&Default::default()).await? {
+        let name = kc.name_any();
+        let _ = api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+    eventually("no KataConfig left", WAIT, || async {
+        Ok(api
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await
+}
+
+impl Fixture {
+    /// CRDs, RBAC, no KataConfig, the operator running under its ServiceAccount.
+    pub async fn start(env: &Env) -> Result<Self> {
+        let admin = env.admin().await?;
+        for f in [
+            "kataconfigs.kataconfiguration.openshift.io.yaml",
+            "peerpodconfigs.confidentialcontainers.org.yaml",
+        ] {
+            harness::install_crds(&admin, &crd_path(f)).await?;
+        }
+        clear_kataconfigs(&admin).await?;
+        let suffix = env.unique("p").trim_start_matches("p-").to_string();
+        apply_rbac(&admin, &env.ns, &suffix).await?;
+        let client =
+            harness::service_account_client(env.cp(), &env.ns, "sandboxd-operator").await?;
+        let token = CancellationToken::new();
+        let opts = Options {
+            namespace: env.ns.clone(),
+            image: "sandboxd:latest".into(),
+            platform: Platform::Kubernetes,
+            leader: None,
+            admission_policy: false,
+        };
+        let handle = tokio::spawn(sandboxd::operator::run_operator(
+            client,
+            opts,
+            Arc::new(OperatorMetrics::default()),
+            token.clone(),
+        ));
+        Ok(Self {
+            admin,
+            ns: env.ns.clone(),
+            select_key: format!("sandboxd.test/peerpods-{suffix}"),
+            suffix,
+            nodes: Vec::new(),
+            token,
+            handle,
+        })
+    }
+
+    /// Creates the KataConfig with peer pods on; its pool selects no node (the KataConfig
+    /// controller leaves this test's nodes alone).
+    pub async fn enable(&self) -> Result<()> {
+        let spec: KataConfigSpec = serde_json::from_value(json!({
+            "enablePeerPods": true,
+            "kataConfigPoolSelector": {"matchLabels": {format!("sandboxd.test/none-{}", self.suffix): "x"}},
+        }))?;
+        self.kcs()
+            .create(
+                &PostParams::default(),
+                &KataConfig::new("example-kataconfig", spec),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub fn kcs(&self) -> Api<KataConfig> {
+        Api::all(self.admin.clone())
+    }
+
+    pub fn ppcs(&self) -> Api<PeerPodConfig> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    pub fn nodes(&self) -> Api<Node> {
+        Api::all(self.admin.clone())
+    }
+
+    /// Waits for the default PeerPodConfig.
+    pub async fn wait_ppc(&self) -> Result<PeerPodConfig> {
+        let api = self.ppcs();
+        eventually("PeerPodConfig created", WAIT, || async {
+            Ok(api.get_opt(DEFAULT_NAME).await?)
+        })
+        .await
+    }
+
+    /// Makes the default PeerPodConfig select this test's label, with `limit`.
+    pub async fn select_mine(&self, limit: &str) -> Result<()> {
+        self.ppcs()
+            .patch(
+                DEFAULT_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {
+                    "limit": limit,
+                    "nodeSelector": {
+                        "node-role.kubernetes.io/kata-oc": null,
+                        self.select_key.clone(): "yes",
+                    },
+                }})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_limit(&self, limit: &str) -> Result<()> {
+        self.ppcs()
+            .patch(
+                DEFAULT_NAME,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"limit": limit}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A fake Ready node; `selected` gives it this test's label.
+    pub async fn node(&mut self, short: &str, selected: bool) -> Result<String> {
+        let name = format!("{short}-{}", self.suffix);
+        let value = if selected { "yes" } else { "no" };
+        harness::fake_node(
+            &self.admin,
+            &name,
+            &[(self.select_key.as_str(), value)],
+            &[],
+        )
+        .await?;
+        self.nodes.push(name.clone());
+        Ok(name)
+    }
+
+    /// `(capacity, allocatable)` of `kata.peerpods.io/vm` on `node`.
+    pub async fn vm_resource(&self, node: &str) -> Result<(Option<String>, Option<String>)> {
+        let n = self.nodes().get(node).await?;
+        let s = n.status.unwrap_or_default();
+        let get = |m: Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+            >,
+        >| { m.and_then(|m| m.get(VM_RESOURCE).map(|q| q.0.clone())) };
+        Ok((get(s.capacity), get(s.allocatable)))
+    }
+
+    /// Waits until `node` advertises `want` VMs (None: not at all) in both maps.
+    pub async fn wait_vm(&self, node: &str, want: Option<&str>) -> Result<()> {
+        let want = want.map(str::to_string);
+        eventually(
+            &format!("node {node} advertises {VM_RESOURCE}={want:?}"),
+            WAIT,
+            || async {
+                let (c, a) = self.vm_resource(node).await?;
+                Ok((c == want && a == want).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Waits until the default PeerPodConfig's condition `type_` has `status`, returning it.
+    pub async fn wait_condition(
+        &self,
+        type_: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        let api = self.ppcs();
+        eventually(
+            &format!("PeerPodConfig {type_}={status} ({reason})"),
+            WAIT,
+            || async {
+                let p = api.get(DEFAULT_NAME).await?;
+                Ok(p.status
+                    .unwrap_or_default()
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == type_ && c.status == status && c.reason == reason))
+            },
+        )
+        .await
+    }
+
+    /// Stops the operator, deletes this test's nodes and pods, and the KataConfig.
+    pub async fn teardown(self) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.admin.clone(), &self.ns);
+        let _ = pods
+            .delete_collection(
+                &DeleteParams::default().grace_period(0),
+                &Default::default(),
+            )
+            .await;
+        clear_kataconfigs(&self.admin).await?;
+        // Let the operator see the KataConfig gone before it stops.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let nodes = self.nodes();
+        self.token.cancel();
+        let _ = self.handle.await;
+        for n in &self.nodes {
+            let _ = nodes.delete(n, &DeleteParams::default()).await;
+        }
+        Ok(())
+    }
+}
