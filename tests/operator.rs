@@ -5,7 +5,7 @@ mod bench;
 mod installer;
 mod lifecycle;
 mod openshift;
-mod support;
+pub(crate) mod support;
 mod telemetry;
 mod writes;
 

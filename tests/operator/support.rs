@@ -67,7 +67,7 @@ fn gvk(group: &str, version: &str, kind: &str) -> GroupVersionKind {
 
 /// Applies `deploy/operator/rbac.yaml` for namespace `ns`, with cluster-scoped names made
 /// unique by `suffix`.
-async fn apply_rbac(admin: &Client, ns: &str, suffix: &str) -> Result<()> {
+pub(crate) async fn apply_rbac(admin: &Client, ns: &str, suffix: &str) -> Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/operator/rbac.yaml");
     let text = std::fs::read_to_string(&path)?;
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;

@@ -5,10 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
 use sandboxd::api::peerpodconfig::{DEFAULT_NAME, PeerPodConfig, VM_RESOURCE};
@@ -38,58 +37,6 @@ fn crd_path(file: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy/crds")
         .join(file)
-}
-
-/// Applies `deploy/operator/rbac.yaml` to namespace `ns`, cluster-scoped names suffixed.
-async fn apply_rbac(admin: &Client, ns: &str, suffix: &str) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/operator/rbac.yaml");
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(&std::fs::read_to_string(&path)?)?;
-    for mut doc in docs {
-        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
-        let (group, version) = api_version.split_once('/').unwrap_or(("", "v1"));
-        let cluster = kind.starts_with("Cluster");
-        if cluster {
-            let name = format!("{}-{suffix}", doc["metadata"]["name"].as_str().unwrap());
-            doc["metadata"]["name"] = json!(name);
-            if kind == "ClusterRoleBinding" {
-                let role = format!("{}-{suffix}", doc["roleRef"]["name"].as_str().unwrap());
-                doc["roleRef"]["name"] = json!(role);
-            }
-        } else {
-            doc["metadata"]["namespace"] = json!(ns);
-        }
-        if let Some(subjects) = doc.get_mut("subjects").and_then(|s| s.as_array_mut()) {
-            for s in subjects {
-                s["namespace"] = json!(ns);
-            }
-        }
-        let plural = match kind.as_str() {
-            "ServiceAccount" => "serviceaccounts",
-            "ClusterRole" => "clusterroles",
-            "ClusterRoleBinding" => "clusterrolebindings",
-            "Role" => "roles",
-            "RoleBinding" => "rolebindings",
-            other => return Err(anyhow!("unexpected kind {other} in rbac.yaml")),
-        };
-        let api = harness::dynamic_api(
-            admin,
-            &GroupVersionKind::gvk(group, version, &kind),
-            plural,
-            (!cluster).then_some(ns),
-        );
-        let obj: DynamicObject = serde_json::from_value(doc)?;
-        let name = obj.name_any();
-        api.patch(
-            &name,
-            &PatchParams::apply("sandboxd-test").force(),
-            &Patch::Apply(&obj),
-        )
-        .await
-        .with_context(|| format!("applying {kind} {name}"))?;
-    }
-    Ok(())
 }
 
 /// Deletes every KataConfig (finalizers dropped) and waits until none is left.
@@ -129,7 +76,7 @@ impl Fixture {
         }
         clear_kataconfigs(&admin).await?;
         let suffix = env.unique("p").trim_start_matches("p-").to_string();
-        apply_rbac(&admin, &env.ns, &suffix).await?;
+        crate::operator::support::apply_rbac(&admin, &env.ns, &suffix).await?;
         let client =
             harness::service_account_client(env.cp(), &env.ns, "sandboxd-operator").await?;
         let token = CancellationToken::new();
