@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
 use sandboxd::api::peerpodconfig::{DEFAULT_NAME, PeerPodConfig, VM_RESOURCE};
 use sandboxd::operator::metrics::OperatorMetrics;
@@ -39,31 +39,6 @@ fn crd_path(file: &str) -> std::path::PathBuf {
         .join(file)
 }
 
-/// Deletes every KataConfig (finalizers dropped) and waits until none is left.
-async fn clear_kataconfigs(admin: &Client) -> Result<()> {
-    let api: Api<KataConfig> = Api::all(admin.clone());
-    for kc in api.list(&Default::default()).await? {
-        let name = kc.name_any();
-        let _ = api
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-            )
-            .await;
-        let _ = api.delete(&name, &DeleteParams::default()).await;
-    }
-    eventually("no KataConfig left", WAIT, || async {
-        Ok(api
-            .list(&Default::default())
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
-    })
-    .await
-}
-
 impl Fixture {
     /// CRDs, RBAC, no KataConfig, the operator running under its ServiceAccount.
     pub async fn start(env: &Env) -> Result<Self> {
@@ -74,7 +49,7 @@ impl Fixture {
         ] {
             harness::install_crds(&admin, &crd_path(f)).await?;
         }
-        clear_kataconfigs(&admin).await?;
+        crate::operator::support::clear_kataconfigs(&admin).await?;
         let suffix = env.unique("p").trim_start_matches("p-").to_string();
         crate::operator::support::apply_rbac(&admin, &env.ns, &suffix).await?;
         let client =
@@ -244,7 +219,7 @@ impl Fixture {
                 &Default::default(),
             )
             .await;
-        clear_kataconfigs(&self.admin).await?;
+        crate::operator::support::clear_kataconfigs(&self.admin).await?;
         // Let the operator see the KataConfig gone before it stops.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let nodes = self.nodes();

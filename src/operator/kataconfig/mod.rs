@@ -125,7 +125,7 @@ fn dynamic_watch(
     store
 }
 
-fn spawn_watch<S, T>(stream: S, notify: Arc<Notify>, shutdown: CancellationToken)
+pub(crate) fn spawn_watch<S, T>(stream: S, notify: Arc<Notify>, shutdown: CancellationToken)
 where
     S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
     T: Send,
