@@ -2,7 +2,7 @@
 #
 #   make test     everything CI runs: installs what is missing, lint, static build, image,
 #                 unit and integration tests against a real control plane
-#   make build    the static x86_64-unknown-linux-musl release binary
+#   make build    the static x86_64-unknown-linux-musl binary (profile dist: release + LTO)
 #   make image    the OCI image (FROM scratch) of that binary, checked with skopeo
 #   make lint     rustfmt and clippy
 
@@ -10,7 +10,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-musl
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
-BIN := $(TARGET_DIR)/$(TARGET)/release/sandboxd
+BIN := $(TARGET_DIR)/$(TARGET)/dist/sandboxd
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
 STAGE := scripts/stage.sh
@@ -27,7 +27,7 @@ control-plane:
 	@$(STAGE) control-plane scripts/control-plane.sh >/dev/null
 
 build:
-	@$(STAGE) build $(CARGO) build --release --locked --target $(TARGET) --bin sandboxd
+	@$(STAGE) build $(CARGO) build --profile dist --locked --target $(TARGET) --bin sandboxd
 	@ls -l $(BIN) | awk '{printf "binary: %s (%.1f MiB)\n", $$9, $$5/1048576}'
 
 image: build
@@ -55,24 +55,30 @@ clean:
 
 # Benchmark of `sandboxd webhook` against the upstream Go webhook (docs/BENCHMARKS.md).
 .PHONY: bench-webhook
-bench-webhook:
-	$(CARGO) build --release --locked --bin sandboxd
-	SANDBOXD=$(TARGET_DIR)/release/sandboxd scripts/bench-webhook.sh
+bench-webhook: build
+	SANDBOXD=$(abspath $(BIN)) scripts/bench-webhook.sh
+
+# Upload throughput of `sandboxd image publish` to Azurite: a dense 256 MiB VHD at 1, 4 and 8
+# parallel Put Page requests (docs/image.md).
+.PHONY: bench-image
+bench-image:
+	SANDBOXD_BENCH_IMAGE=1 $(CARGO) test --locked --test integration -- image_publish::bench_upload_throughput_to_azurite --exact --nocapture
+
+# Every benchmark (docs/BENCHMARKS.md says what each measures and how to read it).
+.PHONY: bench
+bench: bench-operator bench-caa bench-relay bench-webhook
 
 # Benchmark of `sandboxd operator`: 1000 fake Nodes, one KataConfig (docs/BENCHMARKS.md).
-.PHONY: bench bench-operator
-bench: bench-operator
-bench-operator:
-	$(CARGO) build --release --locked --bin sandboxd
-	SANDBOXD_BENCH=1 SANDBOXD_BENCH_BIN=$(abspath $(TARGET_DIR))/release/sandboxd \
+.PHONY: bench-operator
+bench-operator: build
+	SANDBOXD_BENCH=1 SANDBOXD_BENCH_BIN=$(abspath $(BIN)) \
 		$(CARGO) test --locked --test integration -- operator::bench_1000_nodes_one_kataconfig --exact
 
 # Benchmark of `sandboxd caa` (docs/BENCHMARKS.md): overhead per pod, 100 concurrent pods vs
 # one. The CAA under test is the release binary; results are appended to docs/BENCHMARKS.md.
 .PHONY: bench-caa
-bench-caa:
-	$(CARGO) build --release --locked --bin sandboxd
-	SANDBOXD_BENCH_CAA=1 SANDBOXD_BENCH_CAA_BIN=$(abspath $(TARGET_DIR))/release/sandboxd \
+bench-caa: build
+	SANDBOXD_BENCH_CAA=1 SANDBOXD_BENCH_CAA_BIN=$(abspath $(BIN)) \
 		SANDBOXD_BENCH_CAA_OUT=$(abspath docs/BENCHMARKS.md) \
 		$(CARGO) test --locked --test integration -- caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one --exact
 

@@ -20,8 +20,13 @@ UPSTREAM_VERSION=${UPSTREAM_VERSION:-v0.22.0}
 SANDBOXD_PORT=${SANDBOXD_PORT:-9444}
 DURATION=${DURATION:-20s}
 CONNECTIONS=${CONNECTIONS:-32}
+# Paced latency run at a rate both servers hold: RATE_WORKERS connections, each waiting
+# 1000*RATE_WORKERS/RATE ms before every request (wrk's delay()), so the offered load is
+# about RATE req/s whatever the server's speed.
+RATE=${RATE:-500}
+RATE_WORKERS=${RATE_WORKERS:-4}
 BODY=$ROOT/src/webhook/fixtures/kata-remote-pod.json
-SANDBOXD=${SANDBOXD:-${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-musl/release/sandboxd}
+SANDBOXD=${SANDBOXD:-${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-musl/dist/sandboxd}
 mkdir -p "$BENCH_CACHE"
 WORK=$(mktemp -d "$BENCH_CACHE/run.XXXXXX")
 PIDS=()
@@ -85,6 +90,9 @@ local f = io.open("$BODY", "r")
 wrk.body = f:read("*a")
 f:close()
 LUA
+PACED=$WORK/paced.lua
+cat "$LUA" > "$PACED"
+echo "function delay() return $((1000 * RATE_WORKERS / RATE)) end" >> "$PACED"
 
 measure() { # name port pid
   local name=$1 port=$2 pid=$3
@@ -95,16 +103,20 @@ measure() { # name port pid
         "https://127.0.0.1:$port/mutate-v1-pod")
   lat=$(taskset -c 1 wrk -t1 -c1 -d"$DURATION" -s "$LUA" --latency \
         "https://127.0.0.1:$port/mutate-v1-pod")
-  local rps1 p50 p99 rps2 l50 l99
+  local fixed
+  fixed=$(taskset -c 1 wrk -t1 -c"$RATE_WORKERS" -d"$DURATION" -s "$PACED" --latency \
+          "https://127.0.0.1:$port/mutate-v1-pod")
+  local rps1 p50 p99 rps2 l50 l99 f50 f99 frps
   rps1=$(rps <<<"$max"); p50=$(pct 50% <<<"$max"); p99=$(pct 99% <<<"$max")
   rps2=$(rps <<<"$lat"); l50=$(pct 50% <<<"$lat"); l99=$(pct 99% <<<"$lat")
-  printf '%s\t%s\t%s\t%s\t%s\t%s/%s\t%s KiB\n' \
-    "$name" "$rps1" "$p50" "$p99" "$rps2" "$l50" "$l99" "$(rss_kib "$pid")"
-  grep -qE "Non-2xx|Socket errors" <<<"$max$lat" && { echo "$name: errors during the run:" >&2; grep -E "Non-2xx|Socket errors" <<<"$max$lat" >&2; }
+  frps=$(rps <<<"$fixed"); f50=$(pct 50% <<<"$fixed"); f99=$(pct 99% <<<"$fixed")
+  printf '%s\t%s\t%s\t%s\t%s\t%s/%s\t%s: %s/%s\t%s KiB\n' \
+    "$name" "$rps1" "$p50" "$p99" "$rps2" "$l50" "$l99" "$frps" "$f50" "$f99" "$(rss_kib "$pid")"
+  grep -qE "Non-2xx|Socket errors" <<<"$max$lat$fixed" && { echo "$name: errors during the run:" >&2; grep -E "Non-2xx|Socket errors" <<<"$max$lat$fixed" >&2; }
   return 0
 }
 
-echo -e "server\treq/s (c=$CONNECTIONS)\tp50\tp99\treq/s (c=1)\tp50/p99 (c=1)\tpeak RSS"
+echo -e "server\treq/s (c=$CONNECTIONS)\tp50\tp99\treq/s (c=1)\tp50/p99 (c=1)\tat ${RATE}/s: req/s p50/p99\tpeak RSS"
 
 taskset -c 0 "$SANDBOXD" webhook --cert-dir "$CERTS" --port "$SANDBOXD_PORT" \
   --bind-address 127.0.0.1 --log-level warn &

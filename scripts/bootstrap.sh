@@ -3,16 +3,19 @@
 # lint and test this repository:
 #   - Debian packages: musl-tools (musl-gcc for the static build), skopeo
 #     (image checks), ca-certificates (bundled into the image), util-linux
-#     (setpriv), iproute2 (ip, network namespaces in tests), jq.
+#     (setpriv), iproute2 (ip, network namespaces in tests), jq, qemu-system-x86,
+#     qemu-utils and ovmf (the pod VM image boot test).
 #   - rustup: the x86_64-unknown-linux-musl target and the clippy and
 #     rustfmt components of the toolchain this repository selects.
+#   - Azurite (npm), the storage emulator the image publish tests start, under
+#     ${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}/azurite.
 #
 # Idempotent: it checks before it installs, prints each thing it installs
 # and how long each stage took, and prints a single line when everything is
 # already present.
 set -euo pipefail
 
-APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq)
+APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf)
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 RUST_COMPONENTS=(clippy rustfmt)
 
@@ -77,6 +80,25 @@ for component in "${RUST_COMPONENTS[@]}"; do
     installed_any=1
   fi
 done
+
+# --- Azurite (storage emulator of the image publish tests), from npm ----------
+AZURITE_VERSION=3.37.0
+azurite_dir="${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}/azurite"
+stage_start=$(now_ms)
+if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" "$azurite_dir/node_modules/azurite/package.json"; then
+  if ! command -v npm >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || die "npm is missing (for azurite); run as root to install it"
+    log "installing Debian packages nodejs npm"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  log "installing azurite $AZURITE_VERSION into $azurite_dir"
+  mkdir -p "$azurite_dir"
+  npm install --silent --no-audit --no-fund --prefix "$azurite_dir" "azurite@$AZURITE_VERSION" >/dev/null \
+    || die "npm install azurite@$AZURITE_VERSION failed"
+  log "npm: azurite installed in $(elapsed "$stage_start")"
+  installed_any=1
+fi
 
 if [ "$installed_any" -eq 0 ]; then
   log "everything present ($(elapsed "$total_start"))"

@@ -29,6 +29,11 @@ pub enum Command {
     Caa(crate::caa::Args),
     /// Run the agent-protocol forwarder inside a pod VM.
     Forwarder(crate::forwarder::Args),
+    /// Build, publish and delete the pod VM image.
+    #[command(subcommand)]
+    Image(crate::image::ImageCommand),
+    /// The user's command line: install, configure, check and inspect peer pods.
+    Ctl(crate::ctl::Args),
     /// Print the version and build target.
     Version,
     /// Developer tools, not part of a deployment (hidden from help).

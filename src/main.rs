@@ -6,6 +6,10 @@ use clap::Parser;
 use sandboxd::cli::{Cli, Command, DevCommand};
 
 fn main() -> ExitCode {
+    // PID 1 of a pod VM (or started as /init): the init duties, no command line.
+    if sandboxd::forwarder::init::should_run() {
+        return sandboxd::forwarder::init::main();
+    }
     let cli = Cli::parse();
     // Namespaces are entered while the process still has one thread.
     let (unshare_net, private_run) = match &cli.command {
@@ -47,6 +51,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhook(args) => sandboxd::webhook::run(args).await,
         Command::Caa(args) => sandboxd::caa::run(args).await,
         Command::Forwarder(args) => sandboxd::forwarder::run(args).await,
+        Command::Image(cmd) => sandboxd::image::run(cmd).await,
+        Command::Ctl(args) => sandboxd::ctl::run(args).await,
         Command::Dev(DevCommand::ArmServer(args)) => {
             Ok(sandboxd::armtest::run(args, sandboxd::shutdown::on_signals()?).await?)
         }

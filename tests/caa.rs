@@ -410,7 +410,7 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 async fn lifecycle(env: Env) -> Result<()> {
-    let s = setup(&env, "team=infra,sandboxd.io/node=spoofed").await?;
+    let s = setup(&env, "team=infra,sandboxd-node=spoofed").await?;
     let ns = env.ns.as_str();
     let result = async {
         let mut v = hypervisor::VersionRequest::new();
@@ -468,13 +468,13 @@ async fn lifecycle(env: Env) -> Result<()> {
             assert_eq!(&view.size, size, "{name}");
             assert_eq!(view.provisioning_state, "Succeeded");
             assert_eq!(
-                view.tags["sandboxd.io/node"], s.node,
+                view.tags["sandboxd-node"], s.node,
                 "user TAGS cannot override ownership tags"
             );
             assert_eq!(view.tags["team"], "infra");
-            assert_eq!(view.tags["sandboxd.io/pod-uid"], p.uid().unwrap());
-            assert_eq!(view.tags["sandboxd.io/sandbox-id"], *id);
-            assert!(!view.tags["sandboxd.io/cluster"].is_empty());
+            assert_eq!(view.tags["sandboxd-pod-uid"], p.uid().unwrap());
+            assert_eq!(view.tags["sandboxd-sandbox-id"], *id);
+            assert!(!view.tags["sandboxd-cluster"].is_empty());
             let pp: PeerPod = Api::namespaced(s.admin.clone(), ns).get(&vm).await?;
             let st = pp.status.clone().unwrap_or_default();
             assert_eq!(st.phase.as_deref(), Some("Running"));
@@ -671,8 +671,8 @@ async fn sweep(env: Env) -> Result<()> {
                 user_data: None,
                 ssh_public_key: Some("ssh-ed25519 AAAA test".into()),
                 tags: [
-                    ("sandboxd.io/cluster", cluster.as_str()),
-                    ("sandboxd.io/node", s.node.as_str()),
+                    ("sandboxd-cluster", cluster.as_str()),
+                    ("sandboxd-node", s.node.as_str()),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

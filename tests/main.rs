@@ -3,9 +3,12 @@
 
 // Test support grows ahead of the suites that use each helper.
 mod caa;
+mod ctl;
 mod datapath;
 #[allow(dead_code)]
 mod harness;
+mod image;
+mod image_publish;
 mod operator;
 mod peerpods;
 mod smoke;
@@ -126,7 +129,10 @@ fn main() {
         operator::cases(),
         peerpods::cases(),
         caa::cases(),
+        ctl::cases(),
         datapath::cases(),
+        image::cases(),
+        image_publish::cases(),
     ]
     .into_iter()
     .flatten()

@@ -3,14 +3,23 @@
 //! `ConfigValid` verdict. The operator runs in-process under its own ServiceAccount.
 
 mod config;
+mod credentials;
+mod image_job;
 mod limit;
 mod support;
+mod webhook;
 
 use crate::harness::Case;
 
 pub fn cases() -> Vec<Case> {
-    [limit::cases(), config::cases()]
-        .into_iter()
-        .flatten()
-        .collect()
+    [
+        limit::cases(),
+        config::cases(),
+        webhook::cases(),
+        image_job::cases(),
+        credentials::cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }

@@ -11,7 +11,7 @@ fn release_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target/x86_64-unknown-linux-musl/release/sandboxd")
+                .join("target/x86_64-unknown-linux-musl/dist/sandboxd")
         })
 }
 

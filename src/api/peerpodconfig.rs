@@ -17,6 +17,9 @@ pub const VM_RESOURCE: &str = "kata.peerpods.io/vm";
 pub const CONDITION_LIMIT_APPLIED: &str = "LimitApplied";
 /// Condition: the cloud secret, the configmap and the ssh key secret are valid.
 pub const CONDITION_CONFIG_VALID: &str = "ConfigValid";
+/// Condition: the pod VM image is known (`AZURE_IMAGE_ID` set, by the user or by the image
+/// Job), or why not (the Job runs, failed, or waits for a valid configuration).
+pub const CONDITION_POD_VM_IMAGE_READY: &str = "PodVMImageReady";
 /// Name of the Secret holding the SSH public key given to the pod VMs.
 pub const SSH_KEY_SECRET: &str = "ssh-key-secret";
 /// The key of [`SSH_KEY_SECRET`] holding the public key.
@@ -50,6 +53,7 @@ fn default_node_selector() -> BTreeMap<String, String> {
     doc = "Peer-pods settings: cloud secret, configmap, per-node VM limit and the nodes it applies to.",
     printcolumn = r#"{"name":"Limit","type":"string","description":"Peer-pod VMs per node","jsonPath":".spec.limit"}"#,
     printcolumn = r#"{"name":"ConfigValid","type":"string","description":"Whether the secret and configmap are valid","jsonPath":".status.conditions[?(@.type=='ConfigValid')].status"}"#,
+    printcolumn = r#"{"name":"PodVMImage","type":"string","description":"Whether the pod VM image is known","jsonPath":".status.conditions[?(@.type=='PodVMImageReady')].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -85,8 +89,9 @@ impl Default for PeerPodConfigSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerPodConfigStatus {
-    /// `LimitApplied` (False with reason `InvalidLimit` when the limit is refused) and
-    /// `ConfigValid` (False naming every missing or invalid key).
+    /// `LimitApplied` (False with reason `InvalidLimit` when the limit is refused),
+    /// `ConfigValid` (False naming every missing or invalid key) and `PodVMImageReady`
+    /// (False while the pod VM image Job runs, or naming why it failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.

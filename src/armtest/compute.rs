@@ -525,6 +525,19 @@ fn put_vm(
         Ok(v) => v,
         Err(r) => return r,
     };
+    // As ARM: tag names with these characters are refused.
+    if let Some(bad) = req["tags"].as_object().and_then(|t| {
+        t.keys()
+            .find(|k| k.contains(crate::config::TAG_NAME_FORBIDDEN))
+    }) {
+        return arm_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidTagNameCharacters",
+            format!(
+                "The tag names '{bad}' have reserved characters '<,>,%,&,\\,?,/' or control characters."
+            ),
+        );
+    }
     if let Some(vm) = g.vms.get(&key) {
         if vm.deleting.is_some() {
             return arm_error(

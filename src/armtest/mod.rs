@@ -10,6 +10,9 @@
 
 mod compute;
 mod faults;
+mod images;
+mod network;
+mod storage;
 mod store;
 
 use std::net::SocketAddr;
@@ -24,6 +27,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 pub use faults::{Fault, FaultKind};
+pub use network::{NetworkSeed, NsgSeed, RuleSeed, SubnetSeed, VnetSeed};
+pub use storage::{StorageConfig, storage_account_key};
 pub use store::{RequestLog, VmView};
 
 use store::Store;
@@ -64,6 +69,8 @@ pub struct Config {
     /// from the request's `userData`; its address becomes the NIC's private IP. Deleting
     /// the VM (or [`Handle::delete_local_vms`]) deletes it. `None`: VMs are records only.
     pub local_vms: Option<LocalVms>,
+    /// Storage accounts' Blob service (see [`StorageConfig`]).
+    pub storage: StorageConfig,
 }
 
 /// Where and how the server runs local pod VMs (see [`Config::local_vms`]).
@@ -83,6 +90,7 @@ impl Default for Config {
             ("Standard_B2als_v2", 2, 4096),
             ("Standard_D2as_v5", 2, 8192),
             ("Standard_D4as_v5", 4, 16384),
+            ("Standard_D2ads_v5", 2, 8192),
             ("Standard_D8as_v5", 8, 32768),
             ("Standard_DC2as_v5", 2, 8192),
             ("Standard_DC4as_v5", 4, 16384),
@@ -102,6 +110,7 @@ impl Default for Config {
             reads_per_second: 0,
             core_quota: None,
             local_vms: None,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -479,6 +488,14 @@ async fn handle(
             }
         };
     }
+    if let Some(resp) = network::route(store, method, &segs, &query) {
+        return (resp, None);
+    }
+    if let Some(resp) = storage::route(store, &base, method, &segs, &api_version, &body)
+        .or_else(|| images::route(store, &base, method, &segs, &api_version, &body))
+    {
+        return (resp, None);
+    }
     (
         compute::route(store, &base, method, &segs, &query, &api_version, body).await,
         None,
@@ -505,6 +522,7 @@ fn inspect(store: &Store, method: &Method, path: &str, body: &Bytes) -> Response
         ("GET", "/armtest/vms") => axum::Json(json!(store.vms())).into_response(),
         ("GET", "/armtest/resources") => axum::Json(json!(store.resource_ids())).into_response(),
         ("GET", "/armtest/requests") => axum::Json(json!(store.requests())).into_response(),
+        ("POST", "/armtest/network") => network::seed(store, body),
         ("POST", "/armtest/faults") => match serde_json::from_slice::<Fault>(body) {
             Ok(f) => {
                 store.inject(f);

@@ -280,7 +280,10 @@ async fn the_write_limit_throttles_a_burst() {
 
 #[tokio::test]
 async fn storage_account_keys_are_listed() {
-    let (r, h) = router(Config::default());
+    let (r, h) = router(Config {
+        lro_duration: std::time::Duration::ZERO,
+        ..Config::default()
+    });
     let t = token(&r).await;
     h.seed_peer_pods(SUB, "rg", "eastus");
     let sa = format!(
@@ -303,7 +306,8 @@ async fn storage_account_keys_are_listed() {
         json!({"location": "eastus", "sku": {"name": "Standard_LRS"}, "kind": "StorageV2"}),
     )
     .await;
-    assert_eq!(s, 201);
+    // Storage creates are long-running: 202 and a Location to poll.
+    assert_eq!(s, 202);
     let (s, _, v) = call(
         &r,
         "POST",

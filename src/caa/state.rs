@@ -99,10 +99,12 @@ pub async fn record(
             sandbox_id: r.sandbox_id.clone(),
         },
     });
-    // instanceID is owned by the status updates once set: do not apply it back to empty.
+    // instanceID is written by `set_instance_id` (another field manager) once the VM exists:
+    // the applied object leaves it out, so re-asserting a record never clears it and needs
+    // no read first.
     let mut obj = obj;
-    if let Ok(existing) = api.get(&r.vm_name).await {
-        obj["spec"]["instanceID"] = existing.spec.instance_id.clone().into();
+    if let Some(spec) = obj["spec"].as_object_mut() {
+        spec.remove("instanceID");
     }
     api.patch(
         &r.vm_name,
@@ -146,33 +148,56 @@ pub async fn set_status(
     .map(|_| ())
 }
 
-/// Removes the finalizer and deletes the record; succeeds when it is already gone.
+/// Deletes the record and removes the finalizer; succeeds when it is already gone.
+///
+/// The delete answers with the object while the finalizer holds it, so the finalizer is
+/// removed by position with a JSON patch that first tests it is still there: two calls,
+/// no read, and another writer's finalizer is never dropped.
 pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
     let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
-    let Some(p) = api.get_opt(name).await? else {
-        return Ok(());
-    };
-    let finalizers: Vec<String> = p
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.resource_version()}});
-    match api
-        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {}
+    let mut current = match api.delete(name, &DeleteParams::default()).await {
+        // The object while a finalizer holds it; a Status when it is already gone.
+        Ok(answer) => match answer.left() {
+            Some(p) => p,
+            None => return Ok(()),
+        },
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
         Err(e) => return Err(e),
+    };
+    for _ in 0..5 {
+        let Some(i) = current.finalizers().iter().position(|f| f == FINALIZER) else {
+            return Ok(());
+        };
+        let path = format!("/metadata/finalizers/{i}");
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": path, "value": FINALIZER},
+            {"op": "remove", "path": path},
+        ]))
+        .expect("a valid JSON patch");
+        match api
+            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            // The finalizers changed since the delete answered: read them and retry.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                match api.get_opt(name).await? {
+                    Some(p) => current = p,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
+    Err(kube::Error::Api(
+        kube::core::Status::failure(
+            &format!("the finalizers of PeerPod {ns}/{name} kept changing"),
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    ))
 }
 
 /// Every record of `node`, in every namespace.

@@ -135,20 +135,22 @@ pub trait Provider: Send + Sync + 'static {
     async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error>;
 }
 
-/// Tag keys sandboxd puts on every VM; user tags cannot override them.
+/// Tag keys sandboxd puts on every VM; user tags cannot override them. Azure refuses tag
+/// names containing any of [`crate::config::TAG_NAME_FORBIDDEN`], hence no `sandboxd.io/`
+/// prefix here.
 pub mod tags {
     /// The `kube-system` namespace UID: one value per cluster.
-    pub const CLUSTER: &str = "sandboxd.io/cluster";
+    pub const CLUSTER: &str = "sandboxd-cluster";
     /// The worker node whose CAA owns the VM.
-    pub const NODE: &str = "sandboxd.io/node";
+    pub const NODE: &str = "sandboxd-node";
     /// Pod namespace.
-    pub const POD_NAMESPACE: &str = "sandboxd.io/pod-namespace";
+    pub const POD_NAMESPACE: &str = "sandboxd-pod-namespace";
     /// Pod name.
-    pub const POD_NAME: &str = "sandboxd.io/pod-name";
+    pub const POD_NAME: &str = "sandboxd-pod-name";
     /// Pod uid.
-    pub const POD_UID: &str = "sandboxd.io/pod-uid";
+    pub const POD_UID: &str = "sandboxd-pod-uid";
     /// Sandbox id the shim gave.
-    pub const SANDBOX: &str = "sandboxd.io/sandbox-id";
+    pub const SANDBOX: &str = "sandboxd-sandbox-id";
 }
 
 /// The VM name of a pod sandbox: `podvm-<pod name, sanitized>-<first 8 of sandbox id>`, at

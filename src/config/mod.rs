@@ -293,7 +293,11 @@ fn is_arm_id_of(id: &str, kind: &str) -> bool {
         && parts[1..].iter().all(|p| !p.is_empty())
 }
 
-/// Parses `k=v,k2=v2`.
+/// Characters Azure refuses in a tag name.
+pub const TAG_NAME_FORBIDDEN: &[char] = &['<', '>', '%', '&', '\\', '?', '/'];
+
+/// Parses `k=v,k2=v2`; a name Azure would refuse is a problem of `TAGS` here rather than a
+/// failed create later.
 fn parse_tags(r: &mut Reader<'_>) -> Vec<(String, String)> {
     let Some(v) = r.get("TAGS") else {
         return Vec::new();
@@ -301,6 +305,14 @@ fn parse_tags(r: &mut Reader<'_>) -> Vec<(String, String)> {
     let mut tags = Vec::new();
     for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match item.split_once('=') {
+            Some((k, _)) if k.contains(TAG_NAME_FORBIDDEN) => {
+                r.problem(
+                    "TAGS",
+                    "tag names without any of < > % & \\ ? / (Azure refuses them)",
+                    Some(v),
+                );
+                return Vec::new();
+            }
             Some((k, val)) if !k.trim().is_empty() => {
                 tags.push((k.trim().to_string(), val.trim().to_string()))
             }

@@ -272,3 +272,12 @@ fn without_a_secret_the_credential_is_workload_or_managed_identity() {
         AzureCredentials::ManagedIdentity { client_id: None }
     );
 }
+
+#[test]
+fn a_tag_name_azure_refuses_is_named_as_a_tags_problem() {
+    let mut m = seed_cm();
+    m.insert("TAGS".into(), "team=infra,example.com/owner=me".into());
+    let e = PeerPodsConfig::from_map(&m).unwrap_err().to_string();
+    assert!(e.contains("TAGS"), "{e}");
+    assert!(e.contains("Azure refuses"), "{e}");
+}

@@ -8,6 +8,7 @@
 //! [`rewrite`]).
 
 pub mod config;
+pub mod init;
 pub mod net;
 pub mod ns;
 pub mod podns;

@@ -101,6 +101,10 @@ pub async fn dial_agent(
 
 /// Read buffer of each direction of a relayed connection.
 const READ_BUFFER: usize = 64 << 10;
+/// Largest piece of a frame a relay holds before passing it on.
+const CHUNK: usize = 64 << 10;
+/// Bytes of a request read to find its service and method.
+const ROUTE_PREFIX: usize = 256;
 
 /// Relays frames between `client` and `upstream` until either side ends. With `netns`,
 /// requests from the client are rewritten on the way; everything else passes unchanged.
@@ -115,18 +119,41 @@ where
     let mut cr = tokio::io::BufReader::with_capacity(READ_BUFFER, cr);
     let mut ur = tokio::io::BufReader::with_capacity(READ_BUFFER, ur);
     let up = async {
-        while let Some(f) = frame::read_frame(&mut cr).await? {
-            let f = match netns {
-                Some(ns) => match super::rewrite::rewrite(&f, ns) {
-                    Ok(Some(new)) => new,
-                    Ok(None) => f,
-                    Err(e) => {
-                        // The agent answers such a request with its own error.
-                        tracing::warn!(error = %e, "passing a request that cannot be decoded unchanged");
-                        f
-                    }
-                },
-                None => f,
+        let mut buf = vec![0u8; CHUNK];
+        while let Some((len, stream_id, kind, flags, h)) = frame::read_header(&mut cr).await? {
+            let Some(ns) = netns.filter(|_| kind == frame::TYPE_REQUEST) else {
+                frame::forward_rest(&mut cr, &mut uw, h.to_vec(), len, &mut buf).await?;
+                continue;
+            };
+            // Only CreateSandbox and CreateContainer are decoded: the route is in the
+            // request's first bytes, so every other request is forwarded as it arrives.
+            let peek = len.min(ROUTE_PREFIX);
+            let prefix = frame::read_payload(&mut cr, Vec::new(), peek).await?;
+            let plain = matches!(
+                frame::request_route(&prefix),
+                Some((service, method)) if service != super::rewrite::AGENT_SERVICE
+                    || !super::rewrite::REWRITTEN.contains(&method)
+            );
+            if plain {
+                let mut head = h.to_vec();
+                head.extend_from_slice(&prefix);
+                frame::forward_rest(&mut cr, &mut uw, head, len - peek, &mut buf).await?;
+                continue;
+            }
+            let f = frame::Frame {
+                stream_id,
+                kind,
+                flags,
+                payload: frame::read_payload(&mut cr, prefix, len).await?,
+            };
+            let f = match super::rewrite::rewrite(&f, ns) {
+                Ok(Some(new)) => new,
+                Ok(None) => f,
+                Err(e) => {
+                    // The agent answers such a request with its own error.
+                    tracing::warn!(error = %e, "passing a request that cannot be decoded unchanged");
+                    f
+                }
             };
             frame::write_frame(&mut uw, &f).await?;
         }
@@ -134,7 +161,11 @@ where
         Ok::<(), FrameError>(())
     };
     let down = async {
-        frame::pump(&mut ur, &mut cw, |f| f).await?;
+        let mut buf = vec![0u8; CHUNK];
+        while let Some((len, _, _, _, h)) = frame::read_header(&mut ur).await? {
+            frame::forward_rest(&mut ur, &mut cw, h.to_vec(), len, &mut buf).await?;
+        }
+        let _ = cw.shutdown().await;
         Ok::<(), FrameError>(())
     };
     tokio::pin!(up, down);

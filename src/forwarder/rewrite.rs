@@ -13,6 +13,8 @@ use crate::protocol::oci::{Linux, LinuxNamespace, Spec};
 
 /// The agent service name in `ttrpc.Request.service`.
 pub const AGENT_SERVICE: &str = "grpc.AgentService";
+/// The agent methods [`rewrite`] changes; every other request passes byte for byte.
+pub const REWRITTEN: &[&str] = &["CreateSandbox", "CreateContainer"];
 /// The pod network namespace inside the VM.
 pub const POD_NETNS: &str = "/run/netns/podns";
 

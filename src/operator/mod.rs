@@ -79,6 +79,10 @@ pub struct Options {
     pub leader: Option<leader::LeaderConfig>,
     /// Install the single-KataConfig admission policy at start.
     pub admission_policy: bool,
+    /// How the peer pods webhook is rolled out.
+    pub webhook: peerpods::webhook::Settings,
+    /// How the pod VM image Jobs run.
+    pub image_job: peerpods::image_job::Settings,
 }
 
 /// Flags of `sandboxd operator`.
@@ -106,9 +110,37 @@ pub struct Args {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+    /// Development only: `https://IP:PORT` of a peer pods webhook running outside the
+    /// cluster. The webhook configuration then uses `clientConfig.url` and the serving
+    /// certificate gets that IP as SAN; the Deployment and Service are still applied.
+    #[arg(long, value_parser = peerpods::webhook::check_url)]
+    pub webhook_url: Option<String>,
+    /// Validity of the webhook's serving certificate (Go duration; renewed at 2/3).
+    #[arg(long, default_value = "8760h", value_parser = parse_validity)]
+    pub webhook_cert_validity: Duration,
+    /// Validity of the webhook's CA (Go duration; renewed at 2/3 with overlap).
+    #[arg(long, default_value = "87600h", value_parser = parse_validity)]
+    pub webhook_ca_validity: Duration,
+    /// Who provides the webhook's serving certificate: `operator` (its own CA) or
+    /// `service-ca` (OpenShift's service CA).
+    #[arg(long, value_enum, default_value_t = peerpods::webhook::TlsSource::Operator)]
+    pub webhook_tls: peerpods::webhook::TlsSource,
+    /// Arguments of the pod VM image creation Job's container, space-separated (default
+    /// `image job`: the operator image builds, publishes and records the image).
+    #[arg(long, env = "SANDBOXD_IMAGE_JOB_ARGS")]
+    pub image_job_args: Option<String>,
+    /// `backoffLimit` of the pod VM image Jobs.
+    #[arg(long, default_value_t = 2)]
+    pub image_job_backoff_limit: i32,
     /// How to reach the API server.
     #[command(flatten)]
     pub kube: crate::k8s::KubeArgs,
+}
+
+fn parse_validity(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+        .filter(|d| *d >= Duration::from_secs(3))
+        .ok_or_else(|| format!("{s:?} is not a Go duration of at least 3s (e.g. 8760h)"))
 }
 
 /// Tools of `sandboxd operator`.
@@ -174,13 +206,27 @@ pub async fn run_operator(
     let gc = peerpod_gc::Options::new(opts.namespace.clone());
     match opts.leader.clone() {
         None => {
-            let kc = peerpods::with_kataconfig(client.clone(), kc_opts, metrics, shutdown.clone());
+            let kc = peerpods::with_kataconfig(
+                client.clone(),
+                kc_opts,
+                metrics,
+                opts.webhook,
+                opts.image_job,
+                shutdown.clone(),
+            );
             Ok(peerpod_gc::alongside(client, gc, shutdown, kc).await?)
         }
         Some(cfg) => {
             let c = client.clone();
             let inner = leader::run_as_leader(client, cfg, shutdown, move |token| {
-                let kc = peerpods::with_kataconfig(c.clone(), kc_opts, metrics, token.clone());
+                let kc = peerpods::with_kataconfig(
+                    c.clone(),
+                    kc_opts,
+                    metrics,
+                    opts.webhook.clone(),
+                    opts.image_job.clone(),
+                    token.clone(),
+                );
                 peerpod_gc::alongside(c, gc, token, kc)
             })
             .await?;
@@ -224,6 +270,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             renew_every: Duration::from_secs(5),
         }),
         admission_policy: true,
+        webhook: peerpods::webhook::Settings {
+            url: args.webhook_url,
+            cert_validity: args.webhook_cert_validity,
+            ca_validity: args.webhook_ca_validity,
+            tls: args.webhook_tls,
+        },
+        image_job: peerpods::image_job::Settings {
+            args: match &args.image_job_args {
+                Some(a) => a.split_whitespace().map(String::from).collect(),
+                None => peerpods::image_job::Settings::default().args,
+            },
+            backoff_limit: args.image_job_backoff_limit.max(0),
+            ..Default::default()
+        },
     };
     let opts = Options {
         leader: opts.leader.map(|mut l| {

@@ -152,6 +152,132 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     }))
 }
 
+/// Reads one frame header; `Ok(None)` when the connection ends cleanly between frames.
+pub async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(usize, u32, u8, u8, [u8; HEADER_LEN])>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut h[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(FrameError::Truncated {
+                got,
+                want: HEADER_LEN,
+            });
+        }
+        got += n;
+    }
+    let (len, stream_id, kind, flags) = parse_header(&h)?;
+    Ok(Some((len, stream_id, kind, flags, h)))
+}
+
+/// Forwards one frame whose header was read: `head` (the header and any payload bytes
+/// already read) goes out with the first chunk, then the rest of the payload is copied as it
+/// arrives (`rest` bytes) — cut-through, so a large frame crosses a relay without waiting
+/// for its last byte. `buf` is the reusable chunk buffer.
+pub async fn forward_rest<R, W>(
+    r: &mut R,
+    w: &mut W,
+    mut head: Vec<u8>,
+    rest: usize,
+    buf: &mut [u8],
+) -> Result<(), FrameError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let total = head.len() + rest;
+    let mut left = rest;
+    // Small frames: one write of header and payload.
+    while left > 0 && head.len() < buf.len() {
+        let want = left.min(buf.len() - head.len());
+        let n = r.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                got: total - left,
+                want: total,
+            });
+        }
+        head.extend_from_slice(&buf[..n]);
+        left -= n;
+    }
+    w.write_all(&head).await?;
+    while left > 0 {
+        let want = left.min(buf.len());
+        let n = r.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                got: total - left,
+                want: total,
+            });
+        }
+        w.write_all(&buf[..n]).await?;
+        left -= n;
+    }
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads exactly `len` payload bytes after a header; for the frames a relay must decode.
+pub async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    prefix: Vec<u8>,
+    len: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let mut payload = prefix;
+    let mut got = payload.len();
+    payload.resize(len, 0);
+    while got < len {
+        let n = r.read(&mut payload[got..]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                got: HEADER_LEN + got,
+                want: HEADER_LEN + len,
+            });
+        }
+        got += n;
+    }
+    Ok(payload)
+}
+
+/// The `service` and `method` of a ttrpc `Request` from the first bytes of its payload
+/// (fields 1 and 2, which encoders write first); `None` when the prefix does not show both.
+pub fn request_route(prefix: &[u8]) -> Option<(&str, &str)> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut service, mut method) = (None, None);
+    let mut i = 0;
+    while service.is_none() || method.is_none() {
+        let tag = varint(prefix, &mut i)?;
+        if tag & 7 != 2 || !(1..=2).contains(&(tag >> 3)) {
+            return None;
+        }
+        let len = usize::try_from(varint(prefix, &mut i)?).ok()?;
+        let s = std::str::from_utf8(prefix.get(i..i.checked_add(len)?)?).ok()?;
+        i += len;
+        if tag >> 3 == 1 {
+            service = Some(s);
+        } else {
+            method = Some(s);
+        }
+    }
+    Some((service?, method?))
+}
+
 /// Writes one frame: header and payload in one write when small; a large payload is
 /// written after its header without being copied.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), FrameError> {
@@ -191,6 +317,43 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_of_a_request_is_read_from_its_first_bytes() {
+        let mut r = ttrpc::proto::Request::new();
+        r.service = "grpc.AgentService".into();
+        r.method = "WriteStdin".into();
+        r.payload = vec![7; 100_000];
+        let bytes = protobuf::Message::write_to_bytes(&r).unwrap();
+        assert_eq!(
+            request_route(&bytes[..64]),
+            Some(("grpc.AgentService", "WriteStdin"))
+        );
+        // Too short to show both names, or not a request envelope: unknown.
+        assert_eq!(request_route(&bytes[..20]), None);
+        assert_eq!(request_route(&[0x18, 0x01]), None);
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_frame_arrives_byte_for_byte_in_any_chunking() {
+        for len in [0usize, 5, 1000, 70_000, 300_000] {
+            let f = frame(len);
+            let wire = f.encode();
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let writer = tokio::spawn(async move {
+                a.write_all(&wire).await.unwrap();
+                a
+            });
+            let (hlen, _, _, _, h) = read_header(&mut b).await.unwrap().unwrap();
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 16 << 10];
+            forward_rest(&mut b, &mut out, h.to_vec(), hlen, &mut buf)
+                .await
+                .unwrap();
+            writer.await.unwrap();
+            assert_eq!(out, f.encode(), "len {len}");
+        }
+    }
 
     fn frame(len: usize) -> Frame {
         Frame {

@@ -218,6 +218,8 @@ impl Fixture {
                 renew_every: Duration::from_secs(2),
             }),
             admission_policy: true,
+            webhook: Default::default(),
+            image_job: Default::default(),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             self.operator_client.clone(),

@@ -18,6 +18,8 @@ use crate::harness::{Case, eventually};
 
 const CLIENT_SECRET: &str = "s3cr3t-value-never-shown";
 const SUBNET: &str = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/vnet/subnets/worker-subnet";
+/// A pod VM image the user provides (the CAA only starts once an image id is known).
+const IMAGE: &str = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0";
 const NSG: &str = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/nsg";
 
 pub fn cases() -> Vec<Case> {
@@ -69,7 +71,7 @@ fn cm(size: &str) -> ConfigMap {
             "AZURE_INSTANCE_SIZES": "Standard_B2als_v2,Standard_D2as_v5",
             "AZURE_SUBNET_ID": SUBNET,
             "AZURE_NSG_ID": NSG,
-            "AZURE_IMAGE_ID": "",
+            "AZURE_IMAGE_ID": IMAGE,
             "AZURE_REGION": "eastus",
             "AZURE_RESOURCE_GROUP": "rg",
         },

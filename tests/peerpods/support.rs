@@ -42,6 +42,31 @@ fn crd_path(file: &str) -> std::path::PathBuf {
 impl Fixture {
     /// CRDs, RBAC, no KataConfig, the operator running under its ServiceAccount.
     pub async fn start(env: &Env) -> Result<Self> {
+        Self::start_with(env, Default::default()).await
+    }
+
+    /// [`Fixture::start`] with these pod VM image Job settings.
+    pub async fn start_with(
+        env: &Env,
+        image_job: sandboxd::operator::peerpods::image_job::Settings,
+    ) -> Result<Self> {
+        Self::start_opts(env, Default::default(), image_job).await
+    }
+
+    /// [`Fixture::start`] with these webhook rollout settings.
+    pub async fn start_with_webhook(
+        env: &Env,
+        webhook: sandboxd::operator::peerpods::webhook::Settings,
+    ) -> Result<Self> {
+        Self::start_opts(env, webhook, Default::default()).await
+    }
+
+    /// [`Fixture::start`] with webhook rollout and image Job settings.
+    pub async fn start_opts(
+        env: &Env,
+        webhook: sandboxd::operator::peerpods::webhook::Settings,
+        image_job: sandboxd::operator::peerpods::image_job::Settings,
+    ) -> Result<Self> {
         let admin = env.admin().await?;
         for f in [
             "kataconfigs.kataconfiguration.openshift.io.yaml",
@@ -61,6 +86,8 @@ impl Fixture {
             platform: Platform::Kubernetes,
             leader: None,
             admission_policy: false,
+            webhook,
+            image_job,
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             client,

@@ -126,6 +126,7 @@ impl ArmClient {
 
     /// Polls an `Azure-AsyncOperation` URL until the operation ends, waiting what each
     /// answer's `Retry-After` says (at least `min_interval`, `default_interval` when absent).
+    /// Returns how many polls it took.
     pub async fn wait_operation(
         &self,
         url: &str,
@@ -133,9 +134,10 @@ impl ArmClient {
         min_interval: Duration,
         default_interval: Duration,
         timeout: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<u32, Error> {
         let deadline = Instant::now() + timeout;
         let mut wait = first_wait.unwrap_or(default_interval).max(min_interval);
+        let mut polls = 0;
         loop {
             if Instant::now() + wait > deadline {
                 return Err(Error::Transient(format!(
@@ -144,10 +146,11 @@ impl ArmClient {
             }
             tokio::time::sleep(wait).await;
             let (headers, v) = self.get(url).await?;
+            polls += 1;
             let status: OperationStatus = serde_json::from_value(v)
                 .map_err(|e| Error::Transient(format!("unexpected operation document: {e}")))?;
             match status.status.as_str() {
-                "Succeeded" => return Ok(()),
+                "Succeeded" => return Ok(polls),
                 "Failed" | "Canceled" => {
                     let err = status.error.unwrap_or_default();
                     let code = err["code"].as_str().unwrap_or("Unknown").to_string();

@@ -27,7 +27,7 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
     nic_props.delete_option =
         Some(m::virtual_machine_network_interface_configuration_properties::DeleteOption::Delete);
     nic_props.network_security_group = cfg.nsg_id.clone().map(|id| m::SubResource { id: Some(id) });
-    let mut nic = m::VirtualMachineNetworkInterfaceConfiguration::new(format!("{}-nic", spec.name));
+    let mut nic = m::VirtualMachineNetworkInterfaceConfiguration::new(nic_name(&spec.name));
     nic.properties = Some(nic_props);
 
     let mut image = m::ImageReference::new();
@@ -117,4 +117,10 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
     let mut vm = m::VirtualMachine::new(resource);
     vm.properties = Some(properties);
     vm
+}
+
+/// The name of a pod VM's NIC: ARM names the NIC it creates after the VM's NIC
+/// configuration, so the provider finds it without reading the VM.
+pub fn nic_name(vm: &str) -> String {
+    format!("{vm}-nic")
 }

@@ -69,6 +69,57 @@ pub struct AzureProvider {
     config: AzureConfig,
     polling: Polling,
     policy: Arc<policy::ArmPolicy>,
+    /// How long recent creates took: the first poll of a new one waits that long.
+    create_times: Learned,
+    /// How long recent deletes took.
+    delete_times: Learned,
+}
+
+/// The durations of the last few operations of one kind. Polling an operation before it
+/// can have finished only spends the subscription's read budget (about 1 read per VM per
+/// `Retry-After` otherwise), so the first poll of the next operation waits the median of
+/// these; later polls follow `Retry-After` as before.
+#[derive(Debug, Default)]
+struct Learned(std::sync::Mutex<std::collections::VecDeque<Duration>>);
+
+impl Learned {
+    const KEEP: usize = 8;
+
+    /// Records an operation that ended after `elapsed`, seen done by poll number `polls`
+    /// whose first wait was `first_wait`. Done at the first poll says only "at most the
+    /// first wait": a slightly shorter guess is kept, so the estimate drifts down until a
+    /// first poll comes early, instead of only ever growing by each poll's round trip.
+    fn observe(&self, elapsed: Duration, polls: u32, first_wait: Option<Duration>) {
+        match (polls, first_wait) {
+            (1, Some(w)) => self.record(w.min(elapsed).mul_f64(0.9)),
+            _ => self.record(elapsed),
+        }
+    }
+
+    fn record(&self, d: Duration) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() == Self::KEEP {
+            v.pop_front();
+        }
+        v.push_back(d);
+    }
+
+    /// Median of the recorded durations (none before the first operation finished).
+    fn typical(&self) -> Option<Duration> {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sorted: Vec<Duration> = v.iter().copied().collect();
+        sorted.sort_unstable();
+        sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// The first wait for a new operation: what ARM asks for, or longer when recent
+    /// operations of this kind took longer.
+    fn first_wait(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        match (retry_after, self.typical()) {
+            (Some(r), Some(t)) => Some(r.max(t)),
+            (r, t) => r.or(t),
+        }
+    }
 }
 
 /// Maps an `azure_core` error to the typed cloud error.
@@ -99,6 +150,80 @@ pub(crate) fn map_error(e: azure_core::Error) -> Error {
     }
 }
 
+/// The token credential `credentials` describe, asking `endpoints.authority` for tokens.
+pub fn credential(
+    credentials: &AzureCredentials,
+    endpoints: &Endpoints,
+) -> Result<Arc<dyn TokenCredential>, Error> {
+    let http = azure_core::new_http_client();
+    let credential: Arc<dyn TokenCredential> = match credentials {
+        AzureCredentials::ClientSecret {
+            tenant_id,
+            client_id,
+            client_secret,
+        } => Arc::new(azure_identity::ClientSecretCredential::new(
+            http.clone(),
+            endpoints.authority.clone(),
+            tenant_id.clone(),
+            client_id.clone(),
+            client_secret.expose().to_string(),
+        )),
+        AzureCredentials::WorkloadIdentity {
+            tenant_id,
+            client_id,
+            token_file,
+        } => {
+            let token = std::fs::read_to_string(token_file).map_err(|e| {
+                Error::Permanent(format!(
+                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
+                    token_file.display()
+                ))
+            })?;
+            Arc::new(azure_identity::WorkloadIdentityCredential::new(
+                http.clone(),
+                endpoints.authority.clone(),
+                tenant_id.clone(),
+                client_id.clone(),
+                token.trim().to_string(),
+            ))
+        }
+        AzureCredentials::ManagedIdentity { .. } => Arc::new(
+            azure_identity::VirtualMachineManagedIdentityCredential::new(
+                azure_identity::TokenCredentialOptions::default(),
+            ),
+        ),
+    };
+    Ok(credential)
+}
+
+/// A plain ARM client with sandboxd's retry and rate manners, for reads outside the
+/// provider (`ctl` discovering the network layout and checking NSG rules).
+pub fn arm_client(
+    credentials: &AzureCredentials,
+    endpoints: &Endpoints,
+    manners: Manners,
+) -> Result<arm::ArmClient, Error> {
+    let credential = credential(credentials, endpoints)?;
+    let policy = Arc::new(policy::ArmPolicy::new(manners));
+    let mut options = ClientOptions::default().retry(RetryOptions::none());
+    options
+        .per_retry_policies_mut()
+        .push(policy as Arc<dyn azure_core::Policy>);
+    let pipeline = azure_core::Pipeline::new(
+        Some("sandboxd"),
+        Some(crate::VERSION),
+        options,
+        Vec::new(),
+        Vec::new(),
+    );
+    Ok(arm::ArmClient::new(
+        pipeline,
+        endpoints.arm.clone(),
+        credential,
+        vec!["https://management.azure.com/.default".to_string()],
+    ))
+}
+
 impl AzureProvider {
     /// Builds the provider: the credential, one pipeline policy, both clients.
     pub fn new(
@@ -109,44 +234,7 @@ impl AzureProvider {
         manners: Manners,
         polling: Polling,
     ) -> Result<Self, Error> {
-        let http = azure_core::new_http_client();
-        let credential: Arc<dyn TokenCredential> = match credentials {
-            AzureCredentials::ClientSecret {
-                tenant_id,
-                client_id,
-                client_secret,
-            } => Arc::new(azure_identity::ClientSecretCredential::new(
-                http.clone(),
-                endpoints.authority.clone(),
-                tenant_id.clone(),
-                client_id.clone(),
-                client_secret.expose().to_string(),
-            )),
-            AzureCredentials::WorkloadIdentity {
-                tenant_id,
-                client_id,
-                token_file,
-            } => {
-                let token = std::fs::read_to_string(token_file).map_err(|e| {
-                    Error::Permanent(format!(
-                        "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                        token_file.display()
-                    ))
-                })?;
-                Arc::new(azure_identity::WorkloadIdentityCredential::new(
-                    http.clone(),
-                    endpoints.authority.clone(),
-                    tenant_id.clone(),
-                    client_id.clone(),
-                    token.trim().to_string(),
-                ))
-            }
-            AzureCredentials::ManagedIdentity { .. } => Arc::new(
-                azure_identity::VirtualMachineManagedIdentityCredential::new(
-                    azure_identity::TokenCredentialOptions::default(),
-                ),
-            ),
-        };
+        let credential = credential(credentials, &endpoints)?;
         let policy = Arc::new(policy::ArmPolicy::new(manners));
         let mut options = ClientOptions::default().retry(RetryOptions::none());
         options
@@ -175,6 +263,8 @@ impl AzureProvider {
             config,
             polling,
             policy,
+            create_times: Learned::default(),
+            delete_times: Learned::default(),
         })
     }
 
@@ -291,6 +381,7 @@ impl Provider for AzureProvider {
             .map_err(map_error)?;
         let headers = resp.as_raw_response().headers().clone();
         let vm = resp.into_body().await.map_err(map_error)?;
+        let started = std::time::Instant::now();
         let state = vm
             .properties
             .as_ref()
@@ -298,15 +389,18 @@ impl Provider for AzureProvider {
         if state.as_deref() != Some("Succeeded") {
             match Self::async_operation(&headers) {
                 Some(url) => {
-                    self.arm
+                    let first = self.create_times.first_wait(policy::retry_after(&headers));
+                    let polls = self
+                        .arm
                         .wait_operation(
                             &url,
-                            policy::retry_after(&headers),
+                            first,
                             self.polling.min_interval,
                             self.polling.default_interval,
                             self.polling.timeout,
                         )
-                        .await?
+                        .await?;
+                    self.create_times.observe(started.elapsed(), polls, first);
                 }
                 None => {
                     // No operation to follow: poll the VM itself.
@@ -317,7 +411,7 @@ impl Provider for AzureProvider {
                         )
                         .await;
                         match self.get(&spec.name).await? {
-                            Some(v) if v.state == VmState::Succeeded => break,
+                            Some(v) if v.state == VmState::Succeeded => return Ok(v),
                             Some(v) if v.state == VmState::Failed => {
                                 return Err(Error::Permanent(format!(
                                     "VM {} failed to provision",
@@ -336,21 +430,39 @@ impl Provider for AzureProvider {
                 }
             }
         }
-        let vm = self
-            .get(&spec.name)
-            .await?
-            .ok_or_else(|| Error::Transient(format!("VM {} vanished after create", spec.name)))?;
-        match vm.state {
-            VmState::Succeeded if vm.private_ip.is_some() => Ok(vm),
-            VmState::Succeeded => Err(Error::Transient(format!(
+        // The operation succeeded, so the VM is provisioned; its NIC carries the name the
+        // create gave it, so its IP is one read away (no GET of the VM first).
+        let nic = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{}",
+            self.subscription,
+            self.config.resource_group,
+            body::nic_name(&spec.name)
+        );
+        let private_ip = self.arm.nic_private_ip(&nic).await?;
+        let Some(private_ip) = private_ip else {
+            return Err(Error::Transient(format!(
                 "VM {} has no private IP yet",
                 spec.name
-            ))),
-            _ => Err(Error::Permanent(format!(
-                "VM {} is {:?} after its create operation",
-                spec.name, vm.state
-            ))),
-        }
+            )));
+        };
+        let tags: BTreeMap<String, String> = vm
+            .resource
+            .tags
+            .clone()
+            .and_then(|t| serde_json::from_value(t).ok())
+            .unwrap_or_default();
+        Ok(Vm {
+            name: spec.name.clone(),
+            id: vm.resource.id.clone().unwrap_or_else(|| {
+                format!(
+                    "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+                    self.subscription, self.config.resource_group, spec.name
+                )
+            }),
+            state: VmState::Succeeded,
+            private_ip: Some(private_ip),
+            tags,
+        })
     }
 
     async fn get(&self, name: &str) -> Result<Option<Vm>, Error> {
@@ -385,20 +497,26 @@ impl Provider for AzureProvider {
             }
         };
         let headers = resp.as_raw_response().headers().clone();
+        let started = std::time::Instant::now();
         if let Some(url) = Self::async_operation(&headers) {
-            self.arm
+            let first = self.delete_times.first_wait(policy::retry_after(&headers));
+            let polls = self
+                .arm
                 .wait_operation(
                     &url,
-                    policy::retry_after(&headers),
+                    first,
                     self.polling.min_interval,
                     self.polling.default_interval,
                     self.polling.timeout,
                 )
                 .await
                 .or_else(|e| match e {
-                    Error::NotFound(_) => Ok(()),
+                    Error::NotFound(_) => Ok(0),
                     e => Err(e),
                 })?;
+            if polls > 0 {
+                self.delete_times.observe(started.elapsed(), polls, first);
+            }
         }
         Ok(())
     }

@@ -51,18 +51,6 @@ impl Fixture {
                 format!("{rg}/providers/Microsoft.Network/networkSecurityGroups/nsg"),
                 json!({"location": "eastus"}),
             ),
-            (
-                format!("{rg}/providers/Microsoft.Compute/galleries/g"),
-                json!({"location": "eastus"}),
-            ),
-            (
-                format!("{rg}/providers/Microsoft.Compute/galleries/g/images/podvm"),
-                json!({"location": "eastus"}),
-            ),
-            (
-                format!("{rg}/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0"),
-                json!({"location": "eastus"}),
-            ),
         ] {
             let status = http(
                 &self.base,
@@ -73,6 +61,9 @@ impl Fixture {
             .await;
             assert!(status == 200 || status == 201, "{path}: {status}");
         }
+        // The gallery image version (what the gallery API requires of it is not this test's
+        // subject): seeded as the dev server seeds it.
+        self.handle.seed_peer_pods(SUB, "rg", "eastus");
     }
 
     async fn token(&self) -> String {
@@ -155,7 +146,7 @@ impl Fixture {
             image_id: self.image(),
             user_data: Some("#cloud-config\nwrite_files: []\n".into()),
             ssh_public_key: Some("ssh-ed25519 AAAAC3Nza test".into()),
-            tags: BTreeMap::from([("sandboxd.io/node".to_string(), "n1".to_string())]),
+            tags: BTreeMap::from([("sandboxd-node".to_string(), "n1".to_string())]),
         }
     }
 }
@@ -235,7 +226,7 @@ async fn create_sends_the_documented_body_and_returns_the_nic_ip() {
         .unwrap();
     assert_eq!(vm.state, VmState::Succeeded);
     assert_eq!(vm.private_ip.unwrap().to_string(), "10.0.1.4");
-    assert_eq!(vm.tags["sandboxd.io/node"], "n1");
+    assert_eq!(vm.tags["sandboxd-node"], "n1");
     let body = f.handle.vm_request("podvm-web-3c1f0c0e").unwrap();
     let props = &body["properties"];
     assert_eq!(body["location"], "eastus");
@@ -410,6 +401,67 @@ async fn lro_polling_follows_the_retry_after_header() {
     assert!((2..=4).contains(&polls), "{polls} polls");
 }
 
+#[test]
+fn the_first_wait_follows_recent_operations_but_never_precedes_retry_after() {
+    let l = Learned::default();
+    let ra = Some(Duration::from_secs(1));
+    assert_eq!(l.first_wait(ra), ra, "nothing learned yet: what ARM asks");
+    // Seen running at the 1 s poll, done at the 2 s one.
+    l.observe(Duration::from_millis(2000), 2, ra);
+    assert_eq!(l.first_wait(ra), Some(Duration::from_millis(2000)));
+    // Done at every first poll: the guess drifts down (it only knows "at most")...
+    for _ in 0..12 {
+        let w = l.first_wait(ra);
+        l.observe(w.unwrap() + Duration::from_millis(5), 1, w);
+    }
+    let w = l.first_wait(ra).unwrap();
+    assert!(w < Duration::from_millis(2000), "{w:?}");
+    // ...but never below what ARM asks for.
+    assert!(w >= Duration::from_secs(1), "{w:?}");
+}
+
+#[tokio::test]
+async fn later_creates_poll_once_after_the_time_earlier_creates_took() {
+    let f = Fixture::start(armtest::Config {
+        lro_duration: Duration::from_millis(1500),
+        lro_retry_after_secs: 1,
+        ..armtest::Config::default()
+    })
+    .await;
+    let p = f.provider(false, "s");
+    let reads = |f: &Fixture| {
+        f.handle
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET")
+            .count()
+    };
+    let before = reads(&f);
+    p.create(&f.spec("podvm-learn-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let first = reads(&f) - before;
+    let before = reads(&f);
+    let t = Instant::now();
+    let vm = p
+        .create(&f.spec("podvm-learn-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let second = reads(&f) - before;
+    // First create: polls at 1 s (running) and 2 s (done), then the NIC. Second: one
+    // poll at the learned ~2 s, then the NIC; and it still returns as soon as that poll
+    // says done, with the IP.
+    assert_eq!(first, 3, "reads of the first create");
+    assert_eq!(second, 2, "reads of the second create");
+    assert!(
+        t.elapsed() < Duration::from_millis(2900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(vm.private_ip.is_some());
+    assert_eq!(vm.state, VmState::Succeeded);
+}
+
 #[tokio::test]
 async fn quota_failures_are_typed_and_unknown_vms_are_none() {
     let f = Fixture::start(armtest::Config {
@@ -450,14 +502,14 @@ async fn list_owned_returns_only_vms_with_every_tag() {
     let f = Fixture::start(armtest::Config::default()).await;
     let p = f.provider(false, "s");
     let mut a = f.spec("podvm-a-00000001", "Standard_D2as_v5");
-    a.tags.insert("sandboxd.io/cluster".into(), "c1".into());
+    a.tags.insert("sandboxd-cluster".into(), "c1".into());
     let mut b = f.spec("podvm-b-00000001", "Standard_D2as_v5");
-    b.tags.insert("sandboxd.io/cluster".into(), "c2".into());
+    b.tags.insert("sandboxd-cluster".into(), "c2".into());
     p.create(&a).await.unwrap();
     p.create(&b).await.unwrap();
     let owned = p
         .list_owned(&BTreeMap::from([(
-            "sandboxd.io/cluster".to_string(),
+            "sandboxd-cluster".to_string(),
             "c1".to_string(),
         )]))
         .await

@@ -95,6 +95,8 @@ struct Ctx {
     mco: Option<McoStores>,
     metrics: Arc<OperatorMetrics>,
     recorder: Recorder,
+    /// The default PeerPodConfig (its `PodVMImageReady` shows in `InProgress`).
+    ppcs: Store<crate::api::peerpodconfig::PeerPodConfig>,
     /// KataConfigs (by uid) whose uninstall finished: a pass on a store that has not yet
     /// seen them go must not start over (it would label nodes again).
     finished: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -202,6 +204,20 @@ pub async fn run(
     );
     spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
 
+    // Not awaited: a cluster without the PeerPodConfig CRD still runs the KataConfig.
+    let (ppcs, w) = reflector::store();
+    let s = reflector::reflector(
+        w,
+        watcher(
+            Api::namespaced(client.clone(), &opts.namespace),
+            wc.clone().fields(&format!(
+                "metadata.name={}",
+                crate::api::peerpodconfig::DEFAULT_NAME
+            )),
+        ),
+    );
+    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
+
     let mco = (opts.flavor == Flavor::OpenShift).then(|| McoStores {
         mcs: dynamic_watch(
             &client,
@@ -260,6 +276,7 @@ pub async fn run(
         mco,
         metrics,
         recorder,
+        ppcs,
         finished: Default::default(),
     };
     tracing::info!("KataConfig controller started");
@@ -475,6 +492,12 @@ async fn reconcile_active(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duration>
             .pending(p.nodes.node_count as usize)
     {
         p.pending.push(pending);
+    }
+    if kc.spec.enable_peer_pods {
+        p.pod_vm_image = ctx.ppcs.state().first().and_then(|ppc| {
+            let s = ppc.status.as_ref()?;
+            crate::operator::peerpods::image_job::kataconfig_progress(&s.conditions)
+        });
     }
     apply_node_actions(ctx, &p.actions).await?;
     write_status(ctx, kc, &p, &Phase::Active).await?;

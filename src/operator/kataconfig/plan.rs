@@ -83,6 +83,9 @@ pub struct Plan {
     /// What else the install waits on besides the nodes (OpenShift: the machine-config
     /// pool's rollout). Non-empty keeps `InProgress` true.
     pub pending: Vec<String>,
+    /// Peer pods: the pod VM image Job's `InProgress` (status, reason, message), shown once
+    /// the nodes are done.
+    pub pod_vm_image: Option<(bool, &'static str, String)>,
 }
 
 /// Plans every node. `selection` is `None` while the KataConfig is being deleted (no node

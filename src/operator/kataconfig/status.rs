@@ -151,6 +151,8 @@ pub fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> C
                 cond(true, reason, message)
             } else if !plan.failures.is_empty() {
                 cond(false, reasons::FAILED, message)
+            } else if let Some((running, reason, why)) = &plan.pod_vm_image {
+                cond(*running, reason, format!("{message}; {why}"))
             } else {
                 // Done: False with no reason, as the seed guide reads it.
                 cond(false, "", message)
@@ -238,6 +240,23 @@ mod tests {
             p.had_installed = true;
         });
         assert_eq!(in_progress(&p, &Phase::Active, None).reason, "Updating");
+    }
+
+    #[test]
+    fn the_pod_vm_image_job_shows_once_the_nodes_are_done() {
+        let image = Some((true, "PodVMImageJobRunning", "Job x runs".to_string()));
+        let p = plan_with(|p| {
+            p.nodes.waiting_to_install = vec!["a".into()];
+            p.pod_vm_image = image.clone();
+        });
+        assert_eq!(in_progress(&p, &Phase::Active, None).reason, "Installing");
+        let p = plan_with(|p| p.pod_vm_image = image.clone());
+        let c = in_progress(&p, &Phase::Active, None);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "PodVMImageJobRunning")
+        );
+        assert!(c.message.contains("Job x runs"), "{}", c.message);
     }
 
     #[test]

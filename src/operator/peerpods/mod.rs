@@ -8,13 +8,17 @@
 //! (no Secret cache); nodes, KataConfigs and PeerPodConfigs are watched.
 
 pub mod caa;
+pub mod credentials;
+pub mod image_job;
 pub mod plan;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -78,6 +82,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Rolling out the webhook failed.
+    #[error(transparent)]
+    Webhook(#[from] webhook::Error),
+    /// The pod VM image Jobs failed.
+    #[error(transparent)]
+    ImageJob(#[from] image_job::Error),
 }
 
 impl Error {
@@ -88,6 +98,8 @@ impl Error {
             Error::Read { .. } => "read",
             Error::Create(_) => "create",
             Error::NodeStatus { .. } => "node_status",
+            Error::Webhook(e) => e.metric_label(),
+            Error::ImageJob(e) => e.metric_label(),
         }
     }
 }
@@ -100,6 +112,10 @@ struct Ctx {
     ppcs: Store<PeerPodConfig>,
     nodes: Store<Node>,
     recorder: Recorder,
+    webhook: webhook::Rollout,
+    /// The pod VM image Jobs (watched by label) and how they run.
+    jobs: Store<Job>,
+    image_job: image_job::Settings,
 }
 
 fn spawn_reflector<K>(
@@ -118,12 +134,51 @@ where
     store
 }
 
+/// Nodes as this controller reads them: labels and the VM resource of the status, nothing
+/// else (a full Node with managedFields is kilobytes, times every node of the cluster).
+fn spawn_node_reflector(
+    client: &Client,
+    cfg: watcher::Config,
+    notify: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Store<Node> {
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<Node>::all(client.clone()), cfg).modify(trim_node),
+    )
+    .default_backoff();
+    crate::operator::kataconfig::spawn_watch(stream, notify.clone(), shutdown.clone());
+    store
+}
+
+/// Drops what [`node_views`] never reads.
+fn trim_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    n.annotations_mut().clear();
+    n.spec = None;
+    if let Some(status) = n.status.take() {
+        let keep =
+            |m: Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >| { m.map(|m| m.into_iter().filter(|(k, _)| k == VM_RESOURCE).collect()) };
+        n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            capacity: keep(status.capacity),
+            allocatable: keep(status.allocatable),
+            ..Default::default()
+        });
+    }
+}
+
 /// Runs `work` with the peer-pods controller beside it (stopped when `work` ends).
+#[allow(clippy::too_many_arguments)] // `run`'s arguments plus `work`
 pub async fn alongside<F, T>(
     client: Client,
     namespace: String,
     image: String,
     instance: String,
+    webhook: webhook::Settings,
+    image_job: image_job::Settings,
     shutdown: CancellationToken,
     work: F,
 ) -> T
@@ -132,7 +187,15 @@ where
     T: Send + 'static,
 {
     let token = shutdown.child_token();
-    let ctl = tokio::spawn(run(client, namespace, image, instance, token.clone()));
+    let ctl = tokio::spawn(run(
+        client,
+        namespace,
+        image,
+        instance,
+        webhook,
+        image_job,
+        token.clone(),
+    ));
     let out = work.await;
     token.cancel();
     let _ = ctl.await;
@@ -146,6 +209,8 @@ pub async fn run(
     namespace: String,
     image: String,
     instance: String,
+    webhook: webhook::Settings,
+    image_job: image_job::Settings,
     shutdown: CancellationToken,
 ) {
     let notify = Arc::new(Notify::new());
@@ -157,10 +222,17 @@ pub async fn run(
         &notify,
         &shutdown,
     );
-    let nodes = spawn_reflector(Api::all(client.clone()), wc, &notify, &shutdown);
+    let jobs = spawn_reflector(
+        Api::namespaced(client.clone(), &namespace),
+        wc.clone().labels(&image_job::watch_selector()),
+        &notify,
+        &shutdown,
+    );
+    let nodes = spawn_node_reflector(&client, wc, &notify, &shutdown);
     for ready in [
         Box::pin(kcs.wait_until_ready()) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>,
         Box::pin(ppcs.wait_until_ready()),
+        Box::pin(jobs.wait_until_ready()),
         Box::pin(nodes.wait_until_ready()),
     ] {
         tokio::select! {
@@ -183,6 +255,9 @@ pub async fn run(
         ppcs,
         nodes,
         recorder,
+        webhook: webhook::Rollout::new(webhook),
+        jobs,
+        image_job,
     };
     tracing::info!("peer-pods controller started");
     let mut backoff = Duration::from_millis(500);
@@ -255,6 +330,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         if get_daemonset(&dss).await?.is_some() {
             apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
         }
+        ctx.webhook.remove(&ctx.client, &ctx.namespace).await?;
+        credentials::teardown(ctx).await;
         if ctx
             .kcs
             .state()
@@ -269,7 +346,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
             apply::delete_if_exists(&api, DEFAULT_NAME).await?;
         }
-        return Ok(Duration::from_secs(300));
+        let image_wait = image_job::off(ctx).await?;
+        return Ok(image_wait.unwrap_or(Duration::from_secs(300)));
     };
     let ppc = match ctx
         .ppcs
@@ -285,7 +363,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         }
     };
     let inputs = read_config(ctx, &ppc.spec).await?;
-    let verdict = plan::config_verdict(&inputs);
+    let (inputs, creds) = credentials::ensure(ctx, &kc, &ppc.spec, inputs).await?;
+    let verdict = plan::config_verdict(&inputs).map_err(|p| creds.explain(p));
     let cm_limit = inputs
         .configmap
         .1
@@ -330,12 +409,19 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             generation,
         ),
     };
-    write_status(ctx, &ppc, vec![limit_condition, config_condition]).await?;
-    if verdict.is_ok() {
-        // Only a valid configuration ever (re)starts the CAA.
+    let (image_condition, image_ready) =
+        image_job::reconcile(ctx, &kc, &ppc, &inputs, verdict.as_ref().ok()).await?;
+    let conds = vec![limit_condition, config_condition, image_condition];
+    write_status(ctx, &ppc, conds).await?;
+    if verdict.is_ok() && image_ready {
+        // Only a valid configuration with a pod VM image ever (re)starts the CAA.
         ensure_caa(ctx, &kc, &ppc.spec, &caa::config_hash(&inputs)).await?;
     }
-    Ok(CONFIG_RECHECK)
+    let next = ctx
+        .webhook
+        .ensure(&ctx.client, &ctx.namespace, &ctx.image, &owner(&kc))
+        .await?;
+    Ok(CONFIG_RECHECK.min(next))
 }
 
 fn owner(kc: &KataConfig) -> OwnerReference {
@@ -543,6 +629,8 @@ pub async fn with_kataconfig(
     client: Client,
     opts: super::kataconfig::Options,
     metrics: Arc<super::metrics::OperatorMetrics>,
+    webhook: webhook::Settings,
+    image_job: image_job::Settings,
     shutdown: CancellationToken,
 ) -> Result<(), super::kataconfig::Error> {
     let (namespace, image, instance) = (
@@ -551,5 +639,8 @@ pub async fn with_kataconfig(
         opts.instance.clone(),
     );
     let kc = super::kataconfig::run(client.clone(), opts, metrics, shutdown.clone());
-    alongside(client, namespace, image, instance, shutdown, kc).await
+    alongside(
+        client, namespace, image, instance, webhook, image_job, shutdown, kc,
+    )
+    .await
 }

@@ -1,0 +1,537 @@
+//! What `ctl azure configmap` and `ctl doctor` read from Azure Resource Manager: resource
+//! group location, virtual networks with their subnets, network security groups with their
+//! rules, and the VM sizes a region offers. Credentials come as CAA gets them
+//! (`peer-pods-secret`, overridden by `AZURE_*` in the environment); no secret value is
+//! ever printed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use serde_json::Value;
+
+use crate::cloud::azure::arm::ArmClient;
+use crate::cloud::azure::{Endpoints, Manners};
+use crate::config::{AzureCredentials, CloudSecret, SECRET_NAME};
+
+const NETWORK_API: &str = "2023-09-01";
+const COMPUTE_API: &str = "2024-07-01";
+const RESOURCES_API: &str = "2021-04-01";
+const GALLERY_API: &str = "2023-07-03";
+
+/// Environment keys read for credentials, overriding `peer-pods-secret`.
+const CREDENTIAL_KEYS: [&str; 5] = [
+    "AZURE_SUBSCRIPTION_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_FEDERATED_TOKEN_FILE",
+];
+
+/// `peer-pods-cm` / environment key of the ARM endpoint (the CAA reads the same).
+pub const ARM_ENDPOINT_KEY: &str = "AZURE_RESOURCE_MANAGER_ENDPOINT";
+/// `peer-pods-cm` / environment key of the Entra ID authority host.
+pub const AUTHORITY_KEY: &str = "AZURE_AUTHORITY_HOST";
+
+/// Errors talking to Azure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An ARM call failed.
+    #[error("Azure: {0}")]
+    Cloud(#[from] crate::cloud::Error),
+    /// ARM answered something this tool cannot read.
+    #[error("unexpected ARM answer for {what}: {detail}")]
+    Unexpected {
+        /// What was read.
+        what: String,
+        /// Why it could not be used.
+        detail: String,
+    },
+    /// No usable credentials.
+    #[error(
+        "no Azure credentials: create {SECRET_NAME} (sandboxd ctl azure secret) or set \
+         AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID{0}"
+    )]
+    NoCredentials(String),
+    /// The credentials are invalid (the problems name keys, never values).
+    #[error("Azure credentials: {0}")]
+    Credentials(#[from] crate::config::Error),
+    /// Reading the secret from the cluster failed.
+    #[error("reading {SECRET_NAME}: {0}")]
+    Kube(#[from] kube::Error),
+    /// An endpoint URL is malformed.
+    #[error("{key} is not a URL: {value}")]
+    Endpoint {
+        /// Which key.
+        key: &'static str,
+        /// The value.
+        value: String,
+    },
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Cloud(e) => e.metric_label(),
+            Error::Unexpected { .. } => "unexpected",
+            Error::NoCredentials(_) => "no_credentials",
+            Error::Credentials(_) => "credentials",
+            Error::Kube(_) => "kube",
+            Error::Endpoint { .. } => "endpoint",
+        }
+    }
+}
+
+/// Where ARM and Entra ID are (flags shared by the Azure-aware commands).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EndpointArgs {
+    /// ARM endpoint; default: `AZURE_RESOURCE_MANAGER_ENDPOINT` of `peer-pods-cm`, else the
+    /// public cloud.
+    #[arg(long, env = ARM_ENDPOINT_KEY)]
+    pub arm_endpoint: Option<url::Url>,
+    /// Entra ID authority host; default: `AZURE_AUTHORITY_HOST` of `peer-pods-cm`, else the
+    /// public cloud.
+    #[arg(long, env = AUTHORITY_KEY)]
+    pub authority_host: Option<url::Url>,
+}
+
+impl EndpointArgs {
+    /// The endpoints: flags/environment, then the configmap's keys, then the defaults.
+    pub fn resolve(&self, cm: &BTreeMap<String, String>) -> Result<Endpoints, Error> {
+        let mut e = Endpoints::default();
+        for (key, flag, slot) in [
+            (ARM_ENDPOINT_KEY, &self.arm_endpoint, &mut e.arm),
+            (AUTHORITY_KEY, &self.authority_host, &mut e.authority),
+        ] {
+            if let Some(u) = flag {
+                *slot = u.clone();
+            } else if let Some(v) = cm.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+                *slot = url::Url::parse(v).map_err(|_| Error::Endpoint {
+                    key,
+                    value: v.to_string(),
+                })?;
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// The credential map: `peer-pods-secret` in `namespace` (if present) overlaid with the
+/// `AZURE_*` environment; `subscription` fills `AZURE_SUBSCRIPTION_ID` when neither has it.
+pub async fn credentials(
+    client: &kube::Client,
+    namespace: &str,
+    subscription: Option<&str>,
+) -> Result<CloudSecret, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut map: BTreeMap<String, String> = match api.get_opt(SECRET_NAME).await? {
+        Some(s) => secret_map(&s),
+        None => BTreeMap::new(),
+    };
+    let from_secret = !map.is_empty();
+    for k in CREDENTIAL_KEYS {
+        if let Ok(v) = std::env::var(k)
+            && !v.trim().is_empty()
+        {
+            map.insert(k.to_string(), v);
+        }
+    }
+    if let Some(s) = subscription
+        && map
+            .get("AZURE_SUBSCRIPTION_ID")
+            .is_none_or(|v| v.trim().is_empty())
+    {
+        map.insert("AZURE_SUBSCRIPTION_ID".into(), s.to_string());
+    }
+    let secret = CloudSecret::from_map(&map)?;
+    if let AzureCredentials::ManagedIdentity { .. } = secret.credentials {
+        // A workstation has no managed identity; do not hang on the metadata endpoint.
+        return Err(Error::NoCredentials(if from_secret {
+            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+        } else {
+            format!(" (no {SECRET_NAME} in namespace {namespace})")
+        }));
+    }
+    Ok(secret)
+}
+
+/// The data of a Secret as strings (`stringData` included, for objects not yet stored).
+pub fn secret_map(s: &Secret) -> BTreeMap<String, String> {
+    let mut map: BTreeMap<String, String> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect();
+    for (k, v) in s.string_data.iter().flatten() {
+        map.insert(k.clone(), v.clone());
+    }
+    map
+}
+
+/// A subnet of a virtual network.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Subnet {
+    /// ARM id.
+    pub id: String,
+    /// Subnet name.
+    pub name: String,
+    /// Name of its virtual network.
+    pub vnet: String,
+    /// Address prefixes (`addressPrefix` or `addressPrefixes`).
+    pub prefixes: Vec<String>,
+    /// The NSG attached to the subnet, if any.
+    pub nsg_id: Option<String>,
+}
+
+/// A virtual network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vnet {
+    /// ARM id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Address space.
+    pub prefixes: Vec<String>,
+    /// Its subnets.
+    pub subnets: Vec<Subnet>,
+}
+
+/// Rule direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Traffic into the NIC or subnet.
+    Inbound,
+    /// Traffic out of it.
+    Outbound,
+}
+
+/// One NSG security rule (custom or default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    /// Rule name.
+    pub name: String,
+    /// Lower is evaluated first.
+    pub priority: u32,
+    /// Direction.
+    pub direction: Direction,
+    /// `true` for Allow.
+    pub allow: bool,
+    /// `Tcp`, `Udp`, `*`, ...
+    pub protocol: String,
+    /// Source prefixes or service tags.
+    pub sources: Vec<String>,
+    /// Destination prefixes or service tags.
+    pub destinations: Vec<String>,
+    /// Destination ports or ranges.
+    pub ports: Vec<String>,
+}
+
+/// A network security group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nsg {
+    /// ARM id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Custom and default rules.
+    pub rules: Vec<Rule>,
+}
+
+/// The parts of an ARM id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArmId {
+    /// Subscription id.
+    pub subscription: String,
+    /// Resource group.
+    pub resource_group: String,
+}
+
+/// Subscription and resource group of an ARM id (or an `azure://` provider id).
+pub fn parse_arm_id(id: &str) -> Option<ArmId> {
+    let path = id.strip_prefix("azure://").unwrap_or(id);
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let sub = segs
+        .iter()
+        .position(|s| s.eq_ignore_ascii_case("subscriptions"))?;
+    let rg = segs
+        .iter()
+        .position(|s| s.eq_ignore_ascii_case("resourceGroups"))?;
+    Some(ArmId {
+        subscription: segs.get(sub + 1)?.to_string(),
+        resource_group: segs.get(rg + 1)?.to_string(),
+    })
+}
+
+fn strings(v: &Value, one: &str, many: &str) -> Vec<String> {
+    let mut out: Vec<String> = v[many]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(s) = v[one].as_str()
+        && !s.is_empty()
+    {
+        out.insert(0, s.to_string());
+    }
+    out
+}
+
+fn subnet_of(v: &Value, vnet: &str) -> Subnet {
+    let p = &v["properties"];
+    Subnet {
+        id: v["id"].as_str().unwrap_or_default().to_string(),
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        vnet: vnet.to_string(),
+        prefixes: strings(p, "addressPrefix", "addressPrefixes"),
+        nsg_id: p["networkSecurityGroup"]["id"].as_str().map(str::to_string),
+    }
+}
+
+fn vnet_of(v: &Value) -> Vnet {
+    let name = v["name"].as_str().unwrap_or_default().to_string();
+    let subnets = v["properties"]["subnets"]
+        .as_array()
+        .map(|a| a.iter().map(|s| subnet_of(s, &name)).collect())
+        .unwrap_or_default();
+    Vnet {
+        id: v["id"].as_str().unwrap_or_default().to_string(),
+        prefixes: v["properties"]["addressSpace"]["addressPrefixes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        name,
+        subnets,
+    }
+}
+
+fn rule_of(v: &Value) -> Rule {
+    let p = &v["properties"];
+    Rule {
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        priority: p["priority"].as_u64().unwrap_or(u64::from(u32::MAX)) as u32,
+        direction: if p["direction"]
+            .as_str()
+            .is_some_and(|d| d.eq_ignore_ascii_case("Outbound"))
+        {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        },
+        allow: p["access"]
+            .as_str()
+            .is_some_and(|a| a.eq_ignore_ascii_case("Allow")),
+        protocol: p["protocol"].as_str().unwrap_or("*").to_string(),
+        sources: strings(p, "sourceAddressPrefix", "sourceAddressPrefixes"),
+        destinations: strings(p, "destinationAddressPrefix", "destinationAddressPrefixes"),
+        ports: strings(p, "destinationPortRange", "destinationPortRanges"),
+    }
+}
+
+fn nsg_of(v: &Value) -> Nsg {
+    let p = &v["properties"];
+    let rules = ["securityRules", "defaultSecurityRules"]
+        .iter()
+        .flat_map(|k| p[*k].as_array().cloned().unwrap_or_default())
+        .map(|r| rule_of(&r))
+        .collect();
+    Nsg {
+        id: v["id"].as_str().unwrap_or_default().to_string(),
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        rules,
+    }
+}
+
+/// ARM reads for one subscription.
+pub struct Azure {
+    client: ArmClient,
+    /// The subscription.
+    pub subscription: String,
+}
+
+impl Azure {
+    /// A reader authenticated with `secret` at `endpoints`.
+    pub fn new(secret: &CloudSecret, endpoints: &Endpoints) -> Result<Self, Error> {
+        let manners = Manners {
+            // An interactive tool: give up within a minute rather than five.
+            max_total: std::time::Duration::from_secs(60),
+            ..Manners::default()
+        };
+        Ok(Self {
+            client: crate::cloud::azure::arm_client(&secret.credentials, endpoints, manners)?,
+            subscription: secret.subscription_id.clone(),
+        })
+    }
+
+    async fn list(&self, path: &str) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(url) = next.take() {
+            let (_, v) = self.client.get(&url).await?;
+            let Some(items) = v["value"].as_array() else {
+                return Err(Error::Unexpected {
+                    what: path.to_string(),
+                    detail: "no value array".into(),
+                });
+            };
+            out.extend(items.iter().cloned());
+            next = v["nextLink"].as_str().map(str::to_string);
+        }
+        Ok(out)
+    }
+
+    /// The location of resource group `rg` (the seed's `az group show`).
+    pub async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
+        let (_, v) = self
+            .client
+            .get(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}?api-version={RESOURCES_API}",
+                self.subscription
+            ))
+            .await?;
+        v["location"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::Unexpected {
+                what: format!("resource group {rg}"),
+                detail: "no location".into(),
+            })
+    }
+
+    /// The virtual networks of `rg` with their subnets (the seed's `az network vnet list`).
+    pub async fn vnets(&self, rg: &str) -> Result<Vec<Vnet>, Error> {
+        Ok(self
+            .list(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks?api-version={NETWORK_API}",
+                self.subscription
+            ))
+            .await?
+            .iter()
+            .map(vnet_of)
+            .collect())
+    }
+
+    /// The NSGs of `rg` (the seed's `az network nsg list`).
+    pub async fn nsgs(&self, rg: &str) -> Result<Vec<Nsg>, Error> {
+        Ok(self
+            .list(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/networkSecurityGroups?api-version={NETWORK_API}",
+                self.subscription
+            ))
+            .await?
+            .iter()
+            .map(nsg_of)
+            .collect())
+    }
+
+    /// One NSG by id; `None` when it does not exist.
+    pub async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
+        match self
+            .client
+            .get(&format!("{id}?api-version={NETWORK_API}"))
+            .await
+        {
+            Ok((_, v)) => Ok(Some(nsg_of(&v))),
+            Err(crate::cloud::Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The virtual network holding subnet `subnet_id`, with every subnet; `None` when the
+    /// VNet does not exist.
+    pub async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
+        let lower = subnet_id.to_ascii_lowercase();
+        let Some(i) = lower.find("/subnets/") else {
+            return Ok(None);
+        };
+        match self
+            .client
+            .get(&format!("{}?api-version={NETWORK_API}", &subnet_id[..i]))
+            .await
+        {
+            Ok((_, v)) => Ok(Some(vnet_of(&v))),
+            Err(crate::cloud::Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the image `id` (managed image or gallery image/version) exists; `None` for
+    /// ids that are not ARM paths (community gallery images).
+    pub async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
+        let lower = id.to_ascii_lowercase();
+        let api = if lower.contains("/providers/microsoft.compute/galleries/") {
+            GALLERY_API
+        } else if lower.contains("/providers/microsoft.compute/images/") {
+            COMPUTE_API
+        } else {
+            return Ok(None);
+        };
+        match self.client.get(&format!("{id}?api-version={api}")).await {
+            Ok(_) => Ok(Some(true)),
+            Err(crate::cloud::Error::NotFound(_)) => Ok(Some(false)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Names of the VM sizes `region` offers.
+    pub async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
+        Ok(self
+            .list(&format!(
+                "/subscriptions/{}/providers/Microsoft.Compute/locations/{region}/vmSizes?api-version={COMPUTE_API}",
+                self.subscription
+            ))
+            .await?
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_ids_of_vms_and_scale_set_instances_name_subscription_and_group() {
+        assert_eq!(
+            parse_arm_id(
+                "azure:///subscriptions/S1/resourceGroups/RG-a/providers/Microsoft.Compute/virtualMachines/w-1"
+            ),
+            Some(ArmId {
+                subscription: "S1".into(),
+                resource_group: "RG-a".into()
+            })
+        );
+        assert_eq!(
+            parse_arm_id(
+                "azure:///subscriptions/S2/resourceGroups/mc_rg_aks/providers/Microsoft.Compute/virtualMachineScaleSets/aks-np-vmss/virtualMachines/3"
+            )
+            .map(|a| a.resource_group),
+            Some("mc_rg_aks".into())
+        );
+        assert_eq!(parse_arm_id("kind://docker/kind/node"), None);
+    }
+
+    #[test]
+    fn rules_read_single_and_plural_prefix_and_port_forms() {
+        let r = rule_of(&serde_json::json!({
+            "name": "r",
+            "properties": {"priority": 200, "direction": "Outbound", "access": "Deny",
+                "protocol": "Udp", "sourceAddressPrefixes": ["10.0.0.0/24", "10.1.0.0/24"],
+                "destinationAddressPrefix": "*", "destinationPortRanges": ["9000", "15150"]}
+        }));
+        assert_eq!(r.direction, Direction::Outbound);
+        assert!(!r.allow);
+        assert_eq!(r.sources, vec!["10.0.0.0/24", "10.1.0.0/24"]);
+        assert_eq!(r.destinations, vec!["*"]);
+        assert_eq!(r.ports, vec!["9000", "15150"]);
+    }
+}

@@ -1,0 +1,90 @@
+//! `sandboxd ctl limit get|set N`: the per-node peer-pod VM limit (`PeerPodConfig.spec.limit`
+//! of `peerpodconfig-openshift`), the seed's optional step 5.
+
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::Ctx;
+use crate::api::peerpodconfig::PeerPodConfig;
+use crate::k8s::FIELD_MANAGER;
+use crate::k8s::apply::is_not_found;
+
+/// The PeerPodConfig the operator creates.
+pub const PEERPODCONFIG: &str = "peerpodconfig-openshift";
+
+/// Errors of this command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No PeerPodConfig yet.
+    #[error(
+        "no PeerPodConfig {PEERPODCONFIG} in namespace {0}: the operator creates it for a \
+         KataConfig with peer pods (`sandboxd ctl kataconfig create --peer-pods`)"
+    )]
+    Missing(String),
+    /// The API server refused.
+    #[error("PeerPodConfig {PEERPODCONFIG}: {0}")]
+    Api(#[source] kube::Error),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Missing(_) => "missing",
+            Error::Api(_) => "api",
+        }
+    }
+}
+
+/// `ctl limit ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print the current limit.
+    Get,
+    /// Set the limit (peer-pod VMs per node).
+    Set {
+        /// The new limit.
+        limit: u32,
+    },
+}
+
+/// Run `ctl limit ...`.
+pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+    let client = ctx.client().await?;
+    let api: Api<PeerPodConfig> = Api::namespaced(client, &ctx.namespace);
+    let missing = |e: kube::Error| {
+        if is_not_found(&e) {
+            Error::Missing(ctx.namespace.clone())
+        } else {
+            Error::Api(e)
+        }
+    };
+    match cmd {
+        Command::Get => {
+            let ppc = api.get(PEERPODCONFIG).await.map_err(missing)?;
+            println!("{}", ppc.spec.limit);
+        }
+        Command::Set { limit } => {
+            // Fail clearly instead of creating a partial object.
+            api.get(PEERPODCONFIG).await.map_err(missing)?;
+            let patch = json!({"spec": {"limit": limit.to_string()}});
+            let ppc = api
+                .patch(
+                    PEERPODCONFIG,
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(missing)?;
+            println!(
+                "limit set to {} peer-pod VMs per node; the operator updates each node's \
+                 kata.peerpods.io/vm capacity",
+                ppc.spec.limit
+            );
+        }
+    }
+    Ok(())
+}

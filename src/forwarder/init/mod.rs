@@ -1,0 +1,597 @@
+//! `sandboxd` as PID 1 of the pod VM (it runs these duties when it is PID 1 or started as
+//! `/init`): mount `/proc`, `/sys`, `/dev`, `/run`, `/tmp` and the cgroup2 hierarchy, load
+//! the kernel modules listed in the initramfs, bring up the primary NIC with DHCP, report
+//! "Ready" to Azure's WireServer on Azure, fetch the forwarder config (NoCloud seed labelled
+//! `cidata`, else IMDS `userData`), then run and supervise the forwarder and kata-agent (when
+//! the image has it), reap orphans, log to the console, and power off cleanly on SIGTERM,
+//! SIGUSR2, SIGINT (Ctrl-Alt-Del), SIGPWR or the ACPI power button.
+
+pub mod dhcp;
+pub mod seed;
+pub mod wireserver;
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Printed on the console once the forwarder accepts connections.
+pub const READY_MARKER: &str = "pod VM ready: forwarder listening";
+/// Where init leaves the fetched user data for the forwarder.
+pub const USER_DATA: &str = "/run/peerpod/user-data";
+/// kata-agent's configuration, written by init.
+pub const AGENT_CONFIG: &str = "/run/peerpod/agent-config.toml";
+/// kata-agent in the image.
+pub const KATA_AGENT: &str = "/usr/bin/kata-agent";
+/// Azure's chassis asset tag (DMI), how a VM knows it runs on Azure.
+const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
+
+/// Whether this process is to run the init duties: PID 1, or started as `/init`.
+pub fn should_run() -> bool {
+    std::process::id() == 1 || std::env::args_os().next().is_some_and(|a| a == "/init")
+}
+
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Logs one line on the console (stderr of PID 1 is `/dev/console`).
+pub fn log(msg: &str) {
+    eprintln!("[{:>9.3}] sandboxd-init: {msg}", uptime());
+}
+
+fn mount_all() {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let table: [(&str, &str, &str, MsFlags, Option<&str>); 8] = [
+        ("proc", "/proc", "proc", nodev, None),
+        ("sysfs", "/sys", "sysfs", nodev, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=0620,ptmxmode=0666"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nodev,
+            Some("nsdelegate"),
+        ),
+    ];
+    for (src, target, fs, flags, data) in table {
+        let _ = std::fs::create_dir_all(target);
+        match mount(Some(src), target, Some(fs), flags, data) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => log(&format!("mounting {fs} on {target}: {e}")),
+        }
+    }
+    for d in [
+        "/run/peerpod",
+        "/run/kata-containers",
+        "/run/netns",
+        "/media/cidata",
+    ] {
+        let _ = std::fs::create_dir_all(d);
+    }
+}
+
+fn load_modules() {
+    let list = match std::fs::read_to_string(format!("/{}", crate::image::build::MODULES_LIST)) {
+        Ok(l) => l,
+        Err(_) => return,
+    };
+    let start = Instant::now();
+    let (mut loaded, mut absent) = (0, Vec::new());
+    let mut failed = std::collections::BTreeSet::new();
+    for line in list.lines() {
+        let mut words = line.split_whitespace();
+        let Some(name) = words.next() else {
+            continue;
+        };
+        // A module whose dependency did not load (no Hyper-V on KVM) is left out.
+        if let Some(d) = words.find(|d| failed.contains(*d)) {
+            failed.insert(name.to_string());
+            absent.push(format!("{name} (needs {d})"));
+            continue;
+        }
+        let path = format!("/{}/{name}.ko", crate::image::build::MODULES_DIR);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                failed.insert(name.to_string());
+                log(&format!("module {name}: {e}"));
+                continue;
+            }
+        };
+        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
+            // Hyper-V drivers on KVM and the like: no such hardware.
+            Err(nix::errno::Errno::ENODEV) => {
+                failed.insert(name.to_string());
+                absent.push(name.to_string());
+            }
+            Err(e) => {
+                failed.insert(name.to_string());
+                log(&format!("loading module {name}: {e}"));
+            }
+        }
+    }
+    log(&format!(
+        "loaded {loaded} kernel modules in {} ms{}",
+        start.elapsed().as_millis(),
+        if absent.is_empty() {
+            String::new()
+        } else {
+            format!(" (no device for {})", absent.join(", "))
+        }
+    ));
+}
+
+/// The primary NIC: the first physical (device-backed) interface, waiting up to `wait`.
+fn primary_nic(wait: Duration) -> Option<(String, [u8; 6])> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| Path::new(&format!("/sys/class/net/{n}/device")).exists())
+            .collect();
+        names.sort();
+        // On Azure the accelerated-networking VF is a slave of the synthetic NIC: skip it.
+        names.retain(|n| !Path::new(&format!("/sys/class/net/{n}/master")).exists());
+        if let Some(n) = names.into_iter().next() {
+            let mac = std::fs::read_to_string(format!("/sys/class/net/{n}/address"))
+                .ok()
+                .and_then(|m| super::net::parse_mac(m.trim()));
+            if let Some(mac) = mac {
+                return Some((n, mac));
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn network() -> Result<(), String> {
+    let (name, mac) =
+        primary_nic(Duration::from_secs(20)).ok_or("no network interface appeared")?;
+    let nl = super::net::Netlink::here().map_err(|e| e.to_string())?;
+    if let Some(lo) = nl.index_of("lo").await.map_err(|e| e.to_string())? {
+        nl.up(lo).await.map_err(|e| e.to_string())?;
+    }
+    let idx = nl
+        .index_of(&name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{name} vanished"))?;
+    nl.up(idx).await.map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let lease = dhcp::acquire(&name, mac, Duration::from_secs(120))
+        .await
+        .map_err(|e| e.to_string())?;
+    nl.add_addr(idx, lease.address, lease.prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    // RFC 3442: with classless routes the router option is ignored.
+    if lease.routes.is_empty() {
+        if let Some(gw) = lease.router {
+            nl.add_route(std::net::Ipv4Addr::UNSPECIFIED, 0, Some(gw), idx)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    } else {
+        for (dst, len, gw) in &lease.routes {
+            let gw = (!gw.is_unspecified()).then_some(*gw);
+            nl.add_route(*dst, *len, gw, idx)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut resolv = String::new();
+    if let Some(d) = &lease.domain {
+        resolv.push_str(&format!("search {d}\n"));
+    }
+    for s in &lease.dns {
+        resolv.push_str(&format!("nameserver {s}\n"));
+    }
+    let _ = std::fs::write("/etc/resolv.conf", resolv);
+    log(&format!(
+        "{name}: {}/{} via {} (DHCP server {}, lease {}s) in {} ms",
+        lease.address,
+        lease.prefix,
+        lease
+            .router
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "no router".into()),
+        lease.server,
+        lease.lease_seconds,
+        start.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+fn on_azure() -> bool {
+    std::fs::read_to_string("/sys/class/dmi/id/chassis_asset_tag")
+        .is_ok_and(|t| t.trim() == AZURE_ASSET_TAG)
+}
+
+/// Fetches the user data: NoCloud seed first, IMDS on Azure (or when no seed shows up).
+async fn fetch_config(azure: bool) -> Option<String> {
+    // Block devices probe asynchronously after their modules load.
+    let wait = if azure { 1 } else { 10 };
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    loop {
+        if let Some(dev) = seed::find_and_mount() {
+            let p = Path::new(seed::MOUNT_POINT).join("user-data");
+            match std::fs::read_to_string(&p) {
+                Ok(t) => {
+                    log(&format!("config from the NoCloud seed on {dev}"));
+                    return Some(t);
+                }
+                Err(e) => log(&format!("{}: {e}", p.display())),
+            }
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let url = url::Url::parse(
+        "http://169.254.169.254/metadata/instance/compute/userData?api-version=2021-01-01&format=text",
+    )
+    .expect("static URL");
+    let wait = if azure { 300 } else { 30 };
+    match super::imds_user_data(&url, Duration::from_secs(wait)).await {
+        Ok(t) => {
+            log("config from IMDS userData");
+            Some(t)
+        }
+        Err(e) => {
+            log(&format!("no config: no NoCloud seed and {e}"));
+            None
+        }
+    }
+}
+
+async fn provision() -> bool {
+    if let Err(e) = network().await {
+        log(&format!("network: {e}"));
+    }
+    let azure = on_azure();
+    if azure {
+        match wireserver::report_ready(wireserver::WIRESERVER, Duration::from_secs(300)).await {
+            Ok(g) => log(&format!(
+                "reported Ready to WireServer (incarnation {})",
+                g.incarnation
+            )),
+            Err(e) => log(&format!("WireServer Ready report failed: {e}")),
+        }
+    }
+    let Some(text) = fetch_config(azure).await else {
+        return false;
+    };
+    match super::Config::from_user_data(&text) {
+        Ok(c) => log(&format!(
+            "forwarder config for pod {}/{}",
+            c.pod_namespace, c.pod_name
+        )),
+        Err(e) => log(&format!("the config is invalid: {e}")),
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(USER_DATA)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    if let Err(e) = written {
+        log(&format!("writing {USER_DATA}: {e}"));
+        return false;
+    }
+    true
+}
+
+/// A supervised child.
+struct Service {
+    name: &'static str,
+    program: PathBuf,
+    arg0: &'static str,
+    args: Vec<String>,
+    pid: Option<Pid>,
+    restarts: u32,
+    next_start: Option<Instant>,
+}
+
+impl Service {
+    fn start(&mut self) {
+        self.next_start = None;
+        match std::process::Command::new(&self.program)
+            .arg0(self.arg0)
+            .args(&self.args)
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .spawn()
+        {
+            Ok(c) => {
+                log(&format!("started {} (pid {})", self.name, c.id()));
+                self.pid = Some(Pid::from_raw(c.id() as i32));
+            }
+            Err(e) => {
+                log(&format!("starting {}: {e}", self.name));
+                self.schedule_restart();
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self) {
+        self.pid = None;
+        let delay = Duration::from_secs(1 << self.restarts.min(5));
+        self.restarts += 1;
+        log(&format!("restarting {} in {}s", self.name, delay.as_secs()));
+        self.next_start = Some(Instant::now() + delay);
+    }
+}
+
+fn arm_alarm(services: &[Service]) {
+    let next = services.iter().filter_map(|s| s.next_start).min();
+    if let Some(t) = next {
+        let secs = t
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
+            .ceil()
+            .max(1.0);
+        nix::unistd::alarm::set(secs as u32);
+    }
+}
+
+/// Reaps every exited child (orphans included); services that ended get a restart.
+fn reap(services: &mut [Service]) {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                let (pid, how) = match st {
+                    WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
+                    WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}")),
+                    _ => unreachable!(),
+                };
+                if let Some(s) = services.iter_mut().find(|s| s.pid == Some(pid)) {
+                    log(&format!("{} (pid {pid}) ended with {how}", s.name));
+                    s.schedule_restart();
+                }
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn power_button_watcher() {
+    std::thread::spawn(|| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dev = loop {
+            let found = std::fs::read_dir("/sys/class/input")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let name = std::fs::read_to_string(e.path().join("device/name")).ok()?;
+                    (n.starts_with("event") && name.contains("Power Button"))
+                        .then(|| format!("/dev/input/{n}"))
+                });
+            if let Some(d) = found {
+                break d;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let Ok(mut f) = std::fs::File::open(&dev) else {
+            return;
+        };
+        // struct input_event on 64-bit: timeval (16), type u16, code u16, value i32.
+        let mut ev = [0u8; 24];
+        while f.read_exact(&mut ev).is_ok() {
+            let kind = u16::from_le_bytes([ev[16], ev[17]]);
+            let code = u16::from_le_bytes([ev[18], ev[19]]);
+            let value = i32::from_le_bytes(ev[20..24].try_into().unwrap());
+            if kind == 1 && code == 116 && value == 1 {
+                log("power button pressed");
+                let _ = kill(Pid::this(), Signal::SIGUSR2);
+                return;
+            }
+        }
+    });
+}
+
+fn ready_probe() {
+    std::thread::spawn(|| {
+        let start = Instant::now();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], super::PORT));
+        while start.elapsed() < Duration::from_secs(600) {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                log(&format!(
+                    "{READY_MARKER} on :{} (uptime {:.1}s)",
+                    super::PORT,
+                    uptime()
+                ));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+}
+
+fn power_off(services: &mut [Service], signals: &SigSet) -> ! {
+    log("powering off: stopping services");
+    for s in services.iter_mut() {
+        s.next_start = None;
+        if let Some(pid) = s.pid {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while services.iter().any(|s| s.pid.is_some()) && Instant::now() < deadline {
+        nix::unistd::alarm::set(1);
+        let _ = signals.wait();
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)) => {
+                    for s in services.iter_mut().filter(|s| s.pid == Some(pid)) {
+                        log(&format!("{} stopped", s.name));
+                        s.pid = None;
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    // Everything left (orphans included) gets SIGKILL.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    log("power off");
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Runs the init duties; returns only if they cannot start.
+pub fn main() -> ExitCode {
+    log(&format!("sandboxd {} starting as init", crate::VERSION));
+    mount_all();
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGALRM,
+        Signal::SIGTERM,
+        Signal::SIGUSR2,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+    ] {
+        signals.add(s);
+    }
+    // Blocked in every thread and taken with sigwait; children start with a clean mask.
+    if let Err(e) = signals.thread_block() {
+        log(&format!("blocking signals: {e}"));
+        return ExitCode::FAILURE;
+    }
+    // Ctrl-Alt-Del sends SIGINT instead of rebooting at once.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+    load_modules();
+    power_button_watcher();
+    let have_config = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(provision()),
+        Err(e) => {
+            log(&format!("async runtime: {e}"));
+            false
+        }
+    };
+    let mut services = Vec::new();
+    if Path::new(KATA_AGENT).exists() {
+        let _ = std::fs::write(
+            AGENT_CONFIG,
+            "server_addr = \"unix:///run/kata-containers/agent.sock\"\nguest_components_procs = \"none\"\n",
+        );
+        services.push(Service {
+            name: "kata-agent",
+            program: KATA_AGENT.into(),
+            arg0: "kata-agent",
+            args: vec!["--config".into(), AGENT_CONFIG.into()],
+            pid: None,
+            restarts: 0,
+            next_start: None,
+        });
+    } else {
+        log("kata-agent is not in this image: the forwarder runs without an agent behind it");
+    }
+    if have_config {
+        services.push(Service {
+            name: "forwarder",
+            program: "/proc/self/exe".into(),
+            arg0: "sandboxd",
+            args: vec!["forwarder".into(), "--config".into(), USER_DATA.into()],
+            pid: None,
+            restarts: 0,
+            next_start: None,
+        });
+        ready_probe();
+    } else {
+        log("no forwarder config: the forwarder does not start");
+    }
+    for s in services.iter_mut() {
+        s.start();
+    }
+    loop {
+        let sig = match signals.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        match sig {
+            Signal::SIGCHLD => reap(&mut services),
+            Signal::SIGALRM => {
+                let now = Instant::now();
+                for s in services.iter_mut() {
+                    if s.next_start.is_some_and(|t| t <= now) {
+                        s.start();
+                    }
+                }
+            }
+            Signal::SIGTERM | Signal::SIGUSR2 | Signal::SIGINT | Signal::SIGPWR => {
+                log(&format!("{sig} received"));
+                power_off(&mut services, &signals)
+            }
+            _ => {}
+        }
+        arm_alarm(&services);
+    }
+}

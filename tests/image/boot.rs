@@ -1,0 +1,337 @@
+//! Boots the image under qemu with OVMF (KVM when usable, TCG otherwise) and a NoCloud seed
+//! carrying a forwarder config; sees the console marker, completes an mTLS handshake with the
+//! forwarder through a user-mode port forward (and is refused without a client certificate),
+//! then presses the ACPI power button over QMP and sees the VM power itself off.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use sandboxd::forwarder::config::{Config, PodNetwork};
+use sandboxd::forwarder::init::READY_MARKER;
+use sandboxd::image::build::{Format, fat};
+use sandboxd::pki::{Ca, Usage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::Case;
+use crate::harness::process::{Process, free_port};
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const VM_NAME: &str = "podvm-boot-test";
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn skip_reason(inputs: Option<String>) -> Option<String> {
+    inputs
+        .or_else(|| {
+            (!super::which("qemu-system-x86_64"))
+                .then(|| "qemu-system-x86_64 not installed (Debian qemu-system-x86)".into())
+        })
+        .or_else(|| {
+            (!Path::new(OVMF_CODE).exists()).then(|| format!("{OVMF_CODE} missing (Debian ovmf)"))
+        })
+        .or_else(|| {
+            // A static binary built before the init duties existed cannot boot the image.
+            let bin = super::static_binary()?;
+            let bytes = std::fs::read(&bin).ok()?;
+            let marker = READY_MARKER.as_bytes();
+            (!bytes.windows(marker.len()).any(|w| w == marker)).then(|| {
+                format!("{} predates the init duties: rebuild it (`make build`)", bin.display())
+            })
+        })
+        .or_else(|| {
+            super::static_binary().is_none().then(|| {
+                "no static sandboxd (target/x86_64-unknown-linux-musl/dist/sandboxd or SANDBOXD_STATIC_BINARY): run `make build`".into()
+            })
+        })
+}
+
+pub fn case(inputs: Option<String>) -> Case {
+    Case::plain(
+        "image::boots_under_qemu_ovmf_serves_mtls_on_15150_and_powers_off_on_request",
+        |_| boot(),
+    )
+    .skip_if(skip_reason(inputs))
+}
+
+fn forwarder_config(ca: &Ca) -> Result<Config> {
+    let year = time::Duration::days(365);
+    let server = ca.issue(VM_NAME, &[], &[VM_NAME], Usage::Server, year)?;
+    Ok(Config {
+        pod_network: PodNetwork {
+            podip: "10.244.1.5/24".into(),
+            pod_hw_addr: "0a:58:0a:f4:01:05".into(),
+            interface: "eth0".into(),
+            worker_node_ip: "10.0.2.2".into(),
+            tunnel_type: "vxlan".into(),
+            mtu: 1450,
+            vxlan_port: 4789,
+            vxlan_id: 555001,
+            routes: vec![],
+            neighbors: vec![],
+        },
+        pod_namespace: "default".into(),
+        pod_name: "boot-test".into(),
+        tls_server_key: server.key_pem,
+        tls_server_cert: server.cert_pem,
+        tls_client_ca: ca.cert_pem(),
+    })
+}
+
+fn wait_for_console(
+    qemu: &mut Process,
+    console: &Path,
+    needle: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        qemu.check_running()
+            .with_context(|| format!("console:\n{}", tail(&text, 40)))?;
+        let own = std::fs::read_to_string(qemu.log_path()).unwrap_or_default();
+        if own.contains("KVM internal error") {
+            bail!(
+                "KVM internal error (qemu log {})",
+                qemu.log_path().display()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no {needle:?} on the console in {timeout:?}; console:\n{}",
+                tail(&text, 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `system_powerdown` over QMP: the ACPI power button.
+fn press_power_button(qmp: &Path) -> Result<()> {
+    let s = std::os::unix::net::UnixStream::connect(qmp)
+        .with_context(|| format!("connecting to QMP at {}", qmp.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    ensure!(line.contains("QMP"), "no QMP greeting: {line}");
+    for cmd in ["qmp_capabilities", "system_powerdown"] {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}")?;
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            if line.contains("\"return\"") {
+                break;
+            }
+            ensure!(!line.contains("\"error\""), "QMP {cmd}: {line}");
+            ensure!(!line.is_empty(), "QMP closed during {cmd}");
+        }
+    }
+    Ok(())
+}
+
+async fn tls_handshake(
+    port: u16,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from(VM_NAME.to_string())?;
+    Ok(tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")??)
+}
+
+async fn boot() -> Result<()> {
+    let shared = super::shared().await?;
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("boot-test-ca", time::Duration::days(365))?;
+    let cfg = forwarder_config(&ca)?;
+    let user_data = cfg.to_user_data();
+    let meta = format!("instance-id: {VM_NAME}\nlocal-hostname: {VM_NAME}\n");
+    let seed = fat::nocloud_seed(&[
+        ("user-data", user_data.as_bytes()),
+        ("meta-data", meta.as_bytes()),
+    ])
+    .map_err(anyhow::Error::msg)?;
+    let seed_path = dir.path().join("seed.img");
+    std::fs::write(&seed_path, seed)?;
+    let vars = dir.path().join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars)?;
+    let port = free_port();
+    // Kept with the harness logs.
+    let console = crate::harness::process::run_dir().join(format!("podvm-console-{port}.log"));
+    let qmp = dir.path().join("qmp.sock");
+    let disk = super::output(&shared.built, Format::Qcow2)?;
+    let p = |p: &Path| p.display().to_string();
+    let args = |accel: &str| -> Vec<String> {
+        [
+            "-machine",
+            &format!("q35,accel={accel}"),
+            // qemu's default CPU model: `host` trips over MSRs nested KVM does not offer.
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            &format!("file:{}", p(&console)),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", p(&qmp)),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", p(&vars)),
+            "-drive",
+            &format!("if=virtio,format=qcow2,snapshot=on,file={}", p(disk)),
+            "-drive",
+            &format!("if=virtio,format=raw,readonly=on,file={}", p(&seed_path)),
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:15150"),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // KVM when /dev/kvm opens and actually runs the firmware (nested KVM may not);
+    // software emulation otherwise.
+    let mut accels = vec!["tcg"];
+    if kvm_usable() {
+        accels.insert(0, "kvm");
+    }
+    let mut booted = None;
+    let mut start = Instant::now();
+    for accel in accels {
+        std::fs::copy(OVMF_VARS, &vars)?;
+        let _ = std::fs::remove_file(&console);
+        start = Instant::now();
+        let mut qemu = Process::start(
+            &format!("qemu-podvm-{accel}-{port}"),
+            Path::new("qemu-system-x86_64"),
+            &args(accel),
+            &[],
+        )?;
+        let console_c = console.clone();
+        let timeout = Duration::from_secs(if accel == "kvm" { 120 } else { 220 });
+        let (qemu, result) = tokio::task::spawn_blocking(move || {
+            let r = wait_for_console(&mut qemu, &console_c, READY_MARKER, timeout);
+            (qemu, r)
+        })
+        .await?;
+        match result {
+            Ok(()) => {
+                booted = Some((accel, qemu));
+                break;
+            }
+            Err(e) if accel == "kvm" => {
+                eprintln!("image boot: KVM failed here ({e:#}); using TCG");
+                drop(qemu);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (accel, mut qemu) = booted.context("no accelerator booted the image")?;
+    let boot_seconds = start.elapsed().as_secs_f64();
+
+    // The forwarder's certificate verifies for the VM name against the CA, with our client
+    // certificate presented.
+    let client = ca.issue("caa", &[], &[], Usage::Client, time::Duration::days(1))?;
+    let mtls =
+        sandboxd::forwarder::tls::client_config(&ca.cert_pem(), &client.cert_pem, &client.key_pem)?;
+    let mut stream = tls_handshake(port, mtls)
+        .await
+        .context("mTLS handshake with the forwarder")?;
+    let (_, conn) = stream.get_ref();
+    ensure!(conn.peer_certificates().is_some_and(|c| !c.is_empty()));
+    stream.shutdown().await.ok();
+
+    // Without a client certificate the forwarder refuses the connection.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(c?)?;
+    }
+    let anon = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let refused = match tls_handshake(port, anon).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            // TLS 1.3: the server's alert arrives after the client's side of the handshake.
+            let _ = s.write_all(&[0u8; 10]).await;
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await,
+                Ok(Err(_)) | Ok(Ok(0))
+            )
+        }
+    };
+    ensure!(
+        refused,
+        "the forwarder accepted a client without a certificate"
+    );
+
+    let qmp_c = qmp.clone();
+    let console_c = console.clone();
+    let off_start = Instant::now();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        press_power_button(&qmp_c)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while qemu.check_running().is_ok() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the VM did not power off within 60s; console:\n{}",
+                    tail(&std::fs::read_to_string(&console_c).unwrap_or_default(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })
+    .await??;
+    let text = std::fs::read_to_string(&console)?;
+    ensure!(
+        text.contains("power button pressed") && text.contains("sandboxd-init: power off"),
+        "no clean power-off on the console:\n{}",
+        tail(&text, 30)
+    );
+    let init_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sandboxd-init:"))
+        .collect();
+    eprintln!(
+        "image boot: console (init lines):\n{}",
+        tail(&init_lines.join("\n"), 12)
+    );
+    eprintln!(
+        "image boot: {} to the forwarder marker in {boot_seconds:.1}s, power off in {:.1}s",
+        accel,
+        off_start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
