@@ -100,9 +100,9 @@ pub async fn dial_agent(
 }
 
 /// Read buffer of each direction of a relayed connection.
-const READ_BUFFER: usize = 64 << 10;
+const READ_BUFFER: usize = 256 << 10;
 /// Largest piece of a frame a relay holds before passing it on.
-const CHUNK: usize = 64 << 10;
+const CHUNK: usize = 256 << 10;
 /// Bytes of a request read to find its service and method.
 const ROUTE_PREFIX: usize = 256;
 

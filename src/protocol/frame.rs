@@ -116,39 +116,14 @@ impl Frame {
 
 /// Reads one frame; `Ok(None)` when the connection ends cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
-    let mut h = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        let n = r.read(&mut h[got..]).await?;
-        if n == 0 {
-            if got == 0 {
-                return Ok(None);
-            }
-            return Err(FrameError::Truncated {
-                got,
-                want: HEADER_LEN,
-            });
-        }
-        got += n;
-    }
-    let (len, stream_id, kind, flags) = parse_header(&h)?;
-    let mut payload = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = r.read(&mut payload[got..]).await?;
-        if n == 0 {
-            return Err(FrameError::Truncated {
-                got: HEADER_LEN + got,
-                want: HEADER_LEN + len,
-            });
-        }
-        got += n;
-    }
+    let Some((len, stream_id, kind, flags, _)) = read_header(r).await? else {
+        return Ok(None);
+    };
     Ok(Some(Frame {
         stream_id,
         kind,
         flags,
-        payload,
+        payload: read_payload(r, Vec::new(), len).await?,
     }))
 }
 

@@ -642,7 +642,7 @@ async fn image_job(env: Env) -> Result<()> {
         out.stderr
     );
     ensure!(fx.handle.resource_ids().len() == versions_before);
-    // Without a VHD the Job says building is not available yet.
+    // Neither a VHD nor build inputs: the Job names both ways.
     let no_vhd: Vec<(&str, &str)> = cm_env
         .iter()
         .filter(|(k, _)| *k != "PODVM_VHD")
@@ -652,10 +652,38 @@ async fn image_job(env: Env) -> Result<()> {
         .run(&["image", "job", "--kubeconfig", &kubeconfig], &no_vhd)
         .await?;
     ensure!(
-        out.code != Some(0) && out.stderr.contains("--vhd"),
+        out.code != Some(0) && out.stderr.contains("--vhd") && out.stderr.contains("--kernel"),
         "{}",
         out.stderr
     );
+    // With the build inputs (as the image carries them) the Job builds and publishes in one
+    // process, and leaves no build directory behind.
+    let Ok(inputs) = crate::image::inputs().await else {
+        eprintln!("image_publish: build inputs unavailable; the build-in-Job step is not run");
+        return Ok(());
+    };
+    let (kernel, modules, boot) = (
+        inputs.kernel.to_string_lossy().to_string(),
+        inputs.modules_dir.to_string_lossy().to_string(),
+        inputs.systemd_boot.to_string_lossy().to_string(),
+    );
+    let mut build_env = no_vhd.clone();
+    build_env.extend([
+        ("PODVM_KERNEL", kernel.as_str()),
+        ("PODVM_MODULES_DIR", modules.as_str()),
+        ("PODVM_SYSTEMD_BOOT", boot.as_str()),
+    ]);
+    let out = fx
+        .run(&["image", "job", "--kubeconfig", &kubeconfig], &build_env)
+        .await?;
+    out.ok()?;
+    let built = out.stdout.trim().to_string();
+    ensure!(
+        built.contains("/versions/0.0.") && built != id,
+        "a new gallery version: {built}"
+    );
+    let cm = api.get("peer-pods-cm").await?;
+    ensure!(cm.data.unwrap_or_default().get("AZURE_IMAGE_ID") == Some(&built));
     Ok(())
 }
 

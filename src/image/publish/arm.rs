@@ -80,51 +80,6 @@ pub struct Arm {
     polling: Polling,
 }
 
-/// The credential `credentials` describes, talking to `authority`.
-pub fn credential(
-    credentials: &AzureCredentials,
-    authority: &url::Url,
-) -> Result<Arc<dyn TokenCredential>, ArmError> {
-    let http = azure_core::new_http_client();
-    Ok(match credentials {
-        AzureCredentials::ClientSecret {
-            tenant_id,
-            client_id,
-            client_secret,
-        } => Arc::new(azure_identity::ClientSecretCredential::new(
-            http,
-            authority.clone(),
-            tenant_id.clone(),
-            client_id.clone(),
-            client_secret.expose().to_string(),
-        )),
-        AzureCredentials::WorkloadIdentity {
-            tenant_id,
-            client_id,
-            token_file,
-        } => {
-            let token = std::fs::read_to_string(token_file).map_err(|e| {
-                ArmError::Other(format!(
-                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                    token_file.display()
-                ))
-            })?;
-            Arc::new(azure_identity::WorkloadIdentityCredential::new(
-                http,
-                authority.clone(),
-                tenant_id.clone(),
-                client_id.clone(),
-                token.trim().to_string(),
-            ))
-        }
-        AzureCredentials::ManagedIdentity { .. } => Arc::new(
-            azure_identity::VirtualMachineManagedIdentityCredential::new(
-                azure_identity::TokenCredentialOptions::default(),
-            ),
-        ),
-    })
-}
-
 impl Arm {
     /// A client for `endpoints.arm` authenticating with `credentials`.
     pub fn new(
@@ -133,7 +88,8 @@ impl Arm {
         manners: Manners,
         polling: Polling,
     ) -> Result<Self, ArmError> {
-        let credential = credential(credentials, &endpoints.authority)?;
+        let credential = crate::cloud::azure::credential(credentials, endpoints)
+            .map_err(|e| ArmError::Other(e.to_string()))?;
         let policy = Arc::new(ArmPolicy::new(manners));
         let mut options = ClientOptions::default().retry(RetryOptions::none());
         options

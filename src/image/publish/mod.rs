@@ -192,10 +192,21 @@ pub struct DeleteArgs {
 /// `peer-pods-secret`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobArgs {
-    /// A prebuilt VHD to publish. Building inside the Job is not available yet, so this is
-    /// required for now.
+    /// A prebuilt VHD to publish; without it the Job builds one from the inputs below.
     #[arg(long, env = "PODVM_VHD")]
     pub vhd: Option<PathBuf>,
+    /// Kernel to build the image from (see `sandboxd image build --kernel`).
+    #[arg(long, env = "PODVM_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's module tree (see `sandboxd image build --modules-dir`).
+    #[arg(long, env = "PODVM_MODULES_DIR")]
+    pub modules_dir: Option<PathBuf>,
+    /// systemd-boot's EFI binary (see `sandboxd image build --systemd-boot`).
+    #[arg(long, env = "PODVM_SYSTEMD_BOOT")]
+    pub systemd_boot: Option<PathBuf>,
+    /// kata-agent to put in the image.
+    #[arg(long, env = "PODVM_KATA_AGENT")]
+    pub kata_agent: Option<PathBuf>,
     /// Publish even when `AZURE_IMAGE_ID` is already set.
     #[arg(long)]
     pub force: bool,
@@ -920,10 +931,36 @@ pub async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
         );
         return Ok(None);
     }
-    let Some(vhd) = args.vhd.clone() else {
-        return Err(Error::Input(
-            "building the image inside the Job is not available yet: give a prebuilt VHD with --vhd (env PODVM_VHD)".into(),
-        ));
+    let (vhd, built_dir) = match (
+        &args.vhd,
+        &args.kernel,
+        &args.modules_dir,
+        &args.systemd_boot,
+    ) {
+        (Some(vhd), ..) => (vhd.clone(), None),
+        (None, Some(kernel), Some(modules), Some(boot)) => {
+            let out = std::env::temp_dir().join(format!("sandboxd-podvm-{}", std::process::id()));
+            let mut build = crate::image::build::Args::new(kernel, modules, boot, &out);
+            build.format = vec![crate::image::build::Format::Vhd];
+            build.kata_agent = args.kata_agent.clone();
+            eprintln!("[job] building the pod VM image");
+            let built = tokio::task::spawn_blocking(move || crate::image::build::build(&build))
+                .await
+                .map_err(|e| Error::Input(format!("building the image: {e}")))?
+                .map_err(|e| Error::Input(format!("building the image: {e}")))?;
+            let vhd = built
+                .outputs
+                .into_iter()
+                .find(|(f, _)| *f == crate::image::build::Format::Vhd)
+                .map(|(_, p)| p)
+                .ok_or_else(|| Error::Input("the build wrote no VHD".into()))?;
+            (vhd, Some(out))
+        }
+        _ => {
+            return Err(Error::Input(
+                "nothing to publish: give a prebuilt VHD with --vhd (env PODVM_VHD), or the build inputs --kernel, --modules-dir and --systemd-boot (env PODVM_KERNEL, PODVM_MODULES_DIR, PODVM_SYSTEMD_BOOT)".into(),
+            ));
+        }
     };
     let mm: Vec<&str> = args.version_major_minor.split('.').collect();
     if mm.len() != 2 || mm.iter().any(|p| p.parse::<u16>().is_err()) {
@@ -955,7 +992,11 @@ pub async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
         azure_args: args.azure_args.clone(),
         kube: args.kube.clone(),
     };
-    publish(&publish_args).await.map(Some)
+    let result = publish(&publish_args).await.map(Some);
+    if let Some(dir) = built_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
 }
 
 #[cfg(test)]
