@@ -5,6 +5,7 @@
 #   make build    the static x86_64-unknown-linux-musl binary (profile dist: release + LTO)
 #   make image    the OCI image (FROM scratch) of that binary, checked with skopeo
 #   make lint     rustfmt and clippy
+#   make demo     the setup guide end to end on this machine, narrated (root)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -52,6 +53,11 @@ test: bootstrap control-plane lint image unit integration
 
 clean:
 	$(CARGO) clean
+
+# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root).
+.PHONY: demo
+demo: build control-plane
+	SANDBOXD=$(abspath $(BIN)) scripts/demo.sh
 
 # Benchmark of `sandboxd webhook` against the upstream Go webhook (docs/BENCHMARKS.md).
 .PHONY: bench-webhook

@@ -37,13 +37,14 @@ fi
 fetch() {
   local pkg=$1 version dir deb
   version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
-  [ -n "$version" ] && [ "$version" != "(none)" ] || die "no candidate version of $pkg"
+  if [ -z "$version" ] || [ "$version" = "(none)" ]; then die "no candidate version of $pkg"; fi
   dir="$CACHE/$pkg/${version//:/%}"
   if [ ! -e "$dir/.done" ]; then
     log "downloading $pkg $version"
     (cd "$CACHE/debs" && apt-get download -qq "$pkg=$version" >/dev/null) ||
       die "apt-get download $pkg=$version failed"
-    deb=$(ls -t "$CACHE/debs/${pkg}_"*.deb | head -1)
+    deb=$(find "$CACHE/debs" -maxdepth 1 -name "${pkg}_*.deb" -printf '%T@ %p\n' |
+      sort -rn | head -1 | cut -d' ' -f2-)
     rm -rf "$dir" && mkdir -p "$dir"
     dpkg-deb -x "$deb" "$dir"
     touch "$dir/.done"
@@ -54,9 +55,9 @@ fetch() {
 kdir=$(fetch "$kernel_pkg")
 bdir=$(fetch systemd-boot-efi)
 
-kernel=$(ls "$kdir"/boot/vmlinuz-* | head -1)
-modules=$(ls -d "$kdir"/lib/modules/* 2>/dev/null | head -1)
-[ -n "$modules" ] || modules=$(ls -d "$kdir"/usr/lib/modules/* | head -1)
+kernel=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | head -1)
+modules=$( (find "$kdir/lib/modules" "$kdir/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d \
+  2>/dev/null || true) | sort | head -1)
 sdboot=$(find "$bdir" -name 'systemd-bootx64.efi' | head -1)
 [ -f "$kernel" ] || die "no vmlinuz in $kernel_pkg"
 [ -d "$modules" ] || die "no modules in $kernel_pkg"

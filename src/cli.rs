@@ -46,4 +46,8 @@ pub enum Command {
 pub enum DevCommand {
     /// Serve the ARM test server (the Azure Resource Manager subset sandboxd uses).
     ArmServer(crate::armtest::Args),
+    /// Run a local control plane from the cached test binaries (for `make demo`).
+    ControlPlane(crate::devenv::control_plane::Args),
+    /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (demo only).
+    Kubelet(crate::devenv::kubelet::Args),
 }

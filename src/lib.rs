@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod ctl;
+pub mod devenv;
 pub mod forwarder;
 pub mod image;
 pub mod k8s;

@@ -56,6 +56,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(DevCommand::ArmServer(args)) => {
             Ok(sandboxd::armtest::run(args, sandboxd::shutdown::on_signals()?).await?)
         }
+        Command::Dev(DevCommand::ControlPlane(args)) => Ok(sandboxd::devenv::control_plane::run(
+            args,
+            sandboxd::shutdown::on_signals()?,
+        )
+        .await?),
+        Command::Dev(DevCommand::Kubelet(args)) => {
+            sandboxd::devenv::kubelet::run(args, sandboxd::shutdown::on_signals()?).await
+        }
         Command::Version => {
             println!(
                 "sandboxd {} ({}-{})",

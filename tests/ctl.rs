@@ -10,6 +10,7 @@ mod inspect;
 mod install;
 mod kataconfig;
 pub(crate) mod support;
+mod vm;
 
 use crate::harness::Case;
 
@@ -22,6 +23,7 @@ pub fn cases() -> Vec<Case> {
         inspect::cases(),
         azure_configmap::cases(),
         doctor::cases(),
+        vm::cases(),
     ]
     .into_iter()
     .flatten()

@@ -205,7 +205,7 @@ impl Hook {
 
 /// The RuntimeClass as the operator creates it (DESIGN §3); shared by suites, so only
 /// created when missing.
-async fn ensure_runtime_class(client: &Client) -> Result<()> {
+pub(super) async fn ensure_runtime_class(client: &Client) -> Result<()> {
     let api: Api<RuntimeClass> = Api::all(client.clone());
     let rc: RuntimeClass = serde_json::from_value(json!({
         "metadata": {"name": "kata-remote"},

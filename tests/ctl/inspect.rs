@@ -208,6 +208,9 @@ async fn status(env: Env) -> Result<()> {
 
 async fn vm_list(env: Env) -> Result<()> {
     let admin = env.admin().await?;
+    let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/crds/peerpods.confidentialcontainers.org.yaml");
+    harness::install_crds(&admin, &crd).await?;
     let node = env.unique("ctl-vm-node");
     peerpod(&admin, &env.ns, "web-1", &node, "10.2.0.7").await?;
     peerpod(&admin, &env.ns, "web-2", &node, "10.2.0.8").await?;
