@@ -79,15 +79,15 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// An ARM test server, a node, the CRD, the CAA RBAC and a running CAA.
-struct Setup {
-    arm: armtest::Handle,
+pub(crate) struct Setup {
+    pub(crate) arm: armtest::Handle,
     _arm_stop: tokio_util::sync::DropGuard,
     caa: Process,
     args: Vec<String>,
     envs: Vec<(&'static str, String)>,
     name: String,
-    socket: PathBuf,
-    node: String,
+    pub(crate) socket: PathBuf,
+    pub(crate) node: String,
     admin: Client,
     kubeconfig: PathBuf,
     dir: PathBuf,
@@ -103,7 +103,9 @@ struct NodeCaa {
     node: String,
 }
 
-async fn setup(env: &Env, tags: &str) -> Result<Setup> {
+/// An ARM test server seeded for peer pods, a fake node and a CAA process (Azure provider,
+/// the deployed RBAC) serving `socket`.
+pub(crate) async fn setup(env: &Env, tags: &str) -> Result<Setup> {
     setup_with(env, tags, armtest::Config::default(), &[]).await
 }
 

@@ -2,21 +2,18 @@
 //! in-process ARM test server, deployed RBAC) through its hypervisor socket as the kata shim
 //! would, and the VM appears and disappears in ARM and in the PeerPod records.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use sandboxd::api::peerpod::PeerPod;
-use sandboxd::armtest;
 use serde_json::json;
 
 use super::support::ctl;
 use crate::harness::process::{Process, run_dir};
 use crate::harness::{self, Case, Env};
-
-const SUB: &str = "11111111-2222-3333-4444-555555555555";
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -35,94 +32,9 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
-struct Caa {
-    arm: armtest::Handle,
-    _stop: tokio_util::sync::DropGuard,
-    _proc: Process,
-    socket: PathBuf,
-    node: String,
-}
-
-/// An ARM test server, a node and a CAA process serving `hypervisor.sock`.
-async fn caa(env: &Env) -> Result<Caa> {
-    let admin = env.admin().await?;
-    let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy/crds/peerpods.confidentialcontainers.org.yaml");
-    harness::install_crds(&admin, &crd).await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (addr, arm, _task) = armtest::serve(
-        "127.0.0.1:0".parse()?,
-        armtest::Config::default(),
-        stop.clone(),
-    )
-    .await?;
-    let (subnet, nsg, image) = arm.seed_peer_pods(SUB, "rg", "eastus");
-    let node = env.unique("vm-node");
-    harness::fake_node(&admin, &node, &[], &[]).await?;
-    let kubeconfig = crate::caa::caa_kubeconfig(env, &admin).await?;
-    let dir = run_dir().join(format!("vm-{}", env.ns));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("hypervisor.sock");
-    let key = dir.join("id_rsa.pub");
-    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Q test\n")?;
-    let base = format!("http://{addr}/");
-    let envs: Vec<(&str, String)> = vec![
-        ("CLOUD_PROVIDER", "azure".into()),
-        ("AZURE_INSTANCE_SIZE", "Standard_D2as_v5".into()),
-        (
-            "AZURE_INSTANCE_SIZES",
-            "Standard_D2as_v5,Standard_D4as_v5".into(),
-        ),
-        ("AZURE_SUBNET_ID", subnet),
-        ("AZURE_NSG_ID", nsg),
-        ("AZURE_IMAGE_ID", image),
-        ("AZURE_REGION", "eastus".into()),
-        ("AZURE_RESOURCE_GROUP", "rg".into()),
-        ("DISABLECVM", "true".into()),
-        ("AZURE_CLIENT_ID", "app".into()),
-        ("AZURE_CLIENT_SECRET", "s3cret".into()),
-        ("AZURE_TENANT_ID", "tenant".into()),
-        ("AZURE_SUBSCRIPTION_ID", SUB.into()),
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()),
-        ("AZURE_AUTHORITY_HOST", base),
-        ("CAA_MIN_POLL_MS", "20".into()),
-        ("NODE_NAME", node.clone()),
-        ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
-        ("RUST_LOG", "info".into()),
-    ];
-    let envs_ref: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let args: Vec<String> = [
-        "caa",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--socket",
-        &socket.display().to_string(),
-        "--pods-dir",
-        &dir.join("pods").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let proc = Process::start(
-        &format!("vm-caa-{}", env.ns),
-        Path::new(env!("CARGO_BIN_EXE_sandboxd")),
-        &args,
-        &envs_ref,
-    )?;
-    let s = socket.clone();
-    harness::eventually("the hypervisor socket", Duration::from_secs(30), || {
-        let s = s.clone();
-        async move { Ok(s.exists().then_some(())) }
-    })
-    .await
-    .map_err(|e| anyhow!("{e:#}\n{}", proc.log_tail(30)))?;
-    Ok(Caa {
-        arm,
-        _stop: stop.drop_guard(),
-        _proc: proc,
-        socket,
-        node,
-    })
+/// An ARM test server, a node and a CAA process serving `hypervisor.sock`: the CAA suite's.
+async fn caa(env: &Env) -> Result<crate::caa::Setup> {
+    crate::caa::setup(env, "").await
 }
 
 async fn pod(env: &Env, name: &str, node: &str) -> Result<()> {
