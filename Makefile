@@ -3,7 +3,9 @@
 #   make test     everything CI runs: installs what is missing, lint, static build, image,
 #                 unit and integration tests against a real control plane
 #   make build    the static x86_64-unknown-linux-musl binary (profile dist: release + LTO)
-#   make image    the OCI image (FROM scratch) of that binary, checked with skopeo
+#   make image    the OCI image (FROM scratch) of that binary plus the pod VM build inputs
+#                 (kernel, modules, systemd-boot; PODVM_INPUTS= leaves them out), checked
+#                 with skopeo
 #   make lint     rustfmt and clippy
 #   make demo     the setup guide end to end on this machine, narrated (root)
 
@@ -15,6 +17,8 @@ BIN := $(TARGET_DIR)/$(TARGET)/dist/sandboxd
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
 STAGE := scripts/stage.sh
+# The image carries the pod VM build inputs so the in-cluster image Job needs nothing else.
+PODVM_INPUTS ?= --podvm-inputs
 export CARGO_BUILD_JOBS ?= 2
 
 .PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
@@ -32,7 +36,7 @@ build:
 	@ls -l $(BIN) | awk '{printf "binary: %s (%.1f MiB)\n", $$9, $$5/1048576}'
 
 image: build
-	@$(STAGE) image scripts/oci-image.sh $(BIN) $(IMAGE_DIR) $(VERSION)
+	@$(STAGE) image scripts/oci-image.sh $(PODVM_INPUTS) $(BIN) $(IMAGE_DIR) $(VERSION)
 
 fmt:
 	$(CARGO) fmt --all

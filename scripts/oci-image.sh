@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Builds the sandboxd container image as an OCI image layout (image-spec 1.1)
-# without a container daemon: one reproducible layer, FROM scratch.
+# without a container daemon: one reproducible layer (two with --podvm-inputs),
+# FROM scratch.
 #
-# Usage: scripts/oci-image.sh BINARY OUTDIR [TAG]
+# Usage: scripts/oci-image.sh [--podvm-inputs] BINARY OUTDIR [TAG]
 #
+#   --podvm-inputs  add a second layer with the pod VM build inputs, so the
+#           in-cluster image Job (`sandboxd image job`) builds the VHD with
+#           nothing else: the kernel, only the kernel modules the image loads
+#           (with their dependencies) and systemd-boot, laid out by
+#           `sandboxd image stage-inputs` at /usr/share/sandboxd/podvm:
+#             vmlinuz, systemd-bootx64.efi, modules/<version>/...
+#           The inputs are PODVM_KERNEL, PODVM_MODULES_DIR and
+#           PODVM_SYSTEMD_BOOT when all three are set, else what
+#           scripts/podvm-inputs.sh fetches. BINARY does the staging unless
+#           PODVM_STAGER names another sandboxd (it runs on this machine).
 #   BINARY  the static sandboxd binary (x86_64, no ELF interpreter)
 #   OUTDIR  directory to write the layout into (replaced if it already holds
 #           an OCI layout; refused if it holds anything else)
@@ -29,8 +40,13 @@ export LC_ALL=C
 log() { printf '[oci-image] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+PODVM=0
+if [ "${1:-}" = "--podvm-inputs" ]; then
+  PODVM=1
+  shift
+fi
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
-  echo "usage: $0 BINARY OUTDIR [TAG]" >&2
+  echo "usage: $0 [--podvm-inputs] BINARY OUTDIR [TAG]" >&2
   exit 2
 fi
 
@@ -112,10 +128,49 @@ rm -f "$work/layer.tar"
 layer_size=$(size_of "$work/layer.tar.gz")
 layer_hex=$(add_blob "$work/layer.tar.gz")
 
+layers=$(jq -cn --arg d "sha256:$layer_hex" --argjson n "$layer_size" \
+  '[{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $d, size: $n}]')
+diff_ids=$(jq -cn --arg d "sha256:$diff_id" '[$d]')
+history=$(jq -cn --arg c "$created" '[{created: $c, created_by: "scripts/oci-image.sh"}]')
+podvm_size=0
+
+# --- Pod VM build inputs (second layer) --------------------------------------
+if [ "$PODVM" = 1 ]; then
+  if [ -n "${PODVM_KERNEL:-}" ] && [ -n "${PODVM_MODULES_DIR:-}" ] && [ -n "${PODVM_SYSTEMD_BOOT:-}" ]; then
+    kernel=$PODVM_KERNEL modules=$PODVM_MODULES_DIR sdboot=$PODVM_SYSTEMD_BOOT
+  else
+    inputs=$(bash "$(dirname "$0")/podvm-inputs.sh") || die "scripts/podvm-inputs.sh failed"
+    kernel=$(sed -n 's/^KERNEL=//p' <<<"$inputs")
+    modules=$(sed -n 's/^MODULES_DIR=//p' <<<"$inputs")
+    sdboot=$(sed -n 's/^SYSTEMD_BOOT=//p' <<<"$inputs")
+  fi
+  proot="$work/podvm"
+  stager=${PODVM_STAGER:-$BINARY}
+  "$stager" image stage-inputs --kernel "$kernel" --modules-dir "$modules" \
+    --systemd-boot "$sdboot" --out "$proot/usr/share/sandboxd/podvm" >/dev/null ||
+    die "$stager image stage-inputs failed"
+  find "$proot" -type d -exec chmod 0755 {} +
+  find "$proot" -type f -exec chmod 0644 {} +
+  repro_tar -C "$proot" -cf "$work/podvm.tar" usr
+  podvm_diff_id=$(sha256 "$work/podvm.tar")
+  podvm_raw_size=$(size_of "$work/podvm.tar")
+  gzip -n -9 -c "$work/podvm.tar" >"$work/podvm.tar.gz"
+  rm -f "$work/podvm.tar"
+  podvm_size=$(size_of "$work/podvm.tar.gz")
+  podvm_hex=$(add_blob "$work/podvm.tar.gz")
+  layers=$(jq -c --arg d "sha256:$podvm_hex" --argjson n "$podvm_size" \
+    '. + [{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $d, size: $n}]' <<<"$layers")
+  diff_ids=$(jq -c --arg d "sha256:$podvm_diff_id" '. + [$d]' <<<"$diff_ids")
+  history=$(jq -c --arg c "$created" \
+    '. + [{created: $c, created_by: "scripts/oci-image.sh --podvm-inputs (sandboxd image stage-inputs)"}]' <<<"$history")
+  log "pod VM inputs layer: $podvm_size bytes gzip ($podvm_raw_size bytes uncompressed)"
+fi
+
 # --- Config -----------------------------------------------------------------
 jq -cjn \
   --arg created "$created" \
-  --arg diff_id "sha256:$diff_id" \
+  --argjson diff_ids "$diff_ids" \
+  --argjson history "$history" \
   --arg version "$VERSION" \
   '{
     created: $created,
@@ -130,8 +185,8 @@ jq -cjn \
         "org.opencontainers.image.version": $version
       }
     },
-    rootfs: {type: "layers", diff_ids: [$diff_id]},
-    history: [{created: $created, created_by: "scripts/oci-image.sh"}]
+    rootfs: {type: "layers", diff_ids: $diff_ids},
+    history: $history
   }' >"$work/config.json"
 config_size=$(size_of "$work/config.json")
 config_hex=$(add_blob "$work/config.json")
@@ -139,7 +194,7 @@ config_hex=$(add_blob "$work/config.json")
 # --- Manifest ---------------------------------------------------------------
 jq -cjn \
   --arg config "sha256:$config_hex" --argjson config_size "$config_size" \
-  --arg layer "sha256:$layer_hex" --argjson layer_size "$layer_size" \
+  --argjson layers "$layers" \
   '{
     schemaVersion: 2,
     mediaType: "application/vnd.oci.image.manifest.v1+json",
@@ -148,11 +203,7 @@ jq -cjn \
       digest: $config,
       size: $config_size
     },
-    layers: [{
-      mediaType: "application/vnd.oci.image.layer.v1.tar+gzip",
-      digest: $layer,
-      size: $layer_size
-    }]
+    layers: $layers
   }' >"$work/manifest.json"
 manifest_size=$(size_of "$work/manifest.json")
 manifest_hex=$(add_blob "$work/manifest.json")
@@ -199,12 +250,17 @@ if command -v skopeo >/dev/null 2>&1; then
   jq -e '.architecture == "amd64" and .config.Entrypoint == ["/sandboxd"]
          and .config.User == "65532:65532"' <<<"$config" >/dev/null ||
     die "unexpected config: $(jq -c '{architecture, Entrypoint: .config.Entrypoint, User: .config.User}' <<<"$config")"
+  jq -e '.Layers | length == $n' --argjson n $((1 + PODVM)) <<<"$inspect" >/dev/null ||
+    die "unexpected layer count: $(jq -c '.Layers' <<<"$inspect")"
   log "skopeo: oci:$OUTDIR:$TAG and oci-archive:$OUTDIR.tar check out (amd64, entrypoint /sandboxd)"
 else
   log "skopeo not installed; skipping the inspection"
 fi
 
-total_size=$((config_size + manifest_size + layer_size))
+total_size=$((config_size + manifest_size + layer_size + podvm_size))
 echo "manifest digest: sha256:$manifest_hex"
 echo "image size: $total_size bytes (layer $layer_size bytes gzip, $layer_raw_size bytes uncompressed)"
+if [ "$PODVM" = 1 ]; then
+  echo "pod VM inputs layer: $podvm_size bytes gzip ($podvm_raw_size bytes uncompressed) at /usr/share/sandboxd/podvm"
+fi
 echo "layout: $OUTDIR (ref $TAG); archive: $OUTDIR.tar"

@@ -50,4 +50,6 @@ pub enum DevCommand {
     ControlPlane(crate::devenv::control_plane::Args),
     /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (demo only).
     Kubelet(crate::devenv::kubelet::Args),
+    /// A kata-agent stand-in on a unix socket: answers health checks, runs no containers.
+    Agent(crate::devenv::agent::Args),
 }

@@ -21,5 +21,8 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;
 
+#[cfg(test)]
+mod module_rules;
+
 /// The version reported by every component (`sandboxd version`, `/metrics` build info).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -47,6 +47,10 @@ pub fn cases() -> Vec<Case> {
             crash::every_step_boundary,
         ),
         Case::cluster(
+            "caa::a_sigkill_before_the_background_writes_still_records_the_vm_and_releases_the_record",
+            crash::answered_before_background_writes,
+        ),
+        Case::cluster(
             "caa::sigkill_at_random_points_leaks_no_vm_and_no_finalizer",
             crash::random_points,
         ),
@@ -402,6 +406,17 @@ fn create_request(
 }
 
 /// A new connection per call, as the shim does.
+/// Names of the PeerPod records in `api`'s namespace.
+pub(crate) async fn record_names(api: &Api<PeerPod>) -> Result<Vec<String>> {
+    Ok(api
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect())
+}
+
 async fn hv(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient> {
     let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await?;
     Ok(hypervisor_ttrpc::HypervisorClient::new(c))
@@ -477,9 +492,23 @@ async fn lifecycle(env: Env) -> Result<()> {
             assert_eq!(view.tags["sandboxd-pod-uid"], p.uid().unwrap());
             assert_eq!(view.tags["sandboxd-sandbox-id"], *id);
             assert!(!view.tags["sandboxd-cluster"].is_empty());
-            let pp: PeerPod = Api::namespaced(s.admin.clone(), ns).get(&vm).await?;
+            // Instance id, IP and phase follow StartVM's answer (a background write).
+            let pps: Api<PeerPod> = Api::namespaced(s.admin.clone(), ns);
+            let pp = harness::eventually(
+                "the record shows the running VM",
+                Duration::from_secs(10),
+                || {
+                    let (pps, vm) = (pps.clone(), vm.clone());
+                    async move {
+                        let pp = pps.get(&vm).await?;
+                        let running =
+                            pp.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                        Ok((running && !pp.spec.instance_id.is_empty()).then_some(pp))
+                    }
+                },
+            )
+            .await?;
             let st = pp.status.clone().unwrap_or_default();
-            assert_eq!(st.phase.as_deref(), Some("Running"));
             assert_eq!(st.vm_ip.as_deref(), Some(view.private_ip.as_str()));
             assert!(
                 pp.spec
@@ -530,14 +559,21 @@ async fn lifecycle(env: Env) -> Result<()> {
             // Idempotent: a second StopVM succeeds.
             hv(&s.socket).await?.stop_vm(ctx(), &stop).await?;
         }
+        // The VMs are gone when StopVM answers; the records are released right after.
         assert!(s.arm.vms().is_empty(), "{:?}", s.arm.vms());
-        let left = Api::<PeerPod>::namespaced(s.admin.clone(), ns)
-            .list(&Default::default())
-            .await?;
+        let pps: Api<PeerPod> = Api::namespaced(s.admin.clone(), ns);
+        let left = harness::eventually("no record left", Duration::from_secs(10), || {
+            let pps = pps.clone();
+            async move {
+                let left = record_names(&pps).await?;
+                Ok(left.is_empty().then_some(left))
+            }
+        })
+        .await;
         assert!(
-            left.items.is_empty(),
+            left.is_ok(),
             "records left: {:?}",
-            left.items.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+            record_names(&pps).await?
         );
         assert!(
             !s.arm
@@ -623,13 +659,7 @@ async fn crash_restart(env: Env) -> Result<()> {
                         (arm.clone(), pp.clone(), kept.clone(), gone.clone());
                     async move {
                         let vms: Vec<String> = arm.vms().into_iter().map(|v| v.name).collect();
-                        let records: Vec<String> = pp
-                            .list(&Default::default())
-                            .await?
-                            .items
-                            .iter()
-                            .map(|p| p.name_any())
-                            .collect();
+                        let records = record_names(&pp).await?;
                         Ok((vms == vec![kept.clone()]
                             && records == vec![kept]
                             && !vms.contains(&gone))

@@ -2,7 +2,6 @@
 //! the CreateSandbox/CreateContainer rewrites, and (as root) the local provider's pod VMs
 //! with their VXLAN tunnel, driven through the hypervisor API of a real CAA process.
 
-mod agent;
 mod bench;
 mod e2e;
 
@@ -12,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use protobuf::Message;
 use sandboxd::caa::relay::{AgentSockets, Pki, handshake as dial};
+use sandboxd::devenv::agent;
 use sandboxd::forwarder::{relay as frelay, rewrite, tls};
 use sandboxd::pki::{Ca, Usage};
 use sandboxd::protocol::agent::{CreateContainerRequest, CreateSandboxRequest};

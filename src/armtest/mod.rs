@@ -543,4 +543,6 @@ fn inspect(store: &Store, method: &Method, path: &str, body: &Bytes) -> Response
 }
 
 #[cfg(test)]
+mod provider_tests;
+#[cfg(test)]
 mod tests;

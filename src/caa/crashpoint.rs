@@ -14,31 +14,28 @@ pub const STEPS: &[&str] = &[
     CREATE_RECORDED,
     START_BEFORE_CREATE,
     START_CREATED,
-    START_INSTANCE_RECORDED,
-    START_RUNNING,
+    START_ANSWERED,
     STOP_BEFORE_DELETE,
     STOP_VM_DELETED,
-    STOP_RELEASED,
+    STOP_ANSWERED,
 ];
 
 /// CreateVM: size chosen, before the PeerPod is written.
 pub const CREATE_BEFORE_RECORD: &str = "create-vm:before-record";
 /// CreateVM: PeerPod written, before the answer.
 pub const CREATE_RECORDED: &str = "create-vm:recorded";
-/// StartVM: record re-asserted and phase Creating, before the cloud create call.
+/// StartVM: before the cloud create call (phase Creating is written alongside it).
 pub const START_BEFORE_CREATE: &str = "start-vm:before-create";
-/// StartVM: the cloud says the VM is provisioned, before its id is recorded.
+/// StartVM: the VM is ready, before its instance id, IP and phase are queued and the answer.
 pub const START_CREATED: &str = "start-vm:created";
-/// StartVM: instance id recorded, before phase Running.
-pub const START_INSTANCE_RECORDED: &str = "start-vm:instance-recorded";
-/// StartVM: phase Running, before the answer.
-pub const START_RUNNING: &str = "start-vm:running";
-/// StopVM: phase Deleting, before the cloud delete call.
+/// StartVM answered; the background write of instance id, IP and phase Running has not run.
+pub const START_ANSWERED: &str = "start-vm:answered-before-status";
+/// StopVM: before the cloud delete call (the record is marked deleted alongside it).
 pub const STOP_BEFORE_DELETE: &str = "stop-vm:before-delete";
-/// StopVM: the VM is gone, before the record is released.
+/// StopVM: the VM is gone and the record marked deleted, before the answer.
 pub const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
-/// StopVM: record released, before the answer.
-pub const STOP_RELEASED: &str = "stop-vm:released";
+/// StopVM answered; the background release of the record has not run.
+pub const STOP_ANSWERED: &str = "stop-vm:answered-before-release";
 
 fn configured() -> Option<&'static str> {
     static AT: OnceLock<Option<String>> = OnceLock::new();

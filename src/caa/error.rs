@@ -27,6 +27,9 @@ pub enum Error {
     /// The pod data path (tunnel, forwarder, agent socket) failed.
     #[error("pod data path: {0}")]
     DataPath(String),
+    /// Earlier writes of the PeerPod of that name are still pending.
+    #[error("earlier writes of PeerPod {0} are still pending")]
+    Pending(String),
 }
 
 impl Error {
@@ -41,6 +44,7 @@ impl Error {
             Error::Config(e) => e.metric_label(),
             Error::Socket(_) => "socket",
             Error::DataPath(_) => "data_path",
+            Error::Pending(_) => "pending_write",
         }
     }
 
@@ -59,6 +63,7 @@ impl Error {
             Error::Config(_) => Code::FAILED_PRECONDITION,
             Error::Socket(_) => Code::INTERNAL,
             Error::DataPath(_) => Code::UNAVAILABLE,
+            Error::Pending(_) => Code::UNAVAILABLE,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, self.to_string()))
     }

@@ -5,16 +5,20 @@
 //! Zero leaks by design: a `PeerPod` (owned by the pod, finalizer `peer.pod/finalizer`)
 //! records the deterministic VM name before any create call; on start every PeerPod of the
 //! node is reconciled; a periodic sweep deletes VMs carrying this cluster's and node's tags
-//! that no PeerPod references.
+//! that no PeerPod references. The one Kubernetes write on a pod's critical path is that
+//! record: the other writes (phase, instance id, IP, the release of a record whose VM is
+//! gone) overlap the cloud calls or follow in the background, ordered per record.
 
 pub mod crashpoint;
 mod datapath;
 mod error;
+mod pods;
 pub mod relay;
 mod service;
 mod state;
 mod sweep;
 pub mod tunnel;
+mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpStream, UnixListener};
+use tokio::net::UnixListener;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -198,7 +198,7 @@ pub async fn dial(
     addr: SocketAddr,
     vm_name: &str,
     timeout: Duration,
-) -> Result<TlsStream<TcpStream>, RelayError> {
+) -> Result<TlsStream<ftls::Transport>, RelayError> {
     let name =
         ServerName::try_from(vm_name.to_string()).map_err(|e| RelayError::Pki(e.to_string()))?;
     let connector = TlsConnector::from(cfg.clone());
@@ -206,12 +206,12 @@ pub async fn dial(
     let mut delay = Duration::from_millis(50);
     loop {
         let attempt = async {
-            let tcp = crate::forwarder::net::connect_from_node(addr)
+            let tcp = crate::cloud::net::connect_from_node(addr)
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
             connector
-                .connect(name.clone(), tcp)
+                .connect(name.clone(), ftls::transport(tcp))
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -313,6 +313,7 @@ impl AgentSockets {
                     c = listener.accept() => c,
                 };
                 let Ok((conn, _)) = conn else { continue };
+                crate::forwarder::relay::enlarge_send_buffer(&conn);
                 let (cfg, vm, token) = (cfg.clone(), vm.clone(), token.clone());
                 tokio::spawn(async move {
                     let upstream = match dial(&cfg, addr, &vm, timeout).await {
@@ -366,6 +367,7 @@ impl AgentSockets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame;
 
     #[tokio::test]
     async fn a_forwarder_accepts_the_caa_client_and_refuses_others() {
@@ -400,5 +402,213 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A stand-in kata-agent: echoes every ttrpc frame back once it has read all of it.
+    fn echo_agent(path: &Path) {
+        let l = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
+                    while let Ok(Some(f)) = frame::read_frame(&mut r).await {
+                        if frame::write_frame(&mut w, &f).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// A ttrpc request frame of the agent service (not one the forwarder rewrites).
+    fn request(payload_len: usize) -> Vec<u8> {
+        let mut r = ttrpc::proto::Request::new();
+        r.service = "grpc.AgentService".into();
+        r.method = "ReadStdout".into();
+        r.payload = (0..payload_len).map(|i| (i % 251) as u8).collect();
+        frame::Frame {
+            stream_id: 1,
+            kind: frame::TYPE_REQUEST,
+            flags: 0,
+            payload: protobuf::Message::write_to_bytes(&r).unwrap(),
+        }
+        .encode()
+    }
+
+    async fn round(s: &mut tokio::net::UnixStream, wire: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let (r, mut w) = s.split();
+        let mut r = r;
+        let (a, b) = tokio::join!(w.write_all(wire), frame::read_frame(&mut r));
+        a.unwrap();
+        assert_eq!(
+            b.unwrap().unwrap().payload.len(),
+            wire.len() - frame::HEADER_LEN
+        );
+    }
+
+    /// Sorted round-trip times of small calls.
+    async fn small(path: &Path, n: usize) -> Vec<Duration> {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let wire = request(4);
+        for _ in 0..300 {
+            round(&mut s, &wire).await;
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            round(&mut s, &wire).await;
+            v.push(t.elapsed());
+        }
+        v.sort();
+        v
+    }
+
+    /// CPU time of this process so far (user + system), in ms: throughput on a busy
+    /// machine varies with what else runs, the CPU spent per byte much less.
+    fn cpu_ms() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // utime and stime (fields 14 and 15) in clock ticks of 10 ms.
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 10.0
+    }
+
+    /// MB/s and CPU ms per MiB of `bytes` moved since `t`/`cpu`.
+    fn rates(t: std::time::Instant, cpu: f64, bytes: usize) -> (f64, f64) {
+        let mib = bytes as f64 / f64::from(1 << 20);
+        (
+            bytes as f64 / t.elapsed().as_secs_f64() / 1e6,
+            (cpu_ms() - cpu) / mib,
+        )
+    }
+
+    const LARGE: usize = 1 << 20;
+    const LARGE_CALLS: usize = 64;
+
+    /// MB/s of 1 MiB frames echoed (both directions counted).
+    async fn large(path: &Path) -> (f64, f64) {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let wire = request(LARGE);
+        for _ in 0..4 {
+            round(&mut s, &wire).await;
+        }
+        let (t, cpu) = (std::time::Instant::now(), cpu_ms());
+        for _ in 0..LARGE_CALLS {
+            round(&mut s, &wire).await;
+        }
+        rates(t, cpu, 2 * wire.len() * LARGE_CALLS)
+    }
+
+    /// MB/s of 1 MiB messages echoed over one mTLS loopback connection (the baseline of
+    /// `make bench-relay`: same certificates, `tokio::io::copy` echo).
+    async fn tls_echo(pki: &Pki) -> (f64, f64) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let vm = "podvm-echo-0";
+        let s = pki.server_cert(vm).unwrap();
+        let cfg = ftls::server_config(&s.cert_pem, &s.key_pem, pki.ca_pem()).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let echo = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let s = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let (mut r, mut w) = tokio::io::split(s);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let s = dial(&pki.client_config(), addr, vm, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (mut r, mut w) = tokio::io::split(s);
+        let msg: Vec<u8> = (0..LARGE).map(|i| (i % 251) as u8).collect();
+        let mut buf = vec![0u8; LARGE];
+        for _ in 0..4 {
+            let (a, b) = tokio::join!(w.write_all(&msg), r.read_exact(&mut buf));
+            a.unwrap();
+            b.unwrap();
+        }
+        let (t, cpu) = (std::time::Instant::now(), cpu_ms());
+        for _ in 0..LARGE_CALLS {
+            let (a, b) = tokio::join!(w.write_all(&msg), r.read_exact(&mut buf));
+            a.unwrap();
+            b.unwrap();
+        }
+        let r = rates(t, cpu, 2 * LARGE * LARGE_CALLS);
+        echo.abort();
+        r
+    }
+
+    /// The relay pair of `make bench-relay` in-process without the ttrpc client and agent:
+    /// a frame-echo agent behind the forwarder relay, reached through CAA's agent socket over
+    /// mutual TLS on loopback. Run in release:
+    /// `cargo test --release --lib caa::relay::tests::relay_costs -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "benchmark"]
+    async fn relay_costs_against_a_direct_socket_and_tls_over_loopback() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent.sock");
+        echo_agent(&agent);
+        let pki = Pki::generate().unwrap();
+        let vm = "podvm-bench-0123abcd";
+        let s = pki.server_cert(vm).unwrap();
+        let server = ftls::server_config(&s.cert_pem, &s.key_pem, pki.ca_pem()).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::forwarder::relay::serve(
+            l,
+            server,
+            crate::forwarder::relay::RelayOptions {
+                agent_socket: agent.clone(),
+                netns: "/run/netns/podns".into(),
+                agent_wait: Duration::from_secs(5),
+            },
+            stop.clone(),
+        ));
+        let sockets = AgentSockets::default();
+        let relayed = dir.path().join("relay.sock");
+        sockets
+            .serve(
+                "bench",
+                &relayed,
+                pki.client_config(),
+                addr,
+                vm,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        println!(
+            "| run | direct p50/p99 µs | relay p50/p99 µs | added p50 | direct MB/s | relay MB/s | TLS echo MB/s | relay/TLS | CPU ms/MiB direct, relay, TLS echo |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let runs = std::env::var("SANDBOXD_RELAY_BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        for run in 1..=runs {
+            let d = small(&agent, 3000).await;
+            let r = small(&relayed, 3000).await;
+            let (d_tp, d_cpu) = large(&agent).await;
+            let (r_tp, r_cpu) = large(&relayed).await;
+            let (t_tp, t_cpu) = tls_echo(&pki).await;
+            println!(
+                "| {run} | {:.0}/{:.0} | {:.0}/{:.0} | {:.0} | {d_tp:.0} | {r_tp:.0} | {t_tp:.0} | {:.0} % | {d_cpu:.2}, {r_cpu:.2}, {t_cpu:.2} |",
+                us(pct(&d, 0.5)),
+                us(pct(&d, 0.99)),
+                us(pct(&r, 0.5)),
+                us(pct(&r, 0.99)),
+                us(pct(&r, 0.5)) - us(pct(&d, 0.5)),
+                100.0 * r_tp / t_tp,
+            );
+        }
+        sockets.stop("bench");
+        stop.cancel();
     }
 }

@@ -11,10 +11,11 @@ use kube::api::Api;
 
 use super::crashpoint;
 use super::state::{self, Record};
+use super::writer::{Key, Pending, Writer};
 use super::{Args, Error};
 use crate::api::peerpod::{PeerPodStatus, phases};
 use crate::cloud::sizes::{self, SizeRequest};
-use crate::cloud::{Provider, VmSize, VmSpec, tags, vm_name};
+use crate::cloud::{Provider, Vm, VmSize, VmSpec, VmState, tags, vm_name};
 use crate::config::PeerPodsConfig;
 use crate::protocol::{annotations, hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
 
@@ -30,7 +31,13 @@ pub struct Caa {
     default_size: String,
     image_id: String,
     sandboxes: Mutex<HashMap<String, Record>>,
+    /// Instance ids of the VMs this process started or found running, by sandbox id.
+    started: Mutex<HashMap<String, String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Background writes of progress and releases.
+    writer: Writer,
+    /// The pods of this node, as a watch sees them.
+    pods: super::pods::NodePods,
     pub(crate) datapath: super::datapath::Datapath,
 }
 
@@ -67,6 +74,8 @@ impl Caa {
         }
         let sizes = provider.sizes(&names).await?;
         let datapath = super::datapath::Datapath::new(&client).await;
+        let writer = Writer::start(client.clone());
+        let pods = super::pods::NodePods::watch(&client, &args.node_name);
         let caa = Arc::new(Self {
             client,
             provider,
@@ -78,7 +87,10 @@ impl Caa {
             default_size,
             image_id,
             sandboxes: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            writer,
+            pods,
             datapath,
         });
         caa.reconcile().await?;
@@ -164,18 +176,31 @@ impl Caa {
             &self.default_size,
             &self.sizes,
         )?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let pod = pods.get(name).await?;
+        let pod_uid = match self.pods.uid_of(ns, name) {
+            Some(uid) => uid,
+            None => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                pods.get(name).await?.metadata.uid.unwrap_or_default()
+            }
+        };
         let r = Record {
             namespace: ns.to_string(),
             pod_name: name.to_string(),
-            pod_uid: pod.metadata.uid.unwrap_or_default(),
+            pod_uid,
             vm_name: vm_name(name, &req.id),
             sandbox_id: req.id.clone(),
             size,
         };
         let lock = self.lock_of(&req.id);
         let _g = lock.lock().await;
+        // A release of an earlier record of this name lands first, or it would end this one.
+        if !self
+            .writer
+            .flush(&Key::of(&r), self.config.proxy_timeout)
+            .await
+        {
+            return Err(Error::Pending(r.vm_name.clone()));
+        }
         crashpoint::reached(crashpoint::CREATE_BEFORE_RECORD).await;
         state::record(&self.client, &r, self.node(), self.provider.name()).await?;
         tracing::info!(sandbox = %req.id, vm = %r.vm_name, size = %r.size, pod = %format!("{ns}/{name}"), "recorded PeerPod");
@@ -195,21 +220,33 @@ impl Caa {
             .to_string())
     }
 
-    /// StartVM: create the VM (retrying what may pass) and wait until it is provisioned.
+    /// StartVM: create the VM (retrying what may pass) and wait until it is ready.
+    ///
+    /// No Kubernetes write stands between the shim and the cloud: the record that guards the
+    /// VM was written by CreateVM; the Creating phase is written while a create that takes
+    /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
+    /// the instance id, IP and Running phase are written in the background once the VM is
+    /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
     pub async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
-        let r = self
-            .record_of(id)
-            .await?
-            .ok_or_else(|| Error::UnknownSandbox(id.to_string()))?;
-        // Re-assert the record before any create call (a no-op when it exists).
-        let pp = state::record(&self.client, &r, self.node(), self.provider.name()).await?;
-        if pp.metadata.deletion_timestamp.is_some() {
-            // The pod is gone: creating its VM now could only leak it.
-            return Err(Error::InvalidRequest(format!(
-                "the pod of sandbox {id} is being deleted"
-            )));
+        let r = match self.remembered(id) {
+            // Written by CreateVM, or found standing by the start-up reconcile.
+            Some(r) => r,
+            None => {
+                let pp = state::of_sandbox(&self.client, self.node(), id)
+                    .await?
+                    .ok_or_else(|| Error::UnknownSandbox(id.to_string()))?;
+                if pp.metadata.deletion_timestamp.is_some() {
+                    return Err(being_deleted(id));
+                }
+                Record::from_peerpod(&pp)
+            }
+        };
+        let key = Key::of(&r);
+        // What an earlier StartVM of this record left pending lands before Creating.
+        if self.writer.holds(&key) {
+            self.writer.flush(&key, self.config.proxy_timeout).await;
         }
         let spec = VmSpec {
             name: r.vm_name.clone(),
@@ -223,73 +260,98 @@ impl Caa {
             ssh_public_key: self.ssh_key.clone(),
             tags: self.tags_of(&r),
         };
-        let status = |phase: &str| PeerPodStatus {
-            phase: Some(phase.to_string()),
-            ..Default::default()
-        };
-        state::set_status(
-            &self.client,
-            &r.namespace,
-            &r.vm_name,
-            &status(phases::CREATING),
-        )
-        .await?;
         crashpoint::reached(crashpoint::START_BEFORE_CREATE).await;
         let deadline = Instant::now() + self.config.proxy_timeout;
+        let phase = PeerPodStatus {
+            phase: Some(phases::CREATING.into()),
+            ..Default::default()
+        };
+        let create = self.create_ready(&r, &spec, deadline);
+        tokio::pin!(create);
+        // A create that is ready within CREATING_AFTER goes straight to Running: a burst of
+        // pods then spends the API server on the records that must precede their creates,
+        // not on phases. A longer one (every real cloud create) reports Creating meanwhile.
+        let result = tokio::select! {
+            r = &mut create => r,
+            _ = tokio::time::sleep(CREATING_AFTER) => {
+                let creating = state::set_status(&self.client, &r.namespace, &r.vm_name, &phase);
+                let (marked, result) = tokio::join!(creating, &mut create);
+                if let Err(e) = &marked {
+                    // The record stands (CreateVM wrote it); only the phase is missing.
+                    tracing::warn!(vm = %r.vm_name, error = %e, "writing phase Creating failed");
+                }
+                match (result, &marked) {
+                    // The pod went while its VM was created: the VM goes now.
+                    (Ok(_), Ok(pp)) if pp.metadata.deletion_timestamp.is_some() => {
+                        Err(being_deleted(id))
+                    }
+                    (Ok(_), Err(kube::Error::Api(s))) if s.code == 404 => Err(
+                        Error::InvalidRequest(format!("the PeerPod of sandbox {id} is gone")),
+                    ),
+                    (result, _) => result,
+                }
+            }
+        };
+        match result {
+            Ok(vm) => {
+                crashpoint::reached(crashpoint::START_CREATED).await;
+                self.started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), vm.id.clone());
+                self.writer.push(
+                    key,
+                    Pending::running(vm.id.clone(), vm.private_ip.map(|ip| ip.to_string())),
+                );
+                tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
+                Ok(())
+            }
+            Err(e) => {
+                // A failed VM is deleted now; the record stays so nothing leaks if this fails.
+                self.datapath.stop(&r).await;
+                if let Err(d) = self.delete_vm_retrying(&spec.name).await {
+                    tracing::warn!(vm = %spec.name, error = %d, "deleting a failed VM failed; the record keeps it");
+                }
+                self.writer.push(
+                    key.clone(),
+                    Pending::status(PeerPodStatus {
+                        phase: Some(phases::FAILED.into()),
+                        message: Some(e.to_string()),
+                        ..Default::default()
+                    }),
+                );
+                self.writer.flush(&key, Duration::from_secs(10)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the VM, retrying what may pass, and waits until it is ready.
+    async fn create_ready(
+        &self,
+        r: &Record,
+        spec: &VmSpec,
+        deadline: Instant,
+    ) -> Result<Vm, Error> {
         let mut attempt = 0u32;
-        let result = loop {
-            match self.provider.create(&spec).await {
+        let vm = loop {
+            match self.provider.create(spec).await {
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
                     attempt += 1;
                     tracing::warn!(vm = %spec.name, attempt, error = %e, "create failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))))
                         .await;
                 }
-                other => break other,
+                other => break other?,
             }
         };
-        let result: Result<_, Error> = match result {
-            Ok(vm) => {
-                let budget = deadline.saturating_duration_since(Instant::now());
-                let budget = budget.max(Duration::from_secs(1));
-                self.datapath
-                    .ready(self, &r, &vm, budget)
-                    .await
-                    .map(|()| vm)
-            }
-            Err(e) => Err(e.into()),
-        };
-        match result {
-            Ok(vm) => {
-                crashpoint::reached(crashpoint::START_CREATED).await;
-                state::set_instance_id(&self.client, &r.namespace, &r.vm_name, &vm.id).await?;
-                crashpoint::reached(crashpoint::START_INSTANCE_RECORDED).await;
-                let st = PeerPodStatus {
-                    phase: Some(phases::RUNNING.into()),
-                    vm_ip: vm.private_ip.map(|ip| ip.to_string()),
-                    ..Default::default()
-                };
-                state::set_status(&self.client, &r.namespace, &r.vm_name, &st).await?;
-                tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
-                crashpoint::reached(crashpoint::START_RUNNING).await;
-                Ok(())
-            }
-            Err(e) => {
-                // A failed VM is deleted now; the record stays so nothing leaks if this fails.
-                self.datapath.stop(&r).await;
-                let _ = self.provider.delete(&spec.name).await;
-                let st = PeerPodStatus {
-                    phase: Some(phases::FAILED.into()),
-                    message: Some(e.to_string()),
-                    ..Default::default()
-                };
-                let _ = state::set_status(&self.client, &r.namespace, &r.vm_name, &st).await;
-                Err(e)
-            }
-        }
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let budget = budget.max(Duration::from_secs(1));
+        self.datapath.ready(self, r, &vm, budget).await.map(|()| vm)
     }
 
-    /// StopVM: delete the VM, then release the record. Succeeds when both are gone.
+    /// StopVM: delete the VM; the record is released in the background. Succeeds when the VM
+    /// is gone.
     pub async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
@@ -297,8 +359,16 @@ impl Caa {
             return Ok(());
         };
         self.delete_vm_and_record(&r).await?;
-        crashpoint::reached(crashpoint::STOP_RELEASED).await;
+        self.forget_sandbox(id);
+        Ok(())
+    }
+
+    fn forget_sandbox(&self, id: &str) {
         self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.started
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
@@ -306,7 +376,6 @@ impl Caa {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        Ok(())
     }
 
     /// Deletes the VM and releases the record of a sandbox whose pod is gone, serialised with
@@ -315,34 +384,57 @@ impl Caa {
         let lock = self.lock_of(&r.sandbox_id);
         let _g = lock.lock().await;
         self.delete_vm_and_record(r).await?;
-        self.sandboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&r.sandbox_id);
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&r.sandbox_id);
+        self.forget_sandbox(&r.sandbox_id);
         Ok(())
     }
 
+    /// Whether this CAA is working on the record now (a call holds its sandbox, or a
+    /// background write for it is pending): the sweep leaves it to that work.
+    pub(crate) fn handling(&self, r: &Record) -> bool {
+        self.writer.holds(&Key::of(r))
+            || self
+                .locks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&r.sandbox_id)
+                .is_some_and(|l| l.try_lock().is_err())
+    }
+
+    /// Deletes the VM while marking the record deleted, then queues the record's release.
+    ///
+    /// Leak-free at every point: a record marked deleted is finished (VM deleted, then
+    /// record released) by whoever sees it next (a retried StopVM, the start-up reconcile,
+    /// the sweep, the operator's collector), and a record released only after the cloud said
+    /// its VM is gone.
     pub(crate) async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
         self.datapath.stop(r).await;
-        let _ = state::set_status(
-            &self.client,
-            &r.namespace,
-            &r.vm_name,
-            &PeerPodStatus {
-                phase: Some(phases::DELETING.into()),
-                ..Default::default()
-            },
-        )
-        .await;
         crashpoint::reached(crashpoint::STOP_BEFORE_DELETE).await;
+        let (marked, deleted) = tokio::join!(
+            state::mark_deleted(&self.client, &r.namespace, &r.vm_name),
+            self.delete_vm_retrying(&r.vm_name)
+        );
+        deleted?;
+        crashpoint::reached(crashpoint::STOP_VM_DELETED).await;
+        let current = match marked {
+            Ok(Some(pp)) => Some(pp),
+            // Already released.
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(vm = %r.vm_name, error = %e, "marking the record deleted failed; the release retries it");
+                None
+            }
+        };
+        self.writer.push(Key::of(r), Pending::release(current));
+        tracing::info!(vm = %r.vm_name, "VM deleted; record being released");
+        Ok(())
+    }
+
+    /// Deletes a VM, retrying what may pass; succeeds when it is already gone.
+    async fn delete_vm_retrying(&self, name: &str) -> Result<(), Error> {
         let mut attempt = 0u32;
         loop {
-            match self.provider.delete(&r.vm_name).await {
-                Ok(()) => break,
+            match self.provider.delete(name).await {
+                Ok(()) => return Ok(()),
                 Err(e) if e.is_retryable() && attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))))
@@ -351,14 +443,22 @@ impl Caa {
                 Err(e) => return Err(e.into()),
             }
         }
-        crashpoint::reached(crashpoint::STOP_VM_DELETED).await;
-        state::release(&self.client, &r.namespace, &r.vm_name).await?;
-        tracing::info!(vm = %r.vm_name, "VM deleted and record released");
-        Ok(())
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
     pub async fn do_get_info(&self, req: &podvminfo::GetInfoRequest) -> Result<String, Error> {
+        // Answered from memory when this CAA started the VM.
+        let known = {
+            let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            let started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+            sandboxes
+                .values()
+                .filter(|r| r.namespace == req.PodNamespace && r.pod_name == req.PodName)
+                .find_map(|r| started.get(&r.sandbox_id).cloned())
+        };
+        if let Some(id) = known {
+            return Ok(id);
+        }
         let deadline = Instant::now() + self.config.proxy_timeout;
         loop {
             let found = state::of_node(&self.client, self.node())
@@ -381,8 +481,14 @@ impl Caa {
 
     /// Start-up reconcile: records whose pod is gone lose their VM; others are resumed.
     pub async fn reconcile(&self) -> Result<(), Error> {
-        for p in state::of_node(&self.client, self.node()).await? {
+        for mut p in state::of_node(&self.client, self.node()).await? {
             let r = Record::from_peerpod(&p);
+            if p.metadata.deletion_timestamp.is_some() {
+                // Marked deleted (StopVM, or the pod went): the VM goes, then the record.
+                tracing::info!(vm = %r.vm_name, "record being deleted; deleting its VM");
+                self.delete_vm_and_record(&r).await?;
+                continue;
+            }
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &r.namespace);
             let alive = match pods.get_opt(&r.pod_name).await? {
                 Some(pod) => {
@@ -396,6 +502,7 @@ impl Caa {
                 None => false,
             };
             if alive {
+                self.repair(&r, &mut p).await;
                 self.datapath.resume(self, &r, &p);
                 self.sandboxes
                     .lock()
@@ -408,6 +515,48 @@ impl Caa {
         }
         Ok(())
     }
+
+    /// A live record whose VM was ready but whose instance id or IP was never written (CAA
+    /// died after StartVM answered, before the background write): written now from the
+    /// cloud, which knows the VM by its deterministic name.
+    async fn repair(&self, r: &Record, p: &mut crate::api::peerpod::PeerPod) {
+        let st = p.status.clone().unwrap_or_default();
+        if (!p.spec.instance_id.is_empty() && st.vm_ip.is_some())
+            || st.phase.as_deref() == Some(phases::FAILED)
+        {
+            return;
+        }
+        match self.provider.get(&r.vm_name).await {
+            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.private_ip.is_some() => {
+                let ip = vm.private_ip.map(|ip| ip.to_string());
+                tracing::info!(vm = %r.vm_name, "recording the instance of a running VM");
+                self.writer
+                    .push(Key::of(r), Pending::running(vm.id.clone(), ip.clone()));
+                self.started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(r.sandbox_id.clone(), vm.id.clone());
+                p.spec.instance_id = vm.id;
+                p.status = Some(PeerPodStatus {
+                    phase: Some(phases::RUNNING.into()),
+                    vm_ip: ip,
+                    ..st
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = %r.vm_name, error = %e, "reading the VM of a record failed")
+            }
+        }
+    }
+}
+
+/// How long a create runs before its record shows phase Creating.
+const CREATING_AFTER: Duration = Duration::from_secs(1);
+
+fn being_deleted(id: &str) -> Error {
+    // Creating its VM now could only leak it.
+    Error::InvalidRequest(format!("the pod of sandbox {id} is being deleted"))
 }
 
 struct Service(Arc<Caa>);

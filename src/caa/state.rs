@@ -131,13 +131,14 @@ pub async fn set_instance_id(
     .map(|_| ())
 }
 
-/// Merges `status` into the record's status.
+/// Merges `status` into the record's status; answers the record (with its deletion
+/// timestamp, so a write doubles as the check that the record still stands).
 pub async fn set_status(
     client: &Client,
     ns: &str,
     name: &str,
     status: &PeerPodStatus,
-) -> Result<(), kube::Error> {
+) -> Result<PeerPod, kube::Error> {
     let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
     api.patch_status(
         name,
@@ -145,25 +146,45 @@ pub async fn set_status(
         &Patch::Merge(json!({"status": status})),
     )
     .await
-    .map(|_| ())
 }
 
 /// Deletes the record and removes the finalizer; succeeds when it is already gone.
-///
-/// The delete answers with the object while the finalizer holds it, so the finalizer is
-/// removed by position with a JSON patch that first tests it is still there: two calls,
-/// no read, and another writer's finalizer is never dropped.
 pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    match mark_deleted(client, ns, name).await? {
+        Some(current) => remove_finalizer(client, ns, name, current).await,
+        None => Ok(()),
+    }
+}
+
+/// Deletes the record: it stays, being deleted, while the finalizer holds it. A record being
+/// deleted says "delete the VM, then release me" to whoever sees it (StopVM, the start-up
+/// reconcile, the sweep, the operator's collector), so it may be marked before the VM is gone.
+/// Answers the record while the finalizer holds it, `None` when it is gone.
+pub async fn mark_deleted(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<PeerPod>, kube::Error> {
     let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
-    let mut current = match api.delete(name, &DeleteParams::default()).await {
+    match api.delete(name, &DeleteParams::default()).await {
         // The object while a finalizer holds it; a Status when it is already gone.
-        Ok(answer) => match answer.left() {
-            Some(p) => p,
-            None => return Ok(()),
-        },
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-        Err(e) => return Err(e),
-    };
+        Ok(answer) => Ok(answer.left()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the finalizer of a record being deleted, `current` being its last known state.
+///
+/// The finalizer is removed by position with a JSON patch that first tests it is still
+/// there: one call, no read, and another writer's finalizer is never dropped.
+pub async fn remove_finalizer(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    mut current: PeerPod,
+) -> Result<(), kube::Error> {
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
     for _ in 0..5 {
         let Some(i) = current.finalizers().iter().position(|f| f == FINALIZER) else {
             return Ok(());
@@ -180,7 +201,7 @@ pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::
         {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-            // The finalizers changed since the delete answered: read them and retry.
+            // The finalizers changed since `current` was read: read them and retry.
             Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
                 match api.get_opt(name).await? {
                     Some(p) => current = p,

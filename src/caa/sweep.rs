@@ -32,12 +32,17 @@ pub async fn sweep_once(
         }
     };
     // Records being deleted lost their pod (the garbage collector deletes them with it)
-    // without a StopVM reaching this CAA: their VMs go now, then the records.
+    // without a StopVM reaching this CAA, or a StopVM marked them and was cut short: their
+    // VMs go now, then the records. Those a call or a background write of this CAA is
+    // finishing are left to it.
     for p in peerpods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_some())
     {
         let r = state::Record::from_peerpod(p);
+        if caa.handling(&r) {
+            continue;
+        }
         if let Err(e) = caa.forget(&r).await {
             tracing::warn!(vm = %r.vm_name, error = %e, "sweep: deleting the VM of a deleted PeerPod failed");
         }

@@ -9,8 +9,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use crate::cloud::net::{self, Iface, NetError, Netlink};
 use crate::forwarder::config::{PodNetwork, Route};
-use crate::forwarder::net::{self, Iface, NetError, Netlink};
 
 /// Name of the tunnel device inside the pod namespace.
 pub const POD_VXLAN: &str = "vxlan0";

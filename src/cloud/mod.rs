@@ -1,10 +1,16 @@
 //! Cloud providers: the [`Provider`] trait CAA drives, the VM description it passes, typed
-//! errors, and instance size selection. This module imports nothing else of the crate but
-//! [`crate::config`].
+//! errors, and instance size selection; the settings types each provider is built from
+//! (the `config` module fills them from `peer-pods-cm`/`peer-pods-secret`); and the netlink
+//! plumbing ([`net`]) the local provider's VM links need and that the forwarder and CAA's
+//! tunnel share. This module imports nothing else of the crate (a unit test checks it).
 
 pub mod azure;
 pub mod local;
+pub mod net;
+pub mod secret;
 pub mod sizes;
+
+pub use secret::SecretString;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -136,7 +142,7 @@ pub trait Provider: Send + Sync + 'static {
 }
 
 /// Tag keys sandboxd puts on every VM; user tags cannot override them. Azure refuses tag
-/// names containing any of [`crate::config::TAG_NAME_FORBIDDEN`], hence no `sandboxd.io/`
+/// names containing any of [`azure::TAG_NAME_FORBIDDEN`], hence no `sandboxd.io/`
 /// prefix here.
 pub mod tags {
     /// The `kube-system` namespace UID: one value per cluster.

@@ -3,7 +3,8 @@
 //!
 //! One validator for all: every problem names the key and what was expected, every problem
 //! in a map is reported at once, and secret values never appear in errors, logs or `Debug`.
-//! This module imports nothing else of the crate.
+//! It builds the settings types `cloud` owns ([`AzureConfig`], [`AzureCredentials`],
+//! [`SecretString`]) and imports nothing else of the crate but `cloud`.
 
 mod duration;
 mod secret;
@@ -12,8 +13,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::cloud::SecretString;
+pub use crate::cloud::azure::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub use duration::parse_duration;
-pub use secret::{AzureCredentials, CloudSecret, SecretString};
+pub use secret::CloudSecret;
 
 /// Name of the ConfigMap holding the peer-pods settings.
 pub const CONFIG_MAP_NAME: &str = "peer-pods-cm";
@@ -128,35 +131,6 @@ pub struct PeerPodsConfig {
     pub tags: Vec<(String, String)>,
     /// Azure settings, present when `cloud_provider` is Azure.
     pub azure: Option<AzureConfig>,
-}
-
-/// The Azure keys of `peer-pods-cm`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AzureConfig {
-    /// `AZURE_INSTANCE_SIZE`: the size used when a pod asks for none.
-    pub instance_size: String,
-    /// `AZURE_INSTANCE_SIZES`: the sizes pods may use; always contains `instance_size`.
-    pub instance_sizes: Vec<String>,
-    /// `AZURE_SUBNET_ID`.
-    pub subnet_id: String,
-    /// `AZURE_NSG_ID`, optional.
-    pub nsg_id: Option<String>,
-    /// `AZURE_IMAGE_ID`; empty until the image job fills it.
-    pub image_id: Option<String>,
-    /// `AZURE_REGION`.
-    pub region: String,
-    /// `AZURE_RESOURCE_GROUP`.
-    pub resource_group: String,
-    /// `DISABLECVM`: `true` creates plain VMs, `false` Confidential VMs.
-    pub disable_cvm: bool,
-    /// `ENABLE_SECURE_BOOT`.
-    pub secure_boot: bool,
-    /// `SSH_USERNAME`.
-    pub ssh_username: String,
-    /// `ROOT_VOLUME_SIZE` in GB; `None` keeps the image's size.
-    pub root_volume_gb: Option<u32>,
-    /// `USE_PUBLIC_IP`.
-    pub use_public_ip: bool,
 }
 
 /// Reads keys of one source and collects every problem.
@@ -292,9 +266,6 @@ fn is_arm_id_of(id: &str, kind: &str) -> bool {
         && lower.contains(&format!("/providers/{}/", kind.to_ascii_lowercase()))
         && parts[1..].iter().all(|p| !p.is_empty())
 }
-
-/// Characters Azure refuses in a tag name.
-pub const TAG_NAME_FORBIDDEN: &[char] = &['<', '>', '%', '&', '\\', '?', '/'];
 
 /// Parses `k=v,k2=v2`; a name Azure would refuse is a problem of `TAGS` here rather than a
 /// failed create later.

@@ -2,66 +2,9 @@
 //! `Debug` and `Display` never show them, and no error of this module quotes one.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 
-use super::{Error, Reader, SECRET_NAME};
-
-/// A secret value. `Debug`/`Display` print `<redacted>`; read it with [`SecretString::expose`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
-
-impl SecretString {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// How sandboxd authenticates to Azure.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AzureCredentials {
-    /// A service principal with a client secret (`az ad sp create-for-rbac`).
-    ClientSecret {
-        /// `AZURE_TENANT_ID`.
-        tenant_id: String,
-        /// `AZURE_CLIENT_ID`.
-        client_id: String,
-        /// `AZURE_CLIENT_SECRET`.
-        client_secret: SecretString,
-    },
-    /// Workload identity: a federated token file projected into the pod.
-    WorkloadIdentity {
-        /// `AZURE_TENANT_ID`.
-        tenant_id: String,
-        /// `AZURE_CLIENT_ID`.
-        client_id: String,
-        /// `AZURE_FEDERATED_TOKEN_FILE`.
-        token_file: PathBuf,
-    },
-    /// The VM's managed identity through IMDS; `client_id` picks a user-assigned one.
-    ManagedIdentity {
-        /// `AZURE_CLIENT_ID`, optional.
-        client_id: Option<String>,
-    },
-}
+use super::{AzureCredentials, Error, Reader, SECRET_NAME, SecretString};
 
 /// Validated `peer-pods-secret`.
 #[derive(Clone, Debug, PartialEq, Eq)]

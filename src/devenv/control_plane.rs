@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::{Error, io};
-use crate::pki::{Ca, Usage};
+use crate::pki::{Ca, CertKey, Usage};
 
 /// Flags of `dev control-plane`.
 #[derive(Debug, clap::Args)]
@@ -58,7 +58,8 @@ pub fn find_binaries(given: Option<&Path>) -> Result<PathBuf, Error> {
         .ok_or_else(|| Error::Binaries(format!("nothing under {}", root.display())))
 }
 
-fn free_port() -> Result<u16, Error> {
+/// A free TCP port on loopback (bound and released; the caller binds it soon after).
+pub fn free_port() -> Result<u16, Error> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| io("free port", e))?;
     Ok(l.local_addr().map_err(|e| io("free port", e))?.port())
 }
@@ -67,17 +68,199 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-/// Admin kubeconfig YAML for `server` with a client certificate.
-pub fn kubeconfig_yaml(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
+/// How a kubeconfig's user authenticates.
+pub enum UserAuth<'a> {
+    /// A client certificate.
+    Cert(&'a CertKey),
+    /// A bearer token (e.g. from a TokenRequest).
+    Token(&'a str),
+}
+
+/// Kubeconfig YAML for `server` trusting `ca_pem`, with one user and one context.
+pub fn kubeconfig_yaml(server: &str, ca_pem: &str, user: UserAuth<'_>) -> String {
+    let user = match user {
+        UserAuth::Cert(ck) => format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(&ck.cert_pem),
+            b64(&ck.key_pem)
+        ),
+        UserAuth::Token(t) => format!("    token: {t}\n"),
+    };
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: demo\n  cluster:\n    server: {server}\n    \
-         certificate-authority-data: {}\ncontexts:\n- name: demo\n  context:\n    cluster: demo\n    \
-         user: admin\ncurrent-context: demo\nusers:\n- name: admin\n  user:\n    \
-         client-certificate-data: {}\n    client-key-data: {}\n",
-        b64(ca_pem),
-        b64(cert_pem),
-        b64(key_pem)
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    \
+         user: admin\ncurrent-context: local\nusers:\n- name: admin\n  user:\n{user}",
+        b64(ca_pem)
     )
+}
+
+/// The loopback ports a control plane listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// etcd clients.
+    pub etcd: u16,
+    /// etcd peers.
+    pub etcd_peer: u16,
+    /// kube-apiserver (HTTPS).
+    pub apiserver: u16,
+    /// kube-controller-manager's secure port.
+    pub controller_manager: u16,
+    /// kube-scheduler's secure port.
+    pub scheduler: u16,
+}
+
+impl Ports {
+    /// Free ports for every component.
+    pub fn free() -> Result<Self, Error> {
+        Ok(Self {
+            etcd: free_port()?,
+            etcd_peer: free_port()?,
+            apiserver: free_port()?,
+            controller_manager: free_port()?,
+            scheduler: free_port()?,
+        })
+    }
+}
+
+/// Everything needed to start a control plane in one directory: the files to write first
+/// and each component's command line, in start order. Pure data, so the developer
+/// environment and the test harness start the same control plane their own way.
+pub struct Plan {
+    /// The API server's URL.
+    pub server: String,
+    /// The cluster CA (PEM).
+    pub ca_pem: String,
+    /// An admin (`system:masters`) client certificate.
+    pub admin: CertKey,
+    /// Files (name in the directory, content) the components read.
+    pub files: Vec<(&'static str, String)>,
+    /// etcd's arguments.
+    pub etcd: Vec<String>,
+    /// kube-apiserver's arguments.
+    pub apiserver: Vec<String>,
+    /// kube-controller-manager's arguments.
+    pub controller_manager: Vec<String>,
+    /// kube-scheduler's arguments.
+    pub scheduler: Vec<String>,
+}
+
+/// The kubeconfig file the controller manager and scheduler read (an admin kubeconfig).
+pub const COMPONENTS_KUBECONFIG: &str = "components.kubeconfig";
+
+/// Plans a control plane in `dir` on `ports`, with a fresh in-memory CA called `ca_name`.
+/// etcd runs without fsync (throw-away data), API priority and fairness is off and the
+/// in-flight limits are high, because tests and demos drive many requests from one client.
+pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
+    let pki = |e: crate::pki::Error| Error::Pki(e.to_string());
+    let validity = time::Duration::days(2);
+    let ca = Ca::new(ca_name, validity).map_err(pki)?;
+    let serving = ca
+        .issue(
+            "kube-apiserver",
+            &[],
+            &[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                "10.96.0.1",
+            ],
+            Usage::Server,
+            validity,
+        )
+        .map_err(pki)?;
+    let admin = ca
+        .issue(
+            &format!("{ca_name}-admin"),
+            &["system:masters"],
+            &[],
+            Usage::Client,
+            validity,
+        )
+        .map_err(pki)?;
+    let (sa_key, sa_pub) = crate::pki::key_pair_pem().map_err(pki)?;
+    let ca_pem = ca.cert_pem();
+    let server = format!("https://127.0.0.1:{}", ports.apiserver);
+    let p = |n: &str| dir.join(n).display().to_string();
+    let etcd = format!("http://127.0.0.1:{}", ports.etcd);
+    let peer = format!("http://127.0.0.1:{}", ports.etcd_peer);
+    let etcd_args = vec![
+        format!("--data-dir={}", p("etcd")),
+        format!("--listen-client-urls={etcd}"),
+        format!("--advertise-client-urls={etcd}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=default={peer}"),
+        "--unsafe-no-fsync=true".into(),
+        "--log-level=warn".into(),
+        "--quota-backend-bytes=4294967296".into(),
+    ];
+    let apiserver = vec![
+        format!("--etcd-servers={etcd}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={}", ports.apiserver),
+        format!("--cert-dir={}", p("apiserver-certs")),
+        format!("--tls-cert-file={}", p("apiserver.crt")),
+        format!("--tls-private-key-file={}", p("apiserver.key")),
+        format!("--client-ca-file={}", p("ca.crt")),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p("sa.pub")),
+        format!("--service-account-signing-key-file={}", p("sa.key")),
+        "--service-cluster-ip-range=10.96.0.0/16".into(),
+        "--authorization-mode=RBAC".into(),
+        "--allow-privileged=true".into(),
+        "--profiling=false".into(),
+        "--enable-priority-and-fairness=false".into(),
+        "--max-requests-inflight=2000".into(),
+        "--max-mutating-requests-inflight=1000".into(),
+        "--v=1".into(),
+    ];
+    let kubeconfig = p(COMPONENTS_KUBECONFIG);
+    let common = |port: u16, certs: &str| {
+        vec![
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--leader-elect=false".to_string(),
+            "--bind-address=127.0.0.1".to_string(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", p(certs)),
+            "--v=1".to_string(),
+        ]
+    };
+    let mut controller_manager = common(ports.controller_manager, "kcm-certs");
+    controller_manager.extend([
+        // No kubelet renews node leases here: fake nodes stay Ready.
+        "--controllers=*,-node-lifecycle-controller".into(),
+        format!("--service-account-private-key-file={}", p("sa.key")),
+        format!("--root-ca-file={}", p("ca.crt")),
+        "--use-service-account-credentials=false".into(),
+        "--concurrent-gc-syncs=20".into(),
+        "--kube-api-qps=200".into(),
+        "--kube-api-burst=400".into(),
+    ]);
+    let scheduler = common(ports.scheduler, "scheduler-certs");
+    let admin_yaml = kubeconfig_yaml(&server, &ca_pem, UserAuth::Cert(&admin));
+    Ok(Plan {
+        files: vec![
+            ("ca.crt", ca_pem.clone()),
+            ("apiserver.crt", serving.cert_pem),
+            ("apiserver.key", serving.key_pem),
+            ("sa.key", sa_key),
+            ("sa.pub", sa_pub),
+            (COMPONENTS_KUBECONFIG, admin_yaml),
+        ],
+        server,
+        ca_pem,
+        admin,
+        etcd: etcd_args,
+        apiserver,
+        controller_manager,
+        scheduler,
+    })
 }
 
 fn spawn(dir: &Path, bin: &Path, name: &str, args: &[String]) -> Result<Child, Error> {
@@ -103,131 +286,40 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let bin = find_binaries(args.bin.as_deref())?;
     let dir = &args.dir;
     std::fs::create_dir_all(dir.join("etcd")).map_err(|e| io("creating --dir", e))?;
-    let write = |name: &str, text: &str| {
-        std::fs::write(dir.join(name), text).map_err(|e| io(&format!("writing {name}"), e))
-    };
-    let pki = |e: crate::pki::Error| Error::Pki(e.to_string());
-    let validity = time::Duration::days(2);
-    let ca = Ca::new("sandboxd-demo-ca", validity).map_err(pki)?;
-    let serving = ca
-        .issue(
-            "kube-apiserver",
-            &[],
-            &[
-                "127.0.0.1",
-                "localhost",
-                "kubernetes",
-                "kubernetes.default.svc",
-                "10.96.0.1",
-            ],
-            Usage::Server,
-            validity,
-        )
-        .map_err(pki)?;
-    let admin = ca
-        .issue(
-            "sandboxd-demo-admin",
-            &["system:masters"],
-            &[],
-            Usage::Client,
-            validity,
-        )
-        .map_err(pki)?;
-    let (sa_key, sa_pub) = crate::pki::key_pair_pem().map_err(pki)?;
-    write("ca.crt", &ca.cert_pem())?;
-    write("apiserver.crt", &serving.cert_pem)?;
-    write("apiserver.key", &serving.key_pem)?;
-    write("sa.key", &sa_key)?;
-    write("sa.pub", &sa_pub)?;
-    let p = |n: &str| dir.join(n).display().to_string();
-
+    let plan = plan(dir, "sandboxd-demo-ca", Ports::free()?)?;
+    for (name, text) in &plan.files {
+        std::fs::write(dir.join(name), text).map_err(|e| io(&format!("writing {name}"), e))?;
+    }
     let mut children: Vec<(&str, Child)> = Vec::new();
-    let (etcd_port, peer_port) = (free_port()?, free_port()?);
-    let etcd = format!("http://127.0.0.1:{etcd_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    children.push((
-        "etcd",
-        spawn(
-            dir,
-            &bin,
-            "etcd",
-            &[
-                format!("--data-dir={}", p("etcd")),
-                format!("--listen-client-urls={etcd}"),
-                format!("--advertise-client-urls={etcd}"),
-                format!("--listen-peer-urls={peer}"),
-                format!("--initial-advertise-peer-urls={peer}"),
-                format!("--initial-cluster=default={peer}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-        )?,
-    ));
-    let port = free_port()?;
-    let server = format!("https://127.0.0.1:{port}");
+    children.push(("etcd", spawn(dir, &bin, "etcd", &plan.etcd)?));
     children.push((
         "kube-apiserver",
+        spawn(dir, &bin, "kube-apiserver", &plan.apiserver)?,
+    ));
+    let yaml = kubeconfig_yaml(&plan.server, &plan.ca_pem, UserAuth::Cert(&plan.admin));
+    wait_ready(&yaml, &mut children, Duration::from_secs(90)).await?;
+    children.push((
+        "kube-controller-manager",
         spawn(
             dir,
             &bin,
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={port}"),
-                format!("--cert-dir={}", p("apiserver-certs")),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--authorization-mode=RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-            ],
+            "kube-controller-manager",
+            &plan.controller_manager,
         )?,
+    ));
+    children.push((
+        "kube-scheduler",
+        spawn(dir, &bin, "kube-scheduler", &plan.scheduler)?,
     ));
     // Written under a temporary name and renamed: whoever waits for the file sees it whole.
     let kubeconfig = dir.join("admin.kubeconfig");
-    let yaml = kubeconfig_yaml(&server, &ca.cert_pem(), &admin.cert_pem, &admin.key_pem);
-    write("admin.kubeconfig.tmp", &yaml)?;
-    wait_ready(&yaml, &mut children, Duration::from_secs(90)).await?;
-    let common = |port: u16, certs: &str| {
-        vec![
-            format!("--kubeconfig={}", p("admin.kubeconfig.tmp")),
-            format!("--authentication-kubeconfig={}", p("admin.kubeconfig.tmp")),
-            format!("--authorization-kubeconfig={}", p("admin.kubeconfig.tmp")),
-            "--leader-elect=false".to_string(),
-            "--bind-address=127.0.0.1".to_string(),
-            format!("--secure-port={port}"),
-            format!("--cert-dir={}", p(certs)),
-        ]
-    };
-    let mut kcm = common(free_port()?, "kcm-certs");
-    kcm.extend([
-        // No kubelet renews node leases here.
-        "--controllers=*,-node-lifecycle-controller".into(),
-        format!("--service-account-private-key-file={}", p("sa.key")),
-        format!("--root-ca-file={}", p("ca.crt")),
-    ]);
-    children.push((
-        "kube-controller-manager",
-        spawn(dir, &bin, "kube-controller-manager", &kcm)?,
-    ));
-    let sched = common(free_port()?, "scheduler-certs");
-    children.push((
-        "kube-scheduler",
-        spawn(dir, &bin, "kube-scheduler", &sched)?,
-    ));
+    std::fs::write(dir.join("admin.kubeconfig.tmp"), &yaml)
+        .map_err(|e| io("writing admin.kubeconfig", e))?;
     std::fs::rename(dir.join("admin.kubeconfig.tmp"), &kubeconfig)
         .map_err(|e| io("writing admin.kubeconfig", e))?;
-    // The components keep reading the file they were given.
-    std::fs::copy(&kubeconfig, dir.join("admin.kubeconfig.tmp")).map_err(|e| io("copy", e))?;
     println!(
-        "control plane at {server} ready in {:.1}s; kubeconfig {}",
+        "control plane at {} ready in {:.1}s; kubeconfig {}",
+        plan.server,
         started.elapsed().as_secs_f64(),
         kubeconfig.display()
     );
@@ -296,7 +388,11 @@ mod tests {
 
     #[test]
     fn the_admin_kubeconfig_loads_with_its_server_and_certificate() {
-        let yaml = kubeconfig_yaml("https://127.0.0.1:6443", "CA", "CERT", "KEY");
+        let ck = CertKey {
+            cert_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+        };
+        let yaml = kubeconfig_yaml("https://127.0.0.1:6443", "CA", UserAuth::Cert(&ck));
         let k = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
         let cluster = k.clusters[0].cluster.as_ref().unwrap();
         assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));
@@ -305,7 +401,55 @@ mod tests {
             user.client_certificate_data.as_deref(),
             Some(b64("CERT").as_str())
         );
-        assert_eq!(k.current_context.as_deref(), Some("demo"));
+        assert_eq!(k.current_context.as_deref(), Some("local"));
+        let yaml = kubeconfig_yaml("https://127.0.0.1:6443", "CA", UserAuth::Token("t0k"));
+        let k = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+        let user = k.auth_infos[0].auth_info.as_ref().unwrap();
+        assert!(user.token.is_some());
+    }
+
+    #[test]
+    fn every_file_a_component_is_given_is_written_by_the_plan() {
+        let dir = Path::new("/cp");
+        let ports = Ports {
+            etcd: 1,
+            etcd_peer: 2,
+            apiserver: 3,
+            controller_manager: 4,
+            scheduler: 5,
+        };
+        let plan = plan(dir, "t", ports).unwrap();
+        assert_eq!(plan.server, "https://127.0.0.1:3");
+        let written: Vec<String> = plan.files.iter().map(|(n, _)| format!("/cp/{n}")).collect();
+        for arg in plan
+            .etcd
+            .iter()
+            .chain(&plan.apiserver)
+            .chain(&plan.controller_manager)
+            .chain(&plan.scheduler)
+        {
+            let Some((flag, value)) = arg.split_once('=') else {
+                continue;
+            };
+            if !value.starts_with("/cp/") || flag.ends_with("-dir") {
+                continue;
+            }
+            assert!(
+                written.contains(&value.to_string()),
+                "{arg} names a file the plan does not write"
+            );
+        }
+        let kubeconfig = &plan
+            .files
+            .iter()
+            .find(|(n, _)| *n == COMPONENTS_KUBECONFIG)
+            .unwrap()
+            .1;
+        let k = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
+        assert_eq!(
+            k.clusters[0].cluster.as_ref().unwrap().server.as_deref(),
+            Some("https://127.0.0.1:3")
+        );
     }
 
     #[test]

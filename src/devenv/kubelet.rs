@@ -26,8 +26,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::io;
+use crate::cloud::net::{self, Netlink};
 use crate::ctl::vm::{CreateArgs, DeleteArgs};
-use crate::forwarder::net::{self, Netlink};
 use crate::protocol::annotations;
 
 /// The runtime class whose pods get a VM.

@@ -1,7 +1,9 @@
 //! Developer environment for `make demo` (hidden `sandboxd dev ...` subcommands, not part of a
 //! deployment): a local control plane from the cached test binaries, and a clearly labelled
-//! kubelet stand-in that drives the CAA hypervisor API the way the kata shim does.
+//! kubelet stand-in that drives the CAA hypervisor API the way the kata shim does, and a
+//! kata-agent stand-in (`dev agent`) for tests and demo images.
 
+pub mod agent;
 pub mod control_plane;
 pub mod kubelet;
 
@@ -34,6 +36,9 @@ pub enum Error {
     /// Certificates.
     #[error("certificates: {0}")]
     Pki(String),
+    /// The kata-agent stand-in or a call to it failed.
+    #[error("agent: {0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -47,6 +52,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Hypervisor(_) => "hypervisor",
             Error::Pki(_) => "pki",
+            Error::Agent(_) => "agent",
         }
     }
 }

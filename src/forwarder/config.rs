@@ -168,10 +168,10 @@ impl Config {
                 n.tunnel_type
             ));
         }
-        if super::net::parse_cidr(&n.podip).is_none() {
+        if crate::cloud::net::parse_cidr(&n.podip).is_none() {
             problems.push(format!("podip must be an IPv4 CIDR, found {:?}", n.podip));
         }
-        if super::net::parse_mac(&n.pod_hw_addr).is_none() {
+        if crate::cloud::net::parse_mac(&n.pod_hw_addr).is_none() {
             problems.push(format!(
                 "pod-hw-addr must be a MAC address, found {:?}",
                 n.pod_hw_addr

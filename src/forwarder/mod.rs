@@ -9,7 +9,6 @@
 
 pub mod config;
 pub mod init;
-pub mod net;
 pub mod ns;
 pub mod podns;
 pub mod relay;
@@ -21,6 +20,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use config::Config;
+
+use crate::cloud::net;
 
 /// The port the forwarder listens on.
 pub const PORT: u16 = 15150;

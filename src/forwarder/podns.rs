@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use super::config::Config;
-use super::net::{self, NetError, Netlink};
+use crate::cloud::net::{self, NetError, Netlink};
 
 /// Temporary name of the VXLAN device before it takes the pod interface's name.
 const STAGING_NAME: &str = "sbx-podvx";

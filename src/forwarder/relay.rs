@@ -47,18 +47,22 @@ pub async fn serve(
         let opts = opts.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused a client: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "refused a client: TLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(super::tls::transport(tcp)),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "refused a client: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "refused a client: TLS handshake timed out");
+                    return;
+                }
+            };
             let agent = match dial_agent(&opts.agent_socket, opts.agent_wait, &shutdown).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -84,7 +88,10 @@ pub async fn dial_agent(
     let mut delay = Duration::from_millis(20);
     loop {
         match UnixStream::connect(path).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                enlarge_send_buffer(&s);
+                return Ok(s);
+            }
             Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_cancelled() => {
                 return Err(std::io::Error::new(
                     e.kind(),
@@ -99,8 +106,21 @@ pub async fn dial_agent(
     }
 }
 
-/// Read buffer of each direction of a relayed connection.
-const READ_BUFFER: usize = 256 << 10;
+/// Send buffer asked for on the unix sockets a relay writes to (the kernel caps it at
+/// `net.core.wmem_max`): a large frame is handed over in a few writes instead of stalling
+/// on the default ~208 KiB until the reader catches up.
+const UNIX_SEND_BUFFER: usize = 1 << 20;
+
+/// Enlarges the send buffer of a unix socket a relay writes frames to (best effort: the
+/// default only costs more wake-ups).
+pub fn enlarge_send_buffer(s: &UnixStream) {
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SEND_BUFFER);
+}
+
+/// Read buffer of each direction of a relayed connection: a small frame's header and
+/// payload arrive in one read; reads of at least this much (the bulk of a large frame) go
+/// straight into the chunk buffer instead of through it.
+const READ_BUFFER: usize = 64 << 10;
 /// Largest piece of a frame a relay holds before passing it on.
 const CHUNK: usize = 256 << 10;
 /// Bytes of a request read to find its service and method.

@@ -11,6 +11,9 @@ use clap::Subcommand;
 pub enum ImageCommand {
     /// Build the pod VM disk image (raw, qcow2, fixed VHD).
     Build(build::Args),
+    /// Lay out the build inputs (kernel, the modules the image takes, systemd-boot) as the
+    /// OCI image carries them for the image Job.
+    StageInputs(build::inputs::StageArgs),
     /// Upload a VHD to Azure and create an image from it.
     Publish(publish::Args),
     /// Delete an image (and its blob) that `sandboxd image publish` created.
@@ -23,6 +26,7 @@ pub enum ImageCommand {
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Build(args) => build::run(args).await,
+        ImageCommand::StageInputs(args) => build::inputs::run(args).await,
         ImageCommand::Publish(args) => publish::run(args).await,
         ImageCommand::Delete(args) => publish::run_delete(args).await,
         ImageCommand::Job(args) => publish::run_job(args).await,

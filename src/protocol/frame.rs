@@ -170,7 +170,7 @@ where
     // Small frames: one write of header and payload.
     while left > 0 && head.len() < buf.len() {
         let want = left.min(buf.len() - head.len());
-        let n = r.read(&mut buf[..want]).await?;
+        let n = read_available(r, &mut buf[..want]).await?;
         if n == 0 {
             return Err(FrameError::Truncated {
                 got: total - left,
@@ -183,7 +183,7 @@ where
     w.write_all(&head).await?;
     while left > 0 {
         let want = left.min(buf.len());
-        let n = r.read(&mut buf[..want]).await?;
+        let n = read_available(r, &mut buf[..want]).await?;
         if n == 0 {
             return Err(FrameError::Truncated {
                 got: total - left,
@@ -195,6 +195,36 @@ where
     }
     w.flush().await?;
     Ok(())
+}
+
+/// Reads at least one byte (waiting for it), then whatever else `r` has ready without
+/// waiting, up to `buf.len()`; `Ok(0)` only at end of stream. A TLS stream yields one record
+/// (at most 16 KiB) per read: gathering what is already there before writing it on makes one
+/// write of up to a chunk instead of one per record, and wakes the reader behind the next
+/// hop once instead of per record.
+pub async fn read_available<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    use std::pin::Pin;
+    use std::task::Poll;
+    let mut filled = 0;
+    std::future::poll_fn(|cx| {
+        while filled < buf.len() {
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[filled..]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => filled += rb.filled().len(),
+                // Returned with the data before it; the next read reports it again.
+                Poll::Ready(Err(_)) if filled > 0 => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if filled > 0 => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(filled))
+    })
+    .await
 }
 
 /// Reads exactly `len` payload bytes after a header; for the frames a relay must decode.
@@ -328,6 +358,33 @@ mod tests {
             writer.await.unwrap();
             assert_eq!(out, f.encode(), "len {len}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_gathers_what_is_ready_and_does_not_wait_for_more() {
+        // Three pieces ready (as a TLS stream yields one record per read), then a peer that
+        // is still open but silent.
+        let (_open, silent) = tokio::io::duplex(64);
+        let mut r = (&[1u8; 100][..])
+            .chain(&[2u8; 200][..])
+            .chain(&[3u8; 300][..])
+            .chain(silent);
+        let mut buf = vec![0u8; 1000];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_available(&mut r, &mut buf),
+        )
+        .await
+        .expect("returned without waiting for the silent peer")
+        .unwrap();
+        assert_eq!(n, 600);
+        assert_eq!(&buf[99..101], &[1, 2]);
+        assert_eq!(&buf[299..301], &[2, 3]);
+        // A full buffer returns at once; the rest stays for the next read.
+        let mut r = &[7u8; 50][..];
+        let mut small = [0u8; 20];
+        assert_eq!(read_available(&mut r, &mut small).await.unwrap(), 20);
+        assert_eq!(r.len(), 30);
     }
 
     fn frame(len: usize) -> Frame {

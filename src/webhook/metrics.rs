@@ -22,6 +22,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`outcome as usize` indexes it).
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Mutated,
+        Outcome::Ignored,
+        Outcome::Denied,
+        Outcome::Invalid,
+    ];
+
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +61,9 @@ struct ReasonLabels {
 #[derive(Clone)]
 pub struct WebhookMetrics {
     admissions: Family<OutcomeLabels, Counter>,
+    /// The counters of `admissions`, one per [`Outcome`] in [`Outcome::ALL`] order, looked
+    /// up once so that counting an admission is one atomic add.
+    by_outcome: [Counter; 4],
     mutations: Counter,
     errors: Family<ReasonLabels, Counter>,
     duration: Histogram,
@@ -61,8 +72,12 @@ pub struct WebhookMetrics {
 
 impl Default for WebhookMetrics {
     fn default() -> Self {
+        let admissions = Family::<OutcomeLabels, Counter>::default();
+        let by_outcome = Outcome::ALL
+            .map(|outcome| admissions.get_or_create(&OutcomeLabels { outcome }).clone());
         Self {
-            admissions: Family::default(),
+            admissions,
+            by_outcome,
             mutations: Counter::default(),
             errors: Family::default(),
             // 10 µs … ~80 ms.
@@ -103,9 +118,7 @@ impl WebhookMetrics {
 
     /// Records one answered request.
     pub fn observe(&self, outcome: Outcome, took: Duration) {
-        self.admissions
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        self.by_outcome[outcome as usize].inc();
         self.duration.observe(took.as_secs_f64());
     }
 

@@ -9,6 +9,7 @@
 pub mod manifest;
 pub mod metrics;
 pub mod mutate;
+mod pod;
 pub mod policy;
 pub mod quantity;
 pub mod review;

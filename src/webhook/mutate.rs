@@ -7,10 +7,9 @@
 //! travels to the cloud-api-adaptor as kata hypervisor annotations.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ResourceRequirements};
-use serde_json::{Map, Value, json};
-
+use super::pod::{self, Container, FieldError, Meta, PodIn, Resources};
 use super::quantity::{self, NANO, QuantityError, div_ceil};
 
 /// The label that marks a peer pod, so the operator can find them without watching every pod.
@@ -46,9 +45,6 @@ pub enum Error {
     /// The pod has no containers, so nothing can carry the extended resource.
     #[error("the pod has no containers")]
     NoContainers,
-    /// The object is not a JSON object where a pod must be.
-    #[error("the object is not a pod: {0}")]
-    NotAnObject(&'static str),
 }
 
 impl Error {
@@ -57,7 +53,6 @@ impl Error {
         match self {
             Error::Quantity { .. } => "invalid_quantity",
             Error::NoContainers => "no_containers",
-            Error::NotAnObject(_) => "not_an_object",
         }
     }
 }
@@ -79,107 +74,159 @@ pub struct PodSize {
 /// The outcome of mutating one peer pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mutation {
-    /// RFC 6902 operations turning the submitted pod into the peer pod.
-    pub patch: json_patch::Patch,
+    /// RFC 6902 operations turning the submitted pod into the peer pod, as JSON text.
+    pub patch: String,
     /// Messages for the user (admission warnings).
     pub warnings: Vec<String>,
     /// The size written to the annotations (before user-set annotations win).
     pub size: PodSize,
 }
 
-type Amounts = BTreeMap<String, i128>;
+/// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
+pub(crate) struct PeerPod<'a> {
+    pub meta: Meta<'a>,
+    pub containers: Vec<Container<'a>>,
+    pub init_containers: Vec<Container<'a>>,
+    pub resources: Option<Resources<'a>>,
+}
 
-fn parse_map(
-    place: &str,
-    map: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
-) -> Result<Amounts, Error> {
-    let mut out = Amounts::new();
-    for (name, q) in map.into_iter().flatten() {
-        let nanos = quantity::parse_nanos(&q.0).map_err(|source| Error::Quantity {
-            place: place.to_string(),
-            resource: name.clone(),
+impl<'a> PeerPod<'a> {
+    /// Parses what the mutation needs; errors name the field.
+    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
+        let spec = pod.spec.as_ref();
+        Ok(Self {
+            meta: Meta::parse(pod.metadata)?,
+            containers: pod::containers(spec.and_then(|s| s.containers), "containers")?,
+            init_containers: pod::containers(
+                spec.and_then(|s| s.init_containers),
+                "initContainers",
+            )?,
+            resources: pod::pod_resources(spec.and_then(|s| s.resources))?,
+        })
+    }
+}
+
+type Amounts<'a> = BTreeMap<&'a str, i128>;
+
+fn parse_amounts<'a>(
+    place: &dyn Fn() -> String,
+    list: Option<&'a pod::Amounts<'_>>,
+    out: &mut Amounts<'a>,
+) -> Result<(), Error> {
+    for (name, q) in list.into_iter().flat_map(|l| &l.0) {
+        let nanos = quantity::parse_nanos(q.as_str()).map_err(|source| Error::Quantity {
+            place: place(),
+            resource: name.as_str().to_string(),
             source,
         })?;
-        out.insert(name.clone(), nanos.max(0));
+        out.insert(name.as_str(), nanos.max(0));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A container's (or the pod's) requests and limits; a limit without a request is also the
 /// request, as the API server's defaulting makes it.
-fn requirements(
-    place: &str,
-    r: Option<&ResourceRequirements>,
-) -> Result<(Amounts, Amounts), Error> {
-    let mut requests = parse_map(place, r.and_then(|r| r.requests.as_ref()))?;
-    let limits = parse_map(place, r.and_then(|r| r.limits.as_ref()))?;
-    for (name, v) in &limits {
-        requests.entry(name.clone()).or_insert(*v);
+fn requirements<'a>(
+    place: &dyn Fn() -> String,
+    r: Option<&'a Resources<'_>>,
+) -> Result<(Amounts<'a>, Amounts<'a>), Error> {
+    let mut requests = Amounts::new();
+    let mut limits = Amounts::new();
+    if let Some(r) = r {
+        parse_amounts(place, r.requests.as_ref(), &mut requests)?;
+        parse_amounts(place, r.limits.as_ref(), &mut limits)?;
+        for (name, v) in &limits {
+            requests.entry(name).or_insert(*v);
+        }
     }
     Ok((requests, limits))
 }
 
-fn add(into: &mut Amounts, from: &Amounts) {
+fn add<'a>(into: &mut Amounts<'a>, from: &Amounts<'a>) {
     for (k, v) in from {
-        *into.entry(k.clone()).or_insert(0) += v;
+        *into.entry(k).or_insert(0) += v;
     }
 }
 
-fn max_into(into: &mut Amounts, from: &Amounts) {
+fn max_into<'a>(into: &mut Amounts<'a>, from: &Amounts<'a>) {
     for (k, v) in from {
-        let e = into.entry(k.clone()).or_insert(0);
+        let e = into.entry(k).or_insert(0);
         *e = (*e).max(*v);
     }
 }
 
 fn is_sidecar(c: &Container) -> bool {
-    c.restart_policy.as_deref() == Some("Always")
+    c.restart_policy
+        .as_ref()
+        .is_some_and(|p| p.as_str() == "Always")
 }
 
-/// Kubernetes' effective pod amount (the scheduler's rule): app containers plus restartable
+/// Requests and limits of a pod.
+#[derive(Default)]
+struct Both<'a> {
+    requests: Amounts<'a>,
+    limits: Amounts<'a>,
+}
+
+impl<'a> Both<'a> {
+    fn add(&mut self, other: &Both<'a>) {
+        add(&mut self.requests, &other.requests);
+        add(&mut self.limits, &other.limits);
+    }
+
+    fn max(&mut self, other: &Both<'a>) {
+        max_into(&mut self.requests, &other.requests);
+        max_into(&mut self.limits, &other.limits);
+    }
+}
+
+fn container_amounts<'a>(kind: &str, c: &'a Container<'_>) -> Result<Both<'a>, Error> {
+    let place = || format!("{kind} {:?}", c.name.as_str());
+    let (requests, limits) = requirements(&place, c.resources.as_ref())?;
+    Ok(Both { requests, limits })
+}
+
+/// Kubernetes' effective pod amounts (the scheduler's rule): app containers plus restartable
 /// init containers (sidecars) run together; each regular init container runs alone beside
 /// the sidecars started before it; the pod needs the larger of the two.
-fn effective(
-    spec: &PodSpec,
-    pick: impl Fn(&(Amounts, Amounts)) -> &Amounts,
-) -> Result<Amounts, Error> {
-    let mut total = Amounts::new();
-    for c in &spec.containers {
-        let r = requirements(&format!("container {:?}", c.name), c.resources.as_ref())?;
-        add(&mut total, pick(&r));
+fn effective<'a>(pod: &'a PeerPod<'_>) -> Result<Both<'a>, Error> {
+    let mut total = Both::default();
+    for c in &pod.containers {
+        total.add(&container_amounts("container", c)?);
     }
-    let mut sidecars = Amounts::new();
-    let mut init_peak = Amounts::new();
-    for c in spec.init_containers.iter().flatten() {
-        let r = requirements(
-            &format!("init container {:?}", c.name),
-            c.resources.as_ref(),
-        )?;
-        let own = pick(&r);
+    let mut sidecars = Both::default();
+    let mut init_peak = Both::default();
+    for c in &pod.init_containers {
+        let own = container_amounts("init container", c)?;
         if is_sidecar(c) {
-            add(&mut total, own);
-            add(&mut sidecars, own);
+            total.add(&own);
+            sidecars.add(&own);
         } else {
-            let mut running = sidecars.clone();
-            add(&mut running, own);
-            max_into(&mut init_peak, &running);
+            let mut running = Both {
+                requests: sidecars.requests.clone(),
+                limits: sidecars.limits.clone(),
+            };
+            running.add(&own);
+            init_peak.max(&running);
         }
     }
-    max_into(&mut total, &init_peak);
+    total.max(&init_peak);
     Ok(total)
 }
 
-/// The pod VM size of `spec` and the resources it cannot carry.
+/// The pod VM size of `pod` and the resources it cannot carry.
 ///
 /// Per resource, the effective request and limit come from Kubernetes' pod rule (pod-level
 /// `spec.resources` win where set). The limit is used when the request is non-zero and the
 /// limit is at least the request, otherwise the request; values round up to whole vCPUs,
 /// MiB and GPUs.
-pub fn pod_size(spec: &PodSpec, extended_resource: &str) -> Result<PodSize, Error> {
-    let mut requests = effective(spec, |r| &r.0)?;
-    let mut limits = effective(spec, |r| &r.1)?;
-    if let Some(pod_level) = spec.resources.as_ref() {
-        let (req, lim) = requirements("pod", Some(pod_level))?;
+pub(crate) fn pod_size(pod: &PeerPod<'_>, extended_resource: &str) -> Result<PodSize, Error> {
+    let Both {
+        mut requests,
+        mut limits,
+    } = effective(pod)?;
+    if let Some(pod_level) = pod.resources.as_ref() {
+        let (req, lim) = requirements(&|| "pod".to_string(), Some(pod_level))?;
         requests.extend(req);
         limits.extend(lim);
     }
@@ -193,10 +240,8 @@ pub fn pod_size(spec: &PodSpec, extended_resource: &str) -> Result<PodSize, Erro
     let dropped = requests
         .keys()
         .chain(limits.keys())
-        .filter(|n| {
-            !matches!(n.as_str(), "cpu" | "memory" | GPU_RESOURCE) && *n != extended_resource
-        })
-        .cloned()
+        .filter(|n| !matches!(**n, "cpu" | "memory" | GPU_RESOURCE) && **n != extended_resource)
+        .map(|n| n.to_string())
         .collect();
     Ok(PodSize {
         vcpus: chosen("cpu").map(|v| to_u64(div_ceil(v, NANO))),
@@ -206,66 +251,90 @@ pub fn pod_size(spec: &PodSpec, extended_resource: &str) -> Result<PodSize, Erro
     })
 }
 
-/// Turns `object` (the pod as submitted; `pod` is the same object, typed) into a peer pod.
-pub fn mutate(object: &Value, pod: &Pod, extended_resource: &str) -> Result<Mutation, Error> {
-    let spec = pod.spec.as_ref().ok_or(Error::NoContainers)?;
-    if spec.containers.is_empty() {
+/// Turns `pod` (the submitted pod's parts) into a peer pod: the JSON patch, the warnings and
+/// the size.
+///
+/// The patch removes pod-level and every container's `resources`, sets the first
+/// container's to one unit of `extended_resource`, adds the peer pod label, and adds the size
+/// annotations the user did not set. `labels` and `annotations` exist afterwards.
+pub(crate) fn mutate(pod: &PeerPod<'_>, extended_resource: &str) -> Result<Mutation, Error> {
+    if pod.containers.is_empty() {
         return Err(Error::NoContainers);
     }
-    let size = pod_size(spec, extended_resource)?;
-    let had_resources = spec
+    let size = pod_size(pod, extended_resource)?;
+    let had_resources = pod
         .containers
         .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .any(|c| c.resources.as_ref().is_some_and(has_amounts))
-        || spec.resources.as_ref().is_some_and(has_amounts);
+        .chain(&pod.init_containers)
+        .any(|c| c.resources.as_ref().is_some_and(Resources::has_amounts))
+        || pod.resources.as_ref().is_some_and(Resources::has_amounts);
 
-    let mut out = object.clone();
-    let root = out
-        .as_object_mut()
-        .ok_or(Error::NotAnObject("not a JSON object"))?;
-    let spec_v = root
-        .get_mut("spec")
-        .and_then(Value::as_object_mut)
-        .ok_or(Error::NotAnObject("spec is not an object"))?;
-    spec_v.remove("resources");
-    for list in ["containers", "initContainers"] {
-        if let Some(items) = spec_v.get_mut(list).and_then(Value::as_array_mut) {
-            for c in items.iter_mut().filter_map(Value::as_object_mut) {
-                c.remove("resources");
+    let mut patch = Patch::default();
+    if pod.resources.is_some() {
+        patch.op("remove", "/spec/resources", None);
+    }
+    let vm = {
+        let mut one = String::from("{");
+        json_str(&mut one, extended_resource);
+        one.push_str(":\"1\"}");
+        format!("{{\"requests\":{one},\"limits\":{one}}}")
+    };
+    patch.op("add", "/spec/containers/0/resources", Some(&vm));
+    for (list, items) in [
+        ("containers", &pod.containers),
+        ("initContainers", &pod.init_containers),
+    ] {
+        for (i, c) in items.iter().enumerate() {
+            if c.resources.is_some() && !(i == 0 && list == "containers") {
+                patch.op("remove", &format!("/spec/{list}/{i}/resources"), None);
             }
         }
     }
-    let first = spec_v
-        .get_mut("containers")
-        .and_then(Value::as_array_mut)
-        .and_then(|c| c.first_mut())
-        .and_then(Value::as_object_mut)
-        .ok_or(Error::NoContainers)?;
-    first.insert(
-        "resources".into(),
-        json!({
-            "requests": { extended_resource: "1" },
-            "limits": { extended_resource: "1" },
-        }),
-    );
 
-    let meta = root
-        .entry("metadata")
-        .or_insert_with(|| Value::Object(Map::new()))
-        .as_object_mut()
-        .ok_or(Error::NotAnObject("metadata is not an object"))?;
-    string_map(meta, "labels")?.insert(PEER_POD_LABEL.into(), "true".into());
-    let annotations = string_map(meta, "annotations")?;
-    for (key, value) in [
+    let label = {
+        let mut l = String::from("{");
+        json_str(&mut l, PEER_POD_LABEL);
+        l.push_str(":\"true\"}");
+        l
+    };
+    let sizes = [
         (ANNOTATION_VCPUS, size.vcpus),
         (ANNOTATION_MEMORY, size.memory_mib),
         (ANNOTATION_GPUS, size.gpus),
-    ] {
-        if let Some(v) = value
-            && !annotations.contains_key(key)
-        {
-            annotations.insert(key.into(), v.to_string().into());
+    ];
+    let mut annotations = String::from("{");
+    for (key, value) in sizes {
+        if let Some(v) = value {
+            if annotations.len() > 1 {
+                annotations.push(',');
+            }
+            json_str(&mut annotations, key);
+            let _ = write!(annotations, ":\"{v}\"");
+        }
+    }
+    annotations.push('}');
+    if !pod.meta.present {
+        let meta = format!("{{\"labels\":{label},\"annotations\":{annotations}}}");
+        patch.op("add", "/metadata", Some(&meta));
+    } else {
+        if pod.meta.labels.is_none() {
+            patch.op("add", "/metadata/labels", Some(&label));
+        } else {
+            let path = format!("/metadata/labels/{}", pointer_token(PEER_POD_LABEL));
+            patch.op("add", &path, Some("\"true\""));
+        }
+        match pod.meta.annotations {
+            None => patch.op("add", "/metadata/annotations", Some(&annotations)),
+            Some(set) => {
+                for (key, value) in sizes {
+                    if let Some(v) = value
+                        && !set.has(key)
+                    {
+                        let path = format!("/metadata/annotations/{}", pointer_token(key));
+                        patch.op("add", &path, Some(&format!("\"{v}\"")));
+                    }
+                }
+            }
         }
     }
 
@@ -285,16 +354,59 @@ pub fn mutate(object: &Value, pod: &Pod, extended_resource: &str) -> Result<Muta
         ));
     }
     Ok(Mutation {
-        patch: json_patch::diff(object, &out),
+        patch: patch.finish(),
         warnings,
         size,
     })
 }
 
-fn has_amounts(r: &ResourceRequirements) -> bool {
-    r.requests.as_ref().is_some_and(|m| !m.is_empty())
-        || r.limits.as_ref().is_some_and(|m| !m.is_empty())
-        || r.claims.as_ref().is_some_and(|c| !c.is_empty())
+/// A JSON patch written as text, operation by operation.
+#[derive(Default)]
+struct Patch(String);
+
+impl Patch {
+    /// Appends `{"op":op,"path":path[,"value":value]}`; `value` is JSON text.
+    fn op(&mut self, op: &str, path: &str, value: Option<&str>) {
+        self.0.push(if self.0.is_empty() { '[' } else { ',' });
+        self.0.push_str("{\"op\":\"");
+        self.0.push_str(op);
+        self.0.push_str("\",\"path\":");
+        json_str(&mut self.0, path);
+        if let Some(v) = value {
+            self.0.push_str(",\"value\":");
+            self.0.push_str(v);
+        }
+        self.0.push('}');
+    }
+
+    fn finish(mut self) -> String {
+        if self.0.is_empty() {
+            self.0.push('[');
+        }
+        self.0.push(']');
+        self.0
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `key` escaped as one JSON pointer token (RFC 6901).
+fn pointer_token(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 fn describe(size: &PodSize) -> String {
@@ -315,30 +427,28 @@ fn describe(size: &PodSize) -> String {
     }
 }
 
-fn string_map<'a>(
-    meta: &'a mut Map<String, Value>,
-    key: &'static str,
-) -> Result<&'a mut Map<String, Value>, Error> {
-    let slot = meta.entry(key).or_insert_with(|| Value::Object(Map::new()));
-    if slot.is_null() {
-        *slot = Value::Object(Map::new());
-    }
-    slot.as_object_mut().ok_or(Error::NotAnObject(
-        "labels or annotations are not an object",
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use serde_json::{Map, Value, json};
+
     /// A pod from compact JSON: `containers` / `initContainers` entries are
     /// `(requests, limits)` objects; `sidecar` marks `restartPolicy: Always`.
-    fn pod(spec: Value) -> (Value, Pod) {
-        let v = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec});
-        let p: Pod = serde_json::from_value(v.clone()).unwrap();
-        (v, p)
+    fn pod(spec: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec})
+    }
+
+    /// Runs `f` on the peer pod parts of `v`, read as the webhook reads a request.
+    fn with_pod<T>(v: &Value, f: impl FnOnce(&PeerPod) -> T) -> T {
+        let text = v.to_string();
+        let pod_in: PodIn = serde_json::from_str(&text).unwrap();
+        f(&PeerPod::parse(&pod_in).unwrap())
+    }
+
+    fn mutate_json(v: &Value, extended_resource: &str) -> Result<Mutation, Error> {
+        with_pod(v, |p| mutate(p, extended_resource))
     }
 
     fn c(name: &str, requests: Value, limits: Value) -> Value {
@@ -359,8 +469,9 @@ mod tests {
     }
 
     fn size(spec: Value) -> PodSize {
-        let (_, p) = pod(spec);
-        pod_size(p.spec.as_ref().unwrap(), DEFAULT_EXTENDED_RESOURCE).unwrap()
+        with_pod(&pod(spec), |p| {
+            pod_size(p, DEFAULT_EXTENDED_RESOURCE).unwrap()
+        })
     }
 
     fn sz(vcpus: Option<u64>, memory_mib: Option<u64>) -> PodSize {
@@ -510,19 +621,20 @@ mod tests {
 
     fn apply(original: &Value, m: &Mutation) -> Value {
         let mut v = original.clone();
-        json_patch::patch(&mut v, &m.patch).unwrap();
+        let patch: json_patch::Patch = serde_json::from_str(&m.patch).unwrap();
+        json_patch::patch(&mut v, &patch).unwrap();
         v
     }
 
     #[test]
     fn mutation_strips_resources_adds_vm_resource_label_and_size() {
-        let (v, p) = pod(json!({
+        let v = pod(json!({
             "resources": {"requests": {"cpu": "1"}},
             "initContainers": [c("init", json!({"cpu": "500m"}), Value::Null)],
             "containers": [
                 c("a", json!({"cpu": "2", "memory": "4Gi"}), json!({"cpu": "3", "memory": "5Gi"})),
                 c("b", json!({"memory": "1Gi"}), Value::Null)]}));
-        let m = mutate(&v, &p, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let m = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap();
         let out = apply(&v, &m);
         assert_eq!(
             out["spec"]["containers"][0]["resources"],
@@ -556,7 +668,7 @@ mod tests {
 
     #[test]
     fn annotations_the_user_set_are_kept() {
-        let (mut v, _) =
+        let mut v =
             pod(json!({"containers": [c("a", json!({"cpu": "2", "memory": "2Gi"}), Value::Null)]}));
         v["metadata"]["annotations"] = json!({
             ANNOTATION_VCPUS: "8",
@@ -564,8 +676,7 @@ mod tests {
             "team": "x",
         });
         v["metadata"]["labels"] = json!({"app": "web"});
-        let p: Pod = serde_json::from_value(v.clone()).unwrap();
-        let out = apply(&v, &mutate(&v, &p, DEFAULT_EXTENDED_RESOURCE).unwrap());
+        let out = apply(&v, &mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap());
         let a = &out["metadata"]["annotations"];
         assert_eq!(a[ANNOTATION_VCPUS], "8");
         assert_eq!(a[ANNOTATION_MACHINE_TYPE], "Standard_D8as_v5");
@@ -579,9 +690,8 @@ mod tests {
 
     #[test]
     fn a_custom_extended_resource_is_used_and_dropped_resources_are_warned_about() {
-        let (v, p) =
-            pod(json!({"containers": [c("a", json!({"hugepages-1Gi": "1Gi"}), Value::Null)]}));
-        let m = mutate(&v, &p, "example.org/vm").unwrap();
+        let v = pod(json!({"containers": [c("a", json!({"hugepages-1Gi": "1Gi"}), Value::Null)]}));
+        let m = mutate_json(&v, "example.org/vm").unwrap();
         let out = apply(&v, &m);
         assert_eq!(
             out["spec"]["containers"][0]["resources"]["limits"],
@@ -596,8 +706,8 @@ mod tests {
 
     #[test]
     fn a_pod_without_resources_gets_no_size_and_no_resource_warning() {
-        let (v, p) = pod(json!({"containers": [{"name": "a", "image": "x"}]}));
-        let m = mutate(&v, &p, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let v = pod(json!({"containers": [{"name": "a", "image": "x"}]}));
+        let m = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap();
         let out = apply(&v, &m);
         assert!(
             out["metadata"]["annotations"]
@@ -611,14 +721,95 @@ mod tests {
 
     #[test]
     fn invalid_quantities_and_empty_pods_are_errors_naming_the_place() {
-        let (v, p) = pod(json!({"containers": [c("web", json!({"cpu": "lots"}), Value::Null)]}));
-        let e = mutate(&v, &p, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
+        let v = pod(json!({"containers": [c("web", json!({"cpu": "lots"}), Value::Null)]}));
+        let e = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
         assert_eq!(e.metric_label(), "invalid_quantity");
         assert!(e.to_string().contains("container \"web\""), "{e}");
         assert!(e.to_string().contains("\"cpu\""), "{e}");
 
-        let (v, p) = pod(json!({"containers": []}));
-        let e = mutate(&v, &p, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
+        let v = pod(json!({"containers": []}));
+        let e = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
         assert_eq!(e.metric_label(), "no_containers");
+    }
+
+    #[test]
+    fn unusual_but_valid_pods_are_mutated_into_peer_pods() {
+        // No metadata at all; null resources; claims only; escapes in strings; fields the
+        // webhook does not know.
+        let bare = json!({"apiVersion": "v1", "kind": "Pod", "spec": {
+            "resources": null,
+            "containers": [
+                {"name": "a\"b", "resources": null, "futureField": {"x": [1, 2.5, null]}},
+                {"name": "b", "resources": {"claims": [{"name": "gpu"}]}}],
+            "initContainers": null}});
+        let m = mutate_json(&bare, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let out = apply(&bare, &m);
+        assert_eq!(
+            out["metadata"],
+            json!({"labels": {PEER_POD_LABEL: "true"}, "annotations": {}})
+        );
+        assert_eq!(
+            out["spec"]["containers"][0]["resources"]["requests"],
+            json!({"kata.peerpods.io/vm": "1"})
+        );
+        assert!(out["spec"]["containers"][1].get("resources").is_none());
+        assert_eq!(out["spec"]["containers"][0]["futureField"]["x"][1], 2.5);
+        assert_eq!(
+            m.warnings.len(),
+            1,
+            "a claim is a resource: {:?}",
+            m.warnings
+        );
+
+        // Null labels and annotations; a size annotation the user wrote with an escape;
+        // quantities with escapes; a sidecar without resources.
+        let text = r#"{"metadata": {"labels": null, "annotations": {
+                "io.katacontainers.config.hypervisor.default\u005fvcpus": "16"}},
+            "spec": {"runtimeClassName": "kata-remote",
+                "initContainers": [{"name": "s", "restartPolicy": "Always"}],
+                "containers": [{"name": "a", "resources": {
+                    "requests": {"cpu": "1\u003500m", "memory": "1Gi"}}}]}}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        let pod_in: PodIn = serde_json::from_str(text).unwrap();
+        let m = mutate(&PeerPod::parse(&pod_in).unwrap(), DEFAULT_EXTENDED_RESOURCE).unwrap();
+        assert_eq!(m.size, sz(Some(2), Some(1024)));
+        let out = apply(&v, &m);
+        assert_eq!(out["metadata"]["labels"], json!({PEER_POD_LABEL: "true"}));
+        assert_eq!(
+            out["metadata"]["annotations"],
+            json!({ANNOTATION_VCPUS: "16", ANNOTATION_MEMORY: "1024"})
+        );
+    }
+
+    #[test]
+    fn fields_of_the_wrong_shape_are_errors_naming_the_field() {
+        for (spec, field) in [
+            (json!({"containers": "web"}), "spec.containers:"),
+            (
+                json!({"containers": [{"name": "a"}, 7]}),
+                "spec.containers[1]:",
+            ),
+            (
+                json!({"containers": [{"name": "a"}], "initContainers": [{"name": "i", "resources": []}]}),
+                "spec.initContainers[0]:",
+            ),
+            (
+                json!({"containers": [{"name": "a", "resources": {"limits": {"cpu": 2}}}]}),
+                "spec.containers[0]:",
+            ),
+            (
+                json!({"containers": [{"name": "a"}], "resources": "big"}),
+                "spec.resources:",
+            ),
+        ] {
+            let text = pod(spec).to_string();
+            let pod_in: PodIn = serde_json::from_str(&text).unwrap();
+            let e = PeerPod::parse(&pod_in).map(|_| ()).unwrap_err();
+            assert!(e.to_string().starts_with(field), "{e} should name {field}");
+        }
+        let text = r#"{"metadata": {"labels": "web"}, "spec": {"containers": [{"name": "a"}]}}"#;
+        let pod_in: PodIn = serde_json::from_str(text).unwrap();
+        let e = PeerPod::parse(&pod_in).map(|_| ()).unwrap_err();
+        assert!(e.to_string().starts_with("metadata:"), "{e}");
     }
 }

@@ -7,12 +7,12 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::metrics::{Outcome, WebhookMetrics};
 use super::mutate;
+use super::pod::{Obj, PodFull, PodIn, PodParts, Str};
 use super::policy::{AdmissionPolicy, Decision};
 
 /// The AdmissionReview API version this webhook speaks.
@@ -54,46 +54,72 @@ impl Error {
     }
 }
 
+// The request, borrowed from the body: strings without escapes are not copied. `O` is the
+// pod object: read whole at once ([`Obj<PodFull>`]), or kept as raw text ([`RawValue`]).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewIn {
-    #[serde(default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-    request: Option<RequestIn>,
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct ReviewIn<'a, O> {
+    #[serde(default, borrow)]
+    api_version: Str<'a>,
+    #[serde(default, borrow)]
+    kind: Str<'a>,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a, O>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct Gvk {
-    #[serde(default)]
-    group: String,
-    #[serde(default)]
-    version: String,
-    #[serde(default)]
-    kind: String,
+struct Gvk<'a> {
+    #[serde(default, borrow)]
+    group: Str<'a>,
+    #[serde(default, borrow)]
+    version: Str<'a>,
+    #[serde(default, borrow)]
+    kind: Str<'a>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestIn {
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    kind: Gvk,
-    #[serde(default)]
-    sub_resource: Option<String>,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    operation: String,
-    #[serde(default)]
-    object: Option<Value>,
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct RequestIn<'a, O> {
+    #[serde(default, borrow)]
+    uid: Str<'a>,
+    #[serde(default, borrow)]
+    kind: Gvk<'a>,
+    #[serde(default, borrow)]
+    sub_resource: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    name: Str<'a>,
+    #[serde(default, borrow)]
+    namespace: Option<Str<'a>>,
+    #[serde(default, borrow)]
+    operation: Str<'a>,
+    #[serde(default = "none")]
+    object: Option<O>,
     #[serde(default)]
     dry_run: bool,
+}
+
+fn none<O>() -> Option<O> {
+    None
+}
+
+/// A pod object as a request carries it.
+trait PodObject<'a> {
+    /// The pod as far as read; `Err` when it does not parse as a pod.
+    fn parts(self) -> Result<PodParts<'a>, serde_json::Error>;
+}
+
+impl<'a> PodObject<'a> for Obj<PodFull<'a>> {
+    fn parts(self) -> Result<PodParts<'a>, serde_json::Error> {
+        Ok(PodParts::Full(self.0.unwrap_or_default()))
+    }
+}
+
+impl<'a> PodObject<'a> for &'a RawValue {
+    fn parts(self) -> Result<PodParts<'a>, serde_json::Error> {
+        let pod = serde_json::from_str::<Obj<PodIn>>(self.get())?;
+        Ok(PodParts::Scanned(pod.0.unwrap_or_default()))
+    }
 }
 
 /// An AdmissionReview answer.
@@ -206,24 +232,39 @@ impl Webhook {
     }
 
     fn review_inner(&self, body: &[u8]) -> Result<(Response, Outcome), Error> {
-        let review: ReviewIn = serde_json::from_slice(body).map_err(Error::Malformed)?;
-        if review.api_version != API_VERSION || review.kind != "AdmissionReview" {
+        // One pass over the body reads everything; a body that pass cannot read (not a
+        // review, or a pod with fields of the wrong shape, which may still be someone
+        // else's pod) is read again keeping the pod as raw text, to answer precisely.
+        if let Ok(review) = serde_json::from_slice::<ReviewIn<Obj<PodFull>>>(body) {
+            return self.decide(review);
+        }
+        let review =
+            serde_json::from_slice::<ReviewIn<&RawValue>>(body).map_err(Error::Malformed)?;
+        self.decide(review)
+    }
+
+    fn decide<'a, O: PodObject<'a>>(
+        &self,
+        review: ReviewIn<'a, O>,
+    ) -> Result<(Response, Outcome), Error> {
+        if review.api_version.as_str() != API_VERSION || review.kind.as_str() != "AdmissionReview" {
             return Err(Error::WrongType {
-                api_version: review.api_version,
-                kind: review.kind,
+                api_version: review.api_version.0.into_owned(),
+                kind: review.kind.0.into_owned(),
             });
         }
         let req = review.request.ok_or(Error::NoRequest)?;
-        if req.uid.is_empty() {
+        if req.uid.as_str().is_empty() {
             return Err(Error::NoUid);
         }
-        let allow = Response {
-            uid: req.uid.clone(),
+        let uid = req.uid.as_str();
+        let allow = || Response {
+            uid: uid.to_owned(),
             allowed: true,
             ..Default::default()
         };
         let refuse = |code: u16, reason: &str, message: String| Response {
-            uid: req.uid.clone(),
+            uid: uid.to_owned(),
             allowed: false,
             status: Some(Status {
                 code,
@@ -234,13 +275,19 @@ impl Webhook {
         };
         // Only pod creation is ours; anything else passes untouched, so a misconfigured
         // webhook never blocks updates or deletes.
-        if !(req.kind.group.is_empty() && req.kind.version == "v1" && req.kind.kind == "Pod")
-            || req.sub_resource.as_deref().is_some_and(|s| !s.is_empty())
-            || req.operation != "CREATE"
+        let kind = &req.kind;
+        if !(kind.group.as_str().is_empty()
+            && kind.version.as_str() == "v1"
+            && kind.kind.as_str() == "Pod")
+            || req
+                .sub_resource
+                .as_ref()
+                .is_some_and(|s| !s.as_str().is_empty())
+            || req.operation.as_str() != "CREATE"
         {
-            return Ok((allow, Outcome::Ignored));
+            return Ok((allow(), Outcome::Ignored));
         }
-        let Some(object) = req.object.as_ref() else {
+        let Some(object) = req.object else {
             let r = refuse(
                 400,
                 "BadRequest",
@@ -248,65 +295,74 @@ impl Webhook {
             );
             return Ok((r, Outcome::Invalid));
         };
-        let pod = match Pod::deserialize(object) {
+        let pod = match object.parts() {
             Ok(pod) => pod,
             Err(e) => {
                 let r = refuse(400, "BadRequest", format!("the pod does not parse: {e}"));
                 return Ok((r, Outcome::Invalid));
             }
         };
-        let runtime_class = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.runtime_class_name.as_deref());
-        if runtime_class != Some(self.settings.target_runtime_class.as_str()) {
-            return Ok((allow, Outcome::Ignored));
+        if pod.runtime_class() != Some(self.settings.target_runtime_class.as_str()) {
+            return Ok((allow(), Outcome::Ignored));
         }
+        let peer = pod.peer();
+        let meta_namespace = peer.as_ref().ok().and_then(|p| p.meta.namespace.as_ref());
         let namespace = req
             .namespace
-            .clone()
-            .or_else(|| pod.metadata.namespace.clone())
-            .unwrap_or_default();
-        let name = if req.name.is_empty() {
-            pod.metadata
-                .generate_name
-                .as_deref()
-                .map(|g| format!("{g}*"))
-                .unwrap_or_default()
+            .as_ref()
+            .or(meta_namespace)
+            .map_or("", Str::as_str);
+        let generated;
+        let name = if !req.name.as_str().is_empty() {
+            req.name.as_str()
+        } else if let Some(g) = peer
+            .as_ref()
+            .ok()
+            .and_then(|p| p.meta.generate_name.as_ref())
+        {
+            generated = format!("{}*", g.as_str());
+            &generated
         } else {
-            req.name.clone()
+            ""
         };
-        let span =
-            tracing::info_span!("admission", uid = %req.uid, namespace = %namespace, pod = %name);
-        let _enter = span.enter();
-        match self.policy.decide(&namespace) {
+        let peer = match &peer {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::info!(uid, namespace, pod = name, error = %e, "refused a peer pod that does not parse");
+                let r = refuse(400, "BadRequest", format!("the pod does not parse: {e}"));
+                return Ok((r, Outcome::Invalid));
+            }
+        };
+        match self.policy.decide(namespace) {
             Decision::Refuse(message) => {
-                tracing::info!(%message, "refused a peer pod");
+                tracing::info!(uid, namespace, pod = name, %message, "refused a peer pod");
                 return Ok((refuse(403, "Forbidden", message), Outcome::Denied));
             }
             Decision::LeaveAlone(why) => {
-                tracing::info!(reason = %why, "admitted a peer pod unchanged");
-                return Ok((allow, Outcome::Ignored));
+                tracing::info!(uid, namespace, pod = name, reason = %why, "admitted a peer pod unchanged");
+                return Ok((allow(), Outcome::Ignored));
             }
             Decision::Mutate => {}
         }
-        match mutate::mutate(object, &pod, &self.settings.extended_resource) {
+        match mutate::mutate(peer, &self.settings.extended_resource) {
             Ok(m) => {
-                let patch = serde_json::to_vec(&m.patch).expect("a JSON patch serialises");
                 tracing::info!(
-                    vcpus = ?m.size.vcpus,
-                    memory_mib = ?m.size.memory_mib,
-                    gpus = ?m.size.gpus,
+                    uid,
+                    namespace,
+                    pod = name,
+                    vcpus = m.size.vcpus,
+                    memory_mib = m.size.memory_mib,
+                    gpus = m.size.gpus,
                     dry_run = req.dry_run,
                     "mutated a peer pod"
                 );
                 self.metrics.mutated();
                 Ok((
                     Response {
-                        uid: req.uid.clone(),
+                        uid: uid.to_owned(),
                         allowed: true,
                         status: None,
-                        patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
+                        patch: Some(base64::engine::general_purpose::STANDARD.encode(m.patch)),
                         patch_type: Some("JSONPatch".into()),
                         warnings: m.warnings,
                     },
@@ -314,7 +370,7 @@ impl Webhook {
                 ))
             }
             Err(e) => {
-                tracing::info!(error = %e, "refused a peer pod that cannot be sized");
+                tracing::info!(uid, namespace, pod = name, error = %e, "refused a peer pod that cannot be sized");
                 self.metrics.error(e.metric_label());
                 let r = refuse(400, "BadRequest", format!("peer pod: {e}"));
                 Ok((r, Outcome::Invalid))

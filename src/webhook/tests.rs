@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::mutate::{ANNOTATION_MEMORY, ANNOTATION_VCPUS, PEER_POD_LABEL};
+use super::pod;
 use super::review::ReviewOut;
 use super::*;
 
@@ -223,6 +224,17 @@ async fn a_pod_that_does_not_parse_or_cannot_be_sized_is_refused_in_the_review()
     let status = out.response.status.unwrap();
     assert_eq!(status.code, 400);
     assert!(status.message.contains("does not parse"), "{status:?}");
+    assert!(status.message.contains("spec.containers"), "{status:?}");
+
+    let mut body = fixture();
+    body["request"]["object"]["spec"]["initContainers"][0]["resources"]["requests"] =
+        json!(["cpu"]);
+    let status = review(&app, &body).await.response.status.unwrap();
+    assert_eq!(status.code, 400);
+    assert!(
+        status.message.contains("spec.initContainers[0]"),
+        "{status:?}"
+    );
 
     let mut body = fixture();
     body["request"]["object"]["spec"]["containers"][1]["resources"]["limits"]["memory"] =
@@ -239,6 +251,52 @@ async fn a_pod_that_does_not_parse_or_cannot_be_sized_is_refused_in_the_review()
     body["request"]["object"] = Value::Null;
     let out = review(&app, &body).await;
     assert!(!out.response.allowed);
+}
+
+#[tokio::test]
+async fn pods_of_other_runtime_classes_are_admitted_whatever_their_other_fields_hold() {
+    let app = app();
+    let mut body = fixture();
+    let pod = &mut body["request"]["object"];
+    pod["spec"]["runtimeClassName"] = "runc".into();
+    pod["spec"]["containers"] = "web".into();
+    pod["metadata"]["labels"] = json!(["not", "a", "map"]);
+    let out = review(&app, &body).await;
+    assert!(out.response.allowed, "{:?}", out.response);
+    assert_eq!(out.response.patch, None);
+    assert_eq!(out.response.status, None);
+}
+
+#[tokio::test]
+async fn a_peer_pod_with_escaped_strings_and_unknown_fields_is_mutated() {
+    let app = app();
+    let mut body = fixture();
+    let pod = &mut body["request"]["object"];
+    pod["spec"]["containers"][0]["name"] = "web \"main\"".into();
+    pod["spec"]["containers"][0]["someFutureField"] = json!({"nested": [1, null, {"a": true}]});
+    pod["spec"]["containers"][2]["resources"] = Value::Null;
+    pod["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    pod["spec"]["runtimeClassName"] = r"kata\u002dremote".into();
+    // The runtime class written with a JSON escape in the body.
+    let text = body
+        .to_string()
+        .replace(r"kata\\u002dremote", r"kata\u002dremote");
+    assert!(text.contains(r#""kata\u002dremote""#), "{text}");
+    let (status, text) = post(&app, text).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let out: ReviewOut = serde_json::from_str(&text).unwrap();
+    let pod = patched(&body, &out);
+    assert_eq!(pod["metadata"]["labels"][PEER_POD_LABEL], "true");
+    // 2 + 1 CPU limits (the third container has no resources), 2Gi + 1Gi.
+    assert_eq!(pod["metadata"]["annotations"][ANNOTATION_VCPUS], "3");
+    assert_eq!(pod["metadata"]["annotations"][ANNOTATION_MEMORY], "3072");
+    assert_eq!(
+        pod["spec"]["containers"][0]["someFutureField"]["nested"][2]["a"],
+        true
+    );
 }
 
 #[tokio::test]
@@ -362,4 +420,116 @@ proptest! {
             }
         }
     }
+}
+
+/// Timing harness, run by hand (not a timing assertion):
+/// `cargo test --release --lib webhook::tests::time_ -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing harness: run by hand in a release build"]
+fn time_admissions_of_the_benchmark_pod() {
+    let webhook = Webhook::new(
+        Settings::default(),
+        Arc::new(NamespacePolicy::default()),
+        WebhookMetrics::default(),
+    );
+    let mut runc = fixture();
+    runc["request"]["object"]["spec"]["runtimeClassName"] = "runc".into();
+    let runc = runc.to_string();
+    const N: u32 = 20_000;
+    let time = |what: &str, once: &dyn Fn() -> Vec<u8>| {
+        for _ in 0..2_000 {
+            std::hint::black_box(once());
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..N {
+            std::hint::black_box(once());
+        }
+        let per = start.elapsed().as_secs_f64() * 1e6 / f64::from(N);
+        println!("{what}: {per:.2} µs/admission ({N} admissions)");
+    };
+    // Where the time of a mutation goes.
+    let body = KATA_POD_REVIEW.as_bytes();
+    time("  scan of the body (serde IgnoredAny)", &|| {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).unwrap();
+        Vec::new()
+    });
+    let object = serde_json::to_string(&fixture()["request"]["object"]).unwrap();
+    time("  pod read in one pass (PodFull)", &|| {
+        let pod = serde_json::from_str::<pod::Obj<pod::PodFull>>(&object).unwrap();
+        std::hint::black_box(pod::PodParts::Full(pod.0.unwrap()).peer().unwrap());
+        Vec::new()
+    });
+    let pod = serde_json::from_str::<pod::Obj<pod::PodFull>>(&object).unwrap();
+    let peer = pod::PodParts::Full(pod.0.unwrap()).peer().unwrap();
+    time("  mutate::mutate", &|| {
+        std::hint::black_box(mutate::mutate(&peer, "kata.peerpods.io/vm").unwrap());
+        Vec::new()
+    });
+    let out = webhook.review(body).unwrap();
+    time("  response serialisation", &|| {
+        serde_json::to_vec(&out).unwrap()
+    });
+    for (what, body) in [
+        ("kata-remote pod (mutated)", KATA_POD_REVIEW),
+        ("runc pod (ignored)", runc.as_str()),
+    ] {
+        time(what, &|| {
+            serde_json::to_vec(&webhook.review(body.as_bytes()).unwrap()).unwrap()
+        });
+    }
+}
+
+/// Load harness, run by hand: serves the webhook on 127.0.0.1:`SANDBOXD_SERVE_PORT` (9555)
+/// for `SANDBOXD_SERVE_SECS` (60) on a `SANDBOXD_RUNTIME` (`current` or `multi`) tokio
+/// runtime, so a load generator (wrk) can compare runtime flavours. Prints the cert dir.
+#[test]
+#[ignore = "load harness: run by hand in a release build"]
+fn serve_for_a_load_generator() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = crate::pki::Ca::new("bench-ca", time::Duration::days(1)).unwrap();
+    let ck = ca
+        .issue(
+            "bench",
+            &[],
+            &["127.0.0.1"],
+            crate::pki::Usage::Server,
+            time::Duration::days(1),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &ck.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &ck.key_pem).unwrap();
+    let args = Args {
+        cert_dir: dir.path().to_path_buf(),
+        port: env("SANDBOXD_SERVE_PORT", "9555").parse().unwrap(),
+        bind_address: "127.0.0.1".parse().unwrap(),
+        target_runtime_class: None,
+        pod_vm_extended_resource: mutate::DEFAULT_EXTENDED_RESOURCE.into(),
+        operator_namespace: policy::DEFAULT_OPERATOR_NAMESPACE.into(),
+        allowed_namespaces: Vec::new(),
+        never_mutate_namespaces: Vec::new(),
+        tls_min_version: None,
+        tls_cipher_suites: Vec::new(),
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        cert_reload_interval_ms: 1000,
+    };
+    let secs: u64 = env("SANDBOXD_SERVE_SECS", "60").parse().unwrap();
+    let runtime = match env("SANDBOXD_RUNTIME", "current").as_str() {
+        "multi" => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build()
+    .unwrap();
+    println!("serving for {secs} s, pid {}", std::process::id());
+    runtime.block_on(async move {
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+            stop.cancel();
+        });
+        serve(args, token).await.unwrap();
+    });
 }

@@ -14,7 +14,7 @@ use sandboxd::armtest::{self, RequestLog};
 
 use sandboxd::protocol::hypervisor;
 
-use super::{create_request, ctx, hv, pod, setup_with, start_via, stop_via};
+use super::{create_request, ctx, hv, pod, setup_with, stop_via};
 use crate::harness::Env;
 
 /// Set to run the benchmark.
@@ -70,6 +70,65 @@ fn arm_time(reqs: &[RequestLog], vm: &str, lro: Duration) -> u64 {
     union_len(iv)
 }
 
+/// Where ARM's side of a burst went: when the VM writes arrived (first to last), how many
+/// operation polls and NIC reads there were, and when the last request arrived, all relative
+/// to the first request of the burst.
+fn arm_timeline(reqs: &[RequestLog]) -> String {
+    let Some(t0) = reqs.first().map(|r| r.at_micros) else {
+        return "no ARM requests".into();
+    };
+    let ms = |r: &RequestLog| (r.at_micros - t0) as f64 / 1000.0;
+    let writes: Vec<f64> = reqs
+        .iter()
+        .filter(|r| {
+            (r.method == "PUT" || r.method == "DELETE")
+                && r.path.to_ascii_lowercase().contains("/virtualmachines/")
+        })
+        .map(ms)
+        .collect();
+    let polls = reqs
+        .iter()
+        .filter(|r| r.path.contains("/operations/"))
+        .count();
+    let nics = reqs
+        .iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.to_ascii_lowercase().contains("/networkinterfaces/")
+        })
+        .count();
+    let last = reqs.iter().map(ms).fold(0.0, f64::max);
+    let busy: u64 = reqs
+        .iter()
+        .filter(|r| {
+            (r.method == "PUT" || r.method == "DELETE")
+                && r.path.to_ascii_lowercase().contains("/virtualmachines/")
+        })
+        .map(|r| r.micros)
+        .sum();
+    format!(
+        "{} VM writes arrived at {:.0}..{:.0} ms (ARM busy {:.0} ms on them in all), {polls} operation polls, {nics} NIC reads, last request at {last:.0} ms",
+        writes.len(),
+        writes.first().copied().unwrap_or_default(),
+        writes.iter().copied().fold(0.0, f64::max),
+        busy as f64 / 1000.0,
+    )
+}
+
+/// How long after its operation ended (the VM write's arrival plus the operation's
+/// duration) the poll that saw it done arrived (ms).
+fn poll_lag(reqs: &[RequestLog], method: &str, lro: Duration) -> f64 {
+    let write = reqs
+        .iter()
+        .find(|r| r.method == method && r.path.to_ascii_lowercase().contains("/virtualmachines/"));
+    let last_poll = reqs.iter().rfind(|r| r.path.contains("/operations/"));
+    match (write, last_poll) {
+        (Some(w), Some(p)) => {
+            (p.at_micros as f64 - (w.at_micros as f64 + lro.as_micros() as f64)) / 1000.0
+        }
+        _ => 0.0,
+    }
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -100,6 +159,7 @@ pub async fn run(env: Env) -> Result<()> {
     let mut overhead_ms = Vec::new();
     // Per call: CreateVM wall time, StartVM and StopVM wall time minus their ARM time.
     let (mut create_ms, mut start_ms, mut stop_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lag_ms = Vec::new();
     for i in 0..n {
         let name = format!("o{i}");
         let id = format!("{i:08x}0000b0b0");
@@ -129,8 +189,16 @@ pub async fn run(env: Env) -> Result<()> {
             create_ms.push(created as f64 / 1000.0);
             start_ms.push((started - created).saturating_sub(arm_start) as f64 / 1000.0);
             stop_ms.push((wall - started).saturating_sub(arm_stop) as f64 / 1000.0);
+            lag_ms.push(poll_lag(&reqs[before..mid], "PUT", lro));
+            lag_ms.push(poll_lag(&reqs[mid..], "DELETE", lro));
         }
     }
+    lag_ms.sort_by(f64::total_cmp);
+    println!(
+        "polling lag (last poll minus the operation's end), create and delete: p50 {:.1} ms, max {:.1} ms",
+        pct(&lag_ms, 0.5),
+        lag_ms.last().copied().unwrap_or_default()
+    );
     for v in [
         &mut overhead_ms,
         &mut create_ms,
@@ -164,24 +232,31 @@ pub async fn run(env: Env) -> Result<()> {
             for i in 0..k {
                 pod(&s.admin, &ns, &format!("c{k}-{i}"), &s.node).await?;
             }
+            let first = s.arm.requests().len();
             let t = Instant::now();
             let all = futures::future::join_all((0..k).map(|i| {
                 let (socket, ns) = (s.socket.clone(), ns.clone());
                 async move {
-                    start_via(
-                        &socket,
-                        &ns,
-                        &format!("c{k}-{i}"),
-                        &format!("{i:08x}{k:08x}"),
-                    )
-                    .await
+                    let (name, id) = (format!("c{k}-{i}"), format!("{i:08x}{k:08x}"));
+                    hv(&socket)
+                        .await?
+                        .create_vm(ctx(), &create_request(&id, &ns, &name, &[]))
+                        .await?;
+                    let answered = t.elapsed();
+                    let mut start = hypervisor::StartVMRequest::new();
+                    start.id = id;
+                    hv(&socket).await?.start_vm(ctx(), &start).await?;
+                    Ok::<Duration, anyhow::Error>(answered)
                 }
             }))
             .await;
             let create = t.elapsed();
+            let mut answered = Duration::ZERO;
             for r in all {
-                r?;
+                answered = answered.max(r?);
             }
+            println!("{k} pods: every CreateVM answered by {answered:?}");
+            let created = s.arm.requests().len();
             let t = Instant::now();
             let all = futures::future::join_all((0..k).map(|i| {
                 let socket = s.socket.clone();
@@ -192,6 +267,9 @@ pub async fn run(env: Env) -> Result<()> {
             for r in all {
                 r?;
             }
+            let reqs = s.arm.requests();
+            println!("{k} pods, create: {}", arm_timeline(&reqs[first..created]));
+            println!("{k} pods, delete: {}", arm_timeline(&reqs[created..]));
             Ok::<(Duration, Duration), anyhow::Error>((create, delete))
         }
     };

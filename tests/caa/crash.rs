@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
 use kube::api::{Api, DeleteParams};
-use kube::{Client, ResourceExt};
 use sandboxd::api::peerpod::PeerPod;
 use sandboxd::armtest;
 use sandboxd::caa::crashpoint;
@@ -211,13 +211,7 @@ async fn scenario(env: &Env, s: &Setup, i: usize, point: Point) -> Result<()> {
 /// Nothing is left: no VM (no pod lives any more) and no PeerPod.
 async fn assert_clean(s: &Setup, ns: &str) -> Result<()> {
     let vms: Vec<String> = s.arm.vms().into_iter().map(|v| v.name).collect();
-    let pps: Vec<String> = Api::<PeerPod>::namespaced(s.admin.clone(), ns)
-        .list(&Default::default())
-        .await?
-        .items
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let pps = super::record_names(&Api::<PeerPod>::namespaced(s.admin.clone(), ns)).await?;
     if vms.is_empty() && pps.is_empty() {
         Ok(())
     } else {
@@ -320,4 +314,115 @@ pub async fn random_points(env: Env) -> Result<()> {
     }
     .await;
     result.map_err(|e| anyhow!("seed {seed}: {e:#}\nCAA log:\n{}", n.caa.log_tail(25)))
+}
+
+/// Waits until CAA logged that it paused at `step`.
+async fn paused_at(n: &NodeCaa, step: &str) -> Result<()> {
+    let log = n.caa.log_path().to_path_buf();
+    harness::eventually(
+        &format!("CAA pausing at {step}"),
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                Ok(std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains(&format!("paused at crash point {step}"))
+                    .then_some(()))
+            }
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+/// StartVM and StopVM answer before their background writes; CAA dies before those writes.
+/// After a restart (no call retried, the pod still there) the record shows the running VM's
+/// instance and IP, and a record whose VM StopVM deleted is released: no VM, no record left.
+pub async fn answered_before_background_writes(env: Env) -> Result<()> {
+    let s = setup_with(
+        &env,
+        "",
+        armtest::Config::default(),
+        &[("CAA_SWEEP_GRACE_SECONDS", "600".to_string())],
+    )
+    .await?;
+    let ns = env.ns.as_str();
+    let pp: Api<PeerPod> = Api::namespaced(s.admin.clone(), ns);
+    let pause = |p: &str| vec![(crashpoint::ENV, p.to_string())];
+    let mut n = s
+        .node_caa(&env, "bg", &pause(crashpoint::START_ANSWERED))
+        .await?;
+    let result = async {
+        // StartVM answers; the write of instance id, IP and Running never runs.
+        let (a, id_a) = ("bga", "bbbb0a0a00000001");
+        pod(&s.admin, ns, a, &n.node).await?;
+        let vm_a = start_via(&n.socket, ns, a, id_a).await?;
+        paused_at(&n, crashpoint::START_ANSWERED).await?;
+        let before = pp.get(&vm_a).await?;
+        assert!(
+            before.spec.instance_id.is_empty(),
+            "the instance id was written although the write was held"
+        );
+        let ip = s
+            .arm
+            .vms()
+            .into_iter()
+            .find(|v| v.name == vm_a)
+            .map(|v| v.private_ip)
+            .context("the VM StartVM answered for")?;
+        n.kill_and_restart(&[(crashpoint::ENV, None)]).await?;
+        let after = harness::eventually(
+            "the restarted CAA records the running VM",
+            Duration::from_secs(30),
+            || {
+                let (pp, vm) = (pp.clone(), vm_a.clone());
+                async move {
+                    let p = pp.get(&vm).await?;
+                    Ok((!p.spec.instance_id.is_empty()).then_some(p))
+                }
+            },
+        )
+        .await?;
+        assert!(
+            after
+                .spec
+                .instance_id
+                .ends_with(&format!("/virtualMachines/{vm_a}")),
+            "{}",
+            after.spec.instance_id
+        );
+        let st = after.status.unwrap_or_default();
+        assert_eq!(st.phase.as_deref(), Some("Running"));
+        assert_eq!(st.vm_ip.as_deref(), Some(ip.as_str()));
+        assert_eq!(s.arm.vms().len(), 1, "the running VM is kept, nothing else");
+
+        // StopVM answers once the VM is gone; the release of the record never runs.
+        n.kill_and_restart(&[(crashpoint::ENV, Some(crashpoint::STOP_ANSWERED))])
+            .await?;
+        stop_via(&n.socket, id_a).await?;
+        assert!(
+            !s.arm.vms().iter().any(|v| v.name == vm_a),
+            "StopVM answered before the VM was gone"
+        );
+        paused_at(&n, crashpoint::STOP_ANSWERED).await?;
+        let held = pp
+            .get_opt(&vm_a)
+            .await?
+            .context("the record is still held")?;
+        assert!(held.metadata.deletion_timestamp.is_some());
+        n.kill_and_restart(&[(crashpoint::ENV, None)]).await?;
+        // The pod is still there and nothing calls StopVM again.
+        gone(
+            &s.arm,
+            &s.admin,
+            ns,
+            &vm_a,
+            "the record released after the restart",
+        )
+        .await?;
+        assert_clean(&s, ns).await
+    }
+    .await;
+    result.map_err(|e| anyhow!("{e:#}\nCAA log:\n{}", n.caa.log_tail(25)))
 }

@@ -211,13 +211,7 @@ pub async fn vms_of_a_deleted_node_are_deleted(env: Env) -> Result<()> {
             || {
                 let (pp, on_doomed) = (pp.clone(), on_doomed.clone());
                 async move {
-                    let names: Vec<String> = pp
-                        .list(&Default::default())
-                        .await?
-                        .items
-                        .iter()
-                        .map(|p| p.name_any())
-                        .collect();
+                    let names = super::record_names(&pp).await?;
                     Ok((!names.iter().any(|n| on_doomed.contains(n))).then_some(()))
                 }
             },

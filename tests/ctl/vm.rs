@@ -117,10 +117,17 @@ async fn create_delete(env: Env) -> Result<()> {
         !c.arm.vms().iter().any(|v| v.name == vm),
         "the VM is still in ARM after vm delete"
     );
-    let left: Option<PeerPod> = Api::namespaced(env.admin().await?, &env.ns)
-        .get_opt(vm)
-        .await?;
-    ensure!(left.is_none(), "PeerPod {vm} left after vm delete");
+    // CAA releases the record just after StopVM answers (a background write).
+    let pps: Api<PeerPod> = Api::namespaced(env.admin().await?, &env.ns);
+    harness::eventually(
+        "the PeerPod is released after vm delete",
+        Duration::from_secs(10),
+        || {
+            let pps = pps.clone();
+            async move { Ok(pps.get_opt(vm).await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
     Ok(())
 }
 

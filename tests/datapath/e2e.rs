@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use sandboxd::api::peerpod::PeerPod;
-use sandboxd::forwarder::net::{self, Netlink};
+use sandboxd::api::peerpod::{PeerPod, PeerPodStatus};
+use sandboxd::cloud::net::{self, Netlink};
 use sandboxd::protocol::{annotations, hypervisor, hypervisor_ttrpc};
 
 use crate::harness::process::{Process, run_dir};
@@ -401,11 +401,28 @@ async fn assert_vm_gone(env: &Env, vm: &PodVm, pid: Option<i32>) -> Result<()> {
         "agent socket of {} left",
         vm.name
     );
-    let left: Option<PeerPod> = Api::namespaced(env.admin().await?, &env.ns)
-        .get_opt(&vm.vm_name)
-        .await?;
-    ensure!(left.is_none(), "PeerPod {} left", vm.vm_name);
+    // StopVM answers once the VM is gone; its record is released right after.
+    let api: Api<PeerPod> = Api::namespaced(env.admin().await?, &env.ns);
+    let left = harness::eventually("PeerPod released", Duration::from_secs(10), || {
+        let (api, name) = (api.clone(), vm.vm_name.clone());
+        async move { Ok(api.get_opt(&name).await?.is_none().then_some(())) }
+    })
+    .await;
+    ensure!(left.is_ok(), "PeerPod {} left", vm.vm_name);
     Ok(())
+}
+
+/// The record's status once it shows the VM IP (written just after StartVM answers).
+async fn status_with_ip(admin: &kube::Client, ns: &str, vm: &str) -> Result<PeerPodStatus> {
+    let api: Api<PeerPod> = Api::namespaced(admin.clone(), ns);
+    harness::eventually("PeerPod shows the VM IP", Duration::from_secs(10), || {
+        let (api, vm) = (api.clone(), vm.to_string());
+        async move {
+            let st = api.get(&vm).await?.status.unwrap_or_default();
+            Ok(st.vm_ip.is_some().then_some(st))
+        }
+    })
+    .await
 }
 
 /// No tunnel or VM link is left in the node or pod namespaces.
@@ -443,10 +460,7 @@ async fn lifecycle(env: Env) -> Result<()> {
     start_vm(&hv, &vm.id).await?;
     let pid = vm.pid()?;
     // The PeerPod records the VNI and the VM IP.
-    let pp: PeerPod = Api::namespaced(admin.clone(), &env.ns)
-        .get(&vm.vm_name)
-        .await?;
-    let st = pp.status.clone().unwrap_or_default();
+    let st = status_with_ip(&admin, &env.ns, &vm.vm_name).await?;
     ensure!(st.vni == Some(555000), "vni: {:?}", st.vni);
     ensure!(
         st.vm_ip.as_deref() == Some("10.250.0.2"),
@@ -478,10 +492,9 @@ async fn two_vms(env: Env) -> Result<()> {
     ra?;
     rb?;
     let (pa, pb) = (a.pid()?, b.pid()?);
-    let api: Api<PeerPod> = Api::namespaced(admin.clone(), &env.ns);
     let (sa, sb) = (
-        api.get(&a.vm_name).await?.status.unwrap_or_default(),
-        api.get(&b.vm_name).await?.status.unwrap_or_default(),
+        status_with_ip(&admin, &env.ns, &a.vm_name).await?,
+        status_with_ip(&admin, &env.ns, &b.vm_name).await?,
     );
     ensure!(
         sa.vni.is_some() && sb.vni.is_some() && sa.vni != sb.vni,
@@ -760,10 +773,7 @@ async fn azure_local_vms(env: Env) -> Result<()> {
         .collect();
     ensure!(listed == [vm.vm_name.as_str()], "ARM VMs: {vms}");
     ensure!(vms[0]["privateIp"] == "10.250.0.2", "ARM VM: {vms}");
-    let pp: PeerPod = Api::namespaced(admin.clone(), &env.ns)
-        .get(&vm.vm_name)
-        .await?;
-    let st = pp.status.clone().unwrap_or_default();
+    let st = status_with_ip(&admin, &env.ns, &vm.vm_name).await?;
     ensure!(
         st.vm_ip.as_deref() == Some("10.250.0.2"),
         "ip {:?}",

@@ -7,10 +7,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use base64::Engine;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use sandboxd::pki::{Ca, CertKey, Usage};
+use sandboxd::devenv::control_plane as plan;
+use sandboxd::pki::CertKey;
 
 use super::process::{Process, free_port, run_dir};
 
@@ -73,27 +73,14 @@ fn write(path: &Path, content: &str) -> Result<()> {
     fs::write(path, content).with_context(|| format!("writing {}", path.display()))
 }
 
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 /// A kubeconfig for `server` trusting `ca_pem`, authenticating with a client certificate
 /// or a bearer token.
 pub fn kubeconfig_yaml(server: &str, ca_pem: &str, user: &UserAuth) -> String {
     let user = match user {
-        UserAuth::Cert(ck) => format!(
-            "    client-certificate-data: {}\n    client-key-data: {}\n",
-            b64(&ck.cert_pem),
-            b64(&ck.key_pem)
-        ),
-        UserAuth::Token(t) => format!("    token: {t}\n"),
+        UserAuth::Cert(ck) => plan::UserAuth::Cert(ck),
+        UserAuth::Token(t) => plan::UserAuth::Token(t),
     };
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
-         certificate-authority-data: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    \
-         user: test\ncurrent-context: test\nusers:\n- name: test\n  user:\n{user}",
-        b64(ca_pem)
-    )
+    plan::kubeconfig_yaml(server, ca_pem, user)
 }
 
 /// How a kubeconfig's user authenticates.
@@ -121,144 +108,46 @@ impl ControlPlane {
         let bin = binaries()?;
         let dir = run_dir().join(format!("cp-{}", free_port()));
         fs::create_dir_all(dir.join("etcd"))?;
-        let mut processes = Vec::new();
-
-        // --- PKI, generated in-process.
-        let validity = time::Duration::days(2);
-        let ca = Ca::new("sandboxd-test-ca", validity)?;
-        let serving = ca.issue(
-            "kube-apiserver",
-            &[],
-            &[
-                "127.0.0.1",
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-                "10.96.0.1",
-            ],
-            Usage::Server,
-            validity,
-        )?;
-        let admin = ca.issue(
-            "sandboxd-test-admin",
-            &["system:masters"],
-            &[],
-            Usage::Client,
-            validity,
-        )?;
-        let (sa_key, sa_pub) = sandboxd::pki::key_pair_pem()?;
-        let ca_pem = ca.cert_pem();
-        let path = |name: &str| dir.join(name).to_string_lossy().to_string();
-        write(&dir.join("ca.crt"), &ca_pem)?;
-        write(&dir.join("apiserver.crt"), &serving.cert_pem)?;
-        write(&dir.join("apiserver.key"), &serving.key_pem)?;
-        write(&dir.join("sa.key"), &sa_key)?;
-        write(&dir.join("sa.pub"), &sa_pub)?;
-
-        // --- etcd
-        let etcd_client = free_port();
-        let etcd_peer = free_port();
-        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        processes.push(Process::start(
-            "etcd",
-            &bin.join("etcd"),
-            &[
-                format!("--data-dir={}", path("etcd")),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=default={peer_url}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-                "--quota-backend-bytes=4294967296".into(),
-            ],
-            &[],
-        )?);
-
-        // --- kube-apiserver
-        let port = free_port();
-        let server = format!("https://127.0.0.1:{port}");
-        processes.push(Process::start(
-            "kube-apiserver",
-            &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={port}"),
-                format!("--cert-dir={}", path("apiserver-certs")),
-                format!("--tls-cert-file={}", path("apiserver.crt")),
-                format!("--tls-private-key-file={}", path("apiserver.key")),
-                format!("--client-ca-file={}", path("ca.crt")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", path("sa.pub")),
-                format!("--service-account-signing-key-file={}", path("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--authorization-mode=RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-                "--enable-priority-and-fairness=false".into(),
-                "--max-requests-inflight=2000".into(),
-                "--max-mutating-requests-inflight=1000".into(),
-                "--v=1".into(),
-            ],
-            &[],
-        )?);
-        let admin_yaml = kubeconfig_yaml(&server, &ca_pem, &UserAuth::Cert(admin));
+        let plan = plan::plan(&dir, "sandboxd-test-ca", plan::Ports::free()?)?;
+        for (name, content) in &plan.files {
+            write(&dir.join(name), content)?;
+        }
+        let processes = vec![
+            Process::start("etcd", &bin.join("etcd"), &plan.etcd, &[])?,
+            Process::start(
+                "kube-apiserver",
+                &bin.join("kube-apiserver"),
+                &plan.apiserver,
+                &[],
+            )?,
+        ];
         let kubeconfig_path = dir.join("admin.kubeconfig");
-        write(&kubeconfig_path, &admin_yaml)?;
+        write(
+            &kubeconfig_path,
+            &kubeconfig_yaml(&plan.server, &plan.ca_pem, &UserAuth::Cert(plan.admin)),
+        )?;
         let cp = Self {
-            server,
+            server: plan.server,
             kubeconfig_path,
-            ca_pem,
+            ca_pem: plan.ca_pem,
             dir: dir.clone(),
             processes: std::sync::Mutex::new(processes),
         };
         cp.wait_ready(Duration::from_secs(90))?;
 
-        let kubeconfig = path("admin.kubeconfig");
-        let common = |port: u16| {
-            vec![
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--authentication-kubeconfig={kubeconfig}"),
-                format!("--authorization-kubeconfig={kubeconfig}"),
-                "--leader-elect=false".to_string(),
-                "--bind-address=127.0.0.1".to_string(),
-                format!("--secure-port={port}"),
-                "--v=1".to_string(),
-            ]
-        };
         if options.controller_manager {
-            let mut args = common(free_port());
-            args.extend([
-                format!("--cert-dir={}", path("kcm-certs")),
-                // No kubelet renews node leases here: fake nodes stay Ready.
-                "--controllers=*,-node-lifecycle-controller".into(),
-                format!("--service-account-private-key-file={}", path("sa.key")),
-                format!("--root-ca-file={}", path("ca.crt")),
-                "--use-service-account-credentials=false".into(),
-                "--concurrent-gc-syncs=20".into(),
-                "--kube-api-qps=200".into(),
-                "--kube-api-burst=400".into(),
-            ]);
             cp.processes.lock().unwrap().push(Process::start(
                 "kube-controller-manager",
                 &bin.join("kube-controller-manager"),
-                &args,
+                &plan.controller_manager,
                 &[],
             )?);
         }
         if options.scheduler {
-            let mut args = common(free_port());
-            args.push(format!("--cert-dir={}", path("scheduler-certs")));
             cp.processes.lock().unwrap().push(Process::start(
                 "kube-scheduler",
                 &bin.join("kube-scheduler"),
-                &args,
+                &plan.scheduler,
                 &[],
             )?);
         }

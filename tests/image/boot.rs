@@ -1,7 +1,10 @@
 //! Boots the image under qemu with OVMF (KVM when usable, TCG otherwise) and a NoCloud seed
-//! carrying a forwarder config; sees the console marker, completes an mTLS handshake with the
-//! forwarder through a user-mode port forward (and is refused without a client certificate),
-//! then presses the ACPI power button over QMP and sees the VM power itself off.
+//! carrying a forwarder config; the image's kata-agent is the developer stand-in
+//! (`sandboxd dev agent`, started through `--kata-agent-arg`). Sees the console marker,
+//! completes an mTLS handshake with the forwarder through a user-mode port forward and sends a
+//! ttrpc `grpc.Health/Check` through it that the agent answers SERVING (and is refused without
+//! a client certificate), then presses the ACPI power button over QMP and sees the forwarder
+//! stop on its SIGTERM and the VM power itself off.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -9,10 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use protobuf::Message;
+use sandboxd::devenv::agent as stand_in;
 use sandboxd::forwarder::config::{Config, PodNetwork};
-use sandboxd::forwarder::init::READY_MARKER;
-use sandboxd::image::build::{Format, fat};
+use sandboxd::forwarder::init::{KATA_AGENT_ARGS, READY_MARKER, STOPPING_MARKER};
+use sandboxd::image::build::{self, Format, fat};
 use sandboxd::pki::{Ca, Usage};
+use sandboxd::protocol::frame::{self, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::Case;
@@ -21,6 +27,8 @@ use crate::harness::process::{Process, free_port};
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const VM_NAME: &str = "podvm-boot-test";
+/// kata-agent's socket in the VM.
+const AGENT_SOCKET: &str = "/run/kata-containers/agent.sock";
 
 fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
@@ -43,9 +51,9 @@ fn skip_reason(inputs: Option<String>) -> Option<String> {
             // A static binary built before the init duties existed cannot boot the image.
             let bin = super::static_binary()?;
             let bytes = std::fs::read(&bin).ok()?;
-            let marker = READY_MARKER.as_bytes();
-            (!bytes.windows(marker.len()).any(|w| w == marker)).then(|| {
-                format!("{} predates the init duties: rebuild it (`make build`)", bin.display())
+            let has = |m: &str| bytes.windows(m.len()).any(|w| w == m.as_bytes());
+            (!has(READY_MARKER) || !has(STOPPING_MARKER) || !has(KATA_AGENT_ARGS)).then(|| {
+                format!("{} predates the current init duties: rebuild it (`make build`)", bin.display())
             })
         })
         .or_else(|| {
@@ -57,7 +65,7 @@ fn skip_reason(inputs: Option<String>) -> Option<String> {
 
 pub fn case(inputs: Option<String>) -> Case {
     Case::plain(
-        "image::boots_under_qemu_ovmf_serves_mtls_on_15150_and_powers_off_on_request",
+        "image::boots_under_qemu_ovmf_answers_agent_health_over_mtls_on_15150_and_powers_off_on_request",
         |_| boot(),
     )
     .skip_if(skip_reason(inputs))
@@ -162,9 +170,57 @@ async fn tls_handshake(
     .context("TLS handshake timed out")??)
 }
 
+/// One ttrpc `grpc.Health/Check` over `stream`: the answer's serving status.
+async fn health_check<S>(stream: &mut S) -> Result<u64>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = ttrpc::proto::Request::new();
+    req.service = stand_in::HEALTH_SERVICE.into();
+    req.method = "Check".into();
+    req.payload = stand_in::check_request("");
+    req.timeout_nano = 10_000_000_000;
+    let sent = Frame {
+        stream_id: 1,
+        kind: frame::TYPE_REQUEST,
+        flags: 0,
+        payload: req.write_to_bytes()?,
+    };
+    frame::write_frame(stream, &sent).await?;
+    let got = tokio::time::timeout(Duration::from_secs(20), frame::read_frame(stream))
+        .await
+        .context("no answer to grpc.Health/Check in 20s")??
+        .context("the forwarder closed the connection without answering")?;
+    ensure!(
+        got.kind == frame::TYPE_RESPONSE && got.stream_id == 1,
+        "unexpected frame {got:?}"
+    );
+    let resp = ttrpc::proto::Response::parse_from_bytes(&got.payload)?;
+    ensure!(
+        resp.status.code() == ttrpc::Code::OK,
+        "grpc.Health/Check: {:?}",
+        resp.status
+    );
+    stand_in::health_status(&resp.payload).context("undecodable HealthCheckResponse")
+}
+
+/// The image of this test: the shared build's inputs, with the static sandboxd also as
+/// kata-agent, started as the developer stand-in on kata-agent's socket.
+async fn build_image(out: &Path) -> Result<build::Built> {
+    let i = super::inputs().await?;
+    let sandboxd = super::static_binary().context("no static sandboxd")?;
+    let mut a = super::args(&i, out, &sandboxd);
+    a.format = vec![Format::Qcow2];
+    a.kata_agent = Some(sandboxd);
+    a.kata_agent_args = ["dev", "agent", "--socket", AGENT_SOCKET]
+        .map(String::from)
+        .to_vec();
+    Ok(tokio::task::spawn_blocking(move || build::build(&a)).await??)
+}
+
 async fn boot() -> Result<()> {
-    let shared = super::shared().await?;
     let dir = tempfile::tempdir()?;
+    let built = build_image(dir.path()).await?;
     let ca = Ca::new("boot-test-ca", time::Duration::days(365))?;
     let cfg = forwarder_config(&ca)?;
     let user_data = cfg.to_user_data();
@@ -182,7 +238,7 @@ async fn boot() -> Result<()> {
     // Kept with the harness logs.
     let console = crate::harness::process::run_dir().join(format!("podvm-console-{port}.log"));
     let qmp = dir.path().join("qmp.sock");
-    let disk = super::output(&shared.built, Format::Qcow2)?;
+    let disk = super::output(&built, Format::Qcow2)?;
     let p = |p: &Path| p.display().to_string();
     let args = |accel: &str| -> Vec<String> {
         [
@@ -262,11 +318,35 @@ async fn boot() -> Result<()> {
     let client = ca.issue("caa", &[], &[], Usage::Client, time::Duration::days(1))?;
     let mtls =
         sandboxd::forwarder::tls::client_config(&ca.cert_pem(), &client.cert_pem, &client.key_pem)?;
-    let mut stream = tls_handshake(port, mtls)
+    let mut stream = tls_handshake(port, mtls.clone())
         .await
         .context("mTLS handshake with the forwarder")?;
     let (_, conn) = stream.get_ref();
     ensure!(conn.peer_certificates().is_some_and(|c| !c.is_empty()));
+
+    // A ttrpc health call on that connection reaches kata-agent (the stand-in) through the
+    // forwarder's relay. The agent may still be starting: retried on fresh connections.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match health_check(&mut stream).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("image boot: health check not answered yet ({e:#}); retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                stream = tls_handshake(port, mtls.clone()).await?;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "grpc.Health/Check through the forwarder; console:\n{}",
+                    tail(&std::fs::read_to_string(&console).unwrap_or_default(), 40)
+                )));
+            }
+        }
+    };
+    ensure!(
+        status == stand_in::SERVING,
+        "kata-agent answered health status {status}, not SERVING"
+    );
     stream.shutdown().await.ok();
 
     // Without a client certificate the forwarder refuses the connection.
@@ -316,8 +396,21 @@ async fn boot() -> Result<()> {
     .await??;
     let text = std::fs::read_to_string(&console)?;
     ensure!(
+        text.contains(&format!(
+            "sandboxd-init: kata-agent dev agent --socket {AGENT_SOCKET}"
+        )),
+        "init did not start kata-agent with the image's arguments:\n{}",
+        tail(&text, 30)
+    );
+    ensure!(
         text.contains("power button pressed") && text.contains("sandboxd-init: power off"),
         "no clean power-off on the console:\n{}",
+        tail(&text, 30)
+    );
+    // The forwarder took its SIGTERM and exited by itself (not killed at the end of the grace).
+    ensure!(
+        text.contains("sandboxd-init: forwarder stopped"),
+        "the forwarder did not stop on SIGTERM:\n{}",
         tail(&text, 30)
     );
     let init_lines: Vec<&str> = text
@@ -328,8 +421,15 @@ async fn boot() -> Result<()> {
         "image boot: console (init lines):\n{}",
         tail(&init_lines.join("\n"), 12)
     );
+    // Everything from the power button on: how the services stopped.
+    if let Some(at) = text.find("power button pressed") {
+        eprintln!(
+            "image boot: console from the power button:\n{}",
+            &text[at..]
+        );
+    }
     eprintln!(
-        "image boot: {} to the forwarder marker in {boot_seconds:.1}s, power off in {:.1}s",
+        "image boot: {} to the forwarder marker in {boot_seconds:.1}s, power off {:.1}s after the ACPI power button",
         accel,
         off_start.elapsed().as_secs_f64()
     );

@@ -6,6 +6,7 @@
 //! (`target/x86_64-unknown-linux-musl/dist/sandboxd`, or `SANDBOXD_STATIC_BINARY`).
 
 mod boot;
+mod oci;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,7 +50,8 @@ fn which(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn inputs_skip() -> Option<String> {
+/// Why the build inputs cannot be fetched here, if they cannot.
+pub fn inputs_skip() -> Option<String> {
     (!which("apt-get") || !which("dpkg-deb"))
         .then(|| "apt-get and dpkg-deb are needed to fetch the kernel and systemd-boot".into())
 }
@@ -272,6 +274,7 @@ pub fn cases() -> Vec<Case> {
             |_| formats_are_valid(),
         )
         .skip_if(qemu_img),
+        oci::case(skip.clone()),
         boot::case(skip),
     ]
 }

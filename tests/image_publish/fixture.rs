@@ -141,6 +141,7 @@ pub const ACCOUNTS: &[&str] = &[
     "acctdelete",
     "acctcm",
     "acctjob",
+    "acctcarried",
     "acctbench",
 ];
 

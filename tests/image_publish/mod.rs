@@ -54,6 +54,11 @@ pub fn cases() -> Vec<Case> {
             image_job,
         )
         .skip_if(skip),
+        Case::cluster(
+            "image_publish::the_image_job_builds_from_the_inputs_the_oci_image_carries_with_nothing_else_given",
+            image_job_from_carried_inputs,
+        )
+        .skip_if(fixture::azurite_missing().or_else(crate::image::inputs_skip)),
         Case::plain(
             "image_publish::bad_input_is_refused_with_a_clear_message_before_any_cloud_call",
             bad_input,
@@ -592,8 +597,11 @@ async fn image_job(env: Env) -> Result<()> {
     let api = seed_configmap(&env).await?;
     let (vhd, _) = sparse_vhd(&fx.dir, "disk.vhd", 8)?;
     let kubeconfig = env.cp().kubeconfig_path.to_string_lossy().to_string();
+    // No build inputs laid out where the OCI image would carry them.
+    let no_inputs = fx.dir.join("no-inputs").to_string_lossy().to_string();
     // What envFrom peer-pods-cm gives the Job.
     let cm_env = [
+        ("PODVM_INPUTS_DIR", no_inputs.as_str()),
         ("CLOUD_PROVIDER", "azure"),
         ("AZURE_REGION", "eastus"),
         ("AZURE_RESOURCE_GROUP", "rg"),
@@ -684,6 +692,80 @@ async fn image_job(env: Env) -> Result<()> {
     );
     let cm = api.get("peer-pods-cm").await?;
     ensure!(cm.data.unwrap_or_default().get("AZURE_IMAGE_ID") == Some(&built));
+    Ok(())
+}
+
+/// The Job given neither a VHD nor input paths builds from the inputs laid out as the OCI
+/// image carries them (`sandboxd image stage-inputs`, what `scripts/oci-image.sh
+/// --podvm-inputs` runs), here below a temporary root instead of `/usr/share/sandboxd/podvm`.
+async fn image_job_from_carried_inputs(env: Env) -> Result<()> {
+    let fx = Fixture::start("jobcarried", &["acctcarried"]).await?;
+    let api = seed_configmap(&env).await?;
+    let inputs = crate::image::inputs().await?;
+    let layout = fx.dir.join("root/usr/share/sandboxd/podvm");
+    let layout_s = layout.to_string_lossy().to_string();
+    let staged = fixture::run_sandboxd(
+        &[
+            "image".into(),
+            "stage-inputs".into(),
+            "--kernel".into(),
+            inputs.kernel.to_string_lossy().into(),
+            "--modules-dir".into(),
+            inputs.modules_dir.to_string_lossy().into(),
+            "--systemd-boot".into(),
+            inputs.systemd_boot.to_string_lossy().into(),
+            "--out".into(),
+            layout_s.clone(),
+        ],
+        &[],
+    )
+    .await?;
+    staged.ok()?;
+    let kubeconfig = env.cp().kubeconfig_path.to_string_lossy().to_string();
+    let job_env = [
+        ("CLOUD_PROVIDER", "azure"),
+        ("AZURE_REGION", "eastus"),
+        ("AZURE_RESOURCE_GROUP", "rg"),
+        ("AZURE_IMAGE_ID", ""),
+        ("POD_NAMESPACE", env.ns.as_str()),
+        ("IMAGE_STORAGE_ACCOUNT", "acctcarried"),
+        ("PODVM_INPUTS_DIR", layout_s.as_str()),
+    ];
+    let out = fx
+        .run(&["image", "job", "--kubeconfig", &kubeconfig], &job_env)
+        .await?;
+    out.ok()?;
+    ensure!(
+        out.stderr.contains(&format!("kernel {layout_s}/vmlinuz")),
+        "the Job did not build from the laid-out inputs:\n{}",
+        out.stderr
+    );
+    let id = out.stdout.trim().to_string();
+    ensure!(id.contains("/versions/0.0."), "{id}");
+    let cm = api.get("peer-pods-cm").await?;
+    ensure!(cm.data.unwrap_or_default().get("AZURE_IMAGE_ID") == Some(&id));
+    // The uploaded blob is a bootable disk: a fixed VHD whose EFI system partition holds the
+    // laid-out kernel.
+    let blob = fx.blob_client("acctcarried")?;
+    let version = fx.arm_get(&format!("{id}?api-version=2024-03-03")).await?;
+    let uri = version["properties"]["storageProfile"]["osDiskImage"]["source"]["uri"]
+        .as_str()
+        .context("the version names no source blob")?;
+    let name = uri.rsplit('/').next().unwrap_or_default().to_string();
+    let props = blob
+        .properties("vhds", &name)
+        .await?
+        .context("no blob uploaded")?;
+    let bytes = blob.read("vhds", &name, 0..props.length).await?;
+    let footer = sandboxd::image::build::vhd::parse_footer(&bytes).map_err(anyhow::Error::msg)?;
+    ensure!(footer.size % (1 << 20) == 0 && footer.size + 512 == props.length);
+    let disk = &bytes[..footer.size as usize];
+    let table = sandboxd::image::build::gpt::parse(disk).map_err(anyhow::Error::msg)?;
+    let p = &table.partitions[0];
+    let esp = &disk[p.first_lba as usize * 512..(p.last_lba as usize + 1) * 512];
+    let kernel = sandboxd::image::build::fat::read_file(esp, "sandboxd/vmlinuz")
+        .map_err(anyhow::Error::msg)?;
+    ensure!(kernel == std::fs::read(layout.join("vmlinuz"))?);
     Ok(())
 }
 

@@ -6,8 +6,8 @@
 use azure_mgmt_compute::package_2024_07_01::models as m;
 use base64::Engine;
 
+use super::AzureConfig;
 use crate::cloud::VmSpec;
-use crate::config::AzureConfig;
 
 /// The `PUT virtualMachines/{name}` body for `spec`.
 pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {

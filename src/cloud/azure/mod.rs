@@ -7,6 +7,7 @@
 pub mod arm;
 pub mod body;
 pub mod policy;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,9 +19,8 @@ use azure_mgmt_compute::package_2024_07_01 as compute;
 use futures::StreamExt;
 
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
-use crate::config::{AzureConfig, AzureCredentials};
-
 pub use policy::Manners;
+pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 
 /// Where and how to reach ARM.
 #[derive(Clone, Debug)]
@@ -211,7 +211,7 @@ pub fn arm_client(
         .push(policy as Arc<dyn azure_core::Policy>);
     let pipeline = azure_core::Pipeline::new(
         Some("sandboxd"),
-        Some(crate::VERSION),
+        Some(env!("CARGO_PKG_VERSION")),
         options,
         Vec::new(),
         Vec::new(),
@@ -250,7 +250,7 @@ impl AzureProvider {
         );
         let pipeline = azure_core::Pipeline::new(
             Some("sandboxd"),
-            Some(crate::VERSION),
+            Some(env!("CARGO_PKG_VERSION")),
             options,
             Vec::new(),
             Vec::new(),

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::net::Netlink;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
-use crate::forwarder::net::Netlink;
 
 /// Default state directory.
 pub const DEFAULT_DIR: &str = "/run/peerpod/local";

@@ -11,7 +11,6 @@ pub mod seed;
 pub mod wireserver;
 
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -23,12 +22,31 @@ use nix::unistd::Pid;
 
 /// Printed on the console once the forwarder accepts connections.
 pub const READY_MARKER: &str = "pod VM ready: forwarder listening";
+/// Printed on the console when init stops the services to power off (each gets SIGTERM and a
+/// grace period; a clean stop is logged as `<service> stopped`).
+pub const STOPPING_MARKER: &str = "powering off: SIGTERM to the services";
 /// Where init leaves the fetched user data for the forwarder.
 pub const USER_DATA: &str = "/run/peerpod/user-data";
 /// kata-agent's configuration, written by init.
 pub const AGENT_CONFIG: &str = "/run/peerpod/agent-config.toml";
 /// kata-agent in the image.
 pub const KATA_AGENT: &str = "/usr/bin/kata-agent";
+/// kata-agent's command line when the image sets one (`image build --kata-agent-arg`): one
+/// argument a line.
+pub const KATA_AGENT_ARGS: &str = "/etc/sandboxd/kata-agent.args";
+
+/// kata-agent's arguments: those of the image's [`KATA_AGENT_ARGS`] file (`file`) when there is
+/// one, else `--config` [`AGENT_CONFIG`].
+pub fn kata_agent_args(file: Option<&str>) -> Vec<String> {
+    match file {
+        Some(text) => text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => vec!["--config".into(), AGENT_CONFIG.into()],
+    }
+}
 /// Azure's chassis asset tag (DMI), how a VM knows it runs on Azure.
 const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
 
@@ -183,7 +201,7 @@ fn primary_nic(wait: Duration) -> Option<(String, [u8; 6])> {
         if let Some(n) = names.into_iter().next() {
             let mac = std::fs::read_to_string(format!("/sys/class/net/{n}/address"))
                 .ok()
-                .and_then(|m| super::net::parse_mac(m.trim()));
+                .and_then(|m| crate::cloud::net::parse_mac(m.trim()));
             if let Some(mac) = mac {
                 return Some((n, mac));
             }
@@ -198,7 +216,7 @@ fn primary_nic(wait: Duration) -> Option<(String, [u8; 6])> {
 async fn network() -> Result<(), String> {
     let (name, mac) =
         primary_nic(Duration::from_secs(20)).ok_or("no network interface appeared")?;
-    let nl = super::net::Netlink::here().map_err(|e| e.to_string())?;
+    let nl = crate::cloud::net::Netlink::here().map_err(|e| e.to_string())?;
     if let Some(lo) = nl.index_of("lo").await.map_err(|e| e.to_string())? {
         nl.up(lo).await.map_err(|e| e.to_string())?;
     }
@@ -347,18 +365,63 @@ struct Service {
     next_start: Option<Instant>,
 }
 
+/// Starts `program` with a clean signal state: nothing blocked, every disposition the default.
+///
+/// Init blocks the signals it takes with `sigwait`, and a blocked mask (like an ignored
+/// disposition) survives `exec`: `std::process::Command` keeps both, so a child started with
+/// it would never see SIGTERM and could not be stopped. `posix_spawn` resets them in the child.
+pub fn spawn_clean(
+    program: &Path,
+    arg0: &str,
+    args: &[String],
+    stdout: Option<&Path>,
+) -> Result<Pid, String> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+    use std::ffi::CString;
+    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
+    let mut argv = vec![cstr(arg0)?];
+    for a in args {
+        argv.push(cstr(a)?);
+    }
+    let mut envp = Vec::new();
+    for (k, v) in std::env::vars() {
+        if k != "PATH" {
+            envp.push(cstr(&format!("{k}={v}"))?);
+        }
+    }
+    envp.push(cstr("PATH=/usr/bin:/bin:/usr/sbin:/sbin")?);
+    let e = |what: &str, err: nix::Error| format!("{what}: {err}");
+    let mut attr = PosixSpawnAttr::init().map_err(|x| e("spawn attributes", x))?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(|x| e("spawn flags", x))?;
+    attr.set_sigmask(&SigSet::empty())
+        .map_err(|x| e("signal mask", x))?;
+    attr.set_sigdefault(&SigSet::all())
+        .map_err(|x| e("signal defaults", x))?;
+    let mut actions = PosixSpawnFileActions::init().map_err(|x| e("spawn file actions", x))?;
+    if let Some(out) = stdout {
+        use nix::fcntl::OFlag;
+        actions
+            .add_open(
+                1,
+                out,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|x| e("redirecting stdout", x))?;
+    }
+    nix::spawn::posix_spawn(program, &actions, &attr, &argv, &envp).map_err(|x| x.to_string())
+}
+
 impl Service {
     fn start(&mut self) {
         self.next_start = None;
-        match std::process::Command::new(&self.program)
-            .arg0(self.arg0)
-            .args(&self.args)
-            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
-            .spawn()
-        {
-            Ok(c) => {
-                log(&format!("started {} (pid {})", self.name, c.id()));
-                self.pid = Some(Pid::from_raw(c.id() as i32));
+        match spawn_clean(&self.program, self.arg0, &self.args, None) {
+            Ok(pid) => {
+                log(&format!("started {} (pid {pid})", self.name));
+                self.pid = Some(pid);
             }
             Err(e) => {
                 log(&format!("starting {}: {e}", self.name));
@@ -467,15 +530,18 @@ fn ready_probe() {
     });
 }
 
+/// How long services get to stop after SIGTERM before everything is killed.
+const GRACE: Duration = Duration::from_secs(10);
+
 fn power_off(services: &mut [Service], signals: &SigSet) -> ! {
-    log("powering off: stopping services");
+    log(&format!("{STOPPING_MARKER} (grace {}s)", GRACE.as_secs()));
     for s in services.iter_mut() {
         s.next_start = None;
         if let Some(pid) = s.pid {
             let _ = kill(pid, Signal::SIGTERM);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + GRACE;
     while services.iter().any(|s| s.pid.is_some()) && Instant::now() < deadline {
         nix::unistd::alarm::set(1);
         let _ = signals.wait();
@@ -517,7 +583,8 @@ pub fn main() -> ExitCode {
     ] {
         signals.add(s);
     }
-    // Blocked in every thread and taken with sigwait; children start with a clean mask.
+    // Blocked in every thread and taken with sigwait; children start with a clean mask
+    // (`spawn_clean`).
     if let Err(e) = signals.thread_block() {
         log(&format!("blocking signals: {e}"));
         return ExitCode::FAILURE;
@@ -546,7 +613,12 @@ pub fn main() -> ExitCode {
             name: "kata-agent",
             program: KATA_AGENT.into(),
             arg0: "kata-agent",
-            args: vec!["--config".into(), AGENT_CONFIG.into()],
+            args: {
+                let file = std::fs::read_to_string(KATA_AGENT_ARGS).ok();
+                let args = kata_agent_args(file.as_deref());
+                log(&format!("kata-agent {}", args.join(" ")));
+                args
+            },
             pid: None,
             restarts: 0,
             next_start: None,
@@ -593,5 +665,59 @@ pub fn main() -> ExitCode {
             _ => {}
         }
         arm_alarm(&services);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kata_agent_starts_with_the_config_file_unless_the_image_sets_its_arguments() {
+        assert_eq!(kata_agent_args(None), ["--config", AGENT_CONFIG]);
+        assert_eq!(
+            kata_agent_args(Some("dev\nagent\n--socket\n/run/a.sock\n")),
+            ["dev", "agent", "--socket", "/run/a.sock"]
+        );
+    }
+
+    fn status_field(status: &str, field: &str) -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:\t")))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    }
+
+    #[test]
+    fn services_start_with_no_signal_blocked_even_though_init_blocks_them() {
+        // Block what init blocks, in a thread of its own (the mask is per thread).
+        std::thread::spawn(|| {
+            let mut blocked = SigSet::empty();
+            blocked.add(Signal::SIGTERM);
+            blocked.add(Signal::SIGCHLD);
+            blocked.thread_block().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("status");
+            let pid = spawn_clean(
+                Path::new("/bin/cat"),
+                "cat",
+                &["/proc/self/status".into()],
+                Some(&out),
+            )
+            .unwrap();
+            assert!(matches!(
+                waitpid(pid, None).unwrap(),
+                WaitStatus::Exited(_, 0)
+            ));
+            let status = std::fs::read_to_string(&out).unwrap();
+            assert_eq!(status_field(&status, "SigBlk"), 0, "{status}");
+            // SIGTERM's disposition is the default: neither ignored nor caught.
+            assert_eq!(status_field(&status, "SigIgn") & (1 << 14), 0, "{status}");
+            let e = spawn_clean(Path::new("/nonexistent/agent"), "agent", &[], None);
+            assert!(e.is_err());
+        })
+        .join()
+        .unwrap();
     }
 }

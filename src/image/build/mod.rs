@@ -11,6 +11,7 @@
 pub mod cpio;
 pub mod fat;
 pub mod gpt;
+pub mod inputs;
 pub mod modules;
 pub mod qcow2;
 pub mod vhd;
@@ -26,6 +27,8 @@ pub const MODULES_LIST: &str = "etc/sandboxd/modules";
 pub const MODULES_DIR: &str = "lib/modules";
 /// kata-agent's path in the initramfs.
 pub const KATA_AGENT: &str = "usr/bin/kata-agent";
+/// kata-agent's command line in the initramfs (from `--kata-agent-arg`): one argument a line.
+pub const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
 /// Build facts recorded in the initramfs.
 pub const BUILD_INFO: &str = "etc/sandboxd/build.json";
 /// Kernel command line of the loader entry.
@@ -70,6 +73,14 @@ pub struct Args {
     /// kata-agent to include (static); without it the image boots and says so.
     #[arg(long)]
     pub kata_agent: Option<PathBuf>,
+    /// An argument kata-agent starts with, instead of `--config <file written by init>`;
+    /// repeatable, in order (needs `--kata-agent`).
+    #[arg(
+        long = "kata-agent-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true
+    )]
+    pub kata_agent_args: Vec<String>,
     /// The static sandboxd to run as `/init` (default: this executable).
     #[arg(long)]
     pub sandboxd: Option<PathBuf>,
@@ -101,6 +112,7 @@ impl Args {
             modules_dir: modules_dir.into(),
             systemd_boot: systemd_boot.into(),
             kata_agent: None,
+            kata_agent_args: Vec::new(),
             sandboxd: None,
             out: out.into(),
             format: vec![Format::Raw, Format::Qcow2, Format::Vhd],
@@ -196,6 +208,32 @@ impl Progress {
         );
         self.stage = Instant::now();
     }
+}
+
+/// The content of [`KATA_AGENT_ARGS`] for `--kata-agent-arg`s: none without arguments;
+/// refused without kata-agent, or for an argument that is empty or holds a line break.
+pub fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<Vec<u8>>, Error> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    let refuse = |detail: String| Error::Assemble {
+        stage: "inputs",
+        detail,
+    };
+    if !has_agent {
+        return Err(refuse("--kata-agent-arg needs --kata-agent".into()));
+    }
+    let mut text = String::new();
+    for a in args {
+        if a.is_empty() || a.contains(['\n', '\r']) {
+            return Err(refuse(format!(
+                "--kata-agent-arg {a:?}: empty or a line break (one argument a line)"
+            )));
+        }
+        text.push_str(a);
+        text.push('\n');
+    }
+    Ok(Some(text.into_bytes()))
 }
 
 /// Digest of everything that goes into the image: the seed of its GUIDs and ids.
@@ -369,11 +407,15 @@ pub fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
         "kernel": kernel_version,
         "modules": names,
         "kataAgent": kata_agent.is_some(),
+        "kataAgentArgs": args.kata_agent_args,
         "sandboxd": crate::VERSION,
     })
     .to_string();
     let has_agent = kata_agent.is_some();
     let mut extra = Vec::new();
+    if let Some(text) = kata_agent_args_file(&args.kata_agent_args, has_agent)? {
+        extra.push((KATA_AGENT_ARGS.to_string(), 0o644, text));
+    }
     for spec in &args.add_files {
         let (src, dest) = spec.split_once(':').ok_or_else(|| Error::Assemble {
             stage: "inputs",
@@ -529,4 +571,79 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", p.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn kata_agent_args_are_written_one_a_line_in_order() {
+        let args = strings(&[
+            "dev",
+            "agent",
+            "--socket",
+            "/run/kata-containers/agent.sock",
+        ]);
+        let text = kata_agent_args_file(&args, true).unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "dev\nagent\n--socket\n/run/kata-containers/agent.sock\n"
+        );
+        // Init reads back exactly these arguments.
+        let back = crate::forwarder::init::kata_agent_args(Some(
+            &String::from_utf8(kata_agent_args_file(&args, true).unwrap().unwrap()).unwrap(),
+        ));
+        assert_eq!(back, args);
+        assert_eq!(
+            format!("/{KATA_AGENT_ARGS}"),
+            crate::forwarder::init::KATA_AGENT_ARGS
+        );
+    }
+
+    #[test]
+    fn without_kata_agent_args_no_file_is_written() {
+        assert!(kata_agent_args_file(&[], true).unwrap().is_none());
+        assert!(kata_agent_args_file(&[], false).unwrap().is_none());
+    }
+
+    #[test]
+    fn kata_agent_args_without_kata_agent_or_with_line_breaks_are_refused() {
+        assert!(kata_agent_args_file(&strings(&["dev"]), false).is_err());
+        assert!(kata_agent_args_file(&strings(&["a\nb"]), true).is_err());
+        assert!(kata_agent_args_file(&strings(&[""]), true).is_err());
+    }
+
+    #[test]
+    fn kata_agent_arg_takes_values_that_start_with_dashes() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let cli = Cli::try_parse_from([
+            "build",
+            "--kernel=k",
+            "--modules-dir=m",
+            "--systemd-boot=s",
+            "--out=o",
+            "--kata-agent=a",
+            "--kata-agent-arg",
+            "dev",
+            "--kata-agent-arg",
+            "--socket",
+            "--kata-agent-arg",
+            "/x.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.args.kata_agent_args,
+            strings(&["dev", "--socket", "/x.sock"])
+        );
+    }
 }

@@ -175,7 +175,7 @@ pub fn resolve(dir: &Path, wanted: &[String]) -> Result<Vec<Module>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal ELF64 object with a `.modinfo` section.

@@ -207,6 +207,10 @@ pub struct JobArgs {
     /// kata-agent to put in the image.
     #[arg(long, env = "PODVM_KATA_AGENT")]
     pub kata_agent: Option<PathBuf>,
+    /// Where the OCI image carries the build inputs (`sandboxd image stage-inputs`); used for
+    /// each of `--kernel`, `--modules-dir` and `--systemd-boot` not given.
+    #[arg(long, env = "PODVM_INPUTS_DIR", default_value = crate::image::build::inputs::DEFAULT_DIR)]
+    pub inputs_dir: PathBuf,
     /// Publish even when `AZURE_IMAGE_ID` is already set.
     #[arg(long)]
     pub force: bool,
@@ -931,16 +935,26 @@ pub async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
         );
         return Ok(None);
     }
-    let (vhd, built_dir) = match (
-        &args.vhd,
-        &args.kernel,
-        &args.modules_dir,
-        &args.systemd_boot,
-    ) {
-        (Some(vhd), ..) => (vhd.clone(), None),
-        (None, Some(kernel), Some(modules), Some(boot)) => {
+    let inputs = || {
+        crate::image::build::inputs::choose(
+            args.kernel.as_deref(),
+            args.modules_dir.as_deref(),
+            args.systemd_boot.as_deref(),
+            &args.inputs_dir,
+        )
+    };
+    let (vhd, built_dir) = match (&args.vhd, args.vhd.is_none().then(inputs).flatten()) {
+        (Some(vhd), _) => (vhd.clone(), None),
+        (None, Some(i)) => {
             let out = std::env::temp_dir().join(format!("sandboxd-podvm-{}", std::process::id()));
-            let mut build = crate::image::build::Args::new(kernel, modules, boot, &out);
+            eprintln!(
+                "[job] build inputs: kernel {}, modules {}, systemd-boot {}",
+                i.kernel.display(),
+                i.modules_dir.display(),
+                i.systemd_boot.display()
+            );
+            let mut build =
+                crate::image::build::Args::new(&i.kernel, &i.modules_dir, &i.systemd_boot, &out);
             build.format = vec![crate::image::build::Format::Vhd];
             build.kata_agent = args.kata_agent.clone();
             eprintln!("[job] building the pod VM image");
@@ -957,9 +971,10 @@ pub async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
             (vhd, Some(out))
         }
         _ => {
-            return Err(Error::Input(
-                "nothing to publish: give a prebuilt VHD with --vhd (env PODVM_VHD), or the build inputs --kernel, --modules-dir and --systemd-boot (env PODVM_KERNEL, PODVM_MODULES_DIR, PODVM_SYSTEMD_BOOT)".into(),
-            ));
+            return Err(Error::Input(format!(
+                "nothing to publish: give a prebuilt VHD with --vhd (env PODVM_VHD), or the build inputs --kernel, --modules-dir and --systemd-boot (env PODVM_KERNEL, PODVM_MODULES_DIR, PODVM_SYSTEMD_BOOT), or lay them out under {} (--inputs-dir, env PODVM_INPUTS_DIR; `sandboxd image stage-inputs`, which the OCI image built with --podvm-inputs carries)",
+                args.inputs_dir.display()
+            )));
         }
     };
     let mm: Vec<&str> = args.version_major_minor.split('.').collect();

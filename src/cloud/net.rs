@@ -1,5 +1,6 @@
-//! Netlink (rtnetlink) and network namespace helpers shared by the forwarder (pod namespace
-//! in the VM), CAA (worker side of the tunnel) and the local provider (VM links).
+//! Netlink (rtnetlink) and network namespace helpers: the local provider's VM links, and
+//! shared with the forwarder (pod namespace in the VM) and CAA (worker side of the tunnel),
+//! which import them from here so that `cloud` itself imports nothing else of the crate.
 //!
 //! A netlink socket belongs to the network namespace it was opened in, so [`Netlink::in_netns`]
 //! opens one from a short-lived thread that entered the namespace; the connection then runs

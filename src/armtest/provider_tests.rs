@@ -1,0 +1,540 @@
+//! The Azure provider against the in-repo ARM test server. These live here rather than in
+//! `cloud::azure`, which imports nothing else of the crate.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+
+use azure_core::Url;
+
+use crate::armtest::{self, Fault, FaultKind};
+use crate::cloud::azure::{
+    AzureConfig, AzureCredentials, AzureProvider, Endpoints, Manners, Polling,
+};
+use crate::cloud::{Error, Provider, SecretString, VmSize, VmSpec, VmState};
+
+const SUB: &str = "11111111-2222-3333-4444-555555555555";
+
+struct Fixture {
+    handle: armtest::Handle,
+    base: String,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Fixture {
+    async fn start(config: armtest::Config) -> Self {
+        let token = tokio_util::sync::CancellationToken::new();
+        let (addr, handle, _task) =
+            armtest::serve("127.0.0.1:0".parse().unwrap(), config, token.clone())
+                .await
+                .unwrap();
+        let f = Fixture {
+            handle,
+            base: format!("http://{addr}"),
+            _shutdown: token.drop_guard(),
+        };
+        f.seed().await;
+        f
+    }
+
+    /// Resource group, VNet with the worker subnet, NSG, gallery image version.
+    async fn seed(&self) {
+        let http = reqwest_free_put;
+        let token = self.token().await;
+        let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
+        for (path, body) in [
+            (rg.clone(), json!({"location": "eastus"})),
+            (
+                format!("{rg}/providers/Microsoft.Network/virtualNetworks/vnet"),
+                json!({"location": "eastus", "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
+                       "subnets": [{"name": "worker", "properties": {"addressPrefix": "10.0.1.0/24"}}]}}),
+            ),
+            (
+                format!("{rg}/providers/Microsoft.Network/networkSecurityGroups/nsg"),
+                json!({"location": "eastus"}),
+            ),
+        ] {
+            let status = http(
+                &self.base,
+                &token,
+                &format!("{path}?api-version=2024-03-01"),
+                &body,
+            )
+            .await;
+            assert!(status == 200 || status == 201, "{path}: {status}");
+        }
+        // The gallery image version (what the gallery API requires of it is not this test's
+        // subject): seeded as the dev server seeds it.
+        self.handle.seed_peer_pods(SUB, "rg", "eastus");
+    }
+
+    async fn token(&self) -> String {
+        let body = "grant_type=client_credentials&client_id=app&client_secret=s&scope=x";
+        let v = raw(
+            &self.base,
+            "POST",
+            "/tenant/oauth2/v2.0/token",
+            None,
+            body.as_bytes(),
+            "application/x-www-form-urlencoded",
+        )
+        .await;
+        serde_json::from_slice::<serde_json::Value>(&v.1).unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn provider(&self, cvm: bool, secret: &str) -> AzureProvider {
+        let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
+        let cfg = AzureConfig {
+            instance_size: "Standard_DC2as_v5".into(),
+            instance_sizes: vec!["Standard_DC2as_v5".into(), "Standard_D4as_v5".into()],
+            subnet_id: format!(
+                "{rg}/providers/Microsoft.Network/virtualNetworks/vnet/subnets/worker"
+            ),
+            nsg_id: Some(format!(
+                "{rg}/providers/Microsoft.Network/networkSecurityGroups/nsg"
+            )),
+            image_id: Some(format!(
+                "{rg}/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0"
+            )),
+            region: "eastus".into(),
+            resource_group: "rg".into(),
+            disable_cvm: !cvm,
+            secure_boot: false,
+            ssh_username: "peerpod".into(),
+            root_volume_gb: None,
+            use_public_ip: false,
+        };
+        let endpoints = Endpoints {
+            arm: Url::parse(&format!("{}/", self.base)).unwrap(),
+            authority: Url::parse(&format!("{}/", self.base)).unwrap(),
+        };
+        AzureProvider::new(
+            SUB,
+            &AzureCredentials::ClientSecret {
+                tenant_id: "tenant".into(),
+                client_id: "app".into(),
+                client_secret: SecretString::new(secret),
+            },
+            cfg,
+            endpoints,
+            Manners {
+                backoff: Duration::from_millis(20),
+                max_total: Duration::from_secs(20),
+                attempt_timeout: Duration::from_secs(5),
+                ..Manners::default()
+            },
+            Polling {
+                min_interval: Duration::from_millis(20),
+                default_interval: Duration::from_millis(50),
+                timeout: Duration::from_secs(20),
+            },
+        )
+        .unwrap()
+    }
+
+    fn image(&self) -> String {
+        format!(
+            "/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0"
+        )
+    }
+
+    fn spec(&self, name: &str, size: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            size: size.into(),
+            image_id: self.image(),
+            user_data: Some("#cloud-config\nwrite_files: []\n".into()),
+            ssh_public_key: Some("ssh-ed25519 AAAAC3Nza test".into()),
+            tags: BTreeMap::from([("sandboxd-node".to_string(), "n1".to_string())]),
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 client over a TcpStream: the test must not depend on the client under test.
+async fn raw(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+    ctype: &str,
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body_start = text.find("\r\n\r\n").map(|i| i + 4).unwrap_or(text.len());
+    let mut body = out[body_start..].to_vec();
+    if text[..body_start]
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(i) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..i]).unwrap().trim(), 16).unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = &b[i + 2 + n + 2..];
+    }
+}
+
+async fn reqwest_free_put(base: &str, token: &str, path: &str, body: &serde_json::Value) -> u16 {
+    raw(
+        base,
+        "PUT",
+        path,
+        Some(token),
+        body.to_string().as_bytes(),
+        "application/json",
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn create_sends_the_documented_body_and_returns_the_nic_ip() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let vm = p
+        .create(&f.spec("podvm-web-3c1f0c0e", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Succeeded);
+    assert_eq!(vm.private_ip.unwrap().to_string(), "10.0.1.4");
+    assert_eq!(vm.tags["sandboxd-node"], "n1");
+    let body = f.handle.vm_request("podvm-web-3c1f0c0e").unwrap();
+    let props = &body["properties"];
+    assert_eq!(body["location"], "eastus");
+    assert_eq!(props["hardwareProfile"]["vmSize"], "Standard_D4as_v5");
+    assert_eq!(props["networkProfile"]["networkApiVersion"], "2020-11-01");
+    let nic = &props["networkProfile"]["networkInterfaceConfigurations"][0];
+    assert_eq!(nic["properties"]["deleteOption"], "Delete");
+    assert!(
+        nic["properties"]["networkSecurityGroup"]["id"]
+            .as_str()
+            .unwrap()
+            .ends_with("/nsg")
+    );
+    assert_eq!(props["storageProfile"]["osDisk"]["deleteOption"], "Delete");
+    assert_eq!(
+        props["storageProfile"]["osDisk"]["createOption"],
+        "FromImage"
+    );
+    assert_eq!(props["storageProfile"]["imageReference"]["id"], f.image());
+    let linux = &props["osProfile"]["linuxConfiguration"];
+    assert_eq!(linux["disablePasswordAuthentication"], true);
+    assert_eq!(
+        linux["ssh"]["publicKeys"][0]["path"],
+        "/home/peerpod/.ssh/authorized_keys"
+    );
+    let ud = base64::engine::general_purpose::STANDARD
+        .decode(props["userData"].as_str().unwrap())
+        .unwrap();
+    assert!(ud.starts_with(b"#cloud-config"));
+    assert!(
+        props.get("securityProfile").is_none(),
+        "DISABLECVM=true creates a plain VM"
+    );
+}
+
+#[tokio::test]
+async fn confidential_vms_carry_the_cvm_profile_and_need_a_cvm_size() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(true, "s");
+    p.create(&f.spec("podvm-cvm-00000001", "Standard_DC2as_v5"))
+        .await
+        .unwrap();
+    let body = f.handle.vm_request("podvm-cvm-00000001").unwrap();
+    let sp = &body["properties"]["securityProfile"];
+    assert_eq!(sp["securityType"], "ConfidentialVM");
+    assert_eq!(sp["uefiSettings"]["vTpmEnabled"], true);
+    assert_eq!(
+        body["properties"]["storageProfile"]["osDisk"]["managedDisk"]["securityProfile"]["securityEncryptionType"],
+        "VMGuestStateOnly"
+    );
+    let err = p
+        .create(&f.spec("podvm-cvm-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Permanent(_)), "{err}");
+    assert!(err.to_string().contains("ConfidentialVM"), "{err}");
+}
+
+#[tokio::test]
+async fn delete_removes_vm_nic_and_disk_and_succeeds_when_already_gone() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-del-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert!(
+        f.handle
+            .resource_ids()
+            .iter()
+            .any(|r| r.contains("networkinterfaces/podvm-del"))
+    );
+    p.delete("podvm-del-00000001").await.unwrap();
+    assert!(f.handle.vms().is_empty());
+    let leftovers: Vec<String> = f
+        .handle
+        .resource_ids()
+        .into_iter()
+        .filter(|r| r.contains("podvm-del"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    p.delete("podvm-del-00000001").await.unwrap();
+    assert_eq!(p.get("podvm-del-00000001").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn throttled_creates_complete_after_the_wait_arm_asks_for() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    f.handle.inject(Fault::new(
+        "PUT",
+        "virtualMachines/podvm-thr",
+        2,
+        FaultKind::Status {
+            status: 429,
+            code: "SubscriptionRequestsThrottled".into(),
+            retry_after_secs: None,
+            retry_after_ms: Some(150),
+        },
+    ));
+    let p = f.provider(false, "s");
+    let start = Instant::now();
+    p.create(&f.spec("podvm-thr-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(p.counters().throttled.load(Ordering::Relaxed), 2);
+    let puts = f
+        .handle
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("podvm-thr"))
+        .count();
+    assert_eq!(puts, 3);
+}
+
+#[tokio::test]
+async fn server_errors_and_dropped_connections_are_retried_without_duplicates() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    f.handle.inject(Fault::new(
+        "PUT",
+        "podvm-flaky",
+        1,
+        FaultKind::Status {
+            status: 500,
+            code: "InternalServerError".into(),
+            retry_after_secs: None,
+            retry_after_ms: None,
+        },
+    ));
+    f.handle.inject(Fault::new(
+        "PUT",
+        "podvm-flaky",
+        1,
+        FaultKind::Drop { apply: true },
+    ));
+    f.handle.inject(Fault::new(
+        "GET",
+        "operations",
+        1,
+        FaultKind::Drop { apply: false },
+    ));
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-flaky-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert_eq!(f.handle.vms().len(), 1);
+    assert!(p.counters().transient_retries.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test]
+async fn lro_polling_follows_the_retry_after_header() {
+    let f = Fixture::start(armtest::Config {
+        lro_duration: Duration::from_millis(2200),
+        lro_retry_after_secs: 1,
+        ..armtest::Config::default()
+    })
+    .await;
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-slow-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let polls = f
+        .handle
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/operations/"))
+        .count();
+    // 2.2 s at 1 s intervals: 3 polls (a 50 ms default would be ~44).
+    assert!((2..=4).contains(&polls), "{polls} polls");
+}
+
+#[tokio::test]
+async fn later_creates_poll_once_after_the_time_earlier_creates_took() {
+    let f = Fixture::start(armtest::Config {
+        lro_duration: Duration::from_millis(1500),
+        lro_retry_after_secs: 1,
+        ..armtest::Config::default()
+    })
+    .await;
+    let p = f.provider(false, "s");
+    let reads = |f: &Fixture| {
+        f.handle
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET")
+            .count()
+    };
+    let before = reads(&f);
+    p.create(&f.spec("podvm-learn-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let first = reads(&f) - before;
+    let before = reads(&f);
+    let t = Instant::now();
+    let vm = p
+        .create(&f.spec("podvm-learn-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let second = reads(&f) - before;
+    // First create: polls at 1 s (running) and 2 s (done), then the NIC. Second: one
+    // poll at the learned ~2 s, then the NIC; and it still returns as soon as that poll
+    // says done, with the IP.
+    assert_eq!(first, 3, "reads of the first create");
+    assert_eq!(second, 2, "reads of the second create");
+    assert!(
+        t.elapsed() < Duration::from_millis(2900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(vm.private_ip.is_some());
+    assert_eq!(vm.state, VmState::Succeeded);
+}
+
+#[tokio::test]
+async fn quota_failures_are_typed_and_unknown_vms_are_none() {
+    let f = Fixture::start(armtest::Config {
+        core_quota: Some(4),
+        ..armtest::Config::default()
+    })
+    .await;
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-q-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let err = p
+        .create(&f.spec("podvm-q-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Quota(_)), "{err}");
+    assert_eq!(p.get("podvm-none").await.unwrap(), None);
+    f.handle.inject(Fault::new(
+        "PUT",
+        "podvm-fail",
+        1,
+        FaultKind::FailProvisioning {
+            code: "AllocationFailed".into(),
+        },
+    ));
+    let err = p
+        .create(&f.spec("podvm-fail-00000001", "Standard_D2as_v5"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Quota(_)),
+        "allocation failure is capacity: {err}"
+    );
+}
+
+#[tokio::test]
+async fn list_owned_returns_only_vms_with_every_tag() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let mut a = f.spec("podvm-a-00000001", "Standard_D2as_v5");
+    a.tags.insert("sandboxd-cluster".into(), "c1".into());
+    let mut b = f.spec("podvm-b-00000001", "Standard_D2as_v5");
+    b.tags.insert("sandboxd-cluster".into(), "c2".into());
+    p.create(&a).await.unwrap();
+    p.create(&b).await.unwrap();
+    let owned = p
+        .list_owned(&BTreeMap::from([(
+            "sandboxd-cluster".to_string(),
+            "c1".to_string(),
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(
+        owned.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        vec!["podvm-a-00000001"]
+    );
+}
+
+#[tokio::test]
+async fn sizes_come_from_the_region_and_unknown_sizes_are_named() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let sizes = p.sizes(&["Standard_D4as_v5".to_string()]).await.unwrap();
+    assert_eq!(
+        sizes,
+        vec![VmSize {
+            name: "Standard_D4as_v5".into(),
+            vcpus: 4,
+            memory_mib: 16384
+        }]
+    );
+    let err = p
+        .sizes(&["Standard_Z9".to_string()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Standard_Z9") && err.contains("eastus"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_a_permanent_error_without_the_secret() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "wrong");
+    let err = p.get("x").await.unwrap_err();
+    assert!(matches!(err, Error::Permanent(_)), "{err}");
+    assert!(!err.to_string().contains("client_secret=wrong"), "{err}");
+}

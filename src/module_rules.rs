@@ -1,0 +1,137 @@
+//! The module rule, checked on the sources: `api` (CRD types), `cloud` (provider trait,
+//! azure, local and their netlink plumbing) and `protocol` (ttrpc frames and messages)
+//! import nothing else of the crate; `config` imports only `cloud`, whose settings types it
+//! builds. So none of them can be part of a cycle.
+
+use std::path::{Path, PathBuf};
+
+/// Each restricted top-level module and the other top-level modules it may name.
+const RULES: &[(&str, &[&str])] = &[
+    ("api", &[]),
+    ("cloud", &[]),
+    ("protocol", &[]),
+    ("config", &["cloud"]),
+];
+
+/// The `.rs` files of top-level module `name` (`src/<name>.rs` or `src/<name>/**`).
+fn files_of(src: &Path, name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let single = src.join(format!("{name}.rs"));
+    if single.is_file() {
+        out.push(single);
+    }
+    walk(&src.join(name), &mut out);
+    out.sort();
+    out
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// The leading identifier of `s` (after whitespace).
+fn ident(s: &str) -> &str {
+    let s = s.trim_start();
+    &s[..s.find(|c: char| !is_ident(c)).unwrap_or(s.len())]
+}
+
+/// Every top-level module named through `crate::` in `text`, with its 1-based line: the
+/// segment after `crate::`, or each item of a `crate::{a, b::c}` group. `$crate` is not
+/// this crate's path and is skipped.
+fn crate_paths(text: &str) -> Vec<(usize, String)> {
+    let line_of = |i: usize| text[..i].matches('\n').count() + 1;
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices("crate::") {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| is_ident(c) || c == '$') {
+            continue;
+        }
+        let rest = text[i + "crate::".len()..].trim_start();
+        if let Some(group) = rest.strip_prefix('{') {
+            // Top-level items of the group up to its closing brace.
+            let mut depth = 0usize;
+            let mut start = 0;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth > 0 => depth -= 1,
+                    ',' | '}' if depth == 0 => {
+                        let item = ident(&group[start..j]);
+                        if !item.is_empty() {
+                            out.push((line_of(i), item.to_string()));
+                        }
+                        start = j + 1;
+                        if c == '}' {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.push((line_of(i), ident(rest).to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn api_cloud_and_protocol_import_nothing_else_of_the_crate_and_config_only_cloud() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("src");
+    let mut broken = Vec::new();
+    for (module, allowed) in RULES {
+        let files = files_of(&src, module);
+        assert!(!files.is_empty(), "no sources of module `{module}` found");
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (line, name) in crate_paths(&text) {
+                if name != *module && !allowed.contains(&name.as_str()) {
+                    let rel = file.strip_prefix(root).unwrap_or(&file);
+                    broken.push(format!(
+                        "{}:{line}: `crate::{name}` (module `{module}` may import {})",
+                        rel.display(),
+                        if allowed.is_empty() {
+                            "nothing else of the crate".to_string()
+                        } else {
+                            format!("only {}", allowed.join(", "))
+                        }
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "module rule broken:\n{}",
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn crate_paths_are_found_in_plain_grouped_and_multi_line_imports() {
+    let text = "use crate::cloud::Error;\nuse crate::{\n    api::X,\n    forwarder::{net, relay},\n    VERSION,\n};\nlet v = crate::VERSION;\nmacro_rules! m { () => { $crate::x } }\nfoo_crate::bar();\n";
+    assert_eq!(
+        crate_paths(text),
+        vec![
+            (1, "cloud".to_string()),
+            (2, "api".to_string()),
+            (2, "forwarder".to_string()),
+            (2, "VERSION".to_string()),
+            (7, "VERSION".to_string()),
+        ]
+    );
+}
