@@ -83,9 +83,9 @@ pub struct LogArgs {
 #[derive(Debug)]
 pub enum LogFilter {
     /// Levels and per-module directives.
-    Targets(Targets),
+    Targets(Box<Targets>),
     /// Anything else `RUST_LOG` accepts.
-    Env(EnvFilter),
+    Env(Box<EnvFilter>),
 }
 
 impl LogArgs {
@@ -100,11 +100,11 @@ impl LogArgs {
         if !value.contains(['[', '{'])
             && let Ok(targets) = value.parse::<Targets>()
         {
-            return Ok(LogFilter::Targets(targets));
+            return Ok(LogFilter::Targets(Box::new(targets)));
         }
         EnvFilter::builder()
             .parse(&value)
-            .map(LogFilter::Env)
+            .map(|f| LogFilter::Env(Box::new(f)))
             .map_err(|e| Error::LogLevel {
                 value,
                 reason: e.to_string(),
