@@ -17,8 +17,9 @@ BIN := $(TARGET_DIR)/$(TARGET)/dist/sandboxd
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
 STAGE := scripts/stage.sh
-# The image carries the pod VM build inputs so the in-cluster image Job needs nothing else.
-PODVM_INPUTS ?= --podvm-inputs
+# The image carries the pod VM build inputs so the in-cluster image Job needs nothing else
+# (fetched with apt by scripts/podvm-inputs.sh; left out where apt is missing).
+PODVM_INPUTS ?= $(shell command -v apt-get >/dev/null 2>&1 && echo --podvm-inputs)
 export CARGO_BUILD_JOBS ?= 2
 
 .PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
