@@ -250,6 +250,21 @@ pub async fn configmap(env: &Env) -> Result<Option<BTreeMap<String, String>>> {
         .map(|c| c.data.unwrap_or_default()))
 }
 
+/// Runs `ctl azure configmap --node-selector SELECTOR EXTRA...`, expects success and returns
+/// the `peer-pods-cm` it wrote.
+async fn written(
+    env: &Env,
+    arm: &Arm,
+    selector: &str,
+    extra: &[&str],
+) -> Result<BTreeMap<String, String>> {
+    let mut args = vec!["azure", "configmap", "--node-selector", selector];
+    args.extend_from_slice(extra);
+    let run = ctl(env, Some(arm), &args).await?;
+    ensure!(run.code == 0, "{run}");
+    configmap(env).await?.context("peer-pods-cm written")
+}
+
 fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
     m.get(k).map(String::as_str).unwrap_or("<unset>")
 }
@@ -369,21 +384,7 @@ async fn needs_subnet(env: Env) -> Result<()> {
     );
     ensure!(configmap(&env).await?.is_none(), "nothing written");
 
-    let run = ctl(
-        &env,
-        Some(&arm),
-        &[
-            "azure",
-            "configmap",
-            "--node-selector",
-            &selector,
-            "--subnet",
-            "aks-subnet",
-        ],
-    )
-    .await?;
-    ensure!(run.code == 0, "{run}");
-    let cm = configmap(&env).await?.context("written")?;
+    let cm = written(&env, &arm, &selector, &["--subnet", "aks-subnet"]).await?;
     ensure!(get(&cm, "AZURE_SUBNET_ID") == ids[0], "{cm:#?}");
     // The only NSG of the group; the region is the resource group's location.
     ensure!(
@@ -450,21 +451,13 @@ async fn size_not_offered(env: Env) -> Result<()> {
     );
     ensure!(configmap(&env).await?.is_none(), "nothing written");
 
-    let run = ctl(
+    let cm = written(
         &env,
-        Some(&arm),
-        &[
-            "azure",
-            "configmap",
-            "--node-selector",
-            &selector,
-            "--instance-sizes",
-            "Standard_B2als_v2,Standard_D2as_v5",
-        ],
+        &arm,
+        &selector,
+        &["--instance-sizes", "Standard_B2als_v2,Standard_D2as_v5"],
     )
     .await?;
-    ensure!(run.code == 0, "{run}");
-    let cm = configmap(&env).await?.context("written")?;
     ensure!(
         get(&cm, "AZURE_INSTANCE_SIZES") == "Standard_B2als_v2,Standard_D2as_v5"
             && get(&cm, "AZURE_REGION") == "westeurope",
@@ -546,14 +539,7 @@ async fn keeps_existing(env: Env) -> Result<()> {
     }))?;
     api.create(&PostParams::default(), &cm).await?;
 
-    let run = ctl(
-        &env,
-        Some(&arm),
-        &["azure", "configmap", "--node-selector", &selector],
-    )
-    .await?;
-    ensure!(run.code == 0, "{run}");
-    let cm = configmap(&env).await?.context("written")?;
+    let cm = written(&env, &arm, &selector, &[]).await?;
     ensure!(get(&cm, "AZURE_IMAGE_ID") == image, "{cm:#?}");
     ensure!(get(&cm, "VXLAN_PORT") == "4790", "{cm:#?}");
     ensure!(get(&cm, "TAGS") == "team=peerpods", "{cm:#?}");
@@ -561,21 +547,7 @@ async fn keeps_existing(env: Env) -> Result<()> {
     ensure!(get(&cm, "PROXY_TIMEOUT") == "5m", "{cm:#?}");
 
     // A flag still wins over what is kept.
-    let run = ctl(
-        &env,
-        Some(&arm),
-        &[
-            "azure",
-            "configmap",
-            "--node-selector",
-            &selector,
-            "--vxlan-port",
-            "9000",
-        ],
-    )
-    .await?;
-    ensure!(run.code == 0, "{run}");
-    let cm = configmap(&env).await?.context("written")?;
+    let cm = written(&env, &arm, &selector, &["--vxlan-port", "9000"]).await?;
     ensure!(
         get(&cm, "VXLAN_PORT") == "9000" && get(&cm, "AZURE_IMAGE_ID") == image,
         "{cm:#?}"
