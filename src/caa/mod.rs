@@ -66,20 +66,9 @@ pub struct Args {
         default_value = "/etc/sandboxd/ssh-key/id_rsa.pub"
     )]
     pub ssh_public_key: PathBuf,
-    /// ARM endpoint.
-    #[arg(
-        long,
-        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
-        default_value = "https://management.azure.com/"
-    )]
-    pub arm_endpoint: url::Url,
-    /// Entra ID authority host.
-    #[arg(
-        long,
-        env = "AZURE_AUTHORITY_HOST",
-        default_value = "https://login.microsoftonline.com/"
-    )]
-    pub authority_host: url::Url,
+    /// ARM and Entra ID endpoints.
+    #[command(flatten)]
+    pub endpoints: crate::cloud::azure::Endpoints,
     /// Seconds between sweeps for VMs no PeerPod references.
     #[arg(long, env = "CAA_SWEEP_SECONDS", default_value_t = 300)]
     pub sweep_seconds: u64,
@@ -131,10 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 &secret.subscription_id,
                 &secret.credentials,
                 az,
-                crate::cloud::azure::Endpoints {
-                    arm: args.arm_endpoint.clone(),
-                    authority: args.authority_host.clone(),
-                },
+                args.endpoints.clone(),
                 crate::cloud::azure::Manners {
                     reads_per_second: args.arm_reads_per_second.max(0.1),
                     read_burst: args.arm_read_burst.max(1.0),

@@ -22,12 +22,25 @@ use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 pub use policy::Manners;
 pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 
-/// Where and how to reach ARM.
-#[derive(Clone, Debug)]
+/// Where to reach ARM and Entra ID; also the `--arm-endpoint` / `--authority-host` flags of
+/// every command that talks to Azure.
+#[derive(Clone, Debug, clap::Args)]
 pub struct Endpoints {
-    /// ARM endpoint (`https://management.azure.com/`).
+    /// ARM endpoint.
+    #[arg(
+        long = "arm-endpoint",
+        value_name = "ARM_ENDPOINT",
+        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
+        default_value = "https://management.azure.com/"
+    )]
     pub arm: Url,
-    /// Entra ID authority host (`https://login.microsoftonline.com/`).
+    /// Entra ID authority host.
+    #[arg(
+        long = "authority-host",
+        value_name = "AUTHORITY_HOST",
+        env = "AZURE_AUTHORITY_HOST",
+        default_value = "https://login.microsoftonline.com/"
+    )]
     pub authority: Url,
 }
 

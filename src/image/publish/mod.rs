@@ -98,20 +98,9 @@ impl Error {
 /// How to reach Azure; shared by every image tool.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AzureArgs {
-    /// ARM endpoint.
-    #[arg(
-        long,
-        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
-        default_value = "https://management.azure.com/"
-    )]
-    pub arm_endpoint: url::Url,
-    /// Entra ID authority host.
-    #[arg(
-        long,
-        env = "AZURE_AUTHORITY_HOST",
-        default_value = "https://login.microsoftonline.com/"
-    )]
-    pub authority_host: url::Url,
+    /// ARM and Entra ID endpoints.
+    #[command(flatten)]
+    pub endpoints: Endpoints,
     /// Fastest LRO polling interval in milliseconds (tests lower it).
     #[arg(
         long,
@@ -353,10 +342,7 @@ pub fn check_args(args: &Args) -> Result<(), Error> {
 fn arm_client(azure: &AzureArgs, secret: &CloudSecret) -> Result<Arm, Error> {
     Ok(Arm::new(
         &secret.credentials,
-        &Endpoints {
-            arm: azure.arm_endpoint.clone(),
-            authority: azure.authority_host.clone(),
-        },
+        &azure.endpoints,
         Manners::default(),
         Polling {
             min_interval: Duration::from_millis(azure.min_poll_ms),
@@ -1035,8 +1021,7 @@ mod tests {
             namespace: DEFAULT_NAMESPACE.into(),
             concurrency: 8,
             azure_args: AzureArgs {
-                arm_endpoint: url::Url::parse("https://management.azure.com/").unwrap(),
-                authority_host: url::Url::parse("https://login.microsoftonline.com/").unwrap(),
+                endpoints: Default::default(),
                 min_poll_ms: 1000,
             },
             kube: Default::default(),
