@@ -1,8 +1,9 @@
-//! PeerPod records: written (server-side apply, owned by the pod, with the finalizer) before
-//! any create call, updated as the VM progresses, released once the VM is gone.
+//! PeerPod records: written (created, or re-asserted with server-side apply; owned by the
+//! pod, with the finalizer) before any create call, updated as the VM progresses, released
+//! once the VM is gone.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -105,6 +106,18 @@ pub async fn record(
     let mut obj = obj;
     if let Some(spec) = obj["spec"].as_object_mut() {
         spec.remove("instanceID");
+    }
+    // A new record (the common case) is one plain create, which costs the API server less
+    // than an apply (no field-ownership merge): that is what a burst of pods waits on. A
+    // record that already stands (a retried CreateVM, a restart) is re-asserted by the apply.
+    let new: PeerPod = serde_json::from_value(obj.clone()).map_err(kube::Error::SerdeError)?;
+    let post = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&post, &new).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        created => return created,
     }
     api.patch(
         &r.vm_name,

@@ -155,7 +155,8 @@ pub async fn run(env: Env) -> Result<()> {
     ];
     let mut s = setup_with(&env, "", config, &extra).await?;
     let ns = env.ns.clone();
-    let n = 60;
+    // 200 measured pods: the p99 is then the third-largest, not the second-largest of 55.
+    let n = 205;
     let mut overhead_ms = Vec::new();
     // Per call: CreateVM wall time, StartVM and StopVM wall time minus their ARM time.
     let (mut create_ms, mut start_ms, mut stop_ms) = (Vec::new(), Vec::new(), Vec::new());
@@ -232,6 +233,10 @@ pub async fn run(env: Env) -> Result<()> {
             for i in 0..k {
                 pod(&s.admin, &ns, &format!("c{k}-{i}"), &s.node).await?;
             }
+            // The kubelet calls CreateVM only after a pod was scheduled and its sandbox set
+            // up: the burst starts once the API server and CAA's pod watch have taken in
+            // the pods the test just created, so it measures the creates, not that churn.
+            tokio::time::sleep(Duration::from_secs(2)).await;
             let first = s.arm.requests().len();
             let t = Instant::now();
             let all = futures::future::join_all((0..k).map(|i| {
@@ -283,7 +288,9 @@ pub async fn run(env: Env) -> Result<()> {
         "\n## CAA (`make bench-caa`, {profile} build)\n\n\
          Reproduce: `make bench-caa` (builds the release binary and runs \
          `caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one` with \
-         `SANDBOXD_BENCH_CAA=1`; 2 shared cores, the API server on loopback).\n\n\
+         `SANDBOXD_BENCH_CAA=1` from the release test build, so the in-process ARM test \
+         server and ttrpc clients cost little; 2 shared cores, the API server on \
+         loopback).\n\n\
          | measure | result | goal |\n|---|---|---|\n\
          | CAA overhead per pod (CreateVM+StartVM+StopVM wall time minus ARM-busy time), p50 | {p50:.1} ms | |\n\
          | CAA overhead per pod, p99 ({} pods, ARM operations 200 ms, polling 10 ms) | {p99:.1} ms | ≤ 50 ms |\n\
