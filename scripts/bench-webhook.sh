@@ -93,6 +93,11 @@ LUA
 PACED=$WORK/paced.lua
 cat "$LUA" > "$PACED"
 echo "function delay() return $((1000 * RATE_WORKERS / RATE)) end" >> "$PACED"
+# The floor of this machine: the same paced run of a request that does no work (GET of a
+# path neither server serves: TLS, HTTP and a 404), so the paced latency can be read
+# against what any server here gets.
+FLOOR=$WORK/floor.lua
+echo "function delay() return $((1000 * RATE_WORKERS / RATE)) end" > "$FLOOR"
 
 measure() { # name port pid
   local name=$1 port=$2 pid=$3
@@ -106,17 +111,22 @@ measure() { # name port pid
   local fixed
   fixed=$(taskset -c 1 wrk -t1 -c"$RATE_WORKERS" -d"$DURATION" -s "$PACED" --latency \
           "https://127.0.0.1:$port/mutate-v1-pod")
-  local rps1 p50 p99 rps2 l50 l99 f50 f99 frps
+  local floor
+  floor=$(taskset -c 1 wrk -t1 -c"$RATE_WORKERS" -d"$DURATION" -s "$FLOOR" --latency \
+          "https://127.0.0.1:$port/no-such-path")
+  local rps1 p50 p99 rps2 l50 l99 f50 f99 frps n50 n99
   rps1=$(rps <<<"$max"); p50=$(pct 50% <<<"$max"); p99=$(pct 99% <<<"$max")
   rps2=$(rps <<<"$lat"); l50=$(pct 50% <<<"$lat"); l99=$(pct 99% <<<"$lat")
   frps=$(rps <<<"$fixed"); f50=$(pct 50% <<<"$fixed"); f99=$(pct 99% <<<"$fixed")
-  printf '%s\t%s\t%s\t%s\t%s\t%s/%s\t%s: %s/%s\t%s KiB\n' \
-    "$name" "$rps1" "$p50" "$p99" "$rps2" "$l50" "$l99" "$frps" "$f50" "$f99" "$(rss_kib "$pid")"
+  n50=$(pct 50% <<<"$floor"); n99=$(pct 99% <<<"$floor")
+  printf '%s\t%s\t%s\t%s\t%s\t%s/%s\t%s: %s/%s\t%s/%s\t%s KiB\n' \
+    "$name" "$rps1" "$p50" "$p99" "$rps2" "$l50" "$l99" "$frps" "$f50" "$f99" "$n50" "$n99" \
+    "$(rss_kib "$pid")"
   grep -qE "Non-2xx|Socket errors" <<<"$max$lat$fixed" && { echo "$name: errors during the run:" >&2; grep -E "Non-2xx|Socket errors" <<<"$max$lat$fixed" >&2; }
   return 0
 }
 
-echo -e "server\treq/s (c=$CONNECTIONS)\tp50\tp99\treq/s (c=1)\tp50/p99 (c=1)\tat ${RATE}/s: req/s p50/p99\tpeak RSS"
+echo -e "server\treq/s (c=$CONNECTIONS)\tp50\tp99\treq/s (c=1)\tp50/p99 (c=1)\tat ${RATE}/s: req/s p50/p99\tfloor p50/p99 (no-op at ${RATE}/s)\tpeak RSS"
 
 taskset -c 0 "$SANDBOXD" webhook --cert-dir "$CERTS" --port "$SANDBOXD_PORT" \
   --bind-address 127.0.0.1 --log-level warn &

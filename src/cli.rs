@@ -53,3 +53,128 @@ pub enum DevCommand {
     /// A kata-agent stand-in on a unix socket: answers health checks, runs no containers.
     Agent(crate::devenv::agent::Args),
 }
+
+/// `sandboxd webhook` on its own: the same flags as `Command::Webhook` under [`Cli`].
+#[derive(Debug, Parser)]
+#[command(name = "sandboxd webhook", version, long_about = None)]
+struct WebhookCli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    args: crate::webhook::Args,
+}
+
+/// Parses the process's command line (exits with clap's message on a bad one).
+///
+/// `sandboxd webhook` parses only its own flags: building every component's command tree is
+/// most of what the webhook would otherwise touch of the binary before its first request,
+/// and its memory is a goal of its own. Other commands (and global flags given before the
+/// subcommand) take the full tree.
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] over the given arguments (the first is the program name).
+pub fn parse_from<I, T>(args: I) -> Cli
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if args.get(1).is_some_and(|a| a == "webhook") {
+        let w = WebhookCli::parse_from(&args[1..]);
+        return Cli {
+            log: w.log,
+            command: Command::Webhook(w.args),
+        };
+    }
+    Cli::parse_from(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The short path and the full tree must agree: the same flags, defaults and help.
+    fn both(argv: &[&str]) -> (String, String) {
+        let short = format!("{:?}", parse_from(argv.iter().copied()));
+        let full = format!("{:?}", Cli::parse_from(argv.iter().copied()));
+        (short, full)
+    }
+
+    #[test]
+    fn webhook_flags_parse_the_same_on_the_short_path_as_in_the_full_command_tree() {
+        for argv in [
+            &["sandboxd", "webhook"][..],
+            &[
+                "sandboxd",
+                "webhook",
+                "--cert-dir",
+                "/certs",
+                "--port",
+                "8443",
+                "--bind-address",
+                "127.0.0.1",
+                "--log-level",
+                "warn",
+                "--log-format",
+                "json",
+                "--allowed-namespaces",
+                "a,b-*",
+                "--never-mutate-namespaces",
+                "kube-system",
+                "--max-body-bytes",
+                "1000",
+            ],
+        ] {
+            let (short, full) = both(argv);
+            assert_eq!(short, full, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn webhook_short_path_rejects_what_the_full_tree_rejects_and_names_the_flag() {
+        let short = WebhookCli::try_parse_from(["sandboxd webhook", "--port", "nine"])
+            .expect_err("a bad port");
+        let full =
+            Cli::try_parse_from(["sandboxd", "webhook", "--port", "nine"]).expect_err("a bad port");
+        assert_eq!(short.kind(), full.kind());
+        assert!(short.to_string().contains("--port"), "{short}");
+    }
+
+    #[test]
+    fn webhook_help_on_the_short_path_lists_the_same_flags_as_the_full_tree() {
+        let flags = |c: &clap::Command| {
+            let mut v: Vec<String> = c
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect();
+            v.sort();
+            v
+        };
+        let full = Cli::command();
+        let sub = full
+            .find_subcommand("webhook")
+            .expect("the webhook subcommand");
+        let mut full_flags = flags(sub);
+        // Global flags live on the root of the full tree.
+        full_flags.extend(flags(&full).into_iter().filter(|f| f.starts_with("log")));
+        full_flags.sort();
+        let mut short_flags = flags(&WebhookCli::command());
+        short_flags.retain(|f| f != "version");
+        assert_eq!(short_flags, full_flags);
+    }
+
+    #[test]
+    fn other_commands_and_global_flags_before_the_subcommand_take_the_full_tree() {
+        let cli = parse_from(["sandboxd", "--log-level", "debug", "webhook"]);
+        assert!(matches!(cli.command, Command::Webhook(_)));
+        assert_eq!(cli.log.log_level.as_deref(), Some("debug"));
+        assert!(matches!(
+            parse_from(["sandboxd", "version"]).command,
+            Command::Version
+        ));
+    }
+}

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use sandboxd::cli::{Cli, Command, DevCommand};
 
 fn main() -> ExitCode {
@@ -10,7 +9,7 @@ fn main() -> ExitCode {
     if sandboxd::forwarder::init::should_run() {
         return sandboxd::forwarder::init::main();
     }
-    let cli = Cli::parse();
+    let cli = sandboxd::cli::parse();
     // Namespaces are entered while the process still has one thread.
     let (unshare_net, private_run) = match &cli.command {
         Command::Forwarder(a) => (a.unshare_net, a.private_run.as_deref()),

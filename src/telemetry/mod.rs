@@ -77,6 +77,9 @@ pub struct LogArgs {
     pub log_level: Option<String>,
 }
 
+/// The directive added to every filter that does not name rustls (see [`LogArgs::filter`]).
+const QUIET_RUSTLS_SNI: &str = "rustls::msgs::handshake=error";
+
 /// A log filter: the documented forms (a level, per-module directives) are a [`Targets`]
 /// filter, which costs little per event and little code at start; span and field directives
 /// (`sandboxd[admission]=debug`) need an [`EnvFilter`].
@@ -96,14 +99,22 @@ impl LogArgs {
             .clone()
             .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
             .unwrap_or_else(|| "info".to_string());
+        // rustls warns on every connection whose client sends an IP address as SNI (curl,
+        // wrk and other OpenSSL clients do for `https://<ip>/`): nothing to act on, so it is
+        // quiet unless the filter names rustls or turns logging off.
+        let effective = if value.contains("rustls") || value.trim() == "off" {
+            value.clone()
+        } else {
+            format!("{value},{QUIET_RUSTLS_SNI}")
+        };
         // `Targets` would read a span or field directive as a target name.
         if !value.contains(['[', '{'])
-            && let Ok(targets) = value.parse::<Targets>()
+            && let Ok(targets) = effective.parse::<Targets>()
         {
             return Ok(LogFilter::Targets(Box::new(targets)));
         }
         EnvFilter::builder()
-            .parse(&value)
+            .parse(&effective)
             .map(|f| LogFilter::Env(Box::new(f)))
             .map_err(|e| Error::LogLevel {
                 value,
@@ -188,39 +199,51 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn filter_of(level: &str) -> Result<LogFilter, Error> {
+        LogArgs {
+            log_level: Some(level.into()),
+            ..Default::default()
+        }
+        .filter()
+    }
+
+    fn targets_of(level: &str) -> Targets {
+        match filter_of(level).unwrap() {
+            LogFilter::Targets(t) => *t,
+            LogFilter::Env(_) => panic!("{level} is a targets filter"),
+        }
+    }
+
+    #[test]
+    fn clients_sending_an_ip_address_as_sni_are_not_a_warning_unless_rustls_is_named() {
+        let sni = |level: &str, at: tracing::Level| {
+            targets_of(level).would_enable("rustls::msgs::handshake", &at)
+        };
+        assert!(!sni("info", tracing::Level::WARN));
+        assert!(!sni("warn", tracing::Level::WARN));
+        assert!(!sni("sandboxd=debug,kube=info", tracing::Level::WARN));
+        assert!(sni("info,rustls=debug", tracing::Level::WARN));
+        // Other rustls warnings still show; `off` stays off.
+        assert!(targets_of("warn").would_enable("rustls::conn", &tracing::Level::WARN));
+        assert!(!sni("off", tracing::Level::ERROR));
+    }
+
     #[test]
     fn explicit_log_level_wins_and_bad_filters_name_the_value() {
-        let args = LogArgs {
-            log_level: Some("debug".into()),
-            ..Default::default()
-        };
-        let LogFilter::Targets(t) = args.filter().unwrap() else {
-            panic!("a plain level is a targets filter");
-        };
+        let t = targets_of("debug");
         assert!(t.would_enable("anything", &tracing::Level::DEBUG));
         assert!(!t.would_enable("anything", &tracing::Level::TRACE));
 
-        let args = LogArgs {
-            log_level: Some("sandboxd=debug,kube=warn".into()),
-            ..Default::default()
-        };
-        let LogFilter::Targets(t) = args.filter().unwrap() else {
-            panic!("per-module directives are a targets filter");
-        };
+        let t = targets_of("sandboxd=debug,kube=warn");
         assert!(t.would_enable("sandboxd::caa", &tracing::Level::DEBUG));
         assert!(!t.would_enable("kube::client", &tracing::Level::INFO));
 
-        let args = LogArgs {
-            log_level: Some("sandboxd[admission]=debug".into()),
-            ..Default::default()
-        };
-        assert!(matches!(args.filter().unwrap(), LogFilter::Env(_)));
+        assert!(matches!(
+            filter_of("sandboxd[admission]=debug").unwrap(),
+            LogFilter::Env(_)
+        ));
 
-        let args = LogArgs {
-            log_level: Some("sandboxd=[".into()),
-            ..Default::default()
-        };
-        let err = args.filter().unwrap_err().to_string();
+        let err = filter_of("sandboxd=[").unwrap_err().to_string();
         assert!(err.contains("sandboxd=["), "{err}");
     }
 }
