@@ -120,18 +120,28 @@ install -m 0644 "$CA_BUNDLE" "$root/etc/ssl/certs/ca-certificates.crt"
 mkdir "$root/tmp"
 chmod 1777 "$root/tmp"
 
-repro_tar -C "$root" -cf "$work/layer.tar" etc sandboxd tmp
-diff_id=$(sha256 "$work/layer.tar")
-layer_raw_size=$(size_of "$work/layer.tar")
-gzip -n -9 -c "$work/layer.tar" >"$work/layer.tar.gz"
-rm -f "$work/layer.tar"
-layer_size=$(size_of "$work/layer.tar.gz")
-layer_hex=$(add_blob "$work/layer.tar.gz")
+# add_layer DIR NAME CREATED_BY PATH...: a reproducible gzip layer of PATH... under DIR,
+# appended to the manifest's layers, the config's diff_ids and history; its sizes are left
+# in added_size (gzip) and added_raw_size.
+layers='[]' diff_ids='[]' history='[]'
+add_layer() {
+  local dir=$1 name=$2 by=$3 diff hex
+  shift 3
+  repro_tar -C "$dir" -cf "$work/$name.tar" "$@"
+  diff=$(sha256 "$work/$name.tar")
+  added_raw_size=$(size_of "$work/$name.tar")
+  gzip -n -9 -c "$work/$name.tar" >"$work/$name.tar.gz"
+  rm -f "$work/$name.tar"
+  added_size=$(size_of "$work/$name.tar.gz")
+  hex=$(add_blob "$work/$name.tar.gz")
+  layers=$(jq -c --arg d "sha256:$hex" --argjson n "$added_size" \
+    '. + [{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $d, size: $n}]' <<<"$layers")
+  diff_ids=$(jq -c --arg d "sha256:$diff" '. + [$d]' <<<"$diff_ids")
+  history=$(jq -c --arg c "$created" --arg by "$by" '. + [{created: $c, created_by: $by}]' <<<"$history")
+}
 
-layers=$(jq -cn --arg d "sha256:$layer_hex" --argjson n "$layer_size" \
-  '[{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $d, size: $n}]')
-diff_ids=$(jq -cn --arg d "sha256:$diff_id" '[$d]')
-history=$(jq -cn --arg c "$created" '[{created: $c, created_by: "scripts/oci-image.sh"}]')
+add_layer "$root" layer "scripts/oci-image.sh" etc sandboxd tmp
+layer_size=$added_size layer_raw_size=$added_raw_size
 podvm_size=0
 
 # --- Pod VM build inputs (second layer) --------------------------------------
@@ -151,18 +161,8 @@ if [ "$PODVM" = 1 ]; then
     die "$stager image stage-inputs failed"
   find "$proot" -type d -exec chmod 0755 {} +
   find "$proot" -type f -exec chmod 0644 {} +
-  repro_tar -C "$proot" -cf "$work/podvm.tar" usr
-  podvm_diff_id=$(sha256 "$work/podvm.tar")
-  podvm_raw_size=$(size_of "$work/podvm.tar")
-  gzip -n -9 -c "$work/podvm.tar" >"$work/podvm.tar.gz"
-  rm -f "$work/podvm.tar"
-  podvm_size=$(size_of "$work/podvm.tar.gz")
-  podvm_hex=$(add_blob "$work/podvm.tar.gz")
-  layers=$(jq -c --arg d "sha256:$podvm_hex" --argjson n "$podvm_size" \
-    '. + [{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $d, size: $n}]' <<<"$layers")
-  diff_ids=$(jq -c --arg d "sha256:$podvm_diff_id" '. + [$d]' <<<"$diff_ids")
-  history=$(jq -c --arg c "$created" \
-    '. + [{created: $c, created_by: "scripts/oci-image.sh --podvm-inputs (sandboxd image stage-inputs)"}]' <<<"$history")
+  add_layer "$proot" podvm "scripts/oci-image.sh --podvm-inputs (sandboxd image stage-inputs)" usr
+  podvm_size=$added_size podvm_raw_size=$added_raw_size
   log "pod VM inputs layer: $podvm_size bytes gzip ($podvm_raw_size bytes uncompressed)"
 fi
 
