@@ -64,6 +64,11 @@ clean:
 demo: build control-plane
 	SANDBOXD=$(abspath $(BIN)) scripts/demo.sh
 
+# Re-records link/hot-symbols.txt, the functions the linker lays out first (build.rs).
+.PHONY: symbol-order
+symbol-order:
+	scripts/symbol-order.sh
+
 # Benchmark of `sandboxd webhook` against the upstream Go webhook (docs/BENCHMARKS.md).
 .PHONY: bench-webhook
 bench-webhook: build
