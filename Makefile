@@ -101,8 +101,9 @@ bench-caa: build
 		$(CARGO) test --release --locked --test integration -- caa::bench_overhead_per_pod_and_100_concurrent_pods_vs_one --exact
 
 # Benchmark of the pod data path (docs/BENCHMARKS.md): small-call latency and 1 MiB message
-# throughput through CAA's agent relay + mTLS + the forwarder relay vs a direct unix socket
-# and a plain TLS echo over loopback. The relays run in the (release) test binary.
+# throughput through CAA's agent relay + mTLS + the forwarder relay vs a direct unix socket,
+# a plain TLS tunnel (byte copies) and a plain TLS echo over loopback. The relays run in the
+# (release) test binary.
 .PHONY: bench-relay
 bench-relay:
 	SANDBOXD_BENCH_RELAY=1 $(CARGO) test --release --locked --test integration -- \
