@@ -75,9 +75,10 @@ PID=
 
 mkdir -p "$(dirname "$OUT")"
 {
-  echo "# Functions \`sandboxd webhook\` runs, in the order callgrind first lists them; written by"
-  echo "# scripts/symbol-order.sh, read by build.rs (the linker's --symbol-ordering-file)."
-  # Every function callgrind saw run, as caller (fn=) or callee (cfn=), each once.
-  sed -n 's/^c\{0,1\}fn=\(.*\)$/\1/p' "$WORK/callgrind.out" | grep -v '^0x' | sed "s/'[0-9]*$//" | awk '!seen[$0]++'
+  echo "# Functions \`sandboxd webhook\` runs, sorted by name; written by scripts/symbol-order.sh,"
+  echo "# read by build.rs (the linker's --symbol-ordering-file)."
+  # Every function callgrind saw run, as caller (fn=) or callee (cfn=), each once. Sorted, so
+  # that a new recording differs from the last only where the set of functions did.
+  sed -n 's/^c\{0,1\}fn=\(.*\)$/\1/p' "$WORK/callgrind.out" | grep -v '^0x' | sed "s/'[0-9]*$//" | LC_ALL=C sort -u
 } > "$OUT"
 echo "$(grep -vc '^#' "$OUT") symbols -> $OUT"
