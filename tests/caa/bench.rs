@@ -161,6 +161,8 @@ pub async fn run(env: Env) -> Result<()> {
     // Per call: CreateVM wall time, StartVM and StopVM wall time minus their ARM time.
     let (mut create_ms, mut start_ms, mut stop_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut lag_ms = Vec::new();
+    // Per measured pod: overhead, CreateVM, StartVM and StopVM overheads, the two lags.
+    let mut per_pod: Vec<[f64; 6]> = Vec::new();
     for i in 0..n {
         let name = format!("o{i}");
         let id = format!("{i:08x}0000b0b0");
@@ -186,15 +188,36 @@ pub async fn run(env: Env) -> Result<()> {
         let arm_stop = arm_time(&reqs[mid..], &vm, lro);
         if i >= 5 {
             // The first pods warm connections and caches.
-            overhead_ms.push(wall.saturating_sub(arm) as f64 / 1000.0);
-            create_ms.push(created as f64 / 1000.0);
-            start_ms.push((started - created).saturating_sub(arm_start) as f64 / 1000.0);
-            stop_ms.push((wall - started).saturating_sub(arm_stop) as f64 / 1000.0);
-            lag_ms.push(poll_lag(&reqs[before..mid], "PUT", lro));
-            lag_ms.push(poll_lag(&reqs[mid..], "DELETE", lro));
+            let pod = [
+                wall.saturating_sub(arm) as f64 / 1000.0,
+                created as f64 / 1000.0,
+                (started - created).saturating_sub(arm_start) as f64 / 1000.0,
+                (wall - started).saturating_sub(arm_stop) as f64 / 1000.0,
+                poll_lag(&reqs[before..mid], "PUT", lro),
+                poll_lag(&reqs[mid..], "DELETE", lro),
+            ];
+            overhead_ms.push(pod[0]);
+            create_ms.push(pod[1]);
+            start_ms.push(pod[2]);
+            stop_ms.push(pod[3]);
+            lag_ms.extend([pod[4], pod[5]]);
+            per_pod.push(pod);
         }
     }
     lag_ms.sort_by(f64::total_cmp);
+    // Where the tail goes: the slowest pods, call by call.
+    per_pod.sort_by(|a, b| b[0].total_cmp(&a[0]));
+    let slowest: Vec<String> = per_pod
+        .iter()
+        .take(4)
+        .map(|p| {
+            format!(
+                "{:.1} ms = CreateVM {:.1} + StartVM {:.1} (lag {:.1}) + StopVM {:.1} (lag {:.1})",
+                p[0], p[1], p[2], p[4], p[3], p[5]
+            )
+        })
+        .collect();
+    println!("slowest pods: {}", slowest.join("; "));
     println!(
         "polling lag (last poll minus the operation's end), create and delete: p50 {:.1} ms, max {:.1} ms",
         pct(&lag_ms, 0.5),
@@ -295,6 +318,7 @@ pub async fn run(env: Env) -> Result<()> {
          | CAA overhead per pod (CreateVM+StartVM+StopVM wall time minus ARM-busy time), p50 | {p50:.1} ms | |\n\
          | CAA overhead per pod, p99 ({} pods, ARM operations 200 ms, polling 10 ms) | {p99:.1} ms | ≤ 50 ms |\n\
          | overhead p50 by call (StartVM/StopVM minus their ARM time) | {breakdown} | |\n\
+         | the slowest pods, by call (lag: last operation poll minus the operation's end) | {} | |\n\
          | 1 pod, ARM operations 2 s: create / delete | {} / {} | |\n\
          | 100 concurrent pods: create / delete | {} / {} | |\n\
          | ratio 100 / 1: create / delete | {:.2} / {:.2} | ≤ 1.2 |\n\
@@ -302,6 +326,7 @@ pub async fn run(env: Env) -> Result<()> {
          The concurrent run uses production manners: token buckets of 250 reads (25/s) and \
          200 writes (10/s) per subscription, polling at the operation's `Retry-After` (1 s).\n",
         overhead_ms.len(),
+        slowest.join("; "),
         line(c1),
         line(d1),
         line(c100),
