@@ -72,13 +72,12 @@ fn without_inner_attributes(path: &Path) -> String {
 
 /// Links the static binary with the toolchain's own lld and lays out the functions listed in
 /// `link/hot-symbols.txt` (what `sandboxd webhook` runs; `scripts/symbol-order.sh` records
-/// it) next to each other. A long-running component then touches a dense ~1.3 MiB of code
+/// it) next to each other. The running webhook then touches a dense ~1.3 MiB of code
 /// instead of pages spread over the whole text segment, each fault mapping 64 KiB around it:
-/// megabytes less resident memory. Without rust-lld (a toolchain without it) the binary is
-/// linked as before, with a warning.
+/// megabytes less resident memory. Without rust-lld (a toolchain without it) or the list,
+/// the binary is linked as before, with a warning.
 fn hot_symbols_first() {
-    let order = Path::new("link/hot-symbols.txt");
-    println!("cargo:rerun-if-changed={}", order.display());
+    println!("cargo:rerun-if-changed=link/hot-symbols.txt");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let host = std::env::var("HOST").expect("cargo sets HOST");
     let sysroot = std::process::Command::new(rustc)
@@ -92,7 +91,14 @@ fn hot_symbols_first() {
         println!("cargo:warning=rust-lld not found: linking without the hot-symbol order");
         return;
     };
-    let order = std::fs::canonicalize(order).expect("link/hot-symbols.txt is in the repository");
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let order = Path::new(&dir).join("link/hot-symbols.txt");
+    if !order.exists() {
+        println!(
+            "cargo:warning=link/hot-symbols.txt is missing: linking without the hot-symbol order"
+        );
+        return;
+    }
     println!("cargo:rustc-link-arg-bins=-fuse-ld=lld");
     println!("cargo:rustc-link-arg-bins=-B{}", gcc_ld.display());
     println!(

@@ -4,8 +4,8 @@
 # an unstripped build of the shipped binary. The linker (build.rs) places these functions
 # next to each other at the start of the text segment, so the pages a long-running
 # component touches are few and dense instead of spread over the whole 19 MiB binary:
-# resident memory of the webhook (and of every other component, which share most of this
-# code) drops by megabytes. A stale list costs memory only, never correctness: symbols it
+# resident memory of the webhook drops by megabytes (the other components share part of this
+# code: runtime, TLS, HTTP). A stale list costs memory only, never correctness: symbols it
 # names that no longer exist are ignored by the linker.
 #
 # Needs valgrind and wrk (Debian packages) and openssl. Takes one static build (~7 min).
