@@ -226,11 +226,25 @@ pub async fn delete(a: &DeleteArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// The VM IP CAA recorded on the PeerPod (best effort: `None` without cluster access).
+/// How long `vm create` waits for CAA to record the VM's IP after StartVM answered.
+const IP_WAIT: Duration = Duration::from_secs(10);
+
+/// The VM IP CAA recorded on the PeerPod (best effort: `None` without cluster access, when
+/// the record is gone, or after [`IP_WAIT`]). CAA writes it in the background right after
+/// StartVM answers, so it may land a moment after the call returned.
 async fn recorded_ip(ctx: &Ctx, namespace: &str, vm: &str) -> Option<String> {
     let client = ctx.client().await.ok()?;
     let api: Api<PeerPod> = Api::namespaced(client, namespace);
-    api.get_opt(vm).await.ok()??.status?.vm_ip
+    let deadline = tokio::time::Instant::now() + IP_WAIT;
+    loop {
+        if let Some(ip) = api.get_opt(vm).await.ok()??.status.and_then(|s| s.vm_ip) {
+            return Some(ip);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// One row of `vm list`.
