@@ -134,6 +134,26 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// One measured pod (ms): its overhead, CreateVM's wall time, StartVM's and StopVM's wall
+/// time minus their ARM time, and the polling lag of its create and delete operations.
+struct PodTimes {
+    overhead: f64,
+    create: f64,
+    start: f64,
+    stop: f64,
+    create_lag: f64,
+    delete_lag: f64,
+}
+
+impl PodTimes {
+    fn describe(&self) -> String {
+        format!(
+            "{:.1} ms = CreateVM {:.1} + StartVM {:.1} (lag {:.1}) + StopVM {:.1} (lag {:.1})",
+            self.overhead, self.create, self.start, self.create_lag, self.stop, self.delete_lag
+        )
+    }
+}
+
 pub async fn run(env: Env) -> Result<()> {
     let mut report = String::new();
     let profile = if std::env::var_os(BIN_ENV).is_some() {
@@ -157,12 +177,7 @@ pub async fn run(env: Env) -> Result<()> {
     let ns = env.ns.clone();
     // 200 measured pods: the p99 is then the third-largest, not the second-largest of 55.
     let n = 205;
-    let mut overhead_ms = Vec::new();
-    // Per call: CreateVM wall time, StartVM and StopVM wall time minus their ARM time.
-    let (mut create_ms, mut start_ms, mut stop_ms) = (Vec::new(), Vec::new(), Vec::new());
-    let mut lag_ms = Vec::new();
-    // Per measured pod: overhead, CreateVM, StartVM and StopVM overheads, the two lags.
-    let mut per_pod: Vec<[f64; 6]> = Vec::new();
+    let mut pods: Vec<PodTimes> = Vec::new();
     for i in 0..n {
         let name = format!("o{i}");
         let id = format!("{i:08x}0000b0b0");
@@ -188,49 +203,38 @@ pub async fn run(env: Env) -> Result<()> {
         let arm_stop = arm_time(&reqs[mid..], &vm, lro);
         if i >= 5 {
             // The first pods warm connections and caches.
-            let pod = [
-                wall.saturating_sub(arm) as f64 / 1000.0,
-                created as f64 / 1000.0,
-                (started - created).saturating_sub(arm_start) as f64 / 1000.0,
-                (wall - started).saturating_sub(arm_stop) as f64 / 1000.0,
-                poll_lag(&reqs[before..mid], "PUT", lro),
-                poll_lag(&reqs[mid..], "DELETE", lro),
-            ];
-            overhead_ms.push(pod[0]);
-            create_ms.push(pod[1]);
-            start_ms.push(pod[2]);
-            stop_ms.push(pod[3]);
-            lag_ms.extend([pod[4], pod[5]]);
-            per_pod.push(pod);
+            pods.push(PodTimes {
+                overhead: wall.saturating_sub(arm) as f64 / 1000.0,
+                create: created as f64 / 1000.0,
+                start: (started - created).saturating_sub(arm_start) as f64 / 1000.0,
+                stop: (wall - started).saturating_sub(arm_stop) as f64 / 1000.0,
+                create_lag: poll_lag(&reqs[before..mid], "PUT", lro),
+                delete_lag: poll_lag(&reqs[mid..], "DELETE", lro),
+            });
         }
     }
-    lag_ms.sort_by(f64::total_cmp);
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let overhead_ms = sorted(pods.iter().map(|p| p.overhead).collect());
+    let create_ms = sorted(pods.iter().map(|p| p.create).collect());
+    let start_ms = sorted(pods.iter().map(|p| p.start).collect());
+    let stop_ms = sorted(pods.iter().map(|p| p.stop).collect());
+    let lag_ms = sorted(
+        pods.iter()
+            .flat_map(|p| [p.create_lag, p.delete_lag])
+            .collect(),
+    );
     // Where the tail goes: the slowest pods, call by call.
-    per_pod.sort_by(|a, b| b[0].total_cmp(&a[0]));
-    let slowest: Vec<String> = per_pod
-        .iter()
-        .take(4)
-        .map(|p| {
-            format!(
-                "{:.1} ms = CreateVM {:.1} + StartVM {:.1} (lag {:.1}) + StopVM {:.1} (lag {:.1})",
-                p[0], p[1], p[2], p[4], p[3], p[5]
-            )
-        })
-        .collect();
+    pods.sort_by(|a, b| b.overhead.total_cmp(&a.overhead));
+    let slowest: Vec<String> = pods.iter().take(4).map(PodTimes::describe).collect();
     println!("slowest pods: {}", slowest.join("; "));
     println!(
         "polling lag (last poll minus the operation's end), create and delete: p50 {:.1} ms, max {:.1} ms",
         pct(&lag_ms, 0.5),
         lag_ms.last().copied().unwrap_or_default()
     );
-    for v in [
-        &mut overhead_ms,
-        &mut create_ms,
-        &mut start_ms,
-        &mut stop_ms,
-    ] {
-        v.sort_by(f64::total_cmp);
-    }
     let (p50, p99) = (pct(&overhead_ms, 0.5), pct(&overhead_ms, 0.99));
     let breakdown = format!(
         "CreateVM {:.1} ms, StartVM {:.1} ms, StopVM {:.1} ms",
