@@ -9,6 +9,9 @@ const PROTOS: &[&str] = &["hypervisor", "podvminfo", "oci", "agent"];
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let gen_dir = out.join("proto-gen");
+    // Start from an empty directory: a file left by an earlier run from other protos (a
+    // service that no longer exists) would otherwise be included below.
+    let _ = std::fs::remove_dir_all(&gen_dir);
     std::fs::create_dir_all(&gen_dir).expect("creating the generated code directory");
     println!("cargo:rerun-if-changed=build.rs");
     // The static musl binary relocates itself at start (static PIE). Packed relative
