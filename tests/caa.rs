@@ -172,6 +172,7 @@ async fn setup_with(
         // `datapath::the_deployed_caa_serves_var_run_and_run_netns_paths_and_containerd_and_crio_sandbox_names`
         // runs CAA from it); this process runs in the host's network, on loopback.
         ("NODE_IP", "127.0.0.1".into()),
+        ("POD_NAMESPACE", env.ns.clone()),
         ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
         ("RUST_LOG", "info".into()),
     ];

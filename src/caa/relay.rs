@@ -56,7 +56,7 @@ pub enum RelayError {
     #[error("CAA certificates: {0}")]
     Pki(String),
     /// The forwarder did not answer in time.
-    #[error("forwarder at {addr} not reachable within {timeout:?}: {last}")]
+    #[error("forwarder at {addr} not reachable within {} s: {last}", .timeout.as_secs_f64().round())]
     Unreachable {
         /// Where it was dialled.
         addr: SocketAddr,

@@ -384,15 +384,15 @@ impl CaaProc {
         Ok((c, n))
     }
 
-    /// Starts the container (`wait`: until its hypervisor socket answers).
+    /// Starts the container: the image's binary is the shipped static one when the run has
+    /// it (`SANDBOXD_STATIC_BINARY`, as `make integration` sets), else this build's.
     fn start_container(&mut self) -> Result<()> {
         let name = format!("{}-{}", self.name, self.restarts);
-        self.container = Some(Container::start(
-            &name,
-            &self.launch,
-            Path::new(env!("CARGO_BIN_EXE_sandboxd")),
-            &self.extra,
-        )?);
+        let binary = std::env::var_os("SANDBOXD_STATIC_BINARY")
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+        self.container = Some(Container::start(&name, &self.launch, &binary, &self.extra)?);
         Ok(())
     }
 
@@ -549,9 +549,11 @@ async fn start_with_agent(
     vm: &PodVm,
 ) -> Result<(ttrpc::r#async::Server, super::agent::Log)> {
     let agent = agent_in_vm(&vm.vm_dir, Duration::ZERO);
-    let started = start_vm(hv, &vm.id).await;
+    if let Err(e) = start_vm(hv, &vm.id).await {
+        agent.abort();
+        return Err(e);
+    }
     let (server, log, _) = agent.await??;
-    started?;
     Ok((server, log))
 }
 
@@ -932,6 +934,7 @@ async fn netns_and_runtime_forms_on(env: &Env, caa: &CaaProc, n: &Net) -> Result
         "/var/run/netns/pod0",
     )
     .await?;
+    let (_agent_a, _) = start_with_agent(&hv, &a).await?;
     // CRI-O: k8s_<pod>_<namespace>_<uid>_<attempt>, /run/netns.
     let pod = make_pod(env, "crio").await?;
     let uid = pod.uid().context("pod uid")?;
@@ -945,7 +948,6 @@ async fn netns_and_runtime_forms_on(env: &Env, caa: &CaaProc, n: &Net) -> Result
         "/run/netns/pod1",
     )
     .await?;
-    let (_agent_a, _) = start_with_agent(&hv, &a).await?;
     let (_agent_b, _) = start_with_agent(&hv, &b).await?;
     for (vm, i, tag) in [(&a, 0, "containerd"), (&b, 1, "crio")] {
         // The record belongs to the pod the sandbox name names.
