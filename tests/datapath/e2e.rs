@@ -435,10 +435,29 @@ impl CaaProc {
         Ok(hypervisor_ttrpc::HypervisorClient::new(c))
     }
 
-    /// Stops CAA and the operator and removes what the test made in the cluster.
+    /// Stops CAA and the operator and removes what the test made in the cluster. Local pod
+    /// VMs outlive CAA by design (as cloud VMs do); those a failed test left are killed.
     async fn teardown(mut self) -> Result<()> {
         if let Some(mut c) = self.container.take() {
             c.process.stop(Duration::from_secs(5));
+        }
+        for e in std::fs::read_dir(&self.local_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(e.path().join("vm.json")) else {
+                continue;
+            };
+            let Ok(vm) = serde_json::from_str::<sandboxd::cloud::local::LocalVm>(&text) else {
+                continue;
+            };
+            if sandboxd::cloud::local::start_time(vm.pid) == Some(vm.start_time) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vm.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         match self.fx.take() {
             Some(fx) => fx.teardown().await,
