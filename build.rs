@@ -52,7 +52,11 @@ fn main() {
             module.push_str(&format!(
                 "#[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_mut, unused_results, dead_code, deprecated, unknown_lints, renamed_and_removed_lints)]\npub mod {name} {{\n"
             ));
-            module.push_str(&without_inner_attributes(&gen_dir.join(file)));
+            let code = without_inner_attributes(&gen_dir.join(file));
+            module.push_str(&with_wire_service_names(
+                &code,
+                &Path::new("proto").join(format!("{p}.proto")),
+            ));
             module.push_str("}\n");
         }
     }
@@ -110,4 +114,55 @@ fn hot_symbols_first() {
     );
     // Names the current code no longer has are skipped without a warning each.
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+}
+
+/// The generated ttrpc code with each service's name as the proto spells it: ttrpc-codegen
+/// camel-cases it (`PodVMInfo` becomes `podvminfo.PodVmInfo` on the wire, in the server's
+/// registration and in the client's requests), while every other client sends the proto's
+/// `podvminfo.PodVMInfo`.
+fn with_wire_service_names(code: &str, proto: &Path) -> String {
+    let text = std::fs::read_to_string(proto)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", proto.display()));
+    let word_after = |key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .filter_map(|rest| {
+                let w: String = rest
+                    .trim_start()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                    .collect();
+                (!w.is_empty()).then_some(w)
+            })
+            .collect()
+    };
+    let Some(package) = word_after("package ").into_iter().next() else {
+        return code.to_string();
+    };
+    let mut out = code.to_string();
+    for service in word_after("service ") {
+        // Every `package.Name` (quoted, or in a `/package.Name/Method` path) naming this
+        // service in another case.
+        let prefix = format!("{package}.");
+        let mut fixed = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(&prefix) {
+            let before = rest[..i].chars().next_back();
+            fixed.push_str(&rest[..i + prefix.len()]);
+            let tail = &rest[i + prefix.len()..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            if matches!(before, Some('"' | '/')) && name.eq_ignore_ascii_case(&service) {
+                fixed.push_str(&service);
+            } else {
+                fixed.push_str(name);
+            }
+            rest = &tail[end..];
+        }
+        fixed.push_str(rest);
+        out = fixed;
+    }
+    out
 }

@@ -27,6 +27,7 @@ mod crash;
 mod dev;
 mod faults;
 mod gc;
+mod shim;
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -80,6 +81,9 @@ pub fn cases() -> Vec<Case> {
             sweep,
         ),
     ]
+    .into_iter()
+    .chain(shim::cases())
+    .collect()
 }
 
 /// An ARM test server, a node, the CRD, the CAA RBAC and a running CAA.
@@ -164,6 +168,11 @@ async fn setup_with(
         ("AZURE_AUTHORITY_HOST", base),
         ("CAA_MIN_POLL_MS", "20".into()),
         ("NODE_NAME", node.clone()),
+        // The DaemonSet gives CAA the node's IP from the downward API (test
+        // `datapath::the_deployed_caa_serves_var_run_and_run_netns_paths_and_containerd_and_crio_sandbox_names`
+        // runs CAA from it); this process runs in the host's network, on loopback.
+        ("NODE_IP", "127.0.0.1".into()),
+        ("POD_NAMESPACE", env.ns.clone()),
         ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
         ("RUST_LOG", "info".into()),
     ];
@@ -467,15 +476,18 @@ async fn lifecycle(env: Env) -> Result<()> {
                 "{}",
                 created.agentSocketPath
             );
-            // Recorded before any create call: the record exists, no VM does.
+            // CreateVM writes nothing: a shim giving up now leaves nothing behind.
             let vm = format!("podvm-{name}-{}", &id[..8]);
-            let pp: PeerPod = Api::namespaced(s.admin.clone(), ns).get(&vm).await?;
-            assert_eq!(pp.finalizers(), &["peer.pod/finalizer".to_string()]);
-            assert_eq!(pp.owner_references()[0].uid, p.uid().unwrap());
+            let pps: Api<PeerPod> = Api::namespaced(s.admin.clone(), ns);
+            assert!(pps.get_opt(&vm).await?.is_none(), "recorded at CreateVM");
             assert!(!s.arm.vms().iter().any(|v| v.name == vm));
             let mut start = hypervisor::StartVMRequest::new();
             start.id = id.to_string();
             hv(&s.socket).await?.start_vm(ctx(), &start).await?;
+            // StartVM recorded the VM (before its create: the crash tests stop CAA there).
+            let pp: PeerPod = pps.get(&vm).await?;
+            assert_eq!(pp.finalizers(), &["peer.pod/finalizer".to_string()]);
+            assert_eq!(pp.owner_references()[0].uid, p.uid().unwrap());
             let view = s
                 .arm
                 .vms()

@@ -6,7 +6,7 @@ mod config;
 mod credentials;
 mod image_job;
 mod limit;
-mod support;
+pub(crate) mod support;
 mod webhook;
 
 use crate::harness::Case;

@@ -8,10 +8,11 @@ use std::sync::OnceLock;
 /// The environment variable naming the step to pause at.
 pub const ENV: &str = "SANDBOXD_CAA_PAUSE_AT";
 
-/// Every step boundary of create (CreateVM, StartVM) and delete (StopVM), in order.
+/// Every step boundary of create (StartVM; CreateVM writes nothing) and delete (StopVM), in
+/// order.
 pub const STEPS: &[&str] = &[
-    CREATE_BEFORE_RECORD,
-    CREATE_RECORDED,
+    START_BEFORE_RECORD,
+    START_RECORDED,
     START_BEFORE_CREATE,
     START_CREATED,
     START_ANSWERED,
@@ -20,10 +21,10 @@ pub const STEPS: &[&str] = &[
     STOP_ANSWERED,
 ];
 
-/// CreateVM: size chosen, before the PeerPod is written.
-pub const CREATE_BEFORE_RECORD: &str = "create-vm:before-record";
-/// CreateVM: PeerPod written, before the answer.
-pub const CREATE_RECORDED: &str = "create-vm:recorded";
+/// StartVM: before the PeerPod is written.
+pub const START_BEFORE_RECORD: &str = "start-vm:before-record";
+/// StartVM: PeerPod written, before the VM's user data and the cloud create.
+pub const START_RECORDED: &str = "start-vm:recorded";
 /// StartVM: before the cloud create call (phase Creating is written alongside it).
 pub const START_BEFORE_CREATE: &str = "start-vm:before-create";
 /// StartVM: the VM is ready, before its instance id, IP and phase are queued and the answer.

@@ -1,6 +1,7 @@
 //! The pod data path as CAA drives it, hooked into the VM lifecycle: the forwarder config
 //! (pod network, VNI, per-VM server certificate) in the VM's user data at StartVM; once the
-//! VM has an IP, readiness `agent` (a mutual-TLS handshake with its forwarder), the worker
+//! VM has an IP, readiness `agent` (the kata agent answers `grpc.Health/Check` through its
+//! forwarder, over mutual TLS), the worker
 //! end of the tunnel and the agent socket; all of it removed before the VM is deleted, and
 //! resumed from the PeerPod after a CAA restart. Active for sandboxes whose CreateVM named
 //! a network namespace.
@@ -37,7 +38,7 @@ pub struct Datapath {
     sockets: AgentSockets,
     sandboxes: Mutex<HashMap<String, Path_>>,
     vni_lock: tokio::sync::Mutex<()>,
-    node_ip: Option<Ipv4Addr>,
+    node_ip: Ipv4Addr,
 }
 
 fn dp(e: impl std::fmt::Display) -> Error {
@@ -47,7 +48,8 @@ fn dp(e: impl std::fmt::Display) -> Error {
 impl Datapath {
     /// Loads (or creates) the CAA certificates from the Secret `CAA_TLS_SECRET` in
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
-    pub async fn new(client: &kube::Client) -> Self {
+    /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]).
+    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr) -> Self {
         let ns = std::env::var("POD_NAMESPACE")
             .unwrap_or_else(|_| "openshift-sandboxed-containers-operator".into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| relay::DEFAULT_SECRET.into());
@@ -58,7 +60,6 @@ impl Datapath {
                 Pki::generate().expect("generating certificates")
             }
         };
-        let node_ip = std::env::var("NODE_IP").ok().and_then(|s| s.parse().ok());
         Self {
             pki,
             sockets: AgentSockets::default(),
@@ -66,6 +67,38 @@ impl Datapath {
             vni_lock: tokio::sync::Mutex::new(()),
             node_ip,
         }
+    }
+
+    /// The network namespace a shim names, as a path inside this container. Runtimes send
+    /// `/var/run/netns/<id>` (CRI-O, containerd) or `/run/netns/<id>`; `/var/run` is a link
+    /// to `/run` on every current distribution, and the DaemonSet mounts the host's
+    /// `/run/netns` (the image has no `/var`), so `/var/run/...` is read as `/run/...`.
+    /// Empty: no pod network (no data path).
+    pub fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let given = Path::new(path);
+        if !given.is_absolute() {
+            return Err(Error::InvalidRequest(format!(
+                "the network namespace path {path:?} is not absolute"
+            )));
+        }
+        let mut candidates = vec![given.to_path_buf()];
+        if let Ok(rest) = given.strip_prefix("/var/run") {
+            candidates.push(Path::new("/run").join(rest));
+        }
+        candidates
+            .iter()
+            .find(|p| p.exists())
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "the pod's network namespace {path} does not exist in the CAA container \
+                     (it mounts the host's /run/netns; /var/run/netns is read as /run/netns)"
+                ))
+            })
     }
 
     fn get(&self, id: &str) -> Option<Path_> {
@@ -84,16 +117,24 @@ impl Datapath {
     }
 
     /// CreateVM: remembers the pod's network namespace.
-    pub fn remember_netns(&self, id: &str, netns: &str) {
-        if !netns.is_empty() {
+    pub fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
+        if let Some(netns) = netns {
             self.put(
                 id,
                 Path_ {
-                    netns: netns.to_string(),
+                    netns: netns.display().to_string(),
                     vni: None,
                 },
             );
         }
+    }
+
+    /// Forgets a sandbox that never started (nothing of its data path exists).
+    pub fn forget(&self, id: &str) {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// StartVM, before the create call: the user data carrying the forwarder config (a VNI
@@ -102,9 +143,7 @@ impl Datapath {
         let Some(mut p) = self.get(&r.sandbox_id) else {
             return Ok(None);
         };
-        let node_ip = self
-            .node_ip
-            .ok_or_else(|| dp("NODE_IP is not set: the pod tunnel needs the worker's IP"))?;
+        let node_ip = self.node_ip;
         let pod = tunnel::inspect(Path::new(&p.netns)).await.map_err(dp)?;
         let vni = {
             let _g = self.vni_lock.lock().await;
@@ -180,12 +219,12 @@ impl Datapath {
         };
         if caa.args.readiness == Readiness::Agent {
             let addr = SocketAddr::new(IpAddr::V4(ip), crate::forwarder::PORT);
-            relay::handshake(&self.pki.client_config(), addr, &r.vm_name, budget)
+            relay::agent_health(&self.pki.client_config(), addr, &r.vm_name, budget)
                 .await
                 .map_err(dp)?;
-            tracing::info!(vm = %r.vm_name, %addr, "forwarder answered");
+            tracing::info!(vm = %r.vm_name, %addr, "the kata agent answered a health check through the forwarder");
         }
-        let node_ip = self.node_ip.ok_or_else(|| dp("NODE_IP is not set"))?;
+        let node_ip = self.node_ip;
         let vni = p.vni.ok_or_else(|| dp("no VNI recorded"))?;
         tunnel::setup(Path::new(&p.netns), vni, ip, node_ip, caa.config.vxlan_port)
             .await
@@ -254,4 +293,109 @@ impl Datapath {
 /// `<pods dir>/<id>/agent.ttrpc`.
 pub fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
     pods_dir.join(id).join("agent.ttrpc")
+}
+
+/// The worker's end of every pod tunnel, from what the DaemonSet gives CAA through the
+/// downward API: the first IPv4 address of `NODE_IPS` (`status.hostIPs`, dual-stack nodes),
+/// else `NODE_IP` (`status.hostIP`). The tunnel is VXLAN over IPv4.
+pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
+    let node_ip = node_ip.map(str::trim).filter(|s| !s.is_empty());
+    let node_ips = node_ips.map(str::trim).filter(|s| !s.is_empty());
+    if node_ip.is_none() && node_ips.is_none() {
+        return Err(
+            "NODE_IP is not set: CAA needs the node's IP (the DaemonSet sets it from \
+                    the downward API, status.hostIP) as the worker end of every pod tunnel"
+                .into(),
+        );
+    }
+    let mut all: Vec<&str> = node_ips
+        .map(|l| {
+            l.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    all.extend(node_ip);
+    let mut bad = Vec::new();
+    for a in &all {
+        match a.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => return Ok(v4),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => bad.push(*a),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(format!(
+            "NODE_IP/NODE_IPS hold {} which is not an IP address",
+            bad.join(", ")
+        ));
+    }
+    Err(format!(
+        "the node has no IPv4 address (NODE_IP/NODE_IPS: {}): the pod tunnel is VXLAN over IPv4",
+        all.join(", ")
+    ))
+}
+
+/// Fails unless `ip` is an address of an interface in the node's network namespace (CAA runs
+/// with the host's network): the VXLAN devices of every pod tunnel are bound to it.
+pub async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
+    let nl = crate::cloud::net::Netlink::node()
+        .await
+        .map_err(|e| format!("reading the node's interfaces: {e}"))?;
+    let ifaces = nl
+        .interfaces()
+        .await
+        .map_err(|e| format!("reading the node's interfaces: {e}"))?;
+    if ifaces.iter().any(|i| i.addrs.iter().any(|(a, _)| *a == ip)) {
+        return Ok(());
+    }
+    let have: Vec<String> = ifaces
+        .iter()
+        .flat_map(|i| {
+            i.addrs
+                .iter()
+                .map(move |(a, p)| format!("{a}/{p} ({})", i.name))
+        })
+        .collect();
+    Err(format!(
+        "the node IP {ip} is not an address of this node (its addresses: {}): the pod tunnel \
+         cannot work; CAA must run with the host's network (hostNetwork) and NODE_IP must be \
+         the node's own address",
+        if have.is_empty() {
+            "none".to_string()
+        } else {
+            have.join(", ")
+        }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_ip_is_the_first_ipv4_of_host_ips_else_host_ip() {
+        let v4 = |s: &str| Ok(s.parse::<Ipv4Addr>().unwrap());
+        assert_eq!(node_ip(Some("10.0.0.5"), None), v4("10.0.0.5"));
+        assert_eq!(node_ip(Some("10.0.0.5"), Some("")), v4("10.0.0.5"));
+        // Dual stack, IPv6 primary: hostIP is v6, hostIPs carries the v4.
+        assert_eq!(
+            node_ip(Some("fd00::5"), Some("fd00::5,10.0.0.5")),
+            v4("10.0.0.5")
+        );
+        assert_eq!(
+            node_ip(Some("10.0.0.5"), Some("10.0.0.5,fd00::5")),
+            v4("10.0.0.5")
+        );
+        let e = node_ip(None, None).unwrap_err();
+        assert!(e.contains("NODE_IP is not set"), "{e}");
+        let e = node_ip(Some("fd00::5"), Some("fd00::5")).unwrap_err();
+        assert!(e.contains("no IPv4 address"), "{e}");
+        let e = node_ip(Some("node-1"), None).unwrap_err();
+        assert!(
+            e.contains("node-1") && e.contains("not an IP address"),
+            "{e}"
+        );
+    }
 }

@@ -32,7 +32,8 @@ pub use service::Caa;
 pub enum Readiness {
     /// ARM says Succeeded and the VM has an IP.
     Provisioned,
-    /// Provisioned, and its forwarder completed a mutual-TLS handshake.
+    /// Provisioned, and the kata agent in the VM answers a health check through its
+    /// forwarder (the default: the shim's own first health check has only 30 s).
     Agent,
 }
 
@@ -56,8 +57,15 @@ pub struct Args {
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+    /// This node's IP (downward API `status.hostIP`): the worker end of every pod tunnel.
+    #[arg(long, env = "NODE_IP")]
+    pub node_ip: Option<String>,
+    /// This node's IPs, comma-separated (downward API `status.hostIPs`, dual stack): the
+    /// first IPv4 one is used.
+    #[arg(long, env = "NODE_IPS")]
+    pub node_ips: Option<String>,
     /// When StartVM returns.
-    #[arg(long, value_enum, default_value = "provisioned")]
+    #[arg(long, env = "CAA_READINESS", value_enum, default_value = "agent")]
     pub readiness: Readiness,
     /// SSH public key file put on every VM.
     #[arg(

@@ -39,3 +39,101 @@ impl NodePods {
         p.uid()
     }
 }
+
+/// The pod a sandbox belongs to, read from the shim's `io.kubernetes.cri.sandbox-name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SandboxOf {
+    /// The pod's name.
+    pub name: String,
+    /// The pod's namespace, when the sandbox name carries it (CRI-O).
+    pub namespace: Option<String>,
+    /// The pod's uid, when the sandbox name carries it (CRI-O).
+    pub uid: Option<String>,
+}
+
+/// Reads the sandbox name the shim sends: containerd's is the pod name; CRI-O's (kata copies
+/// `io.kubernetes.cri-o.SandboxName` over the cri key) is `k8s_<pod>_<namespace>_<uid>_<attempt>`.
+/// Pod names, namespaces and uids never contain `_`, so the two forms cannot be confused; a
+/// name with `_` that is not CRI-O's form is refused (it names no pod).
+pub(crate) fn parse_sandbox_name(s: &str) -> Result<SandboxOf, String> {
+    let s = s.trim();
+    if !s.contains('_') {
+        return if s.is_empty() {
+            Err("the sandbox name is empty".into())
+        } else {
+            Ok(SandboxOf {
+                name: s.to_string(),
+                namespace: None,
+                uid: None,
+            })
+        };
+    }
+    let parts: Vec<&str> = s.split('_').collect();
+    match parts.as_slice() {
+        ["k8s", pod, ns, uid, attempt]
+            if !pod.is_empty()
+                && !ns.is_empty()
+                && !uid.is_empty()
+                && !attempt.is_empty()
+                && attempt.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            Ok(SandboxOf {
+                name: pod.to_string(),
+                namespace: Some(ns.to_string()),
+                uid: Some(uid.to_string()),
+            })
+        }
+        _ => Err(format!(
+            "sandbox name {s:?} is neither a pod name (containerd) nor \
+             k8s_<pod>_<namespace>_<uid>_<attempt> (CRI-O)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_names_of_containerd_and_crio_name_the_pod() {
+        let uid = "0f5e6c1a-2b3c-4d5e-8f90-a1b2c3d4e5f6";
+        let ok = |name: &str, ns: Option<&str>, uid: Option<&str>| {
+            Ok(SandboxOf {
+                name: name.into(),
+                namespace: ns.map(Into::into),
+                uid: uid.map(Into::into),
+            })
+        };
+        let cases: Vec<(String, Result<SandboxOf, ()>)> = vec![
+            // containerd: the pod name as it is.
+            ("web".into(), ok("web", None, None)),
+            ("web-7d9f8-abcde".into(), ok("web-7d9f8-abcde", None, None)),
+            ("api.v2".into(), ok("api.v2", None, None)),
+            (" web ".into(), ok("web", None, None)),
+            // CRI-O: k8s_<pod>_<namespace>_<uid>_<attempt>.
+            (
+                format!("k8s_web_default_{uid}_0"),
+                ok("web", Some("default"), Some(uid)),
+            ),
+            (
+                format!("k8s_web-7d9f8-abcde_team-a_{uid}_12"),
+                ok("web-7d9f8-abcde", Some("team-a"), Some(uid)),
+            ),
+            // A pod named k8s (containerd) is just a pod name.
+            ("k8s".into(), ok("k8s", None, None)),
+            // Malformed.
+            ("".into(), Err(())),
+            (format!("k8s_web_default_{uid}"), Err(())),
+            (format!("k8s_web_default_{uid}_x"), Err(())),
+            (format!("k8s__default_{uid}_0"), Err(())),
+            (format!("crio_web_default_{uid}_0"), Err(())),
+            ("web_default".into(), Err(())),
+        ];
+        for (input, want) in cases {
+            let got = parse_sandbox_name(&input).map_err(|_| ());
+            assert_eq!(got, want, "{input:?}");
+        }
+        let e = parse_sandbox_name("web_default").unwrap_err();
+        assert!(e.contains("CRI-O") && e.contains("web_default"), "{e}");
+    }
+}

@@ -7,7 +7,8 @@
 //!   relayed frame by frame (no decoding) over its own mutual-TLS connection to
 //!   `<vm-ip>:15150`, so every ttrpc stream on it reaches the forwarder unchanged. The dial
 //!   retries with backoff, bounded by `PROXY_TIMEOUT`.
-//! - Readiness `agent`: StartVM returns once a TLS handshake with the forwarder succeeded.
+//! - Readiness `agent`: StartVM returns once the kata agent answers `grpc.Health/Check`
+//!   through the forwarder.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,13 +56,26 @@ pub enum RelayError {
     #[error("CAA certificates: {0}")]
     Pki(String),
     /// The forwarder did not answer in time.
-    #[error("forwarder at {addr} not reachable within {timeout:?}: {last}")]
+    #[error("forwarder at {addr} not reachable within {} s: {last}", .timeout.as_secs_f64().round())]
     Unreachable {
         /// Where it was dialled.
         addr: SocketAddr,
         /// The bound.
         timeout: Duration,
         /// The last error.
+        last: String,
+    },
+    /// The forwarder answered but the kata agent behind it did not pass a health check.
+    #[error(
+        "the kata agent in VM {vm} did not answer a health check through its forwarder within {} s: {last}",
+        .timeout.as_secs()
+    )]
+    AgentSilent {
+        /// The VM.
+        vm: String,
+        /// The bound.
+        timeout: Duration,
+        /// The last failure.
         last: String,
     },
     /// Serving the agent socket failed.
@@ -80,6 +94,7 @@ impl RelayError {
         match self {
             RelayError::Pki(_) => "pki",
             RelayError::Unreachable { .. } => "forwarder_unreachable",
+            RelayError::AgentSilent { .. } => "agent_silent",
             RelayError::Socket { .. } => "agent_socket",
         }
     }
@@ -264,6 +279,96 @@ pub async fn handshake(
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Readiness `agent`: the kata agent in the VM answers `grpc.Health/Check` with SERVING
+/// through its forwarder (mutual TLS, the same path the shim's calls take), retried until
+/// `timeout` passes. The kata shim's first agent call is this check with a fixed 30 s
+/// deadline: answering StartVM only once it passes keeps a slowly booting agent from
+/// failing the pod.
+pub async fn agent_health(
+    cfg: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    vm_name: &str,
+    timeout: Duration,
+) -> Result<(), RelayError> {
+    /// One check's own deadline (the agent answers at once when it is up).
+    const CHECK: Duration = Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // The forwarder not answering at all is reported as such by `dial`.
+        let mut s = dial(cfg, addr, vm_name, left.max(Duration::from_millis(1))).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let last = match tokio::time::timeout(
+            CHECK.min(left).max(Duration::from_millis(100)),
+            health_check(&mut s, CHECK),
+        )
+        .await
+        {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {} s", CHECK.as_secs()),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RelayError::AgentSilent {
+                vm: vm_name.to_string(),
+                timeout,
+                last,
+            });
+        }
+        tokio::time::sleep(
+            Duration::from_millis(500)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
+    }
+}
+
+/// One `grpc.Health/Check` call over `s` (ttrpc frames): Ok when the agent is SERVING.
+async fn health_check<S>(s: &mut S, deadline: Duration) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use crate::protocol::{frame, health};
+    use protobuf::Message;
+    let mut req = ttrpc::proto::Request::new();
+    req.service = health::SERVICE.into();
+    req.method = health::CHECK.into();
+    // CheckRequest{service: ""}: no field set.
+    req.payload = Vec::new();
+    req.timeout_nano = deadline.as_nanos() as i64;
+    let wire = frame::Frame {
+        stream_id: 1,
+        kind: frame::TYPE_REQUEST,
+        flags: 0,
+        payload: req.write_to_bytes().map_err(|e| e.to_string())?,
+    };
+    frame::write_frame(s, &wire)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let Some(f) = frame::read_frame(s).await.map_err(|e| e.to_string())? else {
+            return Err("the forwarder closed the connection (is the agent up?)".into());
+        };
+        if f.stream_id != 1 || f.kind != frame::TYPE_RESPONSE {
+            continue;
+        }
+        let resp = ttrpc::proto::Response::parse_from_bytes(&f.payload)
+            .map_err(|e| format!("undecodable health answer: {e}"))?;
+        if resp.status.code() != ttrpc::Code::OK {
+            return Err(format!(
+                "the agent answered the health check with {:?}: {}",
+                resp.status.code(),
+                resp.status.message
+            ));
+        }
+        return match health::status(&resp.payload) {
+            Some(health::SERVING) => Ok(()),
+            Some(other) => Err(format!("the agent reports status {other}, not SERVING")),
+            None => Err("undecodable HealthCheckResponse".into()),
+        };
     }
 }
 

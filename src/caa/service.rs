@@ -1,6 +1,6 @@
 //! The ttrpc services: each method is a few lines delegating to a `do_*` function.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,9 @@ use crate::api::peerpod::{PeerPodStatus, phases};
 use crate::cloud::sizes::{self, SizeRequest};
 use crate::cloud::{Provider, Vm, VmSize, VmSpec, VmState, tags, vm_name};
 use crate::config::PeerPodsConfig;
-use crate::protocol::{annotations, hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
+use crate::protocol::{
+    annotations, hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc,
+};
 
 /// The CAA of one node.
 pub struct Caa {
@@ -31,6 +33,8 @@ pub struct Caa {
     default_size: String,
     image_id: String,
     sandboxes: Mutex<HashMap<String, Record>>,
+    /// Sandboxes CreateVM remembered whose record StartVM has not written yet.
+    unrecorded: Mutex<HashSet<String>>,
     /// Instance ids of the VMs this process started or found running, by sandbox id.
     started: Mutex<HashMap<String, String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -72,8 +76,14 @@ impl Caa {
                     .into(),
             ));
         }
+        // The pod tunnel's worker end: without it no pod could start, so CAA does not start.
+        let node_ip = super::datapath::node_ip(args.node_ip.as_deref(), args.node_ips.as_deref())
+            .map_err(Error::Tunnel)?;
+        super::datapath::check_node_ip(node_ip)
+            .await
+            .map_err(Error::Tunnel)?;
         let sizes = provider.sizes(&names).await?;
-        let datapath = super::datapath::Datapath::new(&client).await;
+        let datapath = super::datapath::Datapath::new(&client, node_ip).await;
         let writer = Writer::start(client.clone());
         let pods = super::pods::NodePods::watch(&client, &args.node_name);
         let caa = Arc::new(Self {
@@ -87,6 +97,7 @@ impl Caa {
             default_size,
             image_id,
             sandboxes: Mutex::new(HashMap::new()),
+            unrecorded: Mutex::new(HashSet::new()),
             started: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             writer,
@@ -148,7 +159,10 @@ impl Caa {
         ])
     }
 
-    /// CreateVM: choose the size, record the PeerPod, answer the agent socket path.
+    /// CreateVM: find the pod, choose the size, remember the sandbox, answer the agent
+    /// socket path. Nothing is written yet: the record that guards the VM is written by
+    /// StartVM, before any cloud call, so a shim that gives up between CreateVM and StartVM
+    /// (and never calls StopVM) leaves nothing behind.
     pub async fn do_create_vm(&self, req: &hypervisor::CreateVMRequest) -> Result<String, Error> {
         if req.id.is_empty() {
             return Err(Error::InvalidRequest(
@@ -157,32 +171,32 @@ impl Caa {
         }
         let a = &req.annotations;
         let get = |k: &str| a.get(k).map(String::as_str).filter(|s| !s.is_empty());
-        let (Some(name), Some(ns)) = (
-            get(annotations::SANDBOX_NAME),
-            get(annotations::SANDBOX_NAMESPACE),
-        ) else {
+        let Some(sandbox_name) = get(annotations::SANDBOX_NAME) else {
             return Err(Error::InvalidRequest(format!(
-                "CreateVM needs the {} and {} annotations",
-                annotations::SANDBOX_NAME,
-                annotations::SANDBOX_NAMESPACE
+                "CreateVM needs the {} annotation",
+                annotations::SANDBOX_NAME
             )));
         };
-        let size = sizes::select(
-            &SizeRequest::from_annotations(
-                get(annotations::MACHINE_TYPE),
-                get(annotations::DEFAULT_VCPUS),
-                get(annotations::DEFAULT_MEMORY),
-            ),
-            &self.default_size,
-            &self.sizes,
-        )?;
-        let pod_uid = match self.pods.uid_of(ns, name) {
-            Some(uid) => uid,
-            None => {
-                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-                pods.get(name).await?.metadata.uid.unwrap_or_default()
+        let of = super::pods::parse_sandbox_name(sandbox_name).map_err(Error::InvalidRequest)?;
+        let ns = match (get(annotations::SANDBOX_NAMESPACE), of.namespace.as_deref()) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::InvalidRequest(format!(
+                    "the sandbox name {sandbox_name:?} names namespace {b} but {} says {a}",
+                    annotations::SANDBOX_NAMESPACE
+                )));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => {
+                return Err(Error::InvalidRequest(format!(
+                    "CreateVM needs the {} annotation",
+                    annotations::SANDBOX_NAMESPACE
+                )));
             }
         };
+        let name = of.name.as_str();
+        let size = self.size_of(&req.id, get)?;
+        let pod_uid = self.pod_uid(ns, name, of.uid.as_deref()).await?;
+        let netns = self.datapath.resolve_netns(&req.networkNamespacePath)?;
         let r = Record {
             namespace: ns.to_string(),
             pod_name: name.to_string(),
@@ -193,20 +207,32 @@ impl Caa {
         };
         let lock = self.lock_of(&req.id);
         let _g = lock.lock().await;
-        // A release of an earlier record of this name lands first, or it would end this one.
-        if !self
-            .writer
-            .flush(&Key::of(&r), self.config.proxy_timeout)
-            .await
-        {
-            return Err(Error::Pending(r.vm_name.clone()));
+        // Earlier sandboxes of this pod that never started are abandoned (the kubelet runs
+        // one sandbox per pod): nothing of them was written, so they are only forgotten.
+        let abandoned: Vec<String> = {
+            let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            let unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+            sandboxes
+                .values()
+                .filter(|o| {
+                    o.sandbox_id != r.sandbox_id
+                        && o.namespace == r.namespace
+                        && o.pod_name == r.pod_name
+                        && unrecorded.contains(&o.sandbox_id)
+                })
+                .map(|o| o.sandbox_id.clone())
+                .collect()
+        };
+        for old in abandoned {
+            tracing::info!(sandbox = %old, pod = %format!("{ns}/{name}"), "forgetting a sandbox that never started");
+            self.forget_sandbox(&old);
         }
-        crashpoint::reached(crashpoint::CREATE_BEFORE_RECORD).await;
-        state::record(&self.client, &r, self.node(), self.provider.name()).await?;
-        tracing::info!(sandbox = %req.id, vm = %r.vm_name, size = %r.size, pod = %format!("{ns}/{name}"), "recorded PeerPod");
-        crashpoint::reached(crashpoint::CREATE_RECORDED).await;
-        self.datapath
-            .remember_netns(&req.id, &req.networkNamespacePath);
+        self.datapath.remember_netns(&req.id, netns);
+        tracing::info!(sandbox = %req.id, vm = %r.vm_name, size = %r.size, pod = %format!("{ns}/{name}"), "sandbox created; its record is written at StartVM");
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.id.clone());
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -220,10 +246,58 @@ impl Caa {
             .to_string())
     }
 
+    /// The instance size of a new sandbox. The local provider has no sizes: what a pod asks
+    /// for is ignored there (a local "VM" is a namespace on the worker).
+    fn size_of<'a>(
+        &self,
+        id: &str,
+        get: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<String, Error> {
+        let req = SizeRequest::from_annotations(
+            get(annotations::MACHINE_TYPE),
+            get(annotations::DEFAULT_VCPUS),
+            get(annotations::DEFAULT_MEMORY),
+        );
+        if self.config.azure.is_none() {
+            if req != SizeRequest::default() {
+                tracing::debug!(sandbox = %id, machine_type = ?req.machine_type, vcpus = req.vcpus, memory_mib = req.memory_mib, "the local provider has no instance sizes; the requested size is ignored");
+            }
+            return Ok(String::new());
+        }
+        Ok(sizes::select(&req, &self.default_size, &self.sizes)?)
+    }
+
+    /// The uid of pod `ns/name` (the record's owner). With CRI-O the sandbox name carries
+    /// the uid: a pod of that name with another uid is a newer pod, not this sandbox's.
+    async fn pod_uid(&self, ns: &str, name: &str, want: Option<&str>) -> Result<String, Error> {
+        let found = match self.pods.uid_of(ns, name) {
+            Some(uid) if want.is_none_or(|w| w == uid) => return Ok(uid),
+            _ => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                pods.get_opt(name)
+                    .await?
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+            }
+        };
+        let Some(pod) = found else {
+            return Err(Error::InvalidRequest(format!(
+                "pod {ns}/{name} does not exist (or is being deleted): no VM is made for it"
+            )));
+        };
+        let uid = pod.metadata.uid.unwrap_or_default();
+        match want {
+            Some(w) if w != uid => Err(Error::InvalidRequest(format!(
+                "pod {ns}/{name} with uid {w} no longer exists (the pod of that name now has uid {uid})"
+            ))),
+            _ => Ok(uid),
+        }
+    }
+
     /// StartVM: create the VM (retrying what may pass) and wait until it is ready.
     ///
-    /// No Kubernetes write stands between the shim and the cloud: the record that guards the
-    /// VM was written by CreateVM; the Creating phase is written while a create that takes
+    /// One Kubernetes write stands between the shim and the cloud: the record that guards
+    /// the VM, written first (nothing can leak: the VM name is deterministic and recorded
+    /// before any create call). The Creating phase is written while a create that takes
     /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
     /// the instance id, IP and Running phase are written in the background once the VM is
     /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
@@ -244,8 +318,26 @@ impl Caa {
             }
         };
         let key = Key::of(&r);
-        // What an earlier StartVM of this record left pending lands before Creating.
-        if self.writer.holds(&key) {
+        let unrecorded = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id);
+        if unrecorded {
+            // A release of an earlier record of this name lands first, or it would end this one.
+            if !self.writer.flush(&key, self.config.proxy_timeout).await {
+                return Err(Error::Pending(r.vm_name.clone()));
+            }
+            crashpoint::reached(crashpoint::START_BEFORE_RECORD).await;
+            state::record(&self.client, &r, self.node(), self.provider.name()).await?;
+            tracing::info!(sandbox = %id, vm = %r.vm_name, size = %r.size, pod = %format!("{}/{}", r.namespace, r.pod_name), "recorded PeerPod");
+            self.unrecorded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            crashpoint::reached(crashpoint::START_RECORDED).await;
+        } else if self.writer.holds(&key) {
+            // What an earlier StartVM of this record left pending lands before Creating.
             self.writer.flush(&key, self.config.proxy_timeout).await;
         }
         let spec = VmSpec {
@@ -355,6 +447,16 @@ impl Caa {
     pub async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
+        if self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+        {
+            // Never started: nothing was written and no VM was asked for.
+            self.forget_sandbox(id);
+            return Ok(());
+        }
         let Some(r) = self.record_of(id).await? else {
             return Ok(());
         };
@@ -363,11 +465,50 @@ impl Caa {
         Ok(())
     }
 
+    /// StopVM bounded by `within`: the delete runs as its own task and goes on to completion
+    /// when the bound passes first; the answer then says so (`Ok(Some(note))`).
+    pub async fn do_stop_vm_within(
+        self: &Arc<Self>,
+        id: &str,
+        within: Option<Duration>,
+    ) -> Result<Option<String>, Error> {
+        let caa = self.clone();
+        let owned = id.to_string();
+        let mut task = tokio::spawn(async move {
+            let r = caa.do_stop_vm(&owned).await;
+            if let Err(e) = &r {
+                tracing::warn!(sandbox = %owned, error = %e, "StopVM failed");
+            }
+            r
+        });
+        let joined = match within {
+            None => (&mut task).await,
+            Some(d) => match tokio::time::timeout(d, &mut task).await {
+                Ok(j) => j,
+                Err(_) => {
+                    tracing::info!(sandbox = %id, "StopVM's deadline is near; the VM deletion continues in the background");
+                    return Ok(Some(format!(
+                        "the VM of sandbox {id} is still being deleted; the deletion continues \
+                         in the background and its PeerPod is released once the cloud confirms"
+                    )));
+                }
+            },
+        };
+        joined
+            .map_err(|e| Error::InvalidRequest(format!("StopVM of sandbox {id} stopped: {e}")))?
+            .map(|()| None)
+    }
+
     fn forget_sandbox(&self, id: &str) {
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.datapath.forget(id);
         self.started
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -627,6 +768,87 @@ impl podvminfo_ttrpc::PodVmInfo for Service {
     }
 }
 
+/// The services CAA serves, under their wire names ([`methods`]) whatever the generated
+/// code calls them (ttrpc-codegen camel-cases `PodVMInfo`), and StopVM answering within the
+/// client's deadline ([`StopVm`]).
+fn services<T>(svc: Arc<T>, stop: Option<Box<StopVm>>) -> HashMap<String, ttrpc::r#async::Service>
+where
+    T: hypervisor_ttrpc::Hypervisor + podvminfo_ttrpc::PodVmInfo + Send + Sync + 'static,
+{
+    let mut out = HashMap::new();
+    for (wire, generated) in [
+        (
+            methods::HYPERVISOR_SERVICE,
+            hypervisor_ttrpc::create_hypervisor(svc.clone()),
+        ),
+        (
+            methods::PODVMINFO_SERVICE,
+            podvminfo_ttrpc::create_pod_vm_info(svc),
+        ),
+    ] {
+        for (_, service) in generated {
+            out.insert(wire.to_string(), service);
+        }
+    }
+    if let (Some(stop), Some(hv)) = (stop, out.get_mut(methods::HYPERVISOR_SERVICE)) {
+        hv.methods.insert("StopVM".into(), stop);
+    }
+    out
+}
+
+/// StopVM with the client's deadline in mind: kata's Rust shim gives it about a second,
+/// after which the ttrpc server would drop the call (and with it a delete half done). The
+/// delete runs as its own task; when it has not finished shortly before the deadline the
+/// answer is OK with a status message saying it continues in the background (the record
+/// keeps the VM until the cloud confirms it gone, so nothing leaks either way).
+struct StopVm(Arc<Caa>);
+
+/// How long before the client's deadline StopVM answers.
+fn answer_within(timeout_nano: i64) -> Option<Duration> {
+    if timeout_nano <= 0 {
+        return None;
+    }
+    let deadline = Duration::from_nanos(timeout_nano as u64);
+    Some(deadline.saturating_sub((deadline / 4).min(Duration::from_secs(2))))
+}
+
+#[async_trait::async_trait]
+impl ttrpc::r#async::MethodHandler for StopVm {
+    async fn handler(
+        &self,
+        ctx: ttrpc::r#async::TtrpcContext,
+        req: ttrpc::Request,
+    ) -> ttrpc::Result<ttrpc::Response> {
+        use protobuf::Message;
+        let mut resp = ttrpc::Response::new();
+        let status = match hypervisor::StopVMRequest::parse_from_bytes(&req.payload) {
+            Err(e) => ttrpc::get_status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("undecodable StopVMRequest: {e}"),
+            ),
+            Ok(r) => match self
+                .0
+                .do_stop_vm_within(&r.id, answer_within(ctx.timeout_nano))
+                .await
+            {
+                Ok(None) => ttrpc::get_status(ttrpc::Code::OK, ""),
+                Ok(Some(note)) => ttrpc::get_status(ttrpc::Code::OK, note),
+                Err(e) => match reply::<()>("StopVM", Err(e)) {
+                    Err(ttrpc::Error::RpcStatus(s)) => s,
+                    _ => ttrpc::get_status(ttrpc::Code::INTERNAL, "StopVM failed"),
+                },
+            },
+        };
+        if status.code() == ttrpc::Code::OK {
+            resp.payload = hypervisor::StopVMResponse::new()
+                .write_to_bytes()
+                .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
+        }
+        resp.set_status(status);
+        Ok(resp)
+    }
+}
+
 /// Serves both services on `socket` (stale socket removed, mode 0600).
 pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
     use std::os::unix::fs::PermissionsExt;
@@ -639,14 +861,57 @@ pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Serve
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(&e)),
     }
+    let stop = Box::new(StopVm(caa.clone()));
     let svc = Arc::new(Service(caa));
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("unix://{}", socket.display()))
         .map_err(|e| err(&e))?
-        .register_service(hypervisor_ttrpc::create_hypervisor(svc.clone()))
-        .register_service(podvminfo_ttrpc::create_pod_vm_info(svc));
+        .register_service(services(svc, Some(stop)));
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(&e))?;
     server.start().await.map_err(|e| err(&e))?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+    impl hypervisor_ttrpc::Hypervisor for Nothing {}
+    impl podvminfo_ttrpc::PodVmInfo for Nothing {}
+
+    #[test]
+    fn every_service_and_method_is_served_under_its_wire_name() {
+        let served = services(Arc::new(Nothing), None);
+        let mut names: Vec<String> = served
+            .iter()
+            .flat_map(|(svc, s)| s.methods.keys().map(move |m| format!("/{svc}/{m}")))
+            .collect();
+        names.sort();
+        let mut want = vec![
+            methods::CREATE_VM,
+            methods::START_VM,
+            methods::STOP_VM,
+            methods::VERSION,
+            methods::GET_INFO,
+        ];
+        want.sort();
+        assert_eq!(names, want);
+        assert!(served.contains_key("podvminfo.PodVMInfo"));
+        assert!(!served.contains_key("podvminfo.PodVmInfo"));
+    }
+
+    #[test]
+    fn stopvm_answers_a_quarter_before_short_deadlines_and_two_seconds_before_long_ones() {
+        assert_eq!(answer_within(0), None);
+        assert_eq!(
+            answer_within(1_000_000_000),
+            Some(Duration::from_millis(750))
+        );
+        assert_eq!(
+            answer_within(600_000_000_000),
+            Some(Duration::from_secs(598))
+        );
+    }
 }

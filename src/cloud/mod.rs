@@ -78,10 +78,10 @@ pub struct VmSize {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The resource does not exist.
-    #[error("not found: {0}")]
+    #[error("the cloud resource does not exist: {0}")]
     NotFound(String),
     /// The cloud throttled us past the retry budget.
-    #[error("throttled by the cloud (retry after {retry_after:?}): {message}")]
+    #[error("the cloud throttled the request{}: {message}", retry_hint(.retry_after))]
     Throttled {
         /// What the cloud asked us to wait, if it said.
         retry_after: Option<Duration>,
@@ -89,14 +89,21 @@ pub enum Error {
         message: String,
     },
     /// A quota or capacity limit refuses the request; retrying will not help soon.
-    #[error("quota exceeded: {0}")]
+    #[error("a cloud quota or capacity limit refused the request: {0}")]
     Quota(String),
     /// A failure that may pass (5xx, timeouts, dropped connections, conflicts).
-    #[error("transient cloud error: {0}")]
+    #[error("the cloud failed (retrying may help): {0}")]
     Transient(String),
     /// A failure retrying cannot fix (bad request, forbidden, failed provisioning).
-    #[error("cloud error: {0}")]
+    #[error("the cloud refused the request: {0}")]
     Permanent(String),
+}
+
+fn retry_hint(after: &Option<Duration>) -> String {
+    match after {
+        Some(d) => format!(" and asked to retry after {} s", d.as_secs().max(1)),
+        None => String::new(),
+    }
 }
 
 impl Error {

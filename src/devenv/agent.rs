@@ -20,7 +20,7 @@ pub type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 /// The agent service.
 pub const AGENT_SERVICE: &str = "grpc.AgentService";
 /// kata's health service.
-pub const HEALTH_SERVICE: &str = "grpc.Health";
+pub const HEALTH_SERVICE: &str = crate::protocol::health::SERVICE;
 
 /// `grpc.AgentService` methods the stand-in answers.
 pub const METHODS: &[&str] = &[
@@ -33,7 +33,7 @@ pub const METHODS: &[&str] = &[
 ];
 
 /// `HealthCheckResponse.ServingStatus.SERVING` of kata's health.proto.
-pub const SERVING: u64 = 1;
+pub const SERVING: u64 = crate::protocol::health::SERVING;
 
 /// The `grpc.Health/Check` answer: `HealthCheckResponse{status = SERVING}` (field 1, varint).
 pub const HEALTH_SERVING: &[u8] = &[0x08, SERVING as u8];
@@ -59,28 +59,7 @@ pub fn check_request(service: &str) -> Vec<u8> {
 
 /// The `status` (field 1, varint) of a `HealthCheckResponse` payload; 0 (UNKNOWN) when absent.
 pub fn health_status(payload: &[u8]) -> Option<u64> {
-    let mut is = protobuf::CodedInputStream::from_bytes(payload);
-    let mut status = 0;
-    while !is.eof().ok()? {
-        let tag = is.read_raw_varint32().ok()?;
-        let (field, wire) = (tag >> 3, tag & 7);
-        match wire {
-            0 => {
-                let v = is.read_raw_varint64().ok()?;
-                if field == 1 {
-                    status = v;
-                }
-            }
-            2 => {
-                let n = is.read_raw_varint32().ok()?;
-                is.skip_raw_bytes(n).ok()?;
-            }
-            1 => is.skip_raw_bytes(8).ok()?,
-            5 => is.skip_raw_bytes(4).ok()?,
-            _ => return None,
-        }
-    }
-    Some(status)
+    crate::protocol::health::status(payload)
 }
 
 /// `VersionCheckResponse{grpc_version = 1, agent_version = 2}` of the stand-in.

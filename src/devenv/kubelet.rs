@@ -5,8 +5,9 @@
 //!   scratch host root (the runtime restart is only recorded);
 //! - for each `kata-remote` pod bound to the node: makes the pod network namespace the way a
 //!   CNI bridge plugin does (a veth on `br0` of `--node-netns`), calls the CAA hypervisor API
-//!   exactly as the kata shim would (CreateVM, StartVM), starts a tiny HTTP "container" in the
-//!   local pod VM (`--local-vm-dir`) and marks the pod Running with its pod IP;
+//!   exactly as the kata shim would (CreateVM, StartVM), runs the kata-agent stand-in and a
+//!   tiny HTTP "container" in the local pod VM (`--local-vm-dir`) and marks the pod Running
+//!   with its pod IP;
 //! - on deletion: StopVM, removes the namespace, then finishes the deletion;
 //! - other pods bound to the node (DaemonSet/Deployment pods of components the demo runs as
 //!   local processes) are marked Running without starting anything.
@@ -302,6 +303,13 @@ impl Kubelet {
                 .and_then(|v| v.parse::<u32>().ok())
                 .filter(|v| *v > 0)
         };
+        if let Some(dir) = &self.args.local_vm_dir {
+            // CAA answers StartVM once the VM's kata agent answers (readiness `agent`): the
+            // local pod VM gets the agent stand-in.
+            tokio::spawn(agent_in_local_vm(
+                dir.join(crate::cloud::vm_name(&name, &id)),
+            ));
+        }
         println!(
             "kubelet stand-in: {ns}/{name}: CreateVM + StartVM (as the kata shim) on {}",
             self.args.socket.display()
@@ -343,6 +351,33 @@ impl Kubelet {
         if let Some(p) = &s.netns {
             net::remove_named_netns(p);
         }
+    }
+}
+
+/// The kata-agent stand-in (`dev agent`) inside the local pod VM at `vm_dir`, from when the
+/// VM exists until it is gone.
+async fn agent_in_local_vm(vm_dir: PathBuf) {
+    let rec = vm_dir.join("vm.json");
+    for _ in 0..600 {
+        if rec.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !rec.exists() {
+        return;
+    }
+    match super::agent::start(&vm_dir.join("run/kata-containers/agent.sock")).await {
+        Ok((server, _log)) => {
+            while vm_dir.exists() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            drop(server);
+        }
+        Err(e) => eprintln!(
+            "kubelet stand-in: the agent stand-in in {}: {e}",
+            vm_dir.display()
+        ),
     }
 }
 

@@ -95,7 +95,10 @@ pub fn desired_machine_config(owner: &KataConfig, cfg: &InstallConfig) -> Dynami
                     "ignition": {"version": "3.2.0"},
                     "storage": {"files": [
                         file(crio::DROPIN, crio::dropin(SHIM)),
-                        file(kata_config::KATA_CONFIG, kata_config::render(cfg)),
+                        file(
+                            kata_config::KATA_CONFIG,
+                            kata_config::render(cfg, kata_config::GuestPull::Runtime),
+                        ),
                     ]},
                 },
             },

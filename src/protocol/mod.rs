@@ -7,8 +7,18 @@ include!(concat!(env!("OUT_DIR"), "/protocol.rs"));
 
 pub mod frame;
 
-/// ttrpc method paths, as the shim sends them.
+/// ttrpc service and method names, exactly as the shim sends them. ttrpc-codegen camel-cases
+/// service names (`podvminfo.PodVmInfo`); `build.rs` puts the proto's names back into the
+/// generated servers and clients, and CAA registers its services under these.
 pub mod methods {
+    /// The remote hypervisor service.
+    pub const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
+    /// The pod VM info service.
+    pub const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
+    /// Methods of [`HYPERVISOR_SERVICE`].
+    pub const HYPERVISOR_METHODS: [&str; 4] = ["CreateVM", "StartVM", "StopVM", "Version"];
+    /// Methods of [`PODVMINFO_SERVICE`].
+    pub const PODVMINFO_METHODS: [&str; 1] = ["GetInfo"];
     /// `/hypervisor.Hypervisor/CreateVM`.
     pub const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
     /// `/hypervisor.Hypervisor/StartVM`.
@@ -19,6 +29,44 @@ pub mod methods {
     pub const VERSION: &str = "/hypervisor.Hypervisor/Version";
     /// `/podvminfo.PodVMInfo/GetInfo`.
     pub const GET_INFO: &str = "/podvminfo.PodVMInfo/GetInfo";
+}
+
+/// kata's health service (`grpc.Health`, health.proto) as CAA calls it through the forwarder
+/// for readiness `agent`.
+pub mod health {
+    /// The service.
+    pub const SERVICE: &str = "grpc.Health";
+    /// Its check method.
+    pub const CHECK: &str = "Check";
+    /// `HealthCheckResponse.ServingStatus.SERVING`.
+    pub const SERVING: u64 = 1;
+
+    /// The `status` (field 1, varint) of a `HealthCheckResponse` payload; 0 (UNKNOWN) when
+    /// absent, `None` when the payload is not protobuf.
+    pub fn status(payload: &[u8]) -> Option<u64> {
+        let mut is = protobuf::CodedInputStream::from_bytes(payload);
+        let mut status = 0;
+        while !is.eof().ok()? {
+            let tag = is.read_raw_varint32().ok()?;
+            let (field, wire) = (tag >> 3, tag & 7);
+            match wire {
+                0 => {
+                    let v = is.read_raw_varint64().ok()?;
+                    if field == 1 {
+                        status = v;
+                    }
+                }
+                2 => {
+                    let n = is.read_raw_varint32().ok()?;
+                    is.skip_raw_bytes(n).ok()?;
+                }
+                1 => is.skip_raw_bytes(8).ok()?,
+                5 => is.skip_raw_bytes(4).ok()?,
+                _ => return None,
+            }
+        }
+        Some(status)
+    }
 }
 
 /// Annotation keys the shim sends in `CreateVMRequest.annotations`.

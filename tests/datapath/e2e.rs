@@ -1,21 +1,33 @@
-//! End to end as root: a node network namespace with a bridge, a pod namespace made the way
-//! a CNI plugin makes it (veth on the bridge, pod IP), a CAA process inside the node
-//! namespace with `CLOUD_PROVIDER=local` and readiness `agent`, a hypervisor client doing
-//! CreateVM/StartVM/StopVM, the test agent inside the VM, and TCP through the tunnel.
+//! End to end as root, with the CAA the operator deploys: the operator (in-process, under
+//! its ServiceAccount) creates the CAA DaemonSet in the real control plane, the DaemonSet
+//! controller and the scheduler place its Pod on a fake node, and the harness runs that
+//! Pod's container as the kubelet would (environment with the downward API resolved from
+//! the Pod, envFrom the Secret and ConfigMap, mounts, user; see `harness::pod_launch`). The
+//! node's network is a namespace with a bridge; pod namespaces are made the way a CNI plugin
+//! makes them, under the node's `/run/netns`. A hypervisor client does CreateVM/StartVM/StopVM
+//! as the kata shim does; the pod VMs are the local provider's (`CLOUD_PROVIDER=local` in the
+//! ConfigMap) or the ARM test server's; the test agent answers inside each VM.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use sandboxd::api::peerpod::{PeerPod, PeerPodStatus};
 use sandboxd::cloud::net::{self, Netlink};
+use sandboxd::operator::peerpods::caa::DAEMONSET;
 use sandboxd::protocol::{annotations, hypervisor, hypervisor_ttrpc};
+use serde_json::json;
 
-use crate::harness::process::{Process, run_dir};
+use crate::harness::pod_launch::{self, Container, ImageConfig, Launch, NodeHost};
+use crate::harness::process::Process;
 use crate::harness::{self, Case, Env};
+use crate::peerpods::support::Fixture;
 
 fn root_skip() -> Option<String> {
     (!nix::unistd::Uid::effective().is_root()).then(|| "needs root".to_string())
@@ -23,29 +35,44 @@ fn root_skip() -> Option<String> {
 
 pub fn cases() -> Vec<Case> {
     vec![
-        Case::cluster(
+        Case::cluster_exclusive(
             "datapath::a_local_pod_vm_relays_agent_calls_and_carries_pod_traffic_then_leaves_nothing",
             lifecycle,
         )
         .skip_if(root_skip()),
-        Case::cluster(
+        Case::cluster_exclusive(
             "datapath::two_local_pod_vms_at_once_each_answer_on_their_own_pod_ip_and_agent",
             two_vms,
         )
         .skip_if(root_skip()),
-        Case::cluster(
+        Case::cluster_exclusive(
             "datapath::relay_and_tunnel_survive_a_caa_restart_and_stopvm_still_cleans_up",
             restart,
         )
         .skip_if(root_skip()),
-        Case::cluster(
+        Case::cluster_exclusive(
             "datapath::a_forwarder_that_never_answers_fails_startvm_after_proxy_timeout_and_deletes_the_vm",
             silent_forwarder,
         )
         .skip_if(root_skip()),
-        Case::cluster(
+        Case::cluster_exclusive(
             "datapath::azure_vms_of_the_arm_test_server_are_local_pod_vms_reached_by_agent_and_vxlan",
             azure_local_vms,
+        )
+        .skip_if(root_skip()),
+        Case::cluster_exclusive(
+            "datapath::the_deployed_caa_serves_var_run_and_run_netns_paths_and_containerd_and_crio_sandbox_names",
+            netns_and_runtime_forms,
+        )
+        .skip_if(root_skip()),
+        Case::cluster_exclusive(
+            "datapath::startvm_answers_only_once_the_kata_agent_answers_a_health_check_through_the_forwarder",
+            readiness_agent,
+        )
+        .skip_if(root_skip()),
+        Case::cluster_exclusive(
+            "datapath::the_deployed_caa_refuses_to_start_when_the_node_ip_is_not_the_nodes",
+            wrong_node_ip,
         )
         .skip_if(root_skip()),
     ]
@@ -64,10 +91,14 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
+/// The node's IP on its bridge.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
 struct Net {
-    dir: PathBuf,
+    /// The node's network namespace (host path; `/run/netns/node` on the node).
     node: PathBuf,
-    /// Pod namespaces, pod `i` at 10.77.0.(2+i).
+    /// Pod namespaces (host paths), pod `i` at 10.77.0.(2+i), `/run/netns/pod<i>` on the
+    /// node.
     pods: Vec<PathBuf>,
 }
 
@@ -77,7 +108,6 @@ impl Drop for Net {
             net::remove_named_netns(p);
         }
         net::remove_named_netns(&self.node);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -85,15 +115,18 @@ fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 2 + i as u8)
 }
 
-/// Node namespace with bridge `br0` 10.77.0.1/24; `pods` pod namespaces, each with eth0 on
-/// it (pod `i` at [`pod_ip`]), made the way a CNI bridge plugin makes them.
-async fn network(tag: &str, pods: usize) -> Result<Net> {
-    let dir = run_dir().join(format!("n{}", &tag[tag.len() - 6..]));
-    std::fs::create_dir_all(&dir)?;
+/// The node's `/run/netns` path of pod namespace `i`.
+fn pod_netns(i: usize) -> String {
+    format!("/run/netns/pod{i}")
+}
+
+/// Node namespace with bridge `br0` ([`NODE_IP`]/24) and `pods` pod namespaces, each with
+/// eth0 on it (pod `i` at [`pod_ip`]), made the way a CNI bridge plugin makes them, all
+/// under the node's `/run/netns`.
+async fn network(host: &NodeHost, pods: usize) -> Result<Net> {
     let n = Net {
-        node: dir.join("node"),
-        pods: (0..pods).map(|i| dir.join(format!("pod{i}"))).collect(),
-        dir,
+        node: host.path("/run/netns/node"),
+        pods: (0..pods).map(|i| host.path(&pod_netns(i))).collect(),
     };
     net::create_named_netns(&n.node)?;
     let node = Netlink::in_netns(&n.node).await?;
@@ -105,12 +138,12 @@ async fn network(tag: &str, pods: usize) -> Result<Net> {
         .execute()
         .await?;
     let br = node.index_of("br0").await?.context("br0")?;
-    node.add_addr(br, Ipv4Addr::new(10, 77, 0, 1), 24).await?;
+    node.add_addr(br, NODE_IP, 24).await?;
     node.up(br).await?;
     for (i, path) in n.pods.iter().enumerate() {
         net::create_named_netns(path)?;
-        let (host, peer_name) = (format!("vpod{i}"), format!("vpodp{i}"));
-        let host_end = node.add_veth(&host, &peer_name).await?;
+        let (host_end, peer_name) = (format!("vpod{i}"), format!("vpodp{i}"));
+        let host_end = node.add_veth(&host_end, &peer_name).await?;
         node.handle
             .link()
             .set(
@@ -137,13 +170,8 @@ async fn network(tag: &str, pods: usize) -> Result<Net> {
         pod.up(eth).await?;
         let lo = pod.index_of("lo").await?.context("lo")?;
         pod.up(lo).await?;
-        pod.add_route(
-            Ipv4Addr::UNSPECIFIED,
-            0,
-            Some(Ipv4Addr::new(10, 77, 0, 1)),
-            eth,
-        )
-        .await?;
+        pod.add_route(Ipv4Addr::UNSPECIFIED, 0, Some(NODE_IP), eth)
+            .await?;
     }
     Ok(n)
 }
@@ -152,102 +180,226 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
 }
 
-/// A CAA process in the node namespace with the local provider and readiness `agent`.
+const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl peerpod";
+
+/// The user's configuration for the local provider, plus `cm_extra`.
+fn local_config(cm_extra: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut cm: Vec<(String, String)> = [
+        ("CLOUD_PROVIDER", "local"),
+        ("VXLAN_PORT", "9000"),
+        ("PROXY_TIMEOUT", "30s"),
+        ("LOCAL_VM_SUBNET", "10.250.0.0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in cm_extra {
+        cm.retain(|(x, _)| x != k);
+        cm.push((k.to_string(), v.clone()));
+    }
+    cm
+}
+
+/// The CAA the operator deploys, running on a fake node whose network is [`Net`].
 struct CaaProc {
-    proc: Option<Process>,
+    fx: Option<Fixture>,
+    container: Option<Container>,
+    launch: Launch,
     name: String,
-    args: Vec<String>,
-    envs: Vec<(&'static str, String)>,
+    /// Added to the container's environment: `SANDBOXD_NODE_NETNS` (the stand-in for
+    /// `hostNetwork`: the node's network is a namespace here) and what a test adds.
+    extra: Vec<(&'static str, String)>,
+    /// Host paths of the hypervisor socket, the agent sockets' directory and the local
+    /// provider's VM directory (all under the node's `/run/peerpod`).
     socket: PathBuf,
     pods_dir: PathBuf,
     local_dir: PathBuf,
     restarts: u32,
+    // Dropped last: the node's file system.
+    host: NodeHost,
+}
+
+/// The node, its host root and its network.
+async fn node(env: &Env, fx: &mut Fixture, pods: usize, ip: Ipv4Addr) -> Result<(NodeHost, Net)> {
+    let name = fx.node("dp", true).await?;
+    let host = NodeHost::new(
+        &name,
+        &format!("h{}", &env.ns[env.ns.len() - 6..]),
+        vec![IpAddr::V4(ip)],
+    )?;
+    host.report_addresses(&fx.admin).await?;
+    let n = network(&host, pods).await?;
+    Ok((host, n))
 }
 
 impl CaaProc {
-    /// `as_deployed`: run under the ServiceAccount and RBAC of `deploy/caa/rbac.yaml`.
-    async fn start(
+    /// The operator's CAA with the user's ConfigMap `cm` on a node of `pods` pod namespaces
+    /// whose kubelet reports `node_ip`. Returns it (not yet started when `start` is false)
+    /// and the node's network.
+    async fn deploy(
         env: &Env,
-        n: &Net,
+        cm: Vec<(String, String)>,
         extra: &[(&'static str, String)],
-        as_deployed: bool,
-    ) -> Result<Self> {
-        let admin = env.admin().await?;
+        pods: usize,
+        node_ip: Ipv4Addr,
+        start: bool,
+    ) -> Result<(Self, Net)> {
+        let mut fx = Fixture::start(env).await?;
+        let r = Self::deploy_with(env, &mut fx, cm, extra, pods, node_ip, start).await;
+        match r {
+            Ok((mut c, n)) => {
+                c.fx = Some(fx);
+                Ok((c, n))
+            }
+            Err(e) => {
+                let _ = fx.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn deploy_with(
+        env: &Env,
+        fx: &mut Fixture,
+        cm: Vec<(String, String)>,
+        extra: &[(&'static str, String)],
+        pods: usize,
+        node_ip: Ipv4Addr,
+        start: bool,
+    ) -> Result<(Self, Net)> {
+        let admin = fx.admin.clone();
         let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("deploy/crds/peerpods.confidentialcontainers.org.yaml");
         harness::install_crds(&admin, &crd).await?;
-        // Unix socket paths must stay short.
-        let dir = run_dir().join(format!("d{}", &env.ns[env.ns.len() - 6..]));
-        std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("hypervisor.sock");
-        let pods_dir = dir.join("pods");
-        let local_dir = dir.join("vms");
-        let mut envs: Vec<(&'static str, String)> = vec![
-            ("CLOUD_PROVIDER", "local".into()),
-            ("VXLAN_PORT", "9000".into()),
-            ("PROXY_TIMEOUT", "30s".into()),
-            ("NODE_NAME", env.unique("dp-node")),
-            ("SANDBOXD_NODE_NETNS", n.node.display().to_string()),
-            ("NODE_IP", "10.77.0.1".into()),
-            ("POD_NAMESPACE", env.ns.clone()),
-            ("LOCAL_VM_DIR", local_dir.display().to_string()),
-            ("LOCAL_VM_SUBNET", "10.250.0.0".into()),
-            ("RUST_LOG", "info".into()),
-        ];
-        for (k, v) in extra {
-            envs.retain(|(x, _)| x != k);
-            envs.push((k, v.clone()));
-        }
-        let kubeconfig = if as_deployed {
-            crate::caa::caa_kubeconfig(env, &admin).await?
-        } else {
-            env.cp().kubeconfig_path.clone()
+        // The CAA's ServiceAccount and its RBAC as deployed (deploy/caa/rbac.yaml).
+        crate::caa::caa_kubeconfig(env, &admin).await?;
+        let (host, n) = node(env, fx, pods, node_ip).await?;
+        let ssa = PatchParams::apply("sandboxd-test").force();
+        let secret = |name: &str, data: &[(&str, &str)]| -> Secret {
+            Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                data: Some(
+                    data.iter()
+                        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                        .collect(),
+                ),
+                ..Default::default()
+            }
         };
-        let ssh_key = extra
-            .iter()
-            .find(|(k, _)| *k == "CAA_SSH_PUBLIC_KEY")
-            .map_or_else(|| "/nonexistent".to_string(), |(_, v)| v.clone());
-        let args: Vec<String> = [
-            "caa",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--socket",
-            &socket.display().to_string(),
-            "--pods-dir",
-            &pods_dir.display().to_string(),
-            "--readiness",
-            "agent",
-            "--ssh-public-key",
-            &ssh_key,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let secrets: Api<Secret> = Api::namespaced(admin.clone(), &env.ns);
+        secrets
+            .patch(
+                "peer-pods-secret",
+                &ssa,
+                &Patch::Apply(&secret(
+                    "peer-pods-secret",
+                    &[
+                        ("AZURE_CLIENT_ID", "app"),
+                        ("AZURE_CLIENT_SECRET", "s3cret"),
+                        ("AZURE_TENANT_ID", "tenant"),
+                        (
+                            "AZURE_SUBSCRIPTION_ID",
+                            "00000000-0000-0000-0000-00000000d901",
+                        ),
+                    ],
+                )),
+            )
+            .await?;
+        secrets
+            .patch(
+                "ssh-key-secret",
+                &ssa,
+                &Patch::Apply(&secret("ssh-key-secret", &[("id_rsa.pub", SSH_KEY)])),
+            )
+            .await?;
+        let cm_obj: ConfigMap = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "peer-pods-cm"},
+            "data": cm.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        }))?;
+        Api::<ConfigMap>::namespaced(admin.clone(), &env.ns)
+            .patch("peer-pods-cm", &ssa, &Patch::Apply(&cm_obj))
+            .await?;
+        fx.enable().await?;
+        fx.wait_ppc().await?;
+        fx.select_mine("10").await?;
+        let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), &env.ns);
+        let ds = harness::eventually(
+            "the operator's CAA DaemonSet",
+            Duration::from_secs(60),
+            || {
+                let dss = dss.clone();
+                async move { Ok(dss.get_opt(DAEMONSET).await?) }
+            },
+        )
+        .await?;
+        let pod = pod_launch::daemonset_pod(&admin, &ds, &host.name).await?;
+        let pod = host.run_pod(&admin, &pod).await?;
+        let container = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|s| s.containers[0].name.clone())
+            .context("CAA container")?;
+        let launch = pod_launch::resolve(
+            &admin,
+            env.cp(),
+            &pod,
+            &container,
+            &host,
+            &ImageConfig::shipped()?,
+        )
+        .await?;
+        ensure!(
+            launch.host_network,
+            "the CAA pod is not on the host's network"
+        );
+        let path = |p: &str| {
+            launch
+                .host_path(p)
+                .with_context(|| format!("{p} is not mounted from the node"))
+        };
+        let mut extra_env: Vec<(&'static str, String)> =
+            vec![("SANDBOXD_NODE_NETNS", "/run/netns/node".into())];
+        extra_env.extend(extra.iter().cloned());
         let mut c = Self {
-            proc: None,
+            fx: None,
+            container: None,
             name: format!("dp-caa-{}", env.ns),
-            args,
-            envs,
-            socket,
-            pods_dir,
-            local_dir,
+            extra: extra_env,
+            socket: path("/run/peerpod/hypervisor.sock")?,
+            pods_dir: path("/run/peerpod/pods")?,
+            local_dir: path(sandboxd::cloud::local::DEFAULT_DIR)?,
             restarts: 0,
+            launch,
+            host,
         };
-        c.spawn().await?;
-        Ok(c)
+        if start {
+            c.spawn().await?;
+        }
+        Ok((c, n))
+    }
+
+    /// Starts the container: the image's binary is the shipped static one when the run has
+    /// it (`SANDBOXD_STATIC_BINARY`, as `make integration` sets), else this build's.
+    fn start_container(&mut self) -> Result<()> {
+        let name = format!("{}-{}", self.name, self.restarts);
+        let binary = std::env::var_os("SANDBOXD_STATIC_BINARY")
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+        self.container = Some(Container::start(&name, &self.launch, &binary, &self.extra)?);
+        Ok(())
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let envs_ref: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let name = format!("{}-{}", self.name, self.restarts);
-        self.proc = Some(Process::start(
-            &name,
-            Path::new(env!("CARGO_BIN_EXE_sandboxd")),
-            &self.args,
-            &envs_ref,
-        )?);
+        self.start_container()?;
         let socket = self.socket.clone();
-        harness::eventually("CAA socket", Duration::from_secs(60), || {
+        let r = harness::eventually("CAA socket", Duration::from_secs(60), || {
             let socket = socket.clone();
             async move {
                 Ok(tokio::net::UnixStream::connect(&socket)
@@ -256,14 +408,22 @@ impl CaaProc {
                     .map(|_| ()))
             }
         })
-        .await
+        .await;
+        r.map_err(|e| anyhow::anyhow!("{e:#}\nCAA log:\n{}", self.log_tail(30)))
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        self.container
+            .as_ref()
+            .map(|c| c.process.log_tail(n))
+            .unwrap_or_default()
     }
 
     /// Kills CAA without a chance to clean up, then starts it again.
     async fn crash_and_restart(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
-            p.signal(nix::sys::signal::Signal::SIGKILL);
-            p.stop(Duration::from_secs(5));
+        if let Some(mut c) = self.container.take() {
+            c.process.signal(nix::sys::signal::Signal::SIGKILL);
+            c.process.stop(Duration::from_secs(5));
         }
         self.restarts += 1;
         self.spawn().await
@@ -273,6 +433,36 @@ impl CaaProc {
         let c =
             ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display())).await?;
         Ok(hypervisor_ttrpc::HypervisorClient::new(c))
+    }
+
+    /// Stops CAA and the operator and removes what the test made in the cluster. Local pod
+    /// VMs outlive CAA by design (as cloud VMs do); those a failed test left are killed.
+    async fn teardown(mut self) -> Result<()> {
+        if let Some(mut c) = self.container.take() {
+            c.process.stop(Duration::from_secs(5));
+        }
+        for e in std::fs::read_dir(&self.local_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(e.path().join("vm.json")) else {
+                continue;
+            };
+            let Ok(vm) = serde_json::from_str::<sandboxd::cloud::local::LocalVm>(&text) else {
+                continue;
+            };
+            if sandboxd::cloud::local::start_time(vm.pid) == Some(vm.start_time) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vm.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        match self.fx.take() {
+            Some(fx) => fx.teardown().await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -293,31 +483,54 @@ impl PodVm {
     }
 }
 
-/// Creates the pod object and does CreateVM; StartVM is left to the caller.
+/// The pod object a sandbox belongs to.
+async fn make_pod(env: &Env, name: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(env.admin().await?, &env.ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))?;
+    Ok(pods.create(&PostParams::default(), &pod).await?)
+}
+
+/// Creates the pod object and does CreateVM (containerd's plain sandbox name) with `netns`
+/// as the node names it; StartVM is left to the caller.
 async fn create_vm(
     env: &Env,
     caa: &CaaProc,
     hv: &hypervisor_ttrpc::HypervisorClient,
     name: &str,
     id: &str,
-    netns: &Path,
+    netns: &str,
 ) -> Result<PodVm> {
-    let pods: Api<Pod> = Api::namespaced(env.admin().await?, &env.ns);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
+    make_pod(env, name).await?;
+    create_vm_named(env, caa, hv, name, name, id, netns).await
+}
+
+/// CreateVM with `sandbox_name` as the shim sends it for pod `name`.
+async fn create_vm_named(
+    env: &Env,
+    caa: &CaaProc,
+    hv: &hypervisor_ttrpc::HypervisorClient,
+    name: &str,
+    sandbox_name: &str,
+    id: &str,
+    netns: &str,
+) -> Result<PodVm> {
     let mut req = hypervisor::CreateVMRequest::new();
     req.id = id.to_string();
     req.annotations
-        .insert(annotations::SANDBOX_NAME.into(), name.into());
+        .insert(annotations::SANDBOX_NAME.into(), sandbox_name.into());
     req.annotations
         .insert(annotations::SANDBOX_NAMESPACE.into(), env.ns.clone());
-    req.networkNamespacePath = netns.display().to_string();
+    req.networkNamespacePath = netns.to_string();
     let created = hv.create_vm(ctx(), &req).await?;
-    let agent_socket = PathBuf::from(&created.agentSocketPath);
+    // The shim connects to the path CAA answers, on the node.
+    let agent_socket = caa
+        .launch
+        .host_path(&created.agentSocketPath)
+        .context("the agent socket is not on a node path")?;
     ensure!(agent_socket == caa.pods_dir.join(id).join("agent.ttrpc"));
     let vm_name = sandboxd::cloud::vm_name(name, id);
     Ok(PodVm {
@@ -327,6 +540,40 @@ async fn create_vm(
         vm_name,
         agent_socket,
     })
+}
+
+/// The test agent, started inside the VM at `vm_dir` as soon as the VM exists (after
+/// `delay`): readiness `agent` waits for it. Returns it with when it started answering.
+fn agent_in_vm(
+    vm_dir: &Path,
+    delay: Duration,
+) -> tokio::task::JoinHandle<Result<(ttrpc::r#async::Server, super::agent::Log, Instant)>> {
+    let dir = vm_dir.to_path_buf();
+    tokio::spawn(async move {
+        harness::eventually("the VM", Duration::from_secs(60), || {
+            let rec = dir.join("vm.json");
+            async move { Ok(rec.exists().then_some(())) }
+        })
+        .await?;
+        tokio::time::sleep(delay).await;
+        let (server, log) =
+            super::agent::start(&dir.join("run/kata-containers/agent.sock")).await?;
+        Ok((server, log, Instant::now()))
+    })
+}
+
+/// StartVM with the test agent coming up inside the VM; the agent and its log.
+async fn start_with_agent(
+    hv: &hypervisor_ttrpc::HypervisorClient,
+    vm: &PodVm,
+) -> Result<(ttrpc::r#async::Server, super::agent::Log)> {
+    let agent = agent_in_vm(&vm.vm_dir, Duration::ZERO);
+    if let Err(e) = start_vm(hv, &vm.id).await {
+        agent.abort();
+        return Err(e);
+    }
+    let (server, log, _) = agent.await??;
+    Ok((server, log))
 }
 
 async fn start_vm(hv: &hypervisor_ttrpc::HypervisorClient, id: &str) -> Result<()> {
@@ -451,13 +698,26 @@ async fn assert_links_gone(n: &Net) -> Result<()> {
     Ok(())
 }
 
+/// Tears the deployed CAA down (also after a failure), adding CAA's log to an error; the
+/// network goes first, the node's file system last.
+async fn finish(caa: CaaProc, n: Net, r: Result<()>) -> Result<()> {
+    let r = r.map_err(|e| anyhow::anyhow!("{e:#}\nCAA log:\n{}", caa.log_tail(40)));
+    drop(n);
+    let t = caa.teardown().await;
+    r.and(t)
+}
+
 async fn lifecycle(env: Env) -> Result<()> {
+    let (caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 1, NODE_IP, true).await?;
+    let r = lifecycle_on(&env, &caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn lifecycle_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
     let admin = env.admin().await?;
-    let n = network(&env.ns, 1).await?;
-    let caa = CaaProc::start(&env, &n, &[], false).await?;
     let hv = caa.hypervisor().await?;
-    let vm = create_vm(&env, &caa, &hv, "web", "0123abcd4567ef89", &n.pods[0]).await?;
-    start_vm(&hv, &vm.id).await?;
+    let vm = create_vm(env, caa, &hv, "web", "0123abcd4567ef89", &pod_netns(0)).await?;
+    let (_agent, log) = start_with_agent(&hv, &vm).await?;
     let pid = vm.pid()?;
     // The PeerPod records the VNI and the VM IP.
     let st = status_with_ip(&admin, &env.ns, &vm.vm_name).await?;
@@ -467,30 +727,31 @@ async fn lifecycle(env: Env) -> Result<()> {
         "ip {:?}",
         st.vm_ip
     );
-
-    // The test agent inside the VM.
-    let (_agent, log) =
-        super::agent::start(&vm.vm_dir.join("run/kata-containers/agent.sock")).await?;
+    // The agent behind the forwarder got the readiness check, then the calls.
     super::check_agent_calls(&vm.agent_socket, &log).await?;
-    tcp_through_tunnel(&n, pid, pod_ip(0), "pong").await?;
+    tcp_through_tunnel(n, pid, pod_ip(0), "pong").await?;
 
     // StopVM leaves nothing behind.
     stop_vm(&hv, &vm.id).await?;
-    assert_vm_gone(&env, &vm, Some(pid)).await?;
-    assert_links_gone(&n).await
+    assert_vm_gone(env, &vm, Some(pid)).await?;
+    assert_links_gone(n).await
 }
 
 async fn two_vms(env: Env) -> Result<()> {
+    let (caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 2, NODE_IP, true).await?;
+    let r = two_vms_on(&env, &caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn two_vms_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
     let admin = env.admin().await?;
-    let n = network(&env.ns, 2).await?;
-    let caa = CaaProc::start(&env, &n, &[], false).await?;
     let hv = caa.hypervisor().await?;
-    let a = create_vm(&env, &caa, &hv, "web", "aaaa0000aaaa0000", &n.pods[0]).await?;
-    let b = create_vm(&env, &caa, &hv, "db", "bbbb1111bbbb1111", &n.pods[1]).await?;
+    let a = create_vm(env, caa, &hv, "web", "aaaa0000aaaa0000", &pod_netns(0)).await?;
+    let b = create_vm(env, caa, &hv, "db", "bbbb1111bbbb1111", &pod_netns(1)).await?;
     // Both start at once.
-    let (ra, rb) = tokio::join!(start_vm(&hv, &a.id), start_vm(&hv, &b.id));
-    ra?;
-    rb?;
+    let (ra, rb) = tokio::join!(start_with_agent(&hv, &a), start_with_agent(&hv, &b));
+    let (_agent_a, log_a) = ra?;
+    let (_agent_b, log_b) = rb?;
     let (pa, pb) = (a.pid()?, b.pid()?);
     let (sa, sb) = (
         status_with_ip(&admin, &env.ns, &a.vm_name).await?,
@@ -508,10 +769,8 @@ async fn two_vms(env: Env) -> Result<()> {
         sa.vm_ip,
         sb.vm_ip
     );
-    let (_agent_a, log_a) =
-        super::agent::start(&a.vm_dir.join("run/kata-containers/agent.sock")).await?;
-    let (_agent_b, log_b) =
-        super::agent::start(&b.vm_dir.join("run/kata-containers/agent.sock")).await?;
+    log_a.lock().unwrap().clear();
+    log_b.lock().unwrap().clear();
     // Calls through each agent socket arrive at that VM's agent only.
     super::check_agent_calls(&a.agent_socket, &log_a).await?;
     ensure!(
@@ -525,33 +784,35 @@ async fn two_vms(env: Env) -> Result<()> {
         "calls for VM b reached the agent of VM a"
     );
     // Each pod IP answers from its own VM.
-    tcp_through_tunnel(&n, pa, pod_ip(0), "web").await?;
-    tcp_through_tunnel(&n, pb, pod_ip(1), "db").await?;
+    tcp_through_tunnel(n, pa, pod_ip(0), "web").await?;
+    tcp_through_tunnel(n, pb, pod_ip(1), "db").await?;
     // Stopping one leaves the other working.
     stop_vm(&hv, &a.id).await?;
-    assert_vm_gone(&env, &a, Some(pa)).await?;
+    assert_vm_gone(env, &a, Some(pa)).await?;
     log_b.lock().unwrap().clear();
     super::check_agent_calls(&b.agent_socket, &log_b).await?;
-    tcp_through_tunnel(&n, pb, pod_ip(1), "db").await?;
+    tcp_through_tunnel(n, pb, pod_ip(1), "db").await?;
     stop_vm(&hv, &b.id).await?;
-    assert_vm_gone(&env, &b, Some(pb)).await?;
-    assert_links_gone(&n).await
+    assert_vm_gone(env, &b, Some(pb)).await?;
+    assert_links_gone(n).await
 }
 
 async fn restart(env: Env) -> Result<()> {
-    let n = network(&env.ns, 1).await?;
-    // Under the deployed RBAC: the certificates must survive the restart through the Secret.
-    let mut caa = CaaProc::start(&env, &n, &[], true).await?;
+    let (mut caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 1, NODE_IP, true).await?;
+    let r = restart_on(&env, &mut caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn restart_on(env: &Env, caa: &mut CaaProc, n: &Net) -> Result<()> {
     let hv = caa.hypervisor().await?;
-    let vm = create_vm(&env, &caa, &hv, "web", "c0ffee00c0ffee00", &n.pods[0]).await?;
-    start_vm(&hv, &vm.id).await?;
+    let vm = create_vm(env, caa, &hv, "web", "c0ffee00c0ffee00", &pod_netns(0)).await?;
+    let (_agent, log) = start_with_agent(&hv, &vm).await?;
     let pid = vm.pid()?;
-    let (_agent, log) =
-        super::agent::start(&vm.vm_dir.join("run/kata-containers/agent.sock")).await?;
+    log.lock().unwrap().clear();
     super::check_agent_calls(&vm.agent_socket, &log).await?;
 
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(env.admin().await?, &env.ns);
+    // Under the deployed RBAC the certificates survive the restart through the Secret.
+    let secrets: Api<Secret> = Api::namespaced(env.admin().await?, &env.ns);
     let tls = secrets
         .get_opt("peerpod-caa-tls")
         .await?
@@ -575,7 +836,7 @@ async fn restart(env: Env) -> Result<()> {
     .await?;
     log.lock().unwrap().clear();
     super::check_agent_calls(&vm.agent_socket, &log).await?;
-    tcp_through_tunnel(&n, pid, pod_ip(0), "pong").await?;
+    tcp_through_tunnel(n, pid, pod_ip(0), "pong").await?;
 
     let kept = secrets.get("peerpod-caa-tls").await?;
     ensure!(
@@ -584,17 +845,27 @@ async fn restart(env: Env) -> Result<()> {
     );
     let hv = caa.hypervisor().await?;
     stop_vm(&hv, &vm.id).await?;
-    assert_vm_gone(&env, &vm, Some(pid)).await?;
-    assert_links_gone(&n).await
+    assert_vm_gone(env, &vm, Some(pid)).await?;
+    assert_links_gone(n).await
 }
 
+/// Where the silent forwarder lives on the node (and in the CAA container).
+const SILENT_FORWARDER: &str = "/run/peerpod/silent-forwarder";
+
 async fn silent_forwarder(env: Env) -> Result<()> {
-    let n = network(&env.ns, 1).await?;
+    let cm = local_config(&[
+        ("PROXY_TIMEOUT", "3s".into()),
+        ("LOCAL_VM_FORWARDER", SILENT_FORWARDER.into()),
+    ]);
+    let (mut caa, n) = CaaProc::deploy(&env, cm, &[], 1, NODE_IP, false).await?;
+    let r = silent_forwarder_on(&env, &mut caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn silent_forwarder_on(env: &Env, caa: &mut CaaProc, n: &Net) -> Result<()> {
     // A "forwarder" that takes its own network namespace (so the VM gets its link and
     // address) and then never listens.
-    let dir = run_dir().join(format!("s{}", &env.ns[env.ns.len() - 6..]));
-    std::fs::create_dir_all(&dir)?;
-    let exe = dir.join("silent-forwarder");
+    let exe = caa.host.path(SILENT_FORWARDER);
     // A unique argument, to find the process again.
     let nap = format!(
         "600.{}",
@@ -602,25 +873,19 @@ async fn silent_forwarder(env: Env) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos()
     );
-    std::fs::write(&exe, format!("#!/bin/sh\nexec unshare --net sleep {nap}\n"))?;
+    std::fs::write(
+        &exe,
+        format!("#!/bin/sh\nexec /usr/bin/unshare --net /usr/bin/sleep {nap}\n"),
+    )?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
     }
+    caa.spawn().await?;
     let timeout = Duration::from_secs(3);
-    let caa = CaaProc::start(
-        &env,
-        &n,
-        &[
-            ("PROXY_TIMEOUT", "3s".into()),
-            ("LOCAL_VM_FORWARDER", exe.display().to_string()),
-        ],
-        false,
-    )
-    .await?;
     let hv = caa.hypervisor().await?;
-    let vm = create_vm(&env, &caa, &hv, "web", "dead0000beef0000", &n.pods[0]).await?;
-    let t0 = std::time::Instant::now();
+    let vm = create_vm(env, caa, &hv, "web", "dead0000beef0000", &pod_netns(0)).await?;
+    let t0 = Instant::now();
     let e = start_vm(&hv, &vm.id)
         .await
         .err()
@@ -651,17 +916,182 @@ async fn silent_forwarder(env: Env) -> Result<()> {
         st.phase,
         st.message
     );
-    assert_links_gone(&n).await?;
+    assert_links_gone(n).await?;
     stop_vm(&hv, &vm.id).await?;
-    assert_vm_gone(&env, &vm, None).await?;
+    assert_vm_gone(env, &vm, None).await?;
     ensure!(
         !std::process::Command::new("pgrep")
-            .args(["-x", "-f", &format!("sleep {nap}")])
+            .args(["-x", "-f", &format!("/usr/bin/sleep {nap}")])
             .status()?
             .success(),
         "the silent forwarder still runs"
     );
     Ok(())
+}
+
+/// Runtimes name the pod's network namespace `/var/run/netns/<id>` (CRI-O, containerd) or
+/// `/run/netns/<id>`; the image has no `/var` and the DaemonSet mounts the node's
+/// `/run/netns`. containerd's sandbox name is the pod's; CRI-O's (which kata copies over the
+/// cri key) is `k8s_<pod>_<namespace>_<uid>_<attempt>`. One pod of each, each carrying
+/// traffic through its tunnel.
+async fn netns_and_runtime_forms(env: Env) -> Result<()> {
+    let (caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 2, NODE_IP, true).await?;
+    let r = netns_and_runtime_forms_on(&env, &caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn netns_and_runtime_forms_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
+    let admin = env.admin().await?;
+    let hv = caa.hypervisor().await?;
+    // containerd: the pod name, /var/run/netns.
+    let a = create_vm(
+        env,
+        caa,
+        &hv,
+        "ctrd",
+        "c0c0c0c0c0c0c0c0",
+        "/var/run/netns/pod0",
+    )
+    .await?;
+    let (_agent_a, _) = start_with_agent(&hv, &a).await?;
+    // CRI-O: k8s_<pod>_<namespace>_<uid>_<attempt>, /run/netns.
+    let pod = make_pod(env, "crio").await?;
+    let uid = pod.uid().context("pod uid")?;
+    let b = create_vm_named(
+        env,
+        caa,
+        &hv,
+        "crio",
+        &format!("k8s_crio_{}_{uid}_0", env.ns),
+        "c1c1c1c1c1c1c1c1",
+        "/run/netns/pod1",
+    )
+    .await?;
+    let (_agent_b, _) = start_with_agent(&hv, &b).await?;
+    for (vm, i, tag) in [(&a, 0, "containerd"), (&b, 1, "crio")] {
+        // The record belongs to the pod the sandbox name names.
+        let pp: PeerPod = Api::namespaced(admin.clone(), &env.ns)
+            .get(&vm.vm_name)
+            .await?;
+        let owner = pp.owner_references().first().cloned().context("owner")?;
+        ensure!(owner.name == vm.name, "{tag}: owner {}", owner.name);
+        let pod: Pod = Api::namespaced(admin.clone(), &env.ns)
+            .get(&vm.name)
+            .await?;
+        ensure!(Some(owner.uid) == pod.uid(), "{tag}: owner uid");
+        status_with_ip(&admin, &env.ns, &vm.vm_name).await?;
+        tcp_through_tunnel(n, vm.pid()?, pod_ip(i), tag).await?;
+    }
+    // A CRI-O name whose uid is not the pod's (a pod deleted and made again) is refused.
+    let mut req = hypervisor::CreateVMRequest::new();
+    req.id = "c2c2c2c2c2c2c2c2".into();
+    req.annotations.insert(
+        annotations::SANDBOX_NAME.into(),
+        format!("k8s_crio_{}_00000000-0000-0000-0000-000000000000_1", env.ns),
+    );
+    req.annotations
+        .insert(annotations::SANDBOX_NAMESPACE.into(), env.ns.clone());
+    let e = hv
+        .create_vm(ctx(), &req)
+        .await
+        .err()
+        .context("a CRI-O sandbox of a gone pod uid was accepted")?;
+    ensure!(
+        format!("{e}").contains("no longer exists"),
+        "unexpected error: {e}"
+    );
+    for vm in [&a, &b] {
+        stop_vm(&hv, &vm.id).await?;
+        assert_vm_gone(env, vm, None).await?;
+    }
+    assert_links_gone(n).await
+}
+
+/// The kata shim's first agent call is a health check with a fixed 30 s deadline: StartVM
+/// answers only once the agent itself answers one through the forwarder (readiness `agent`,
+/// the DaemonSet's default), and fails naming the agent when it never does.
+async fn readiness_agent(env: Env) -> Result<()> {
+    let cm = local_config(&[("PROXY_TIMEOUT", "8s".into())]);
+    let (caa, n) = CaaProc::deploy(&env, cm, &[], 2, NODE_IP, true).await?;
+    let r = readiness_agent_on(&env, &caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn readiness_agent_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
+    ensure!(
+        !caa.launch.argv.iter().any(|a| a.contains("readiness"))
+            && caa.launch.var("CAA_READINESS").is_none(),
+        "the test is about the default readiness: {:?}",
+        caa.launch.argv
+    );
+    let hv = caa.hypervisor().await?;
+    // The agent comes up 3 s after the VM exists.
+    let vm = create_vm(env, caa, &hv, "late", "1a1e1a1e1a1e1a1e", &pod_netns(0)).await?;
+    let agent = agent_in_vm(&vm.vm_dir, Duration::from_secs(3));
+    start_vm(&hv, &vm.id).await?;
+    let answered = Instant::now();
+    let (_agent, log, agent_up) = agent.await??;
+    ensure!(
+        agent_up <= answered,
+        "StartVM answered before the agent was up"
+    );
+    ensure!(
+        log.lock().unwrap().iter().any(|(m, _)| m == "Check"),
+        "the agent never saw a health check"
+    );
+    tcp_through_tunnel(n, vm.pid()?, pod_ip(0), "late").await?;
+    stop_vm(&hv, &vm.id).await?;
+    assert_vm_gone(env, &vm, None).await?;
+
+    // No agent ever: StartVM fails after PROXY_TIMEOUT naming the agent, the VM goes.
+    let vm = create_vm(env, caa, &hv, "mute", "3a3e3a3e3a3e3a3e", &pod_netns(1)).await?;
+    let e = start_vm(&hv, &vm.id)
+        .await
+        .err()
+        .context("StartVM succeeded without an agent")?;
+    let msg = format!("{e:#}");
+    ensure!(
+        msg.contains("kata agent") && msg.contains("health check"),
+        "StartVM error does not name the agent: {msg}"
+    );
+    ensure!(!vm.vm_dir.exists(), "the VM was not deleted");
+    stop_vm(&hv, &vm.id).await?;
+    assert_vm_gone(env, &vm, None).await?;
+    assert_links_gone(n).await
+}
+
+/// A node whose IP is not the node's own (the pod tunnel could not work): the CAA the
+/// operator deploys exits at start saying so, instead of failing every pod later.
+async fn wrong_node_ip(env: Env) -> Result<()> {
+    let ip = Ipv4Addr::new(10, 77, 0, 99);
+    let (mut caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 0, ip, false).await?;
+    let r = async {
+        ensure!(
+            caa.launch.var("NODE_IP") == Some("10.77.0.99"),
+            "NODE_IP from the downward API: {:?}",
+            caa.launch.var("NODE_IP")
+        );
+        caa.start_container()?;
+        let c = caa.container.as_mut().context("container")?;
+        let exited = harness::eventually("CAA to exit", Duration::from_secs(60), || {
+            let gone = c.process.check_running().is_err();
+            async move { Ok(gone.then_some(())) }
+        })
+        .await;
+        let log = c.process.log_tail(20);
+        exited.map_err(|e| anyhow::anyhow!("{e:#}; CAA kept running:\n{log}"))?;
+        ensure!(
+            log.contains("10.77.0.99 is not an address of this node"),
+            "CAA's exit does not say why:\n{log}"
+        );
+        ensure!(
+            !caa.socket.exists(),
+            "CAA served although the tunnel cannot work"
+        );
+        Ok(())
+    }
+    .await;
+    finish(caa, n, r).await
 }
 
 /// `GET` of an ARM test server inspection endpoint, as JSON.
@@ -684,11 +1114,43 @@ async fn arm_inspect(addr: std::net::SocketAddr, path: &str) -> Result<serde_jso
 /// Azure provider path end to end with readiness `agent`.
 async fn azure_local_vms(env: Env) -> Result<()> {
     const SUB: &str = "00000000-0000-0000-0000-00000000d901";
+    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
+    let cm: Vec<(String, String)> = [
+        ("CLOUD_PROVIDER", "azure".to_string()),
+        ("VXLAN_PORT", "9000".into()),
+        ("PROXY_TIMEOUT", "30s".into()),
+        ("AZURE_INSTANCE_SIZE", "Standard_D2as_v5".into()),
+        ("AZURE_INSTANCE_SIZES", "Standard_D2as_v5".into()),
+        (
+            "AZURE_SUBNET_ID",
+            format!("{rg}/providers/Microsoft.Network/virtualNetworks/vnet/subnets/worker"),
+        ),
+        (
+            "AZURE_NSG_ID",
+            format!("{rg}/providers/Microsoft.Network/networkSecurityGroups/nsg"),
+        ),
+        (
+            "AZURE_IMAGE_ID",
+            format!("{rg}/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0"),
+        ),
+        ("AZURE_REGION", "eastus".into()),
+        ("AZURE_RESOURCE_GROUP", "rg".into()),
+        ("DISABLECVM", "true".into()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.clone()))
+    .collect();
+    let (mut caa, n) = CaaProc::deploy(&env, cm, &[], 1, NODE_IP, false).await?;
+    let r = azure_local_vms_on(&env, &mut caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn azure_local_vms_on(env: &Env, caa: &mut CaaProc, n: &Net) -> Result<()> {
+    const SUB: &str = "00000000-0000-0000-0000-00000000d901";
     let admin = env.admin().await?;
-    let n = network(&env.ns, 1).await?;
-    // The same VM directory CaaProc uses, so the PodVm helpers find the VM's state.
-    let dir = run_dir().join(format!("d{}", &env.ns[env.ns.len() - 6..]));
-    let vms_dir = dir.join("vms");
+    // The ARM test server backs its VMs with local pod VMs in the node's network, kept where
+    // the PodVm helpers look.
+    let vms_dir = caa.local_dir.clone();
     let port = harness::process::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let arm_args: Vec<String> = [
@@ -720,48 +1182,17 @@ async fn azure_local_vms(env: Env) -> Result<()> {
         Ok(arm_inspect(addr, "/armtest/vms").await.ok().map(|_| ()))
     })
     .await?;
-    let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
-    // Azure wants an SSH key when password authentication is off.
-    std::fs::create_dir_all(&dir)?;
-    let key = dir.join("id.pub");
-    std::fs::write(
-        &key,
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Qta2V5LW5vdC1yZWFs test\n",
-    )?;
+    // The development endpoints of the ARM test server (never part of a deployment) and a
+    // faster polling floor.
     let base = format!("http://{addr}/");
-    let extra: Vec<(&'static str, String)> = vec![
-        ("CLOUD_PROVIDER", "azure".into()),
-        ("AZURE_INSTANCE_SIZE", "Standard_D2as_v5".into()),
-        ("AZURE_INSTANCE_SIZES", "Standard_D2as_v5".into()),
-        (
-            "AZURE_SUBNET_ID",
-            format!("{rg}/providers/Microsoft.Network/virtualNetworks/vnet/subnets/worker"),
-        ),
-        (
-            "AZURE_NSG_ID",
-            format!("{rg}/providers/Microsoft.Network/networkSecurityGroups/nsg"),
-        ),
-        (
-            "AZURE_IMAGE_ID",
-            format!("{rg}/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0"),
-        ),
-        ("AZURE_REGION", "eastus".into()),
-        ("AZURE_RESOURCE_GROUP", "rg".into()),
-        ("DISABLECVM", "true".into()),
-        ("AZURE_CLIENT_ID", "app".into()),
-        ("AZURE_CLIENT_SECRET", "s3cret".into()),
-        ("AZURE_TENANT_ID", "tenant".into()),
-        ("AZURE_SUBSCRIPTION_ID", SUB.into()),
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()),
-        ("AZURE_AUTHORITY_HOST", base),
-        ("CAA_MIN_POLL_MS", "20".into()),
-        ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
-    ];
-    let caa = CaaProc::start(&env, &n, &extra, false).await?;
-    ensure!(caa.local_dir == vms_dir, "VM directory differs");
+    caa.extra
+        .push(("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()));
+    caa.extra.push(("AZURE_AUTHORITY_HOST", base));
+    caa.extra.push(("CAA_MIN_POLL_MS", "20".into()));
+    caa.spawn().await?;
     let hv = caa.hypervisor().await?;
-    let vm = create_vm(&env, &caa, &hv, "azweb", "9876abcd4567ef01", &n.pods[0]).await?;
-    start_vm(&hv, &vm.id).await?;
+    let vm = create_vm(env, caa, &hv, "azweb", "9876abcd4567ef01", &pod_netns(0)).await?;
+    let (_agent, log) = start_with_agent(&hv, &vm).await?;
     let pid = vm.pid()?;
     // ARM holds the VM, its NIC carrying the local VM's address; the PeerPod records it.
     let vms = arm_inspect(addr, "/armtest/vms").await?;
@@ -779,11 +1210,9 @@ async fn azure_local_vms(env: Env) -> Result<()> {
         "ip {:?}",
         st.vm_ip
     );
-
-    let (_agent, log) =
-        super::agent::start(&vm.vm_dir.join("run/kata-containers/agent.sock")).await?;
+    log.lock().unwrap().clear();
     super::check_agent_calls(&vm.agent_socket, &log).await?;
-    tcp_through_tunnel(&n, pid, pod_ip(0), "azure").await?;
+    tcp_through_tunnel(n, pid, pod_ip(0), "azure").await?;
 
     // StopVM: no VM in ARM, no local VM process, directory or link.
     stop_vm(&hv, &vm.id).await?;
@@ -792,8 +1221,8 @@ async fn azure_local_vms(env: Env) -> Result<()> {
         Ok(vms.as_array().is_some_and(|a| a.is_empty()).then_some(()))
     })
     .await?;
-    assert_vm_gone(&env, &vm, Some(pid)).await?;
-    assert_links_gone(&n).await?;
+    assert_vm_gone(env, &vm, Some(pid)).await?;
+    assert_links_gone(n).await?;
     arm.stop(Duration::from_secs(5));
     Ok(())
 }

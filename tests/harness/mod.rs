@@ -3,7 +3,9 @@
 
 pub mod control_plane;
 pub mod kube_helpers;
+pub mod pod_launch;
 pub mod process;
+pub mod ttrpc_wire;
 
 use std::future::Future;
 use std::pin::Pin;

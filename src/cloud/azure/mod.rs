@@ -135,14 +135,40 @@ impl Learned {
     }
 }
 
+/// An `azure_core` error as a sentence: the SDK's own text of an HTTP error is a dump of
+/// the status, body and headers, which the shim (and `kubectl describe pod`) would show.
+pub(crate) fn sentence(e: &azure_core::Error) -> String {
+    use azure_core::error::HttpError;
+    fn http(h: &HttpError) -> String {
+        let status = u16::from(h.status());
+        let code = h.error_code().unwrap_or("no error code");
+        match h.error_message().map(str::trim).filter(|m| !m.is_empty()) {
+            Some(m) => format!("ARM answered {status} ({code}): {m}"),
+            None => format!("ARM answered {status} ({code})"),
+        }
+    }
+    if let Some(h) = e.as_http_error() {
+        return http(h);
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HttpError>() {
+            let text = e.to_string();
+            return if text.contains("HttpError {") {
+                http(h)
+            } else {
+                format!("{text}: {}", http(h))
+            };
+        }
+        source = s.source();
+    }
+    e.to_string()
+}
+
 /// Maps an `azure_core` error to the typed cloud error.
 pub(crate) fn map_error(e: azure_core::Error) -> Error {
     use azure_core::error::ErrorKind;
-    let text = e.to_string();
-    let detail = e
-        .as_http_error()
-        .map(|h| format!("{text}: {}", h.error_message().unwrap_or_default()))
-        .unwrap_or(text);
+    let detail = sentence(&e);
     match e.kind() {
         ErrorKind::HttpResponse { status, error_code } => {
             let code = error_code.clone().unwrap_or_default();
@@ -157,7 +183,9 @@ pub(crate) fn map_error(e: azure_core::Error) -> Error {
                 _ => Error::Permanent(detail),
             }
         }
-        ErrorKind::Credential => Error::Permanent(format!("credential: {detail}")),
+        ErrorKind::Credential => {
+            Error::Permanent(format!("getting an Azure access token failed: {detail}"))
+        }
         ErrorKind::DataConversion => Error::Permanent(detail),
         _ => Error::Transient(detail),
     }

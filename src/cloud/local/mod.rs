@@ -4,8 +4,10 @@
 //! the agent socket. Its configuration arrives NoCloud-style (a `user-data` file).
 //!
 //! State lives in `<dir>/<vm name>/` (`LOCAL_VM_DIR`, default `/run/peerpod/local`):
-//! `vm.json` (index, pid and start time, IP, tags), `user-data`, `run/` (the VM's `/run`:
-//! kata-agent's socket goes to `run/kata-containers/agent.sock`) and `forwarder.log`.
+//! `vm.json` (index, pid and start time, IP, tags), `run/` (the VM's `/run`: kata-agent's
+//! socket goes to `run/kata-containers/agent.sock`, the NoCloud seed is
+//! `run/cidata/user-data`, which the VM reads as `/run/cidata/user-data` whatever
+//! `LOCAL_VM_DIR` is, even below the `/run` its private `/run` hides) and `forwarder.log`.
 //! VMs outlive a CAA restart like cloud VMs do; delete kills the process (its namespaces
 //! and veth pair go with it) and removes the directory.
 
@@ -23,6 +25,8 @@ use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 
 /// Default state directory.
 pub const DEFAULT_DIR: &str = "/run/peerpod/local";
+/// The NoCloud seed, relative to the VM's `/run`.
+const SEED: &str = "cidata/user-data";
 /// Default address range of VM links (one /30 per VM).
 pub const DEFAULT_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 0);
 
@@ -163,7 +167,11 @@ impl LocalProvider {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
         }
-        std::fs::write(dir.join("user-data"), user_data)
+        // Inside the VM's own /run: the node's /run (where LOCAL_VM_DIR may be) is hidden
+        // from the VM by it.
+        std::fs::create_dir_all(dir.join("run/cidata"))
+            .map_err(|e| err("creating its seed directory", e))?;
+        std::fs::write(dir.join("run").join(SEED), user_data)
             .map_err(|e| err("writing user-data", e))?;
         let used: Vec<u32> = self.all().into_iter().map(|(_, v)| v.index).collect();
         let index = (0..16000u32)
@@ -176,7 +184,7 @@ impl LocalProvider {
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg("forwarder")
             .arg("--seed")
-            .arg(dir.join("user-data"))
+            .arg(Path::new("/run").join(SEED))
             .arg("--unshare-net")
             .arg("--private-run")
             .arg(dir.join("run"))

@@ -1,5 +1,6 @@
 //! containerd: a drop-in that adds the `kata-remote` runtime handler (config version 2 for
-//! containerd 1.x, version 3 for 2.x), imported from the main config.
+//! containerd 1.x, version 3 for 2.x), imported from the main config, and the shim under the
+//! name its `runtime_type` resolves to, for containerd 1.6.
 
 use toml_edit::{Array, DocumentMut, Item, Value};
 
@@ -12,6 +13,36 @@ pub const MAIN_CONFIG: &str = "/etc/containerd/config.toml";
 pub const DROPIN: &str = "/etc/containerd/conf.d/50-sandboxd-kata-remote.toml";
 /// The systemd unit to restart.
 pub const UNIT: &str = "containerd.service";
+/// The handler's `runtime_type`. containerd 1.6 ignores `runtime_path` and runs the shim
+/// this name resolves to on its PATH (`containerd-shim-kata-remote-v2`); 1.7 and 2.x run
+/// `runtime_path`.
+pub const RUNTIME_TYPE: &str = "io.containerd.kata-remote.v2";
+/// The name form of the shim for containerd 1.6: a link to the kata shim, on the PATH of
+/// every containerd service (kata-deploy made the same link before containerd had
+/// `runtime_path`).
+pub const SHIM_LINK: &str = "/usr/local/bin/containerd-shim-kata-remote-v2";
+
+/// The shim binary containerd derives from a `runtime_type` (`io.containerd.<name>.<v>` →
+/// `containerd-shim-<name>-<v>`), as containerd 1.6 resolves it.
+pub fn shim_binary_of(runtime_type: &str) -> Option<String> {
+    let parts: Vec<&str> = runtime_type.split('.').collect();
+    match parts.as_slice() {
+        [.., name, version] if parts.len() >= 3 => {
+            Some(format!("containerd-shim-{name}-{version}"))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a kubelet-reported containerd (`containerd://1.6.20`) resolves shims by their
+/// `runtime_type` name only (before 1.7).
+pub fn needs_shim_link(runtime_version: &str) -> bool {
+    let v = runtime_version
+        .trim_start_matches("containerd://")
+        .trim_start_matches('v');
+    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+    matches!((it.next().flatten(), it.next().flatten()), (Some(1), Some(m)) if m < 7)
+}
 
 /// Which config schema a node's containerd reads: the main config's `version` if set,
 /// else 3 for containerd 2.x and 2 for 1.x (from the kubelet's `containerd://X.Y.Z`).
@@ -46,7 +77,7 @@ pub fn dropin(version: i64, shim: &str) -> String {
         r#"version = {version}
 
 [plugins."{plugin}".containerd.runtimes.kata-remote]
-runtime_type = "io.containerd.kata.v2"
+runtime_type = "{RUNTIME_TYPE}"
 runtime_path = "{shim}"
 privileged_without_host_devices = true
 pod_annotations = ["io.katacontainers.*"]
@@ -155,7 +186,18 @@ mod tests {
         let d2: DocumentMut = v2.parse().unwrap();
         let rt =
             &d2["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["kata-remote"];
-        assert_eq!(rt["runtime_type"].as_str(), Some("io.containerd.kata.v2"));
+        assert_eq!(
+            rt["runtime_type"].as_str(),
+            Some("io.containerd.kata-remote.v2")
+        );
+        assert_eq!(
+            rt["runtime_path"].as_str(),
+            Some("/opt/kata/bin/containerd-shim-kata-v2")
+        );
+        assert_eq!(
+            rt["pod_annotations"][0].as_str(),
+            Some("io.katacontainers.*")
+        );
         assert_eq!(rt["options"]["ConfigPath"].as_str(), Some(KATA_CONFIG));
         let d3: DocumentMut = dropin(3, "/x").parse().unwrap();
         assert!(
@@ -181,5 +223,22 @@ mod tests {
         let removed = remove_import(&added).unwrap();
         assert!(!imports_dropin(&removed).unwrap());
         assert!(removed.contains("/etc/a.toml"));
+    }
+
+    #[test]
+    fn the_runtime_type_resolves_to_the_linked_shim_name_as_containerd_1_6_does() {
+        assert_eq!(
+            shim_binary_of(RUNTIME_TYPE).as_deref(),
+            SHIM_LINK.rsplit('/').next()
+        );
+        assert_eq!(
+            shim_binary_of("io.containerd.runc.v2").as_deref(),
+            Some("containerd-shim-runc-v2")
+        );
+        assert!(needs_shim_link("containerd://1.6.20"));
+        assert!(needs_shim_link("containerd://v1.6.0"));
+        assert!(!needs_shim_link("containerd://1.7.22"));
+        assert!(!needs_shim_link("containerd://2.0.0"));
+        assert!(!needs_shim_link("containerd://2.4.2"));
     }
 }

@@ -1,5 +1,5 @@
 //! CRI-O: a drop-in under `/etc/crio/crio.conf.d` (read natively) that adds the
-//! `kata-remote` runtime handler.
+//! `kata-remote` runtime handler, with images pulled in the pod VM (`runtime_pull_image`).
 
 use super::kata_config::KATA_CONFIG;
 
@@ -18,6 +18,8 @@ runtime_root = "/run/vc"
 runtime_config_path = "{KATA_CONFIG}"
 privileged_without_host_devices = true
 allowed_annotations = ["io.kubernetes.cri-o.Devices", "io.katacontainers.*"]
+# Images are pulled inside the pod VM, not on the node (CRI-O 1.29 and later).
+runtime_pull_image = true
 "#
     )
 }
@@ -33,5 +35,10 @@ mod tests {
         let rt = &doc["crio"]["runtime"]["runtimes"]["kata-remote"];
         assert_eq!(rt["runtime_type"].as_str(), Some("vm"));
         assert_eq!(rt["runtime_config_path"].as_str(), Some(KATA_CONFIG));
+        assert_eq!(rt["runtime_pull_image"].as_bool(), Some(true));
+        assert_eq!(
+            rt["runtime_path"].as_str(),
+            Some("/usr/bin/containerd-shim-kata-v2")
+        );
     }
 }

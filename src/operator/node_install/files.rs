@@ -85,3 +85,64 @@ pub fn remove_empty_dirs(dirs: &[PathBuf]) {
         let _ = std::fs::remove_dir(d);
     }
 }
+
+/// What [`link`] found or did at a symlink path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// It already pointed at the target.
+    Present,
+    /// It was created (or repointed from `replaceable`), with the directories it needed.
+    Created(Vec<PathBuf>),
+    /// Something else is there (a file, or a link elsewhere); left alone.
+    Foreign,
+}
+
+/// Makes `path` a symlink to `target` (a host path, written as is). A link pointing at one
+/// of `replaceable` (an earlier install's target) is repointed; anything else is left alone.
+pub fn link(path: &Path, target: &str, replaceable: &[&str]) -> Result<Link, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_link(path) {
+        Ok(t) if t == Path::new(target) => return Ok(Link::Present),
+        Ok(t) if replaceable.iter().any(|r| t == Path::new(r)) => {
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Ok(_) => return Ok(Link::Foreign),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Not a symlink (a file or a directory).
+        Err(_) => return Ok(Link::Foreign),
+    }
+    let mut created = Vec::new();
+    if let Some(parent) = path.parent() {
+        let mut missing = Vec::new();
+        let mut p = parent;
+        while !p.exists() {
+            missing.push(p.to_path_buf());
+            match p.parent() {
+                Some(pp) => p = pp,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(parent).map_err(io)?;
+        missing.reverse();
+        created = missing;
+    }
+    std::os::unix::fs::symlink(target, path).map_err(io)?;
+    Ok(Link::Created(created))
+}
+
+/// Removes the symlink at `path` if it still points at `target`. Returns whether it did.
+pub fn unlink(path: &Path, target: &str) -> Result<bool, Error> {
+    match std::fs::read_link(path) {
+        Ok(t) if t == Path::new(target) => {
+            std::fs::remove_file(path).map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}

@@ -124,7 +124,8 @@ impl InstallConfig {
     /// The configuration for a `logLevel`.
     pub fn new(log_level: &str) -> Self {
         Self {
-            format: 1,
+            // 2: the remote configuration as upstream's, guest pull, the shim's name form.
+            format: 2,
             log_level: log_level.to_string(),
             runtime_class: RUNTIME_CLASS.to_string(),
             hypervisor_socket: HYPERVISOR_SOCKET.to_string(),
@@ -173,6 +174,9 @@ struct State {
     created_dirs: Vec<String>,
     /// The main containerd config before (None: it did not exist) and after the edit.
     containerd_main: Option<(Option<String>, String)>,
+    /// The shim link sandboxd made ([`containerd::SHIM_LINK`]) and its target.
+    #[serde(default)]
+    shim_link: Option<String>,
 }
 
 fn load_state(root: &Path) -> Result<State, Error> {
@@ -197,9 +201,13 @@ pub async fn install(
     let shim = kata_config::find_shim(root).ok_or(Error::ShimMissing)?;
     let mut state = load_state(root)?;
     let mut created: Vec<PathBuf> = Vec::new();
+    let pull = match runtime {
+        Runtime::Containerd(_) => kata_config::GuestPull::Kata,
+        Runtime::Crio => kata_config::GuestPull::Runtime,
+    };
     let (mut changed, dirs) = write_owned(
         &host_path(root, kata_config::KATA_CONFIG),
-        &kata_config::render(cfg),
+        &kata_config::render(cfg, pull),
     )?;
     created.extend(dirs);
     match runtime {
@@ -213,6 +221,25 @@ pub async fn install(
             )?;
             changed |= c;
             created.extend(dirs);
+            // The name form of the shim, for containerd 1.6 (harmless for later ones).
+            let previous: Vec<&str> = state.shim_link.iter().map(String::as_str).collect();
+            match files::link(&host_path(root, containerd::SHIM_LINK), shim, &previous)? {
+                files::Link::Present => {}
+                files::Link::Created(dirs) => {
+                    created.extend(dirs);
+                    state.shim_link = Some(shim.to_string());
+                    changed = true;
+                }
+                files::Link::Foreign if containerd::needs_shim_link(version) => {
+                    return Err(Error::NotOurs(host_path(root, containerd::SHIM_LINK)));
+                }
+                files::Link::Foreign => {
+                    tracing::warn!(
+                        path = containerd::SHIM_LINK,
+                        "another file holds the shim's name; containerd 1.7 and later use runtime_path"
+                    );
+                }
+            }
             let imported = match &main {
                 Some(text) => containerd::imports_dropin(text)?,
                 None => false,
@@ -263,6 +290,9 @@ pub async fn uninstall(
     let mut changed = remove_owned(&host_path(root, kata_config::KATA_CONFIG))?;
     changed |= remove_owned(&host_path(root, containerd::DROPIN))?;
     changed |= remove_owned(&host_path(root, crio::DROPIN))?;
+    if let Some(target) = &state.shim_link {
+        changed |= files::unlink(&host_path(root, containerd::SHIM_LINK), target)?;
+    }
     let main_path = host_path(root, containerd::MAIN_CONFIG);
     if let Some(current) = read_opt(&main_path)? {
         match &state.containerd_main {

@@ -12,7 +12,10 @@ fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
             let key = p.strip_prefix(base).unwrap().display().to_string();
-            if p.is_dir() {
+            if let Ok(target) = std::fs::read_link(&p) {
+                // Links point at host paths, which need not exist under the test root.
+                out.insert(format!("{key}@"), target.display().to_string().into_bytes());
+            } else if p.is_dir() {
                 out.insert(format!("{key}/"), Vec::new());
                 walk(base, &p, out);
             } else {
@@ -268,4 +271,140 @@ fn runtime_is_read_from_node_info() {
             .metric_label(),
         "unsupported_runtime"
     );
+}
+
+fn link_target(root: &Path) -> Option<String> {
+    std::fs::read_link(files::host_path(root, containerd::SHIM_LINK))
+        .ok()
+        .map(|t| t.display().to_string())
+}
+
+#[tokio::test]
+async fn containerd_1_6_finds_the_shim_by_its_runtime_type_name_and_uninstall_removes_it() {
+    let host = host_with_shim();
+    let root = host.path();
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_1X);
+    let before = snapshot(root);
+    let rt = Runtime::Containerd("containerd://1.6.20".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    // containerd 1.6 ignores runtime_path: it runs containerd-shim-<name>-<v> from its PATH,
+    // the name coming from runtime_type.
+    let dropin: toml_edit::DocumentMut =
+        std::fs::read_to_string(files::host_path(root, containerd::DROPIN))
+            .unwrap()
+            .parse()
+            .unwrap();
+    let rt_type = dropin["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+        ["kata-remote"]["runtime_type"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let name = containerd::shim_binary_of(&rt_type).unwrap();
+    assert_eq!(
+        files::host_path(root, "/usr/local/bin").join(&name),
+        files::host_path(root, containerd::SHIM_LINK)
+    );
+    assert_eq!(
+        link_target(root).as_deref(),
+        Some("/opt/kata/bin/containerd-shim-kata-v2")
+    );
+    // The guest pull of containerd nodes is kata's.
+    let kata: toml_edit::DocumentMut =
+        std::fs::read_to_string(files::host_path(root, kata_config::KATA_CONFIG))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(
+        kata["runtime"]["experimental_force_guest_pull"].as_bool(),
+        Some(true)
+    );
+    let after = snapshot(root);
+    assert!(
+        !install(root, &rt, &InstallConfig::new("info"), &sm)
+            .await
+            .unwrap()
+    );
+    assert_eq!(snapshot(root), after);
+    uninstall(root, &rt, &sm).await.unwrap();
+    assert_eq!(
+        snapshot(root),
+        before,
+        "the link or /usr/local/bin was left"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_file_with_the_shims_name_fails_containerd_1_6_and_is_left_on_later_ones() {
+    for (version, fails) in [("containerd://1.6.20", true), ("containerd://2.0.0", false)] {
+        let host = host_with_shim();
+        let root = host.path();
+        put(root, containerd::SHIM_LINK, "#!/bin/sh\n# an admin's own\n");
+        let rt = Runtime::Containerd(version.into());
+        let sm = Recorded::default();
+        let r = install(root, &rt, &InstallConfig::new("info"), &sm).await;
+        if fails {
+            assert_eq!(r.unwrap_err().metric_label(), "not_ours", "{version}");
+        } else {
+            r.unwrap();
+        }
+        uninstall(root, &rt, &sm).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(files::host_path(root, containerd::SHIM_LINK)).unwrap(),
+            "#!/bin/sh\n# an admin's own\n",
+            "{version}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_shim_link_an_older_kata_deploy_made_is_used_and_kept() {
+    let host = host_with_shim();
+    let root = host.path();
+    let link = files::host_path(root, containerd::SHIM_LINK);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/opt/kata/bin/containerd-shim-kata-v2", &link).unwrap();
+    let rt = Runtime::Containerd("containerd://1.6.20".into());
+    let sm = Recorded::default();
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    uninstall(root, &rt, &sm).await.unwrap();
+    assert_eq!(
+        link_target(root).as_deref(),
+        Some("/opt/kata/bin/containerd-shim-kata-v2"),
+        "a link sandboxd did not make was removed"
+    );
+}
+
+#[tokio::test]
+async fn crio_nodes_pull_images_in_the_guest_through_crio() {
+    let host = host_with_shim();
+    let root = host.path();
+    let sm = Recorded::default();
+    install(root, &Runtime::Crio, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    let dropin: toml_edit::DocumentMut =
+        std::fs::read_to_string(files::host_path(root, crio::DROPIN))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(
+        dropin["crio"]["runtime"]["runtimes"]["kata-remote"]["runtime_pull_image"].as_bool(),
+        Some(true)
+    );
+    let kata: toml_edit::DocumentMut =
+        std::fs::read_to_string(files::host_path(root, kata_config::KATA_CONFIG))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(
+        kata["runtime"]["experimental_force_guest_pull"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(kata["runtime"]["disable_new_netns"].as_bool(), Some(true));
+    assert!(link_target(root).is_none(), "CRI-O needs no shim link");
 }

@@ -28,7 +28,49 @@ pub fn config_hash(inputs: &ConfigInputs) -> String {
     crate::k8s::apply::content_hash(&(&inputs.secret, &inputs.configmap, ssh))
 }
 
+/// What the cluster offers the CAA pod, decided once from the API server's version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    /// Whether the downward API offers `status.hostIPs` (Kubernetes 1.29 and later; 1.28
+    /// has it behind a feature gate that is off by default, and rejects the field without).
+    pub host_ips: bool,
+}
+
+impl Cluster {
+    /// From the API server's `major`/`minor` version (`minor` may carry a `+`).
+    pub fn from_version(major: &str, minor: &str) -> Self {
+        let num = |s: &str| {
+            s.trim_end_matches('+')
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<u32>()
+                .ok()
+        };
+        let host_ips = matches!((num(major), num(minor)), (Some(ma), Some(mi)) if ma > 1 || (ma == 1 && mi >= 29));
+        Self { host_ips }
+    }
+}
+
+/// The CAA container's environment beyond `envFrom`: the node's name and IP(s) and the pod's
+/// namespace from the downward API (the pod tunnel's worker end is the node IP; CAA keeps
+/// its certificates in a Secret of its namespace), and where the SSH key is mounted.
+fn env(cluster: Cluster) -> Vec<serde_json::Value> {
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}});
+    let mut env = vec![
+        field("NODE_NAME", "spec.nodeName"),
+        field("NODE_IP", "status.hostIP"),
+    ];
+    if cluster.host_ips {
+        env.push(field("NODE_IPS", "status.hostIPs"));
+    }
+    env.push(field("POD_NAMESPACE", "metadata.namespace"));
+    env.push(json!({"name": "CAA_SSH_PUBLIC_KEY", "value": format!("/etc/sandboxd/ssh-key/{SSH_PUBLIC_KEY}")}));
+    env
+}
+
 /// The desired DaemonSet, hash-stamped (see [`crate::k8s::apply::stamp_hash`]).
+#[allow(clippy::too_many_arguments)]
 pub fn daemonset(
     namespace: &str,
     image: &str,
@@ -37,6 +79,7 @@ pub fn daemonset(
     node_selector: &BTreeMap<String, String>,
     config_hash: &str,
     owner: OwnerReference,
+    cluster: Cluster,
 ) -> DaemonSet {
     let labels = json!({"app": DAEMONSET, "app.kubernetes.io/managed-by": "sandboxd"});
     let mut ds: DaemonSet = serde_json::from_value(json!({
@@ -64,15 +107,15 @@ pub fn daemonset(
                         "name": "cloud-api-adaptor",
                         "image": image,
                         "args": ["caa"],
-                        "securityContext": {"privileged": true},
+                        // Root: the image's user (65532) would hold no capability, so the pod
+                        // tunnel (netlink, network namespaces) and the host's /run/peerpod
+                        // would be out of reach even in a privileged container.
+                        "securityContext": {"privileged": true, "runAsUser": 0, "runAsGroup": 0},
                         "envFrom": [
                             {"secretRef": {"name": secret}},
                             {"configMapRef": {"name": configmap}},
                         ],
-                        "env": [
-                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                            {"name": "CAA_SSH_PUBLIC_KEY", "value": format!("/etc/sandboxd/ssh-key/{SSH_PUBLIC_KEY}")},
-                        ],
+                        "env": env(cluster),
                         "volumeMounts": [
                             {"name": "pods-dir", "mountPath": "/run/peerpod", "mountPropagation": "HostToContainer"},
                             {"name": "netns", "mountPath": "/run/netns", "mountPropagation": "HostToContainer"},
@@ -134,6 +177,7 @@ mod tests {
             &sel,
             "h1",
             OwnerReference::default(),
+            Cluster { host_ips: true },
         );
         let t = ds.spec.as_ref().unwrap().template.clone();
         assert_eq!(
@@ -154,6 +198,7 @@ mod tests {
             &sel,
             "h2",
             OwnerReference::default(),
+            Cluster { host_ips: true },
         );
         assert!(!crate::k8s::apply::hash_matches(Some(&ds), &other));
         let same = daemonset(
@@ -164,7 +209,70 @@ mod tests {
             &sel,
             "h1",
             OwnerReference::default(),
+            Cluster { host_ips: true },
         );
         assert!(crate::k8s::apply::hash_matches(Some(&ds), &same));
+    }
+
+    #[test]
+    fn caa_gets_node_ip_ips_and_namespace_from_the_downward_api_and_runs_as_root() {
+        let sel = BTreeMap::from([("kata".to_string(), String::new())]);
+        let env_of = |cluster| {
+            let ds = daemonset(
+                "ns",
+                "img",
+                "s",
+                "cm",
+                &sel,
+                "h",
+                OwnerReference::default(),
+                cluster,
+            );
+            let c = ds.spec.unwrap().template.spec.unwrap().containers[0].clone();
+            assert_eq!(c.security_context.as_ref().unwrap().run_as_user, Some(0));
+            c.env
+                .unwrap()
+                .into_iter()
+                .map(|e| {
+                    let v = e
+                        .value_from
+                        .and_then(|v| v.field_ref)
+                        .map(|f| format!("fieldRef:{}", f.field_path))
+                        .or(e.value)
+                        .unwrap_or_default();
+                    (e.name, v)
+                })
+                .collect::<Vec<_>>()
+        };
+        let with = env_of(Cluster { host_ips: true });
+        let want = |extra: bool| {
+            let mut v = vec![
+                (
+                    "NODE_NAME".to_string(),
+                    "fieldRef:spec.nodeName".to_string(),
+                ),
+                ("NODE_IP".into(), "fieldRef:status.hostIP".into()),
+            ];
+            if extra {
+                v.push(("NODE_IPS".into(), "fieldRef:status.hostIPs".into()));
+            }
+            v.push(("POD_NAMESPACE".into(), "fieldRef:metadata.namespace".into()));
+            v.push((
+                "CAA_SSH_PUBLIC_KEY".into(),
+                "/etc/sandboxd/ssh-key/id_rsa.pub".into(),
+            ));
+            v
+        };
+        assert_eq!(with, want(true));
+        assert_eq!(env_of(Cluster { host_ips: false }), want(false));
+    }
+
+    #[test]
+    fn host_ips_are_offered_from_kubernetes_1_29() {
+        assert!(!Cluster::from_version("1", "28").host_ips);
+        assert!(Cluster::from_version("1", "29").host_ips);
+        assert!(Cluster::from_version("1", "30+").host_ips);
+        assert!(Cluster::from_version("1", "36").host_ips);
+        assert!(!Cluster::from_version("", "").host_ips);
     }
 }

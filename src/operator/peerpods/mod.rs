@@ -116,6 +116,8 @@ struct Ctx {
     /// The pod VM image Jobs (watched by label) and how they run.
     jobs: Store<Job>,
     image_job: image_job::Settings,
+    /// What the API server offers the CAA pod.
+    cluster: caa::Cluster,
 }
 
 fn spawn_reflector<K>(
@@ -240,6 +242,13 @@ pub async fn run(
             r = ready => if r.is_err() { return },
         }
     }
+    let cluster = match client.apiserver_version().await {
+        Ok(v) => caa::Cluster::from_version(&v.major, &v.minor),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the API server's version failed; the CAA gets NODE_IP only (no status.hostIPs)");
+            caa::Cluster::default()
+        }
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -258,6 +267,7 @@ pub async fn run(
         webhook: webhook::Rollout::new(webhook),
         jobs,
         image_job,
+        cluster,
     };
     tracing::info!("peer-pods controller started");
     let mut backoff = Duration::from_millis(500);
@@ -460,6 +470,7 @@ async fn ensure_caa(
         &spec.node_selector,
         config_hash,
         owner(kc),
+        ctx.cluster,
     );
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     if apply::hash_matches(get_daemonset(&api).await?.as_ref(), &desired) {
