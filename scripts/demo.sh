@@ -134,7 +134,7 @@ ctl azure secret \
 
 bold "2. peer-pods-cm: discovered through ARM (the guide's five az queries)"
 ctl azure configmap --subscription "$SUB" --resource-group rg \
-  --arm-endpoint "$ARM" --authority-host "$ARM" --image-id "$IMAGE_ID"
+  --dev-arm-endpoint "$ARM" --image-id "$IMAGE_ID"
 
 bold "3. ssh-key-secret: generated in memory, nothing to shred"
 ctl ssh-key

@@ -153,6 +153,9 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 /// A CAA process in the node namespace with the local provider and readiness `agent`.
+/// Key of [`CaaProc::start`]'s `extra` that becomes `--dev-arm-endpoint`.
+const DEV_ARM_ENDPOINT: &str = "--dev-arm-endpoint";
+
 struct CaaProc {
     proc: Option<Process>,
     name: String,
@@ -194,7 +197,13 @@ impl CaaProc {
             ("LOCAL_VM_SUBNET", "10.250.0.0".into()),
             ("RUST_LOG", "info".into()),
         ];
-        for (k, v) in extra {
+        // `DEV_ARM_ENDPOINT` in `extra` is no environment variable: it becomes CAA's
+        // `--dev-arm-endpoint` flag (the only way to point CAA at the ARM test server).
+        let dev_arm = extra
+            .iter()
+            .find(|(k, _)| *k == DEV_ARM_ENDPOINT)
+            .map(|(_, v)| v.clone());
+        for (k, v) in extra.iter().filter(|(k, _)| *k != DEV_ARM_ENDPOINT) {
             envs.retain(|(x, _)| x != k);
             envs.push((k, v.clone()));
         }
@@ -207,7 +216,7 @@ impl CaaProc {
             .iter()
             .find(|(k, _)| *k == "CAA_SSH_PUBLIC_KEY")
             .map_or_else(|| "/nonexistent".to_string(), |(_, v)| v.clone());
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "caa",
             "--kubeconfig",
             &kubeconfig.display().to_string(),
@@ -223,6 +232,9 @@ impl CaaProc {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(url) = dev_arm {
+            args.extend(["--dev-arm-endpoint".to_string(), url]);
+        }
         let mut c = Self {
             proc: None,
             name: format!("dp-caa-{}", env.ns),
@@ -748,14 +760,19 @@ async fn azure_local_vms(env: Env) -> Result<()> {
         ("AZURE_REGION", "eastus".into()),
         ("AZURE_RESOURCE_GROUP", "rg".into()),
         ("DISABLECVM", "true".into()),
-        ("AZURE_CLIENT_ID", "app".into()),
+        (
+            "AZURE_CLIENT_ID",
+            "0a1b2c3d-0000-4000-8000-00000000000c".into(),
+        ),
         ("AZURE_CLIENT_SECRET", "s3cret".into()),
-        ("AZURE_TENANT_ID", "tenant".into()),
+        (
+            "AZURE_TENANT_ID",
+            "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+        ),
         ("AZURE_SUBSCRIPTION_ID", SUB.into()),
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()),
-        ("AZURE_AUTHORITY_HOST", base),
         ("CAA_MIN_POLL_MS", "20".into()),
         ("CAA_SSH_PUBLIC_KEY", key.display().to_string()),
+        (DEV_ARM_ENDPOINT, base),
     ];
     let caa = CaaProc::start(&env, &n, &extra, false).await?;
     ensure!(caa.local_dir == vms_dir, "VM directory differs");
