@@ -139,20 +139,15 @@ async fn credentials(fx: &Fixture) -> Result<()> {
         spec["providerSpec"]["kind"] == "AzureProviderSpec",
         "{spec}"
     );
-    let roles: Vec<&str> = spec["providerSpec"]["roleBindings"]
+    let granted: Vec<&str> = spec["providerSpec"]["permissions"]
         .as_array()
-        .context("roleBindings")?
+        .context("permissions")?
         .iter()
-        .filter_map(|r| r["role"].as_str())
+        .filter_map(|r| r.as_str())
         .collect();
     ensure!(
-        roles
-            == [
-                "Reader",
-                "Virtual Machine Contributor",
-                "Network Contributor"
-            ],
-        "{roles:?}"
+        granted == sandboxd::cloud::azure::permissions::actions(),
+        "{granted:?}"
     );
     ensure!(
         cr.owner_references().iter().any(|o| o.kind == "KataConfig"),

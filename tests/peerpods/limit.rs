@@ -1,8 +1,6 @@
 //! The per-node VM limit: advertised on the selected nodes, enforced by the real scheduler,
 //! kept, updated, refused when invalid, and removed when peer pods go away.
 
-use std::time::Duration;
-
 use anyhow::{Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};

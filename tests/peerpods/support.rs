@@ -88,6 +88,7 @@ impl Fixture {
             admission_policy: false,
             webhook,
             image_job,
+            azure: Default::default(),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             client,
