@@ -93,6 +93,9 @@ async fn without_vap(_env: Env) -> Result<()> {
         &format!("127.0.0.1:{metrics_port}"),
         "--webhook-url",
         &format!("https://127.0.0.1:{wh_port}"),
+        // Nothing here may reach beyond this machine.
+        "--dev-arm-endpoint",
+        "http://127.0.0.1:9/",
     ]
     .map(String::from)
     .to_vec();

@@ -231,7 +231,9 @@ impl Fixture {
             admission_policy: true,
             webhook: Default::default(),
             image_job: Default::default(),
-            azure: Default::default(),
+            // The PeerPod GC may build an Azure provider from a test's peer-pods-cm: it must
+            // never reach beyond this machine (a dead loopback port).
+            azure: sandboxd::cloud::azure::EndpointArgs::development("http://127.0.0.1:9/"),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             self.operator_client.clone(),
