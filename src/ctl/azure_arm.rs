@@ -140,6 +140,17 @@ pub async fn credentials(
     {
         map.insert("AZURE_SUBSCRIPTION_ID".into(), s.to_string());
     }
+    let given = |k: &str| map.get(k).is_some_and(|v| !v.trim().is_empty());
+    if !given("AZURE_CLIENT_SECRET")
+        && !given("AZURE_FEDERATED_TOKEN_FILE")
+        && !given(crate::config::AUTH_METHOD_KEY)
+    {
+        return Err(Error::NoCredentials(if from_secret {
+            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+        } else {
+            format!(" (no {SECRET_NAME} in namespace {namespace})")
+        }));
+    }
     let secret = CloudSecret::from_map(&map)?;
     if let AzureCredentials::ManagedIdentity { .. } = secret.credentials {
         // A workstation has no managed identity; do not hang on the metadata endpoint.

@@ -320,7 +320,9 @@ impl Fixture {
     pub fn spawn_publish(&self, args: &[&str]) -> Result<tokio::process::Child> {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        spawn(&Self::publish_args(args), &env)
+        let mut args = Self::publish_args(args);
+        args.extend(["--dev-arm-endpoint".to_string(), self.arm.clone()]);
+        spawn(&args, &env)
     }
 
     /// `sandboxd <args>` with the credentials and endpoints, plus `extra` environment.

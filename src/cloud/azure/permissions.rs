@@ -124,6 +124,11 @@ pub const PERMISSIONS: &[Permission] = &[
         role: SAC,
     },
     Permission {
+        action: "Microsoft.Storage/locations/asyncoperations/read",
+        used_by: "image publish: the storage account create's operation status",
+        role: READER,
+    },
+    Permission {
         action: "Microsoft.Storage/storageAccounts/listKeys/action",
         used_by: "image publish: a shared key for the page blob upload",
         role: SAC,
