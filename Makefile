@@ -17,12 +17,14 @@ BIN := $(TARGET_DIR)/$(TARGET)/dist/sandboxd
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
 STAGE := scripts/stage.sh
+# The CSV's minKubeVersion (src/ctl/bundle.rs): the validators check deprecated APIs for it.
+MIN_KUBE_VERSION := $(shell sed -n 's/^pub const MIN_KUBE_VERSION: &str = "\(.*\)";/\1/p' src/ctl/bundle.rs)
 # The image carries the pod VM build inputs so the in-cluster image Job needs nothing else
 # (fetched with apt by scripts/podvm-inputs.sh; left out where apt is missing).
 PODVM_INPUTS ?= $(shell command -v apt-get >/dev/null 2>&1 && echo --podvm-inputs)
 export CARGO_BUILD_JOBS ?= 2
 
-.PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
+.PHONY: all build image lint fmt unit integration test bootstrap control-plane olm-bundle clean
 
 all: build
 
@@ -54,7 +56,12 @@ integration:
 	@$(STAGE) integration env SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
 		$(CARGO) test --locked --test integration
 
-test: bootstrap control-plane lint image unit integration
+# The OLM bundle through the operator framework's own validators (default bundle checks,
+# OperatorHub, good practices), built once from github.com/operator-framework/api.
+olm-bundle:
+	@$(STAGE) olm-bundle scripts/olm-validator.sh --run deploy/olm/bundle $(MIN_KUBE_VERSION)
+
+test: bootstrap control-plane lint olm-bundle image unit integration
 
 clean:
 	$(CARGO) clean

@@ -113,13 +113,13 @@ say "and for kata-remote pods calls the CAA hypervisor API as the kata shim woul
 
 bold "Install the operator (CRDs, namespace, RBAC, Deployment) — the guide's OLM Subscription"
 ctl install --vanilla
-OP_PORT=$(free_port); WH_PORT=$(free_port)
+OP_PORT=$(free_port); WH_PORT=$(free_port); ARM_PORT=$(free_port)
+# The ARM test server is a development endpoint: a command-line flag, never the ConfigMap.
 start operator "$SANDBOXD" operator --kubeconfig "$KUBECONFIG" --namespace "$NS" \
   --platform kubernetes --no-leader-election --metrics-addr "127.0.0.1:$OP_PORT" \
-  --webhook-url "https://127.0.0.1:$WH_PORT"
+  --webhook-url "https://127.0.0.1:$WH_PORT" --dev-arm-endpoint "http://127.0.0.1:$ARM_PORT/"
 say "the operator runs as a local process (its Deployment's pod is marked Running by the stand-in)"
 
-ARM_PORT=$(free_port)
 start arm-server "$SANDBOXD" dev arm-server --addr "127.0.0.1:$ARM_PORT" --lro-ms 100 --seed-subscription "$SUB"
 wait_for "the ARM test server" 30 grep -q '^AZURE_IMAGE_ID=' "$WORK/arm-server.log"
 IMAGE_ID=$(sed -n 's/^AZURE_IMAGE_ID=//p' "$WORK/arm-server.log")
@@ -134,7 +134,7 @@ ctl azure secret \
 
 bold "2. peer-pods-cm: discovered through ARM (the guide's five az queries)"
 ctl azure configmap --subscription "$SUB" --resource-group rg \
-  --arm-endpoint "$ARM" --authority-host "$ARM" --image-id "$IMAGE_ID"
+  --dev-arm-endpoint "$ARM" --image-id "$IMAGE_ID"
 
 bold "3. ssh-key-secret: generated in memory, nothing to shred"
 ctl ssh-key
@@ -221,7 +221,7 @@ else
 fi
 
 bold "Doctor: the whole chain"
-ctl doctor || say "(doctor reported failures above)"
+ctl doctor --dev-arm-endpoint "$ARM" || say "(doctor reported failures above)"
 
 bold "Delete the workload: StopVM for each VM"
 kapi DELETE "/apis/apps/v1/namespaces/$APP_NS/deployments/hello" >/dev/null

@@ -69,7 +69,7 @@ async fn rig(name: &str) -> Result<Rig> {
     let pki = Pki::generate()?;
     let vm = "podvm-web-0123abcd";
     let server = pki.server_cert(vm)?;
-    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, pki.ca_pem())?;
+    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, &pki.ca_pem())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -100,7 +100,7 @@ async fn rig(name: &str) -> Result<Rig> {
         _stop: stop.drop_guard(),
         _sockets: sockets,
         addr,
-        forwarder_ca: pki.ca_pem().to_string(),
+        forwarder_ca: pki.ca_pem(),
         pki,
     })
 }

@@ -74,9 +74,9 @@ pub struct Args {
         default_value = "/etc/sandboxd/ssh-key/id_rsa.pub"
     )]
     pub ssh_public_key: PathBuf,
-    /// ARM and Entra ID endpoints.
+    /// The Azure cloud and the development endpoint flags (command line only).
     #[command(flatten)]
-    pub endpoints: crate::cloud::azure::Endpoints,
+    pub azure: crate::cloud::azure::EndpointArgs,
     /// Seconds between sweeps for VMs no PeerPod references.
     #[arg(long, env = "CAA_SWEEP_SECONDS", default_value_t = 300)]
     pub sweep_seconds: u64,
@@ -128,7 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 &secret.subscription_id,
                 &secret.credentials,
                 az,
-                args.endpoints.clone(),
+                args.azure.resolve(Some(cfg.azure_cloud)),
                 crate::cloud::azure::Manners {
                     reads_per_second: args.arm_reads_per_second.max(0.1),
                     read_burst: args.arm_read_burst.max(1.0),

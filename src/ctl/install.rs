@@ -39,6 +39,10 @@ const OPENSHIFT: [&str; 2] = [
     include_str!("../../deploy/overlays/openshift/operator-args.yaml"),
 ];
 
+/// The objects `deploy/overlays/openshift` adds.
+const OPENSHIFT_RESOURCES: [&str; 1] =
+    [include_str!("../../deploy/overlays/openshift/caa-scc.yaml")];
+
 /// The operator Deployment's name.
 pub const OPERATOR_DEPLOYMENT: &str = "sandboxd-operator";
 
@@ -197,7 +201,11 @@ pub fn render(
     image: Option<&str>,
 ) -> Result<Vec<Value>, Error> {
     let mut docs = Vec::new();
-    for text in CRDS.iter().chain(BASE.iter()) {
+    let extra: &[&str] = match platform {
+        Platform::Vanilla => &[],
+        Platform::Openshift => &OPENSHIFT_RESOURCES,
+    };
+    for text in CRDS.iter().chain(BASE.iter()).chain(extra.iter()) {
         docs.extend(parse_docs(text)?);
     }
     let patches = match platform {
@@ -652,8 +660,15 @@ mod tests {
         );
         assert_eq!(labels(&o)["openshift.io/cluster-monitoring"], "true");
         assert!(labels(&v).get("openshift.io/cluster-monitoring").is_none());
-        // Everything else is the same.
-        assert_eq!(v.len(), o.len());
+        // Everything else is the same, but OpenShift's CAA may use the privileged SCC.
+        assert_eq!(v.len() + 2, o.len());
+        let scc = find(&o, "ClusterRole", "sandboxd-caa-scc");
+        assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
+        assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
+        assert!(
+            v.iter()
+                .all(|d| d["metadata"]["name"] != "sandboxd-caa-scc")
+        );
     }
 
     #[test]

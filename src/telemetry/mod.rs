@@ -1,5 +1,6 @@
 //! Logging, metrics and the health/metrics HTTP server shared by every daemon.
 
+pub mod redact;
 mod server;
 
 pub use server::{Readiness, ReadyFlag, bind, router, serve};
@@ -123,7 +124,9 @@ impl LogArgs {
     }
 }
 
-/// Installs the global logger. Logs go to stderr so stdout stays free for command output.
+/// Installs the global logger. Logs go to stderr so stdout stays free for command output,
+/// every line through [`redact::redact`] (no token, client secret, storage key or SAS at
+/// any level).
 pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
     let (targets, env) = match args.filter()? {
         LogFilter::Targets(t) => (Some(t), None),
@@ -134,7 +137,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(redact::RedactingMakeWriter(std::io::stderr))
                     .with_target(true),
             )
             .try_init(),
@@ -144,7 +147,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(redact::RedactingMakeWriter(std::io::stderr)),
             )
             .try_init(),
     };

@@ -298,9 +298,9 @@ impl CaaProc {
                 &Patch::Apply(&secret(
                     "peer-pods-secret",
                     &[
-                        ("AZURE_CLIENT_ID", "app"),
+                        ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
                         ("AZURE_CLIENT_SECRET", "s3cret"),
-                        ("AZURE_TENANT_ID", "tenant"),
+                        ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
                         (
                             "AZURE_SUBSCRIPTION_ID",
                             "00000000-0000-0000-0000-00000000d901",
@@ -1182,12 +1182,16 @@ async fn azure_local_vms_on(env: &Env, caa: &mut CaaProc, n: &Net) -> Result<()>
         Ok(arm_inspect(addr, "/armtest/vms").await.ok().map(|_| ()))
     })
     .await?;
-    // The development endpoints of the ARM test server (never part of a deployment) and a
-    // faster polling floor.
+    // The ARM test server through CAA's development flags (command line only, never part of
+    // a deployment: no ConfigMap or environment can point CAA elsewhere) and a faster
+    // polling floor.
     let base = format!("http://{addr}/");
-    caa.extra
-        .push(("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()));
-    caa.extra.push(("AZURE_AUTHORITY_HOST", base));
+    caa.launch.argv.extend([
+        "--dev-arm-endpoint".to_string(),
+        base.clone(),
+        "--dev-authority-host".to_string(),
+        base,
+    ]);
     caa.extra.push(("CAA_MIN_POLL_MS", "20".into()));
     caa.spawn().await?;
     let hv = caa.hypervisor().await?;

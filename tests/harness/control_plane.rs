@@ -104,11 +104,19 @@ impl ControlPlane {
     /// Starts etcd and the API server (and the optional components), returning once
     /// `/readyz` answers ok.
     pub fn start(options: Options) -> Result<Self> {
+        Self::start_with(options, &[])
+    }
+
+    /// [`ControlPlane::start`] with `apiserver_args` added to kube-apiserver's (e.g. a
+    /// `--runtime-config` that turns an API off, for a second, separate control plane).
+    pub fn start_with(options: Options, apiserver_args: &[&str]) -> Result<Self> {
         let started = Instant::now();
         let bin = binaries()?;
         let dir = run_dir().join(format!("cp-{}", free_port()));
         fs::create_dir_all(dir.join("etcd"))?;
-        let plan = plan::plan(&dir, "sandboxd-test-ca", plan::Ports::free()?)?;
+        let mut plan = plan::plan(&dir, "sandboxd-test-ca", plan::Ports::free()?)?;
+        plan.apiserver
+            .extend(apiserver_args.iter().map(|a| a.to_string()));
         for (name, content) in &plan.files {
             write(&dir.join(name), content)?;
         }

@@ -364,10 +364,11 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
                     "restartPolicy": "Never",
                     "serviceAccountName": SERVICE_ACCOUNT,
                     "automountServiceAccountToken": api_access,
+                    // No fixed UID or GID: the image's user (65532) runs on Kubernetes, and
+                    // OpenShift's restricted-v2 SCC assigns one from the namespace's range
+                    // (it refuses a fixed one outside it).
                     "securityContext": {
                         "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [{
