@@ -7,7 +7,8 @@
 #                 (kernel, modules, systemd-boot; PODVM_INPUTS= leaves them out), checked
 #                 with skopeo
 #   make lint     rustfmt and clippy
-#   make demo     the setup guide end to end on this machine, narrated (root)
+#   make demo     the setup guide end to end on this machine, narrated (root), on a real
+#                 node (kubelet, containerd, kube-proxy) running the image
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -22,7 +23,7 @@ STAGE := scripts/stage.sh
 PODVM_INPUTS ?= $(shell command -v apt-get >/dev/null 2>&1 && echo --podvm-inputs)
 export CARGO_BUILD_JOBS ?= 2
 
-.PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
+.PHONY: all build image lint fmt unit integration test bootstrap control-plane node clean
 
 all: build
 
@@ -31,6 +32,10 @@ bootstrap:
 
 control-plane:
 	@$(STAGE) control-plane scripts/control-plane.sh >/dev/null
+
+# The test node's kubelet, kube-proxy, containerd, its runc shim, ctr and pause image.
+node: control-plane
+	@$(STAGE) node scripts/node.sh >/dev/null
 
 build:
 	@$(STAGE) build $(CARGO) build --profile dist --locked --target $(TARGET) --bin sandboxd
@@ -52,17 +57,19 @@ unit:
 
 integration:
 	@$(STAGE) integration env SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		SANDBOXD_IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar \
 		$(CARGO) test --locked --test integration
 
-test: bootstrap control-plane lint image unit integration
+test: bootstrap control-plane node lint image unit integration
 
 clean:
 	$(CARGO) clean
 
-# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root).
+# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root): a
+# control plane and a real node running the image.
 .PHONY: demo
-demo: build control-plane
-	SANDBOXD=$(abspath $(BIN)) scripts/demo.sh
+demo: image control-plane node
+	SANDBOXD=$(abspath $(BIN)) IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar scripts/demo.sh
 
 # Re-records link/hot-symbols.txt, the functions the linker lays out first (build.rs).
 .PHONY: symbol-order

@@ -1,0 +1,556 @@
+//! The real node (`harness::node`): kubelet, containerd, runc, CNI and kube-proxy run what
+//! sandboxd deploys. The seed guide's workflow end to end, installed from `deploy/` with the
+//! image `make image` built, as a user would.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use sandboxd::armtest;
+use serde_json::json;
+
+use crate::harness::node::{REAL_NODE_LABEL, TestNode, image_archive};
+use crate::harness::{Case, Env, eventually};
+
+const NS: &str = "openshift-sandboxed-containers-operator";
+const SUB: &str = "11111111-2222-3333-4444-555555555555";
+const KATA_CONFIG: &str = "cluster-kataconfig";
+
+pub fn cases() -> Vec<Case> {
+    let skip = crate::harness::node::unavailable().or_else(|| {
+        image_archive().is_none().then(|| {
+            "no image from `make image` (target/oci/sandboxd.tar or SANDBOXD_IMAGE_ARCHIVE)"
+                .to_string()
+        })
+    });
+    vec![
+        Case::node(
+            "node::a_pod_runs_with_logs_exec_and_a_service_on_the_real_node",
+            basics,
+        )
+        .skip_if(skip.clone()),
+        Case::node(
+            "node::seed_workflow_installs_kata_remote_into_the_real_containerd_and_limits_peer_pods",
+            seed_workflow,
+        )
+        .skip_if(skip),
+    ]
+}
+
+/// `sandboxd <args>` (the binary under test), with a timeout.
+async fn sandboxd(env: &Env, args: &[&str]) -> Result<(bool, String)> {
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let mut full = vec!["ctl", "--kubeconfig", kubeconfig.as_str()];
+    full.extend_from_slice(args);
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+            .args(&full)
+            .env_remove("KUBECONFIG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("sandboxd {} did not finish", full.join(" ")))??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+async fn ctl_ok(env: &Env, args: &[&str]) -> Result<String> {
+    let (ok, text) = sandboxd(env, args).await?;
+    ensure!(ok, "sandboxd ctl {} failed:\n{text}", args.join(" "));
+    Ok(text)
+}
+
+fn image(node: &TestNode) -> Result<String> {
+    node.image
+        .clone()
+        .context("the node has no sandboxd image (make image)")
+}
+
+/// Events of `pod`, as "Reason: message" lines.
+async fn pod_events(client: &Client, ns: &str, pod: &str) -> Result<Vec<String>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().fields(&format!("involvedObject.name={pod}"));
+    Ok(events
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            )
+        })
+        .collect())
+}
+
+fn phase(p: &Pod) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default()
+}
+
+/// A pod of the sandboxd image on the real node: it runs, `logs` and `exec` work through the
+/// kubelet (the API server's kubelet client certificate), a ClusterIP Service reaches it
+/// through kube-proxy from the host, and from another pod through the `kubernetes` Service.
+async fn basics(env: Env) -> Result<()> {
+    let node = env.node();
+    let client = env.admin().await?;
+    let open = node.open(&client).await?;
+    let result = basics_on(&env, node, &client).await;
+    open.close().await?;
+    result
+}
+
+async fn basics_on(env: &Env, node: &'static TestNode, client: &Client) -> Result<()> {
+    let image = image(node)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &env.ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "arm", "labels": {"app": "arm"}},
+        "spec": {
+            "nodeName": node.name,
+            "containers": [{
+                "name": "arm",
+                "image": image,
+                "args": ["dev", "arm-server", "--addr", "0.0.0.0:8080",
+                         "--seed-subscription", SUB],
+            }],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "arm"},
+        "spec": {"selector": {"app": "arm"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))?;
+    let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &env.ns);
+    let svc = svcs.create(&PostParams::default(), &svc).await?;
+    let ip = eventually(
+        "the pod Running with an IP",
+        Duration::from_secs(90),
+        || async {
+            let p = pods.get("arm").await?;
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+            Ok((phase(&p) == "Running").then_some(ip).flatten())
+        },
+    )
+    .await;
+    let ip = match ip {
+        Ok(ip) => ip,
+        Err(e) => {
+            let ev = pod_events(client, &env.ns, "arm").await.unwrap_or_default();
+            return Err(e.context(format!("pod events: {ev:?}")));
+        }
+    };
+    ensure!(
+        ip.starts_with(&node.net.pod_cidr[..node.net.pod_cidr.len() - 4]),
+        "pod IP {ip} is not in the node's pod CIDR {}",
+        node.net.pod_cidr
+    );
+    // logs and exec go through the kubelet's API.
+    let logs = eventually(
+        "the container's output",
+        Duration::from_secs(30),
+        || async {
+            let logs = pods.logs("arm", &Default::default()).await?;
+            Ok(logs.contains("AZURE_IMAGE_ID=").then_some(logs))
+        },
+    )
+    .await?;
+    ensure!(logs.contains(SUB), "logs: {logs}");
+    let mut attached = pods
+        .exec(
+            "arm",
+            ["/sandboxd", "version"],
+            &kube::api::AttachParams::default().stderr(false),
+        )
+        .await
+        .context("exec through the kubelet")?;
+    let mut stdout = attached.stdout().context("exec stdout")?;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out).await?;
+    attached.join().await?;
+    ensure!(out.starts_with("sandboxd "), "exec printed {out:?}");
+    // The Service from the host (the API server's side), through the node's kube-proxy.
+    let cluster_ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the Service has no ClusterIP")?;
+    let url = format!("http://{cluster_ip}:80/subscriptions");
+    let code = eventually("the Service answering", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "-m",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &url,
+                ])
+                .output()
+                .await?;
+            let code = String::from_utf8_lossy(&out.stdout).to_string();
+            Ok((code != "000").then_some(code))
+        }
+    })
+    .await?;
+    ensure!(code.len() == 3, "curl {url}: {code}");
+    pods.delete("arm", &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// The seed guide on the real node: install from `deploy/` (vanilla overlay) with the image
+/// `make image` built; secret, configmap (discovered through the ARM test server, which the
+/// node's pods reach), SSH key; KataConfig until Completed with `kata-remote` installed in the
+/// node's containerd by the node installer pod (restarting it through the systemd stand-in);
+/// limit 2; a 3-replica `kata-remote` Deployment: two pods admitted by the webhook (registered
+/// by Service, reached through kube-proxy) and scheduled with `kata.peerpods.io/vm`, one
+/// Pending. No shim for `kata-remote` exists on this node yet (the node has kata's path with a
+/// placeholder that exits at once), so the two pods' sandboxes cannot start: asserted as
+/// such. `ctl doctor` and `ctl status` run against it. Uninstall leaves the containerd
+/// configuration byte for byte as it was.
+async fn seed_workflow(env: Env) -> Result<()> {
+    let node = env.node();
+    let client = env.admin().await?;
+    let original = node.read_file("/etc/containerd/config.toml")?;
+    let open = node.open(&client).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let result = seed_workflow_on(&env, node, &client, stop.clone()).await;
+    stop.cancel();
+    // Uninstall, whatever happened: the KataConfig first (the installer restores the node),
+    // then the operator.
+    let cleanup = uninstall(&env, node, &client, &original).await;
+    open.close().await?;
+    result.and(cleanup)
+}
+
+async fn seed_workflow_on(
+    env: &Env,
+    node: &'static TestNode,
+    client: &Client,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let image = image(node)?;
+    // The ARM test server on the control plane's bridge: the node's pods reach it there.
+    let (addr, arm, _task) = armtest::serve(
+        (node.net.host_ip, 0).into(),
+        armtest::Config::default(),
+        stop,
+    )
+    .await?;
+    let (_, _, image_id) = arm.seed_peer_pods(SUB, "rg", "eastus");
+    let arm_url = format!("http://{addr}/");
+
+    ctl_ok(
+        env,
+        &[
+            "install",
+            "--vanilla",
+            "--image",
+            &image,
+            "--wait",
+            "--timeout",
+            "180",
+        ],
+    )
+    .await
+    .context("installing the operator from deploy/")?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let operator = deployments.get("sandboxd-operator").await?;
+    ensure!(
+        operator
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0)
+            >= 1,
+        "the operator Deployment is not available"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let running_on_node = |p: &Pod| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name.as_str())
+            && phase(p) == "Running"
+    };
+    let ops = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=sandboxd-operator"))
+        .await?;
+    ensure!(
+        ops.items.iter().any(running_on_node),
+        "no operator pod Running on the node"
+    );
+
+    let secret_env = [("AZURE_CLIENT_SECRET", "node-test-secret")];
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .args([
+            "ctl",
+            "--kubeconfig",
+            &kubeconfig,
+            "azure",
+            "secret",
+            "--client-id",
+            "aaaaaaaa-0000-0000-0000-000000000001",
+            "--tenant-id",
+            "aaaaaaaa-0000-0000-0000-000000000002",
+            "--subscription-id",
+            SUB,
+        ])
+        .envs(secret_env)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "azure secret: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ctl_ok(
+        env,
+        &[
+            "azure",
+            "configmap",
+            "--subscription",
+            SUB,
+            "--resource-group",
+            "rg",
+            "--arm-endpoint",
+            &arm_url,
+            "--authority-host",
+            &arm_url,
+            "--image-id",
+            &image_id,
+        ],
+    )
+    .await?;
+    ctl_ok(env, &["ssh-key"]).await?;
+    let selector = format!("{REAL_NODE_LABEL}=true");
+    ctl_ok(
+        env,
+        &[
+            "kataconfig",
+            "create",
+            "--name",
+            KATA_CONFIG,
+            "--peer-pods",
+            "--selector",
+            &selector,
+        ],
+    )
+    .await?;
+    let status = ctl_ok(env, &["status", "--watch", "--timeout", "240"])
+        .await
+        .with_context(|| {
+            format!(
+                "KataConfig never completed; node logs in {}",
+                node.logs().display()
+            )
+        })?;
+    eprintln!("ctl status:\n{status}");
+
+    // The node installer edited the node's containerd configuration and restarted it through
+    // the systemd stand-in: the CRI now reports the kata-remote handler.
+    let config = String::from_utf8(node.read_file("/etc/containerd/config.toml")?)?;
+    ensure!(
+        config.contains("50-sandboxd-kata-remote.toml"),
+        "the node's containerd config does not import sandboxd's drop-in:\n{config}"
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually(
+        "the CRI reporting the kata-remote handler",
+        Duration::from_secs(60),
+        || async {
+            let n = nodes.get(&node.name).await?;
+            let handlers: Vec<String> = n
+                .status
+                .and_then(|s| s.runtime_handlers)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|h| h.name)
+                .collect();
+            Ok(handlers.iter().any(|h| h == "kata-remote").then_some(()))
+        },
+    )
+    .await?;
+    let containerd_log =
+        std::fs::read_to_string(node.logs().join("containerd.log")).unwrap_or_default();
+    ensure!(
+        containerd_log.matches("starting containerd").count() >= 2,
+        "containerd was not restarted by the node installer"
+    );
+
+    // The webhook Deployment (registered by Service) and the CAA DaemonSet run on the node.
+    eventually(
+        "the webhook Deployment available",
+        Duration::from_secs(120),
+        || async {
+            let d = deployments.get_opt("peer-pods-webhook").await?;
+            Ok(d.and_then(|d| d.status)
+                .and_then(|s| s.available_replicas)
+                .filter(|n| *n >= 1)
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let caa = daemonsets
+        .get("peerpodconfig-ctrl-caa-daemon")
+        .await
+        .context("the CAA DaemonSet")?;
+    eprintln!("CAA DaemonSet status: {:?}", caa.status);
+
+    // limit 2: the node advertises two peer pod VMs.
+    ctl_ok(env, &["limit", "set", "2"]).await?;
+    eventually(
+        "kata.peerpods.io/vm = 2 on the node",
+        Duration::from_secs(60),
+        || async {
+            let n = nodes.get(&node.name).await?;
+            let cap = n
+                .status
+                .and_then(|s| s.capacity)
+                .and_then(|c| c.get("kata.peerpods.io/vm").map(|q| q.0.clone()));
+            Ok((cap.as_deref() == Some("2")).then_some(()))
+        },
+    )
+    .await?;
+
+    // Three kata-remote replicas: two admitted and scheduled, one Pending.
+    let app: Api<Deployment> = Api::namespaced(client.clone(), &env.ns);
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "hello"}},
+            "template": {
+                "metadata": {"labels": {"app": "hello"}},
+                "spec": {
+                    "runtimeClassName": "kata-remote",
+                    "containers": [{"name": "hello", "image": image, "args": ["version"],
+                                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}],
+                },
+            },
+        },
+    }))?;
+    app.create(&PostParams::default(), &d).await?;
+    let app_pods: Api<Pod> = Api::namespaced(client.clone(), &env.ns);
+    let (scheduled, pending) = eventually(
+        "two pods scheduled and one Pending",
+        Duration::from_secs(90),
+        || async {
+            let list = app_pods
+                .list(&ListParams::default().labels("app=hello"))
+                .await?;
+            let scheduled: Vec<Pod> = list
+                .items
+                .iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some())
+                .cloned()
+                .collect();
+            let pending: Vec<Pod> = list
+                .items
+                .iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_none())
+                .cloned()
+                .collect();
+            Ok(
+                (list.items.len() == 3 && scheduled.len() == 2 && pending.len() == 1)
+                    .then_some((scheduled, pending)),
+            )
+        },
+    )
+    .await?;
+    for p in &scheduled {
+        let c = &p.spec.as_ref().context("pod spec")?.containers[0];
+        let limits: BTreeMap<String, String> = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        ensure!(
+            limits.get("kata.peerpods.io/vm").map(String::as_str) == Some("1"),
+            "pod {} was not mutated by the webhook: limits {limits:?}",
+            p.name_any()
+        );
+    }
+    let pending_name = pending[0].name_any();
+    eventually(
+        "the third pod refused for kata.peerpods.io/vm",
+        Duration::from_secs(60),
+        || async {
+            let ev = pod_events(client, &env.ns, &pending_name).await?;
+            Ok(ev
+                .iter()
+                .any(|e| e.starts_with("FailedScheduling") && e.contains("kata.peerpods.io/vm"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    // No kata-remote shim exists on this node: the sandboxes cannot start. (The shim issue
+    // turns this into Running.)
+    for p in &scheduled {
+        let name = p.name_any();
+        let ev = eventually(
+            "the sandbox failing to start",
+            Duration::from_secs(90),
+            || async {
+                let ev = pod_events(client, &env.ns, &name).await?;
+                Ok(ev
+                    .iter()
+                    .find(|e| e.starts_with("FailedCreatePodSandBox"))
+                    .cloned())
+            },
+        )
+        .await?;
+        ensure!(ev.contains("shim"), "unexpected sandbox failure: {ev}");
+        let now = app_pods.get(&name).await?;
+        ensure!(phase(&now) == "Pending", "pod {name} is {}", phase(&now));
+    }
+
+    // ctl doctor and ctl status against the real node.
+    let (_, doctor) = sandboxd(env, &["doctor"]).await?;
+    eprintln!("ctl doctor:\n{doctor}");
+    ensure!(
+        doctor.contains(&node.name),
+        "doctor does not mention the node:\n{doctor}"
+    );
+    let status = ctl_ok(env, &["status"]).await?;
+    ensure!(status.contains(KATA_CONFIG), "status:\n{status}");
+    app.delete("hello", &DeleteParams::default()).await?;
+    Ok(())
+}
+
+async fn uninstall(env: &Env, node: &TestNode, client: &Client, original: &[u8]) -> Result<()> {
+    let kcs: Api<sandboxd::api::kataconfig::KataConfig> = Api::all(client.clone());
+    if kcs.get_opt(KATA_CONFIG).await?.is_some() {
+        kcs.delete(KATA_CONFIG, &DeleteParams::default()).await?;
+        eventually("the KataConfig gone", Duration::from_secs(180), || async {
+            Ok(kcs.get_opt(KATA_CONFIG).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    let (ok, text) = sandboxd(env, &["uninstall"]).await?;
+    ensure!(ok, "ctl uninstall failed:\n{text}");
+    let now = node.read_file("/etc/containerd/config.toml")?;
+    ensure!(
+        now == original,
+        "uninstall left the node's containerd configuration changed:\n{}",
+        String::from_utf8_lossy(&now)
+    );
+    Ok(())
+}
