@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the test world's node binaries from their Go modules, once per version:
-#   kubelet, kube-proxy    k8s.io/kubernetes, the wrapper module of scripts/k8s-module.sh
-#                          (the same build and version as the control plane)
+#   kubelet, kube-proxy, kubectl
+#                          k8s.io/kubernetes, the wrapper module of scripts/k8s-module.sh
+#                          (the same build and version as the control plane); kubectl is
+#                          the tests' client for exec and logs
 #   containerd, containerd-shim-runc-v2, ctr
 #                          github.com/containerd/containerd/v2 (CGO_ENABLED=0, -tags no_btrfs)
 #   pause, pause.tar       the pod sandbox image, built here from a few lines of Go and
@@ -21,7 +23,7 @@ CACHE="${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}"
 DEST="$CACHE/node/k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION"
 BIN="$DEST/bin"
 GO_JOBS="${GO_JOBS:-2}"
-BINARIES=(kubelet kube-proxy containerd containerd-shim-runc-v2 ctr pause pause.tar)
+BINARIES=(kubelet kube-proxy kubectl containerd containerd-shim-runc-v2 ctr pause pause.tar)
 
 have_all() {
   for b in "${BINARIES[@]}"; do
@@ -162,11 +164,11 @@ fi
 # --- kubelet and kube-proxy: the control plane's wrapper module.
 # shellcheck source=scripts/k8s-module.sh
 . "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
-if ! built kubelet || ! built kube-proxy; then
+if ! built kubelet || ! built kube-proxy || ! built kubectl; then
   log "go mod tidy of k8s.io/kubernetes@$K8S_VERSION"
-  k8s_module "$work/k8s" "$K8S_VERSION" kubelet kube-proxy
+  k8s_module "$work/k8s" "$K8S_VERSION" kubelet kube-proxy kubectl
   ldflags=$(k8s_ldflags "$K8S_VERSION")
-  for cmd in kubelet kube-proxy; do
+  for cmd in kubelet kube-proxy kubectl; do
     built "$cmd" && continue
     t=$(date +%s)
     log "building $cmd $K8S_VERSION"

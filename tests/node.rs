@@ -169,18 +169,27 @@ async fn basics_on(env: &Env, node: &'static TestNode, client: &Client) -> Resul
     )
     .await?;
     ensure!(logs.contains(SUB), "logs: {logs}");
-    let mut attached = pods
-        .exec(
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let exec = tokio::process::Command::new(node.bin.join("kubectl"))
+        .args([
+            "--kubeconfig",
+            &kubeconfig,
+            "-n",
+            &env.ns,
+            "exec",
             "arm",
-            ["/sandboxd", "version"],
-            &kube::api::AttachParams::default().stderr(false),
-        )
+            "--",
+        ])
+        .args(["/sandboxd", "version"])
+        .output()
         .await
-        .context("exec through the kubelet")?;
-    let mut stdout = attached.stdout().context("exec stdout")?;
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out).await?;
-    attached.join().await?;
+        .context("kubectl exec")?;
+    ensure!(
+        exec.status.success(),
+        "kubectl exec failed: {}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    let out = String::from_utf8_lossy(&exec.stdout).to_string();
     ensure!(out.starts_with("sandboxd "), "exec printed {out:?}");
     // The Service from the host (the API server's side), through the node's kube-proxy.
     let cluster_ip = svc
@@ -234,9 +243,35 @@ async fn seed_workflow(env: Env) -> Result<()> {
     stop.cancel();
     // Uninstall, whatever happened: the KataConfig first (the installer restores the node),
     // then the operator.
+    if result.is_err() {
+        print_pod_logs(&client, NS).await;
+    }
     let cleanup = uninstall(&env, node, &client, &original).await;
     open.close().await?;
-    result.and(cleanup)
+    match (result, cleanup) {
+        (Err(r), Err(c)) => Err(r.context(format!("and the uninstall failed too: {c:#}"))),
+        (r, c) => r.and(c),
+    }
+}
+
+/// The last lines of every container's log in `ns` (for a failure's diagnosis).
+async fn print_pod_logs(client: &Client, ns: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let Ok(list) = pods.list(&ListParams::default()).await else {
+        return;
+    };
+    for p in list.items {
+        let name = p.name_any();
+        let lp = kube::api::LogParams {
+            tail_lines: Some(20),
+            ..Default::default()
+        };
+        let logs = pods
+            .logs(&name, &lp)
+            .await
+            .unwrap_or_else(|e| e.to_string());
+        eprintln!("--- {ns}/{name} ({})\n{logs}", phase(&p));
+    }
 }
 
 async fn seed_workflow_on(
@@ -409,7 +444,25 @@ async fn seed_workflow_on(
         .get("peerpodconfig-ctrl-caa-daemon")
         .await
         .context("the CAA DaemonSet")?;
-    eprintln!("CAA DaemonSet status: {:?}", caa.status);
+    let ready = caa.status.as_ref().map(|s| s.number_ready).unwrap_or(0);
+    if ready == 0 {
+        // Not asserted here: what the deployed CAA needs on a real node is its own issue.
+        let caa_pods = pods
+            .list(&ListParams::default().labels("app=peerpodconfig-ctrl-caa-daemon"))
+            .await?;
+        for p in caa_pods.items {
+            let lp = kube::api::LogParams {
+                tail_lines: Some(8),
+                ..Default::default()
+            };
+            let logs = pods.logs(&p.name_any(), &lp).await.unwrap_or_default();
+            eprintln!(
+                "CAA pod {} not ready ({}); its log ends:\n{logs}",
+                p.name_any(),
+                phase(&p)
+            );
+        }
+    }
 
     // limit 2: the node advertises two peer pod VMs.
     ctl_ok(env, &["limit", "set", "2"]).await?;

@@ -268,7 +268,10 @@ conntrack:
             0o644,
         ),
         (
-            format!("opt.upper{KATA_SHIM}"),
+            format!(
+                "opt.upper/{}",
+                KATA_SHIM.trim_start_matches("/opt/")
+            ),
             "#!/bin/sh\n# PLACEHOLDER for kata's shim on the sandboxd test node: no shim runs here.\n\
              echo 'containerd-shim-kata-v2: placeholder on the sandboxd test node, not a shim' >&2\nexit 1\n"
                 .into(),
@@ -457,6 +460,44 @@ fn create_cgroup_root(root: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Kills every process in the cgroup tree `root` (under each hierarchy): the node's
+/// containers, whatever their namespaces.
+fn kill_cgroup_tree(root: &str) -> usize {
+    fn procs(dir: &Path, out: &mut Vec<i32>) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    procs(&e.path(), out);
+                }
+            }
+        }
+    }
+    let mut killed = 0;
+    for _ in 0..50 {
+        let mut pids = Vec::new();
+        for h in cgroup_hierarchies() {
+            procs(&h.join(root.trim_start_matches('/')), &mut pids);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        killed += pids.len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed
+}
+
 fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -510,6 +551,13 @@ pub fn sweep(dir: &Path) {
         }
     }
     if let Ok(root) = std::fs::read_to_string(dir.join("cgroup.root")) {
+        let n = kill_cgroup_tree(root.trim());
+        if n > 0 {
+            eprintln!(
+                "node: killed {n} container processes left in {}",
+                root.trim()
+            );
+        }
         for h in cgroup_hierarchies() {
             remove_cgroup_tree(&h.join(root.trim().trim_start_matches('/')));
         }
@@ -611,9 +659,15 @@ impl Running {
         for name in ["kube-proxy", "kubelet", "containerd", "dbus-daemon"] {
             self.stop_child(name).await;
         }
-        // Pods, shims and anything else still in the node's mount namespace, then the holder.
+        // Shims and anything else still in the node's mount namespace, the containers (each
+        // in mount namespaces of its own) in the node's cgroups, then the holder.
         let ns = self.mntns.clone();
-        let _ = tokio::task::spawn_blocking(move || kill_namespace(&ns)).await;
+        let root = self.plan.cgroup_root.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            kill_namespace(&ns);
+            kill_cgroup_tree(&root);
+        })
+        .await;
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
         let _ = super::network::ip(&["link", "del", "dev", &self.veth]);

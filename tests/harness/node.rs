@@ -33,6 +33,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     /// The host network slot it joined.
     pub net: HostNetwork,
+    /// The node binaries (`scripts/node.sh`), `kubectl` among them.
+    pub bin: PathBuf,
     /// The sandboxd image imported into its containerd (`localhost/sandboxd:<tag>`), when
     /// `make image` had built one.
     pub image: Option<String>,
@@ -130,7 +132,7 @@ impl TestNode {
         let bin = binaries()?;
         let dir = run_dir().join("node");
         std::fs::create_dir_all(&dir)?;
-        let mut args: Vec<String> = vec![
+        let args: Vec<String> = vec![
             "dev".into(),
             "node".into(),
             format!("--control-plane-dir={}", cp.dir.display()),
@@ -140,6 +142,7 @@ impl TestNode {
             format!("--label={REAL_NODE_LABEL}=true"),
             "--log-level=info".into(),
         ];
+        let mut args = args;
         let image = match image_archive() {
             Some(archive) => {
                 let tag = image_tag(&archive)?;
@@ -179,6 +182,7 @@ impl TestNode {
             name,
             dir,
             net,
+            bin,
             image,
             process: Mutex::new(process),
         })
