@@ -363,13 +363,11 @@ async fn run_with(
         std::fs::write(dir.join(NETWORK_SLOT), n.slot.to_string())
             .map_err(|e| io("writing the network slot", e))?;
     }
-    let bin = bin.to_path_buf();
-    let bin = &bin;
     let mut children: Vec<(&str, Child)> = Vec::new();
-    children.push(("etcd", spawn(dir, &bin, "etcd", &plan.etcd)?));
+    children.push(("etcd", spawn(dir, bin, "etcd", &plan.etcd)?));
     children.push((
         "kube-apiserver",
-        spawn(dir, &bin, "kube-apiserver", &plan.apiserver)?,
+        spawn(dir, bin, "kube-apiserver", &plan.apiserver)?,
     ));
     let yaml = kubeconfig_yaml(&plan.server, &plan.ca_pem, UserAuth::Cert(&plan.admin));
     wait_ready(&yaml, &mut children, Duration::from_secs(90)).await?;
@@ -377,14 +375,14 @@ async fn run_with(
         "kube-controller-manager",
         spawn(
             dir,
-            &bin,
+            bin,
             "kube-controller-manager",
             &plan.controller_manager,
         )?,
     ));
     children.push((
         "kube-scheduler",
-        spawn(dir, &bin, "kube-scheduler", &plan.scheduler)?,
+        spawn(dir, bin, "kube-scheduler", &plan.scheduler)?,
     ));
     // Written under a temporary name and renamed: whoever waits for the file sees it whole.
     let kubeconfig = dir.join("admin.kubeconfig");
