@@ -254,8 +254,20 @@ async fn seed_workflow(env: Env) -> Result<()> {
     }
 }
 
-/// The last lines of every container's log in `ns` (for a failure's diagnosis).
+/// Every pod in `ns` with its node, the namespace's last events, and the last lines of each
+/// container's log (for a failure's diagnosis).
 async fn print_pod_logs(client: &Client, ns: &str) {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    if let Ok(list) = events.list(&ListParams::default()).await {
+        for e in list.items.iter().rev().take(20) {
+            eprintln!(
+                "event {}: {} {}",
+                e.involved_object.name.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.message.clone().unwrap_or_default()
+            );
+        }
+    }
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let Ok(list) = pods.list(&ListParams::default()).await else {
         return;
@@ -270,7 +282,12 @@ async fn print_pod_logs(client: &Client, ns: &str) {
             .logs(&name, &lp)
             .await
             .unwrap_or_else(|e| e.to_string());
-        eprintln!("--- {ns}/{name} ({})\n{logs}", phase(&p));
+        let on = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        eprintln!("--- {ns}/{name} ({} on {on:?})\n{logs}", phase(&p));
     }
 }
 
@@ -597,8 +614,17 @@ async fn uninstall(env: &Env, node: &TestNode, client: &Client, original: &[u8])
         })
         .await?;
     }
-    let (ok, text) = sandboxd(env, &["uninstall"]).await?;
+    // The CRDs stay: the test cluster is shared, and other tests' PeerPod records would
+    // (rightly) refuse their removal.
+    let (ok, text) = sandboxd(env, &["uninstall", "--keep-crds"]).await?;
     ensure!(ok, "ctl uninstall failed:\n{text}");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    eventually(
+        "the operator namespace gone",
+        Duration::from_secs(120),
+        || async { Ok(namespaces.get_opt(NS).await?.is_none().then_some(())) },
+    )
+    .await?;
     let now = node.read_file("/etc/containerd/config.toml")?;
     ensure!(
         now == original,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::Node;
-use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
 use sandboxd::devenv::network::HostNetwork;
 use sandboxd::devenv::node as dev;
 use serde_json::json;
@@ -223,16 +223,28 @@ impl TestNode {
     }
 
     /// Lets the scheduler place pods on the node (removes the idle taint) until the guard
-    /// is closed.
+    /// is closed. The fake nodes earlier tests left (Ready, but no kubelet runs their pods)
+    /// get a NoSchedule taint meanwhile, so what a node test deploys lands on the real node,
+    /// as on a cluster of real nodes. Node tests run alone, so no other test sees this.
     pub async fn open(&'static self, client: &Client) -> Result<OpenNode> {
         self.check_running()?;
-        set_idle_taint(client, &self.name, false).await?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let fake = nodes
+            .list(&ListParams::default().labels("sandboxd.test/fake-node=true"))
+            .await?;
+        for n in &fake.items {
+            set_taint(client, &n.name_any(), FAKE_NODE_TAINT_KEY, true).await?;
+        }
+        set_taint(client, &self.name, dev::IDLE_TAINT_KEY, false).await?;
         Ok(OpenNode {
             node: self,
             client: client.clone(),
         })
     }
 }
+
+/// The taint fake nodes carry while a node test runs.
+const FAKE_NODE_TAINT_KEY: &str = "sandboxd.test/not-a-real-node";
 
 /// The node open for one test; [`OpenNode::close`] puts the idle taint back.
 pub struct OpenNode {
@@ -242,13 +254,22 @@ pub struct OpenNode {
 }
 
 impl OpenNode {
-    /// Puts the idle taint back.
+    /// Puts the idle taint back and takes the fake nodes' taint away.
     pub async fn close(self) -> Result<()> {
-        set_idle_taint(&self.client, &self.node.name, true).await
+        set_taint(&self.client, &self.node.name, dev::IDLE_TAINT_KEY, true).await?;
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let fake = nodes
+            .list(&ListParams::default().labels("sandboxd.test/fake-node=true"))
+            .await?;
+        for n in &fake.items {
+            // A fake node its test deleted meanwhile is fine.
+            let _ = set_taint(&self.client, &n.name_any(), FAKE_NODE_TAINT_KEY, false).await;
+        }
+        Ok(())
     }
 }
 
-async fn set_idle_taint(client: &Client, name: &str, on: bool) -> Result<()> {
+async fn set_taint(client: &Client, name: &str, key: &str, on: bool) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     for _ in 0..20 {
         let n = nodes.get(name).await?;
@@ -257,16 +278,16 @@ async fn set_idle_taint(client: &Client, name: &str, on: bool) -> Result<()> {
             .as_ref()
             .and_then(|s| s.taints.clone())
             .unwrap_or_default();
-        let has = taints.iter().any(|t| t.key == dev::IDLE_TAINT_KEY);
+        let has = taints.iter().any(|t| t.key == key);
         if has == on {
             return Ok(());
         }
         if on {
             taints.push(serde_json::from_value(json!({
-                "key": dev::IDLE_TAINT_KEY, "value": "true", "effect": "NoSchedule"
+                "key": key, "value": "true", "effect": "NoSchedule"
             }))?);
         } else {
-            taints.retain(|t| t.key != dev::IDLE_TAINT_KEY);
+            taints.retain(|t| t.key != key);
         }
         let patch = json!({"metadata": {"resourceVersion": n.metadata.resource_version},
                            "spec": {"taints": taints}});
