@@ -378,6 +378,9 @@ async fn seed_workflow_on(
             SUB,
             "--resource-group",
             "rg",
+            // Fake nodes of other tests carry other regions.
+            "--region",
+            "eastus",
             "--arm-endpoint",
             &arm_url,
             "--authority-host",
