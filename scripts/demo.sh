@@ -117,7 +117,7 @@ ctl() { run "$SANDBOXD" ctl "$@"; }
 
 bold "0. A real node: kubelet, containerd, runc, CNI, kube-proxy (own network and mount namespaces)"
 start node "$SANDBOXD" dev node --control-plane-dir "$WORK/cp" --dir "$WORK/node" --bin "$NODE_BIN" \
-  --image "localhost/sandboxd=$IMAGE_ARCHIVE"
+  --image "localhost/sandboxd=$IMAGE_ARCHIVE" --label topology.kubernetes.io/region=eastus
 NODE_PID=${PIDS[-1]}
 wait_for "the node" 180 test -f "$WORK/node/ready"
 NODE=$(cat "$WORK/node/ready")
