@@ -884,12 +884,14 @@ async fn start(
             a.extend(["--base-name", b.as_str()]);
         }
         a.push(archive);
-        let out = super::network::run(&ctr, &a)?;
-        // ctr prints progress lines too; the names it saved end in "saved".
-        for line in out.lines().filter(|l| l.trim_end().ends_with("saved")) {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            println!("node: imported {name}");
-        }
+        super::network::run(&ctr, &a)?;
+    }
+    let listed = super::network::run(
+        &ctr,
+        &["--address", &address, "-n", "k8s.io", "images", "ls", "-q"],
+    )?;
+    for name in listed.lines().filter(|l| !l.starts_with("sha256:")) {
+        println!("node: imported {name}");
     }
     r.start_child("kubelet")?;
     r.start_child("kube-proxy")?;
