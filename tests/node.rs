@@ -37,8 +37,214 @@ pub fn cases() -> Vec<Case> {
             "node::seed_workflow_installs_kata_remote_into_the_real_containerd_and_limits_peer_pods",
             seed_workflow,
         )
-        .skip_if(skip),
+        .skip_if(skip.clone()),
+        Case::node(
+            "node::the_image_job_runs_as_a_pod_on_the_node_and_records_the_image_id",
+            image_job,
+        )
+        .skip_if(skip.or_else(|| {
+            (!azurite_bin().exists())
+                .then(|| "azurite is missing: run scripts/bootstrap.sh".to_string())
+        })),
     ]
+}
+
+fn azurite_bin() -> std::path::PathBuf {
+    let cache = std::env::var_os("SANDBOXD_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/sandboxd")
+        });
+    cache.join("azurite/node_modules/.bin/azurite-blob")
+}
+
+/// The storage account the image Job uploads to (Azurite knows it with the ARM test
+/// server's key).
+const JOB_ACCOUNT: &str = "acctnodejob";
+
+/// `AZURE_IMAGE_ID` left empty: the operator's image Job runs as a pod on the real node (the
+/// image's own build inputs, its security context, its service account), builds the pod VM
+/// image, uploads it to Azurite through the ARM test server's storage account (both on the
+/// control plane's bridge, where the node's pods reach them), publishes it and records the
+/// id in `peer-pods-cm`; uninstall runs the deletion Job as a pod too.
+async fn image_job(env: Env) -> Result<()> {
+    let node = env.node();
+    let client = env.admin().await?;
+    let host = node.net.host_ip;
+    // Azurite on the bridge, knowing the account with the key the ARM test server hands out.
+    let port = crate::harness::process::free_port();
+    let azurite = crate::harness::process::Process::start(
+        &format!("azurite-{}", env.ns),
+        &azurite_bin(),
+        &[
+            "--blobHost".into(),
+            host.to_string(),
+            "--blobPort".into(),
+            port.to_string(),
+            "--inMemoryPersistence".into(),
+            "--disableTelemetry".into(),
+            "--skipApiVersionCheck".into(),
+        ],
+        &[(
+            "AZURITE_ACCOUNTS",
+            &format!(
+                "{JOB_ACCOUNT}:{}",
+                armtest::storage_account_key(JOB_ACCOUNT)
+            ),
+        )],
+    )?;
+    let azurite_addr = std::net::SocketAddr::from((host, port));
+    eventually("Azurite listening", Duration::from_secs(90), || async {
+        Ok(tokio::net::TcpStream::connect(azurite_addr)
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    let original = node.read_file("/etc/containerd/config.toml")?;
+    let open = node.open(&client).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let result = image_job_on(&env, node, &client, azurite_addr, stop.clone()).await;
+    if result.is_err() {
+        print_pod_logs(&client, NS).await;
+    }
+    let cleanup = uninstall(&env, node, &client, &original).await;
+    stop.cancel();
+    drop(azurite);
+    open.close().await?;
+    match (result, cleanup) {
+        (Err(r), Err(c)) => Err(r.context(format!("and the uninstall failed too: {c:#}"))),
+        (r, c) => r.and(c),
+    }
+}
+
+async fn image_job_on(
+    env: &Env,
+    node: &'static TestNode,
+    client: &Client,
+    azurite_addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let image = image(node)?;
+    let host = node.net.host_ip;
+    let config = armtest::Config {
+        lro_duration: Duration::from_millis(300),
+        storage: armtest::StorageConfig {
+            blob_endpoint: Some(url::Url::parse(&format!("http://{azurite_addr}/"))?),
+        },
+        ..armtest::Config::default()
+    };
+    let (addr, _arm, _task) = armtest::serve((host, 0).into(), config, stop).await?;
+    _arm.seed_peer_pods(SUB, "rg", "eastus");
+    let arm_url = format!("http://{addr}/");
+
+    ctl_ok(
+        env,
+        &[
+            "install",
+            "--vanilla",
+            "--image",
+            &image,
+            "--wait",
+            "--timeout",
+            "180",
+        ],
+    )
+    .await?;
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .args(["ctl", "--kubeconfig", &kubeconfig, "azure", "secret"])
+        .args(["--client-id", "aaaaaaaa-0000-0000-0000-000000000001"])
+        .args(["--tenant-id", "aaaaaaaa-0000-0000-0000-000000000002"])
+        .args(["--subscription-id", SUB])
+        .env("AZURE_CLIENT_SECRET", "node-test-secret")
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "azure secret: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No --image-id: the image Job makes one.
+    ctl_ok(
+        env,
+        &[
+            "azure",
+            "configmap",
+            "--subscription",
+            SUB,
+            "--resource-group",
+            "rg",
+            "--region",
+            "eastus",
+            "--arm-endpoint",
+            &arm_url,
+            "--authority-host",
+            &arm_url,
+        ],
+    )
+    .await?;
+    // The Job's storage account (an optional peer-pods-cm key the Job reads).
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), NS);
+    cms.patch(
+        "peer-pods-cm",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"data": {"IMAGE_STORAGE_ACCOUNT": JOB_ACCOUNT}})),
+    )
+    .await?;
+    ctl_ok(env, &["ssh-key"]).await?;
+    let selector = format!("{REAL_NODE_LABEL}=true");
+    ctl_ok(
+        env,
+        &[
+            "kataconfig",
+            "create",
+            "--name",
+            KATA_CONFIG,
+            "--peer-pods",
+            "--selector",
+            &selector,
+        ],
+    )
+    .await?;
+    let id = eventually(
+        "AZURE_IMAGE_ID recorded by the image Job",
+        Duration::from_secs(400),
+        || async {
+            let cm = cms.get("peer-pods-cm").await?;
+            Ok(cm
+                .data
+                .unwrap_or_default()
+                .get("AZURE_IMAGE_ID")
+                .filter(|v| !v.is_empty())
+                .cloned())
+        },
+    )
+    .await?;
+    ensure!(id.contains("/galleries/"), "image id {id}");
+    // The Job ran as a pod on the node and succeeded (it records the id just before it ends).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    eventually(
+        "the image Job's pod Succeeded on the node",
+        Duration::from_secs(60),
+        || async {
+            let job_pods = pods
+                .list(&ListParams::default().labels("job-name=osc-podvm-image-creation"))
+                .await?;
+            Ok(job_pods
+                .items
+                .iter()
+                .any(|p| {
+                    phase(p) == "Succeeded"
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(node.name.as_str())
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// `sandboxd <args>` (the binary under test), with a timeout.
