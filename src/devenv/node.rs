@@ -168,7 +168,9 @@ pub fn plan(
     let proxy_client = ca
         .issue("system:kube-proxy", &[], &[], Usage::Client, validity)
         .map_err(pki)?;
-    let cgroup_root = format!("/sandboxd-node{}", net.slot);
+    // One per node process, never reused: a sweep of a dead node's cgroups can not reach
+    // another node's.
+    let cgroup_root = format!("/sandboxd-node{}-{}", net.slot, std::process::id());
     let taints = if idle_taint {
         format!(
             "registerWithTaints:\n- key: {IDLE_TAINT_KEY}\n  value: \"true\"\n  effect: NoSchedule\n"
@@ -462,6 +464,23 @@ fn create_cgroup_root(root: &str) -> Result<(), Error> {
 
 /// Kills every process in the cgroup tree `root` (under each hierarchy): the node's
 /// containers, whatever their namespaces.
+fn join_cgroup(root: &str) -> Result<(), Error> {
+    let me = std::process::id().to_string();
+    for h in cgroup_hierarchies() {
+        let procs = h.join(root.trim_start_matches('/')).join("cgroup.procs");
+        std::fs::write(&procs, &me).map_err(|e| io(&format!("joining {}", procs.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Moves this process back to each hierarchy's root cgroup.
+fn leave_cgroup() {
+    let me = std::process::id().to_string();
+    for h in cgroup_hierarchies() {
+        let _ = std::fs::write(h.join("cgroup.procs"), &me);
+    }
+}
+
 fn kill_cgroup_tree(root: &str) -> usize {
     fn procs(dir: &Path, out: &mut Vec<i32>) {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
@@ -483,6 +502,8 @@ fn kill_cgroup_tree(root: &str) -> usize {
         }
         pids.sort_unstable();
         pids.dedup();
+        let me = std::process::id() as i32;
+        pids.retain(|p| *p != me);
         if pids.is_empty() {
             break;
         }
@@ -542,14 +563,10 @@ fn kill_namespace(mntns: &str) -> usize {
 }
 
 /// Removes what a node left in `dir` when it could not stop by itself (its process was
-/// killed): the processes still in its mount namespace, its cgroups, the kernel settings.
+/// killed): every process of its cgroup tree (the node process moved itself there, so its
+/// daemons, shims and containers are all in it), its cgroups, the kernel settings. (Not by
+/// mount namespace: a namespace's inode number is reused once the namespace is gone.)
 pub fn sweep(dir: &Path) {
-    if let Ok(ns) = std::fs::read_to_string(dir.join(MNTNS_FILE)) {
-        let n = kill_namespace(ns.trim());
-        if n > 0 {
-            eprintln!("node: killed {n} processes left in {}", ns.trim());
-        }
-    }
     if let Ok(root) = std::fs::read_to_string(dir.join("cgroup.root")) {
         let n = kill_cgroup_tree(root.trim());
         if n > 0 {
@@ -671,6 +688,7 @@ impl Running {
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
         let _ = super::network::ip(&["link", "del", "dev", &self.veth]);
+        leave_cgroup();
         for h in cgroup_hierarchies() {
             remove_cgroup_tree(&h.join(self.plan.cgroup_root.trim_start_matches('/')));
         }
@@ -748,6 +766,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> 
     std::fs::write(dir.join("cgroup.root"), &plan.cgroup_root)
         .map_err(|e| io("writing cgroup.root", e))?;
     create_cgroup_root(&plan.cgroup_root)?;
+    // Everything this process starts from now on (the holder, the daemons, containerd's
+    // shims) is in the node's cgroup tree.
+    join_cgroup(&plan.cgroup_root)?;
 
     // The namespaces' holder.
     let (out, err) = log_file(dir, "holder")?;
