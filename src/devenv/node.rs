@@ -570,10 +570,7 @@ pub fn sweep(dir: &Path) {
     if let Ok(root) = std::fs::read_to_string(dir.join("cgroup.root")) {
         let n = kill_cgroup_tree(root.trim());
         if n > 0 {
-            eprintln!(
-                "node: killed {n} container processes left in {}",
-                root.trim()
-            );
+            eprintln!("node: killed {n} processes left in {}", root.trim());
         }
         for h in cgroup_hierarchies() {
             remove_cgroup_tree(&h.join(root.trim().trim_start_matches('/')));
