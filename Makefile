@@ -7,7 +7,8 @@
 #                 (kernel, modules, systemd-boot; PODVM_INPUTS= leaves them out), checked
 #                 with skopeo
 #   make lint     rustfmt and clippy
-#   make demo     the setup guide end to end on this machine, narrated (root)
+#   make demo     the setup guide end to end on this machine, narrated (root), on a real
+#                 node (kubelet, containerd, kube-proxy) running the image
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -24,7 +25,7 @@ MIN_KUBE_VERSION := $(shell sed -n 's/^pub const MIN_KUBE_VERSION: &str = "\(.*\
 PODVM_INPUTS ?= $(shell command -v apt-get >/dev/null 2>&1 && echo --podvm-inputs)
 export CARGO_BUILD_JOBS ?= 2
 
-.PHONY: all build image lint fmt unit integration test bootstrap control-plane olm-bundle clean
+.PHONY: all build image lint fmt unit integration test bootstrap control-plane node olm-bundle clean
 
 all: build
 
@@ -33,6 +34,10 @@ bootstrap:
 
 control-plane:
 	@$(STAGE) control-plane scripts/control-plane.sh >/dev/null
+
+# The test node's kubelet, kube-proxy, containerd, its runc shim, ctr and pause image.
+node: control-plane
+	@$(STAGE) node scripts/node.sh >/dev/null
 
 build:
 	@$(STAGE) build $(CARGO) build --profile dist --locked --target $(TARGET) --bin sandboxd
@@ -54,6 +59,7 @@ unit:
 
 integration:
 	@$(STAGE) integration env SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		SANDBOXD_IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar \
 		$(CARGO) test --locked --test integration
 
 # The OLM bundle through the operator framework's own validators (default bundle checks,
@@ -61,15 +67,16 @@ integration:
 olm-bundle:
 	@$(STAGE) olm-bundle scripts/olm-validator.sh --run deploy/olm/bundle $(MIN_KUBE_VERSION)
 
-test: bootstrap control-plane lint olm-bundle image unit integration
+test: bootstrap control-plane node lint olm-bundle image unit integration
 
 clean:
 	$(CARGO) clean
 
-# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root).
+# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root): a
+# control plane and a real node running the image.
 .PHONY: demo
-demo: build control-plane
-	SANDBOXD=$(abspath $(BIN)) scripts/demo.sh
+demo: image control-plane node
+	SANDBOXD=$(abspath $(BIN)) IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar scripts/demo.sh
 
 # Re-records link/hot-symbols.txt, the functions the linker lays out first (build.rs).
 .PHONY: symbol-order

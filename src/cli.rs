@@ -48,8 +48,12 @@ pub enum DevCommand {
     ArmServer(crate::armtest::Args),
     /// Run a local control plane from the cached test binaries (for `make demo`).
     ControlPlane(crate::devenv::control_plane::Args),
-    /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (demo only).
+    /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (fake
+    /// nodes in numbers).
     Kubelet(crate::devenv::kubelet::Args),
+    /// A real node (kubelet, containerd, kube-proxy) joined to a `dev control-plane`, in its
+    /// own network and mount namespaces (root).
+    Node(crate::devenv::node::Args),
     /// A kata-agent stand-in on a unix socket: answers health checks, runs no containers.
     Agent(crate::devenv::agent::Args),
 }

@@ -66,6 +66,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(DevCommand::Kubelet(args)) => {
             sandboxd::devenv::kubelet::run(args, sandboxd::shutdown::on_signals()?).await
         }
+        Command::Dev(DevCommand::Node(args)) => {
+            sandboxd::devenv::node::run(args, sandboxd::shutdown::on_signals()?).await
+        }
         Command::Dev(DevCommand::Agent(args)) => {
             Ok(sandboxd::devenv::agent::run(args, sandboxd::shutdown::on_signals()?).await?)
         }

@@ -9,6 +9,7 @@ mod datapath;
 mod harness;
 mod image;
 mod image_publish;
+mod node;
 mod operator;
 mod peerpods;
 mod smoke;
@@ -71,15 +72,22 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         name: case.name.clone(),
         cp: None,
         ns: namespace_for(&case.name),
+        node: None,
     };
     let needs_ns = case.needs != Needs::Nothing;
     if needs_ns {
         let cp = harness::cluster().map_err(|e| Failed::from(format!("control plane: {e:#}")))?;
         env.cp = Some(cp);
     }
+    if case.needs == Needs::Node {
+        let node = harness::node::node().map_err(|e| Failed::from(format!("node: {e:#}")))?;
+        env.node = Some(node);
+    }
     let ns = env.ns.clone();
     let fut = (case.run)(env);
-    let exclusive = case.needs == Needs::ClusterExclusive;
+    let exclusive = matches!(case.needs, Needs::ClusterExclusive | Needs::Node);
+    // The real node's end-to-end tests install, configure and uninstall a whole release.
+    let limit = if case.needs == Needs::Node { 600 } else { 300 };
     runtime().block_on(async move {
         // Exclusive tests run alone; the others share the control plane.
         let _read;
@@ -102,7 +110,7 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         } else {
             None
         };
-        let result = tokio::time::timeout(Duration::from_secs(300), fut).await;
+        let result = tokio::time::timeout(Duration::from_secs(limit), fut).await;
         if let Some(client) = client {
             // Best effort; the namespace controller finishes it in the background.
             let _ = harness::delete_namespace(&client, &ns).await;
@@ -110,7 +118,7 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Failed::from(format!("{e:#}"))),
-            Err(_) => Err(Failed::from("timed out after 300s")),
+            Err(_) => Err(Failed::from(format!("timed out after {limit}s"))),
         }
     })
 }
@@ -133,6 +141,7 @@ fn main() {
         datapath::cases(),
         image::cases(),
         image_publish::cases(),
+        node::cases(),
     ]
     .into_iter()
     .flatten()

@@ -305,6 +305,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => peerpods::image_job::Settings::default().args,
             },
             backoff_limit: args.image_job_backoff_limit.max(0),
+            azure: args.azure.clone(),
             ..Default::default()
         },
         azure: args.azure,

@@ -414,6 +414,7 @@ async fn scc_admission(env: Env) -> Result<()> {
         owner,
         // The test control plane's version offers `status.hostIPs`.
         sandboxd::operator::peerpods::caa::Cluster { host_ips: true },
+        &Default::default(),
     );
     let pods: Vec<(&str, Value, &str)> = vec![
         (

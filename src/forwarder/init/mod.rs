@@ -50,9 +50,17 @@ pub fn kata_agent_args(file: Option<&str>) -> Vec<String> {
 /// Azure's chassis asset tag (DMI), how a VM knows it runs on Azure.
 const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
 
-/// Whether this process is to run the init duties: PID 1, or started as `/init`.
+/// Whether this process is to run the init duties: started as `/init`, or PID 1 with no
+/// command line (how a kernel starts init). Every container of a sandboxd pod is PID 1 of its
+/// own PID namespace too, started with a subcommand (`/sandboxd operator ...`): that is not
+/// init.
 pub fn should_run() -> bool {
-    std::process::id() == 1 || std::env::args_os().next().is_some_and(|a| a == "/init")
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    is_init(std::process::id(), &args)
+}
+
+fn is_init(pid: u32, args: &[std::ffi::OsString]) -> bool {
+    args.first().is_some_and(|a| a == "/init") || (pid == 1 && args.len() <= 1)
 }
 
 fn uptime() -> f64 {
@@ -671,6 +679,22 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_running_a_subcommand_as_pid_1_is_not_init() {
+        let a = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        // Every sandboxd container on a node: PID 1 of its PID namespace, with a subcommand.
+        assert!(!is_init(1, &a(&["/sandboxd", "operator"])));
+        assert!(!is_init(
+            1,
+            &a(&["/sandboxd", "caa", "--socket", "/run/peerpod/h.sock"])
+        ));
+        // A pod VM: the kernel starts /init (or the image's init) with no arguments.
+        assert!(is_init(1, &a(&["/init"])));
+        assert!(is_init(1, &a(&["/sandboxd"])));
+        assert!(is_init(42, &a(&["/init"])));
+        assert!(!is_init(42, &a(&["/sandboxd"])));
+    }
 
     #[test]
     fn kata_agent_starts_with_the_config_file_unless_the_image_sets_its_arguments() {

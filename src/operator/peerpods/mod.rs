@@ -511,6 +511,7 @@ async fn ensure_caa(
         config_hash,
         owner(kc),
         ctx.cluster,
+        &ctx.image_job.azure,
     );
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     if apply::hash_matches(get_daemonset(&api).await?.as_ref(), &desired) {
