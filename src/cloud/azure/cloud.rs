@@ -161,7 +161,7 @@ impl Endpoints {
 /// Flags of every command that talks to Azure: the cloud, and the development overrides
 /// that only the command line can give (they have no environment variable, so neither a
 /// ConfigMap through `envFrom` nor anything else but the command line sets them).
-#[derive(Clone, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct EndpointArgs {
     /// Azure cloud (AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud); default:
     /// `AZURE_CLOUD` of `peer-pods-cm`, else the public cloud.
