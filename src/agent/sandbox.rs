@@ -777,17 +777,19 @@ impl Agent {
                 .ok_or_else(|| Error::NotFound(format!("container {cid} not found")))?;
             (c.init.clone(), c.cgroup.clone())
         };
+        // Everything in its cgroup goes too: with a shared pid namespace an exec may outlive
+        // the container's init.
         if !init.exited() {
             let _ = kill(init.pid, libc::SIGKILL);
-            for pid in cgroup_pids(&cgroup) {
-                let _ = kill(pid, libc::SIGKILL);
-            }
-            if tokio::time::timeout(timeout, init.wait()).await.is_err() {
-                return Err(Error::Container {
-                    id: cid.into(),
-                    detail: format!("its processes did not die within {timeout:?}"),
-                });
-            }
+        }
+        for pid in cgroup_pids(&cgroup) {
+            let _ = kill(pid, libc::SIGKILL);
+        }
+        if tokio::time::timeout(timeout, init.wait()).await.is_err() {
+            return Err(Error::Container {
+                id: cid.into(),
+                detail: format!("its processes did not die within {timeout:?}"),
+            });
         }
         let mut st = self.state.lock().await;
         let Some(mut c) = st.containers.remove(cid) else {

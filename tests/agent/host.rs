@@ -62,14 +62,17 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
+/// The busybox applets the tests' containers use.
+pub const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "mkdir", "ps", "grep", "hostname", "true", "tty", "ls", "nc",
+];
+
 /// A busybox root file system: the static binary and its applet links.
 pub fn busybox_rootfs(dir: &Path) -> Result<()> {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin)?;
     std::fs::copy(BUSYBOX, bin.join("busybox"))?;
-    for applet in [
-        "sh", "echo", "cat", "sleep", "mkdir", "ps", "grep", "hostname", "true", "tty", "ls",
-    ] {
+    for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     for d in ["proc", "sys", "dev", "tmp", "etc"] {
@@ -117,9 +120,24 @@ pub struct HostAgent {
 
 impl HostAgent {
     pub async fn start(name: &str, extra: &[String]) -> Result<Self> {
+        Self::start_in(name, extra, None).await
+    }
+
+    /// The agent in the mount and network namespaces of process `inside.0` (a local pod VM's
+    /// forwarder) serving its `/run/kata-containers/agent.sock`, seen here at `inside.1`; or,
+    /// without `inside`, in a network namespace of its own with a socket in a scratch
+    /// directory. Either way in mount, pid, uts and ipc namespaces of its own.
+    pub async fn start_in(
+        name: &str,
+        extra: &[String],
+        inside: Option<(i32, PathBuf)>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let root = dir.path().join("agent");
-        let socket = dir.path().join("agent.sock");
+        let (socket, socket_here) = match &inside {
+            Some((_, here)) => (PathBuf::from(sandboxd::agent::SOCKET), here.clone()),
+            None => (dir.path().join("agent.sock"), dir.path().join("agent.sock")),
+        };
         let cg = cgroup2().context("no cgroup2")?;
         let (bin, _) = agent_binary();
         let mut agent = format!(
@@ -143,15 +161,30 @@ impl HostAgent {
             "set -e; mount --make-rprivate /; {mount_cg}ip link set lo up 2>/dev/null || true; \
              trap 'kill -TERM $p; wait $p' TERM; {agent} & p=$!; wait $p"
         );
-        let process = Process::start(
-            name,
-            Path::new("unshare"),
-            &[
+        let mut args: Vec<String> = Vec::new();
+        let program = match &inside {
+            Some((pid, _)) => {
+                args.extend([
+                    "--target".into(),
+                    pid.to_string(),
+                    "--mount".into(),
+                    "--net".into(),
+                    "--".into(),
+                    "unshare".into(),
+                ]);
+                "nsenter"
+            }
+            None => {
+                args.push("--net".into());
+                "unshare"
+            }
+        };
+        args.extend(
+            [
                 "--mount",
                 "--pid",
                 "--uts",
                 "--ipc",
-                "--net",
                 "--mount-proc",
                 "--fork",
                 "--kill-child=SIGTERM",
@@ -160,14 +193,13 @@ impl HostAgent {
                 "-c",
             ]
             .iter()
-            .map(|s| s.to_string())
-            .chain([script])
-            .collect::<Vec<_>>(),
-            &[],
-        )?;
+            .map(|s| s.to_string()),
+        );
+        args.push(script);
+        let process = Process::start(name, Path::new(program), &args, &[])?;
         let mut a = Self {
             root,
-            socket,
+            socket: socket_here,
             process,
             cgroup_prefix: format!("sandboxd-test-{:08x}", fastrand::u32(..)),
             cgroup_root: cg,

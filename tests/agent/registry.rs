@@ -263,9 +263,7 @@ pub fn busybox_layer(marker: &str) -> Result<(String, Vec<u8>)> {
     h.set_mode(0o755);
     h.set_size(busybox.len() as u64);
     b.append_data(&mut h, "bin/busybox", &busybox[..])?;
-    for applet in [
-        "sh", "echo", "cat", "sleep", "mkdir", "ps", "grep", "hostname", "true", "tty", "ls",
-    ] {
+    for applet in super::host::APPLETS {
         let mut h = header();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);

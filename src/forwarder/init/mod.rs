@@ -69,10 +69,11 @@ pub fn should_run() -> bool {
     std::process::id() == 1 || std::env::args_os().next().is_some_and(|a| a == "/init")
 }
 
+/// Seconds since boot (the kernel's own clock: no `/proc` needed, so the first lines of
+/// `/init` carry it too).
 fn uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
         .unwrap_or(0.0)
 }
 
