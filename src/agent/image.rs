@@ -50,10 +50,10 @@ pub struct ImageConfig {
 pub struct Store {
     dir: PathBuf,
     auth_file: PathBuf,
+    // A client per pull: `oci-client` keeps the first credentials it saw for a registry
+    // (pull secrets change, or arrive after a first anonymous try), and an idle agent keeps
+    // no connection pools or root stores.
     config: ClientProtocol,
-    // A client per registry and credentials: `oci-client` keeps the first credentials it saw
-    // for a registry, and pull secrets change (or arrive after a first anonymous try).
-    clients: std::sync::Mutex<HashMap<String, (Vec<u8>, Client)>>,
     // One pull at a time: two containers of one image share its layers.
     pulls: Mutex<()>,
 }
@@ -235,36 +235,8 @@ impl Store {
             dir: dir.into(),
             auth_file: auth_file.into(),
             config: ClientProtocol::HttpsExcept(insecure),
-            clients: std::sync::Mutex::default(),
             pulls: Mutex::new(()),
         }
-    }
-
-    /// The client for `registry` with `auth` (a new one when the credentials changed).
-    fn client(&self, registry: &str, auth: &RegistryAuth) -> Client {
-        let key = match auth {
-            RegistryAuth::Anonymous => Vec::new(),
-            RegistryAuth::Basic(u, p) => {
-                ring::digest::digest(&ring::digest::SHA256, format!("{u}\0{p}").as_bytes())
-                    .as_ref()
-                    .to_vec()
-            }
-            RegistryAuth::Bearer(t) => ring::digest::digest(&ring::digest::SHA256, t.as_bytes())
-                .as_ref()
-                .to_vec(),
-        };
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, c)) = clients.get(registry)
-            && *k == key
-        {
-            return c.clone();
-        }
-        let c = Client::new(ClientConfig {
-            protocol: self.config.clone(),
-            ..Default::default()
-        });
-        clients.insert(registry.to_string(), (key, c.clone()));
-        c
     }
 
     fn auth(&self, registry: &str) -> Result<RegistryAuth, String> {
@@ -339,7 +311,10 @@ impl Store {
             .map_err(|e| image_err(reference, e))?;
         let _one = self.pulls.lock().await;
         let start = std::time::Instant::now();
-        let client = self.client(r.resolve_registry(), &auth);
+        let client = Client::new(ClientConfig {
+            protocol: self.config.clone(),
+            ..Default::default()
+        });
         let (manifest, digest, config) = client
             .pull_manifest_and_config(&r, &auth)
             .await

@@ -747,8 +747,6 @@ pub fn main() -> ExitCode {
     }
     // Ctrl-Alt-Del sends SIGINT instead of rebooting at once.
     let _ = nix::sys::reboot::set_cad_enabled(false);
-    load_modules();
-    power_button_watcher();
     let mut services = Vec::new();
     if Path::new(KATA_AGENT).exists() {
         let _ = std::fs::write(
@@ -792,11 +790,14 @@ pub fn main() -> ExitCode {
             next_start: None,
         });
     }
-    // The agent needs no network: it starts before DHCP and the config fetch.
+    // The agent needs neither modules nor network to start: it goes first, the modules
+    // (its overlayfs among them) load while it starts, long before a container is asked for.
     for s in services.iter_mut() {
         s.start();
     }
     agent_probe();
+    load_modules();
+    power_button_watcher();
     let have_config = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
