@@ -346,8 +346,8 @@ impl Store {
                 ));
             };
             let blob = layers_dir.join(format!("{hex}.blob"));
-            let file = tokio::fs::File::create(&blob)
-                .await
+            let file = std::fs::File::create(&blob)
+                .map(BlockingFile)
                 .map_err(super::io(format!("creating {}", blob.display())))?;
             let pulled = client.pull_blob(&r, layer, file).await;
             if let Err(e) = pulled {
@@ -382,6 +382,35 @@ impl Store {
         }
         tracing::info!(image = %reference, %digest, layers = dirs.len(), fetched, seconds = start.elapsed().as_secs_f64(), "image ready");
         Ok((dirs, config))
+    }
+}
+
+/// A file written in place from async code. `tokio::fs` would start blocking-pool threads,
+/// and the agent stays single-threaded: libcontainer clones container processes from it, and
+/// a clone must not inherit a lock another thread holds.
+struct BlockingFile(std::fs::File);
+
+impl tokio::io::AsyncWrite for BlockingFile {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(std::io::Write::write(&mut self.0, buf))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(std::io::Write::flush(&mut self.0))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

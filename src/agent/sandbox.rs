@@ -277,11 +277,14 @@ impl Agent {
     pub async fn do_get_metrics(&self, _req: GetMetricsRequest) -> Result<Metrics, Error> {
         let containers = self.state.lock().await.containers.len();
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
+        let kib = |field: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let (rss_kib, anon_kib) = (kib("VmRSS:"), kib("RssAnon:"));
         let base = self.paths.base.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -322,8 +325,13 @@ impl Agent {
             ),
             (
                 "sandboxd_agent_resident_memory_bytes",
-                "Resident memory of the agent.",
+                "Resident memory of the agent (its code pages included).",
                 rss_kib * 1024,
+            ),
+            (
+                "sandboxd_agent_anonymous_memory_bytes",
+                "Anonymous resident memory of the agent (heap and stacks, no code).",
+                anon_kib * 1024,
             ),
             (
                 "sandboxd_agent_libcontainer_microseconds_total",
@@ -724,7 +732,8 @@ impl Agent {
         terminal: bool,
     ) -> Result<(ChildIo, Option<process::Stdio>, Option<ConsoleSocket>), Error> {
         if terminal {
-            let path = self.paths.state.join(format!("{cid}-{what}.console"));
+            let path = console_path(&self.paths.state);
+            tracing::debug!(container = %cid, process = %what, socket = %path.display(), "console socket");
             let _ = std::fs::remove_file(&path);
             let l = std::os::unix::net::UnixListener::bind(&path)
                 .map_err(super::io(format!("binding {}", path.display())))?;
@@ -867,7 +876,7 @@ impl Agent {
             .map_err(super::io(format!("writing {}", file.display())))?;
         let (io, stdio, console) = {
             let terminal = p.Terminal;
-            let path = self.paths.state.join(format!("{cid}-{eid}.console"));
+            let path = console_path(&self.paths.state);
             if terminal {
                 let _ = std::fs::remove_file(&path);
                 let l = std::os::unix::net::UnixListener::bind(&path)
@@ -1179,6 +1188,12 @@ impl Agent {
     ) -> Result<(), Error> {
         Ok(())
     }
+}
+
+/// A fresh console socket path in `state`: short, as a unix socket path must be (Kubernetes'
+/// container and exec ids are 64 characters each).
+fn console_path(state: &Path) -> PathBuf {
+    state.join(format!("console-{:016x}.sock", fastrand::u64(..)))
 }
 
 /// A console socket and its path (removed when dropped).

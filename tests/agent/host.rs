@@ -65,6 +65,7 @@ pub fn cases() -> Vec<Case> {
 /// The busybox applets the tests' containers use.
 pub const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "mkdir", "ps", "grep", "hostname", "true", "tty", "ls", "nc",
+    "stty",
 ];
 
 /// A busybox root file system: the static binary and its applet links.

@@ -526,6 +526,66 @@ where
         "mkdir under the seccomp profile: status {} stderr {err:?}",
         st.status
     );
+    // A terminal, as `kubectl exec -it` gets it: resized, typed into, read back.
+    let mut p = oci::Process::new();
+    p.Terminal = true;
+    p.Args = vec![
+        "sh".into(),
+        "-c".into(),
+        "read line; echo size:$(stty size) line:$line; tty".into(),
+    ];
+    p.Env = vec!["PATH=/bin".into(), "TERM=xterm".into()];
+    p.Cwd = "/".into();
+    let _: Empty = w
+        .ok(
+            &format!("{A}/ExecProcess"),
+            &ExecProcessRequest {
+                container_id: "c2".into(),
+                exec_id: "e3".into(),
+                process: MessageField::some(p),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let _: Empty = w
+        .ok(
+            &format!("{A}/TtyWinResize"),
+            &TtyWinResizeRequest {
+                container_id: "c2".into(),
+                exec_id: "e3".into(),
+                row: 33,
+                column: 77,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let _: WriteStreamResponse = w
+        .ok(
+            &format!("{A}/WriteStdin"),
+            &WriteStreamRequest {
+                container_id: "c2".into(),
+                exec_id: "e3".into(),
+                data: b"typed\n".to_vec(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let out = read_all(&mut w, "ReadStdout", "c2", "e3").await?;
+    ensure!(
+        out.contains("size:33 77 line:typed") && out.contains("/dev/pts/"),
+        "terminal exec output: {out:?}"
+    );
+    let st: WaitProcessResponse = w
+        .ok(
+            &format!("{A}/WaitProcess"),
+            &WaitProcessRequest {
+                container_id: "c2".into(),
+                exec_id: "e3".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    ensure!(st.status == 0, "terminal exec exit status {}", st.status);
     let stats: StatsContainerResponse = w
         .ok(
             &format!("{A}/StatsContainer"),

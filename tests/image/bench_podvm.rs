@@ -41,7 +41,7 @@ struct PodTimes {
     libcontainer: f64,
 }
 
-async fn pod<S>(w: &mut Wire<S>, setup: &Setup, n: u32) -> Result<(PodTimes, u64)>
+async fn pod<S>(w: &mut Wire<S>, setup: &Setup, n: u32) -> Result<(PodTimes, (u64, u64))>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -91,7 +91,10 @@ where
         &before.metrics,
         "sandboxd_agent_libcontainer_microseconds_total",
     );
-    let rss = gauge(&after.metrics, "sandboxd_agent_resident_memory_bytes");
+    let rss = (
+        gauge(&after.metrics, "sandboxd_agent_resident_memory_bytes"),
+        gauge(&after.metrics, "sandboxd_agent_anonymous_memory_bytes"),
+    );
     let _: Empty = w
         .ok(
             "/grpc.AgentService/DestroySandbox",
@@ -134,7 +137,10 @@ async fn run() -> Result<()> {
         let idle: Metrics = w
             .ok("/grpc.AgentService/GetMetrics", &GetMetricsRequest::new())
             .await?;
-        let rss_idle = gauge(&idle.metrics, "sandboxd_agent_resident_memory_bytes");
+        let rss_idle = (
+            gauge(&idle.metrics, "sandboxd_agent_resident_memory_bytes"),
+            gauge(&idle.metrics, "sandboxd_agent_anonymous_memory_bytes"),
+        );
         let setup = Setup {
             base: "/run/kata-containers".into(),
             rootfs: Rootfs::Image(regs.image.clone()),
@@ -148,15 +154,17 @@ async fn run() -> Result<()> {
         let accel = vm.accel;
         vm.power_off().await?;
         let row = format!(
-            "| {run} | {accel} | {:.0} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.1}x | {:.1} MiB | {:.1} MiB |",
+            "| {run} | {accel} | {:.0} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.1}x | {:.1} MiB ({:.1} anon) | {:.1} MiB ({:.1} anon) |",
             (ready - entered) * 1000.0,
             uncached.total,
             uncached.libcontainer,
             cached.total,
             cached.libcontainer,
             cached.total / cached.libcontainer.max(1e-6),
-            rss_idle as f64 / 1048576.0,
-            rss_pod as f64 / 1048576.0,
+            rss_idle.0 as f64 / 1048576.0,
+            rss_idle.1 as f64 / 1048576.0,
+            rss_pod.0 as f64 / 1048576.0,
+            rss_pod.1 as f64 / 1048576.0,
         );
         eprintln!("{row}");
         rows.push(row);
