@@ -24,7 +24,8 @@ use crate::agent::sequence::{self, Rootfs, Setup};
 use crate::harness::Case;
 use crate::harness::process::{Process, free_port};
 
-/// The registries' address as the VM sees it (qemu `guestfwd`).
+/// The registries' address as the VM sees it (qemu `guestfwd`, through a `nc` per
+/// connection: a `tcp:` target carries one connection only).
 const REGISTRY_IP: &str = "10.0.2.100";
 
 pub fn case(inputs: Option<String>) -> Case {
@@ -106,7 +107,8 @@ impl Vm {
         let mut net = format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:15150");
         for p in registry_ports {
             net.push_str(&format!(
-                ",guestfwd=tcp:{REGISTRY_IP}:{p}-tcp:127.0.0.1:{p}"
+                ",guestfwd=tcp:{REGISTRY_IP}:{p}-cmd:{} nc 127.0.0.1 {p}",
+                crate::agent::host::BUSYBOX
             ));
         }
         let p = |p: &Path| p.display().to_string();
