@@ -122,3 +122,11 @@ bench-caa: build
 bench-relay:
 	SANDBOXD_BENCH_RELAY=1 $(CARGO) test --release --locked --test integration -- \
 		datapath::bench_relay_latency_and_throughput_vs_direct_socket --exact --nocapture
+
+# Benchmark of the pod VM (docs/BENCHMARKS.md): /init -> agent ready, CreateSandbox -> first
+# container running (image uncached and cached) against libcontainer's own part, agent RSS.
+# The image boots under qemu (TCG here, KVM where it runs); SANDBOXD_BENCH_PODVM_RUNS runs.
+.PHONY: bench-podvm
+bench-podvm: build
+	SANDBOXD_BENCH_PODVM=1 SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		$(CARGO) test --locked --test integration -- image::bench_podvm --exact --nocapture

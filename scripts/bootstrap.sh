@@ -6,7 +6,8 @@
 #     (setpriv), iproute2 (ip, network namespaces in tests), jq, qemu-system-x86,
 #     qemu-utils and ovmf (the pod VM image boot test); runc,
 #     containernetworking-plugins (bridge, host-local, loopback), iptables and
-#     dbus-daemon for the test node (scripts/node.sh builds the rest), curl.
+#     dbus-daemon for the test node (scripts/node.sh builds the rest), curl;
+#     docker-registry and busybox-static (the agent tests' registry and image).
 #   - rustup: the x86_64-unknown-linux-musl target and the clippy and
 #     rustfmt components of the toolchain this repository selects.
 #   - Azurite (npm), the storage emulator the image publish tests start, under
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf
-  runc containernetworking-plugins iptables dbus-daemon curl)
+  runc containernetworking-plugins iptables dbus-daemon curl docker-registry busybox-static)
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 RUST_COMPONENTS=(clippy rustfmt)
 

@@ -29,6 +29,8 @@ pub enum Command {
     Caa(crate::caa::Args),
     /// Run the agent-protocol forwarder inside a pod VM.
     Forwarder(crate::forwarder::Args),
+    /// Run the kata agent API inside a pod VM: sandboxes, containers, images, stdio.
+    Agent(crate::agent::Args),
     /// Build, publish and delete the pod VM image.
     #[command(subcommand)]
     Image(crate::image::ImageCommand),

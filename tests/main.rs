@@ -2,6 +2,7 @@
 //! so no process outlives the run, and runs every suite against it.
 
 // Test support grows ahead of the suites that use each helper.
+mod agent;
 mod caa;
 mod ctl;
 mod datapath;
@@ -132,6 +133,7 @@ fn main() {
     }
     let cases: Vec<Case> = [
         smoke::cases(),
+        agent::cases(),
         static_binary::cases(),
         webhook::cases(),
         operator::cases(),

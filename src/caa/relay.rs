@@ -628,7 +628,7 @@ async fn health_check<S>(s: &mut S, deadline: Duration) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    use crate::protocol::{frame, health};
+    use crate::protocol::{frame, health_wire as health};
     use protobuf::Message;
     let mut req = ttrpc::proto::Request::new();
     req.service = health::SERVICE.into();
