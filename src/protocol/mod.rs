@@ -88,6 +88,10 @@ pub mod annotations {
     pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
     /// Requested GPUs ("0" when unset).
     pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
+    /// Confidential-computing init data ("" when unset).
+    pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
+    /// Requested GPU model ("" when unset).
+    pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
 }
 
 #[cfg(test)]
