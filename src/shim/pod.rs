@@ -48,6 +48,10 @@ pub const PAUSE_IMAGE: &str = "pause";
 /// reported (kata drains for about half a second; a background child holding the pipe
 /// must not hold the exit back).
 const DRAIN: Duration = Duration::from_secs(2);
+/// The exit status of a process SIGKILLed (what an OOM kill looks like).
+const OOM_KILLED_STATUS: u32 = 128 + 9;
+/// How long a SIGKILLed container's exit waits for its OOM event to be published first.
+const OOM_WAIT: Duration = Duration::from_secs(1);
 
 /// Now as a protobuf timestamp.
 pub fn now() -> Timestamp {
@@ -175,6 +179,8 @@ pub struct Sandbox {
     hypervisor: PathBuf,
     bundle: PathBuf,
     oom: Mutex<Option<JoinHandle<()>>>,
+    /// Containers whose OOM kill was published and whose exit was not yet reported.
+    ooms: watch::Sender<std::collections::HashSet<String>>,
 }
 
 /// The pod one shim serves.
@@ -426,6 +432,7 @@ impl Pod {
             hypervisor,
             bundle: bundle.to_path_buf(),
             oom: Mutex::new(None),
+            ooms: watch::channel(Default::default()).0,
         }))
     }
 
@@ -528,7 +535,7 @@ impl Pod {
                 .map_err(vm::agent_error("ExecProcess"))?;
         }
         *lock(&p.started) = true;
-        self.watch_process(&agent, &p);
+        self.watch_process(&sandbox, &p);
         if c.is_sandbox && req.exec_id.is_empty() {
             self.watch_oom(&sandbox);
         }
@@ -554,7 +561,8 @@ impl Pod {
 
     /// Streams a started process's stdio and reports its exit once WaitProcess answers and
     /// its output is drained.
-    fn watch_process(&self, agent: &AgentClient, p: &Arc<Process>) {
+    fn watch_process(&self, sandbox: &Arc<Sandbox>, p: &Arc<Process>) {
+        let agent = &sandbox.agent;
         let eid = p.agent_exec_id();
         let mut outputs = Vec::new();
         if !p.stdio.stdout.is_empty() {
@@ -587,6 +595,7 @@ impl Pod {
         }
         let waiter = {
             let agent = agent.clone();
+            let ooms = sandbox.ooms.clone();
             let p = p.clone();
             let publisher = self.publisher.clone();
             tokio::spawn(async move {
@@ -602,6 +611,15 @@ impl Pod {
                         255
                     }
                 };
+                // A container the VM's kernel killed for memory: the agent queues its OOM
+                // event before it answers WaitProcess; containerd's CRI reports OOMKilled when
+                // TaskOOM comes before TaskExit, so the exit waits (briefly) for it.
+                if p.exec_id.is_empty() && status == OOM_KILLED_STATUS {
+                    let mut rx = ooms.subscribe();
+                    let cid = p.cid.clone();
+                    let _ = tokio::time::timeout(OOM_WAIT, rx.wait_for(|s| s.contains(&cid))).await;
+                    ooms.send_if_modified(|s| s.remove(&cid));
+                }
                 let drained = futures::future::join_all(outputs);
                 if tokio::time::timeout(DRAIN, drained).await.is_err() {
                     tracing::debug!(
@@ -634,6 +652,7 @@ impl Pod {
     fn watch_oom(&self, sandbox: &Arc<Sandbox>) {
         let agent = sandbox.agent.clone();
         let publisher = self.publisher.clone();
+        let ooms = sandbox.ooms.clone();
         let t = tokio::spawn(async move {
             loop {
                 match agent
@@ -644,8 +663,11 @@ impl Pod {
                     Ok(e) => {
                         tracing::info!(cid = e.container_id, "OOM kill in the pod VM");
                         publisher.publish(TaskOOM {
-                            container_id: e.container_id,
+                            container_id: e.container_id.clone(),
                             ..Default::default()
+                        });
+                        ooms.send_modify(|s| {
+                            s.insert(e.container_id);
                         });
                     }
                     Err(e) => {
@@ -994,12 +1016,25 @@ impl Pod {
         {
             tracing::warn!(sandbox = s.id, error = %e, "DestroySandbox");
         }
-        match vm::stop_vm(&s.hypervisor, &s.id, Duration::from_secs(120)).await {
-            Ok(()) => {
-                let _ = std::fs::remove_file(s.bundle.join(boot::VM_RECORD));
-                tracing::info!(sandbox = s.id, "pod VM deleted");
+        // CAA may be restarting: StopVM is retried for two minutes, then left to `delete`
+        // (the bundle's record) and CAA's own sweep.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match vm::stop_vm(&s.hypervisor, &s.id, Duration::from_secs(120)).await {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(s.bundle.join(boot::VM_RECORD));
+                    tracing::info!(sandbox = s.id, "pod VM deleted");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(sandbox = s.id, error = %e, "StopVM; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = s.id, error = %e, "StopVM failed; the VM is left to CAA's sweep");
+                    return;
+                }
             }
-            Err(e) => tracing::warn!(sandbox = s.id, error = %e, "StopVM"),
         }
     }
 
