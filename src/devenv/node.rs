@@ -213,6 +213,8 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+# ConfigMap and Secret volumes follow changes within seconds (the default is a minute).
+syncFrequency: 10s
 rotateCertificates: false
 serverTLSBootstrap: false
 {taints}"#,
