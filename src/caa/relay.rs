@@ -28,11 +28,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::names;
 use crate::forwarder::tls as ftls;
 use crate::pki::{Ca, CertKey, Usage};
 
-/// Default name of the Secret with CAA's CA and client certificate.
-pub const DEFAULT_SECRET: &str = "peerpod-caa-tls";
+// The keys of the Secret with CAA's CA and client certificate (`names::CAA_TLS_SECRET`).
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 const CLIENT_CERT: &str = "tls.crt";
@@ -88,8 +88,6 @@ pub const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
 const PREVIOUS_CA_CERT: &str = "previous-ca.crt";
 const PREVIOUS_CLIENT_CERT: &str = "previous-tls.crt";
 const PREVIOUS_CLIENT_KEY: &str = "previous-tls.key";
-/// The label on the Secret: the operator removes it with CAA on uninstall.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "sandboxd");
 
 /// Errors of the data path.
 #[derive(Debug, thiserror::Error)]
@@ -400,9 +398,10 @@ impl Pki {
                 let mut secret = Secret::default();
                 secret.metadata.name = Some(name.into());
                 secret.metadata.namespace = Some(ns.into());
+                // Marked as sandboxd's: the operator removes it with CAA on uninstall.
                 secret.metadata.labels = Some(BTreeMap::from([(
-                    MANAGED_BY.0.to_string(),
-                    MANAGED_BY.1.to_string(),
+                    names::LABEL_MANAGED_BY.to_string(),
+                    names::MANAGED_BY.to_string(),
                 )]));
                 secret.type_ = Some("Opaque".into());
                 secret.data = Some(fresh.data());

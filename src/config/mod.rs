@@ -1,10 +1,11 @@
 //! `peer-pods-cm` and `peer-pods-secret`: parsing and validation shared by every component
-//! that reads them (CAA now; operator and `ctl` later).
+//! that reads them (CAA, the operator's checks and PeerPod collector, `ctl`, the image Job).
 //!
 //! One validator for all: every problem names the key and what was expected, every problem
 //! in a map is reported at once, and secret values never appear in errors, logs or `Debug`.
 //! It builds the settings types `cloud` owns ([`AzureConfig`], [`AzureCredentials`],
-//! [`SecretString`]) and imports nothing else of the crate but `cloud`.
+//! [`SecretString`]) and imports nothing else of the crate but `cloud` and the shared names
+//! of `api`.
 
 mod duration;
 mod secret;
@@ -13,15 +14,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::api::names::CONFIG_MAP;
 pub use crate::cloud::SecretString;
 pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub use duration::parse_duration;
 pub use secret::{AUTH_METHOD_KEY, CloudSecret, is_guid};
-
-/// Name of the ConfigMap holding the peer-pods settings.
-pub const CONFIG_MAP_NAME: &str = "peer-pods-cm";
-/// Name of the Secret holding the cloud credentials.
-pub const SECRET_NAME: &str = "peer-pods-secret";
 
 /// Upstream default of `VXLAN_PORT` (collides with Calico; the seed uses 9000).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -387,7 +384,7 @@ impl PeerPodsConfig {
             azure,
             azure_cloud,
         };
-        r.finish(CONFIG_MAP_NAME, cfg)
+        r.finish(CONFIG_MAP, cfg)
     }
 
     /// The per-node VM limit: `PeerPodConfig.spec.limit` when set, else

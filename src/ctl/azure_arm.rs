@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::Value;
 
+use crate::api::names::CLOUD_SECRET;
 use crate::cloud::azure::arm::ArmClient;
 use crate::cloud::azure::{Endpoints, Manners};
-use crate::config::{AzureCredentials, CloudSecret, SECRET_NAME};
+use crate::config::{AzureCredentials, CloudSecret};
 
 const NETWORK_API: &str = "2023-09-01";
 const COMPUTE_API: &str = "2024-07-01";
@@ -44,7 +45,7 @@ pub enum Error {
     },
     /// No usable credentials.
     #[error(
-        "no Azure credentials: create {SECRET_NAME} (sandboxd ctl azure secret) or set \
+        "no Azure credentials: create {CLOUD_SECRET} (sandboxd ctl azure secret) or set \
          AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID{0}"
     )]
     NoCredentials(String),
@@ -52,7 +53,7 @@ pub enum Error {
     #[error("Azure credentials: {0}")]
     Credentials(#[from] crate::config::Error),
     /// Reading the secret from the cluster failed.
-    #[error("reading {SECRET_NAME}: {0}")]
+    #[error("reading {CLOUD_SECRET}: {0}")]
     Kube(#[from] kube::Error),
     /// `AZURE_CLOUD` names no Azure cloud, or the configmap holds an endpoint key.
     #[error("{key} in peer-pods-cm: {detail}")]
@@ -121,7 +122,7 @@ pub async fn credentials(
     subscription: Option<&str>,
 ) -> Result<CloudSecret, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let mut map: BTreeMap<String, String> = match api.get_opt(SECRET_NAME).await? {
+    let mut map: BTreeMap<String, String> = match api.get_opt(CLOUD_SECRET).await? {
         Some(s) => secret_map(&s),
         None => BTreeMap::new(),
     };
@@ -146,18 +147,18 @@ pub async fn credentials(
         && !given(crate::config::AUTH_METHOD_KEY)
     {
         return Err(Error::NoCredentials(if from_secret {
-            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+            format!(" ({CLOUD_SECRET} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
         } else {
-            format!(" (no {SECRET_NAME} in namespace {namespace})")
+            format!(" (no {CLOUD_SECRET} in namespace {namespace})")
         }));
     }
     let secret = CloudSecret::from_map(&map)?;
     if let AzureCredentials::ManagedIdentity { .. } = secret.credentials {
         // A workstation has no managed identity; do not hang on the metadata endpoint.
         return Err(Error::NoCredentials(if from_secret {
-            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+            format!(" ({CLOUD_SECRET} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
         } else {
-            format!(" (no {SECRET_NAME} in namespace {namespace})")
+            format!(" (no {CLOUD_SECRET} in namespace {namespace})")
         }));
     }
     Ok(secret)

@@ -17,7 +17,8 @@ use serde_json::json;
 
 use super::azure_arm::{self, Azure, EndpointArgs, Subnet, Vnet};
 use super::{Ctx, Output};
-use crate::config::{CONFIG_MAP_NAME, PeerPodsConfig};
+use crate::api::names::CONFIG_MAP;
+use crate::config::PeerPodsConfig;
 
 /// The seed's default instance size.
 pub const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
@@ -386,7 +387,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);
     let current: BTreeMap<String, String> = cms
-        .get_opt(CONFIG_MAP_NAME)
+        .get_opt(CONFIG_MAP)
         .await
         .map_err(Error::Kube)?
         .and_then(|c| c.data)
@@ -618,7 +619,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let cm: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": CONFIG_MAP_NAME, "namespace": ctx.namespace},
+        "metadata": {"name": CONFIG_MAP, "namespace": ctx.namespace},
         "data": data,
     }))?;
     let shown = if args.dry_run {
@@ -627,7 +628,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         // Forced: the keys the user wrote with another manager are carried over unchanged
         // (they are in `data`), so taking them over loses nothing.
         cms.patch(
-            CONFIG_MAP_NAME,
+            CONFIG_MAP,
             &PatchParams::apply(crate::k8s::FIELD_MANAGER).force(),
             &Patch::Apply(&cm),
         )
@@ -645,11 +646,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             }
             if args.dry_run {
                 println!(
-                    "dry run: {CONFIG_MAP_NAME} not written (namespace {})",
+                    "dry run: {CONFIG_MAP} not written (namespace {})",
                     ctx.namespace
                 );
             } else {
-                println!("{CONFIG_MAP_NAME} applied in namespace {}", ctx.namespace);
+                println!("{CONFIG_MAP} applied in namespace {}", ctx.namespace);
             }
         }
     }

@@ -54,6 +54,19 @@ impl Error {
     }
 }
 
+/// The cluster's identity: the uid of the `kube-system` namespace, which lives as long as
+/// the cluster. CAA tags every VM with it ([`crate::cloud::tags::CLUSTER`]); the operator's
+/// collector finds this cluster's VMs by it.
+pub async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
+    let ns: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    Ok(ns
+        .get("kube-system")
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default())
+}
+
 /// How a component finds its API server; flattened into every subcommand that talks to one.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct KubeArgs {

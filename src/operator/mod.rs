@@ -8,7 +8,6 @@ pub mod kataconfig;
 pub mod leader;
 pub mod machineconfig;
 pub mod metrics;
-pub mod names;
 pub mod node_install;
 pub mod nodes;
 pub mod peerpod_gc;
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::metrics::OperatorMetrics;
 use self::nodes::Flavor;
+use crate::api::names;
 
 /// Errors of the operator.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +214,7 @@ pub async fn run_operator(
         .leader
         .as_ref()
         .map(|l| l.identity.clone())
-        .unwrap_or_else(|| "sandboxd-operator".into());
+        .unwrap_or_else(|| names::OPERATOR.into());
     let kc_opts = kataconfig::Options {
         namespace: opts.namespace.clone(),
         image: opts.image.clone(),
@@ -279,14 +279,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let identity = args
         .identity
         .clone()
-        .unwrap_or_else(|| format!("sandboxd-operator-{}", std::process::id()));
+        .unwrap_or_else(|| format!("{}-{}", names::OPERATOR, std::process::id()));
     let opts = Options {
         namespace: args.namespace,
         image: args.image,
         platform: args.platform,
         leader: (!args.no_leader_election).then(|| leader::LeaderConfig {
             namespace: String::new(),
-            name: names::LEASE_NAME.into(),
+            name: names::OPERATOR.into(),
             identity,
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),

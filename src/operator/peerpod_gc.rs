@@ -17,15 +17,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::names::{CLOUD_SECRET, CONFIG_MAP};
 use crate::api::peerpod::{FINALIZER, PeerPod};
 use crate::cloud::{Provider, tags};
-use crate::config::{CONFIG_MAP_NAME, CloudProvider, CloudSecret, PeerPodsConfig, SECRET_NAME};
+use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
 /// Errors of one pass.
 #[derive(Debug, thiserror::Error)]
@@ -159,13 +160,13 @@ impl Collector {
     /// when they changed; `None` when peer pods are not configured.
     async fn provider(&mut self) -> Result<Option<Arc<dyn Provider>>, Error> {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.opts.namespace);
-        let Some(cm) = cms.get_opt(CONFIG_MAP_NAME).await? else {
+        let Some(cm) = cms.get_opt(CONFIG_MAP).await? else {
             self.provider = None;
             return Ok(None);
         };
         let mut map: BTreeMap<String, String> = cm.data.unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.opts.namespace);
-        if let Some(s) = secrets.get_opt(SECRET_NAME).await? {
+        if let Some(s) = secrets.get_opt(CLOUD_SECRET).await? {
             for (k, v) in s.data.unwrap_or_default() {
                 map.insert(k, String::from_utf8_lossy(&v.0).into_owned());
             }
@@ -188,13 +189,7 @@ impl Collector {
         if let Some(id) = &self.cluster_id {
             return Ok(id.clone());
         }
-        let ns: Api<Namespace> = Api::all(self.client.clone());
-        let id = ns
-            .get("kube-system")
-            .await?
-            .metadata
-            .uid
-            .unwrap_or_default();
+        let id = crate::k8s::cluster_id(&self.client).await?;
         self.cluster_id = Some(id.clone());
         Ok(id)
     }

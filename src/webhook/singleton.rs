@@ -14,12 +14,11 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use super::manifest::{Endpoint, MUTATE_PATH, SERVICE_NAME};
+use super::manifest::{Endpoint, MUTATE_PATH};
+use crate::api::names::{KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY, WEBHOOK_SERVICE};
 
 /// The path prefix; the KataConfig in force follows it.
 pub const PATH_PREFIX: &str = "/validate-kataconfig";
-/// The name of the ValidatingWebhookConfiguration (the same as the admission policy's).
-pub const CONFIGURATION_NAME: &str = "sandboxd-kataconfig-singleton";
 /// The webhook's name in it.
 pub const WEBHOOK_NAME: &str = "kataconfig-singleton.sandboxd.io";
 
@@ -91,7 +90,7 @@ pub fn configuration(
         ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.into_bytes())),
         service: match endpoint {
             Endpoint::Service(ns) => Some(ServiceReference {
-                name: SERVICE_NAME.into(),
+                name: WEBHOOK_SERVICE.into(),
                 namespace: ns.clone(),
                 path: Some(path.clone()),
                 port: Some(443),
@@ -105,10 +104,10 @@ pub fn configuration(
     };
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
-            name: Some(CONFIGURATION_NAME.into()),
+            name: Some(KATACONFIG_SINGLETON.into()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "sandboxd".to_string(),
+                LABEL_MANAGED_BY.to_string(),
+                MANAGED_BY.to_string(),
             )])),
             ..Default::default()
         },
@@ -173,7 +172,7 @@ mod tests {
         let w = &c.webhooks.as_ref().unwrap()[0];
         let svc = w.client_config.service.as_ref().unwrap();
         assert_eq!(svc.path.as_deref(), Some("/validate-kataconfig/kc"));
-        assert_eq!(svc.name, SERVICE_NAME);
+        assert_eq!(svc.name, WEBHOOK_SERVICE);
         assert_eq!(
             w.match_conditions.as_ref().unwrap()[0].expression,
             "object.metadata.name != 'kc'"

@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
+use sandboxd::api::names::ANNOTATION_BUILT_IMAGE_ID;
 use sandboxd::armtest::{Fault, FaultKind};
-use sandboxd::image::publish::{ANNOTATION_BUILT_IMAGE_ID, TAG_CREATED_BY};
+use sandboxd::image::publish::TAG_CREATED_BY;
 
 use crate::harness::{Case, Env};
 use fixture::{Fixture, Run, SUB, sparse_vhd};

@@ -412,6 +412,8 @@ async fn scc_admission(env: Env) -> Result<()> {
         &ppc.node_selector,
         "hash",
         owner,
+        // What the operator decides for the test control plane (1.36: `status.hostIPs`).
+        sandboxd::operator::peerpods::caa::Cluster { host_ips: true },
     );
     let pods: Vec<(&str, Value, &str)> = vec![
         (

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::api::names::{ANNOTATION_BUILT_IMAGE_ID, DEFAULT_NAMESPACE};
 use crate::cloud::azure::{EndpointArgs, Endpoints, Manners};
 use crate::config::CloudSecret;
 
@@ -34,12 +35,6 @@ pub const TAG_CREATED_BY: &str = "sandboxd-created-by";
 pub const CREATED_BY: &str = "sandboxd";
 /// Tag on images: the id of the storage account holding their source blob.
 pub const TAG_STORAGE_ACCOUNT: &str = "sandboxd-storage-account";
-/// Annotation on `peer-pods-cm`: the image id sandboxd built and wrote as `AZURE_IMAGE_ID`.
-/// When it equals `AZURE_IMAGE_ID`, uninstall may delete the image; otherwise the image is
-/// the user's and stays.
-pub const ANNOTATION_BUILT_IMAGE_ID: &str = "sandboxd.io/built-image-id";
-/// The operator's namespace (default of `--namespace`).
-pub const DEFAULT_NAMESPACE: &str = "openshift-sandboxed-containers-operator";
 
 /// `Microsoft.Storage` api-version.
 pub const STORAGE_API: &str = "2023-05-01";
@@ -562,7 +557,7 @@ pub async fn publish(args: &Args) -> Result<String, Error> {
         update_configmap(&args.kube, &args.namespace, &id).await?;
         eprintln!(
             "{} AZURE_IMAGE_ID set in namespace {}",
-            crate::config::CONFIG_MAP_NAME,
+            crate::api::names::CONFIG_MAP,
             args.namespace
         );
     }
@@ -898,7 +893,7 @@ pub async fn update_configmap(
         .await
         .map_err(|e| Error::Kube(e.to_string()))?;
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-    let name = crate::config::CONFIG_MAP_NAME;
+    let name = crate::api::names::CONFIG_MAP;
     if api
         .get_opt(name)
         .await

@@ -27,11 +27,11 @@ use self::status::Phase;
 use super::installer::{self, InstallerSpec};
 use super::machineconfig::{self as mco, PoolView};
 use super::metrics::OperatorMetrics;
-use super::names::*;
 use super::node_install::InstallConfig;
 use super::nodes::{Flavor, Selection};
 use super::runtimeclass;
 use crate::api::kataconfig::{CONDITION_IN_PROGRESS, FINALIZER, KataConfig, KataConfigStatus};
+use crate::api::names::*;
 use crate::k8s::apply::{self, hash_matches, is_not_found};
 use crate::k8s::{FIELD_MANAGER, conditions};
 
@@ -214,7 +214,7 @@ pub async fn run(
             Api::namespaced(client.clone(), &opts.namespace),
             wc.clone().fields(&format!(
                 "metadata.name={}",
-                crate::api::peerpodconfig::DEFAULT_NAME
+                crate::api::names::PEER_POD_CONFIG
             )),
         ),
     );
@@ -264,7 +264,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: "sandboxd-operator".into(),
+            controller: crate::api::names::OPERATOR.into(),
             instance: Some(opts.instance.clone()),
         },
     );

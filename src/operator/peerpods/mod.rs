@@ -32,9 +32,10 @@ use tokio_util::sync::CancellationToken;
 
 use self::plan::{ConfigInputs, NodeAction, NodeView};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{CAA_DAEMONSET, PEER_POD_CONFIG, SSH_KEY_SECRET, VM_RESOURCE};
 use crate::api::peerpodconfig::{
-    CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, DEFAULT_NAME, PeerPodConfig,
-    PeerPodConfigSpec, PeerPodConfigStatus, SSH_KEY_SECRET, VM_RESOURCE,
+    CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, PeerPodConfig, PeerPodConfigSpec,
+    PeerPodConfigStatus,
 };
 use crate::k8s::{apply, conditions};
 
@@ -71,7 +72,7 @@ pub enum Error {
         source: kube::Error,
     },
     /// Creating the default PeerPodConfig failed.
-    #[error("creating PeerPodConfig {DEFAULT_NAME}: {0}")]
+    #[error("creating PeerPodConfig {PEER_POD_CONFIG}: {0}")]
     Create(#[source] kube::Error),
     /// Patching a node's status failed.
     #[error("patching the status of node {node}: {source}")]
@@ -252,7 +253,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: "sandboxd-operator".into(),
+            controller: crate::api::names::OPERATOR.into(),
             instance: Some(instance),
         },
     );
@@ -345,12 +346,12 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         .await?;
         let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
         if get_daemonset(&dss).await?.is_some() {
-            apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
+            apply::delete_if_exists(&dss, CAA_DAEMONSET).await?;
         }
         // CAA's CA and client certificate go with CAA (the DaemonSet may have gone with
         // its owner already): a later install starts with a new CA.
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-        apply::delete_if_exists(&secrets, crate::caa::relay::DEFAULT_SECRET).await?;
+        apply::delete_if_exists(&secrets, crate::api::names::CAA_TLS_SECRET).await?;
         let webhook_wait = match (&singleton_for, active_kataconfig(ctx)) {
             (Some(name), Some(owner_kc)) => Some(
                 ctx.webhook
@@ -381,10 +382,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
                 .ppcs
                 .state()
                 .iter()
-                .any(|p| p.name_any() == DEFAULT_NAME)
+                .any(|p| p.name_any() == PEER_POD_CONFIG)
         {
             let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-            apply::delete_if_exists(&api, DEFAULT_NAME).await?;
+            apply::delete_if_exists(&api, PEER_POD_CONFIG).await?;
         }
         let image_wait = image_job::off(ctx).await?;
         let wait = image_wait.unwrap_or(Duration::from_secs(300));
@@ -394,7 +395,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         .ppcs
         .state()
         .into_iter()
-        .find(|p| p.name_any() == DEFAULT_NAME)
+        .find(|p| p.name_any() == PEER_POD_CONFIG)
     {
         Some(p) => p,
         None => {
@@ -486,11 +487,11 @@ fn owner(kc: &KataConfig) -> OwnerReference {
 }
 
 async fn get_daemonset(api: &Api<DaemonSet>) -> Result<Option<DaemonSet>, Error> {
-    api.get_opt(caa::DAEMONSET)
+    api.get_opt(CAA_DAEMONSET)
         .await
         .map_err(|source| Error::Read {
             kind: "DaemonSet",
-            name: caa::DAEMONSET.into(),
+            name: CAA_DAEMONSET.into(),
             source,
         })
 }
@@ -522,7 +523,7 @@ async fn ensure_caa(
 }
 
 async fn create_default(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
-    let mut ppc = PeerPodConfig::new(DEFAULT_NAME, PeerPodConfigSpec::default());
+    let mut ppc = PeerPodConfig::new(PEER_POD_CONFIG, PeerPodConfigSpec::default());
     ppc.metadata.namespace = Some(ctx.namespace.clone());
     ppc.metadata.owner_references = Some(vec![owner(kc)]);
     let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
@@ -533,7 +534,7 @@ async fn create_default(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
     };
     match api.create(&pp, &ppc).await {
         Ok(_) => {
-            tracing::info!(namespace = %ctx.namespace, "created PeerPodConfig {DEFAULT_NAME}");
+            tracing::info!(namespace = %ctx.namespace, "created PeerPodConfig {PEER_POD_CONFIG}");
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -632,7 +633,7 @@ async fn write_status(ctx: &Ctx, ppc: &PeerPodConfig, new: Vec<Condition>) -> Re
         "kind": PeerPodConfig::kind(&()),
         "status": status,
     });
-    apply::apply_status(&api, DEFAULT_NAME, body).await?;
+    apply::apply_status(&api, PEER_POD_CONFIG, body).await?;
     event_on_change(ctx, ppc, &old, &status).await;
     Ok(())
 }

@@ -34,18 +34,13 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::api::names::{
+    KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY, WEBHOOK, WEBHOOK_SERVICE,
+};
 use crate::k8s::apply;
 use crate::pki::{self, Ca, Usage};
-use crate::webhook::manifest::{self, Endpoint};
+use crate::webhook::manifest::{self, Endpoint, SERVICE_CA_INJECT_ANNOTATION};
 
-/// The webhook Deployment.
-pub const DEPLOYMENT: &str = "peer-pods-webhook";
-/// The webhook pods' ServiceAccount (no API permissions: the webhook never calls the API).
-pub const SERVICE_ACCOUNT: &str = "peer-pods-webhook";
-/// The PodDisruptionBudget (minAvailable 1).
-pub const PDB: &str = "peer-pods-webhook";
-/// The Service in front of the Deployment (443 → 9443).
-pub const SERVICE: &str = manifest::SERVICE_NAME;
 /// The `kubernetes.io/tls` Secret mounted by the webhook pods: `tls.crt`, `tls.key` and
 /// `ca.crt` (the caBundle).
 pub const SERVING_SECRET: &str = "peer-pods-webhook-cert";
@@ -60,8 +55,6 @@ pub const PORT: i32 = 9443;
 pub const CERT_DIR: &str = "/etc/webhook/certs";
 /// OpenShift service-CA: Service annotation naming the Secret to create.
 pub const SERVICE_CA_SECRET_ANNOTATION: &str = "service.beta.openshift.io/serving-cert-secret-name";
-/// OpenShift service-CA: annotation asking for the caBundle to be injected.
-pub const SERVICE_CA_INJECT_ANNOTATION: &str = "service.beta.openshift.io/inject-cabundle";
 
 const CA_CERT_KEY: &str = "ca.crt";
 const CA_KEY_KEY: &str = "ca.key";
@@ -327,10 +320,10 @@ pub fn next_check(
 /// development URL, its host.
 pub fn serving_names(namespace: &str, url: Option<&str>) -> Result<Vec<String>, UrlError> {
     let mut names = vec![
-        SERVICE.to_string(),
-        format!("{SERVICE}.{namespace}"),
-        format!("{SERVICE}.{namespace}.svc"),
-        format!("{SERVICE}.{namespace}.svc.cluster.local"),
+        WEBHOOK_SERVICE.to_string(),
+        format!("{WEBHOOK_SERVICE}.{namespace}"),
+        format!("{WEBHOOK_SERVICE}.{namespace}.svc"),
+        format!("{WEBHOOK_SERVICE}.{namespace}.svc.cluster.local"),
     ];
     if let Some(u) = url {
         names.push(url_host(u)?);
@@ -427,7 +420,7 @@ pub fn signer_of(
 // Desired objects (pure).
 
 fn labels() -> serde_json::Value {
-    json!({"app": DEPLOYMENT, "app.kubernetes.io/managed-by": "sandboxd"})
+    json!({"app": WEBHOOK, LABEL_MANAGED_BY: MANAGED_BY})
 }
 
 fn stamped<K: Resource + Serialize + DeserializeOwned>(value: serde_json::Value) -> K {
@@ -441,15 +434,15 @@ pub fn deployment(namespace: &str, image: &str, owner: &OwnerReference) -> Deplo
     stamped(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": DEPLOYMENT, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
+        "metadata": {"name": WEBHOOK, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
         "spec": {
             "replicas": 2,
-            "selector": {"matchLabels": {"app": DEPLOYMENT}},
+            "selector": {"matchLabels": {"app": WEBHOOK}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels()},
                 "spec": {
-                    "serviceAccountName": SERVICE_ACCOUNT,
+                    "serviceAccountName": WEBHOOK,
                     "automountServiceAccountToken": false,
                     // No fixed UID: see the image Job.
                     "securityContext": {
@@ -459,7 +452,7 @@ pub fn deployment(namespace: &str, image: &str, owner: &OwnerReference) -> Deplo
                     "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
                         "weight": 100,
                         "podAffinityTerm": {
-                            "labelSelector": {"matchLabels": {"app": DEPLOYMENT}},
+                            "labelSelector": {"matchLabels": {"app": WEBHOOK}},
                             "topologyKey": "kubernetes.io/hostname",
                         },
                     }]}},
@@ -494,14 +487,14 @@ pub fn pdb(namespace: &str, owner: &OwnerReference) -> PodDisruptionBudget {
     stamped(json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": PDB, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": DEPLOYMENT}}},
+        "metadata": {"name": WEBHOOK, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": WEBHOOK}}},
     }))
 }
 
 /// The Service: 443 → the webhook's 9443. With the service CA, it asks for the Secret.
 pub fn service(namespace: &str, tls: TlsSource, owner: &OwnerReference) -> Service {
-    let mut meta = json!({"name": SERVICE, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]});
+    let mut meta = json!({"name": WEBHOOK_SERVICE, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]});
     if tls == TlsSource::ServiceCa {
         meta["annotations"] = json!({SERVICE_CA_SECRET_ANNOTATION: SERVING_SECRET});
     }
@@ -510,7 +503,7 @@ pub fn service(namespace: &str, tls: TlsSource, owner: &OwnerReference) -> Servi
         "kind": "Service",
         "metadata": meta,
         "spec": {
-            "selector": {"app": DEPLOYMENT},
+            "selector": {"app": WEBHOOK},
             "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}],
         },
     }))
@@ -521,7 +514,7 @@ pub fn service_account(namespace: &str, owner: &OwnerReference) -> ServiceAccoun
     stamped(json!({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": {"name": SERVICE_ACCOUNT, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
+        "metadata": {"name": WEBHOOK, "namespace": namespace, "labels": labels(), "ownerReferences": [owner]},
         "automountServiceAccountToken": false,
     }))
 }
@@ -550,8 +543,8 @@ pub fn webhook_configuration(
         mwc.metadata.annotations = None;
     }
     mwc.metadata.labels = Some(BTreeMap::from([(
-        "app.kubernetes.io/managed-by".to_string(),
-        "sandboxd".to_string(),
+        LABEL_MANAGED_BY.to_string(),
+        MANAGED_BY.to_string(),
     )]));
     mwc.metadata.owner_references = Some(vec![owner.clone()]);
     apply::stamp_hash(&mut mwc);
@@ -736,15 +729,11 @@ impl Configurations<'_> {
             let mwc =
                 webhook_configuration(self.namespace, self.settings, bundle.clone(), self.owner);
             ensure_stamped(&mwcs, "MutatingWebhookConfiguration", &mwc).await?;
-        } else if get(
-            &mwcs,
-            "MutatingWebhookConfiguration",
-            manifest::CONFIGURATION_NAME,
-        )
-        .await?
-        .is_some()
+        } else if get(&mwcs, "MutatingWebhookConfiguration", WEBHOOK)
+            .await?
+            .is_some()
         {
-            apply::delete_if_exists(&mwcs, manifest::CONFIGURATION_NAME).await?;
+            apply::delete_if_exists(&mwcs, WEBHOOK).await?;
         }
         let vwcs: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
         match &self.targets.singleton_for {
@@ -762,13 +751,12 @@ impl Configurations<'_> {
                 if get(
                     &vwcs,
                     "ValidatingWebhookConfiguration",
-                    crate::webhook::singleton::CONFIGURATION_NAME,
+                    KATACONFIG_SINGLETON,
                 )
                 .await?
                 .is_some()
                 {
-                    apply::delete_if_exists(&vwcs, crate::webhook::singleton::CONFIGURATION_NAME)
-                        .await?;
+                    apply::delete_if_exists(&vwcs, KATACONFIG_SINGLETON).await?;
                 }
             }
         }
@@ -855,7 +843,7 @@ async fn ensure_tls(
             std::time::Duration::try_from(state.validity.not_after - now).unwrap_or_default();
         let sans: Vec<&str> = names.iter().map(String::as_str).collect();
         let pair = state.ca.issue(
-            &format!("{SERVICE}.{namespace}.svc"),
+            &format!("{WEBHOOK_SERVICE}.{namespace}.svc"),
             &[],
             &sans,
             Usage::Server,
@@ -935,41 +923,38 @@ async fn write_ca(
 /// while it exists something may be left, and without it there is nothing to do (one read).
 pub async fn remove(client: &kube::Client, namespace: &str) -> Result<(), Error> {
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    if get(&sas, "ServiceAccount", SERVICE_ACCOUNT)
-        .await?
-        .is_none()
-    {
+    if get(&sas, "ServiceAccount", WEBHOOK).await?.is_none() {
         return Ok(());
     }
     apply::delete_if_exists(
         &Api::<MutatingWebhookConfiguration>::all(client.clone()),
-        manifest::CONFIGURATION_NAME,
+        WEBHOOK,
     )
     .await?;
     apply::delete_if_exists(
         &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
-        crate::webhook::singleton::CONFIGURATION_NAME,
+        KATACONFIG_SINGLETON,
     )
     .await?;
     apply::delete_if_exists(
         &Api::<Deployment>::namespaced(client.clone(), namespace),
-        DEPLOYMENT,
+        WEBHOOK,
     )
     .await?;
     apply::delete_if_exists(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace),
-        PDB,
+        WEBHOOK,
     )
     .await?;
     apply::delete_if_exists(
         &Api::<Service>::namespaced(client.clone(), namespace),
-        SERVICE,
+        WEBHOOK_SERVICE,
     )
     .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     apply::delete_if_exists(&secrets, SERVING_SECRET).await?;
     apply::delete_if_exists(&secrets, CA_SECRET).await?;
-    apply::delete_if_exists(&sas, SERVICE_ACCOUNT).await?;
+    apply::delete_if_exists(&sas, WEBHOOK).await?;
     tracing::info!("peer pods webhook removed");
     Ok(())
 }
@@ -1273,7 +1258,7 @@ mod tests {
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(2));
         let pod = spec.template.spec.as_ref().unwrap();
-        assert_eq!(pod.service_account_name.as_deref(), Some(SERVICE_ACCOUNT));
+        assert_eq!(pod.service_account_name.as_deref(), Some(WEBHOOK));
         assert_eq!(
             pod.security_context.as_ref().unwrap().run_as_non_root,
             Some(true)
