@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::api::names::CONFIG_MAP;
 pub use crate::cloud::SecretString;
+use crate::cloud::azure::ResourceId;
 pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub use duration::parse_duration;
 pub use secret::{AUTH_METHOD_KEY, CloudSecret, is_guid};
@@ -251,19 +252,10 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Whether `id` is an ARM resource id whose path contains the provider segment `kind`
-/// (e.g. `Microsoft.Network/virtualNetworks`), compared case-insensitively as ARM does.
+/// Whether `id` is an ARM resource id of `kind` (e.g. `Microsoft.Network/virtualNetworks`)
+/// or of a child of it, compared case-insensitively as ARM does.
 fn is_arm_id_of(id: &str, kind: &str) -> bool {
-    let lower = id.to_ascii_lowercase();
-    let parts: Vec<&str> = lower.split('/').collect();
-    parts.len() >= 9
-        && parts[0].is_empty()
-        && parts[1] == "subscriptions"
-        && !parts[2].is_empty()
-        && parts[3] == "resourcegroups"
-        && !parts[4].is_empty()
-        && lower.contains(&format!("/providers/{}/", kind.to_ascii_lowercase()))
-        && parts[1..].iter().all(|p| !p.is_empty())
+    ResourceId::parse(id).is_some_and(|r| r.is(kind))
 }
 
 /// Parses `k=v,k2=v2`; a name Azure would refuse is a problem of `TAGS` here rather than a

@@ -783,9 +783,10 @@ async fn bench_upload(_env: Env) -> Result<()> {
     for chunk in data.chunks_mut(8) {
         chunk.copy_from_slice(&(rng.u64(..) | 1).to_le_bytes());
     }
-    data.extend_from_slice(&sandboxd::image::publish::vhd::fixed_footer(
+    data.extend_from_slice(&sandboxd::image::build::vhd::footer(
         size as u64,
         [9; 16],
+        0,
     ));
     let vhd = fx.dir.join("dense.vhd");
     std::fs::write(&vhd, &data)?;

@@ -10,11 +10,10 @@
 //! records the id in the annotation [`ANNOTATION_BUILT_IMAGE_ID`], which tells uninstall the
 //! image is sandboxd's to delete. `job` is the in-cluster image Job.
 
-pub mod arm;
 pub mod blob;
+pub mod pages;
 pub mod sharedkey;
 pub mod upload;
-pub mod vhd;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,10 +22,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::api::names::{ANNOTATION_BUILT_IMAGE_ID, DEFAULT_NAMESPACE};
-use crate::cloud::azure::{EndpointArgs, Endpoints, Manners};
+use crate::cloud::azure::{Arm, ArmError, EndpointArgs, Endpoints, Manners, Polling, ResourceId};
 use crate::config::CloudSecret;
 
-use arm::{Arm, ArmError, Polling};
 use blob::BlobClient;
 
 /// Tag on every ARM resource `publish` creates; `delete` only touches resources with it.
@@ -56,7 +54,7 @@ pub enum Error {
     Config(#[from] crate::config::Error),
     /// The VHD is not usable.
     #[error(transparent)]
-    Vhd(#[from] vhd::VhdError),
+    Vhd(#[from] pages::VhdError),
     /// An ARM call failed.
     #[error(transparent)]
     Arm(#[from] ArmError),
@@ -359,16 +357,12 @@ fn endpoints(azure: &AzureArgs) -> Result<Endpoints, Error> {
 }
 
 fn arm_client(azure: &AzureArgs, secret: &CloudSecret) -> Result<Arm, Error> {
-    Ok(Arm::new(
-        &secret.credentials,
-        &endpoints(azure)?,
-        Manners::default(),
-        Polling {
-            min_interval: Duration::from_millis(azure.min_poll_ms),
-            default_interval: Duration::from_secs(5).max(Duration::from_millis(azure.min_poll_ms)),
-            timeout: Duration::from_secs(3600),
-        },
-    )?)
+    let arm = Arm::new(&secret.credentials, &endpoints(azure)?, Manners::default())?;
+    Ok(arm.with_polling(Polling {
+        min_interval: Duration::from_millis(azure.min_poll_ms),
+        default_interval: Duration::from_secs(5).max(Duration::from_millis(azure.min_poll_ms)),
+        timeout: Duration::from_secs(3600),
+    }))
 }
 
 fn tags(extra: &[(&str, &str)]) -> Value {
@@ -433,24 +427,27 @@ async fn storage(
     let endpoint = account["properties"]["primaryEndpoints"]["blob"]
         .as_str()
         .ok_or_else(|| {
-            Error::Arm(ArmError::Other(format!(
+            Error::Arm(ArmError::Unexpected(format!(
                 "storage account {name} has no blob endpoint (properties.primaryEndpoints.blob)"
             )))
         })?;
-    let endpoint = url::Url::parse(endpoint)
-        .map_err(|e| Error::Arm(ArmError::Other(format!("blob endpoint {endpoint}: {e}"))))?;
+    let endpoint = url::Url::parse(endpoint).map_err(|e| {
+        Error::Arm(ArmError::Unexpected(format!(
+            "blob endpoint {endpoint}: {e}"
+        )))
+    })?;
     let keys = arm
         .post(&format!(
             "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Storage/storageAccounts/{name}/listKeys?api-version={STORAGE_API}"
         ))
         .await?;
     let key = keys["keys"][0]["value"].as_str().ok_or_else(|| {
-        Error::Arm(ArmError::Other(format!(
+        Error::Arm(ArmError::Unexpected(format!(
             "listKeys of {name} returned no key"
         )))
     })?;
     let signer = sharedkey::SharedKey::new(name, key)
-        .map_err(|e| Error::Arm(ArmError::Other(e.to_string())))?;
+        .map_err(|e| Error::Arm(ArmError::Unexpected(e.to_string())))?;
     Ok(Storage {
         id,
         client: BlobClient::new(endpoint, signer),
@@ -462,7 +459,7 @@ pub async fn publish(args: &Args) -> Result<String, Error> {
     check_args(args)?;
     let secret = CloudSecret::from_map(&crate::config::env_map())?;
     let vhd_path = args.vhd.clone();
-    let plan = tokio::task::spawn_blocking(move || vhd::scan(&vhd_path))
+    let plan = tokio::task::spawn_blocking(move || pages::scan(&vhd_path))
         .await
         .map_err(|e| Error::Input(format!("scanning the VHD: {e}")))??;
     eprintln!(
@@ -738,44 +735,22 @@ enum ImageKind {
 }
 
 fn image_kind(id: &str) -> Option<ImageKind> {
-    let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
-    let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = l.iter().map(String::as_str).collect();
-    match l.as_slice() {
-        [
-            "subscriptions",
-            _,
-            "resourcegroups",
-            _,
-            "providers",
-            "microsoft.compute",
-            "images",
-            _,
-        ] => Some(ImageKind::Managed),
-        [
-            "subscriptions",
-            _,
-            "resourcegroups",
-            _,
-            "providers",
-            "microsoft.compute",
-            "galleries",
-            _,
-            "images",
-            _,
-            "versions",
-            _,
-        ] => Some(ImageKind::GalleryVersion {
-            definition_path: format!("/{}", segs[..10].join("/")),
-            gallery_path: format!("/{}", segs[..8].join("/")),
-        }),
-        _ => None,
+    let id = ResourceId::parse(id)?;
+    if id.is_exactly("Microsoft.Compute/images") {
+        return Some(ImageKind::Managed);
     }
+    if !id.is_exactly("Microsoft.Compute/galleries/images/versions") {
+        return None;
+    }
+    Some(ImageKind::GalleryVersion {
+        definition_path: id.ancestor(1)?.to_string(),
+        gallery_path: id.ancestor(2)?.to_string(),
+    })
 }
 
 /// `delete`: what it did, one line per resource.
 pub async fn delete(args: &DeleteArgs) -> Result<Vec<String>, Error> {
-    let id = args.image_id.trim().trim_end_matches('/').to_string();
+    let id = format!("/{}", args.image_id.trim().trim_matches('/'));
     let kind = image_kind(&id).ok_or_else(|| {
         Error::Input(format!(
             "--image-id {id:?} is neither a managed image id (.../providers/Microsoft.Compute/images/<name>) nor a gallery image version id (.../galleries/<g>/images/<d>/versions/<v>)"
@@ -857,7 +832,7 @@ async fn delete_blob(arm: &Arm, storage_id: &str, uri: &str) -> Result<Vec<Strin
     let keys = arm.post(&format!("{storage_id}/listKeys{q}")).await?;
     let key = keys["keys"][0]["value"].as_str().unwrap_or_default();
     let signer = sharedkey::SharedKey::new(&name, key)
-        .map_err(|e| Error::Arm(ArmError::Other(e.to_string())))?;
+        .map_err(|e| Error::Arm(ArmError::Unexpected(e.to_string())))?;
     let url = url::Url::parse(uri).map_err(|e| Error::Input(format!("blob URI {uri}: {e}")))?;
     let Some((endpoint, container, blob)) = blob::split_blob_url(&url, &name) else {
         return Ok(vec![format!("{uri} is not a blob URL; left alone")]);
