@@ -1,5 +1,6 @@
 //! Writes: server-side apply under [`FIELD_MANAGER`], a content hash so unchanged objects
-//! are never re-applied, and finalizer add/remove guarded by `resourceVersion`.
+//! are never re-applied, a finalizer added guarded by `resourceVersion` and removed by a
+//! JSON patch that tests it first (the one way every finalizer of sandboxd goes).
 
 use std::fmt::Debug;
 
@@ -217,26 +218,68 @@ where
     Ok(true)
 }
 
-/// Removes `finalizer` from `obj` if present. Returns whether it wrote. An object that is
-/// already gone counts as done.
+/// Removes `finalizer` from `obj` (its last known state) if present. Returns whether it
+/// wrote. An object that is already gone counts as done.
+///
+/// The finalizer is removed by position with a JSON patch that first tests it is still
+/// there: one call and no read in the common case, and another writer's finalizer is never
+/// dropped. When the list changed meanwhile, it is read again and the removal retried.
 pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
-    if !obj.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(false);
+    let name = obj.name_any();
+    let failed = |source| Error::Api {
+        verb: "removing the finalizer of",
+        kind: K::kind(&Default::default()).to_string(),
+        name: name.clone(),
+        source,
+    };
+    let mut finalizers = obj.finalizers().to_vec();
+    for _ in 0..5 {
+        let Some(i) = finalizers.iter().position(|f| f == finalizer) else {
+            return Ok(false);
+        };
+        let path = format!("/metadata/finalizers/{i}");
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": path, "value": finalizer},
+            {"op": "remove", "path": path},
+        ]))
+        .expect("a valid JSON patch");
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(e) if is_not_found(&e) => return Ok(true),
+            // The finalizers changed since they were read: read them and retry.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                match api.get_opt(&name).await.map_err(failed)? {
+                    Some(current) => finalizers = current.finalizers().to_vec(),
+                    None => return Ok(true),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        }
     }
-    let list: Vec<String> = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizer)
-        .cloned()
-        .collect();
-    match set_finalizers(api, obj, list).await {
-        Ok(_) => Ok(true),
-        Err(Error::Api { source, .. }) if is_not_found(&source) => Ok(true),
-        Err(e) => Err(e),
+    Err(failed(kube::Error::Api(
+        kube::core::Status::failure(
+            &format!("the finalizers of {name} kept changing"),
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    )))
+}
+
+impl From<Error> for kube::Error {
+    /// The API error behind a failed write, for callers that speak `kube::Error`.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Api { source, .. } => source,
+            Error::Serialise { source, .. } => kube::Error::SerdeError(source),
+        }
     }
 }
 

@@ -13,20 +13,19 @@
 //! ConfigMap (peer pods not configured) a pass does nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::names::{CLOUD_SECRET, CONFIG_MAP};
 use crate::api::peerpod::{FINALIZER, PeerPod};
 use crate::cloud::{Provider, tags};
 use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
+use crate::k8s::apply;
 
 /// Errors of one pass.
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +244,10 @@ impl Collector {
                 tracing::warn!(peerpod = %what, vm = %vm, "VM still listed after its delete; keeping the finalizer");
                 continue;
             }
-            remove_finalizer(&self.client, &p).await?;
+            let api = Api::namespaced(self.client.clone(), &ns);
+            apply::remove_finalizer(&api, &p, FINALIZER)
+                .await
+                .map_err(kube::Error::from)?;
             tracing::info!(peerpod = %what, vm = %vm, node = %p.spec.node_name, "CAA did not handle a deleted PeerPod; deleted its VM and removed the finalizer");
             self.deleting_since.remove(&key);
             report.released.push(what);
@@ -302,22 +304,6 @@ impl Collector {
     }
 }
 
-/// Removes the finalizer (optimistically: fails if the record changed meanwhile).
-async fn remove_finalizer(client: &Client, p: &PeerPod) -> Result<(), Error> {
-    let api: Api<PeerPod> = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-    let finalizers: Vec<&String> = p.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.resource_version()}});
-    match api
-        .patch(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Runs passes every `opts.every` until `shutdown`; failures are logged and retried on the
 /// next pass.
 pub async fn run(client: Client, opts: Options, shutdown: CancellationToken) {
@@ -336,26 +322,6 @@ pub async fn run(client: Client, opts: Options, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
     }
-}
-
-/// Runs `work` with the collector alongside (same cancellation); returns `work`'s result
-/// once both stopped.
-pub async fn alongside<F, T>(
-    client: Client,
-    opts: Options,
-    shutdown: CancellationToken,
-    work: F,
-) -> T
-where
-    F: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let token = shutdown.child_token();
-    let gc = tokio::spawn(run(client, opts, token.clone()));
-    let out = work.await;
-    token.cancel();
-    let _ = gc.await;
-    out
 }
 
 #[cfg(test)]
