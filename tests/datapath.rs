@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use protobuf::Message;
-use sandboxd::caa::relay::{AgentSockets, Pki, handshake as dial};
+use sandboxd::caa::pki::Pki;
+use sandboxd::caa::relay::{AgentSockets, handshake as dial};
 use sandboxd::devenv::agent;
 use sandboxd::forwarder::{relay as frelay, tls};
 use sandboxd::pki::{Ca, Usage};

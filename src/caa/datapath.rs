@@ -15,7 +15,8 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use super::relay::{self, AgentSockets, Pki};
+use super::pki::Pki;
+use super::relay::{self, AgentSockets};
 use super::state::{self, Record};
 use super::tunnel;
 use super::{Caa, Error, Readiness};

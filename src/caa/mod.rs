@@ -12,6 +12,7 @@
 pub mod crashpoint;
 mod datapath;
 mod error;
+pub mod pki;
 mod pods;
 pub mod relay;
 mod service;

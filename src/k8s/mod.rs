@@ -1,5 +1,5 @@
-//! Kubernetes plumbing shared by every component: client construction and the field
-//! manager that owns everything sandboxd applies.
+//! Kubernetes plumbing shared by every component: client construction, the cluster's
+//! identity ([`cluster_id`]) and the field manager that owns everything sandboxd applies.
 
 pub mod apply;
 pub mod conditions;

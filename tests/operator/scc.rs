@@ -386,8 +386,11 @@ async fn scc_admission(env: Env) -> Result<()> {
         ..Default::default()
     };
     let ppc = sandboxd::api::peerpodconfig::PeerPodConfigSpec::default();
-    let webhook =
-        sandboxd::operator::peerpods::webhook::deployment(&env.ns, "sandboxd:test", &owner);
+    let webhook = sandboxd::operator::peerpods::webhook::objects::deployment(
+        &env.ns,
+        "sandboxd:test",
+        &owner,
+    );
     let job_settings = sandboxd::operator::peerpods::image_job::Settings::default();
     let creation = sandboxd::operator::peerpods::image_job::creation_job(
         &env.ns,
