@@ -4,7 +4,8 @@
 
 use std::fmt::Debug;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -101,6 +102,22 @@ where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
+    apply_kind(api, obj, &K::kind(&Default::default())).await
+}
+
+/// [`apply`] for an object of a kind known at run time (`ar`).
+pub async fn apply_dynamic(
+    api: &Api<DynamicObject>,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+) -> Result<DynamicObject, Error> {
+    apply_kind(api, obj, &ar.kind).await
+}
+
+async fn apply_kind<K>(api: &Api<K>, obj: &K, kind: &str) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
     let name = obj.name_any();
     api.patch(
         &name,
@@ -110,7 +127,7 @@ where
     .await
     .map_err(|source| Error::Api {
         verb: "applying",
-        kind: K::kind(&Default::default()).to_string(),
+        kind: kind.to_string(),
         name,
         source,
     })
@@ -169,12 +186,28 @@ where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
+    delete_kind(api, name, &K::kind(&Default::default())).await
+}
+
+/// [`delete_if_exists`] for an object of a kind known at run time (`ar`).
+pub async fn delete_dynamic(
+    api: &Api<DynamicObject>,
+    ar: &ApiResource,
+    name: &str,
+) -> Result<(), Error> {
+    delete_kind(api, name, &ar.kind).await
+}
+
+async fn delete_kind<K>(api: &Api<K>, name: &str, kind: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
     match api.delete(name, &Default::default()).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(source) => Err(Error::Api {
             verb: "deleting",
-            kind: K::kind(&Default::default()).to_string(),
+            kind: kind.to_string(),
             name: name.to_string(),
             source,
         }),

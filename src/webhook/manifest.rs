@@ -67,31 +67,39 @@ impl Default for Options {
     }
 }
 
-fn cel_string(s: &str) -> String {
+impl Endpoint {
+    /// How the API server reaches the webhook's `path` here (the Service's port 443, or the
+    /// development URL's host), trusting `ca_bundle`.
+    pub fn client_config(&self, path: &str, ca_bundle: Option<&str>) -> WebhookClientConfig {
+        WebhookClientConfig {
+            ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
+            service: match self {
+                Endpoint::Service(ns) => Some(ServiceReference {
+                    name: WEBHOOK_SERVICE.into(),
+                    namespace: ns.clone(),
+                    path: Some(path.into()),
+                    port: Some(443),
+                }),
+                Endpoint::Url(_) => None,
+            },
+            url: match self {
+                Endpoint::Url(u) => Some(format!("{}{path}", u.trim_end_matches(MUTATE_PATH))),
+                Endpoint::Service(_) => None,
+            },
+        }
+    }
+}
+
+/// `s` as a CEL string literal.
+pub(crate) fn cel_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The configuration for `options`.
 pub fn webhook_configuration(options: &Options) -> MutatingWebhookConfiguration {
-    let client_config = WebhookClientConfig {
-        ca_bundle: options
-            .ca_bundle
-            .as_ref()
-            .map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
-        service: match &options.endpoint {
-            Endpoint::Service(ns) => Some(ServiceReference {
-                name: WEBHOOK_SERVICE.into(),
-                namespace: ns.clone(),
-                path: Some(MUTATE_PATH.into()),
-                port: Some(443),
-            }),
-            Endpoint::Url(_) => None,
-        },
-        url: match &options.endpoint {
-            Endpoint::Url(u) => Some(u.clone()),
-            Endpoint::Service(_) => None,
-        },
-    };
+    let client_config = options
+        .endpoint
+        .client_config(MUTATE_PATH, options.ca_bundle.as_deref());
     let (prefixes, names): (Vec<&String>, Vec<&String>) =
         options.never_mutate.iter().partition(|p| p.ends_with('*'));
     let mut requirements = Vec::new();

@@ -174,42 +174,52 @@ impl AzureProvider {
         &self.config
     }
 
+    /// `v` with the private IP of its NIC once it is provisioned (one more read).
     async fn vm_of(&self, v: compute::models::VirtualMachine) -> Result<Vm, Error> {
-        let props = v.properties.clone().unwrap_or_default();
-        let state = match props.provisioning_state.as_deref() {
-            Some("Succeeded") => VmState::Succeeded,
-            Some("Creating") | Some("Updating") => VmState::Creating,
-            Some("Failed") => VmState::Failed,
-            Some("Deleting") => VmState::Deleting,
-            other => VmState::Other(other.unwrap_or_default().to_string()),
-        };
-        let private_ip = if state == VmState::Succeeded {
-            match props
-                .network_profile
+        let mut vm = vm_without_ip(&v);
+        if vm.state == VmState::Succeeded
+            && let Some(nic) = v
+                .properties
                 .as_ref()
+                .and_then(|p| p.network_profile.as_ref())
                 .and_then(|n| n.network_interfaces.first())
                 .and_then(|n| n.sub_resource.id.clone())
-            {
-                Some(nic) => self.arm.nic_private_ip(&nic).await?,
-                None => None,
-            }
-        } else {
-            None
-        };
-        let tags: BTreeMap<String, String> = v
-            .resource
-            .tags
-            .clone()
-            .and_then(|t| serde_json::from_value(t).ok())
-            .unwrap_or_default();
-        Ok(Vm {
-            name: v.resource.name.clone().unwrap_or_default(),
-            id: v.resource.id.clone().unwrap_or_default(),
-            state,
-            private_ip,
-            tags,
-        })
+        {
+            vm.private_ip = self.arm.nic_private_ip(&nic).await?;
+        }
+        Ok(vm)
     }
+}
+
+/// A VM as ARM describes it, without its private IP (its NIC's, another read).
+fn vm_without_ip(v: &compute::models::VirtualMachine) -> Vm {
+    let state = match v
+        .properties
+        .as_ref()
+        .and_then(|p| p.provisioning_state.as_deref())
+    {
+        Some("Succeeded") => VmState::Succeeded,
+        Some("Creating") | Some("Updating") => VmState::Creating,
+        Some("Failed") => VmState::Failed,
+        Some("Deleting") => VmState::Deleting,
+        other => VmState::Other(other.unwrap_or_default().to_string()),
+    };
+    Vm {
+        name: v.resource.name.clone().unwrap_or_default(),
+        id: v.resource.id.clone().unwrap_or_default(),
+        state,
+        private_ip: None,
+        tags: tags_of(v),
+    }
+}
+
+/// The tags of a VM.
+fn tags_of(v: &compute::models::VirtualMachine) -> BTreeMap<String, String> {
+    v.resource
+        .tags
+        .clone()
+        .and_then(|t| serde_json::from_value(t).ok())
+        .unwrap_or_default()
 }
 
 /// The status and headers of an SDK answer, for [`Arm::wait`].
@@ -335,12 +345,7 @@ impl Provider for AzureProvider {
                 spec.name
             )));
         };
-        let tags: BTreeMap<String, String> = vm
-            .resource
-            .tags
-            .clone()
-            .and_then(|t| serde_json::from_value(t).ok())
-            .unwrap_or_default();
+        let tags = tags_of(&vm);
         Ok(Vm {
             name: spec.name.clone(),
             id: vm.resource.id.clone().unwrap_or_else(|| {
@@ -414,32 +419,10 @@ impl Provider for AzureProvider {
         let mut out = Vec::new();
         while let Some(page) = stream.next().await {
             let page = page.map_err(map_error)?;
-            for v in page.value {
-                let vm_tags: BTreeMap<String, String> = v
-                    .resource
-                    .tags
-                    .clone()
-                    .and_then(|t| serde_json::from_value(t).ok())
-                    .unwrap_or_default();
-                if tags.iter().all(|(k, val)| vm_tags.get(k) == Some(val)) {
-                    let state = match v
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.provisioning_state.as_deref())
-                    {
-                        Some("Succeeded") => VmState::Succeeded,
-                        Some("Creating") => VmState::Creating,
-                        Some("Failed") => VmState::Failed,
-                        Some("Deleting") => VmState::Deleting,
-                        other => VmState::Other(other.unwrap_or_default().to_string()),
-                    };
-                    out.push(Vm {
-                        name: v.resource.name.clone().unwrap_or_default(),
-                        id: v.resource.id.clone().unwrap_or_default(),
-                        state,
-                        private_ip: None,
-                        tags: vm_tags,
-                    });
+            for v in &page.value {
+                let vm = vm_without_ip(v);
+                if tags.iter().all(|(k, val)| vm.tags.get(k) == Some(val)) {
+                    out.push(vm);
                 }
             }
         }

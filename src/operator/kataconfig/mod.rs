@@ -267,36 +267,14 @@ fn node_views(ctx: &Ctx, config_hash: &str) -> Vec<NodeView> {
 
 async fn apply_dynamic(ctx: &Ctx, ar: &ApiResource, obj: &DynamicObject) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
-    let name = obj.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(|source| apply::Error::Api {
-        verb: "applying",
-        kind: ar.kind.clone(),
-        name,
-        source,
-    })?;
+    apply::apply_dynamic(&api, ar, obj).await?;
     ctx.metrics.object_write(&ar.kind);
     Ok(())
 }
 
 async fn delete_dynamic(ctx: &Ctx, ar: &ApiResource, name: &str) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
-    match api.delete(name, &Default::default()).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(source) => Err(apply::Error::Api {
-            verb: "deleting",
-            kind: ar.kind.clone(),
-            name: name.to_string(),
-            source,
-        }
-        .into()),
-    }
+    Ok(apply::delete_dynamic(&api, ar, name).await?)
 }
 
 /// OpenShift: the MachineConfig and the pool, applied only when their hash differs.
