@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use sandboxd::api::names::annotations;
 use sandboxd::api::peerpod::PeerPod;
 use sandboxd::armtest;
-use sandboxd::protocol::{annotations, hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
+use sandboxd::protocol::{hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
 use serde_json::json;
 
 use crate::harness::control_plane::{UserAuth, kubeconfig_yaml};

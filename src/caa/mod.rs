@@ -12,6 +12,7 @@
 pub mod crashpoint;
 mod datapath;
 mod error;
+pub mod pki;
 mod pods;
 pub mod relay;
 mod service;
@@ -45,14 +46,10 @@ pub struct Args {
     #[command(flatten)]
     pub kube: crate::k8s::KubeArgs,
     /// Unix socket of the remote hypervisor service.
-    #[arg(
-        long,
-        env = "CAA_SOCKET",
-        default_value = "/run/peerpod/hypervisor.sock"
-    )]
+    #[arg(long, env = "CAA_SOCKET", default_value = crate::api::names::HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
     /// Directory of per-pod agent sockets.
-    #[arg(long, env = "CAA_PODS_DIR", default_value = "/run/peerpod/pods")]
+    #[arg(long, env = "CAA_PODS_DIR", default_value = crate::api::names::PODS_DIR)]
     pub pods_dir: PathBuf,
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
 
@@ -13,13 +13,12 @@ use super::crashpoint;
 use super::state::{self, Record};
 use super::writer::{Key, Pending, Writer};
 use super::{Args, Error};
+use crate::api::names::annotations;
 use crate::api::peerpod::{PeerPodStatus, phases};
 use crate::cloud::sizes::{self, SizeRequest};
 use crate::cloud::{Provider, Vm, VmSize, VmSpec, VmState, tags, vm_name};
 use crate::config::PeerPodsConfig;
-use crate::protocol::{
-    annotations, hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc,
-};
+use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
 pub struct Caa {
@@ -54,13 +53,7 @@ impl Caa {
         args: Args,
         ssh_key: Option<String>,
     ) -> Result<Arc<Self>, Error> {
-        let ns: Api<Namespace> = Api::all(client.clone());
-        let cluster_id = ns
-            .get("kube-system")
-            .await?
-            .metadata
-            .uid
-            .unwrap_or_default();
+        let cluster_id = crate::k8s::cluster_id(&client).await?;
         let az = config.azure.clone();
         let (names, default_size, image_id) = match &az {
             Some(a) => (
@@ -237,11 +230,7 @@ impl Caa {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(req.id.clone(), r);
-        Ok(self
-            .args
-            .pods_dir
-            .join(&req.id)
-            .join("agent.ttrpc")
+        Ok(super::datapath::socket_path(&self.args.pods_dir, &req.id)
             .display()
             .to_string())
     }

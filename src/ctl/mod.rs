@@ -21,9 +21,6 @@ pub mod vm;
 
 use crate::k8s::KubeArgs;
 
-/// The namespace every peer-pods object lives in unless `-n` says otherwise.
-pub const DEFAULT_NAMESPACE: &str = "openshift-sandboxed-containers-operator";
-
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -43,7 +40,7 @@ pub struct Args {
     #[command(flatten)]
     pub kube: KubeArgs,
     /// The namespace of the operator and the peer-pods configuration.
-    #[arg(short = 'n', long, global = true, default_value = DEFAULT_NAMESPACE)]
+    #[arg(short = 'n', long, global = true, default_value = crate::api::names::DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]

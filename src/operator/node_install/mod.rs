@@ -24,7 +24,7 @@ use self::files::{
     host_path, read_opt, remove_empty_dirs, remove_owned, write_atomic, write_owned,
 };
 use self::systemd::ServiceManager;
-use super::names::*;
+use crate::api::names::*;
 use crate::k8s::apply;
 
 /// Where the installer keeps what it needs to undo its work exactly.
