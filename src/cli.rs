@@ -87,7 +87,10 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Some(prefix) = invoked_as(args.first()) {
+        args.splice(0..1, prefix.iter().map(std::ffi::OsString::from));
+    }
     if args.get(1).is_some_and(|a| a == "webhook") {
         let w = WebhookCli::parse_from(&args[1..]);
         return Cli {
@@ -96,6 +99,24 @@ where
         };
     }
     Cli::parse_from(args)
+}
+
+/// Program names under which the binary acts as one of its commands (multi-call binary):
+/// kubectl and oc run plugins found on `PATH` as `kubectl-<name>` / `oc-<name>`, and a
+/// must-gather image runs `/usr/bin/gather`.
+const INVOKED_AS: [(&str, &[&str]); 3] = [
+    ("kubectl-sandboxd", &["sandboxd", "ctl"]),
+    ("oc-sandboxd", &["sandboxd", "ctl"]),
+    ("gather", &["sandboxd", "ctl", "must-gather"]),
+];
+
+/// The arguments that replace the program name when it is one of [`INVOKED_AS`].
+fn invoked_as(argv0: Option<&std::ffi::OsString>) -> Option<&'static [&'static str]> {
+    let name = std::path::Path::new(argv0?).file_name()?.to_str()?;
+    INVOKED_AS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, prefix)| *prefix)
 }
 
 #[cfg(test)]
@@ -180,6 +201,28 @@ mod tests {
             Cli::try_parse_from(["sandboxd", "webhook", "--port", "nine"]).expect_err("a bad port");
         assert_eq!(short.kind(), full.kind());
         assert!(short.to_string().contains("--port"), "{short}");
+    }
+
+    #[test]
+    fn invoked_as_a_kubectl_or_oc_plugin_the_binary_is_ctl_and_as_gather_it_is_must_gather() {
+        for argv0 in ["kubectl-sandboxd", "/usr/local/bin/oc-sandboxd"] {
+            let cli = parse_from([argv0, "-n", "ns", "limit", "get"]);
+            let Command::Ctl(ctl) = cli.command else {
+                panic!("{argv0} runs ctl")
+            };
+            assert_eq!(ctl.namespace, "ns");
+            assert!(matches!(ctl.command, crate::ctl::CtlCommand::Limit(_)));
+        }
+        let cli = parse_from(["/usr/bin/gather"]);
+        let Command::Ctl(ctl) = cli.command else {
+            panic!("gather runs ctl must-gather")
+        };
+        assert!(matches!(ctl.command, crate::ctl::CtlCommand::MustGather(_)));
+        // Any other name is the plain binary.
+        assert!(matches!(
+            parse_from(["sandboxd-v2", "version"]).command,
+            Command::Version
+        ));
     }
 
     #[test]

@@ -279,7 +279,9 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        match reconcile(&ctx).await {
+        let result = reconcile(&ctx).await;
+        super::peer_pod_metrics::GAUGES.reconciled(result.as_ref().err().map(Error::metric_label));
+        match result {
             Ok(next) => {
                 backoff = Duration::from_millis(500);
                 wait = next;
@@ -341,6 +343,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
         }
         ctx.webhook.remove(&ctx.client, &ctx.namespace).await?;
+        let gauges = &super::peer_pod_metrics::GAUGES;
+        gauges.set_webhook_fail_closed(false);
+        gauges.set_limit(0);
+        gauges.set_image_ready(false);
         credentials::teardown(ctx).await;
         if ctx
             .kcs
@@ -387,6 +393,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             let nodes = node_views(ctx);
             let actions = plan::node_actions(&nodes, &ppc.spec.node_selector, Some(limit));
             apply_nodes(ctx, &nodes, &actions).await?;
+            super::peer_pod_metrics::GAUGES.set_limit(limit);
             conditions::new(
                 CONDITION_LIMIT_APPLIED,
                 true,
@@ -421,6 +428,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
     };
     let (image_condition, image_ready) =
         image_job::reconcile(ctx, &kc, &ppc, &inputs, verdict.as_ref().ok()).await?;
+    super::peer_pod_metrics::GAUGES.set_image_ready(image_ready);
     let conds = vec![limit_condition, config_condition, image_condition];
     write_status(ctx, &ppc, conds).await?;
     if verdict.is_ok() && image_ready {
@@ -431,6 +439,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         .webhook
         .ensure(&ctx.client, &ctx.namespace, &ctx.image, &owner(&kc))
         .await?;
+    super::peer_pod_metrics::GAUGES.set_webhook_fail_closed(true);
     Ok(CONFIG_RECHECK.min(next))
 }
 
