@@ -119,7 +119,7 @@ pub(crate) async fn setup(env: &Env, tags: &str) -> Result<Setup> {
 
 /// [`setup`] with an ARM test server configuration and extra CAA environment (which
 /// override the defaults).
-async fn setup_with(
+pub(crate) async fn setup_with(
     env: &Env,
     tags: &str,
     config: armtest::Config,

@@ -9,6 +9,7 @@ mod datapath;
 mod harness;
 mod image;
 mod image_publish;
+mod monitoring;
 mod operator;
 mod peerpods;
 mod smoke;
@@ -133,6 +134,7 @@ fn main() {
         datapath::cases(),
         image::cases(),
         image_publish::cases(),
+        monitoring::cases(),
     ]
     .into_iter()
     .flatten()

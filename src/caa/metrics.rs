@@ -24,11 +24,6 @@ struct ResultLabels {
     result: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: String,
-}
-
 /// The metrics of one CAA process.
 pub(crate) struct CaaMetrics {
     creates: Family<ResultLabels, Counter>,
@@ -40,7 +35,7 @@ pub(crate) struct CaaMetrics {
     swept: Counter,
     relay_connections: Counter,
     relay_active: Gauge,
-    relay_errors: Family<KindLabels, Counter>,
+    relay_errors: Counter,
 }
 
 impl Default for CaaMetrics {
@@ -56,7 +51,7 @@ impl Default for CaaMetrics {
             swept: Counter::default(),
             relay_connections: Counter::default(),
             relay_active: Gauge::default(),
-            relay_errors: Family::default(),
+            relay_errors: Counter::default(),
         }
     }
 }
@@ -68,6 +63,10 @@ pub(crate) static METRICS: LazyLock<CaaMetrics> = LazyLock::new(CaaMetrics::defa
 impl CaaMetrics {
     /// Registers the metrics (as `sandboxd_caa_*`) and, for Azure, ARM's counters.
     pub(crate) fn register(&self, registry: &mut Registry, arm: Option<Arc<Counters>>) {
+        // Successes exist from the start (a rate of 0, not "no data"); each failure kind
+        // appears with its first occurrence.
+        inc_by(&self.creates, None, 0);
+        inc_by(&self.deletes, None, 0);
         let r = registry.sub_registry_with_prefix("caa");
         r.register(
             "vm_creates",
@@ -116,7 +115,7 @@ impl CaaMetrics {
         );
         r.register(
             "relay_errors",
-            "Agent connections that failed or ended with an error, by kind",
+            "Agent connections that failed to reach the VM or ended with an error (the log names the kind)",
             self.relay_errors.clone(),
         );
         if let Some(counters) = arm {
@@ -159,19 +158,21 @@ impl CaaMetrics {
     }
 
     /// Records a relayed connection that failed or ended with an error.
-    pub(crate) fn relay_error(&self, kind: &str) {
-        self.relay_errors
-            .get_or_create(&KindLabels { kind: kind.into() })
-            .inc();
+    pub(crate) fn relay_error(&self) {
+        self.relay_errors.inc();
     }
 }
 
 fn inc(family: &Family<ResultLabels, Counter>, error: Option<&str>) {
+    inc_by(family, error, 1);
+}
+
+fn inc_by(family: &Family<ResultLabels, Counter>, error: Option<&str>, n: u64) {
     family
         .get_or_create(&ResultLabels {
             result: error.unwrap_or("ok").to_string(),
         })
-        .inc();
+        .inc_by(n);
 }
 
 /// Counts one relayed connection as active while it lives.
@@ -235,7 +236,7 @@ mod tests {
         m.create(Duration::from_secs(1), Some("quota"));
         m.delete(Duration::from_secs(2), None);
         m.swept(2);
-        m.relay_error("dial");
+        m.relay_error();
         m.set_pod_vms(4);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry.finish()).unwrap();
@@ -247,7 +248,7 @@ mod tests {
             "sandboxd_caa_pod_vms 4",
             "sandboxd_caa_sweeps_total 1",
             "sandboxd_caa_sweep_deleted_vms_total 2",
-            "sandboxd_caa_relay_errors_total{kind=\"dial\"} 1",
+            "sandboxd_caa_relay_errors_total 1",
             "sandboxd_caa_arm_throttled_total 2",
             "sandboxd_caa_arm_requests_total 0",
         ] {

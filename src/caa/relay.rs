@@ -426,7 +426,7 @@ impl AgentSockets {
                     let upstream = match dial(&cfg, addr, &vm, timeout).await {
                         Ok(u) => u,
                         Err(e) => {
-                            metrics.relay_error(e.metric_label());
+                            metrics.relay_error();
                             tracing::warn!(vm = %vm, error = %e, "agent connection dropped");
                             return;
                         }
@@ -435,7 +435,7 @@ impl AgentSockets {
                         _ = token.cancelled() => {}
                         r = crate::forwarder::relay::relay(conn, upstream, None) => {
                             if let Err(e) = r {
-                                metrics.relay_error(e.metric_label());
+                                metrics.relay_error();
                                 tracing::warn!(vm = %vm, error = %e, kind = e.metric_label(), "agent relay ended");
                             }
                         }
