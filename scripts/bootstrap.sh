@@ -4,7 +4,9 @@
 #   - Debian packages: musl-tools (musl-gcc for the static build), skopeo
 #     (image checks), ca-certificates (bundled into the image), util-linux
 #     (setpriv), iproute2 (ip, network namespaces in tests), jq, qemu-system-x86,
-#     qemu-utils and ovmf (the pod VM image boot test).
+#     qemu-utils and ovmf (the pod VM image boot test), prometheus (promtool
+#     checks and tests the alert rules of deploy/monitoring; the Prometheus server
+#     renders the dashboard picture of docs/monitoring.md).
 #   - rustup: the x86_64-unknown-linux-musl target and the clippy and
 #     rustfmt components of the toolchain this repository selects.
 #   - Azurite (npm), the storage emulator the image publish tests start, under
@@ -15,7 +17,7 @@
 # already present.
 set -euo pipefail
 
-APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf)
+APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf prometheus)
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 RUST_COMPONENTS=(clippy rustfmt)
 

@@ -17,5 +17,5 @@ for t in deploy/monitoring/tests/*.yaml; do
   cp "$t" "$work/"
   (cd "$work" && promtool test rules "$(basename "$t")")
 done
-python3 -m json.tool deploy/monitoring/dashboards/peer-pods.json >/dev/null 2>&1 \
+jq empty deploy/monitoring/dashboards/peer-pods.json \
   || { echo "deploy/monitoring/dashboards/peer-pods.json is not JSON" >&2; exit 1; }

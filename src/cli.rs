@@ -204,6 +204,12 @@ mod tests {
     }
 
     #[test]
+    fn the_command_tree_passes_clap_s_own_checks() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
     fn invoked_as_a_kubectl_or_oc_plugin_the_binary_is_ctl_and_as_gather_it_is_must_gather() {
         for argv0 in ["kubectl-sandboxd", "/usr/local/bin/oc-sandboxd"] {
             let cli = parse_from([argv0, "-n", "ns", "limit", "get"]);

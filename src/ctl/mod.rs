@@ -84,7 +84,7 @@ pub enum CtlCommand {
     Vm(vm::Command),
     /// Collect objects, logs, doctor findings and versions into one .tar.gz for a bug
     /// report, every credential redacted.
-    SupportBundle(support_bundle::Args),
+    SupportBundle(support_bundle::BundleArgs),
     /// The support bundle as files under /must-gather (the `oc adm must-gather --image`
     /// entry point; the binary runs it when invoked as `gather`).
     MustGather(support_bundle::MustGatherArgs),

@@ -56,7 +56,7 @@ pub struct Limits {
 
 /// Flags of `ctl support-bundle`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct BundleArgs {
     /// The archive to write (default: `sandboxd-support-<UTC time>.tar.gz` in the current
     /// directory).
     #[arg(long, short = 'f')]
@@ -449,6 +449,10 @@ impl<'a> Collector<'a> {
                     .into_iter()
                     .filter_map(|o| {
                         let mut v = serde_json::to_value(o).ok()?;
+                        // Field ownership is noise in a bug report.
+                        if let Some(m) = v["metadata"].as_object_mut() {
+                            m.remove("managedFields");
+                        }
                         v["apiVersion"] = json!(ar.api_version);
                         v["kind"] = json!(ar.kind);
                         Some(v)
@@ -664,7 +668,7 @@ impl<'a> Collector<'a> {
                 })
             })
             .collect();
-        items.sort_by(|a, b| event_time(a).cmp(&event_time(b)));
+        items.sort_by_key(event_time);
         let list = json!({"apiVersion": "v1", "kind": "EventList", "items": items});
         self.write_object(
             &format!("namespaces/{}/core/events.yaml", component(ns)),
@@ -862,7 +866,7 @@ fn summary(m: &Manifest, dest: &str) -> String {
 }
 
 /// `ctl support-bundle`.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let now = time::OffsetDateTime::now_utc();
     let name = bundle_name(now);
