@@ -39,6 +39,10 @@ pub enum Command {
     /// Developer tools, not part of a deployment (hidden from help).
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
+    /// What the binary runs as `/bin/bash` and `/usr/bin/tar` in an `oc adm must-gather`
+    /// pod (hidden from help).
+    #[command(hide = true)]
+    MustGatherPod(crate::ctl::support_bundle::pod::Args),
 }
 
 /// Developer tools: test peers that demos and `ctl` dry runs start as processes.
@@ -102,12 +106,15 @@ where
 }
 
 /// Program names under which the binary acts as one of its commands (multi-call binary):
-/// kubectl and oc run plugins found on `PATH` as `kubectl-<name>` / `oc-<name>`, and a
-/// must-gather image runs `/usr/bin/gather`.
-const INVOKED_AS: [(&str, &[&str]); 3] = [
+/// kubectl and oc run plugins found on `PATH` as `kubectl-<name>` / `oc-<name>`; the pod of
+/// `oc adm must-gather` runs `/usr/bin/gather` through `/bin/bash -c`, and copies the
+/// result out with `tar` (see [`crate::ctl::support_bundle::pod`]).
+const INVOKED_AS: [(&str, &[&str]); 5] = [
     ("kubectl-sandboxd", &["sandboxd", "ctl"]),
     ("oc-sandboxd", &["sandboxd", "ctl"]),
     ("gather", &["sandboxd", "ctl", "must-gather"]),
+    ("bash", &["sandboxd", "must-gather-pod", "shell", "--"]),
+    ("tar", &["sandboxd", "must-gather-pod", "tar", "--"]),
 ];
 
 /// The arguments that replace the program name when it is one of [`INVOKED_AS`].
@@ -224,6 +231,23 @@ mod tests {
             panic!("gather runs ctl must-gather")
         };
         assert!(matches!(ctl.command, crate::ctl::CtlCommand::MustGather(_)));
+        // The must-gather pod's shell and tar: their arguments pass through untouched.
+        let cli = parse_from(["/bin/bash", "-c", "trap : TERM INT; sleep infinity & wait"]);
+        let Command::MustGatherPod(pod) = cli.command else {
+            panic!("bash runs the must-gather pod stand-in")
+        };
+        assert!(matches!(
+            pod.command,
+            crate::ctl::support_bundle::pod::Command::Shell { ref args } if args[0] == "-c"
+        ));
+        let cli = parse_from(["tar", "-C", "/must-gather/", "-c", "."]);
+        let Command::MustGatherPod(pod) = cli.command else {
+            panic!("tar runs the must-gather pod stand-in")
+        };
+        assert!(matches!(
+            pod.command,
+            crate::ctl::support_bundle::pod::Command::Tar { ref args } if args.len() == 4
+        ));
         // Any other name is the plain binary.
         assert!(matches!(
             parse_from(["sandboxd-v2", "version"]).command,

@@ -37,6 +37,10 @@ pub fn cases() -> Vec<Case> {
             must_gather_as_gather,
         ),
         Case::cluster(
+            "ctl::the_must_gather_pod_s_bash_and_tar_are_answered_by_the_binary",
+            must_gather_pod,
+        ),
+        Case::cluster(
             "ctl::kubectl_sandboxd_and_oc_sandboxd_are_ctl",
             plugin_names,
         ),
@@ -609,5 +613,97 @@ async fn plugin_names(env: Env) -> Result<()> {
             && String::from_utf8_lossy(&via.stdout) == plain.stdout,
         "kubectl-sandboxd and sandboxd ctl differ: {plain:?} vs {via:?}"
     );
+    Ok(())
+}
+
+/// The binary under `name` in `dir` (a symlink, as the image links it).
+fn linked(dir: &Path, name: &str) -> Result<PathBuf> {
+    let link = dir.join(name);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sandboxd"), &link)?;
+    Ok(link)
+}
+
+/// The must-gather pod's containers as oc runs them: `bash -c` with a gather script (a
+/// background watcher, the gather command, `sync`), `bash -c` waiting in the copy
+/// container, then `tar --version` and `tar -C DIR/ -c .` streaming the result.
+async fn must_gather_pod(env: Env) -> Result<()> {
+    let dir = run_dir().join(format!("must-gather-pod-{}", env.ns));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let bash = linked(&dir, "bash")?;
+    let tar = linked(&dir, "tar")?;
+    let out_dir = dir.join("must-gather");
+    std::fs::create_dir_all(&out_dir)?;
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let script = "while true; do sleep 5; done & /usr/bin/gather; sync && echo written";
+    let gather = tokio::process::Command::new(&bash)
+        .args(["-c", script])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("BASE_COLLECTION_PATH", &out_dir)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&gather.stderr);
+    ensure!(gather.status.success(), "gather container failed: {stderr}");
+    ensure!(stderr.contains("support-bundle: wrote"), "{stderr}");
+    ensure!(out_dir.join("manifest.json").exists(), "manifest.json");
+
+    // Anything else is not run.
+    let other = tokio::process::Command::new(&bash)
+        .args(["-c", "ls /"])
+        .output()
+        .await?;
+    ensure!(
+        !other.status.success() && String::from_utf8_lossy(&other.stderr).contains("not a shell"),
+        "{other:?}"
+    );
+
+    // The copy container waits until terminated.
+    let mut copy = tokio::process::Command::new(&bash)
+        .args(["-c", "trap : TERM INT; sleep infinity & wait"])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    ensure!(
+        copy.try_wait()?.is_none(),
+        "the copy container exited early"
+    );
+    let pid = nix::unistd::Pid::from_raw(copy.id().context("pid")? as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), copy.wait()).await??;
+    ensure!(status.success(), "{status}");
+
+    // oc's tar strategy: probe, then stream the directory.
+    let version = tokio::process::Command::new(&tar)
+        .arg("--version")
+        .output()
+        .await?;
+    ensure!(version.status.success(), "{version:?}");
+    let stream = tokio::process::Command::new(&tar)
+        .args(["-C", &format!("{}/", out_dir.display()), "-c", "."])
+        .output()
+        .await?;
+    ensure!(
+        stream.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stream.stderr)
+    );
+    let copied = dir.join("copied");
+    std::fs::create_dir_all(&copied)?;
+    let mut untar = std::process::Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(&copied)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut untar.stdin.take().context("stdin")?, &stream.stdout)?;
+    ensure!(untar.wait()?.success(), "system tar reads the stream");
+    for f in ["manifest.json", "version", "versions.yaml"] {
+        ensure!(
+            std::fs::read(copied.join(f))? == std::fs::read(out_dir.join(f))?,
+            "{f} copied unchanged"
+        );
+    }
     Ok(())
 }

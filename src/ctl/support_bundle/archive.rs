@@ -15,21 +15,22 @@ pub trait Sink {
     fn finish(&mut self) -> io::Result<()>;
 }
 
-/// A `.tar.gz` whose entries all live under one top directory.
-pub struct TarGz<W: Write> {
-    out: Option<GzEncoder<W>>,
+/// A tar archive (gzip-compressed for a support bundle), its entries under one top
+/// directory (or at its root when `top` is empty).
+pub struct Tar<W: Write> {
+    out: Option<W>,
     top: String,
     mtime: u64,
 }
 
-impl<W: Write> TarGz<W> {
-    /// An archive written to `w`, every entry under `top/`, dated `mtime` (Unix seconds).
+/// A `.tar.gz`.
+pub type TarGz<W> = Tar<GzEncoder<W>>;
+
+impl<W: Write> Tar<GzEncoder<W>> {
+    /// A gzip-compressed archive written to `w`, every entry under `top/`, dated `mtime`
+    /// (Unix seconds).
     pub fn new(w: W, top: &str, mtime: u64) -> Self {
-        Self {
-            out: Some(GzEncoder::new(w, Compression::default())),
-            top: top.trim_matches('/').to_string(),
-            mtime,
-        }
+        Self::plain(GzEncoder::new(w, Compression::default()), top, mtime)
     }
 
     /// The underlying writer, once finished.
@@ -42,10 +43,40 @@ impl<W: Write> TarGz<W> {
     }
 }
 
-impl<W: Write> Sink for TarGz<W> {
+impl<W: Write> Tar<W> {
+    /// An uncompressed archive written to `w`.
+    pub fn plain(w: W, top: &str, mtime: u64) -> Self {
+        Self {
+            out: Some(w),
+            top: top.trim_matches('/').to_string(),
+            mtime,
+        }
+    }
+
+    fn name(&self, path: &str) -> String {
+        let path = path.trim_start_matches('/');
+        if self.top.is_empty() {
+            path.to_string()
+        } else {
+            format!("{}/{}", self.top, path)
+        }
+    }
+
+    /// Adds a directory entry.
+    pub fn add_dir(&mut self, path: &str) -> io::Result<()> {
+        let name = format!("{}/", self.name(path).trim_end_matches('/'));
+        let header = ustar_header(&name, 0, self.mtime, Entry::Dir)?;
+        self.out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("archive finished"))?
+            .write_all(&header)
+    }
+}
+
+impl<W: Write> Sink for Tar<W> {
     fn add(&mut self, path: &str, data: &[u8]) -> io::Result<()> {
-        let name = format!("{}/{}", self.top, path.trim_start_matches('/'));
-        let header = ustar_header(&name, data.len() as u64, self.mtime)?;
+        let name = self.name(path);
+        let header = ustar_header(&name, data.len() as u64, self.mtime, Entry::File)?;
         let out = self
             .out
             .as_mut()
@@ -67,18 +98,27 @@ impl<W: Write> Sink for TarGz<W> {
     }
 }
 
-/// The 512-byte ustar header of a regular file (mode 0644, owner root).
-fn ustar_header(name: &str, size: u64, mtime: u64) -> io::Result<[u8; 512]> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    File,
+    Dir,
+}
+
+/// The 512-byte ustar header of a regular file (0644) or a directory (0755), owner root.
+fn ustar_header(name: &str, size: u64, mtime: u64, entry: Entry) -> io::Result<[u8; 512]> {
     let mut h = [0u8; 512];
     let (prefix, base) = split_name(name)?;
     h[..base.len()].copy_from_slice(base.as_bytes());
-    octal(&mut h[100..108], 0o644);
+    octal(
+        &mut h[100..108],
+        if entry == Entry::Dir { 0o755 } else { 0o644 },
+    );
     octal(&mut h[108..116], 0);
     octal(&mut h[116..124], 0);
     octal(&mut h[124..136], size);
     octal(&mut h[136..148], mtime);
     h[148..156].copy_from_slice(b"        ");
-    h[156] = b'0';
+    h[156] = if entry == Entry::Dir { b'5' } else { b'0' };
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
     h[265..269].copy_from_slice(b"root");

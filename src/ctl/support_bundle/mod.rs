@@ -15,6 +15,7 @@
 //! directory (`/must-gather`, which `oc adm must-gather` copies off its pod).
 
 pub mod archive;
+pub mod pod;
 pub mod redact;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,8 +70,9 @@ pub struct BundleArgs {
 /// Flags of `ctl must-gather` (also what the binary runs when invoked as `gather`).
 #[derive(Debug, clap::Args)]
 pub struct MustGatherArgs {
-    /// The directory `oc adm must-gather` copies off the pod.
-    #[arg(long, default_value = "/must-gather")]
+    /// The directory `oc adm must-gather` copies off the pod (must-gather scripts' own
+    /// `BASE_COLLECTION_PATH` moves it too).
+    #[arg(long, env = "BASE_COLLECTION_PATH", default_value = "/must-gather")]
     pub dir: PathBuf,
     /// Bounds and selections.
     #[command(flatten)]
