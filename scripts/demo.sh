@@ -7,6 +7,10 @@
 # server for the Azure-shaped steps, and a KUBELET STAND-IN (`sandboxd dev kubelet`) that does
 # for peer pods what the kata shim does: CreateVM/StartVM on the CAA socket. Needs root
 # (network namespaces). Leaves nothing behind.
+#
+# DEMO_PROMETHEUS=CMD: a Prometheus (Debian's `prometheus`) also scrapes the operator, the
+# webhook and CAA every second; CMD runs with its URL before the teardown
+# (scripts/dashboard-picture.sh plots the dashboard's panels from it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,6 +122,25 @@ start operator "$SANDBOXD" operator --kubeconfig "$KUBECONFIG" --namespace "$NS"
   --platform kubernetes --no-leader-election --metrics-addr "127.0.0.1:$OP_PORT" \
   --webhook-url "https://127.0.0.1:$WH_PORT"
 say "the operator runs as a local process (its Deployment's pod is marked Running by the stand-in)"
+CAA_PORT=$(free_port)
+if [ -n "${DEMO_PROMETHEUS:-}" ]; then
+  # The webhook's CA is known once the operator made it: until then the file holds another
+  # CA (Prometheus rereads it when it changes) and those scrapes fail.
+  cp "$WORK/ca.crt" "$WORK/webhook-ca.crt"
+  cat >"$WORK/prometheus.yml" <<EOF
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - {job_name: sandboxd-operator, static_configs: [{targets: ['127.0.0.1:$OP_PORT'], labels: {node: $NODE}}]}
+  - {job_name: sandboxd-caa, static_configs: [{targets: ['127.0.0.1:$CAA_PORT'], labels: {node: $NODE}}]}
+  - {job_name: peer-pods-webhook-svc, scheme: https, tls_config: {ca_file: '$WORK/webhook-ca.crt', server_name: 127.0.0.1},
+     static_configs: [{targets: ['127.0.0.1:$WH_PORT'], labels: {node: $NODE}}]}
+EOF
+  PROM_PORT=$(free_port)
+  start prometheus prometheus --config.file "$WORK/prometheus.yml" --storage.tsdb.path "$WORK/prometheus" \
+    --web.listen-address "127.0.0.1:$PROM_PORT"
+  wait_for "Prometheus" 30 curl -sf "http://127.0.0.1:$PROM_PORT/-/ready"
+  say "Prometheus at http://127.0.0.1:$PROM_PORT scrapes the operator, the webhook and CAA every second"
+fi
 
 ARM_PORT=$(free_port)
 start arm-server "$SANDBOXD" dev arm-server --addr "127.0.0.1:$ARM_PORT" --lro-ms 100 --seed-subscription "$SUB"
@@ -153,12 +176,16 @@ done
 start webhook "$SANDBOXD" webhook --cert-dir "$WORK/webhook-certs" --port "$WH_PORT" --bind-address 127.0.0.1
 # The local provider has no instance sizes: the demo's pods use the default size.
 start caa env CLOUD_PROVIDER=local VXLAN_PORT=9000 PROXY_TIMEOUT=60s NODE_NAME="$NODE" \
+  CAA_METRICS_ADDR="127.0.0.1:$CAA_PORT" \
   SANDBOXD_NODE_NETNS="/run/netns/$NETNS" NODE_IP=10.77.0.1 POD_NAMESPACE="$NS" \
   LOCAL_VM_DIR="$WORK/node/vms" LOCAL_VM_SUBNET=10.250.0.0 \
   "$SANDBOXD" caa --kubeconfig "$KUBECONFIG" --socket "$WORK/node/hypervisor.sock" \
   --pods-dir "$WORK/node/pods" --readiness agent --ssh-public-key /nonexistent
 wait_for "the CAA hypervisor socket" 60 test -S "$WORK/node/hypervisor.sock"
 say "CAA: CLOUD_PROVIDER=local — a pod VM is a network namespace running the forwarder"
+if [ -n "${DEMO_PROMETHEUS:-}" ]; then
+  base64 -d <<<"$(printf '%s' "$SECRET_JSON" | tr -d '\n ' | sed -n 's/.*"ca.crt":"\([^"]*\)".*/\1/p')" >"$WORK/webhook-ca.crt"
+fi
 
 bold "5. VM limit per node"
 ctl limit get
@@ -231,3 +258,9 @@ for _ in $(seq 60); do
   sleep 1
 done
 ctl vm list
+
+if [ -n "${DEMO_PROMETHEUS:-}" ]; then
+  bold "Dashboard: the demo's series from Prometheus"
+  sleep 5
+  run "$DEMO_PROMETHEUS" "http://127.0.0.1:$PROM_PORT" || say "(the dashboard command failed)"
+fi
