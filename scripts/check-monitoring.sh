@@ -19,3 +19,12 @@ for t in deploy/monitoring/tests/*.yaml; do
 done
 jq empty deploy/monitoring/dashboards/peer-pods.json \
   || { echo "deploy/monitoring/dashboards/peer-pods.json is not JSON" >&2; exit 1; }
+# Every alert links a runbook section that exists.
+grep -o 'runbook_url: docs/runbooks.md#[a-z0-9-]*' deploy/monitoring/prometheus-rule.yaml | sed 's/.*#//' |
+  while read -r anchor; do
+    grep -qi "^## ${anchor}\$" <(sed 's/^## \(.*\)/## \L\1/' docs/runbooks.md) \
+      || { echo "runbook section #$anchor missing from docs/runbooks.md" >&2; exit 1; }
+  done
+[ "$(grep -c 'runbook_url:' deploy/monitoring/prometheus-rule.yaml)" = "$(grep -c '^  *- alert:' deploy/monitoring/prometheus-rule.yaml)" ] \
+  || { echo "an alert lacks its runbook_url" >&2; exit 1; }
+echo "monitoring: rules, alert tests, runbook links and dashboard check out"
