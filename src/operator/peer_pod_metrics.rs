@@ -58,6 +58,9 @@ impl PeerPodGauges {
         for p in PHASES {
             let _ = self.phases.get_or_create(&PhaseLabels { phase: p.into() });
         }
+        let _ = self.reconciles.get_or_create(&ResultLabels {
+            result: "ok".into(),
+        });
         registry.register(
             "operator_peer_pods",
             "Peer pods (labelled by the webhook) by phase",
