@@ -33,6 +33,10 @@ pub fn cases() -> Vec<Case> {
             bundle_under_narrow_rbac,
         ),
         Case::cluster(
+            "ctl::support_bundle_past_its_size_bound_keeps_the_manifest_and_lists_what_it_left_out",
+            bundle_past_size_bound,
+        ),
+        Case::cluster(
             "ctl::must_gather_writes_the_bundle_tree_into_its_directory_when_invoked_as_gather",
             must_gather_as_gather,
         ),
@@ -706,4 +710,48 @@ async fn must_gather_pod(env: Env) -> Result<()> {
         );
     }
     Ok(())
+}
+
+async fn bundle_past_size_bound(env: Env) -> Result<()> {
+    let c = Canaries::new(&env);
+    plant(&env, &c).await?;
+    let dir = run_dir().join(format!("bundle-bound-{}", env.ns));
+    std::fs::create_dir_all(&dir)?;
+    let archive = dir.join("bundle.tar.gz");
+    let out = ctl(
+        &env,
+        &env.ns,
+        &[
+            "support-bundle",
+            "-f",
+            &archive.display().to_string(),
+            "--max-size-mib",
+            "0",
+            "--no-azure",
+            "--probe-namespace",
+            &env.ns,
+        ],
+    )
+    .await?
+    .ok()?;
+    ensure!(out.stderr.contains("0 files"), "{}", out.all());
+    let root = top(&extract(&archive)?)?;
+    let all = files(&root)?;
+    ensure!(
+        all.len() == 1 && all[0].0.ends_with("manifest.json"),
+        "only the manifest: {:?}",
+        all.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    let manifest: Value = serde_json::from_slice(&all[0].1)?;
+    let skipped = manifest["skipped"].as_array().context("skipped")?;
+    ensure!(
+        skipped.iter().any(|s| s["what"]
+            .as_str()
+            .is_some_and(|w| w.ends_with("core/configmaps/peer-pods-cm.yaml"))
+            && s["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("size bound"))),
+        "{manifest:#}"
+    );
+    assert_no_canary(&c, "the manifest", &all[0].1)
 }
