@@ -92,6 +92,17 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Some(host) = plugin_host(args.first()) {
+        // `kubectl sandboxd ...`: ctl's flags, help and errors under the name the user typed.
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = PluginCli::command().bin_name(format!("{host} sandboxd"));
+        let p =
+            PluginCli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit());
+        return Cli {
+            log: p.log,
+            command: Command::Ctl(p.ctl),
+        };
+    }
     if let Some(prefix) = invoked_as(args.first()) {
         args.splice(0..1, prefix.iter().map(std::ffi::OsString::from));
     }
@@ -105,17 +116,40 @@ where
     Cli::parse_from(args)
 }
 
-/// Program names under which the binary acts as one of its commands (multi-call binary):
-/// kubectl and oc run plugins found on `PATH` as `kubectl-<name>` / `oc-<name>`; the pod of
-/// `oc adm must-gather` runs `/usr/bin/gather` through `/bin/bash -c`, and copies the
-/// result out with `tar` (see [`crate::ctl::support_bundle::pod`]).
-const INVOKED_AS: [(&str, &[&str]); 5] = [
-    ("kubectl-sandboxd", &["sandboxd", "ctl"]),
-    ("oc-sandboxd", &["sandboxd", "ctl"]),
+/// Program names under which the binary acts as one of its commands (multi-call binary;
+/// kubectl's and oc's plugin names are [`plugin_host`]'s): the pod of `oc adm must-gather`
+/// runs `/usr/bin/gather` through `/bin/bash -c`, and copies the result out with `tar` (see
+/// [`crate::ctl::support_bundle::pod`]).
+const INVOKED_AS: [(&str, &[&str]); 3] = [
     ("gather", &["sandboxd", "ctl", "must-gather"]),
     ("bash", &["sandboxd", "must-gather-pod", "shell", "--"]),
     ("tar", &["sandboxd", "must-gather-pod", "tar", "--"]),
 ];
+
+/// `sandboxd ctl` as a kubectl or oc plugin (the same flags and commands).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-sandboxd",
+    version,
+    about = "The user's command line: install, configure, check and inspect peer pods",
+    long_about = None
+)]
+struct PluginCli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    ctl: crate::ctl::Args,
+}
+
+/// `kubectl` or `oc` when the binary runs as their plugin.
+fn plugin_host(argv0: Option<&std::ffi::OsString>) -> Option<&'static str> {
+    let name = std::path::Path::new(argv0?).file_name()?.to_str()?;
+    match name {
+        "kubectl-sandboxd" => Some("kubectl"),
+        "oc-sandboxd" => Some("oc"),
+        _ => None,
+    }
+}
 
 /// The arguments that replace the program name when it is one of [`INVOKED_AS`].
 fn invoked_as(argv0: Option<&std::ffi::OsString>) -> Option<&'static [&'static str]> {
@@ -218,6 +252,7 @@ mod tests {
 
     #[test]
     fn invoked_as_a_kubectl_or_oc_plugin_the_binary_is_ctl_and_as_gather_it_is_must_gather() {
+        use clap::CommandFactory;
         for argv0 in ["kubectl-sandboxd", "/usr/local/bin/oc-sandboxd"] {
             let cli = parse_from([argv0, "-n", "ns", "limit", "get"]);
             let Command::Ctl(ctl) = cli.command else {
@@ -226,6 +261,16 @@ mod tests {
             assert_eq!(ctl.namespace, "ns");
             assert!(matches!(ctl.command, crate::ctl::CtlCommand::Limit(_)));
         }
+        let help = PluginCli::command()
+            .bin_name("kubectl sandboxd")
+            .try_get_matches_from(["kubectl-sandboxd", "--help"])
+            .expect_err("help exits")
+            .to_string();
+        assert!(
+            help.contains("Usage: kubectl sandboxd [OPTIONS] <COMMAND>"),
+            "{help}"
+        );
+        PluginCli::command().debug_assert();
         let cli = parse_from(["/usr/bin/gather"]);
         let Command::Ctl(ctl) = cli.command else {
             panic!("gather runs ctl must-gather")

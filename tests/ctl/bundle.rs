@@ -40,8 +40,9 @@ pub fn cases() -> Vec<Case> {
             "ctl::must_gather_writes_the_bundle_tree_into_its_directory_when_invoked_as_gather",
             must_gather_as_gather,
         ),
-        Case::cluster(
-            "ctl::the_must_gather_pod_s_bash_and_tar_are_answered_by_the_binary",
+        // Exclusive: the gather command finds the operator's namespace by looking at all.
+        Case::cluster_exclusive(
+            "ctl::the_must_gather_pod_s_bash_and_tar_are_answered_by_the_binary_in_the_operator_s_namespace",
             must_gather_pod,
         ),
         Case::cluster(
@@ -141,7 +142,12 @@ async fn plant(env: &Env, c: &Canaries) -> Result<String> {
     .await?;
     post(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "sandboxd-operator", "annotations": {"debug": format!("Authorization: Bearer {}", c.annotation)}},
+        // As deploy/operator/operator.yaml labels it.
+        "metadata": {
+            "name": "sandboxd-operator",
+            "labels": {"app.kubernetes.io/name": "sandboxd-operator"},
+            "annotations": {"debug": format!("Authorization: Bearer {}", c.annotation)},
+        },
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app.kubernetes.io/name": "sandboxd-operator"}},
@@ -604,6 +610,11 @@ async fn plugin_names(env: Env) -> Result<()> {
             help.contains("support-bundle") && help.contains("doctor"),
             "{name} --help: {help}"
         );
+        let host = name.trim_end_matches("-sandboxd");
+        ensure!(
+            help.contains(&format!("Usage: {host} sandboxd ")),
+            "{name} --help names the command as typed: {help}"
+        );
     }
     // The same command through the plain binary says the same.
     let plain = ctl_with(&env, &env.ns, &["limit", "get"], Run::default()).await?;
@@ -632,6 +643,35 @@ fn linked(dir: &Path, name: &str) -> Result<PathBuf> {
 /// background watcher, the gather command, `sync`), `bash -c` waiting in the copy
 /// container, then `tar --version` and `tar -C DIR/ -c .` streaming the result.
 async fn must_gather_pod(env: Env) -> Result<()> {
+    let c = Canaries::new(&env);
+    plant(&env, &c).await?;
+    // Where an operator runs (namespaces being deleted aside): this namespace, unless
+    // another suite left one running elsewhere (then the gather command cannot choose and
+    // keeps the default namespace).
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::all(env.admin().await?);
+    let lp = kube::api::ListParams::default().labels("app.kubernetes.io/name=sandboxd-operator");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.admin().await?);
+    let mut running = std::collections::BTreeSet::new();
+    for d in deployments.list(&lp).await?.items {
+        let Some(ns) = d.metadata.namespace.clone() else {
+            continue;
+        };
+        let going = namespaces
+            .get_opt(&ns)
+            .await?
+            .is_none_or(|n| n.metadata.deletion_timestamp.is_some());
+        if d.metadata.deletion_timestamp.is_none() && !going {
+            running.insert(ns);
+        }
+    }
+    let expected = if running.len() == 1 {
+        env.ns.clone()
+    } else {
+        eprintln!(
+            "note: operators run in {running:?}; the gather command keeps the default namespace"
+        );
+        sandboxd::ctl::DEFAULT_NAMESPACE.to_string()
+    };
     let dir = run_dir().join(format!("must-gather-pod-{}", env.ns));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -650,7 +690,26 @@ async fn must_gather_pod(env: Env) -> Result<()> {
     let stderr = String::from_utf8_lossy(&gather.stderr);
     ensure!(gather.status.success(), "gather container failed: {stderr}");
     ensure!(stderr.contains("support-bundle: wrote"), "{stderr}");
-    ensure!(out_dir.join("manifest.json").exists(), "manifest.json");
+    // No flags: the namespace the operator runs in, found, not the default one.
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json"))?)?;
+    ensure!(
+        manifest["namespace"] == expected.as_str(),
+        "{stderr}\n{manifest:#}"
+    );
+    ensure!(
+        expected != env.ns
+            || out_dir
+                .join(format!(
+                    "namespaces/{}/core/configmaps/peer-pods-cm.yaml",
+                    env.ns
+                ))
+                .exists(),
+        "the operator namespace's objects are collected"
+    );
+    for (p, data) in files(&out_dir)? {
+        assert_no_canary(&c, &p.display().to_string(), &data)?;
+    }
 
     // Anything else is not run.
     let other = tokio::process::Command::new(&bash)

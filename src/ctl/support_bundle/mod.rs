@@ -901,9 +901,57 @@ pub async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operator Deployment's label (`deploy/operator/operator.yaml`).
+const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=sandboxd-operator";
+
+/// The operator namespace: `ns` when the operator runs there, else the one namespace it
+/// runs in, namespaces being deleted aside (`oc adm must-gather` runs the gather command
+/// without flags).
+async fn operator_namespace(client: &Client, ns: &str) -> String {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let lp = ListParams::default().labels(OPERATOR_SELECTOR);
+    let here = Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await;
+    if here.map_or(true, |l| !l.items.is_empty()) {
+        return ns.to_string();
+    }
+    let Ok(all) = Api::<Deployment>::all(client.clone()).list(&lp).await else {
+        return ns.to_string();
+    };
+    // A Deployment being deleted (its namespace going) is not where the operator runs.
+    let found: BTreeSet<String> = all
+        .items
+        .iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter_map(|d| d.namespace())
+        .collect();
+    // Nor is a namespace being deleted.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let mut live = Vec::new();
+    for n in found {
+        if let Ok(Some(o)) = namespaces.get_opt(&n).await
+            && o.metadata.deletion_timestamp.is_none()
+        {
+            live.push(n);
+        }
+    }
+    match live.as_slice() {
+        [only] => {
+            eprintln!("support-bundle: the operator runs in namespace {only}; collecting there");
+            only.clone()
+        }
+        _ => ns.to_string(),
+    }
+}
+
 /// `ctl must-gather`: the bundle as files under `--dir`, with must-gather's `version` file.
 pub async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
+    let ctx = &Ctx {
+        namespace: operator_namespace(&client, &ctx.namespace).await,
+        ..ctx.clone()
+    };
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", args.dir.display()))?;
     let mut sink = archive::Dir::new(&args.dir);
