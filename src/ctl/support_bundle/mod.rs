@@ -50,6 +50,14 @@ pub struct Limits {
     /// Largest size of one container log in MiB.
     #[arg(long, default_value_t = 16)]
     pub max_log_mib: i64,
+    /// Only log lines of the last DURATION (e.g. 2h; `oc adm must-gather --since` passes it
+    /// as MUST_GATHER_SINCE).
+    #[arg(long, env = "MUST_GATHER_SINCE", value_parser = parse_timeout)]
+    pub since: Option<Duration>,
+    /// Only log lines after this time (RFC 3339; `oc adm must-gather --since-time` passes it
+    /// as MUST_GATHER_SINCE_TIME).
+    #[arg(long, env = "MUST_GATHER_SINCE_TIME", value_parser = parse_time, conflicts_with = "since")]
+    pub since_time: Option<time::OffsetDateTime>,
     /// The doctor's flags (its node selector also selects the nodes described here).
     #[command(flatten)]
     pub doctor: doctor::Args,
@@ -83,6 +91,25 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{s:?}: expected a duration such as 90s or 5m"))
+}
+
+fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{s:?}: expected an RFC 3339 time such as 2026-01-02T15:04:05Z ({e})"))
+}
+
+impl Limits {
+    /// The age of the oldest log line wanted, in seconds (`None`: all of the tail).
+    fn since_seconds(&self) -> Option<i64> {
+        let since = self.since.or_else(|| {
+            let t = self.since_time?;
+            let age = time::OffsetDateTime::now_utc() - t;
+            Some(Duration::from_secs(
+                age.whole_seconds().max(1).unsigned_abs(),
+            ))
+        })?;
+        Some(i64::try_from(since.as_secs().max(1)).unwrap_or(i64::MAX))
+    }
 }
 
 /// One thing the bundle could not collect.
@@ -267,6 +294,25 @@ const CLUSTER: &[(Kind, Option<&[&str]>)] = &[
         ),
         Some(&["sandboxd-", "peer-pods"]),
     ),
+    // OpenShift: the node installation through the machine config operator.
+    (
+        k(
+            "machineconfiguration.openshift.io",
+            "v1",
+            "MachineConfig",
+            "machineconfigs",
+        ),
+        Some(&[crate::operator::machineconfig::MACHINE_CONFIG]),
+    ),
+    (
+        k(
+            "machineconfiguration.openshift.io",
+            "v1",
+            "MachineConfigPool",
+            "machineconfigpools",
+        ),
+        Some(&[crate::operator::machineconfig::POOL]),
+    ),
     (
         k(
             "rbac.authorization.k8s.io",
@@ -304,7 +350,6 @@ pub struct Collector<'a> {
     max_bytes: usize,
     written: usize,
     limits: &'a Limits,
-    quiet: bool,
 }
 
 /// Why one request did not give what was asked.
@@ -331,6 +376,7 @@ impl<'a> Collector<'a> {
                     "max_size_mib": limits.max_size_mib,
                     "log_lines": limits.log_lines,
                     "max_log_mib": limits.max_log_mib,
+                    "log_since_seconds": limits.since_seconds(),
                 }),
                 redaction: "Secret values are never written (keys and sizes only); every value \
                             of a readable Secret, PEM and OpenSSH private keys, bearer and \
@@ -344,14 +390,11 @@ impl<'a> Collector<'a> {
                 .unwrap_or(usize::MAX),
             written: 0,
             limits,
-            quiet: false,
         }
     }
 
     fn progress(&self, step: usize, of: usize, what: &str) {
-        if !self.quiet {
-            eprintln!("support-bundle: [{step}/{of}] {what}");
-        }
+        eprintln!("support-bundle: [{step}/{of}] {what}");
     }
 
     fn out_of_time(&self) -> bool {
@@ -786,6 +829,7 @@ impl<'a> Collector<'a> {
                         container: Some(c.clone()),
                         previous,
                         tail_lines: Some(self.limits.log_lines),
+                        since_seconds: self.limits.since_seconds(),
                         limit_bytes: Some(self.limits.max_log_mib.saturating_mul(1 << 20)),
                         timestamps: true,
                         ..Default::default()
@@ -964,4 +1008,33 @@ pub async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> 
         .await?;
     eprintln!("{}", summary(&manifest, &args.dir.display().to_string()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        limits: Limits,
+    }
+
+    #[test]
+    fn must_gathers_since_flags_bound_the_logs_by_age() {
+        // oc passes Go's Duration.String().
+        let c = Cli::parse_from(["x", "--since", "2h0m0s"]);
+        assert_eq!(c.limits.since_seconds(), Some(7200));
+        let an_hour_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let t = an_hour_ago
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let c = Cli::parse_from(["x", "--since-time", &t]);
+        let s = c.limits.since_seconds().unwrap();
+        assert!((3599..=3700).contains(&s), "{s}");
+        assert_eq!(Cli::parse_from(["x"]).limits.since_seconds(), None);
+        assert!(Cli::try_parse_from(["x", "--since-time", "yesterday"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--since", "1h", "--since-time", &t]).is_err());
+    }
 }
