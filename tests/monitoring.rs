@@ -32,7 +32,132 @@ pub fn cases() -> Vec<Case> {
             "monitoring::every_metric_of_the_dashboard_and_the_alerts_is_exported_live_by_operator_webhook_and_caa",
             every_metric_is_exported,
         ),
+        Case::plain(
+            "monitoring::service_monitors_select_the_services_whose_ports_reach_the_metrics_ports_deployed",
+            service_monitors_reach_what_is_deployed,
+        ),
     ]
+}
+
+/// The YAML documents of a file under deploy/.
+fn docs(path: &str) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(root().join(path))?;
+    Ok(serde_saphyr::from_multiple::<Value>(&text)?
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect())
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Follows each ServiceMonitor of deploy/monitoring to its Service and the pods it selects,
+/// as shipped: the operator Deployment of deploy/operator, and the CAA DaemonSet and
+/// webhook Service the operator generates. The endpoint's port must be a named port of the
+/// Service whose target is a named container port of those pods.
+async fn service_monitors_reach_what_is_deployed(_env: Env) -> Result<()> {
+    use sandboxd::operator::peerpods::{caa, webhook};
+    let ns = sandboxd::ctl::DEFAULT_NAMESPACE;
+    let owner = Default::default();
+    let caa_ds = serde_json::to_value(caa::daemonset(
+        ns,
+        "img",
+        "peer-pods-secret",
+        "peer-pods-cm",
+        &Default::default(),
+        "h",
+        Default::default(),
+        caa::Cluster { host_ips: true },
+    ))?;
+    let hook_svc =
+        serde_json::to_value(webhook::service(ns, webhook::TlsSource::Operator, &owner))?;
+    let hook_dep = serde_json::to_value(webhook::deployment(ns, "img", &owner))?;
+    let operator = docs("deploy/operator/operator.yaml")?
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("the operator Deployment")?;
+    let mut services = docs("deploy/monitoring/services.yaml")?;
+    services.push(hook_svc);
+    let workloads = [operator, caa_ds, hook_dep];
+    let monitors = docs("deploy/monitoring/servicemonitors.yaml")?;
+    ensure!(monitors.len() == 3, "three ServiceMonitors");
+    for m in &monitors {
+        let name = m["metadata"]["name"].as_str().unwrap_or("?");
+        let selected: Vec<&Value> = services
+            .iter()
+            .filter(|s| {
+                labels_match(
+                    &m["spec"]["selector"]["matchLabels"],
+                    &s["metadata"]["labels"],
+                )
+            })
+            .collect();
+        ensure!(
+            selected.len() == 1,
+            "{name} selects {} Services",
+            selected.len()
+        );
+        let svc = selected[0];
+        let pods: Vec<&Value> = workloads
+            .iter()
+            .filter(|w| {
+                labels_match(
+                    &svc["spec"]["selector"],
+                    &w["spec"]["template"]["metadata"]["labels"],
+                )
+            })
+            .collect();
+        ensure!(
+            pods.len() == 1,
+            "{name}: its Service selects {} workloads",
+            pods.len()
+        );
+        let containers = pods[0]["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .context("containers")?;
+        for ep in m["spec"]["endpoints"].as_array().context("endpoints")? {
+            ensure!(
+                ep["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                "{name} scrapes with Prometheus' own token"
+            );
+            let port = svc["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == ep["port"])
+                .with_context(|| format!("{name}: the Service has no port {}", ep["port"]))?;
+            let target = &port["targetPort"];
+            let served = containers
+                .iter()
+                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                .any(|p| p["name"] == *target);
+            ensure!(served, "{name}: no container port named {target}");
+        }
+    }
+    // The webhook is scraped over TLS, verified against the CA the operator keeps.
+    let hook = monitors
+        .iter()
+        .find(|m| m["metadata"]["name"] == "sandboxd-webhook")
+        .context("sandboxd-webhook")?;
+    let tls = &hook["spec"]["endpoints"][0]["tlsConfig"];
+    ensure!(
+        tls["ca"]["secret"]["name"] == webhook::SERVING_SECRET,
+        "{tls}"
+    );
+    ensure!(
+        tls["serverName"] == format!("{}.{ns}.svc", webhook::SERVICE).as_str(),
+        "{tls}"
+    );
+    ensure!(
+        webhook::serving_names(ns, None)?
+            .contains(&tls["serverName"].as_str().unwrap_or("").to_string()),
+        "the serving certificate names {}",
+        tls["serverName"]
+    );
+    Ok(())
 }
 
 fn root() -> &'static Path {
