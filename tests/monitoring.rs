@@ -33,7 +33,7 @@ pub fn cases() -> Vec<Case> {
             every_metric_is_exported,
         ),
         Case::plain(
-            "monitoring::service_monitors_select_the_services_whose_ports_reach_the_metrics_ports_deployed",
+            "monitoring::kustomized_service_monitors_select_services_whose_ports_reach_the_metrics_ports_deployed",
             service_monitors_reach_what_is_deployed,
         ),
     ]
@@ -46,6 +46,26 @@ fn docs(path: &str) -> Result<Vec<Value>> {
         .into_iter()
         .filter(|v| !v.is_null())
         .collect())
+}
+
+/// `kubectl kustomize DIR` as documents.
+async fn kustomize(dir: &str) -> Result<Vec<Value>> {
+    let out = tokio::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join(dir))
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(
+        serde_saphyr::from_multiple::<Value>(&String::from_utf8(out.stdout)?)?
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
 }
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {
@@ -79,10 +99,38 @@ async fn service_monitors_reach_what_is_deployed(_env: Env) -> Result<()> {
         .into_iter()
         .find(|d| d["kind"] == "Deployment")
         .context("the operator Deployment")?;
-    let mut services = docs("deploy/monitoring/services.yaml")?;
+    // What `kubectl apply -k deploy/monitoring` applies.
+    let shipped = kustomize("deploy/monitoring").await?;
+    let of_kind =
+        |k: &str| -> Vec<Value> { shipped.iter().filter(|d| d["kind"] == k).cloned().collect() };
+    let mut services = of_kind("Service");
     services.push(hook_svc);
     let workloads = [operator, caa_ds, hook_dep];
-    let monitors = docs("deploy/monitoring/servicemonitors.yaml")?;
+    let monitors = of_kind("ServiceMonitor");
+    ensure!(of_kind("PrometheusRule").len() == 1, "one PrometheusRule");
+    let dashboard = of_kind("ConfigMap");
+    ensure!(
+        dashboard.len() == 1
+            && dashboard[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+            && dashboard[0]["data"]["peer-pods.json"].as_str()
+                == Some(
+                    std::fs::read_to_string(
+                        root().join("deploy/monitoring/dashboards/peer-pods.json")
+                    )?
+                    .as_str()
+                ),
+        "the dashboard ConfigMap carries the dashboard for Grafana's sidecar"
+    );
+    // OpenShift: the platform Prometheus' account may read the endpoints and /metrics.
+    let openshift = kustomize("deploy/overlays/openshift-monitoring").await?;
+    for kind in ["RoleBinding", "ClusterRoleBinding"] {
+        ensure!(
+            openshift.iter().any(|d| d["kind"] == kind
+                && d["subjects"][0]["name"] == "prometheus-k8s"
+                && d["subjects"][0]["namespace"] == "openshift-monitoring"),
+            "no {kind} for openshift-monitoring/prometheus-k8s"
+        );
+    }
     ensure!(monitors.len() == 3, "three ServiceMonitors");
     for m in &monitors {
         let name = m["metadata"]["name"].as_str().unwrap_or("?");
