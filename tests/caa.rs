@@ -599,7 +599,7 @@ async fn lifecycle(env: Env) -> Result<()> {
     result.map_err(|e| anyhow!("{e:#}\nCAA log:\n{}", s.caa.log_tail(40)))
 }
 
-async fn start_pod_vm(s: &Setup, ns: &str, name: &str, id: &str) -> Result<String> {
+pub(crate) async fn start_pod_vm(s: &Setup, ns: &str, name: &str, id: &str) -> Result<String> {
     pod(&s.admin, ns, name, &s.node).await?;
     start_via(&s.socket, ns, name, id).await
 }
@@ -617,7 +617,7 @@ async fn start_via(socket: &Path, ns: &str, name: &str, id: &str) -> Result<Stri
 }
 
 /// StopVM of sandbox `id` through `socket`.
-async fn stop_via(socket: &Path, id: &str) -> Result<()> {
+pub(crate) async fn stop_via(socket: &Path, id: &str) -> Result<()> {
     let mut stop = hypervisor::StopVMRequest::new();
     stop.id = id.to_string();
     hv(socket).await?.stop_vm(ctx(), &stop).await?;

@@ -599,7 +599,57 @@ async fn every_metric_is_exported(env: Env) -> Result<()> {
         .await?;
         // CAA is ready once it serves its hypervisor socket.
         http_get(caa_port, "/readyz").await?;
-        anyhow::Ok(vec![("operator", op), ("webhook", hook), ("caa", caa_text)])
+        // A pod VM started and stopped as the shim does: counted, timed, and the node's
+        // slot in use while it runs.
+        let sample = |text: &str, series: &str| -> Option<f64> {
+            text.lines()
+                .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+        };
+        ensure!(
+            sample(&caa_text, "sandboxd_caa_vm_creates_total{result=\"ok\"}") == Some(0.0),
+            "{caa_text}"
+        );
+        let id = "0a1b2c3d4e5f6071";
+        crate::caa::start_pod_vm(&caa, &env.ns, "metered", id).await?;
+        let running = http_get(caa_port, "/metrics").await?;
+        crate::caa::stop_via(&caa.socket, id).await?;
+        let stopped = http_get(caa_port, "/metrics").await?;
+        for (text, series, want) in [
+            (
+                &running,
+                "sandboxd_caa_vm_creates_total{result=\"ok\"}",
+                1.0,
+            ),
+            (
+                &running,
+                "sandboxd_caa_vm_create_duration_seconds_count",
+                1.0,
+            ),
+            (&running, "sandboxd_caa_pod_vms", 1.0),
+            (
+                &stopped,
+                "sandboxd_caa_vm_deletes_total{result=\"ok\"}",
+                1.0,
+            ),
+            (
+                &stopped,
+                "sandboxd_caa_vm_delete_duration_seconds_count",
+                1.0,
+            ),
+            (&stopped, "sandboxd_caa_pod_vms", 0.0),
+        ] {
+            ensure!(
+                sample(text, series) == Some(want),
+                "{series} != {want}:\n{text}"
+            );
+        }
+        ensure!(
+            sample(&stopped, "sandboxd_caa_arm_requests_total").is_some_and(|n| n > 0.0),
+            "ARM requests counted:\n{stopped}"
+        );
+        anyhow::Ok(vec![("operator", op), ("webhook", hook), ("caa", stopped)])
     }
     .await;
     let scraped = match scraped {
