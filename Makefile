@@ -7,7 +7,8 @@
 #                 (kernel, modules, systemd-boot; PODVM_INPUTS= leaves them out), checked
 #                 with skopeo
 #   make lint     rustfmt, clippy, and promtool on the alert rules of deploy/monitoring
-#   make demo     the setup guide end to end on this machine, narrated (root)
+#   make demo     the setup guide end to end on this machine, narrated (root), on a real
+#                 node (kubelet, containerd, kube-proxy) running the image
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -17,12 +18,14 @@ BIN := $(TARGET_DIR)/$(TARGET)/dist/sandboxd
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE_DIR := $(TARGET_DIR)/oci/sandboxd
 STAGE := scripts/stage.sh
+# The CSV's minKubeVersion (src/ctl/bundle.rs): the validators check deprecated APIs for it.
+MIN_KUBE_VERSION := $(shell sed -n 's/^pub const MIN_KUBE_VERSION: &str = "\(.*\)";/\1/p' src/ctl/bundle.rs)
 # The image carries the pod VM build inputs so the in-cluster image Job needs nothing else
 # (fetched with apt by scripts/podvm-inputs.sh; left out where apt is missing).
 PODVM_INPUTS ?= $(shell command -v apt-get >/dev/null 2>&1 && echo --podvm-inputs)
 export CARGO_BUILD_JOBS ?= 2
 
-.PHONY: all build image lint fmt unit integration test bootstrap control-plane clean
+.PHONY: all build image lint fmt unit integration test bootstrap control-plane node olm-bundle clean
 
 all: build
 
@@ -31,6 +34,10 @@ bootstrap:
 
 control-plane:
 	@$(STAGE) control-plane scripts/control-plane.sh >/dev/null
+
+# The test node's kubelet, kube-proxy, containerd, its runc shim, ctr and pause image.
+node: control-plane
+	@$(STAGE) node scripts/node.sh >/dev/null
 
 build:
 	@$(STAGE) build $(CARGO) build --profile dist --locked --target $(TARGET) --bin sandboxd
@@ -53,17 +60,24 @@ unit:
 
 integration:
 	@$(STAGE) integration env SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		SANDBOXD_IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar \
 		$(CARGO) test --locked --test integration
 
-test: bootstrap control-plane lint image unit integration
+# The OLM bundle through the operator framework's own validators (default bundle checks,
+# OperatorHub, good practices), built once from github.com/operator-framework/api.
+olm-bundle:
+	@$(STAGE) olm-bundle scripts/olm-validator.sh --run deploy/olm/bundle $(MIN_KUBE_VERSION)
+
+test: bootstrap control-plane node lint olm-bundle image unit integration
 
 clean:
 	$(CARGO) clean
 
-# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root).
+# The setup guide end to end on this machine, narrated (scripts/demo.sh; needs root): a
+# control plane and a real node running the image.
 .PHONY: demo
-demo: build control-plane
-	SANDBOXD=$(abspath $(BIN)) scripts/demo.sh
+demo: image control-plane node
+	SANDBOXD=$(abspath $(BIN)) IMAGE_ARCHIVE=$(abspath $(IMAGE_DIR)).tar scripts/demo.sh
 
 # Re-records link/hot-symbols.txt, the functions the linker lays out first (build.rs).
 .PHONY: symbol-order
@@ -109,3 +123,11 @@ bench-caa: build
 bench-relay:
 	SANDBOXD_BENCH_RELAY=1 $(CARGO) test --release --locked --test integration -- \
 		datapath::bench_relay_latency_and_throughput_vs_direct_socket --exact --nocapture
+
+# Benchmark of the pod VM (docs/BENCHMARKS.md): /init -> agent ready, CreateSandbox -> first
+# container running (image uncached and cached) against libcontainer's own part, agent RSS.
+# The image boots under qemu (TCG here, KVM where it runs); SANDBOXD_BENCH_PODVM_RUNS runs.
+.PHONY: bench-podvm
+bench-podvm: build
+	SANDBOXD_BENCH_PODVM=1 SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
+		$(CARGO) test --locked --test integration -- image::bench_podvm --exact --nocapture

@@ -4,7 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["hypervisor", "podvminfo", "oci", "agent"];
+const PROTOS: &[&str] = &[
+    "hypervisor",
+    "podvminfo",
+    "types",
+    "csi",
+    "oci",
+    "health",
+    "agent",
+];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -4,9 +4,12 @@
 #   - Debian packages: musl-tools (musl-gcc for the static build), skopeo
 #     (image checks), ca-certificates (bundled into the image), util-linux
 #     (setpriv), iproute2 (ip, network namespaces in tests), jq, qemu-system-x86,
-#     qemu-utils and ovmf (the pod VM image boot test), prometheus (promtool
-#     checks and tests the alert rules of deploy/monitoring; the Prometheus server
-#     renders the dashboard picture of docs/monitoring.md).
+#     qemu-utils and ovmf (the pod VM image boot test); runc,
+#     containernetworking-plugins (bridge, host-local, loopback), iptables and
+#     dbus-daemon for the test node (scripts/node.sh builds the rest), curl;
+#     docker-registry and busybox-static (the agent tests' registry and image);
+#     prometheus (promtool checks and tests the alert rules of deploy/monitoring;
+#     the Prometheus server renders the dashboard picture of docs/monitoring.md).
 #   - rustup: the x86_64-unknown-linux-musl target and the clippy and
 #     rustfmt components of the toolchain this repository selects.
 #   - Azurite (npm), the storage emulator the image publish tests start, under
@@ -17,7 +20,8 @@
 # already present.
 set -euo pipefail
 
-APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf prometheus)
+APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf
+  runc containernetworking-plugins iptables dbus-daemon curl docker-registry busybox-static prometheus)
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 RUST_COMPONENTS=(clippy rustfmt)
 

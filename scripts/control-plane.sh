@@ -32,46 +32,13 @@ start=$(date +%s)
 work="$DEST/src"
 mkdir -p "$work/k8s" "$work/etcd" "$BIN.tmp"
 
-# --- Kubernetes: a wrapper module that replaces the staging modules with
-# their published versions (v0.X.Y for Kubernetes v1.X.Y).
-minor_patch="${K8S_VERSION#v1.}"
-staging_version="v0.$minor_patch"
-gomod_file="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
-log "resolving k8s.io/kubernetes@$K8S_VERSION"
-( cd "$work/k8s" && GOFLAGS=-mod=mod go mod download k8s.io/kubernetes@"$K8S_VERSION" >/dev/null )
-[ -f "$gomod_file" ] || { log "go.mod of k8s.io/kubernetes@$K8S_VERSION not found"; exit 1; }
-go_line=$(grep -m1 '^go ' "$gomod_file")
-{
-  echo "module sandboxd.test/controlplane"
-  echo
-  echo "$go_line"
-  echo
-  echo "require k8s.io/kubernetes $K8S_VERSION"
-  echo
-  echo "replace ("
-  grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/' "$gomod_file" \
-    | awk -v v="$staging_version" '{ print "\t" $1 " => " $1 " " v }'
-  echo ")"
-} > "$work/k8s/go.mod"
-cat > "$work/k8s/tools.go" <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-)
-GO
+# --- Kubernetes: the wrapper module shared with scripts/node.sh (scripts/k8s-module.sh).
+# shellcheck source=scripts/k8s-module.sh
+. "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
+log "go mod tidy of k8s.io/kubernetes@$K8S_VERSION (downloads modules on a cold cache)"
+k8s_module "$work/k8s" "$K8S_VERSION" kube-apiserver kube-controller-manager kube-scheduler
 cd "$work/k8s"
-log "go mod tidy (downloads modules on a cold cache)"
-GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>"$work/k8s/tidy.log" || { cat "$work/k8s/tidy.log" >&2; exit 1; }
-ldflags="-s -w"
-ldflags+=" -X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
-ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
-ldflags+=" -X k8s.io/component-base/version.gitMinor=${minor_patch%%.*}"
-ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+ldflags=$(k8s_ldflags "$K8S_VERSION")
 for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
   t=$(date +%s)
   log "building $cmd $K8S_VERSION"

@@ -29,6 +29,8 @@ pub enum Command {
     Caa(crate::caa::Args),
     /// Run the agent-protocol forwarder inside a pod VM.
     Forwarder(crate::forwarder::Args),
+    /// Run the kata agent API inside a pod VM: sandboxes, containers, images, stdio.
+    Agent(crate::agent::Args),
     /// Build, publish and delete the pod VM image.
     #[command(subcommand)]
     Image(crate::image::ImageCommand),
@@ -52,8 +54,12 @@ pub enum DevCommand {
     ArmServer(crate::armtest::Args),
     /// Run a local control plane from the cached test binaries (for `make demo`).
     ControlPlane(crate::devenv::control_plane::Args),
-    /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (demo only).
+    /// A kubelet stand-in that drives the CAA hypervisor API for bound peer pods (fake
+    /// nodes in numbers).
     Kubelet(crate::devenv::kubelet::Args),
+    /// A real node (kubelet, containerd, kube-proxy) joined to a `dev control-plane`, in its
+    /// own network and mount namespaces (root).
+    Node(crate::devenv::node::Args),
     /// A kata-agent stand-in on a unix socket: answers health checks, runs no containers.
     Agent(crate::devenv::agent::Args),
 }

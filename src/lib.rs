@@ -3,6 +3,7 @@
 //! The library holds every component; `src/main.rs` only parses the command line and
 //! dispatches. Modules that describe data or wire formats import nothing else of the crate.
 
+pub mod agent;
 pub mod api;
 pub mod armtest;
 pub mod caa;

@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use sandboxd::cli::{Cli, Command, DevCommand};
 
 fn main() -> ExitCode {
+    // The pause process of a pod's sandbox container (PID 1 of its own pid namespace).
+    if sandboxd::agent::pause::is_pause() {
+        return sandboxd::agent::pause::main();
+    }
     // PID 1 of a pod VM (or started as /init): the init duties, no command line.
     if sandboxd::forwarder::init::should_run() {
         return sandboxd::forwarder::init::main();
@@ -27,8 +31,10 @@ fn main() -> ExitCode {
     }
     // The webhook answers each request in tens of microseconds: one thread serves it with no
     // hand-offs between threads (measured faster than the multi-threaded runtime on one core).
+    // The agent clones container processes (libcontainer): with one thread, no other thread
+    // can hold a lock (the allocator's included) that the child would inherit locked.
     let mut builder = match &cli.command {
-        Command::Webhook(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Webhook(_) | Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
@@ -53,6 +59,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhook(args) => sandboxd::webhook::run(args).await,
         Command::Caa(args) => sandboxd::caa::run(args).await,
         Command::Forwarder(args) => sandboxd::forwarder::run(args).await,
+        Command::Agent(args) => {
+            Ok(sandboxd::agent::run(args, sandboxd::shutdown::on_signals()?).await?)
+        }
         Command::Image(cmd) => sandboxd::image::run(cmd).await,
         Command::Ctl(args) => sandboxd::ctl::run(args).await,
         Command::MustGatherPod(args) => sandboxd::ctl::support_bundle::pod::run(args).await,
@@ -66,6 +75,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await?),
         Command::Dev(DevCommand::Kubelet(args)) => {
             sandboxd::devenv::kubelet::run(args, sandboxd::shutdown::on_signals()?).await
+        }
+        Command::Dev(DevCommand::Node(args)) => {
+            sandboxd::devenv::node::run(args, sandboxd::shutdown::on_signals()?).await
         }
         Command::Dev(DevCommand::Agent(args)) => {
             Ok(sandboxd::devenv::agent::run(args, sandboxd::shutdown::on_signals()?).await?)

@@ -27,6 +27,7 @@ mod crash;
 mod dev;
 mod faults;
 mod gc;
+mod secrets;
 mod shim;
 
 pub fn cases() -> Vec<Case> {
@@ -80,6 +81,10 @@ pub fn cases() -> Vec<Case> {
             "caa::tagged_vms_that_no_peerpod_references_are_swept",
             sweep,
         ),
+        Case::cluster(
+            "caa::no_client_secret_or_bearer_token_in_logs_events_or_records_at_trace",
+            secrets::no_secret_in_logs_at_trace,
+        ),
     ]
     .into_iter()
     .chain(shim::cases())
@@ -99,6 +104,8 @@ pub(crate) struct Setup {
     admin: Client,
     kubeconfig: PathBuf,
     dir: PathBuf,
+    /// The ARM test server's URL, given to every CAA as `--dev-arm-endpoint`.
+    pub(crate) arm_base: String,
 }
 
 /// A further CAA (own node, own socket) sharing a [`Setup`]'s ARM test server.
@@ -160,12 +167,10 @@ pub(crate) async fn setup_with(
         ("AZURE_RESOURCE_GROUP", "rg".into()),
         ("DISABLECVM", "true".into()),
         ("TAGS", tags.into()),
-        ("AZURE_CLIENT_ID", "app".into()),
+        ("AZURE_CLIENT_ID", CLIENT_ID.into()),
         ("AZURE_CLIENT_SECRET", "s3cret".into()),
-        ("AZURE_TENANT_ID", "tenant".into()),
+        ("AZURE_TENANT_ID", TENANT_ID.into()),
         ("AZURE_SUBSCRIPTION_ID", SUB.into()),
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()),
-        ("AZURE_AUTHORITY_HOST", base),
         ("CAA_MIN_POLL_MS", "20".into()),
         ("NODE_NAME", node.clone()),
         // The DaemonSet gives CAA the node's IP from the downward API (test
@@ -180,7 +185,7 @@ pub(crate) async fn setup_with(
         envs.retain(|(k2, _)| k2 != k);
         envs.push((k, v.clone()));
     }
-    let args = caa_args(&kubeconfig, &socket, &dir.join("pods"));
+    let args = caa_args(&kubeconfig, &socket, &dir.join("pods"), &base);
     let name = format!("caa-{}", env.ns);
     let caa = start_caa(&name, &args, &envs, &socket).await?;
     Ok(Setup {
@@ -195,10 +200,17 @@ pub(crate) async fn setup_with(
         admin,
         kubeconfig,
         dir,
+        arm_base: base,
     })
 }
 
-fn caa_args(kubeconfig: &Path, socket: &Path, pods: &Path) -> Vec<String> {
+/// The service principal's ids in every test secret (GUIDs, as `peer-pods-secret` requires).
+pub(crate) const CLIENT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
+pub(crate) const TENANT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000e";
+
+/// CAA's command line; the ARM test server is a development endpoint, which only the
+/// command line can give (never `peer-pods-cm`).
+fn caa_args(kubeconfig: &Path, socket: &Path, pods: &Path, arm: &str) -> Vec<String> {
     vec![
         "caa".to_string(),
         "--kubeconfig".into(),
@@ -207,6 +219,8 @@ fn caa_args(kubeconfig: &Path, socket: &Path, pods: &Path) -> Vec<String> {
         socket.display().to_string(),
         "--pods-dir".into(),
         pods.display().to_string(),
+        "--dev-arm-endpoint".into(),
+        arm.to_string(),
     ]
 }
 
@@ -264,7 +278,7 @@ impl Setup {
         envs.retain(|(k, _)| *k != "NODE_NAME" && !extra.iter().any(|(k2, _)| k2 == k));
         envs.push(("NODE_NAME", node.clone()));
         envs.extend(extra.iter().cloned());
-        let args = caa_args(&self.kubeconfig, &socket, &dir.join("pods"));
+        let args = caa_args(&self.kubeconfig, &socket, &dir.join("pods"), &self.arm_base);
         let name = format!("caa-{}-{label}", env.ns);
         let caa = start_caa(&name, &args, &envs, &socket).await?;
         Ok(NodeCaa {
@@ -740,14 +754,7 @@ async fn sweep(env: Env) -> Result<()> {
 }
 
 fn stray_provider(s: &Setup, subnet: String) -> Result<sandboxd::cloud::azure::AzureProvider> {
-    let base = s
-        .envs
-        .iter()
-        .find(|(k, _)| *k == "AZURE_RESOURCE_MANAGER_ENDPOINT")
-        .unwrap()
-        .1
-        .clone();
-    provider_at(&base, subnet)
+    provider_at(&s.arm_base, subnet)
 }
 
 /// An Azure provider (subscription [`SUB`], resource group `rg`) talking to `base`.
@@ -770,15 +777,12 @@ fn provider_at(base: &str, subnet: String) -> Result<sandboxd::cloud::azure::Azu
     Ok(sandboxd::cloud::azure::AzureProvider::new(
         SUB,
         &sandboxd::config::AzureCredentials::ClientSecret {
-            tenant_id: "t".into(),
-            client_id: "c".into(),
+            tenant_id: TENANT_ID.into(),
+            client_id: CLIENT_ID.into(),
             client_secret: sandboxd::config::SecretString::new("x"),
         },
         cfg,
-        sandboxd::cloud::azure::Endpoints {
-            arm: url.clone(),
-            authority: url,
-        },
+        sandboxd::cloud::azure::Endpoints::development(Default::default(), url, None),
         Default::default(),
         sandboxd::cloud::azure::Polling {
             min_interval: Duration::from_millis(20),

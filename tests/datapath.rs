@@ -69,7 +69,7 @@ async fn rig(name: &str) -> Result<Rig> {
     let pki = Pki::generate()?;
     let vm = "podvm-web-0123abcd";
     let server = pki.server_cert(vm)?;
-    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, pki.ca_pem())?;
+    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, &pki.ca_pem())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -100,7 +100,7 @@ async fn rig(name: &str) -> Result<Rig> {
         _stop: stop.drop_guard(),
         _sockets: sockets,
         addr,
-        forwarder_ca: pki.ca_pem().to_string(),
+        forwarder_ca: pki.ca_pem(),
         pki,
     })
 }
@@ -115,12 +115,12 @@ pub async fn check_agent_calls(socket: &std::path::Path, log: &agent::Log) -> Re
     sb.dns = vec!["nameserver 10.96.0.10".into(), "search default.svc".into()];
     sb.sandbox_id = "sb1".into();
     let mut sb_bytes = sb.write_to_bytes()?;
-    sb_bytes.extend([0x20, 1]); // sandbox_pidns: a field outside sandboxd's subset
+    sb_bytes.extend([0x90, 0x03, 1]); // field 50: no release of the protocol has it
     let mut cc = CreateContainerRequest::new();
     cc.container_id = "c1".into();
     cc.OCI.mut_or_insert_default().Version = "1.1.0".into();
     let mut cc_bytes = cc.write_to_bytes()?;
-    cc_bytes.extend([0x38, 1]);
+    cc_bytes.extend([0xa0, 0x06, 1]); // field 100: unknown to every release
     let start = vec![0x0a, 2, b'c', b'1'];
     let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let a = agent::call(&client, "CreateSandbox", sb_bytes.clone()).await?;
@@ -159,7 +159,7 @@ pub async fn check_agent_calls(socket: &std::path::Path, log: &agent::Log) -> Re
     );
     ensure!(sb_got.hostname == "web" && sb_got.sandbox_id == "sb1");
     ensure!(
-        of("CreateSandbox")[0].ends_with(&[0x20, 1]),
+        of("CreateSandbox")[0].ends_with(&[0x90, 0x03, 1]),
         "unknown field lost"
     );
     let cc_raw = &of("CreateContainer")[0];
@@ -169,7 +169,7 @@ pub async fn check_agent_calls(socket: &std::path::Path, log: &agent::Log) -> Re
         ns.len() == 1 && ns[0].Type == "network" && ns[0].Path == "/run/netns/podns",
         "namespaces: {ns:?}"
     );
-    ensure!(cc_got.OCI.Version == "1.1.0" && cc_raw.ends_with(&[0x38, 1]));
+    ensure!(cc_got.OCI.Version == "1.1.0" && cc_raw.ends_with(&[0xa0, 0x06, 1]));
     ensure!(
         of("StartContainer") == vec![start],
         "StartContainer not byte-identical"

@@ -2,6 +2,7 @@
 //! so no process outlives the run, and runs every suite against it.
 
 // Test support grows ahead of the suites that use each helper.
+mod agent;
 mod caa;
 mod ctl;
 mod datapath;
@@ -10,6 +11,7 @@ mod harness;
 mod image;
 mod image_publish;
 mod monitoring;
+mod node;
 mod operator;
 mod peerpods;
 mod smoke;
@@ -72,15 +74,22 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         name: case.name.clone(),
         cp: None,
         ns: namespace_for(&case.name),
+        node: None,
     };
     let needs_ns = case.needs != Needs::Nothing;
     if needs_ns {
         let cp = harness::cluster().map_err(|e| Failed::from(format!("control plane: {e:#}")))?;
         env.cp = Some(cp);
     }
+    if case.needs == Needs::Node {
+        let node = harness::node::node().map_err(|e| Failed::from(format!("node: {e:#}")))?;
+        env.node = Some(node);
+    }
     let ns = env.ns.clone();
     let fut = (case.run)(env);
-    let exclusive = case.needs == Needs::ClusterExclusive;
+    let exclusive = matches!(case.needs, Needs::ClusterExclusive | Needs::Node);
+    // The real node's end-to-end tests install, configure and uninstall a whole release.
+    let limit = if case.needs == Needs::Node { 600 } else { 300 };
     runtime().block_on(async move {
         // Exclusive tests run alone; the others share the control plane.
         let _read;
@@ -103,7 +112,7 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         } else {
             None
         };
-        let result = tokio::time::timeout(Duration::from_secs(300), fut).await;
+        let result = tokio::time::timeout(Duration::from_secs(limit), fut).await;
         if let Some(client) = client {
             // Best effort; the namespace controller finishes it in the background.
             let _ = harness::delete_namespace(&client, &ns).await;
@@ -111,7 +120,7 @@ fn run_case(case: &Case) -> Result<(), Failed> {
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Failed::from(format!("{e:#}"))),
-            Err(_) => Err(Failed::from("timed out after 300s")),
+            Err(_) => Err(Failed::from(format!("timed out after {limit}s"))),
         }
     })
 }
@@ -125,6 +134,7 @@ fn main() {
     }
     let cases: Vec<Case> = [
         smoke::cases(),
+        agent::cases(),
         static_binary::cases(),
         webhook::cases(),
         operator::cases(),
@@ -135,6 +145,7 @@ fn main() {
         image::cases(),
         image_publish::cases(),
         monitoring::cases(),
+        node::cases(),
     ]
     .into_iter()
     .flatten()

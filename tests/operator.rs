@@ -4,7 +4,10 @@
 mod bench;
 mod installer;
 mod lifecycle;
+mod novap;
 mod openshift;
+mod rbac;
+mod scc;
 pub(crate) mod support;
 mod telemetry;
 mod writes;
@@ -14,6 +17,9 @@ use crate::harness::Case;
 pub fn cases() -> Vec<Case> {
     [
         lifecycle::cases(),
+        novap::cases(),
+        rbac::cases(),
+        scc::cases(),
         openshift::cases(),
         installer::cases(),
         telemetry::cases(),

@@ -7,7 +7,7 @@ mod credentials;
 mod image_job;
 mod limit;
 pub(crate) mod support;
-mod webhook;
+pub(crate) mod webhook;
 
 use crate::harness::Case;
 

@@ -66,8 +66,10 @@ pub struct PeerPodConfigSpec {
     pub config_map_name: String,
     /// Peer-pod VMs each selected node may run, a non-negative integer as a string. Every
     /// selected node advertises it as the extended resource `kata.peerpods.io/vm`. Wins over
-    /// `PEERPODS_LIMIT_PER_NODE` of the configmap.
+    /// `PEERPODS_LIMIT_PER_NODE` of the configmap (empty: the configmap's). Digits only: the
+    /// API server refuses `"ten"` or `"-1"`.
     #[serde(default = "default_limit")]
+    #[schemars(regex(pattern = r"^([0-9]{1,9})?$"))]
     pub limit: String,
     /// The nodes that run peer pods (labels that must all match).
     #[serde(default = "default_node_selector")]

@@ -132,6 +132,16 @@ impl Handle {
         self.store.requests()
     }
 
+    /// The `scope` of every token request, in order (the audience tokens were asked for).
+    pub fn token_scopes(&self) -> Vec<String> {
+        self.store.token_scopes()
+    }
+
+    /// Every bearer token the token endpoint issued (tests look for them in logs).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.store.issued_tokens()
+    }
+
     /// Ids of every stored resource (resource groups, NICs, disks, ...), lower-case.
     pub fn resource_ids(&self) -> Vec<String> {
         self.store.resource_ids()
@@ -323,8 +333,9 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
         println!("AZURE_SUBNET_ID={subnet}");
         println!("AZURE_NSG_ID={nsg}");
         println!("AZURE_IMAGE_ID={image}");
-        println!("AZURE_RESOURCE_MANAGER_ENDPOINT=http://{addr}/");
-        println!("AZURE_AUTHORITY_HOST=http://{addr}/");
+        // Not a `peer-pods-cm` key: endpoints outside Azure's clouds are a command-line
+        // flag of each component (`--dev-arm-endpoint`).
+        println!("DEV_ARM_ENDPOINT=http://{addr}/");
     }
     tracing::info!(%addr, "ARM test server listening");
     let _ = task.await;

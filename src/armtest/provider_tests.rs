@@ -110,15 +110,16 @@ impl Fixture {
             root_volume_gb: None,
             use_public_ip: false,
         };
-        let endpoints = Endpoints {
-            arm: Url::parse(&format!("{}/", self.base)).unwrap(),
-            authority: Url::parse(&format!("{}/", self.base)).unwrap(),
-        };
+        let endpoints = Endpoints::development(
+            Default::default(),
+            Url::parse(&format!("{}/", self.base)).unwrap(),
+            None,
+        );
         AzureProvider::new(
             SUB,
             &AzureCredentials::ClientSecret {
-                tenant_id: "tenant".into(),
-                client_id: "app".into(),
+                tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+                client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
                 client_secret: SecretString::new(secret),
             },
             cfg,
@@ -537,4 +538,77 @@ async fn a_wrong_client_secret_is_a_permanent_error_without_the_secret() {
     let err = p.get("x").await.unwrap_err();
     assert!(matches!(err, Error::Permanent(_)), "{err}");
     assert!(!err.to_string().contains("client_secret=wrong"), "{err}");
+}
+
+/// Every ARM call the provider makes in a pod VM's life (sizes, create of a plain and a
+/// Confidential VM, LRO polls, the NIC's IP, get, list, delete) is an action the OpenShift
+/// CredentialsRequest grants; and the tokens carry the cloud's ARM audience.
+#[tokio::test]
+async fn every_arm_call_of_the_provider_is_granted_by_the_credentials_request() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let seeded = f.handle.requests().len();
+    let seeded_tokens = f.handle.token_scopes().len();
+    for cvm in [false, true] {
+        let p = f.provider(cvm, "s");
+        let size = if cvm {
+            "Standard_DC2as_v5"
+        } else {
+            "Standard_D4as_v5"
+        };
+        let name = if cvm {
+            "podvm-perm-00000002"
+        } else {
+            "podvm-perm-00000001"
+        };
+        p.sizes(&[size.to_string()]).await.unwrap();
+        p.create(&f.spec(name, size)).await.unwrap();
+        p.get(name).await.unwrap();
+        p.list_owned(&BTreeMap::new()).await.unwrap();
+        p.delete(name).await.unwrap();
+    }
+    let served = f.handle.requests();
+    let served = &served[seeded..];
+    assert!(served.len() > 10, "{served:?}");
+    let missing = crate::cloud::azure::permissions::ungranted(
+        served.iter().map(|r| (r.method.as_str(), r.path.as_str())),
+    );
+    assert!(missing.is_empty(), "not granted: {missing:?}");
+    let scopes = f.handle.token_scopes().split_off(seeded_tokens);
+    assert!(
+        !scopes.is_empty()
+            && scopes
+                .iter()
+                .all(|s| s == "https://management.azure.com/.default"),
+        "{scopes:?}"
+    );
+}
+
+/// A US Government cloud setting asks for that cloud's ARM audience, whatever endpoint the
+/// development flag points at.
+#[tokio::test]
+async fn a_sovereign_cloud_setting_asks_tokens_for_that_clouds_arm_audience() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let endpoints = crate::cloud::azure::Endpoints::development(
+        crate::cloud::azure::AzureCloud::UsGovernment,
+        Url::parse(&format!("{}/", f.base)).unwrap(),
+        None,
+    );
+    let p = AzureProvider::new(
+        SUB,
+        &AzureCredentials::ClientSecret {
+            tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+            client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
+            client_secret: SecretString::new("s"),
+        },
+        f.provider(false, "s").config().clone(),
+        endpoints,
+        Manners::default(),
+        Polling::default(),
+    )
+    .unwrap();
+    p.sizes(&["Standard_D4as_v5".to_string()]).await.unwrap();
+    assert_eq!(
+        f.handle.token_scopes().last().map(String::as_str),
+        Some("https://management.core.usgovcloudapi.net/.default")
+    );
 }

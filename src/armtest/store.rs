@@ -94,6 +94,8 @@ pub(crate) struct Op {
 pub(crate) struct Inner {
     pub config: Config,
     pub tokens: HashSet<String>,
+    /// The `scope` of every token request, in order.
+    pub token_scopes: Vec<String>,
     pub resources: BTreeMap<String, Value>,
     pub vms: BTreeMap<String, Vm>,
     pub ops: HashMap<String, Op>,
@@ -162,6 +164,7 @@ impl Store {
             inner: Mutex::new(Inner {
                 config,
                 tokens: HashSet::new(),
+                token_scopes: Vec::new(),
                 resources: BTreeMap::new(),
                 vms: BTreeMap::new(),
                 ops: HashMap::new(),
@@ -221,6 +224,14 @@ impl Store {
 
     pub fn requests(&self) -> Vec<RequestLog> {
         self.lock().log.clone()
+    }
+
+    pub fn token_scopes(&self) -> Vec<String> {
+        self.lock().token_scopes.clone()
+    }
+
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().tokens.iter().cloned().collect()
     }
 
     pub fn log(&self, entry: RequestLog) {
@@ -329,6 +340,8 @@ impl Store {
                 .into_response();
         }
         let mut g = self.lock();
+        g.token_scopes
+            .push(form.get("scope").cloned().unwrap_or_default());
         let token = format!("armtest-{}", g.next_id());
         g.tokens.insert(token.clone());
         axum::Json(json!({

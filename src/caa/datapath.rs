@@ -54,7 +54,15 @@ impl Datapath {
             .unwrap_or_else(|_| "openshift-sandboxed-containers-operator".into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| relay::DEFAULT_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {
-            Ok(p) => p,
+            Ok(p) => {
+                // Rotated before expiry while CAA runs (the previous CA stays trusted).
+                let stop = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(
+                    p.clone()
+                        .keep_fresh(client.clone(), ns.clone(), name.clone(), stop),
+                );
+                p
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "CAA certificates kept in memory only: agent connections will not survive a restart");
                 Pki::generate().expect("generating certificates")
@@ -197,7 +205,7 @@ impl Datapath {
             pod_name: r.pod_name.clone(),
             tls_server_key: cert.key_pem,
             tls_server_cert: cert.cert_pem,
-            tls_client_ca: self.pki.ca_pem().to_string(),
+            tls_client_ca: self.pki.ca_pem(),
         };
         Ok(Some(cfg.to_user_data()))
     }

@@ -75,9 +75,9 @@ pub struct Args {
         default_value = "/etc/sandboxd/ssh-key/id_rsa.pub"
     )]
     pub ssh_public_key: PathBuf,
-    /// ARM and Entra ID endpoints.
+    /// The Azure cloud and the development endpoint flags (command line only).
     #[command(flatten)]
-    pub endpoints: crate::cloud::azure::Endpoints,
+    pub azure: crate::cloud::azure::EndpointArgs,
     /// Address of `/healthz`, `/readyz` and `/metrics` (on the node's network: CAA runs
     /// with hostNetwork). `off` serves none; an address already in use is a warning, as
     /// pods do not depend on it.
@@ -141,7 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 &secret.subscription_id,
                 &secret.credentials,
                 az,
-                args.endpoints.clone(),
+                args.azure.resolve(Some(cfg.azure_cloud)),
                 crate::cloud::azure::Manners {
                     reads_per_second: args.arm_reads_per_second.max(0.1),
                     read_burst: args.arm_read_burst.max(1.0),

@@ -2,15 +2,35 @@
 //! `Display`, so no log or error can quote it by accident.
 
 use std::fmt;
+use std::sync::{Mutex, OnceLock};
+
+fn registry() -> &'static Mutex<Vec<String>> {
+    static SECRETS: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    SECRETS.get_or_init(Mutex::default)
+}
+
+/// Every secret value wrapped in a [`SecretString`] so far in this process: the log writer
+/// cuts them from every line, whatever printed them (a dependency's debug dump of a
+/// request included).
+pub fn known_secrets() -> Vec<String> {
+    registry().lock().map(|v| v.clone()).unwrap_or_default()
+}
 
 /// A secret value. `Debug`/`Display` print `<redacted>`; read it with [`SecretString::expose`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretString(String);
 
 impl SecretString {
-    /// Wraps a secret.
+    /// Wraps a secret (and remembers it for the log redaction, see [`known_secrets`]).
     pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
+        let s = s.into();
+        if !s.trim().is_empty()
+            && let Ok(mut v) = registry().lock()
+            && !v.contains(&s)
+        {
+            v.push(s.clone());
+        }
+        Self(s)
     }
 
     /// The secret itself, for the one place that must send it.

@@ -14,9 +14,9 @@ use std::fmt;
 use std::time::Duration;
 
 pub use crate::cloud::SecretString;
-pub use crate::cloud::azure::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
+pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub use duration::parse_duration;
-pub use secret::CloudSecret;
+pub use secret::{AUTH_METHOD_KEY, CloudSecret, is_guid};
 
 /// Name of the ConfigMap holding the peer-pods settings.
 pub const CONFIG_MAP_NAME: &str = "peer-pods-cm";
@@ -131,6 +131,8 @@ pub struct PeerPodsConfig {
     pub tags: Vec<(String, String)>,
     /// Azure settings, present when `cloud_provider` is Azure.
     pub azure: Option<AzureConfig>,
+    /// `AZURE_CLOUD`: which Azure cloud (endpoints, authority and token audience together).
+    pub azure_cloud: AzureCloud,
 }
 
 /// Reads keys of one source and collects every problem.
@@ -349,6 +351,33 @@ impl PeerPodsConfig {
         } else {
             None
         };
+        let azure_cloud = match r.get(crate::cloud::azure::cloud::CLOUD_KEY) {
+            None => AzureCloud::default(),
+            Some(v) => v.parse().unwrap_or_else(|_| {
+                r.problem(
+                    crate::cloud::azure::cloud::CLOUD_KEY,
+                    AzureCloud::EXPECTED,
+                    Some(v),
+                );
+                AzureCloud::default()
+            }),
+        };
+        // Endpoints come only from the cloud's name: a ConfigMap edit must not send the
+        // credentials to another host (development endpoints are a command-line flag).
+        for key in crate::cloud::azure::cloud::REFUSED_ENDPOINT_KEYS {
+            if let Some(v) = r.get(key) {
+                r.problem(
+                    key,
+                    format!(
+                        "nothing: endpoints follow {} ({}); another endpoint is only a \
+                         development flag on the command line (--dev-arm-endpoint)",
+                        crate::cloud::azure::cloud::CLOUD_KEY,
+                        AzureCloud::EXPECTED
+                    ),
+                    Some(v),
+                );
+            }
+        }
         let cfg = PeerPodsConfig {
             cloud_provider: cloud_provider.unwrap_or(CloudProvider::Azure),
             vxlan_port,
@@ -356,6 +385,7 @@ impl PeerPodsConfig {
             limit_per_node,
             tags,
             azure,
+            azure_cloud,
         };
         r.finish(CONFIG_MAP_NAME, cfg)
     }

@@ -206,13 +206,15 @@ fn go_durations_parse_like_upstream() {
 }
 
 const SECRET_VALUE: &str = "s3cr3t~value-Do-Not-Print";
+const CLIENT: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
+const TENANT: &str = "0a1b2c3d-0000-4000-8000-00000000000e";
 
 #[test]
 fn a_service_principal_secret_parses_and_never_prints_its_value() {
     let s = CloudSecret::from_map(&map(&[
-        ("AZURE_CLIENT_ID", "app"),
+        ("AZURE_CLIENT_ID", CLIENT),
         ("AZURE_CLIENT_SECRET", SECRET_VALUE),
-        ("AZURE_TENANT_ID", "tenant"),
+        ("AZURE_TENANT_ID", TENANT),
         (
             "AZURE_SUBSCRIPTION_ID",
             "11111111-2222-3333-4444-555555555555",
@@ -254,8 +256,8 @@ fn without_a_secret_the_credential_is_workload_or_managed_identity() {
     );
     let s = CloudSecret::from_map(&map(&[
         sub,
-        ("AZURE_CLIENT_ID", "app"),
-        ("AZURE_TENANT_ID", "t"),
+        ("AZURE_CLIENT_ID", CLIENT),
+        ("AZURE_TENANT_ID", TENANT),
         (
             "AZURE_FEDERATED_TOKEN_FILE",
             "/var/run/secrets/azure/tokens/azure-identity-token",
@@ -266,11 +268,82 @@ fn without_a_secret_the_credential_is_workload_or_managed_identity() {
         s.credentials,
         AzureCredentials::WorkloadIdentity { .. }
     ));
-    let s = CloudSecret::from_map(&map(&[sub])).unwrap();
+    let s = CloudSecret::from_map(&map(&[sub, ("AZURE_AUTH_METHOD", "managed-identity")])).unwrap();
     assert_eq!(
         s.credentials,
         AzureCredentials::ManagedIdentity { client_id: None }
     );
+    let s = CloudSecret::from_map(&map(&[
+        sub,
+        ("AZURE_AUTH_METHOD", "managed-identity"),
+        ("AZURE_CLIENT_ID", CLIENT),
+    ]))
+    .unwrap();
+    assert_eq!(
+        s.credentials,
+        AzureCredentials::ManagedIdentity {
+            client_id: Some(CLIENT.into())
+        }
+    );
+}
+
+#[test]
+fn an_empty_client_secret_is_an_error_unless_an_identity_is_chosen_explicitly() {
+    let sub = (
+        "AZURE_SUBSCRIPTION_ID",
+        "11111111-2222-3333-4444-555555555555",
+    );
+    for secret in ["", "  "] {
+        let err = CloudSecret::from_map(&map(&[
+            sub,
+            ("AZURE_CLIENT_ID", CLIENT),
+            ("AZURE_TENANT_ID", TENANT),
+            ("AZURE_CLIENT_SECRET", secret),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.keys(), ["AZURE_CLIENT_SECRET"], "{err}");
+        assert!(err.to_string().contains("managed-identity"), "{err}");
+    }
+    let err =
+        CloudSecret::from_map(&map(&[sub, ("AZURE_AUTH_METHOD", "client-secret")])).unwrap_err();
+    assert!(err.keys().contains(&"AZURE_CLIENT_SECRET"), "{err}");
+    let err = CloudSecret::from_map(&map(&[sub, ("AZURE_AUTH_METHOD", "msi")])).unwrap_err();
+    assert_eq!(err.keys(), ["AZURE_AUTH_METHOD"], "{err}");
+    let err = CloudSecret::from_map(&map(&[sub, ("AZURE_AUTH_METHOD", "workload-identity")]))
+        .unwrap_err();
+    assert!(err.keys().contains(&"AZURE_FEDERATED_TOKEN_FILE"), "{err}");
+}
+
+#[test]
+fn client_and_tenant_ids_must_be_guids_and_the_guides_placeholder_is_named() {
+    let err = CloudSecret::from_map(&map(&[
+        (
+            "AZURE_SUBSCRIPTION_ID",
+            "11111111-2222-3333-4444-555555555555",
+        ),
+        ("AZURE_CLIENT_ID", "<azure_client_id>"),
+        ("AZURE_CLIENT_SECRET", SECRET_VALUE),
+        ("AZURE_TENANT_ID", "<azure_tenant_id>"),
+    ]))
+    .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.keys(), ["AZURE_TENANT_ID", "AZURE_CLIENT_ID"], "{text}");
+    assert!(text.contains("AZURE_CLIENT_ID: expected a GUID"), "{text}");
+    assert!(text.contains("\"<azure_client_id>\""), "{text}");
+    assert!(!text.contains(SECRET_VALUE), "{text}");
+    // Workload identity and a user-assigned managed identity are checked the same way.
+    let err = CloudSecret::from_map(&map(&[
+        (
+            "AZURE_SUBSCRIPTION_ID",
+            "11111111-2222-3333-4444-555555555555",
+        ),
+        ("AZURE_AUTH_METHOD", "managed-identity"),
+        ("AZURE_CLIENT_ID", "my-identity"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.keys(), ["AZURE_CLIENT_ID"]);
+    assert!(is_guid("0A1B2C3D-0000-4000-8000-00000000000C"));
+    assert!(!is_guid("0a1b2c3d00004000800000000000000c"));
 }
 
 #[test]
@@ -280,4 +353,29 @@ fn a_tag_name_azure_refuses_is_named_as_a_tags_problem() {
     let e = PeerPodsConfig::from_map(&m).unwrap_err().to_string();
     assert!(e.contains("TAGS"), "{e}");
     assert!(e.contains("Azure refuses"), "{e}");
+}
+
+#[test]
+fn the_cloud_is_chosen_by_name_and_endpoint_keys_in_the_configmap_are_refused() {
+    let mut m = seed_cm();
+    assert_eq!(
+        PeerPodsConfig::from_map(&m).unwrap().azure_cloud,
+        AzureCloud::Public
+    );
+    m.insert("AZURE_CLOUD".into(), "AzureUSGovernmentCloud".into());
+    assert_eq!(
+        PeerPodsConfig::from_map(&m).unwrap().azure_cloud,
+        AzureCloud::UsGovernment
+    );
+    m.insert("AZURE_CLOUD".into(), "https://attacker.example/".into());
+    let e = PeerPodsConfig::from_map(&m).unwrap_err();
+    assert_eq!(e.keys(), ["AZURE_CLOUD"], "{e}");
+    m.remove("AZURE_CLOUD");
+    for key in ["AZURE_RESOURCE_MANAGER_ENDPOINT", "AZURE_AUTHORITY_HOST"] {
+        let mut m = m.clone();
+        m.insert(key.into(), "http://127.0.0.1:8443/".into());
+        let e = PeerPodsConfig::from_map(&m).unwrap_err();
+        assert_eq!(e.keys(), [key], "{e}");
+        assert!(e.to_string().contains("--dev-arm-endpoint"), "{e}");
+    }
 }

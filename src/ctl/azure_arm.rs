@@ -28,11 +28,6 @@ const CREDENTIAL_KEYS: [&str; 5] = [
     "AZURE_FEDERATED_TOKEN_FILE",
 ];
 
-/// `peer-pods-cm` / environment key of the ARM endpoint (the CAA reads the same).
-pub const ARM_ENDPOINT_KEY: &str = "AZURE_RESOURCE_MANAGER_ENDPOINT";
-/// `peer-pods-cm` / environment key of the Entra ID authority host.
-pub const AUTHORITY_KEY: &str = "AZURE_AUTHORITY_HOST";
-
 /// Errors talking to Azure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,13 +54,13 @@ pub enum Error {
     /// Reading the secret from the cluster failed.
     #[error("reading {SECRET_NAME}: {0}")]
     Kube(#[from] kube::Error),
-    /// An endpoint URL is malformed.
-    #[error("{key} is not a URL: {value}")]
+    /// `AZURE_CLOUD` names no Azure cloud, or the configmap holds an endpoint key.
+    #[error("{key} in peer-pods-cm: {detail}")]
     Endpoint {
         /// Which key.
         key: &'static str,
-        /// The value.
-        value: String,
+        /// What is wrong.
+        detail: String,
     },
 }
 
@@ -83,38 +78,39 @@ impl Error {
     }
 }
 
-/// Where ARM and Entra ID are (flags shared by the Azure-aware commands).
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct EndpointArgs {
-    /// ARM endpoint; default: `AZURE_RESOURCE_MANAGER_ENDPOINT` of `peer-pods-cm`, else the
-    /// public cloud.
-    #[arg(long, env = ARM_ENDPOINT_KEY)]
-    pub arm_endpoint: Option<url::Url>,
-    /// Entra ID authority host; default: `AZURE_AUTHORITY_HOST` of `peer-pods-cm`, else the
-    /// public cloud.
-    #[arg(long, env = AUTHORITY_KEY)]
-    pub authority_host: Option<url::Url>,
-}
+pub use crate::cloud::azure::EndpointArgs;
 
-impl EndpointArgs {
-    /// The endpoints: flags/environment, then the configmap's keys, then the defaults.
-    pub fn resolve(&self, cm: &BTreeMap<String, String>) -> Result<Endpoints, Error> {
-        let mut e = Endpoints::default();
-        for (key, flag, slot) in [
-            (ARM_ENDPOINT_KEY, &self.arm_endpoint, &mut e.arm),
-            (AUTHORITY_KEY, &self.authority_host, &mut e.authority),
-        ] {
-            if let Some(u) = flag {
-                *slot = u.clone();
-            } else if let Some(v) = cm.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-                *slot = url::Url::parse(v).map_err(|_| Error::Endpoint {
-                    key,
-                    value: v.to_string(),
-                })?;
-            }
+/// The endpoints `args` and `peer-pods-cm` (`cm`) give: the flag's cloud, else
+/// `AZURE_CLOUD` of the configmap, else the public cloud; only the development flags move
+/// them. A configmap that names an endpoint is refused, never followed.
+pub fn resolve_endpoints(
+    args: &EndpointArgs,
+    cm: &BTreeMap<String, String>,
+) -> Result<Endpoints, Error> {
+    use crate::cloud::azure::cloud::{CLOUD_KEY, REFUSED_ENDPOINT_KEYS};
+    for key in REFUSED_ENDPOINT_KEYS {
+        if cm.get(key).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(Error::Endpoint {
+                key,
+                detail: format!(
+                    "not read: endpoints follow {CLOUD_KEY}; remove the key (another endpoint \
+                     is only the development flag --dev-arm-endpoint)"
+                ),
+            });
         }
-        Ok(e)
     }
+    let configured = match cm
+        .get(CLOUD_KEY)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+    {
+        Some(v) => Some(v.parse().map_err(|detail| Error::Endpoint {
+            key: CLOUD_KEY,
+            detail,
+        })?),
+        None => None,
+    };
+    Ok(args.resolve(configured))
 }
 
 /// The credential map: `peer-pods-secret` in `namespace` (if present) overlaid with the
@@ -143,6 +139,17 @@ pub async fn credentials(
             .is_none_or(|v| v.trim().is_empty())
     {
         map.insert("AZURE_SUBSCRIPTION_ID".into(), s.to_string());
+    }
+    let given = |k: &str| map.get(k).is_some_and(|v| !v.trim().is_empty());
+    if !given("AZURE_CLIENT_SECRET")
+        && !given("AZURE_FEDERATED_TOKEN_FILE")
+        && !given(crate::config::AUTH_METHOD_KEY)
+    {
+        return Err(Error::NoCredentials(if from_secret {
+            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+        } else {
+            format!(" (no {SECRET_NAME} in namespace {namespace})")
+        }));
     }
     let secret = CloudSecret::from_map(&map)?;
     if let AzureCredentials::ManagedIdentity { .. } = secret.credentials {

@@ -15,7 +15,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use super::azure_arm::{self, ARM_ENDPOINT_KEY, AUTHORITY_KEY, Azure, EndpointArgs, Subnet, Vnet};
+use super::azure_arm::{self, Azure, EndpointArgs, Subnet, Vnet};
 use super::{Ctx, Output};
 use crate::config::{CONFIG_MAP_NAME, PeerPodsConfig};
 
@@ -442,7 +442,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         .clone()
         .or_else(|| node_group.as_ref().map(|(s, _)| s.clone()));
     let secret = azure_arm::credentials(&client, &ctx.namespace, subscription.as_deref()).await?;
-    let endpoints = args.endpoints.resolve(&current)?;
+    let endpoints = super::azure_arm::resolve_endpoints(&args.endpoints, &current)?;
     let mut secret = secret;
     if let Some(s) = &subscription {
         if !secret.subscription_id.eq_ignore_ascii_case(s) {
@@ -597,19 +597,19 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         Some((String::new(), Source::Default)),
     );
     set(&mut data, "AZURE_IMAGE_ID", v.expect("fallback given"));
-    let defaults = crate::cloud::azure::Endpoints::default();
-    if endpoints.arm != defaults.arm {
+    // The cloud (never an endpoint: a development endpoint stays a flag of each command).
+    if endpoints.azure_cloud() != crate::cloud::azure::AzureCloud::Public {
         set(
             &mut data,
-            ARM_ENDPOINT_KEY,
-            (endpoints.arm.to_string(), Source::Flag),
-        );
-    }
-    if endpoints.authority != defaults.authority {
-        set(
-            &mut data,
-            AUTHORITY_KEY,
-            (endpoints.authority.to_string(), Source::Flag),
+            crate::cloud::azure::cloud::CLOUD_KEY,
+            (
+                endpoints.azure_cloud().name().to_string(),
+                if args.endpoints.cloud.is_some() {
+                    Source::Flag
+                } else {
+                    Source::Existing
+                },
+            ),
         );
     }
 

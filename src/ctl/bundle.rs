@@ -20,14 +20,50 @@ pub fn csv_name() -> String {
     format!("{PACKAGE}.v{}", crate::VERSION)
 }
 
-/// The KataConfig the seed creates, as the console's example.
-fn alm_example() -> Value {
-    json!([{
-        "apiVersion": "kataconfiguration.openshift.io/v1",
-        "kind": "KataConfig",
-        "metadata": {"name": "cluster-kataconfig"},
-        "spec": {"enablePeerPods": true, "logLevel": "info"}
-    }])
+/// The oldest Kubernetes the operator supports: 1.28 (OpenShift 4.15). Before 1.30 there is
+/// no ValidatingAdmissionPolicy and the operator keeps the one-KataConfig rule with its
+/// webhook; webhook `matchConditions` (beta, on by default) exist since 1.28.
+pub const MIN_KUBE_VERSION: &str = "1.28.0";
+
+/// The operator's icon (`deploy/olm/icon.svg`).
+const ICON_SVG: &str = include_str!("../../deploy/olm/icon.svg");
+
+/// The objects of the guide, as the console's examples: the KataConfig it creates (peer
+/// pods on, log level info) and the PeerPodConfig the operator makes with its defaults
+/// (the guide changes only `limit`); and a PeerPod record as CAA writes it (an internal
+/// object: the console does not offer to create it).
+fn alm_examples() -> Value {
+    let ppc = crate::api::peerpodconfig::PeerPodConfigSpec::default();
+    json!([
+        {
+            "apiVersion": "kataconfiguration.openshift.io/v1",
+            "kind": "KataConfig",
+            "metadata": {"name": "cluster-kataconfig"},
+            "spec": {"enablePeerPods": true, "logLevel": "info"}
+        },
+        {
+            "apiVersion": "confidentialcontainers.org/v1alpha1",
+            "kind": "PeerPodConfig",
+            "metadata": {
+                "name": crate::api::peerpodconfig::DEFAULT_NAME,
+                "namespace": DEFAULT_NAMESPACE,
+            },
+            "spec": ppc,
+        },
+        {
+            "apiVersion": "confidentialcontainers.org/v1alpha1",
+            "kind": "PeerPod",
+            "metadata": {"name": "podvm-web-0a1b2c3d", "namespace": "default"},
+            "spec": {
+                "cloudProvider": "azure",
+                "instanceID": "",
+                "vmName": "podvm-web-0a1b2c3d",
+                "nodeName": "worker-0",
+                "podUID": "00000000-0000-0000-0000-000000000000",
+                "sandboxId": "0a1b2c3d",
+            },
+        }
+    ])
 }
 
 fn descriptor(path: &str, name: &str, description: &str, x: &[&str]) -> Value {
@@ -207,7 +243,10 @@ pub fn csv() -> Result<Value, Error> {
         "metadata": {
             "name": csv_name(),
             "annotations": {
-                "alm-examples": serde_json::to_string_pretty(&alm_example()).unwrap_or_default(),
+                "alm-examples": serde_json::to_string_pretty(&alm_examples()).unwrap_or_default(),
+                // PeerPods are CAA's records of pod VMs, not for users to create.
+                "operators.operatorframework.io/internal-objects":
+                    serde_json::to_string(&["peerpods.confidentialcontainers.org"]).unwrap_or_default(),
                 "capabilities": "Basic Install",
                 "categories": "Security",
                 "containerImage": image,
@@ -224,6 +263,11 @@ pub fn csv() -> Result<Value, Error> {
                             Create the peer-pods-secret and peer-pods-cm, the ssh-key-secret, \
                             then a KataConfig with enablePeerPods; see docs/ctl.md.",
             "version": crate::VERSION,
+            "minKubeVersion": MIN_KUBE_VERSION,
+            "icon": [{
+                "base64data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ICON_SVG),
+                "mediatype": "image/svg+xml",
+            }],
             "maturity": "alpha",
             "provider": {"name": "sandboxd"},
             "keywords": ["sandboxed-containers", "kata", "peer-pods", "confidential"],
@@ -249,7 +293,7 @@ pub fn csv() -> Result<Value, Error> {
 /// Every generated file of the bundle, as (path under `deploy/olm/bundle/`, content).
 pub fn files() -> Result<Vec<(String, String)>, Error> {
     let header = "# Generated from deploy/ by `src/ctl/bundle.rs`; do not edit \
-                  (SANDBOXD_UPDATE_GENERATED=1 cargo test --lib ctl::bundle).\n---\n";
+                  (SANDBOXD_UPDATE_GENERATED=1 cargo test --lib ctl::bundle).\n";
     let csv = serde_saphyr::to_string(&csv()?).map_err(|e| Error::Manifest(e.to_string()))?;
     let mut out = vec![(
         format!("manifests/{PACKAGE}.clusterserviceversion.yaml"),
@@ -359,5 +403,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(example[0]["spec"]["enablePeerPods"], true);
+        assert_eq!(csv["spec"]["minKubeVersion"], MIN_KUBE_VERSION);
+        assert_eq!(csv["spec"]["icon"][0]["mediatype"], "image/svg+xml");
+    }
+
+    /// OLM's loader decodes only the first YAML document of each manifest: it must be the
+    /// object, not an empty document before it.
+    #[test]
+    fn every_bundle_manifest_is_read_as_its_object_by_a_first_document_decoder() {
+        for (path, text) in files().unwrap() {
+            let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+            assert_eq!(docs.len(), 1, "{path}: one document, found {}", docs.len());
+            let first: Value = serde_saphyr::from_str(&text)
+                .unwrap_or_else(|e| panic!("{path}: the first document is not an object: {e}"));
+            assert!(
+                first["kind"].is_string(),
+                "{path}: first document has no kind"
+            );
+            assert!(
+                !text.lines().any(|l| l.trim() == "---"),
+                "{path}: a document separator"
+            );
+        }
+    }
+
+    /// The console's examples are the guide's objects and pass the CRDs' schemas' shape.
+    #[test]
+    fn alm_examples_are_the_guides_kataconfig_and_the_default_peerpodconfig() {
+        let ex = alm_examples();
+        assert_eq!(ex[0]["metadata"]["name"], "cluster-kataconfig");
+        assert_eq!(
+            ex[0]["spec"],
+            json!({"enablePeerPods": true, "logLevel": "info"})
+        );
+        assert_eq!(ex[1]["kind"], "PeerPodConfig");
+        assert_eq!(ex[1]["metadata"]["name"], "peerpodconfig-openshift");
+        assert_eq!(ex[1]["spec"]["limit"], "10");
+        assert_eq!(ex[1]["spec"]["cloudSecretName"], "peer-pods-secret");
+        assert_eq!(ex[1]["spec"]["configMapName"], "peer-pods-cm");
     }
 }

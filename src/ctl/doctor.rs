@@ -598,7 +598,7 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
             "run doctor with AZURE_CLIENT_ID/AZURE_CLIENT_SECRET/AZURE_TENANT_ID set, or with --no-azure",
         )];
     }
-    let endpoints = match args.endpoints.resolve(map) {
+    let endpoints = match super::azure_arm::resolve_endpoints(&args.endpoints, map) {
         Ok(e) => e,
         Err(e) => return vec![fail("nsg", e.to_string(), "fix the endpoint URL")],
     };

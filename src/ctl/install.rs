@@ -39,6 +39,10 @@ const OPENSHIFT: [&str; 2] = [
     include_str!("../../deploy/overlays/openshift/operator-args.yaml"),
 ];
 
+/// The objects `deploy/overlays/openshift` adds.
+const OPENSHIFT_RESOURCES: [&str; 1] =
+    [include_str!("../../deploy/overlays/openshift/caa-scc.yaml")];
+
 /// The operator Deployment's name.
 pub const OPERATOR_DEPLOYMENT: &str = "sandboxd-operator";
 
@@ -131,6 +135,10 @@ pub struct InstallArgs {
     /// The sandboxd image the operator runs (default: the manifest's).
     #[arg(long)]
     pub image: Option<String>,
+    /// Azure flags added to the operator's command line, which hands them on to the CAA
+    /// DaemonSet and the image Jobs (the development endpoints exist only as flags).
+    #[command(flatten)]
+    pub azure: crate::cloud::azure::EndpointArgs,
 }
 
 /// Flags of `uninstall`.
@@ -197,7 +205,11 @@ pub fn render(
     image: Option<&str>,
 ) -> Result<Vec<Value>, Error> {
     let mut docs = Vec::new();
-    for text in CRDS.iter().chain(BASE.iter()) {
+    let extra: &[&str] = match platform {
+        Platform::Vanilla => &[],
+        Platform::Openshift => &OPENSHIFT_RESOURCES,
+    };
+    for text in CRDS.iter().chain(BASE.iter()).chain(extra.iter()) {
         docs.extend(parse_docs(text)?);
     }
     let patches = match platform {
@@ -245,6 +257,25 @@ pub fn render(
     }
     docs.sort_by_key(|d| kind_order(d["kind"].as_str().unwrap_or_default()));
     Ok(docs)
+}
+
+/// Appends `extra` to the operator container's arguments.
+fn add_operator_args(docs: &mut [Value], extra: &[String]) {
+    if extra.is_empty() {
+        return;
+    }
+    for doc in docs.iter_mut() {
+        if doc["kind"] != "Deployment" || doc["metadata"]["name"] != OPERATOR_DEPLOYMENT {
+            continue;
+        }
+        if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
+            for c in containers {
+                if let Some(a) = c.get_mut("args").and_then(Value::as_array_mut) {
+                    a.extend(extra.iter().map(|x| json!(x)));
+                }
+            }
+        }
+    }
 }
 
 fn kind_order(kind: &str) -> u8 {
@@ -412,7 +443,8 @@ pub async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
             Some(p) => p,
             None => detect(&ctx.client().await?).await?,
         };
-        let docs = render(platform, &ctx.namespace, args.image.as_deref())?;
+        let mut docs = render(platform, &ctx.namespace, args.image.as_deref())?;
+        add_operator_args(&mut docs, &args.azure.to_args());
         print!("{}", manifests_text(ctx.output, &docs)?);
         return Ok(());
     }
@@ -421,7 +453,8 @@ pub async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => detect(&client).await?,
     };
-    let docs = render(platform, &ctx.namespace, args.image.as_deref())?;
+    let mut docs = render(platform, &ctx.namespace, args.image.as_deref())?;
+    add_operator_args(&mut docs, &args.azure.to_args());
     if args.dry_run {
         println!("would apply ({platform:?}):");
         for doc in &docs {
@@ -652,8 +685,15 @@ mod tests {
         );
         assert_eq!(labels(&o)["openshift.io/cluster-monitoring"], "true");
         assert!(labels(&v).get("openshift.io/cluster-monitoring").is_none());
-        // Everything else is the same.
-        assert_eq!(v.len(), o.len());
+        // Everything else is the same, but OpenShift's CAA may use the privileged SCC.
+        assert_eq!(v.len() + 2, o.len());
+        let scc = find(&o, "ClusterRole", "sandboxd-caa-scc");
+        assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
+        assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
+        assert!(
+            v.iter()
+                .all(|d| d["metadata"]["name"] != "sandboxd-caa-scc")
+        );
     }
 
     #[test]
@@ -678,6 +718,28 @@ mod tests {
                     && e["value"] == "registry.example/sandboxd:1")
         );
         find(&docs, "Namespace", "other");
+    }
+
+    #[test]
+    fn development_endpoint_flags_reach_only_the_operators_command_line() {
+        let mut docs = render(Platform::Vanilla, DEFAULT_NAMESPACE, None).unwrap();
+        let azure = crate::cloud::azure::EndpointArgs::development("http://10.0.0.1:8080/");
+        add_operator_args(&mut docs, &azure.to_args());
+        let d = find(&docs, "Deployment", OPERATOR_DEPLOYMENT);
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(
+            args[args.len() - 2..],
+            ["--dev-arm-endpoint", "http://10.0.0.1:8080/"]
+        );
+        assert_eq!(args[0], "operator");
+        let text = serde_json::to_string(&docs).unwrap();
+        assert_eq!(text.matches("10.0.0.1:8080").count(), 1, "{text}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 /// The agent service.
 pub const AGENT_SERVICE: &str = "grpc.AgentService";
 /// kata's health service.
-pub const HEALTH_SERVICE: &str = crate::protocol::health::SERVICE;
+pub const HEALTH_SERVICE: &str = crate::protocol::health_wire::SERVICE;
 
 /// `grpc.AgentService` methods the stand-in answers.
 pub const METHODS: &[&str] = &[
@@ -33,7 +33,7 @@ pub const METHODS: &[&str] = &[
 ];
 
 /// `HealthCheckResponse.ServingStatus.SERVING` of kata's health.proto.
-pub const SERVING: u64 = crate::protocol::health::SERVING;
+pub const SERVING: u64 = crate::protocol::health_wire::SERVING;
 
 /// The `grpc.Health/Check` answer: `HealthCheckResponse{status = SERVING}` (field 1, varint).
 pub const HEALTH_SERVING: &[u8] = &[0x08, SERVING as u8];
@@ -59,7 +59,7 @@ pub fn check_request(service: &str) -> Vec<u8> {
 
 /// The `status` (field 1, varint) of a `HealthCheckResponse` payload; 0 (UNKNOWN) when absent.
 pub fn health_status(payload: &[u8]) -> Option<u64> {
-    crate::protocol::health::status(payload)
+    crate::protocol::health_wire::status(payload)
 }
 
 /// `VersionCheckResponse{grpc_version = 1, agent_version = 2}` of the stand-in.

@@ -11,6 +11,7 @@ use base64::Engine;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use super::network::HostNetwork;
 use super::{Error, io};
 use crate::pki::{Ca, CertKey, Usage};
 
@@ -144,16 +145,41 @@ pub struct Plan {
     pub scheduler: Vec<String>,
 }
 
+/// The file in the control plane directory that holds its host network slot
+/// ([`HostNetwork::for_slot`]), when it has one.
+pub const NETWORK_SLOT: &str = "network.slot";
+
+/// The cluster CA's private key in the control plane directory (for the node's certificates).
+pub const CA_KEY: &str = "ca.key";
+
 /// The kubeconfig file the controller manager and scheduler read (an admin kubeconfig).
 pub const COMPONENTS_KUBECONFIG: &str = "components.kubeconfig";
 
 /// Plans a control plane in `dir` on `ports`, with a fresh in-memory CA called `ca_name`.
 /// etcd runs without fsync (throw-away data), API priority and fairness is off and the
 /// in-flight limits are high, because tests and demos drive many requests from one client.
-pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
+pub fn plan(
+    dir: &Path,
+    ca_name: &str,
+    ports: Ports,
+    net: Option<&HostNetwork>,
+) -> Result<Plan, Error> {
     let pki = |e: crate::pki::Error| Error::Pki(e.to_string());
     let validity = time::Duration::days(2);
     let ca = Ca::new(ca_name, validity).map_err(pki)?;
+    // Without a host network (not root): loopback only, and the historical Service CIDR.
+    let (address, service_cidr, first_service_ip) = match net {
+        Some(n) => (
+            n.host_ip.to_string(),
+            n.service_cidr.clone(),
+            n.first_service_ip.to_string(),
+        ),
+        None => (
+            "127.0.0.1".into(),
+            "10.96.0.0/16".into(),
+            "10.96.0.1".into(),
+        ),
+    };
     let serving = ca
         .issue(
             "kube-apiserver",
@@ -165,9 +191,20 @@ pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
                 "kubernetes.default",
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
-                "10.96.0.1",
+                &address,
+                &first_service_ip,
             ],
             Usage::Server,
+            validity,
+        )
+        .map_err(pki)?;
+    // The API server's client certificate towards kubelets (logs, exec, port-forward).
+    let kubelet_client = ca
+        .issue(
+            "kube-apiserver-kubelet-client",
+            &["system:masters"],
+            &[],
+            Usage::Client,
             validity,
         )
         .map_err(pki)?;
@@ -182,7 +219,7 @@ pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
         .map_err(pki)?;
     let (sa_key, sa_pub) = crate::pki::key_pair_pem().map_err(pki)?;
     let ca_pem = ca.cert_pem();
-    let server = format!("https://127.0.0.1:{}", ports.apiserver);
+    let server = format!("https://{address}:{}", ports.apiserver);
     let p = |n: &str| dir.join(n).display().to_string();
     let etcd = format!("http://127.0.0.1:{}", ports.etcd);
     let peer = format!("http://127.0.0.1:{}", ports.etcd_peer);
@@ -199,8 +236,8 @@ pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
     ];
     let apiserver = vec![
         format!("--etcd-servers={etcd}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
+        format!("--bind-address={address}"),
+        format!("--advertise-address={address}"),
         format!("--secure-port={}", ports.apiserver),
         format!("--cert-dir={}", p("apiserver-certs")),
         format!("--tls-cert-file={}", p("apiserver.crt")),
@@ -209,8 +246,13 @@ pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
-        "--service-cluster-ip-range=10.96.0.0/16".into(),
-        "--authorization-mode=RBAC".into(),
+        format!("--service-cluster-ip-range={service_cidr}"),
+        // Node authorization and NodeRestriction: a real kubelet gets exactly its own rights.
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        format!("--kubelet-client-certificate={}", p("kubelet-client.crt")),
+        format!("--kubelet-client-key={}", p("kubelet-client.key")),
+        format!("--kubelet-certificate-authority={}", p("ca.crt")),
         "--allow-privileged=true".into(),
         "--profiling=false".into(),
         "--enable-priority-and-fairness=false".into(),
@@ -247,6 +289,11 @@ pub fn plan(dir: &Path, ca_name: &str, ports: Ports) -> Result<Plan, Error> {
     Ok(Plan {
         files: vec![
             ("ca.crt", ca_pem.clone()),
+            // The CA's key stays with the control plane's throw-away directory, so a node
+            // started later gets its kubelet and kube-proxy certificates from it.
+            (CA_KEY, ca.cert_key().key_pem),
+            ("kubelet-client.crt", kubelet_client.cert_pem),
+            ("kubelet-client.key", kubelet_client.key_pem),
             ("apiserver.crt", serving.cert_pem),
             ("apiserver.key", serving.key_pem),
             ("sa.key", sa_key),
@@ -286,15 +333,41 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
     let bin = find_binaries(args.bin.as_deref())?;
     let dir = &args.dir;
     std::fs::create_dir_all(dir.join("etcd")).map_err(|e| io("creating --dir", e))?;
-    let plan = plan(dir, "sandboxd-demo-ca", Ports::free()?)?;
+    // As root: a host network slot (a port-less bridge for the API server's address and a
+    // dead end for the Service CIDR), released when the control plane stops.
+    let net = if super::network::can_configure() {
+        Some(HostNetwork::allocate()?)
+    } else {
+        println!("not root: the control plane stays on loopback (no node can join it)");
+        None
+    };
+    let result = run_with(dir, &bin, net.as_ref(), started, shutdown).await;
+    if let Some(n) = &net {
+        n.release();
+    }
+    result
+}
+
+async fn run_with(
+    dir: &Path,
+    bin: &Path,
+    net: Option<&HostNetwork>,
+    started: Instant,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let plan = plan(dir, "sandboxd-demo-ca", Ports::free()?, net)?;
     for (name, text) in &plan.files {
         std::fs::write(dir.join(name), text).map_err(|e| io(&format!("writing {name}"), e))?;
     }
+    if let Some(n) = net {
+        std::fs::write(dir.join(NETWORK_SLOT), n.slot.to_string())
+            .map_err(|e| io("writing the network slot", e))?;
+    }
     let mut children: Vec<(&str, Child)> = Vec::new();
-    children.push(("etcd", spawn(dir, &bin, "etcd", &plan.etcd)?));
+    children.push(("etcd", spawn(dir, bin, "etcd", &plan.etcd)?));
     children.push((
         "kube-apiserver",
-        spawn(dir, &bin, "kube-apiserver", &plan.apiserver)?,
+        spawn(dir, bin, "kube-apiserver", &plan.apiserver)?,
     ));
     let yaml = kubeconfig_yaml(&plan.server, &plan.ca_pem, UserAuth::Cert(&plan.admin));
     wait_ready(&yaml, &mut children, Duration::from_secs(90)).await?;
@@ -302,14 +375,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Error> {
         "kube-controller-manager",
         spawn(
             dir,
-            &bin,
+            bin,
             "kube-controller-manager",
             &plan.controller_manager,
         )?,
     ));
     children.push((
         "kube-scheduler",
-        spawn(dir, &bin, "kube-scheduler", &plan.scheduler)?,
+        spawn(dir, bin, "kube-scheduler", &plan.scheduler)?,
     ));
     // Written under a temporary name and renamed: whoever waits for the file sees it whole.
     let kubeconfig = dir.join("admin.kubeconfig");
@@ -418,8 +491,16 @@ mod tests {
             controller_manager: 4,
             scheduler: 5,
         };
-        let plan = plan(dir, "t", ports).unwrap();
-        assert_eq!(plan.server, "https://127.0.0.1:3");
+        let plan = plan(dir, "t", ports, Some(&HostNetwork::for_slot(3))).unwrap();
+        assert_eq!(plan.server, "https://10.201.3.1:3");
+        assert!(
+            plan.apiserver
+                .contains(&"--advertise-address=10.201.3.1".to_string())
+        );
+        assert!(
+            plan.apiserver
+                .contains(&"--service-cluster-ip-range=10.96.48.0/20".to_string())
+        );
         let written: Vec<String> = plan.files.iter().map(|(n, _)| format!("/cp/{n}")).collect();
         for arg in plan
             .etcd
@@ -448,7 +529,7 @@ mod tests {
         let k = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
         assert_eq!(
             k.clusters[0].cluster.as_ref().unwrap().server.as_deref(),
-            Some("https://127.0.0.1:3")
+            Some("https://10.201.3.1:3")
         );
     }
 

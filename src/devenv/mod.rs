@@ -6,6 +6,9 @@
 pub mod agent;
 pub mod control_plane;
 pub mod kubelet;
+pub mod network;
+pub mod node;
+pub mod systemd;
 
 /// Errors of the developer environment.
 #[derive(Debug, thiserror::Error)]

@@ -110,7 +110,49 @@ struct WriteFile {
     encoding: Option<String>,
 }
 
+/// Registry credentials in the VM (a container `auth.json`), as CAA writes them from the
+/// pod's pull secrets; `sandboxd agent` reads them at each pull.
+pub const AUTH_PATH: &str = "/run/peerpod/auth.json";
+
+/// The files of a `#cloud-config` for the VM besides `apf.json`: those init writes for the
+/// agent ([`AUTH_PATH`]). Anything else is ignored.
+pub fn extra_files(text: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let t = text.trim_start();
+    if !t.starts_with("#cloud-config") {
+        return Ok(Vec::new());
+    }
+    let cc: CloudConfig =
+        serde_saphyr::from_str(t).map_err(|e| Error::Config(format!("user data: {e}")))?;
+    let mut out = Vec::new();
+    for f in cc.write_files.into_iter().filter(|f| f.path == AUTH_PATH) {
+        let data = match f.encoding.as_deref() {
+            None | Some("text/plain") => f.content.into_bytes(),
+            Some("b64" | "base64") => base64::engine::general_purpose::STANDARD
+                .decode(f.content.trim())
+                .map_err(|e| Error::Config(format!("{}: not valid base64: {e}", f.path)))?,
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "{}: unsupported write_files encoding {other:?}",
+                    f.path
+                )));
+            }
+        };
+        out.push((f.path, data));
+    }
+    Ok(out)
+}
+
 impl Config {
+    /// The `#cloud-config` document that delivers this config and registry credentials
+    /// (an `auth.json`) with it.
+    pub fn to_user_data_with_auth(&self, auth_json: &str) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(auth_json);
+        format!(
+            "{}- path: {AUTH_PATH}\n  permissions: '0600'\n  encoding: b64\n  content: {b64}\n",
+            self.to_user_data()
+        )
+    }
+
     /// Parses JSON or a `#cloud-config` document carrying `apf.json`.
     pub fn from_user_data(text: &str) -> Result<Self, Error> {
         let bad = |m: String| Error::Config(m);
@@ -298,5 +340,18 @@ mod tests {
         assert!(!e.contains("secret-not-pem"), "secret value leaked: {e}");
         assert!(Config::from_user_data("hello").is_err());
         assert!(Config::from_user_data("#cloud-config\nwrite_files: []\n").is_err());
+    }
+
+    #[test]
+    fn registry_credentials_travel_beside_apf_json_and_nothing_else_is_written() {
+        let c = Config::default();
+        let text = c.to_user_data_with_auth(r#"{"auths":{"r:5000":{"auth":"dTpw"}}}"#);
+        let files = extra_files(&text).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, AUTH_PATH);
+        assert_eq!(files[0].1, br#"{"auths":{"r:5000":{"auth":"dTpw"}}}"#);
+        let other = "#cloud-config\nwrite_files:\n- path: /etc/passwd\n  content: x\n";
+        assert!(extra_files(other).unwrap().is_empty());
+        assert!(extra_files("{}").unwrap().is_empty());
     }
 }

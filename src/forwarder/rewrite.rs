@@ -137,8 +137,8 @@ mod tests {
         m.dns = vec!["nameserver 10.96.0.10".into()];
         m.sandbox_id = "abc".into();
         let mut bytes = m.write_to_bytes().unwrap();
-        // Field 4 (sandbox_pidns, not in this build's subset) = true; field 8 = true.
-        bytes.extend([0x20, 1, 0x40, 1]);
+        // Fields 50 and 51 (varints): fields no release of the protocol has.
+        bytes.extend([0x90, 0x03, 1, 0x98, 0x03, 1]);
         let out = rewrite(&request("CreateSandbox", bytes), POD_NETNS)
             .unwrap()
             .expect("rewritten");
@@ -148,7 +148,7 @@ mod tests {
         assert_eq!(back.sandbox_id, "abc");
         let raw = body(&out);
         assert!(
-            raw.ends_with(&[0x20, 1, 0x40, 1]),
+            raw.ends_with(&[0x90, 0x03, 1, 0x98, 0x03, 1]),
             "unknown fields kept: {raw:?}"
         );
         let env = ttrpc::proto::Request::parse_from_bytes(&out.payload).unwrap();
@@ -176,7 +176,7 @@ mod tests {
             ..Default::default()
         });
         let mut bytes = m.write_to_bytes().unwrap();
-        bytes.extend([0x38, 1]); // field 7 sandbox_pidns: unknown here
+        bytes.extend([0xa0, 0x06, 1]); // field 100: unknown to every release
         let out = rewrite(&request("CreateContainer", bytes), POD_NETNS)
             .unwrap()
             .unwrap();
@@ -190,7 +190,7 @@ mod tests {
             ("network", POD_NETNS)
         );
         assert_eq!(back.OCI.Version, "1.1.0");
-        assert!(raw.ends_with(&[0x38, 1]));
+        assert!(raw.ends_with(&[0xa0, 0x06, 1]));
     }
 
     #[test]

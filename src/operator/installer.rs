@@ -57,7 +57,9 @@ pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             {"name": "KATA_LOG_LEVEL", "value": spec.log_level},
                         ],
-                        "securityContext": {"privileged": true},
+                        // root: the image's user (65532) gets no capabilities from
+                        // `privileged` and cannot write the host's /etc.
+                        "securityContext": {"privileged": true, "runAsUser": 0},
                         "resources": {"requests": {"cpu": "10m", "memory": "24Mi"},
                                       "limits": {"memory": "64Mi"}},
                         "volumeMounts": [
@@ -106,6 +108,11 @@ mod tests {
             .containers[0];
         assert_eq!(c.image.as_deref(), Some("sandboxd:latest"));
         assert_eq!(c.args.as_ref().unwrap(), &["operator", "node-install"]);
+        // It edits root-owned host files: root, not the image's non-root user.
+        assert_eq!(
+            c.security_context.as_ref().and_then(|s| s.run_as_user),
+            Some(0)
+        );
         let b = desired(
             &kc,
             &InstallerSpec {

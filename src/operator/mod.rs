@@ -78,12 +78,15 @@ pub struct Options {
     pub platform: Platform,
     /// Leader election: `None` runs without it (tests, single replica).
     pub leader: Option<leader::LeaderConfig>,
-    /// Install the single-KataConfig admission policy at start.
+    /// Keep the one-KataConfig rule: a ValidatingAdmissionPolicy where the API server has
+    /// one (installed at start), else the peer pods webhook (see [`admission::detect`]).
     pub admission_policy: bool,
     /// How the peer pods webhook is rolled out.
     pub webhook: peerpods::webhook::Settings,
     /// How the pod VM image Jobs run.
     pub image_job: peerpods::image_job::Settings,
+    /// The PeerPod collector's Azure cloud and development endpoint flags.
+    pub azure: crate::cloud::azure::EndpointArgs,
 }
 
 /// Flags of `sandboxd operator`.
@@ -133,6 +136,10 @@ pub struct Args {
     /// `backoffLimit` of the pod VM image Jobs.
     #[arg(long, default_value_t = 2)]
     pub image_job_backoff_limit: i32,
+    /// The PeerPod collector's Azure cloud and development endpoint flags (command line
+    /// only: `peer-pods-cm` names at most the cloud).
+    #[command(flatten)]
+    pub azure: crate::cloud::azure::EndpointArgs,
     /// How to reach the API server.
     #[command(flatten)]
     pub kube: crate::k8s::KubeArgs,
@@ -157,7 +164,7 @@ pub enum Command {
 pub fn crds_yaml() -> String {
     crate::api::all_crds()
         .iter()
-        .map(|(_, crd)| crate::api::crd_yaml(crd))
+        .map(|(_, crd)| format!("---\n{}", crate::api::crd_yaml(crd)))
         .collect::<Vec<_>>()
         .join("")
 }
@@ -189,9 +196,20 @@ pub async fn run_operator(
     metrics: Arc<OperatorMetrics>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    if opts.admission_policy {
-        admission::ensure(&client).await.map_err(Error::Admission)?;
-    }
+    let mut opts = opts;
+    let rule = if opts.admission_policy {
+        let mechanism = admission::detect(&client).await.map_err(Error::Discovery)?;
+        match mechanism {
+            admission::Mechanism::ValidatingAdmissionPolicy => {
+                admission::ensure(&client).await.map_err(Error::Admission)?;
+            }
+            admission::Mechanism::Webhook => opts.webhook.kataconfig_singleton = true,
+        }
+        tracing::info!(mechanism = mechanism.reason(), "{}", mechanism.message());
+        Some(mechanism)
+    } else {
+        None
+    };
     let flavor = detect_flavor(&client, opts.platform).await?;
     let instance = opts
         .leader
@@ -203,8 +221,12 @@ pub async fn run_operator(
         image: opts.image.clone(),
         flavor,
         instance,
+        rule,
     };
-    let gc = peerpod_gc::Options::new(opts.namespace.clone());
+    let gc = peerpod_gc::Options {
+        azure: opts.azure.clone(),
+        ..peerpod_gc::Options::new(opts.namespace.clone())
+    };
     match opts.leader.clone() {
         None => {
             let kc = peerpods::with_kataconfig(
@@ -278,6 +300,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cert_validity: args.webhook_cert_validity,
             ca_validity: args.webhook_ca_validity,
             tls: args.webhook_tls,
+            kataconfig_singleton: false,
         },
         image_job: peerpods::image_job::Settings {
             args: match &args.image_job_args {
@@ -285,8 +308,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => peerpods::image_job::Settings::default().args,
             },
             backoff_limit: args.image_job_backoff_limit.max(0),
+            azure: args.azure.clone(),
             ..Default::default()
         },
+        azure: args.azure,
     };
     let opts = Options {
         leader: opts.leader.map(|mut l| {

@@ -39,12 +39,6 @@ pub enum Error {
     /// The cloud failed.
     #[error(transparent)]
     Cloud(#[from] crate::cloud::Error),
-    /// An endpoint key holds no URL.
-    #[error("{key}: expected a URL")]
-    Endpoint {
-        /// The key.
-        key: &'static str,
-    },
 }
 
 impl Error {
@@ -54,7 +48,6 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Config(e) => e.metric_label(),
             Error::Cloud(e) => e.metric_label(),
-            Error::Endpoint { .. } => "endpoint",
         }
     }
 }
@@ -72,6 +65,9 @@ pub struct Options {
     pub every: Duration,
     /// Fastest LRO polling interval.
     pub min_poll: Duration,
+    /// The operator's `--azure-cloud` and development endpoint flags (command line only;
+    /// `peer-pods-cm` names at most the cloud).
+    pub azure: crate::cloud::azure::EndpointArgs,
 }
 
 impl Options {
@@ -83,6 +79,7 @@ impl Options {
             node_grace: Duration::from_secs(120),
             every: Duration::from_secs(30),
             min_poll: Duration::from_secs(1),
+            azure: Default::default(),
         }
     }
 }
@@ -106,11 +103,6 @@ pub struct Collector {
     orphan_since: HashMap<String, Instant>,
 }
 
-/// The ARM endpoints a `peer-pods-cm` may point elsewhere (sovereign clouds, the ARM test
-/// server); the same keys CAA reads from its environment.
-const ARM_ENDPOINT_KEY: &str = "AZURE_RESOURCE_MANAGER_ENDPOINT";
-const AUTHORITY_KEY: &str = "AZURE_AUTHORITY_HOST";
-
 fn fingerprint(map: &BTreeMap<String, String>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -122,6 +114,7 @@ fn fingerprint(map: &BTreeMap<String, String>) -> u64 {
 /// collector cannot drive.
 pub fn provider_from_map(
     map: &BTreeMap<String, String>,
+    azure: &crate::cloud::azure::EndpointArgs,
     min_poll: Duration,
 ) -> Result<Option<Arc<dyn Provider>>, Error> {
     let cfg = PeerPodsConfig::from_map(map)?;
@@ -131,15 +124,7 @@ pub fn provider_from_map(
             let Some(az) = cfg.azure else {
                 return Ok(None);
             };
-            let mut endpoints = crate::cloud::azure::Endpoints::default();
-            for (key, slot) in [
-                (ARM_ENDPOINT_KEY, &mut endpoints.arm),
-                (AUTHORITY_KEY, &mut endpoints.authority),
-            ] {
-                if let Some(v) = map.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-                    *slot = url::Url::parse(v).map_err(|_| Error::Endpoint { key })?;
-                }
-            }
+            let endpoints = azure.resolve(Some(cfg.azure_cloud));
             let p = crate::cloud::azure::AzureProvider::new(
                 &secret.subscription_id,
                 &secret.credentials,
@@ -194,7 +179,7 @@ impl Collector {
         {
             return Ok(Some(p.clone()));
         }
-        let p = provider_from_map(&map, self.opts.min_poll)?;
+        let p = provider_from_map(&map, &self.opts.azure, self.opts.min_poll)?;
         self.provider = p.clone().map(|p| (fp, p));
         Ok(p)
     }
@@ -403,8 +388,8 @@ mod tests {
                 "AZURE_SUBSCRIPTION_ID",
                 "11111111-2222-3333-4444-555555555555",
             ),
-            ("AZURE_CLIENT_ID", "app"),
-            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
+            ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
             ("AZURE_CLIENT_SECRET", "hunter2-secret"),
         ])
     }
@@ -412,25 +397,30 @@ mod tests {
     #[test]
     fn a_valid_azure_map_gives_a_provider_and_a_bad_one_names_the_key_not_the_secret() {
         assert!(
-            provider_from_map(&azure(), Duration::from_secs(1))
+            provider_from_map(&azure(), &Default::default(), Duration::from_secs(1))
                 .unwrap()
                 .is_some()
         );
         let mut bad = azure();
         bad.remove("AZURE_REGION");
-        let e = provider_from_map(&bad, Duration::from_secs(1))
+        let e = provider_from_map(&bad, &Default::default(), Duration::from_secs(1))
             .err()
             .expect("missing region is an error")
             .to_string();
         assert!(e.contains("AZURE_REGION"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
         let mut bad = azure();
-        bad.insert(ARM_ENDPOINT_KEY.into(), "not a url".into());
-        let e = provider_from_map(&bad, Duration::from_secs(1))
+        // A configmap cannot send the credentials elsewhere: the key is refused.
+        bad.insert(
+            "AZURE_RESOURCE_MANAGER_ENDPOINT".into(),
+            "https://evil.example/".into(),
+        );
+        let e = provider_from_map(&bad, &Default::default(), Duration::from_secs(1))
             .err()
             .expect("bad endpoint")
             .to_string();
-        assert!(e.contains(ARM_ENDPOINT_KEY), "{e}");
+        assert!(e.contains("AZURE_RESOURCE_MANAGER_ENDPOINT"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

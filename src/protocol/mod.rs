@@ -32,8 +32,9 @@ pub mod methods {
 }
 
 /// kata's health service (`grpc.Health`, health.proto) as CAA calls it through the forwarder
-/// for readiness `agent`.
-pub mod health {
+/// for readiness `agent`: the names and a reader of the one field it needs, for a relay
+/// that handles raw frames (the generated messages are in [`health`]).
+pub mod health_wire {
     /// The service.
     pub const SERVICE: &str = "grpc.Health";
     /// Its check method.

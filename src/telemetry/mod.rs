@@ -1,5 +1,6 @@
 //! Logging, metrics and the health/metrics HTTP server shared by every daemon.
 
+pub mod redact;
 mod server;
 
 pub use server::{Readiness, ReadyFlag, bind, router, serve};
@@ -123,8 +124,35 @@ impl LogArgs {
     }
 }
 
-/// Installs the global logger. Logs go to stderr so stdout stays free for command output.
+/// Where log lines go: a duplicate of stderr taken when the logger is installed, on a high
+/// descriptor. A child cloned without `exec` (libcontainer preparing a container in
+/// `sandboxd agent`) keeps logging to the agent's stderr this way, not into the container's
+/// stderr that it has put on descriptor 2 by then.
+static LOG_FILE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+fn log_writer() -> Box<dyn std::io::Write> {
+    match LOG_FILE.get() {
+        Some(f) => Box::new(f),
+        None => Box::new(std::io::stderr()),
+    }
+}
+
+fn duplicate_stderr() -> Option<std::fs::File> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let fd = fcntl(std::io::stderr(), FcntlArg::F_DUPFD_CLOEXEC(512)).ok()?;
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else owns it.
+    #[allow(unsafe_code)]
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Installs the global logger. Logs go to stderr so stdout stays free for command output,
+/// every line through [`redact::redact`] (no token, client secret, storage key or SAS at
+/// any level).
 pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
+    if let Some(f) = duplicate_stderr() {
+        let _ = LOG_FILE.set(f);
+    }
     let (targets, env) = match args.filter()? {
         LogFilter::Targets(t) => (Some(t), None),
         LogFilter::Env(e) => (None, Some(e)),
@@ -134,7 +162,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(redact::RedactingMakeWriter(log_writer))
                     .with_target(true),
             )
             .try_init(),
@@ -144,7 +172,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(redact::RedactingMakeWriter(log_writer)),
             )
             .try_init(),
     };

@@ -13,6 +13,7 @@ mod pod;
 pub mod policy;
 pub mod quantity;
 pub mod review;
+pub mod singleton;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -153,7 +154,7 @@ struct AppState {
     webhook: Webhook,
 }
 
-/// The webhook's routes (`POST /mutate-v1-pod`) merged with `/healthz`, `/livez`,
+/// The webhook's routes (`POST /mutate-v1-pod`, `POST /validate-kataconfig/{name}`) merged with `/healthz`, `/livez`,
 /// `/readyz` and `/metrics`. Tests call it directly with JSON bodies.
 pub fn router(
     webhook: Webhook,
@@ -163,6 +164,10 @@ pub fn router(
 ) -> Router {
     Router::new()
         .route(manifest::MUTATE_PATH, post(mutate_pod))
+        .route(
+            &format!("{}/{{active}}", singleton::PATH_PREFIX),
+            post(validate_kataconfig),
+        )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(AppState { webhook })
         .merge(crate::telemetry::router(registry, readiness))
@@ -171,6 +176,27 @@ pub fn router(
 async fn mutate_pod(State(state): State<AppState>, body: Bytes) -> Response {
     match state.webhook.review(&body) {
         Ok(review) => axum::Json(review).into_response(),
+        Err(e) => {
+            state.webhook.metrics().error(e.metric_label());
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+/// The one-KataConfig rule on clusters without ValidatingAdmissionPolicy (see
+/// [`singleton`]): `active` is the KataConfig in force, from the path.
+async fn validate_kataconfig(
+    State(state): State<AppState>,
+    Path(active): Path<String>,
+    body: Bytes,
+) -> Response {
+    match singleton::review(&active, &body) {
+        Ok(review) => {
+            if review["response"]["allowed"] == false {
+                tracing::info!(active, "refused a second KataConfig");
+            }
+            axum::Json(review).into_response()
+        }
         Err(e) => {
             state.webhook.metrics().error(e.metric_label());
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()

@@ -59,7 +59,7 @@ pub async fn arm_server_subcommand(_env: Env) -> Result<()> {
         .find_map(|l| l.strip_prefix("AZURE_IMAGE_ID="))
         .context("AZURE_IMAGE_ID printed")?
         .to_string();
-    assert!(text.contains(&format!("AZURE_RESOURCE_MANAGER_ENDPOINT={base}")));
+    assert!(text.contains(&format!("DEV_ARM_ENDPOINT={base}")));
     let provider = super::provider_at(&base, seeded)?;
     let vm = provider
         .create(&VmSpec {

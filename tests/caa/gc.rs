@@ -109,6 +109,8 @@ async fn start_gc(env: &Env, s: &Setup) -> Result<tokio_util::sync::DropGuard> {
         node_grace: Duration::from_secs(2),
         every: Duration::from_millis(500),
         min_poll: Duration::from_millis(20),
+        // The operator's command-line flag: the ARM test server is a development endpoint.
+        azure: sandboxd::cloud::azure::EndpointArgs::development(&s.arm_base),
     };
     tokio::spawn(peerpod_gc::run(client, opts, stop.clone()));
     Ok(stop.drop_guard())

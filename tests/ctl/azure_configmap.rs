@@ -160,8 +160,9 @@ pub async fn ctl(env: &Env, arm: Option<&Arm>, args: &[&str]) -> Result<Run> {
         }
     }
     if let Some(arm) = arm {
-        cmd.env("AZURE_RESOURCE_MANAGER_ENDPOINT", &arm.base)
-            .env("AZURE_AUTHORITY_HOST", &arm.base);
+        // A development endpoint is a command-line flag, never the environment or the
+        // configmap.
+        cmd.arg("--dev-arm-endpoint").arg(&arm.base);
     }
     let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
@@ -297,13 +298,21 @@ async fn discovers(env: Env) -> Result<()> {
         ("AZURE_RESOURCE_GROUP", "ocp-7x2k-rg"),
         ("AZURE_SUBNET_ID", subnet.as_str()),
         ("AZURE_NSG_ID", nsg.as_str()),
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", arm.base.as_str()),
     ] {
         ensure!(
             get(&cm, k) == v,
             "{k}: {} != {v}\n{cm:#?}\n{run}",
             get(&cm, k)
         );
+    }
+    // The development endpoint stays on the command line: nothing in the configmap points
+    // CAA (and its credentials) anywhere but an Azure cloud.
+    for key in [
+        "AZURE_RESOURCE_MANAGER_ENDPOINT",
+        "AZURE_AUTHORITY_HOST",
+        "AZURE_CLOUD",
+    ] {
+        ensure!(!cm.contains_key(key), "{key} written\n{cm:#?}");
     }
     // The shared validator accepts what was written.
     sandboxd::config::PeerPodsConfig::from_map(&cm)?;

@@ -248,7 +248,6 @@ async fn prepared_with_webhook(env: &Env, client: &Client) -> Result<()> {
                 "AZURE_INSTANCE_SIZES": "Standard_B2als_v2,Standard_D2as_v5",
                 "AZURE_SUBNET_ID": subnet, "AZURE_NSG_ID": nsg, "AZURE_IMAGE_ID": "",
                 "AZURE_REGION": "eastus", "AZURE_RESOURCE_GROUP": "ocp-pr-rg",
-                "AZURE_RESOURCE_MANAGER_ENDPOINT": arm.base, "AZURE_AUTHORITY_HOST": arm.base,
             }
         }))?,
     )
@@ -356,7 +355,7 @@ async fn prepared_with_webhook(env: &Env, client: &Client) -> Result<()> {
         "doctor to see the webhook mutate its probe",
         Duration::from_secs(30),
         || async {
-            let run = ctl(env, None, &args).await?;
+            let run = ctl(env, Some(&arm), &args).await?;
             let all = findings(&run.stdout)?;
             Ok(
                 has(&all, "webhook", "ok", "came back with kata.peerpods.io/vm")

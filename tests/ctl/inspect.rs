@@ -172,6 +172,7 @@ async fn status(env: Env) -> Result<()> {
                 name: env.name.clone(),
                 cp: env.cp,
                 ns: env_ns.clone(),
+                node: None,
             };
             tokio::spawn(async move {
                 ctl(

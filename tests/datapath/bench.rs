@@ -64,7 +64,7 @@ async fn large_throughput(socket: &std::path::Path, log: &super::agent::Log) -> 
 async fn tls_echo_throughput(pki: &sandboxd::caa::relay::Pki) -> Result<f64> {
     let vm = "podvm-bench-0";
     let server = pki.server_cert(vm)?;
-    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, pki.ca_pem())?;
+    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, &pki.ca_pem())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let echo = tokio::spawn(async move {
@@ -110,7 +110,7 @@ async fn tls_tunnel(
     const BUF: usize = 64 << 10;
     let vm = "podvm-tunnel-0";
     let server = pki.server_cert(vm)?;
-    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, pki.ca_pem())?;
+    let cfg = tls::server_config(&server.cert_pem, &server.key_pem, &pki.ca_pem())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let agent = agent.to_path_buf();

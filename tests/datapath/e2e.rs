@@ -41,6 +41,11 @@ pub fn cases() -> Vec<Case> {
         )
         .skip_if(root_skip()),
         Case::cluster_exclusive(
+            "datapath::through_caas_relay_sandboxd_agent_in_a_local_pod_vm_runs_containers_in_the_pod_network",
+            agent_through_relay,
+        )
+        .skip_if(root_skip().or_else(crate::agent::host::skip_reason)),
+        Case::cluster_exclusive(
             "datapath::two_local_pod_vms_at_once_each_answer_on_their_own_pod_ip_and_agent",
             two_vms,
         )
@@ -298,9 +303,9 @@ impl CaaProc {
                 &Patch::Apply(&secret(
                     "peer-pods-secret",
                     &[
-                        ("AZURE_CLIENT_ID", "app"),
+                        ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
                         ("AZURE_CLIENT_SECRET", "s3cret"),
-                        ("AZURE_TENANT_ID", "tenant"),
+                        ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
                         (
                             "AZURE_SUBSCRIPTION_ID",
                             "00000000-0000-0000-0000-00000000d901",
@@ -735,6 +740,144 @@ async fn lifecycle_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
     stop_vm(&hv, &vm.id).await?;
     assert_vm_gone(env, &vm, Some(pid)).await?;
     assert_links_gone(n).await
+}
+
+/// The peer-pod sequence through CAA's agent socket: CAA's relay, mutual TLS, the forwarder
+/// (which rewrites CreateContainer into the pod network namespace) and `sandboxd agent`
+/// running inside the local pod VM's namespaces; a container answers on the pod IP.
+async fn agent_through_relay(env: Env) -> Result<()> {
+    let (caa, n) = CaaProc::deploy(&env, local_config(&[]), &[], 1, NODE_IP, true).await?;
+    let r = agent_through_relay_on(&env, &caa, &n).await;
+    finish(caa, n, r).await
+}
+
+async fn agent_through_relay_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
+    use crate::agent::host::{HostAgent, busybox_rootfs};
+    use crate::agent::sequence::{self, Rootfs, Setup};
+    let hv = caa.hypervisor().await?;
+    let vm = create_vm(env, caa, &hv, "app", "a1b2c3d4e5f60718", &pod_netns(0)).await?;
+    // Readiness `agent`: StartVM answers once the agent in the VM does, so `sandboxd agent`
+    // starts inside the VM as soon as the VM exists.
+    let dir = vm.vm_dir.clone();
+    let starting = tokio::spawn(async move {
+        let rec = dir.join("vm.json");
+        harness::eventually("the VM", Duration::from_secs(60), || {
+            let rec = rec.clone();
+            async move { Ok(rec.exists().then_some(())) }
+        })
+        .await?;
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
+        let pid = v["pid"].as_i64().context("pid")? as i32;
+        HostAgent::start_in(
+            "dp-agent",
+            &[],
+            Some((pid, dir.join("run/kata-containers/agent.sock"))),
+        )
+        .await
+    });
+    if let Err(e) = start_vm(&hv, &vm.id).await {
+        starting.abort();
+        return Err(e);
+    }
+    let agent = starting.await??;
+    let pid = vm.pid()?;
+    let rootfs = agent.root.join("busybox-rootfs");
+    busybox_rootfs(&rootfs)?;
+    let setup = Setup {
+        base: agent.root.join("kata").display().to_string(),
+        rootfs: Rootfs::Path(rootfs.display().to_string()),
+        cgroup_prefix: agent.cgroup_prefix.clone(),
+        oom: false,
+        pause: crate::agent::host::agent_binary().1,
+    };
+    let relay = vm.agent_socket.clone();
+    let connect = || {
+        let s = relay.clone();
+        async move { Ok(tokio::net::UnixStream::connect(&s).await?) }
+    };
+    if let Err(e) = sequence::run(&setup, connect).await {
+        anyhow::bail!("{e:#}\nagent log:\n{}", agent.process.log_tail(40));
+    }
+    // A container in the pod network namespace answers on the pod IP from the node.
+    {
+        use protobuf::well_known_types::empty::Empty;
+        use sandboxd::protocol::agent::*;
+        let mut w = crate::agent::client::Wire::new(connect().await?);
+        let _: Empty = w
+            .ok(
+                "/grpc.AgentService/CreateSandbox",
+                &CreateSandboxRequest {
+                    sandbox_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let spec = sequence::spec(
+            &setup,
+            "web",
+            &[
+                "sh",
+                "-c",
+                "while true; do echo served-by-container | nc -l -p 8080; done",
+            ],
+            false,
+        );
+        let _: Empty = w
+            .ok(
+                "/grpc.AgentService/CreateContainer",
+                &sequence::create_request(&setup, "web", spec, false),
+            )
+            .await?;
+        let _: Empty = w
+            .ok(
+                "/grpc.AgentService/StartContainer",
+                &StartContainerRequest {
+                    container_id: "web".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let node = n.node.clone();
+        let ip = pod_ip(0);
+        let got = in_netns(&node, move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                use std::io::Read;
+                if let Ok(mut c) =
+                    std::net::TcpStream::connect_timeout(&(ip, 8080).into(), Duration::from_secs(2))
+                {
+                    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut buf = [0u8; 64];
+                    if let Ok(k) = c.read(&mut buf)
+                        && k > 0
+                    {
+                        return Ok(String::from_utf8_lossy(&buf[..k]).into_owned());
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!("nothing answered on {ip}:8080");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+        ensure!(
+            got.trim() == "served-by-container",
+            "answer from the pod IP: {got:?}"
+        );
+        let _: Empty = w
+            .ok(
+                "/grpc.AgentService/DestroySandbox",
+                &DestroySandboxRequest::new(),
+            )
+            .await?;
+    }
+    let left = agent.leftovers();
+    ensure!(left.is_empty(), "left behind in the VM: {left:?}");
+    drop(agent);
+    stop_vm(&hv, &vm.id).await?;
+    assert_vm_gone(env, &vm, Some(pid)).await
 }
 
 async fn two_vms(env: Env) -> Result<()> {
@@ -1182,12 +1325,16 @@ async fn azure_local_vms_on(env: &Env, caa: &mut CaaProc, n: &Net) -> Result<()>
         Ok(arm_inspect(addr, "/armtest/vms").await.ok().map(|_| ()))
     })
     .await?;
-    // The development endpoints of the ARM test server (never part of a deployment) and a
-    // faster polling floor.
+    // The ARM test server through CAA's development flags (command line only, never part of
+    // a deployment: no ConfigMap or environment can point CAA elsewhere) and a faster
+    // polling floor.
     let base = format!("http://{addr}/");
-    caa.extra
-        .push(("AZURE_RESOURCE_MANAGER_ENDPOINT", base.clone()));
-    caa.extra.push(("AZURE_AUTHORITY_HOST", base));
+    caa.launch.argv.extend([
+        "--dev-arm-endpoint".to_string(),
+        base.clone(),
+        "--dev-authority-host".to_string(),
+        base,
+    ]);
     caa.extra.push(("CAA_MIN_POLL_MS", "20".into()));
     caa.spawn().await?;
     let hv = caa.hypervisor().await?;

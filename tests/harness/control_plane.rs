@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use sandboxd::devenv::control_plane as plan;
+use sandboxd::devenv::network::{self, HostNetwork};
 use sandboxd::pki::CertKey;
 
 use super::process::{Process, free_port, run_dir};
@@ -42,6 +43,8 @@ pub struct ControlPlane {
     pub ca_pem: String,
     /// Working directory (certificates, etcd data, logs).
     pub dir: PathBuf,
+    /// The host network slot (root only): bridge, addresses, Service and pod CIDRs.
+    pub net: Option<HostNetwork>,
     // Stopped in reverse start order by `stop` and Drop.
     processes: std::sync::Mutex<Vec<Process>>,
 }
@@ -104,13 +107,36 @@ impl ControlPlane {
     /// Starts etcd and the API server (and the optional components), returning once
     /// `/readyz` answers ok.
     pub fn start(options: Options) -> Result<Self> {
+        Self::start_with(options, &[])
+    }
+
+    /// [`ControlPlane::start`] with `apiserver_args` added to kube-apiserver's (e.g. a
+    /// `--runtime-config` that turns an API off, for a second, separate control plane).
+    pub fn start_with(options: Options, apiserver_args: &[&str]) -> Result<Self> {
         let started = Instant::now();
         let bin = binaries()?;
         let dir = run_dir().join(format!("cp-{}", free_port()));
         fs::create_dir_all(dir.join("etcd"))?;
-        let plan = plan::plan(&dir, "sandboxd-test-ca", plan::Ports::free()?)?;
+        // As root, every control plane gets its host network slot: the API server binds and
+        // advertises a bridge address, and its Service CIDR is routed into a dead end on
+        // this machine (a webhook registered by Service can never make it dial elsewhere).
+        let net = if network::can_configure() {
+            Some(HostNetwork::allocate().context("allocating the host network")?)
+        } else {
+            eprintln!(
+                "harness: not root: the control plane stays on loopback; the Service CIDR is not \
+                 routed into a dead end and no node can join"
+            );
+            None
+        };
+        let mut plan = plan::plan(&dir, "sandboxd-test-ca", plan::Ports::free()?, net.as_ref())?;
+        plan.apiserver
+            .extend(apiserver_args.iter().map(|a| a.to_string()));
         for (name, content) in &plan.files {
             write(&dir.join(name), content)?;
+        }
+        if let Some(n) = &net {
+            write(&dir.join(plan::NETWORK_SLOT), &n.slot.to_string())?;
         }
         let processes = vec![
             Process::start("etcd", &bin.join("etcd"), &plan.etcd, &[])?,
@@ -131,6 +157,7 @@ impl ControlPlane {
             kubeconfig_path,
             ca_pem: plan.ca_pem,
             dir: dir.clone(),
+            net,
             processes: std::sync::Mutex::new(processes),
         };
         cp.wait_ready(Duration::from_secs(90))?;
@@ -208,6 +235,9 @@ impl ControlPlane {
         let mut processes = self.processes.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(mut p) = processes.pop() {
             p.stop(Duration::from_secs(5));
+        }
+        if let Some(n) = &self.net {
+            n.release();
         }
     }
 }

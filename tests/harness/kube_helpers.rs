@@ -193,6 +193,68 @@ pub async fn set_pod_phase(
 /// A client acting as ServiceAccount `ns/name` (created if missing), with a token from the
 /// TokenRequest API: what the component gets when deployed with that account.
 pub async fn service_account_client(cp: &ControlPlane, ns: &str, name: &str) -> Result<Client> {
+    client_from_yaml(&service_account_kubeconfig(cp, ns, name).await?).await
+}
+
+/// A client of ServiceAccount `ns/name` whose token is bound to a pod on `node`, as a
+/// DaemonSet pod's projected token is: the API server puts the node's name in the token
+/// (`authentication.kubernetes.io/node-name`). The pod (named `<name>-<node>`, never run)
+/// is created when missing.
+pub async fn pod_bound_service_account_client(
+    cp: &ControlPlane,
+    ns: &str,
+    name: &str,
+    node: &str,
+) -> Result<Client> {
+    let admin = cp.admin_client().await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    if sas.get_opt(name).await?.is_none() {
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        sas.create(&PostParams::default(), &sa).await?;
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), ns);
+    let pod_name = format!("{name}-{node}");
+    let pod = match pods.get_opt(&pod_name).await? {
+        Some(p) => p,
+        None => {
+            pods.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": pod_name},
+                    "spec": {"nodeName": node, "serviceAccountName": name,
+                             "containers": [{"name": "c", "image": "sandboxd:test"}]},
+                }))?,
+            )
+            .await?
+        }
+    };
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                               "name": pod_name, "uid": pod.metadata.uid},
+        }
+    }))?;
+    let token: TokenRequest = sas
+        .create_subresource("token", name, &PostParams::default(), &req)
+        .await
+        .with_context(|| format!("requesting a pod-bound token for {ns}/{name}"))?;
+    let token = token
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    client_from_yaml(&kubeconfig_yaml(
+        &cp.server,
+        &cp.ca_pem,
+        &UserAuth::Token(token),
+    ))
+    .await
+}
+
+/// A kubeconfig (YAML) authenticating as ServiceAccount `ns/name` with a TokenRequest token
+/// (the ServiceAccount is created when missing), for a process the test starts.
+pub async fn service_account_kubeconfig(cp: &ControlPlane, ns: &str, name: &str) -> Result<String> {
     let admin = cp.admin_client().await?;
     let sas: Api<ServiceAccount> = Api::namespaced(admin, ns);
     if sas.get_opt(name).await?.is_none() {
@@ -214,12 +276,11 @@ pub async fn service_account_client(cp: &ControlPlane, ns: &str, name: &str) -> 
         .status
         .and_then(|s| s.token)
         .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
-    client_from_yaml(&kubeconfig_yaml(
+    Ok(kubeconfig_yaml(
         &cp.server,
         &cp.ca_pem,
         &UserAuth::Token(token),
     ))
-    .await
 }
 
 /// Server-side applies every CRD in a multi-document YAML file and waits until each is

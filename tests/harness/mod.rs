@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod kube_helpers;
+pub mod node;
 pub mod pod_launch;
 pub mod process;
 pub mod ttrpc_wire;
@@ -31,6 +32,9 @@ pub enum Needs {
     /// The shared control plane, with no other test running: for tests of cluster-wide
     /// singletons and cluster-wide scans (the KataConfig, every peer pod in the cluster).
     ClusterExclusive,
+    /// The shared control plane and the real node ([`node::node`]), with no other test
+    /// running.
+    Node,
 }
 
 /// One integration test.
@@ -72,6 +76,19 @@ impl Case {
         }
     }
 
+    /// A test that needs the real node (and the control plane to itself).
+    pub fn node<F, Fut>(name: &str, f: F) -> Self
+    where
+        F: Fn(Env) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        Self {
+            needs: Needs::Node,
+            ..Self::cluster(name, f)
+        }
+        .skip_if(node::unavailable())
+    }
+
     /// A test that needs no control plane.
     pub fn plain<F, Fut>(name: &str, f: F) -> Self
     where
@@ -101,12 +118,19 @@ pub struct Env {
     pub cp: Option<&'static ControlPlane>,
     /// Its own namespace, for `Needs::Cluster` tests.
     pub ns: String,
+    /// The real node, for `Needs::Node` tests.
+    pub node: Option<&'static node::TestNode>,
 }
 
 impl Env {
     /// The control plane (panics for tests that did not ask for it).
     pub fn cp(&self) -> &'static ControlPlane {
         self.cp.expect("this test did not declare Needs::Cluster")
+    }
+
+    /// The real node (panics for tests that did not ask for it).
+    pub fn node(&self) -> &'static node::TestNode {
+        self.node.expect("this test did not declare Needs::Node")
     }
 
     /// A cluster-admin client.
@@ -136,6 +160,7 @@ pub fn cluster() -> Result<&'static ControlPlane> {
 /// Stops the shared control plane, if it was started, and removes its files. On failure
 /// the files stay for inspection.
 pub fn shutdown(success: bool) {
+    node::shutdown();
     if let Some(Ok(cp)) = CLUSTER.get() {
         cp.stop();
     }
@@ -144,6 +169,12 @@ pub fn shutdown(success: bool) {
     } else {
         eprintln!("harness: logs kept in {}", process::run_dir().display());
     }
+}
+
+/// Whether `program` is on PATH.
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// Polls `check` until it returns `Ok(Some(v))`, failing after `timeout` with the last

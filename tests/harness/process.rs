@@ -70,6 +70,8 @@ fn sweep_dead_runs() {
                 }
             }
         }
+        // A node that could not stop by itself: its pods, cgroups and kernel settings.
+        sandboxd::devenv::node::sweep(&dir.join("node"));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -24,13 +24,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::harness::Case;
 use crate::harness::process::{Process, free_port};
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
-const VM_NAME: &str = "podvm-boot-test";
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub const VM_NAME: &str = "podvm-boot-test";
 /// kata-agent's socket in the VM.
 const AGENT_SOCKET: &str = "/run/kata-containers/agent.sock";
 
-fn kvm_usable() -> bool {
+pub fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -38,7 +38,7 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-fn skip_reason(inputs: Option<String>) -> Option<String> {
+pub fn skip_reason(inputs: Option<String>) -> Option<String> {
     inputs
         .or_else(|| {
             (!super::which("qemu-system-x86_64"))
@@ -71,7 +71,7 @@ pub fn case(inputs: Option<String>) -> Case {
     .skip_if(skip_reason(inputs))
 }
 
-fn forwarder_config(ca: &Ca) -> Result<Config> {
+pub fn forwarder_config(ca: &Ca) -> Result<Config> {
     let year = time::Duration::days(365);
     let server = ca.issue(VM_NAME, &[], &[VM_NAME], Usage::Server, year)?;
     Ok(Config {
@@ -95,7 +95,7 @@ fn forwarder_config(ca: &Ca) -> Result<Config> {
     })
 }
 
-fn wait_for_console(
+pub fn wait_for_console(
     qemu: &mut Process,
     console: &Path,
     needle: &str,
@@ -126,13 +126,13 @@ fn wait_for_console(
     }
 }
 
-fn tail(text: &str, n: usize) -> String {
+pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `system_powerdown` over QMP: the ACPI power button.
-fn press_power_button(qmp: &Path) -> Result<()> {
+pub fn press_power_button(qmp: &Path) -> Result<()> {
     let s = std::os::unix::net::UnixStream::connect(qmp)
         .with_context(|| format!("connecting to QMP at {}", qmp.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -156,7 +156,7 @@ fn press_power_button(qmp: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn tls_handshake(
+pub async fn tls_handshake(
     port: u16,
     cfg: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
@@ -265,7 +265,7 @@ async fn boot() -> Result<()> {
             "-drive",
             &format!("if=virtio,format=raw,readonly=on,file={}", p(&seed_path)),
             "-netdev",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:15150"),
+            &format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:15150"),
             "-device",
             "virtio-net-pci,netdev=n0",
         ]

@@ -5,7 +5,9 @@
 //! `scripts/podvm-inputs.sh` (cached). The image's `/init` is the static release binary
 //! (`target/x86_64-unknown-linux-musl/dist/sandboxd`, or `SANDBOXD_STATIC_BINARY`).
 
-mod boot;
+pub mod agent_vm;
+mod bench_podvm;
+pub mod boot;
 mod oci;
 
 use std::path::{Path, PathBuf};
@@ -90,7 +92,7 @@ pub async fn inputs() -> Result<Inputs> {
         .cloned()
 }
 
-fn args(i: &Inputs, out: &Path, sandboxd: &Path) -> Args {
+pub fn args(i: &Inputs, out: &Path, sandboxd: &Path) -> Args {
     let mut a = Args::new(&i.kernel, &i.modules_dir, &i.systemd_boot, out);
     a.sandboxd = Some(sandboxd.into());
     // Extra initramfs files for a dynamically linked sandboxd in local runs
@@ -135,7 +137,7 @@ pub async fn shared() -> Result<&'static Shared> {
         .await
 }
 
-fn output(b: &build::Built, f: Format) -> Result<&Path> {
+pub fn output(b: &build::Built, f: Format) -> Result<&Path> {
     b.outputs
         .iter()
         .find(|(g, _)| *g == f)
@@ -275,6 +277,8 @@ pub fn cases() -> Vec<Case> {
         )
         .skip_if(qemu_img),
         oci::case(skip.clone()),
-        boot::case(skip),
+        boot::case(skip.clone()),
+        agent_vm::case(skip.clone()),
+        bench_podvm::case(skip),
     ]
 }

@@ -209,6 +209,20 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// Every ARM request this test's server served is an action the OpenShift
+    /// CredentialsRequest grants (the image build included).
+    pub fn ensure_arm_calls_granted(&self) -> Result<()> {
+        let served = self.handle.requests();
+        let missing = sandboxd::cloud::azure::permissions::ungranted(
+            served.iter().map(|r| (r.method.as_str(), r.path.as_str())),
+        );
+        anyhow::ensure!(
+            missing.is_empty(),
+            "ARM calls the CredentialsRequest does not grant: {missing:?}"
+        );
+        Ok(())
+    }
+
     /// Azurite knowing `accounts` (with the keys the ARM test server hands out) and an ARM
     /// test server with resource group `rg` in `eastus` whose storage accounts live there.
     pub async fn start(name: &str, accounts: &[&str]) -> Result<Self> {
@@ -259,13 +273,13 @@ impl Fixture {
     }
 
     fn env(&self) -> Vec<(String, String)> {
+        const CLIENT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
+        const TENANT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000e";
         [
             ("AZURE_SUBSCRIPTION_ID", SUB),
-            ("AZURE_CLIENT_ID", "sandboxd-test"),
+            ("AZURE_CLIENT_ID", CLIENT_ID),
             ("AZURE_CLIENT_SECRET", "test-secret"),
-            ("AZURE_TENANT_ID", "tenant"),
-            ("AZURE_RESOURCE_MANAGER_ENDPOINT", self.arm.as_str()),
-            ("AZURE_AUTHORITY_HOST", self.arm.as_str()),
+            ("AZURE_TENANT_ID", TENANT_ID),
             ("SANDBOXD_IMAGE_MIN_POLL_MS", "50"),
         ]
         .iter()
@@ -306,7 +320,9 @@ impl Fixture {
     pub fn spawn_publish(&self, args: &[&str]) -> Result<tokio::process::Child> {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        spawn(&Self::publish_args(args), &env)
+        let mut args = Self::publish_args(args);
+        args.extend(["--dev-arm-endpoint".to_string(), self.arm.clone()]);
+        spawn(&args, &env)
     }
 
     /// `sandboxd <args>` with the credentials and endpoints, plus `extra` environment.
@@ -314,7 +330,17 @@ impl Fixture {
         let mut env = self.env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        // The ARM test server is a development endpoint: a command-line flag of the image
+        // tools, never the environment (which the image Job fills from `peer-pods-cm`).
+        if args.first().map(String::as_str) == Some("image")
+            && matches!(
+                args.get(1).map(String::as_str),
+                Some("publish" | "delete" | "job")
+            )
+        {
+            args.extend(["--dev-arm-endpoint".to_string(), self.arm.clone()]);
+        }
         run_sandboxd(&args, &env).await
     }
 
@@ -331,18 +357,17 @@ impl Fixture {
     }
 
     fn arm_client(&self) -> Result<sandboxd::image::publish::arm::Arm> {
+        const CLIENT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
+        const TENANT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000e";
         let creds = sandboxd::config::AzureCredentials::ClientSecret {
-            tenant_id: "tenant".into(),
-            client_id: "sandboxd-test".into(),
+            tenant_id: TENANT_ID.into(),
+            client_id: CLIENT_ID.into(),
             client_secret: sandboxd::config::SecretString::new("test-secret"),
         };
         let url = url::Url::parse(&self.arm)?;
         Ok(sandboxd::image::publish::arm::Arm::new(
             &creds,
-            &sandboxd::cloud::azure::Endpoints {
-                arm: url.clone(),
-                authority: url,
-            },
+            &sandboxd::cloud::azure::Endpoints::development(Default::default(), url, None),
             Default::default(),
             sandboxd::image::publish::arm::Polling {
                 min_interval: Duration::from_millis(50),

@@ -155,6 +155,7 @@ async fn sparse_upload_and_managed_image(_env: Env) -> Result<()> {
         "a rerun sent bytes: {}",
         again.stderr
     );
+    fx.ensure_arm_calls_granted()?;
     Ok(())
 }
 
@@ -334,6 +335,7 @@ async fn gallery_version(_env: Env) -> Result<()> {
         "{}",
         out.stderr
     );
+    fx.ensure_arm_calls_granted()?;
     Ok(())
 }
 
@@ -505,6 +507,7 @@ async fn delete_only_ours(_env: Env) -> Result<()> {
     let out = fx.run(&["image", "delete", "--image-id", &id], &[]).await?;
     out.ok()?;
     ensure!(out.stdout.contains("does not exist"), "{}", out.stdout);
+    fx.ensure_arm_calls_granted()?;
     Ok(())
 }
 
@@ -692,6 +695,7 @@ async fn image_job(env: Env) -> Result<()> {
     );
     let cm = api.get("peer-pods-cm").await?;
     ensure!(cm.data.unwrap_or_default().get("AZURE_IMAGE_ID") == Some(&built));
+    fx.ensure_arm_calls_granted()?;
     Ok(())
 }
 
@@ -831,12 +835,9 @@ async fn bad_input(_env: Env) -> Result<()> {
     std::fs::write(&raw, vec![1u8; 2 * MIB])?;
     let creds: Vec<(&str, &str)> = vec![
         ("AZURE_SUBSCRIPTION_ID", SUB),
-        ("AZURE_CLIENT_ID", "c"),
+        ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
         ("AZURE_CLIENT_SECRET", "s"),
-        ("AZURE_TENANT_ID", "t"),
-        // Nothing listens here: a cloud call would fail differently.
-        ("AZURE_RESOURCE_MANAGER_ENDPOINT", "http://127.0.0.1:9/"),
-        ("AZURE_AUTHORITY_HOST", "http://127.0.0.1:9/"),
+        ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
     ];
     let base = |vhd: &str, region: &str| {
         vec![
@@ -849,6 +850,9 @@ async fn bad_input(_env: Env) -> Result<()> {
             "rg".into(),
             "--region".into(),
             region.to_string(),
+            // Nothing listens here: a cloud call would fail differently.
+            "--dev-arm-endpoint".into(),
+            "http://127.0.0.1:9/".into(),
         ]
     };
     let cases: Vec<BadCase> = vec![

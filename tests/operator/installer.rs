@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use sandboxd::operator::names::*;
@@ -131,15 +132,20 @@ async fn installer_end_to_end(env: Env) -> Result<()> {
     // The fake nodes report containerd 2.0 (config version 3).
     let a = f.node("inst-a", true).await?;
     let b = f.node("inst-b", true).await?;
-    let installer_client =
-        harness::service_account_client(env.cp(), &f.ns, INSTALLER_SERVICE_ACCOUNT).await?;
+    // Each installer with its DaemonSet pod's kind of token: bound to a pod on its node.
+    let client_a =
+        harness::pod_bound_service_account_client(env.cp(), &f.ns, INSTALLER_SERVICE_ACCOUNT, &a)
+            .await?;
+    let client_b =
+        harness::pod_bound_service_account_client(env.cp(), &f.ns, INSTALLER_SERVICE_ACCOUNT, &b)
+            .await?;
     let root_a = host(Some(CONTAINERD_2X))?;
     let root_b = host(None)?;
     let before_a = snapshot(root_a.path());
     let before_b = snapshot(root_b.path());
     let mut hosts = vec![
-        Host::start(&installer_client, &a, root_a, "info"),
-        Host::start(&installer_client, &b, root_b, "info"),
+        Host::start(&client_a, &a, root_a, "info"),
+        Host::start(&client_b, &b, root_b, "info"),
     ];
 
     let op = f.start();
@@ -215,9 +221,26 @@ async fn installer_end_to_end(env: Env) -> Result<()> {
             && in_progress(kc).is_some_and(|(s, r, _)| s == "True" && r == "Updating")
     })
     .await?;
+    // The node installer may change only its own Node (the admission policy on the token's
+    // node name): node a's installer cannot write node b.
+    let refused = Api::<Node>::all(client_a.clone())
+        .patch(
+            &b,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"sandboxd.test/forged": "x"}}})),
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => ensure!(
+            s.message.contains("only the Node it runs on"),
+            "{}",
+            s.message
+        ),
+        other => anyhow::bail!("node a's installer changed node b: {other:?}"),
+    }
     let mut rolled = Vec::new();
-    for h in hosts {
-        rolled.push(h.roll(&installer_client, "debug").await?);
+    for (h, c) in hosts.into_iter().zip([&client_a, &client_b]) {
+        rolled.push(h.roll(c, "debug").await?);
     }
     hosts = rolled;
     f.wait_status(&name, "both nodes on the debug configuration", |kc| {

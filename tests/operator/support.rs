@@ -68,7 +68,18 @@ fn gvk(group: &str, version: &str, kind: &str) -> GroupVersionKind {
 /// Applies `deploy/operator/rbac.yaml` for namespace `ns`, with cluster-scoped names made
 /// unique by `suffix`.
 pub(crate) async fn apply_rbac(admin: &Client, ns: &str, suffix: &str) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/operator/rbac.yaml");
+    apply_rbac_file(admin, "deploy/operator/rbac.yaml", ns, suffix).await
+}
+
+/// Applies the RBAC file `file` (relative to the repository) for namespace `ns`, with
+/// cluster-scoped names made unique by `suffix`.
+pub(crate) async fn apply_rbac_file(
+    admin: &Client,
+    file: &str,
+    ns: &str,
+    suffix: &str,
+) -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let text = std::fs::read_to_string(&path)?;
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;
     for mut doc in docs {
@@ -220,6 +231,9 @@ impl Fixture {
             admission_policy: true,
             webhook: Default::default(),
             image_job: Default::default(),
+            // The PeerPod GC may build an Azure provider from a test's peer-pods-cm: it must
+            // never reach beyond this machine (a dead loopback port).
+            azure: sandboxd::cloud::azure::EndpointArgs::development("http://127.0.0.1:9/"),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             self.operator_client.clone(),

@@ -90,7 +90,7 @@ async fn config_valid(fx: &Fixture) -> Result<()> {
                 "AZURE_SUBSCRIPTION_ID",
                 "11111111-2222-3333-4444-555555555555",
             ),
-            ("AZURE_CLIENT_ID", "app"),
+            ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
             ("AZURE_CLIENT_SECRET", CLIENT_SECRET),
         ],
     );
@@ -151,11 +151,10 @@ async fn config_valid(fx: &Fixture) -> Result<()> {
     );
 
     // The user fixes both: the condition turns True.
-    secret
-        .data
-        .as_mut()
-        .unwrap()
-        .insert("AZURE_TENANT_ID".into(), ByteString(b"tenant".to_vec()));
+    secret.data.as_mut().unwrap().insert(
+        "AZURE_TENANT_ID".into(),
+        ByteString(b"0a1b2c3d-0000-4000-8000-00000000000e".to_vec()),
+    );
     secrets
         .patch("peer-pods-secret", &ssa, &Patch::Apply(&secret))
         .await?;

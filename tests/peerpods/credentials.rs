@@ -17,8 +17,12 @@ use sandboxd::operator::peerpods::credentials::{
 use serde_json::json;
 
 use super::image_job::{USERS, user_config, user_secret};
+
 use super::support::{Fixture, WAIT};
 use crate::harness::{self, Case, eventually};
+
+/// The client id the cloud-credential-operator's Secret carries (a GUID, as Azure has it).
+const CCO_CLIENT_ID: &str = "0a1b2c3d-0000-4000-8000-0000000000cc";
 
 pub fn cases() -> Vec<Case> {
     vec![Case::cluster_exclusive(
@@ -67,9 +71,9 @@ async fn write_cco_secret(fx: &Fixture, client_secret: &str) -> Result<()> {
         },
         data: Some(
             [
-                ("azure_client_id", "cco-app"),
+                ("azure_client_id", CCO_CLIENT_ID),
                 ("azure_client_secret", client_secret),
-                ("azure_tenant_id", "cco-tenant"),
+                ("azure_tenant_id", "0a1b2c3d-0000-4000-8000-0000000000ee"),
                 (
                     "azure_subscription_id",
                     "11111111-2222-3333-4444-555555555555",
@@ -139,20 +143,15 @@ async fn credentials(fx: &Fixture) -> Result<()> {
         spec["providerSpec"]["kind"] == "AzureProviderSpec",
         "{spec}"
     );
-    let roles: Vec<&str> = spec["providerSpec"]["roleBindings"]
+    let granted: Vec<&str> = spec["providerSpec"]["permissions"]
         .as_array()
-        .context("roleBindings")?
+        .context("permissions")?
         .iter()
-        .filter_map(|r| r["role"].as_str())
+        .filter_map(|r| r.as_str())
         .collect();
     ensure!(
-        roles
-            == [
-                "Reader",
-                "Virtual Machine Contributor",
-                "Network Contributor"
-            ],
-        "{roles:?}"
+        granted == sandboxd::cloud::azure::permissions::actions(),
+        "{granted:?}"
     );
     ensure!(
         cr.owner_references().iter().any(|o| o.kind == "KataConfig"),
@@ -184,7 +183,7 @@ async fn credentials(fx: &Fixture) -> Result<()> {
         ],
         "{keys:?}"
     );
-    ensure!(data_of(&derived, "AZURE_CLIENT_ID").as_deref() == Some("cco-app"));
+    ensure!(data_of(&derived, "AZURE_CLIENT_ID").as_deref() == Some(CCO_CLIENT_ID));
     ensure!(
         derived
             .owner_references()

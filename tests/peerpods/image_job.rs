@@ -137,9 +137,9 @@ pub async fn user_secret(fx: &Fixture, client_secret: &str) -> Result<()> {
                         "AZURE_SUBSCRIPTION_ID",
                         "11111111-2222-3333-4444-555555555555",
                     ),
-                    ("AZURE_CLIENT_ID", "app"),
+                    ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
                     ("AZURE_CLIENT_SECRET", client_secret),
-                    ("AZURE_TENANT_ID", "tenant"),
+                    ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
                 ],
             )),
         )

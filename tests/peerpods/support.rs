@@ -88,6 +88,9 @@ impl Fixture {
             admission_policy: false,
             webhook,
             image_job,
+            // The PeerPod GC may build an Azure provider from a test's peer-pods-cm: it must
+            // never reach beyond this machine (a dead loopback port).
+            azure: sandboxd::cloud::azure::EndpointArgs::development("http://127.0.0.1:9/"),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
             client,

@@ -53,7 +53,7 @@ pub fn cases() -> Vec<Case> {
 /// Copies `tls.crt` / `tls.key` of the serving Secret into a directory the way the
 /// kubelet's secret volume does: a new timestamped directory, then one atomic swap of the
 /// `..data` symlink the files point through.
-struct CertMirror {
+pub(crate) struct CertMirror {
     dir: PathBuf,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -79,7 +79,7 @@ fn publish(dir: &Path, generation: u64, crt: &[u8], key: &[u8]) -> Result<()> {
 }
 
 impl CertMirror {
-    async fn start(admin: &Client, ns: &str, dir: PathBuf) -> Result<Self> {
+    pub(crate) async fn start(admin: &Client, ns: &str, dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
         let pair = |s: &Secret| {
@@ -118,7 +118,7 @@ impl CertMirror {
         Ok(Self { dir, stop, task })
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
     }
@@ -126,7 +126,7 @@ impl CertMirror {
 
 /// `sandboxd webhook` started with the Deployment's container arguments, its certificate
 /// directory and port swapped for the test's.
-fn start_webhook(
+pub(crate) fn start_webhook(
     deployment: &Deployment,
     cert_dir: &Path,
     port: u16,

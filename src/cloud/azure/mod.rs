@@ -6,6 +6,8 @@
 
 pub mod arm;
 pub mod body;
+pub mod cloud;
+pub mod permissions;
 pub mod policy;
 pub mod settings;
 
@@ -14,44 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azure_core::auth::TokenCredential;
-use azure_core::{ClientOptions, RetryOptions, Url};
+use azure_core::{ClientOptions, RetryOptions};
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use futures::StreamExt;
 
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
+pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
 pub use policy::Manners;
 pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
-
-/// Where to reach ARM and Entra ID; also the `--arm-endpoint` / `--authority-host` flags of
-/// every command that talks to Azure.
-#[derive(Clone, Debug, clap::Args)]
-pub struct Endpoints {
-    /// ARM endpoint.
-    #[arg(
-        long = "arm-endpoint",
-        value_name = "ARM_ENDPOINT",
-        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
-        default_value = "https://management.azure.com/"
-    )]
-    pub arm: Url,
-    /// Entra ID authority host.
-    #[arg(
-        long = "authority-host",
-        value_name = "AUTHORITY_HOST",
-        env = "AZURE_AUTHORITY_HOST",
-        default_value = "https://login.microsoftonline.com/"
-    )]
-    pub authority: Url,
-}
-
-impl Default for Endpoints {
-    fn default() -> Self {
-        Self {
-            arm: Url::parse("https://management.azure.com/").expect("static URL"),
-            authority: Url::parse("https://login.microsoftonline.com/").expect("static URL"),
-        }
-    }
-}
 
 /// LRO polling settings.
 #[derive(Clone, Debug)]
@@ -204,7 +176,7 @@ pub fn credential(
             client_secret,
         } => Arc::new(azure_identity::ClientSecretCredential::new(
             http.clone(),
-            endpoints.authority.clone(),
+            endpoints.authority().clone(),
             tenant_id.clone(),
             client_id.clone(),
             client_secret.expose().to_string(),
@@ -222,7 +194,7 @@ pub fn credential(
             })?;
             Arc::new(azure_identity::WorkloadIdentityCredential::new(
                 http.clone(),
-                endpoints.authority.clone(),
+                endpoints.authority().clone(),
                 tenant_id.clone(),
                 client_id.clone(),
                 token.trim().to_string(),
@@ -259,9 +231,9 @@ pub fn arm_client(
     );
     Ok(arm::ArmClient::new(
         pipeline,
-        endpoints.arm.clone(),
+        endpoints.arm().clone(),
         credential,
-        vec!["https://management.azure.com/.default".to_string()],
+        vec![endpoints.arm_scope()],
     ))
 }
 
@@ -281,10 +253,10 @@ impl AzureProvider {
         options
             .per_retry_policies_mut()
             .push(policy.clone() as Arc<dyn azure_core::Policy>);
-        // ARM tokens carry the public cloud's ARM audience whatever endpoint serves them.
-        let scopes = vec!["https://management.azure.com/.default".to_string()];
+        // Tokens carry the cloud's ARM audience (a development endpoint keeps the cloud's).
+        let scopes = vec![endpoints.arm_scope()];
         let client = compute::Client::new(
-            endpoints.arm.clone(),
+            endpoints.arm().clone(),
             credential.clone(),
             scopes.clone(),
             options.clone(),
@@ -296,7 +268,7 @@ impl AzureProvider {
             Vec::new(),
             Vec::new(),
         );
-        let arm = arm::ArmClient::new(pipeline, endpoints.arm, credential, scopes);
+        let arm = arm::ArmClient::new(pipeline, endpoints.arm().clone(), credential, scopes);
         Ok(Self {
             client,
             arm,

@@ -2,9 +2,14 @@
 //! `/init`): mount `/proc`, `/sys`, `/dev`, `/run`, `/tmp` and the cgroup2 hierarchy, load
 //! the kernel modules listed in the initramfs, bring up the primary NIC with DHCP, report
 //! "Ready" to Azure's WireServer on Azure, fetch the forwarder config (NoCloud seed labelled
-//! `cidata`, else IMDS `userData`), then run and supervise the forwarder and kata-agent (when
-//! the image has it), reap orphans, log to the console, and power off cleanly on SIGTERM,
-//! SIGUSR2, SIGINT (Ctrl-Alt-Del), SIGPWR or the ACPI power button.
+//! `cidata`, else IMDS `userData`), then run and supervise the forwarder and the agent
+//! (`sandboxd agent`, or an upstream kata-agent when the image has one, its
+//! confidential-data-hub first), reap orphans, log to the console, and power off cleanly on
+//! SIGTERM, SIGUSR2, SIGINT (Ctrl-Alt-Del), SIGPWR or the ACPI power button.
+//!
+//! First of all it moves the root from the initramfs into a tmpfs and starts itself again
+//! there ([`switch_root`]): the initramfs root cannot be `pivot_root`ed away, and containers
+//! need a real `pivot_root` (a chroot would be weaker).
 
 pub mod dhcp;
 pub mod seed;
@@ -47,18 +52,36 @@ pub fn kata_agent_args(file: Option<&str>) -> Vec<String> {
         None => vec!["--config".into(), AGENT_CONFIG.into()],
     }
 }
+/// confidential-data-hub in the image (with an upstream kata-agent; started before it).
+pub const CDH: &str = "/usr/local/bin/confidential-data-hub";
+/// Set in init's environment once the root is a tmpfs ([`switch_root`]).
+pub const SWITCHED_ROOT_ENV: &str = "SANDBOXD_ROOT_SWITCHED";
+/// Printed on the console once the agent accepts connections on its socket.
+pub const AGENT_READY_MARKER: &str = "agent ready on /run/kata-containers/agent.sock";
+/// Printed on the console as the first thing `/init` does.
+pub const INIT_ENTERED_MARKER: &str = "/init entered";
+
 /// Azure's chassis asset tag (DMI), how a VM knows it runs on Azure.
 const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
 
-/// Whether this process is to run the init duties: PID 1, or started as `/init`.
+/// Whether this process is to run the init duties: started as `/init`, or PID 1 with no
+/// command line (how a kernel starts init). Every container of a sandboxd pod is PID 1 of its
+/// own PID namespace too, started with a subcommand (`/sandboxd operator ...`): that is not
+/// init.
 pub fn should_run() -> bool {
-    std::process::id() == 1 || std::env::args_os().next().is_some_and(|a| a == "/init")
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    is_init(std::process::id(), &args)
 }
 
+fn is_init(pid: u32, args: &[std::ffi::OsString]) -> bool {
+    args.first().is_some_and(|a| a == "/init") || (pid == 1 && args.len() <= 1)
+}
+
+/// Seconds since boot (the kernel's own clock: no `/proc` needed, so the first lines of
+/// `/init` carry it too).
 fn uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
         .unwrap_or(0.0)
 }
 
@@ -351,6 +374,25 @@ async fn provision() -> bool {
         log(&format!("writing {USER_DATA}: {e}"));
         return false;
     }
+    // Registry credentials for the agent, when CAA sent the pod's pull secrets.
+    match super::config::extra_files(&text) {
+        Ok(files) => {
+            for (path, data) in files {
+                let w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &data));
+                match w {
+                    Ok(()) => log(&format!("wrote {path} from the user data")),
+                    Err(e) => log(&format!("writing {path}: {e}")),
+                }
+            }
+        }
+        Err(e) => log(&format!("user data files: {e}")),
+    }
     true
 }
 
@@ -512,6 +554,19 @@ fn power_button_watcher() {
     });
 }
 
+fn agent_probe() {
+    std::thread::spawn(|| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(600) {
+            if std::os::unix::net::UnixStream::connect("/run/kata-containers/agent.sock").is_ok() {
+                log(&format!("{AGENT_READY_MARKER} (uptime {:.3}s)", uptime()));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+}
+
 fn ready_probe() {
     std::thread::spawn(|| {
         let start = Instant::now();
@@ -568,8 +623,117 @@ fn power_off(services: &mut [Service], signals: &SigSet) -> ! {
     }
 }
 
+/// Copies the tree at `from` into `to` (directories, files, symlinks, device nodes), all but
+/// `skip`; answers the bytes copied.
+fn copy_tree(from: &Path, to: &Path, skip: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let mut bytes = 0;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let src = e.path();
+        if src == skip {
+            continue;
+        }
+        let dst = to.join(e.file_name());
+        let meta = std::fs::symlink_metadata(&src)?;
+        let t = meta.file_type();
+        if t.is_dir() {
+            std::fs::create_dir_all(&dst)?;
+            bytes += copy_tree(&src, &dst, skip)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if t.is_file() {
+            bytes += std::fs::copy(&src, &dst)?;
+        } else if t.is_char_device() || t.is_block_device() {
+            let kind = if t.is_char_device() {
+                nix::sys::stat::SFlag::S_IFCHR
+            } else {
+                nix::sys::stat::SFlag::S_IFBLK
+            };
+            nix::sys::stat::mknod(
+                &dst,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(meta.mode()),
+                meta.rdev(),
+            )?;
+            continue;
+        } else {
+            continue;
+        }
+        if !t.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Moves the root from the initramfs into a tmpfs (what `switch_root` does): copies the
+/// initramfs into a new tmpfs, frees the initramfs' memory, makes the tmpfs the root.
+pub fn switch_root() -> Result<u64, String> {
+    let new = Path::new("/sandboxd-root");
+    std::fs::create_dir_all(new).map_err(|e| format!("creating {}: {e}", new.display()))?;
+    mount(
+        Some("sandboxd-root"),
+        new,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mounting a tmpfs on {}: {e}", new.display()))?;
+    let bytes =
+        copy_tree(Path::new("/"), new, new).map_err(|e| format!("copying the initramfs: {e}"))?;
+    // The initramfs' files are memory: free them (everything but the new root).
+    for e in std::fs::read_dir("/").map_err(|e| e.to_string())?.flatten() {
+        let p = e.path();
+        if p != new {
+            let _ = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+    std::env::set_current_dir(new).map_err(|e| format!("chdir: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving the new root onto /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(bytes)
+}
+
+/// Starts `/init` again from the new root (its code then comes from the tmpfs, and the
+/// initramfs copy of the binary is freed); returns only on failure.
+fn reexec() -> String {
+    use std::ffi::CString;
+    let env: Vec<CString> = std::env::vars()
+        .chain([(SWITCHED_ROOT_ENV.to_string(), "1".to_string())])
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect();
+    match nix::unistd::execve(c"/init", &[c"/init"], &env) {
+        Ok(never) => match never {},
+        Err(e) => format!("re-executing /init: {e}"),
+    }
+}
+
 /// Runs the init duties; returns only if they cannot start.
 pub fn main() -> ExitCode {
+    if std::process::id() == 1 && std::env::var_os(SWITCHED_ROOT_ENV).is_none() {
+        log(INIT_ENTERED_MARKER);
+        let start = Instant::now();
+        match switch_root() {
+            Ok(bytes) => {
+                log(&format!(
+                    "root moved from the initramfs into a tmpfs ({:.1} MiB in {} ms)",
+                    bytes as f64 / 1048576.0,
+                    start.elapsed().as_millis()
+                ));
+                log(&reexec());
+            }
+            Err(e) => log(&format!(
+                "staying on the initramfs root (containers cannot pivot_root): {e}"
+            )),
+        }
+    }
     log(&format!("sandboxd {} starting as init", crate::VERSION));
     mount_all();
     let mut signals = SigSet::empty();
@@ -591,24 +755,24 @@ pub fn main() -> ExitCode {
     }
     // Ctrl-Alt-Del sends SIGINT instead of rebooting at once.
     let _ = nix::sys::reboot::set_cad_enabled(false);
-    load_modules();
-    power_button_watcher();
-    let have_config = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(provision()),
-        Err(e) => {
-            log(&format!("async runtime: {e}"));
-            false
-        }
-    };
     let mut services = Vec::new();
     if Path::new(KATA_AGENT).exists() {
         let _ = std::fs::write(
             AGENT_CONFIG,
             "server_addr = \"unix:///run/kata-containers/agent.sock\"\nguest_components_procs = \"none\"\n",
         );
+        // Upstream agents look confidential-data-hub up once at start: it goes first.
+        if Path::new(CDH).exists() {
+            services.push(Service {
+                name: "confidential-data-hub",
+                program: CDH.into(),
+                arg0: "confidential-data-hub",
+                args: Vec::new(),
+                pid: None,
+                restarts: 0,
+                next_start: None,
+            });
+        }
         services.push(Service {
             name: "kata-agent",
             program: KATA_AGENT.into(),
@@ -624,8 +788,34 @@ pub fn main() -> ExitCode {
             next_start: None,
         });
     } else {
-        log("kata-agent is not in this image: the forwarder runs without an agent behind it");
+        services.push(Service {
+            name: "sandboxd agent",
+            program: "/proc/self/exe".into(),
+            arg0: "sandboxd",
+            args: vec!["agent".into()],
+            pid: None,
+            restarts: 0,
+            next_start: None,
+        });
     }
+    // The agent needs neither modules nor network to start: it goes first, the modules
+    // (its overlayfs among them) load while it starts, long before a container is asked for.
+    for s in services.iter_mut() {
+        s.start();
+    }
+    agent_probe();
+    load_modules();
+    power_button_watcher();
+    let have_config = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(provision()),
+        Err(e) => {
+            log(&format!("async runtime: {e}"));
+            false
+        }
+    };
     if have_config {
         services.push(Service {
             name: "forwarder",
@@ -640,7 +830,10 @@ pub fn main() -> ExitCode {
     } else {
         log("no forwarder config: the forwarder does not start");
     }
-    for s in services.iter_mut() {
+    for s in services
+        .iter_mut()
+        .filter(|s| s.pid.is_none() && s.next_start.is_none())
+    {
         s.start();
     }
     loop {
@@ -671,6 +864,22 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_running_a_subcommand_as_pid_1_is_not_init() {
+        let a = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        // Every sandboxd container on a node: PID 1 of its PID namespace, with a subcommand.
+        assert!(!is_init(1, &a(&["/sandboxd", "operator"])));
+        assert!(!is_init(
+            1,
+            &a(&["/sandboxd", "caa", "--socket", "/run/peerpod/h.sock"])
+        ));
+        // A pod VM: the kernel starts /init (or the image's init) with no arguments.
+        assert!(is_init(1, &a(&["/init"])));
+        assert!(is_init(1, &a(&["/sandboxd"])));
+        assert!(is_init(42, &a(&["/init"])));
+        assert!(!is_init(42, &a(&["/sandboxd"])));
+    }
 
     #[test]
     fn kata_agent_starts_with_the_config_file_unless_the_image_sets_its_arguments() {

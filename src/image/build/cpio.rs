@@ -49,6 +49,16 @@ impl Entry {
         }
     }
 
+    /// A symbolic link to `target`.
+    pub fn symlink(path: &str, target: &str) -> Self {
+        Self {
+            path: path.into(),
+            mode: mode::SYMLINK | 0o777,
+            rdev: (0, 0),
+            data: target.as_bytes().to_vec(),
+        }
+    }
+
     /// A character device node.
     pub fn char_dev(path: &str, perm: u32, major: u32, minor: u32) -> Self {
         Self {

@@ -29,6 +29,12 @@ pub const MODULES_DIR: &str = "lib/modules";
 pub const KATA_AGENT: &str = "usr/bin/kata-agent";
 /// kata-agent's command line in the initramfs (from `--kata-agent-arg`): one argument a line.
 pub const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
+/// The allow-all policy an upstream kata-agent (built with agent-policy) needs to start.
+pub const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
+/// The pause bundle an upstream kata-agent runs the sandbox container from.
+pub const PAUSE_BUNDLE: &str = "pause_bundle";
+/// confidential-data-hub in the initramfs (`--confidential-data-hub`).
+pub const CDH: &str = "usr/local/bin/confidential-data-hub";
 /// Build facts recorded in the initramfs.
 pub const BUILD_INFO: &str = "etc/sandboxd/build.json";
 /// Kernel command line of the loader entry.
@@ -70,9 +76,14 @@ pub struct Args {
     /// systemd-boot's EFI binary (`systemd-bootx64.efi` from systemd-boot-efi).
     #[arg(long)]
     pub systemd_boot: PathBuf,
-    /// kata-agent to include (static); without it the image boots and says so.
+    /// An upstream kata-agent (static) to run instead of `sandboxd agent`; the image then
+    /// also carries an allow-all policy, the pause bundle and the overlay module it needs.
     #[arg(long)]
     pub kata_agent: Option<PathBuf>,
+    /// confidential-data-hub (static) for an upstream kata-agent, which pulls images
+    /// through it: started before the agent (needs `--kata-agent`).
+    #[arg(long)]
+    pub confidential_data_hub: Option<PathBuf>,
     /// An argument kata-agent starts with, instead of `--config <file written by init>`;
     /// repeatable, in order (needs `--kata-agent`).
     #[arg(
@@ -112,6 +123,7 @@ impl Args {
             modules_dir: modules_dir.into(),
             systemd_boot: systemd_boot.into(),
             kata_agent: None,
+            confidential_data_hub: None,
             kata_agent_args: Vec::new(),
             sandboxd: None,
             out: out.into(),
@@ -236,6 +248,53 @@ pub fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<V
     Ok(Some(text.into_bytes()))
 }
 
+/// An allow-all policy for an upstream kata-agent: every request of the agent protocol
+/// allowed (kata names its rules after the request messages), generated from
+/// `proto/agent.proto`.
+pub fn allow_all_policy() -> String {
+    let fd = crate::protocol::agent::file_descriptor();
+    let mut names: Vec<String> = fd
+        .proto()
+        .service
+        .iter()
+        .flat_map(|s| s.method.iter())
+        .filter_map(|m| m.input_type.as_deref())
+        .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut text = String::from(
+        "# Allow every agent request (written by sandboxd image build; sandboxd enforces no policy).\npackage agent_policy\n\n",
+    );
+    for n in names {
+        text.push_str(&format!("default {n} := true\n"));
+    }
+    text.push_str("default AllowRequestsFailingPolicy := true\n");
+    text
+}
+
+/// Files an upstream kata-agent needs: the allow-all policy and the pause bundle, whose
+/// `/pause` is sandboxd itself (a link to `/init`: kata copies the file it points at).
+fn upstream_agent_files() -> Vec<(String, u32, Vec<u8>)> {
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/pause"], "cwd": "/", "env": ["PATH=/"], "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "rootfs", "readonly": true},
+    });
+    vec![
+        (
+            KATA_POLICY.to_string(),
+            0o644,
+            allow_all_policy().into_bytes(),
+        ),
+        (
+            format!("{PAUSE_BUNDLE}/config.json"),
+            0o644,
+            serde_json::to_vec_pretty(&config).expect("static JSON"),
+        ),
+    ]
+}
+
 /// Digest of everything that goes into the image: the seed of its GUIDs and ids.
 fn digest(parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -288,6 +347,12 @@ pub fn initramfs_entries(
     e.push(Entry::file("init", 0o755, sandboxd));
     if let Some(agent) = kata_agent {
         e.push(Entry::file(KATA_AGENT, 0o755, agent));
+        e.push(Entry::dir(PAUSE_BUNDLE));
+        e.push(Entry::dir(&format!("{PAUSE_BUNDLE}/rootfs")));
+        e.push(Entry::symlink(
+            &format!("{PAUSE_BUNDLE}/rootfs/pause"),
+            "/init",
+        ));
     }
     let mut list = String::new();
     // One line per module in load order: its name, then the modules it depends on.
@@ -407,6 +472,7 @@ pub fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
         "kernel": kernel_version,
         "modules": names,
         "kataAgent": kata_agent.is_some(),
+        "confidentialDataHub": args.confidential_data_hub.is_some(),
         "kataAgentArgs": args.kata_agent_args,
         "sandboxd": crate::VERSION,
     })
@@ -415,6 +481,19 @@ pub fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
     let mut extra = Vec::new();
     if let Some(text) = kata_agent_args_file(&args.kata_agent_args, has_agent)? {
         extra.push((KATA_AGENT_ARGS.to_string(), 0o644, text));
+    }
+    if has_agent {
+        extra.extend(upstream_agent_files());
+        if let Some(cdh) = &args.confidential_data_hub {
+            extra.push((CDH.to_string(), 0o755, read(cdh)?));
+        }
+    } else if args.confidential_data_hub.is_some() {
+        return Err(Error::Assemble {
+            stage: "inputs",
+            detail:
+                "--confidential-data-hub needs --kata-agent (sandboxd agent pulls images itself)"
+                    .into(),
+        });
     }
     for spec in &args.add_files {
         let (src, dest) = spec.split_once(':').ok_or_else(|| Error::Assemble {
@@ -616,6 +695,56 @@ mod tests {
         assert!(kata_agent_args_file(&strings(&["dev"]), false).is_err());
         assert!(kata_agent_args_file(&strings(&["a\nb"]), true).is_err());
         assert!(kata_agent_args_file(&strings(&[""]), true).is_err());
+    }
+
+    #[test]
+    fn the_allow_all_policy_names_every_request_of_the_agent_protocol() {
+        let p = allow_all_policy();
+        for rule in [
+            "default CreateContainerRequest := true",
+            "default WriteStreamRequest := true",
+            "default ReadStreamRequest := true",
+            "default SetPolicyRequest := true",
+            "default CopyFileRequest := true",
+            "default MemAgentMemcgConfig := true",
+            "default AllowRequestsFailingPolicy := true",
+        ] {
+            assert!(p.contains(rule), "{rule} missing:\n{p}");
+        }
+        assert!(p.contains("package agent_policy"));
+        assert!(!p.contains("Empty := true"));
+    }
+
+    #[test]
+    fn an_upstream_kata_agent_gets_a_policy_and_a_pause_bundle_running_sandboxd() {
+        let files = upstream_agent_files();
+        let e = initramfs_entries(
+            b"init".to_vec(),
+            Some(b"agent".to_vec()),
+            &[],
+            None,
+            "{}",
+            &files,
+        );
+        let find = |p: &str| {
+            e.iter()
+                .find(|x| x.path == p)
+                .unwrap_or_else(|| panic!("{p} missing"))
+        };
+        assert_eq!(find(KATA_AGENT).data, b"agent");
+        assert_eq!(find(KATA_POLICY).mode & 0o170000, cpio::mode::FILE);
+        let pause = find("pause_bundle/rootfs/pause");
+        assert_eq!(pause.mode & 0o170000, cpio::mode::SYMLINK);
+        assert_eq!(pause.data, b"/init");
+        let config: serde_json::Value =
+            serde_json::from_slice(&find("pause_bundle/config.json").data).unwrap();
+        assert_eq!(config["process"]["args"][0], "/pause");
+        // The parents exist before their files (the kernel creates files only in existing dirs).
+        let pos = |p: &str| e.iter().position(|x| x.path == p).unwrap();
+        assert!(pos("etc/kata-opa") < pos(KATA_POLICY));
+        // Without kata-agent, none of it.
+        let e = initramfs_entries(b"init".to_vec(), None, &[], None, "{}", &[]);
+        assert!(!e.iter().any(|x| x.path.starts_with("pause_bundle")));
     }
 
     #[test]

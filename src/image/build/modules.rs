@@ -25,6 +25,8 @@ pub const DEFAULT: &[&str] = &[
     "nls_utf8",
     "button",
     "evdev",
+    // Container roots (overlayfs over image layers).
+    "overlay",
 ];
 
 /// A module chosen for the image.

@@ -76,6 +76,8 @@ pub struct Arm {
     pipeline: Pipeline,
     endpoint: url::Url,
     credential: Arc<dyn TokenCredential>,
+    /// The cloud's ARM audience + `/.default`.
+    scope: String,
     policy: Arc<ArmPolicy>,
     polling: Polling,
 }
@@ -104,7 +106,8 @@ impl Arm {
         );
         Ok(Self {
             pipeline,
-            endpoint: endpoints.arm.clone(),
+            endpoint: endpoints.arm().clone(),
+            scope: endpoints.arm_scope(),
             credential,
             policy,
             polling,
@@ -130,7 +133,7 @@ impl Arm {
         .map_err(|e| ArmError::Other(format!("bad ARM URL {url_or_path}: {e}")))?;
         let token = self
             .credential
-            .get_token(&["https://management.azure.com/.default"])
+            .get_token(&[self.scope.as_str()])
             .await
             .map_err(|e| ArmError::Other(format!("getting an ARM token: {e}")))?;
         let mut req = Request::new(url.clone(), method);

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cloud::azure::{Endpoints, Manners};
+use crate::cloud::azure::{EndpointArgs, Endpoints, Manners};
 use crate::config::CloudSecret;
 
 use arm::{Arm, ArmError, Polling};
@@ -98,9 +98,10 @@ impl Error {
 /// How to reach Azure; shared by every image tool.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AzureArgs {
-    /// ARM and Entra ID endpoints.
+    /// The Azure cloud (`--azure-cloud`, else `AZURE_CLOUD` of the environment, which the
+    /// image Job gets from `peer-pods-cm`) and the development endpoint flags.
     #[command(flatten)]
-    pub endpoints: Endpoints,
+    pub endpoints: EndpointArgs,
     /// Fastest LRO polling interval in milliseconds (tests lower it).
     #[arg(
         long,
@@ -339,10 +340,33 @@ pub fn check_args(args: &Args) -> Result<(), Error> {
     }
 }
 
+/// The endpoints: `--azure-cloud`, else `AZURE_CLOUD` of the environment (the image Job gets
+/// `peer-pods-cm` through `envFrom`), else the public cloud; only the development flags
+/// move them. An endpoint key in the environment is refused, never followed.
+fn endpoints(azure: &AzureArgs) -> Result<Endpoints, Error> {
+    use crate::cloud::azure::cloud::{CLOUD_KEY, REFUSED_ENDPOINT_KEYS};
+    for key in REFUSED_ENDPOINT_KEYS {
+        if std::env::var(key).is_ok_and(|v| !v.trim().is_empty()) {
+            return Err(Error::Input(format!(
+                "{key} is not read: endpoints follow {CLOUD_KEY}; another endpoint is only \
+                 the development flag --dev-arm-endpoint"
+            )));
+        }
+    }
+    let configured = match std::env::var(CLOUD_KEY) {
+        Ok(v) if !v.trim().is_empty() => Some(
+            v.parse::<crate::cloud::azure::AzureCloud>()
+                .map_err(|e| Error::Input(format!("{CLOUD_KEY}: {e}")))?,
+        ),
+        _ => None,
+    };
+    Ok(azure.endpoints.resolve(configured))
+}
+
 fn arm_client(azure: &AzureArgs, secret: &CloudSecret) -> Result<Arm, Error> {
     Ok(Arm::new(
         &secret.credentials,
-        &azure.endpoints,
+        &endpoints(azure)?,
         Manners::default(),
         Polling {
             min_interval: Duration::from_millis(azure.min_poll_ms),

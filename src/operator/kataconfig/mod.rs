@@ -82,6 +82,8 @@ pub struct Options {
     pub flavor: Flavor,
     /// Identity for Events.
     pub instance: String,
+    /// How the one-KataConfig rule is kept (`None`: not by this operator).
+    pub rule: Option<super::admission::Mechanism>,
 }
 
 struct Ctx {
@@ -693,7 +695,19 @@ async fn write_status(
     phase: &Phase<'_>,
 ) -> Result<(), Error> {
     let generation = kc.metadata.generation;
-    let new = status::build(kc.status.as_ref(), p, phase, generation);
+    let mut new = status::build(kc.status.as_ref(), p, phase, generation);
+    if let Some(rule) = ctx.opts.rule {
+        conditions::merge(
+            &mut new.conditions,
+            conditions::new(
+                super::admission::CONDITION,
+                true,
+                rule.reason(),
+                rule.message(),
+                generation,
+            ),
+        );
+    }
     if !status::differs(kc.status.as_ref(), &new) {
         return Ok(());
     }

@@ -80,7 +80,11 @@ pub fn daemonset(
     config_hash: &str,
     owner: OwnerReference,
     cluster: Cluster,
+    azure: &crate::cloud::azure::EndpointArgs,
 ) -> DaemonSet {
+    let args: Vec<String> = std::iter::once("caa".to_string())
+        .chain(azure.to_args())
+        .collect();
     let labels = json!({"app": DAEMONSET, "app.kubernetes.io/managed-by": "sandboxd"});
     let mut ds: DaemonSet = serde_json::from_value(json!({
         "apiVersion": "apps/v1",
@@ -106,7 +110,7 @@ pub fn daemonset(
                     "containers": [{
                         "name": "cloud-api-adaptor",
                         "image": image,
-                        "args": ["caa"],
+                        "args": args,
                         // Root: the image's user (65532) would hold no capability, so the pod
                         // tunnel (netlink, network namespaces) and the host's /run/peerpod
                         // would be out of reach even in a privileged container.
@@ -181,6 +185,7 @@ mod tests {
             "h1",
             OwnerReference::default(),
             Cluster { host_ips: true },
+            &Default::default(),
         );
         let t = ds.spec.as_ref().unwrap().template.clone();
         assert_eq!(
@@ -202,6 +207,7 @@ mod tests {
             "h2",
             OwnerReference::default(),
             Cluster { host_ips: true },
+            &Default::default(),
         );
         assert!(!crate::k8s::apply::hash_matches(Some(&ds), &other));
         let same = daemonset(
@@ -213,8 +219,44 @@ mod tests {
             "h1",
             OwnerReference::default(),
             Cluster { host_ips: true },
+            &Default::default(),
         );
         assert!(crate::k8s::apply::hash_matches(Some(&ds), &same));
+    }
+
+    #[test]
+    fn the_operators_development_endpoint_flags_reach_the_caa_command_line_only() {
+        let sel = BTreeMap::new();
+        let azure = crate::cloud::azure::EndpointArgs::development("http://10.0.0.1:8080/");
+        let ds = daemonset(
+            "ns",
+            "img",
+            "s",
+            "cm",
+            &sel,
+            "h",
+            OwnerReference::default(),
+            Cluster::default(),
+            &azure,
+        );
+        let c = ds.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        assert_eq!(
+            c.args.unwrap(),
+            ["caa", "--dev-arm-endpoint", "http://10.0.0.1:8080/"]
+        );
+        let plain = daemonset(
+            "ns",
+            "img",
+            "s",
+            "cm",
+            &sel,
+            "h",
+            OwnerReference::default(),
+            Cluster::default(),
+            &Default::default(),
+        );
+        let c = plain.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        assert_eq!(c.args.unwrap(), ["caa"]);
     }
 
     #[test]
@@ -230,6 +272,7 @@ mod tests {
                 "h",
                 OwnerReference::default(),
                 cluster,
+                &Default::default(),
             );
             let c = ds.spec.unwrap().template.spec.unwrap().containers[0].clone();
             assert_eq!(c.security_context.as_ref().unwrap().run_as_user, Some(0));

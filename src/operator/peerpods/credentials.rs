@@ -1,7 +1,8 @@
 //! OpenShift's default path to the cloud secret: when no `peer-pods-secret` exists and the
 //! cluster serves `cloudcredential.openshift.io/v1`, the operator asks the
-//! cloud-credential-operator for Azure credentials with a CredentialsRequest (roles Reader,
-//! Virtual Machine Contributor and Network Contributor) and derives `peer-pods-secret` from
+//! cloud-credential-operator for Azure credentials with a CredentialsRequest (the exact ARM
+//! actions sandboxd performs, image build included:
+//! [`crate::cloud::azure::permissions::PERMISSIONS`]) and derives `peer-pods-secret` from
 //! the Secret it writes. A Secret the user made is never touched; a derived one follows the
 //! credentials when the cloud-credential-operator rotates them, and is owned by that Secret
 //! (it goes when the credentials go). Secret values are never logged.
@@ -29,12 +30,6 @@ pub const CREDENTIALS_REQUEST: &str = "openshift-sandboxed-containers-azure";
 pub const CCO_NAMESPACE: &str = "openshift-cloud-credential-operator";
 /// The Secret (in the operator namespace) the cloud-credential-operator writes.
 pub const CCO_SECRET: &str = "cco-secret";
-/// The Azure roles requested.
-pub const ROLES: [&str; 3] = [
-    "Reader",
-    "Virtual Machine Contributor",
-    "Network Contributor",
-];
 /// Label on a `peer-pods-secret` the operator derived (value: the source Secret's name).
 pub const LABEL_DERIVED_FROM: &str = "peerpods.sandboxd.io/derived-from";
 
@@ -130,7 +125,7 @@ pub fn credentials_request(
     namespace: &str,
     owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
 ) -> DynamicObject {
-    let roles: Vec<_> = ROLES.iter().map(|r| json!({"role": r})).collect();
+    let permissions = crate::cloud::azure::permissions::actions();
     serde_json::from_value(json!({
         "apiVersion": API_VERSION,
         "kind": "CredentialsRequest",
@@ -145,7 +140,9 @@ pub fn credentials_request(
             "providerSpec": {
                 "apiVersion": API_VERSION,
                 "kind": "AzureProviderSpec",
-                "roleBindings": roles,
+                // The custom role of exactly what sandboxd calls (CAA, PeerPod GC, image
+                // build): no built-in role covers images and galleries short of Contributor.
+                "permissions": permissions,
             },
         },
     }))
@@ -392,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn the_request_asks_for_the_three_azure_roles_into_the_operator_namespace() {
+    fn the_request_asks_for_every_action_sandboxd_performs_into_the_operator_namespace() {
         let cr = credentials_request("ns", Default::default());
         assert_eq!(cr.types.as_ref().unwrap().kind, "CredentialsRequest");
         assert_eq!(cr.name_any(), CREDENTIALS_REQUEST);
@@ -403,20 +400,27 @@ mod tests {
             json!({"name": CCO_SECRET, "namespace": "ns"})
         );
         assert_eq!(spec["providerSpec"]["kind"], "AzureProviderSpec");
-        let roles: Vec<_> = spec["providerSpec"]["roleBindings"]
+        let granted: Vec<&str> = spec["providerSpec"]["permissions"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r["role"].as_str().unwrap())
+            .map(|r| r.as_str().unwrap())
             .collect();
-        assert_eq!(
-            roles,
-            [
-                "Reader",
-                "Virtual Machine Contributor",
-                "Network Contributor"
-            ]
-        );
+        // Image build included (the old roles granted no storage account write, images or
+        // galleries).
+        for action in [
+            "Microsoft.Compute/virtualMachines/write",
+            "Microsoft.Storage/storageAccounts/write",
+            "Microsoft.Storage/storageAccounts/listKeys/action",
+            "Microsoft.Compute/images/write",
+            "Microsoft.Compute/galleries/images/versions/write",
+        ] {
+            assert!(
+                crate::cloud::azure::permissions::granted(&granted, action),
+                "{action}"
+            );
+        }
+        assert!(spec["providerSpec"]["roleBindings"].is_null());
     }
 
     #[test]

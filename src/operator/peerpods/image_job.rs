@@ -114,6 +114,10 @@ pub struct Settings {
     /// How long the KataConfig's deletion waits for the deletion Job before it goes anyway
     /// (with a Warning Event naming the image to delete by hand).
     pub deletion_timeout: Duration,
+    /// The operator's own Azure cloud and development endpoint flags, handed on to every
+    /// component it deploys that talks to Azure (both Jobs and the CAA DaemonSet): they exist
+    /// only on command lines, so this is how they reach those pods.
+    pub azure: crate::cloud::azure::EndpointArgs,
 }
 
 impl Default for Settings {
@@ -123,6 +127,7 @@ impl Default for Settings {
             backoff_limit: 2,
             creation_deadline: Duration::from_secs(2 * 3600),
             deletion_timeout: Duration::from_secs(600),
+            azure: crate::cloud::azure::EndpointArgs::default(),
         }
     }
 }
@@ -346,6 +351,11 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
         owner,
     } = c;
     let labels = json!({"app.kubernetes.io/managed-by": "sandboxd", LABEL_COMPONENT: COMPONENT});
+    let args: Vec<String> = args
+        .iter()
+        .cloned()
+        .chain(settings.azure.to_args())
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -364,10 +374,11 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
                     "restartPolicy": "Never",
                     "serviceAccountName": SERVICE_ACCOUNT,
                     "automountServiceAccountToken": api_access,
+                    // No fixed UID or GID: the image's user (65532) runs on Kubernetes, and
+                    // OpenShift's restricted-v2 SCC assigns one from the namespace's range
+                    // (it refuses a fixed one outside it).
                     "securityContext": {
                         "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [{

@@ -327,7 +327,14 @@ fn node_views(ctx: &Ctx) -> Vec<NodeView> {
 }
 
 async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
-    let kc = active_kataconfig(ctx).filter(|kc| kc.spec.enable_peer_pods);
+    let active = active_kataconfig(ctx);
+    // Without ValidatingAdmissionPolicy the webhook keeps the one-KataConfig rule while
+    // any KataConfig is in force, peer pods or not.
+    let singleton_for = active
+        .as_ref()
+        .filter(|_| ctx.webhook.settings().kataconfig_singleton)
+        .map(|kc| kc.name_any());
+    let kc = active.filter(|kc| kc.spec.enable_peer_pods);
     let Some(kc) = kc else {
         // Peer pods off or uninstalling: the resource leaves every node, the default
         // PeerPodConfig goes (the KataConfig's deletion takes it too, as its owner).
@@ -342,7 +349,31 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         if get_daemonset(&dss).await?.is_some() {
             apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
         }
-        ctx.webhook.remove(&ctx.client, &ctx.namespace).await?;
+        // CAA's CA and client certificate go with CAA (the DaemonSet may have gone with
+        // its owner already): a later install starts with a new CA.
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+        apply::delete_if_exists(&secrets, crate::caa::relay::DEFAULT_SECRET).await?;
+        let webhook_wait = match (&singleton_for, active_kataconfig(ctx)) {
+            (Some(name), Some(owner_kc)) => Some(
+                ctx.webhook
+                    .ensure(
+                        &ctx.client,
+                        &ctx.namespace,
+                        &ctx.image,
+                        &owner(&owner_kc),
+                        &webhook::Targets {
+                            mutate: false,
+                            singleton_for: Some(name.clone()),
+                        },
+                    )
+                    .await?,
+            ),
+            _ => {
+                ctx.webhook.remove(&ctx.client, &ctx.namespace).await?;
+                None
+            }
+        };
+        // The pods' webhook is not registered now (at most the KataConfig rule's).
         let gauges = &super::peer_pod_metrics::GAUGES;
         gauges.set_webhook_fail_closed(false);
         gauges.set_limit(0);
@@ -363,7 +394,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             apply::delete_if_exists(&api, DEFAULT_NAME).await?;
         }
         let image_wait = image_job::off(ctx).await?;
-        return Ok(image_wait.unwrap_or(Duration::from_secs(300)));
+        let wait = image_wait.unwrap_or(Duration::from_secs(300));
+        return Ok(webhook_wait.map_or(wait, |w| w.min(wait)));
     };
     let ppc = match ctx
         .ppcs
@@ -437,7 +469,16 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
     }
     let next = ctx
         .webhook
-        .ensure(&ctx.client, &ctx.namespace, &ctx.image, &owner(&kc))
+        .ensure(
+            &ctx.client,
+            &ctx.namespace,
+            &ctx.image,
+            &owner(&kc),
+            &webhook::Targets {
+                mutate: true,
+                singleton_for,
+            },
+        )
         .await?;
     super::peer_pod_metrics::GAUGES.set_webhook_fail_closed(true);
     Ok(CONFIG_RECHECK.min(next))
@@ -480,6 +521,7 @@ async fn ensure_caa(
         config_hash,
         owner(kc),
         ctx.cluster,
+        &ctx.image_job.azure,
     );
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     if apply::hash_matches(get_daemonset(&api).await?.as_ref(), &desired) {

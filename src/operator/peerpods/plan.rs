@@ -305,8 +305,8 @@ mod tests {
                         "00000000-0000-0000-0000-000000000000",
                     ),
                     ("AZURE_CLIENT_SECRET", "hunter2-very-secret"),
-                    ("AZURE_TENANT_ID", "t"),
-                    ("AZURE_CLIENT_ID", "c"),
+                    ("AZURE_TENANT_ID", "0a1b2c3d-0000-4000-8000-00000000000e"),
+                    ("AZURE_CLIENT_ID", "0a1b2c3d-0000-4000-8000-00000000000c"),
                 ])),
             ),
             configmap: (

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -91,6 +93,9 @@ pub struct Settings {
     pub ca_validity: std::time::Duration,
     /// Who provides the serving certificate.
     pub tls: TlsSource,
+    /// Keep the one-KataConfig rule with this webhook (the cluster has no
+    /// ValidatingAdmissionPolicy): the webhook runs while any KataConfig exists.
+    pub kataconfig_singleton: bool,
 }
 
 impl Default for Settings {
@@ -100,7 +105,25 @@ impl Default for Settings {
             cert_validity: std::time::Duration::from_secs(365 * 24 * 3600),
             ca_validity: std::time::Duration::from_secs(10 * 365 * 24 * 3600),
             tls: TlsSource::Operator,
+            kataconfig_singleton: false,
         }
+    }
+}
+
+/// What the rolled-out webhook serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    /// Peer pods are on: the MutatingWebhookConfiguration sends `kata-remote` pods.
+    pub mutate: bool,
+    /// The one-KataConfig rule on a cluster without ValidatingAdmissionPolicy: the
+    /// ValidatingWebhookConfiguration refusing every KataConfig but this one.
+    pub singleton_for: Option<String>,
+}
+
+impl Targets {
+    /// Whether the webhook is needed at all.
+    pub fn any(&self) -> bool {
+        self.mutate || self.singleton_for.is_some()
     }
 }
 
@@ -428,9 +451,9 @@ pub fn deployment(namespace: &str, image: &str, owner: &OwnerReference) -> Deplo
                 "spec": {
                     "serviceAccountName": SERVICE_ACCOUNT,
                     "automountServiceAccountToken": false,
+                    // No fixed UID: see the image Job.
                     "securityContext": {
                         "runAsNonRoot": true,
-                        "runAsUser": 65532,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
@@ -533,6 +556,31 @@ pub fn webhook_configuration(
     mwc.metadata.owner_references = Some(vec![owner.clone()]);
     apply::stamp_hash(&mut mwc);
     mwc
+}
+
+/// The ValidatingWebhookConfiguration of the one-KataConfig rule for `active`, pointed at
+/// the webhook like [`webhook_configuration`].
+pub fn singleton_configuration(
+    namespace: &str,
+    settings: &Settings,
+    active: &str,
+    ca_bundle: Option<String>,
+    owner: &OwnerReference,
+) -> ValidatingWebhookConfiguration {
+    let mut vwc = crate::webhook::singleton::configuration(
+        active,
+        &endpoint(namespace, settings.url.as_deref()),
+        ca_bundle,
+    );
+    if settings.tls == TlsSource::ServiceCa {
+        vwc.metadata.annotations = Some(BTreeMap::from([(
+            SERVICE_CA_INJECT_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]));
+    }
+    vwc.metadata.owner_references = Some(vec![owner.clone()]);
+    apply::stamp_hash(&mut vwc);
+    vwc
 }
 
 // ---------------------------------------------------------------------------------------
@@ -645,17 +693,23 @@ pub async fn ensure(
     image: &str,
     settings: &Settings,
     owner: &OwnerReference,
+    targets: &Targets,
 ) -> Result<std::time::Duration, Error> {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     ensure_stamped(&sas, "ServiceAccount", &service_account(namespace, owner)).await?;
-    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let configs = Configurations {
+        client,
+        namespace,
+        settings,
+        owner,
+        targets,
+    };
     let next = match settings.tls {
         TlsSource::ServiceCa => {
-            let mwc = webhook_configuration(namespace, settings, None, owner);
-            ensure_stamped(&mwcs, "MutatingWebhookConfiguration", &mwc).await?;
+            configs.ensure(None).await?;
             std::time::Duration::from_secs(300)
         }
-        TlsSource::Operator => ensure_tls(client, namespace, settings, owner, &mwcs).await?,
+        TlsSource::Operator => ensure_tls(client, namespace, settings, owner, &configs).await?,
     };
     let svcs: Api<Service> = Api::namespaced(client.clone(), namespace);
     ensure_stamped(&svcs, "Service", &service(namespace, settings.tls, owner)).await?;
@@ -666,12 +720,68 @@ pub async fn ensure(
     Ok(next)
 }
 
+/// The admission configurations the webhook serves, applied or removed by [`Targets`].
+struct Configurations<'a> {
+    client: &'a kube::Client,
+    namespace: &'a str,
+    settings: &'a Settings,
+    owner: &'a OwnerReference,
+    targets: &'a Targets,
+}
+
+impl Configurations<'_> {
+    async fn ensure(&self, bundle: Option<String>) -> Result<(), Error> {
+        let mwcs: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        if self.targets.mutate {
+            let mwc =
+                webhook_configuration(self.namespace, self.settings, bundle.clone(), self.owner);
+            ensure_stamped(&mwcs, "MutatingWebhookConfiguration", &mwc).await?;
+        } else if get(
+            &mwcs,
+            "MutatingWebhookConfiguration",
+            manifest::CONFIGURATION_NAME,
+        )
+        .await?
+        .is_some()
+        {
+            apply::delete_if_exists(&mwcs, manifest::CONFIGURATION_NAME).await?;
+        }
+        let vwcs: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+        match &self.targets.singleton_for {
+            Some(active) => {
+                let vwc = singleton_configuration(
+                    self.namespace,
+                    self.settings,
+                    active,
+                    bundle,
+                    self.owner,
+                );
+                ensure_stamped(&vwcs, "ValidatingWebhookConfiguration", &vwc).await?;
+            }
+            None => {
+                if get(
+                    &vwcs,
+                    "ValidatingWebhookConfiguration",
+                    crate::webhook::singleton::CONFIGURATION_NAME,
+                )
+                .await?
+                .is_some()
+                {
+                    apply::delete_if_exists(&vwcs, crate::webhook::singleton::CONFIGURATION_NAME)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn ensure_tls(
     client: &kube::Client,
     namespace: &str,
     settings: &Settings,
     owner: &OwnerReference,
-    mwcs: &Api<MutatingWebhookConfiguration>,
+    configs: &Configurations<'_>,
 ) -> Result<std::time::Duration, Error> {
     let now = OffsetDateTime::now_utc();
     let names = serving_names(namespace, settings.url.as_deref())?;
@@ -723,8 +833,7 @@ async fn ensure_tls(
     let bundle = ca_bundle(&state.cert_pem, previous, now);
 
     // 2. The caBundle, before any certificate of a new CA is served.
-    let mwc = webhook_configuration(namespace, settings, Some(bundle.clone()), owner);
-    ensure_stamped(mwcs, "MutatingWebhookConfiguration", &mwc).await?;
+    configs.ensure(Some(bundle.clone())).await?;
 
     // 3. The serving certificate.
     let observed = get(&secrets, "Secret", SERVING_SECRET).await?;
@@ -838,6 +947,11 @@ pub async fn remove(client: &kube::Client, namespace: &str) -> Result<(), Error>
     )
     .await?;
     apply::delete_if_exists(
+        &Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+        crate::webhook::singleton::CONFIGURATION_NAME,
+    )
+    .await?;
+    apply::delete_if_exists(
         &Api::<Deployment>::namespaced(client.clone(), namespace),
         DEPLOYMENT,
     )
@@ -869,6 +983,7 @@ enum Last {
     Removed,
     Ensured {
         owner_uid: String,
+        targets: Targets,
         at: std::time::Instant,
         due: std::time::Instant,
     },
@@ -893,6 +1008,11 @@ impl Rollout {
         }
     }
 
+    /// The settings this rollout applies.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     fn set(&self, last: Last) {
         *self.last.lock().expect("rollout state") = last;
     }
@@ -905,10 +1025,17 @@ impl Rollout {
         namespace: &str,
         image: &str,
         owner: &OwnerReference,
+        targets: &Targets,
     ) -> Result<std::time::Duration, Error> {
         let now = std::time::Instant::now();
-        if let Last::Ensured { owner_uid, at, due } = &*self.last.lock().expect("rollout state")
+        if let Last::Ensured {
+            owner_uid,
+            targets: last,
+            at,
+            due,
+        } = &*self.last.lock().expect("rollout state")
             && *owner_uid == owner.uid
+            && last == targets
         {
             let until = (*at + RECHECK).min(*due);
             if now < until {
@@ -916,9 +1043,10 @@ impl Rollout {
             }
         }
         self.set(Last::Unknown);
-        let next = ensure(client, namespace, image, &self.settings, owner).await?;
+        let next = ensure(client, namespace, image, &self.settings, owner, targets).await?;
         self.set(Last::Ensured {
             owner_uid: owner.uid.clone(),
+            targets: targets.clone(),
             at: now,
             due: now + next,
         });

@@ -1,0 +1,531 @@
+//! Images pulled inside the VM with `oci-client`: the manifest for linux/amd64, each layer
+//! fetched once (its digest verified while it streams), unpacked into its own directory of
+//! the store with OCI whiteouts turned into overlayfs ones (`.wh.<name>` → a 0/0 character
+//! device, `.wh..wh..opq` → the `trusted.overlay.opaque` attribute), and a container's root
+//! mounted as overlayfs over its layers with a writable layer of its own in the store.
+//! Layers are shared between the containers of the pod and kept for the VM's life.
+//!
+//! Registry credentials come from an `auth.json` (`{"auths": {"<registry>": {"auth":
+//! base64("user:password")}}}`) that CAA writes from the pod's pull secrets; without an
+//! entry for the registry the pull is anonymous. Failures name what went wrong: an invalid
+//! reference, no such image or tag, the registry refusing the credentials, a digest mismatch.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MsFlags, mount};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::sync::Mutex;
+
+use super::Error;
+
+/// Media types of layers this agent unpacks.
+const GZIP: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+];
+const TAR: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.docker.image.rootfs.diff.tar",
+];
+
+/// What the image's config says about its process.
+#[derive(Clone, Debug, Default)]
+pub struct ImageConfig {
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Cmd.
+    pub cmd: Vec<String>,
+    /// Env.
+    pub env: Vec<String>,
+    /// WorkingDir.
+    pub working_dir: String,
+}
+
+/// The image store of the VM.
+pub struct Store {
+    dir: PathBuf,
+    auth_file: PathBuf,
+    // A client per pull: `oci-client` keeps the first credentials it saw for a registry
+    // (pull secrets change, or arrive after a first anonymous try), and an idle agent keeps
+    // no connection pools or root stores.
+    config: ClientProtocol,
+    // One pull at a time: two containers of one image share its layers.
+    pulls: Mutex<()>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+fn image_err(reference: &str, detail: impl Into<String>) -> Error {
+    Error::Image {
+        image: reference.into(),
+        detail: detail.into(),
+    }
+}
+
+/// A failure of the registry client in the words a user needs.
+fn describe(e: &OciDistributionError) -> String {
+    use OciDistributionError as E;
+    match e {
+        E::AuthenticationFailure(m) => format!("the registry refused the credentials: {m}"),
+        E::UnauthorizedError { url } => {
+            format!("the registry refused the credentials (401 Unauthorized for {url})")
+        }
+        E::ImageManifestNotFoundError(m) => format!("no such image or tag: {m}"),
+        E::DigestError(d) => format!("digest mismatch: {d}"),
+        E::RegistryError { envelope, url } => {
+            let codes: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|x| format!("{:?}", x.code))
+                .collect();
+            let text = codes.join(",");
+            if text.contains("ManifestUnknown") || text.contains("NameUnknown") {
+                format!("no such image or tag ({text} at {url})")
+            } else if text.contains("Unauthorized") || text.contains("Denied") {
+                format!("the registry refused the credentials ({text} at {url})")
+            } else {
+                format!("registry error {text} at {url}: {envelope}")
+            }
+        }
+        E::ServerError { code, url, message } if *code == 404 => {
+            format!("no such image or tag (404 at {url}: {message})")
+        }
+        E::ServerError { code, url, message } if *code == 401 || *code == 403 => {
+            format!("the registry refused the credentials ({code} at {url}: {message})")
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        }
+    }
+}
+
+/// The credentials for `registry` in an `auth.json`.
+pub fn auth_for(auth_json: &str, registry: &str) -> Result<RegistryAuth, String> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        auth: String,
+        #[serde(default)]
+        username: String,
+        #[serde(default)]
+        password: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        auths: HashMap<String, Entry>,
+    }
+    let f: File = serde_json::from_str(auth_json).map_err(|e| format!("auth file: {e}"))?;
+    let docker_hub = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+    let matches = |key: &str| {
+        let k = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        k == registry || (docker_hub.contains(&k) && docker_hub.contains(&registry))
+    };
+    let Some((_, e)) = f.auths.iter().find(|(k, _)| matches(k)) else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    if !e.username.is_empty() {
+        return Ok(RegistryAuth::Basic(e.username.clone(), e.password.clone()));
+    }
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(e.auth.trim())
+        .map_err(|_| format!("auth file: the entry for {registry} is not base64"))?;
+    let text = String::from_utf8(raw)
+        .map_err(|_| format!("auth file: the entry for {registry} is not UTF-8"))?;
+    let (u, p) = text
+        .split_once(':')
+        .ok_or_else(|| format!("auth file: the entry for {registry} is not user:password"))?;
+    Ok(RegistryAuth::Basic(u.into(), p.into()))
+}
+
+fn hex_of(digest: &str) -> Result<&str, String> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("digest {digest:?} is not sha256"))?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("digest {digest:?} is malformed"));
+    }
+    Ok(hex)
+}
+
+/// Unpacks a layer (a tar stream) into `dir`, whiteouts turned into overlayfs ones.
+pub fn unpack(reader: impl Read, dir: &Path) -> Result<(), String> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| format!("reading the layer: {e}"))?;
+        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        if path.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        }) {
+            return Err(format!("layer entry {} leaves the layer", path.display()));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let parent = dir.join(path.parent().unwrap_or(Path::new("")));
+            std::fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            if hidden == ".wh..opq" {
+                xattr::set(&parent, "trusted.overlay.opaque", b"y")
+                    .map_err(|e| format!("opaque whiteout on {}: {e}", parent.display()))?;
+            } else {
+                let target = parent.join(hidden);
+                let _ = std::fs::remove_file(&target);
+                let _ = std::fs::remove_dir_all(&target);
+                nix::sys::stat::mknod(
+                    &target,
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::empty(),
+                    0,
+                )
+                .map_err(|e| format!("whiteout {}: {e}", target.display()))?;
+            }
+            continue;
+        }
+        entry.unpack_in(dir).map_err(|e| {
+            let mut m = format!("unpacking {}: {e}", path.display());
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                m.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            m
+        })?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// A store in `dir`; `auth_file` holds registry credentials (absent: anonymous);
+    /// `insecure` registries (`host:port`) are reached over plain HTTP.
+    pub fn new(dir: &Path, auth_file: &Path, insecure: Vec<String>) -> Self {
+        // The registry client's TLS takes the process-wide provider (ring, as everywhere).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self {
+            dir: dir.into(),
+            auth_file: auth_file.into(),
+            config: ClientProtocol::HttpsExcept(insecure),
+            pulls: Mutex::new(()),
+        }
+    }
+
+    fn auth(&self, registry: &str) -> Result<RegistryAuth, String> {
+        match std::fs::read_to_string(&self.auth_file) {
+            Ok(text) => auth_for(&text, registry),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryAuth::Anonymous),
+            Err(e) => Err(format!("{}: {e}", self.auth_file.display())),
+        }
+    }
+
+    /// The writable layer of the container whose root is `target`.
+    pub fn rw_dir(&self, target: &Path) -> PathBuf {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA256, target.as_os_str().as_encoded_bytes());
+        let name: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.dir.join("rw").join(name)
+    }
+
+    /// Pulls `reference` (layers not in the store yet) and mounts it at `target`.
+    pub async fn mount(&self, reference: &str, target: &Path) -> Result<ImageConfig, Error> {
+        let layers_and_config = self.pull(reference).await?;
+        let (layers, config) = layers_and_config;
+        let rw = self.rw_dir(target);
+        let _ = std::fs::remove_dir_all(&rw);
+        let (upper, work) = (rw.join("upper"), rw.join("work"));
+        for d in [&upper, &work, &target.to_path_buf()] {
+            std::fs::create_dir_all(d).map_err(super::io(format!("creating {}", d.display())))?;
+        }
+        // overlayfs lists the top layer first.
+        let lower: Vec<String> = layers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|e| {
+            image_err(
+                reference,
+                format!("mounting overlayfs on {}: {e}", target.display()),
+            )
+        })?;
+        Ok(config)
+    }
+
+    /// Forgets the writable layer of `target` (after its unmount).
+    pub fn release(&self, target: &Path) {
+        let _ = std::fs::remove_dir_all(self.rw_dir(target));
+    }
+
+    /// Pulls the image: its layer directories (bottom first) and its config.
+    async fn pull(&self, reference: &str) -> Result<(Vec<PathBuf>, ImageConfig), Error> {
+        let r: Reference = reference
+            .parse()
+            .map_err(|e| image_err(reference, format!("invalid image reference: {e}")))?;
+        let auth = self
+            .auth(r.resolve_registry())
+            .map_err(|e| image_err(reference, e))?;
+        let _one = self.pulls.lock().await;
+        let start = std::time::Instant::now();
+        let client = Client::new(ClientConfig {
+            protocol: self.config.clone(),
+            ..Default::default()
+        });
+        let (manifest, digest, config) = client
+            .pull_manifest_and_config(&r, &auth)
+            .await
+            .map_err(|e| image_err(reference, describe(&e)))?;
+        let config = parse_config(&config).map_err(|e| image_err(reference, e))?;
+        let layers_dir = self.dir.join("layers");
+        std::fs::create_dir_all(&layers_dir)
+            .map_err(super::io(format!("creating {}", layers_dir.display())))?;
+        let mut dirs = Vec::new();
+        let mut fetched = 0;
+        for layer in &manifest.layers {
+            let hex = hex_of(&layer.digest).map_err(|e| image_err(reference, e))?;
+            let dir = layers_dir.join(hex);
+            dirs.push(dir.clone());
+            if dir.exists() {
+                continue;
+            }
+            let gzip = if GZIP.contains(&layer.media_type.as_str()) {
+                true
+            } else if TAR.contains(&layer.media_type.as_str()) {
+                false
+            } else {
+                return Err(image_err(
+                    reference,
+                    format!(
+                        "layer {} has media type {}, which this agent does not unpack",
+                        layer.digest, layer.media_type
+                    ),
+                ));
+            };
+            let blob = layers_dir.join(format!("{hex}.blob"));
+            let file = std::fs::File::create(&blob)
+                .map(BlockingFile)
+                .map_err(super::io(format!("creating {}", blob.display())))?;
+            let pulled = client.pull_blob(&r, layer, file).await;
+            if let Err(e) = pulled {
+                let _ = std::fs::remove_file(&blob);
+                return Err(image_err(
+                    reference,
+                    format!("layer {}: {}", layer.digest, describe(&e)),
+                ));
+            }
+            let tmp = layers_dir.join(format!("{hex}.tmp"));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)
+                .map_err(super::io(format!("creating {}", tmp.display())))?;
+            let unpacked = std::fs::File::open(&blob)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    let f = std::io::BufReader::new(f);
+                    if gzip {
+                        unpack(flate2::read::GzDecoder::new(f), &tmp)
+                    } else {
+                        unpack(f, &tmp)
+                    }
+                });
+            let _ = std::fs::remove_file(&blob);
+            if let Err(e) = unpacked {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(image_err(reference, format!("layer {}: {e}", layer.digest)));
+            }
+            std::fs::rename(&tmp, &dir)
+                .map_err(super::io(format!("renaming {}", tmp.display())))?;
+            fetched += 1;
+        }
+        tracing::info!(image = %reference, %digest, layers = dirs.len(), fetched, seconds = start.elapsed().as_secs_f64(), "image ready");
+        Ok((dirs, config))
+    }
+}
+
+/// A file written in place from async code. `tokio::fs` would start blocking-pool threads,
+/// and the agent stays single-threaded: libcontainer clones container processes from it, and
+/// a clone must not inherit a lock another thread holds.
+struct BlockingFile(std::fs::File);
+
+impl tokio::io::AsyncWrite for BlockingFile {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(std::io::Write::write(&mut self.0, buf))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(std::io::Write::flush(&mut self.0))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The process part of an image config.
+pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(rename_all = "PascalCase")]
+    struct Process {
+        #[serde(default)]
+        entrypoint: Option<Vec<String>>,
+        #[serde(default)]
+        cmd: Option<Vec<String>>,
+        #[serde(default)]
+        env: Option<Vec<String>>,
+        #[serde(default)]
+        working_dir: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default)]
+        config: Option<Process>,
+    }
+    let c: Config = serde_json::from_str(json).map_err(|e| format!("image config: {e}"))?;
+    let p = c.config.unwrap_or_default();
+    Ok(ImageConfig {
+        entrypoint: p.entrypoint.unwrap_or_default(),
+        cmd: p.cmd.unwrap_or_default(),
+        env: p.env.unwrap_or_default(),
+        working_dir: p.working_dir.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_found_by_registry_and_absent_ones_mean_anonymous() {
+        let json = r#"{"auths": {"127.0.0.1:5000": {"auth": "dXNlcjpwYXNz"}, "https://index.docker.io/v1/": {"username": "d", "password": "p"}}}"#;
+        assert!(
+            matches!(auth_for(json, "127.0.0.1:5000").unwrap(), RegistryAuth::Basic(u, p) if u == "user" && p == "pass")
+        );
+        assert!(
+            matches!(auth_for(json, "index.docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "d")
+        );
+        assert!(matches!(
+            auth_for(json, "quay.io").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(auth_for(r#"{"auths": {"r": {"auth": "!!"}}}"#, "r").is_err());
+    }
+
+    #[test]
+    fn whiteouts_become_overlayfs_whiteouts_and_escapes_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h.clone(), "etc/keep", &b"ok"[..])
+            .unwrap();
+        h.set_size(0);
+        b.append_data(&mut h.clone(), "etc/.wh.gone", &b""[..])
+            .unwrap();
+        b.append_data(&mut h.clone(), "var/.wh..wh..opq", &b""[..])
+            .unwrap();
+        let bytes = b.into_inner().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        unpack(&bytes[..], d.path()).unwrap();
+        assert_eq!(std::fs::read(d.path().join("etc/keep")).unwrap(), b"ok");
+        use std::os::unix::fs::FileTypeExt;
+        let gone = std::fs::symlink_metadata(d.path().join("etc/gone")).unwrap();
+        assert!(gone.file_type().is_char_device());
+        assert!(!d.path().join("etc/.wh.gone").exists());
+        let opq = xattr::get(d.path().join("var"), "trusted.overlay.opaque").unwrap();
+        assert_eq!(opq.as_deref(), Some(&b"y"[..]));
+
+        // A raw header naming `../x`: the tar builder refuses to write one, so patch it in.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "aa/x", &b"x"[..]).unwrap();
+        let mut bytes = b.into_inner().unwrap();
+        bytes[..4].copy_from_slice(b"../x");
+        let mut sum: u32 = bytes[..512]
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    c as u32
+                }
+            })
+            .sum();
+        sum &= 0o777777;
+        bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let e = unpack(&bytes[..], d.path()).unwrap_err();
+        assert!(e.contains("leaves the layer"), "{e}");
+    }
+
+    #[test]
+    fn an_image_config_gives_entrypoint_cmd_env_and_workdir() {
+        let c = parse_config(r#"{"architecture":"amd64","config":{"Entrypoint":["/bin/sh"],"Cmd":["-c","echo hi"],"Env":["PATH=/bin"],"WorkingDir":"/w"}}"#).unwrap();
+        assert_eq!(c.entrypoint, ["/bin/sh"]);
+        assert_eq!(c.cmd, ["-c", "echo hi"]);
+        assert_eq!(c.env, ["PATH=/bin"]);
+        assert_eq!(c.working_dir, "/w");
+        assert!(parse_config("{}").unwrap().cmd.is_empty());
+    }
+}
