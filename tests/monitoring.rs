@@ -91,6 +91,7 @@ async fn service_monitors_reach_what_is_deployed(_env: Env) -> Result<()> {
         "h",
         Default::default(),
         caa::Cluster { host_ips: true },
+        &Default::default(),
     ))?;
     let hook_svc =
         serde_json::to_value(webhook::service(ns, webhook::TlsSource::Operator, &owner))?;

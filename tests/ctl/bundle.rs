@@ -49,7 +49,137 @@ pub fn cases() -> Vec<Case> {
             "ctl::kubectl_sandboxd_and_oc_sandboxd_are_ctl",
             plugin_names,
         ),
+        Case::node(
+            "ctl::support_bundle_on_the_real_node_keeps_current_and_previous_logs_with_tokens_redacted",
+            real_node_logs,
+        )
+        .skip_if(crate::harness::node::unavailable().or_else(|| {
+            crate::harness::node::image_archive().is_none().then(|| {
+                "no image from `make image` (target/oci/sandboxd.tar or SANDBOXD_IMAGE_ARCHIVE)"
+                    .to_string()
+            })
+        })),
     ]
+}
+
+/// A container on the real node that logs a bearer token and a learnt secret value, then
+/// exits (so the kubelet restarts it: there is a previous log); the bundle fetches both logs
+/// through the API server and the kubelet, and neither canary survives.
+async fn real_node_logs(env: Env) -> Result<()> {
+    let node = env.node();
+    let client = env.admin().await?;
+    let open = node.open(&client).await?;
+    let result = real_node_logs_on(&env, node, &client).await;
+    open.close().await?;
+    result
+}
+
+async fn real_node_logs_on(
+    env: &Env,
+    node: &'static crate::harness::node::TestNode,
+    client: &kube::Client,
+) -> Result<()> {
+    let c = Canaries::new(env);
+    let image = node
+        .image
+        .clone()
+        .context("the node has no sandboxd image")?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &env.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "peer-pods-secret"},
+                "stringData": {"AZURE_CLIENT_SECRET": c.secret},
+            }))?,
+        )
+        .await?;
+    // `sandboxd ctl` names the kubeconfig it cannot read, tokens and all, on stderr.
+    let path = format!("/run/x Authorization: Bearer {} note {}", c.event, c.secret);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &env.ns);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "token-printer"},
+            "spec": {
+                "nodeName": node.name,
+                "containers": [{
+                    "name": "printer",
+                    "image": image,
+                    // Imported into the node's containerd, never pulled.
+                    "imagePullPolicy": "Never",
+                    "args": ["ctl", "--kubeconfig", path, "limit", "get"],
+                }],
+            },
+        }))?,
+    )
+    .await?;
+    crate::harness::eventually(
+        "the container restarted once",
+        std::time::Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get("token-printer").await?;
+                let restarts = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|cs| cs.first().map(|c| c.restart_count))
+                    .unwrap_or(0);
+                Ok((restarts >= 1).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let raw_log = pods
+        .logs(
+            "token-printer",
+            &kube::api::LogParams {
+                previous: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+    ensure!(
+        raw_log.contains(&c.event),
+        "the container logs the token: {raw_log}"
+    );
+
+    let dir = run_dir().join(format!("bundle-node-{}", env.ns));
+    std::fs::create_dir_all(&dir)?;
+    let archive = dir.join("bundle.tar.gz");
+    ctl(
+        env,
+        &env.ns,
+        &[
+            "support-bundle",
+            "-f",
+            &archive.display().to_string(),
+            "--timeout",
+            "90s",
+            "--no-azure",
+            "--probe-namespace",
+            &env.ns,
+        ],
+    )
+    .await?
+    .ok()?;
+    let root = top(&extract(&archive)?)?;
+    let logs = root.join(format!(
+        "namespaces/{}/pods/token-printer/printer/logs",
+        env.ns
+    ));
+    for f in ["current.log", "previous.log"] {
+        let text = std::fs::read_to_string(logs.join(f)).with_context(|| f.to_string())?;
+        ensure!(
+            text.contains("Bearer [REDACTED]") && text.contains("note [REDACTED]"),
+            "{f}: {text}"
+        );
+    }
+    for (p, data) in files(&root)? {
+        assert_no_canary(&c, &p.display().to_string(), &data)?;
+    }
+    Ok(())
 }
 
 /// Canaries, unique per run, each planted in one place.
