@@ -5,7 +5,7 @@ Usage: dashboard-picture.py PROMETHEUS_URL   (writes $DASHBOARD_PNG, default das
 
 Each panel's own PromQL (Grafana's $__rate_interval as 10s: the demo scrapes every second)
 is evaluated with query_range over everything the Prometheus holds, one point a second, and
-drawn with the panel's legend format. Run by scripts/dashboard-picture.sh through the demo.
+drawn with the panel's legend format. Run by scripts/dashboard-picture.sh before its teardown.
 """
 import datetime
 import json
@@ -76,7 +76,7 @@ def main():
             ax.legend(fontsize=8, loc="upper right")
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("sandboxd: peer pods — `make demo` (3 kata-remote replicas, VM limit 2), scraped every second")
+    fig.suptitle("sandboxd: peer pods — a local run (3 kata-remote replicas, VM limit 2), scraped every second")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out, dpi=90)
     print(f"dashboard: wrote {out}")
