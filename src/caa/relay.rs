@@ -287,9 +287,12 @@ impl AgentSockets {
                 crate::forwarder::relay::enlarge_send_buffer(&conn);
                 let (cfg, vm, token) = (cfg.clone(), vm.clone(), token.clone());
                 tokio::spawn(async move {
+                    let metrics = &super::metrics::METRICS;
+                    let _active = metrics.relay_started();
                     let upstream = match dial(&cfg, addr, &vm, timeout).await {
                         Ok(u) => u,
                         Err(e) => {
+                            metrics.relay_error();
                             tracing::warn!(vm = %vm, error = %e, "agent connection dropped");
                             return;
                         }
@@ -298,6 +301,7 @@ impl AgentSockets {
                         _ = token.cancelled() => {}
                         r = crate::forwarder::relay::relay(conn, upstream, None) => {
                             if let Err(e) = r {
+                                metrics.relay_error();
                                 tracing::warn!(vm = %vm, error = %e, kind = e.metric_label(), "agent relay ended");
                             }
                         }

@@ -778,6 +778,23 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
     out
 }
 
+/// The findings as the table `ctl doctor` prints: one line each, its fix below.
+pub fn render(found: &[Finding]) -> String {
+    let mut out = String::new();
+    for f in found {
+        let status = match f.status {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        out.push_str(&format!("[{status:4}] {:12} {}\n", f.check, f.message));
+        if let Some(fix) = &f.fix {
+            out.push_str(&format!("{:20}fix: {fix}\n", ""));
+        }
+    }
+    out
+}
+
 /// Run the command.
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
@@ -785,19 +802,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
         Output::Yaml => print!("{}", serde_saphyr::to_string(&found)?),
-        Output::Table => {
-            for f in &found {
-                let status = match f.status {
-                    Status::Ok => "ok",
-                    Status::Warn => "warn",
-                    Status::Fail => "FAIL",
-                };
-                println!("[{status:4}] {:12} {}", f.check, f.message);
-                if let Some(fix) = &f.fix {
-                    println!("{:20}fix: {fix}", "");
-                }
-            }
-        }
+        Output::Table => print!("{}", render(&found)),
     }
     let failed = found.iter().filter(|f| f.status == Status::Fail).count();
     if failed > 0 {

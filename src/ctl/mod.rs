@@ -17,6 +17,7 @@ pub mod output;
 pub mod secret;
 pub mod ssh_key;
 pub mod status;
+pub mod support_bundle;
 pub mod vm;
 
 use crate::k8s::KubeArgs;
@@ -78,6 +79,12 @@ pub enum CtlCommand {
     /// Peer-pod VMs.
     #[command(subcommand)]
     Vm(vm::Command),
+    /// Collect objects, logs, doctor findings and versions into one .tar.gz for a bug
+    /// report, every credential redacted.
+    SupportBundle(support_bundle::BundleArgs),
+    /// The support bundle as files under /must-gather (the `oc adm must-gather --image`
+    /// entry point; the binary runs it when invoked as `gather`).
+    MustGather(support_bundle::MustGatherArgs),
 }
 
 /// `sandboxd ctl azure ...`.
@@ -126,5 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         CtlCommand::Status(a) => status::run(&ctx, a).await,
         CtlCommand::Doctor(a) => doctor::run(&ctx, a).await,
         CtlCommand::Vm(c) => vm::run(&ctx, c).await,
+        CtlCommand::SupportBundle(a) => support_bundle::run(&ctx, a).await,
+        CtlCommand::MustGather(a) => support_bundle::must_gather(&ctx, a).await,
     }
 }

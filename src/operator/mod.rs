@@ -11,6 +11,7 @@ pub mod machineconfig;
 pub mod metrics;
 pub mod node_install;
 pub mod nodes;
+pub mod peer_pod_metrics;
 pub mod peerpod_gc;
 pub mod peerpods;
 pub mod runtimeclass;
@@ -301,6 +302,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = crate::telemetry::Metrics::for_component("operator");
     let metrics = Arc::new(OperatorMetrics::default());
     metrics.register(registry.registry_mut());
+    peer_pod_metrics::GAUGES.register(registry.registry_mut());
+    peer_pod_metrics::watch(client.clone(), shutdown.clone());
     let readiness = crate::telemetry::Readiness::default();
     let listener = crate::telemetry::bind(args.metrics_addr).await?;
     let router = crate::telemetry::router(registry.finish(), readiness);

@@ -119,6 +119,9 @@ pub fn daemonset(
                             {"configMapRef": {"name": configmap}},
                         ],
                         "env": env(cluster),
+                        // Scraped by the PodMonitor of deploy/monitoring (hostNetwork: the
+                        // node's port).
+                        "ports": [{"name": "metrics", "containerPort": crate::caa::METRICS_PORT, "protocol": "TCP"}],
                         "volumeMounts": [
                             {"name": "pods-dir", "mountPath": PEERPOD_DIR, "mountPropagation": "HostToContainer"},
                             {"name": "netns", "mountPath": "/run/netns", "mountPropagation": "HostToContainer"},

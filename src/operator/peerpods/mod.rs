@@ -192,7 +192,12 @@ pub async fn run(
         cluster,
     };
     let ctx = &ctx;
-    reconcile_loop("peerpods", &watches, || reconcile(ctx)).await;
+    reconcile_loop("peerpods", &watches, || async move {
+        let result = reconcile(ctx).await;
+        super::peer_pod_metrics::GAUGES.reconciled(result.as_ref().err().map(Error::metric_label));
+        result
+    })
+    .await;
 }
 
 impl Failure for Error {}
@@ -275,6 +280,11 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
                 None
             }
         };
+        // The pods' webhook is not registered now (at most the KataConfig rule's).
+        let gauges = &super::peer_pod_metrics::GAUGES;
+        gauges.set_webhook_fail_closed(false);
+        gauges.set_limit(0);
+        gauges.set_image_ready(false);
         credentials::teardown(ctx).await;
         if ctx
             .kcs
@@ -322,6 +332,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             let nodes = node_views(ctx);
             let actions = plan::node_actions(&nodes, &ppc.spec.node_selector, Some(limit));
             apply_nodes(ctx, &nodes, &actions).await?;
+            super::peer_pod_metrics::GAUGES.set_limit(limit);
             conditions::new(
                 CONDITION_LIMIT_APPLIED,
                 true,
@@ -356,6 +367,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
     };
     let (image_condition, image_ready) =
         image_job::reconcile(ctx, &kc, &ppc, &inputs, verdict.as_ref().ok()).await?;
+    super::peer_pod_metrics::GAUGES.set_image_ready(image_ready);
     let conds = vec![limit_condition, config_condition, image_condition];
     write_status(ctx, &ppc, conds).await?;
     if verdict.is_ok() && image_ready {
@@ -375,6 +387,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             },
         )
         .await?;
+    super::peer_pod_metrics::GAUGES.set_webhook_fail_closed(true);
     Ok(CONFIG_RECHECK.min(next))
 }
 
