@@ -6,7 +6,7 @@
 #   make image    the OCI image (FROM scratch) of that binary plus the pod VM build inputs
 #                 (kernel, modules, systemd-boot; PODVM_INPUTS= leaves them out), checked
 #                 with skopeo
-#   make lint     rustfmt and clippy
+#   make lint     rustfmt, clippy, and promtool on the alert rules of deploy/monitoring
 #   make demo     the setup guide end to end on this machine, narrated (root), on a real
 #                 node (kubelet, containerd, kube-proxy) running the image
 
@@ -53,6 +53,7 @@ lint:
 	@$(STAGE) fmt $(CARGO) fmt --all -- --check
 	@$(STAGE) clippy $(CARGO) clippy --all-targets --locked -- -D warnings
 	@$(STAGE) no-openssl-no-aws-lc scripts/check-deps.sh
+	@$(STAGE) monitoring-rules scripts/check-monitoring.sh
 
 unit:
 	@$(STAGE) unit $(CARGO) test --locked --lib --bins

@@ -7,7 +7,9 @@
 #     qemu-utils and ovmf (the pod VM image boot test); runc,
 #     containernetworking-plugins (bridge, host-local, loopback), iptables and
 #     dbus-daemon for the test node (scripts/node.sh builds the rest), curl;
-#     docker-registry and busybox-static (the agent tests' registry and image).
+#     docker-registry and busybox-static (the agent tests' registry and image);
+#     prometheus (promtool checks and tests the alert rules of deploy/monitoring;
+#     the Prometheus server renders the dashboard picture of docs/monitoring.md).
 #   - rustup: the x86_64-unknown-linux-musl target and the clippy and
 #     rustfmt components of the toolchain this repository selects.
 #   - Azurite (npm), the storage emulator the image publish tests start, under
@@ -19,7 +21,7 @@
 set -euo pipefail
 
 APT_PACKAGES=(musl-tools skopeo ca-certificates util-linux iproute2 jq qemu-system-x86 qemu-utils ovmf
-  runc containernetworking-plugins iptables dbus-daemon curl docker-registry busybox-static)
+  runc containernetworking-plugins iptables dbus-daemon curl docker-registry busybox-static prometheus)
 RUST_TARGETS=(x86_64-unknown-linux-musl)
 RUST_COMPONENTS=(clippy rustfmt)
 

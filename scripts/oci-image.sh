@@ -23,6 +23,11 @@
 #
 # The image contains exactly:
 #   /sandboxd                            0755  the binary (the entrypoint)
+#   /bin/bash, /usr/bin/gather, /tar     links to /sandboxd: what an `oc adm
+#                                        must-gather --image` pod runs (the gather
+#                                        and copy containers' `bash -c`, gather,
+#                                        and oc's `tar` on PATH=/), answered by the
+#                                        binary itself (src/ctl/support_bundle/pod.rs)
 #   /etc/ssl/certs/ca-certificates.crt   0644  copied from the host
 #   /etc, /etc/ssl, /etc/ssl/certs       0755
 #   /tmp                                 1777  (the webhook keeps its
@@ -119,6 +124,10 @@ install -m 0755 "$BINARY" "$root/sandboxd"
 install -m 0644 "$CA_BUNDLE" "$root/etc/ssl/certs/ca-certificates.crt"
 mkdir "$root/tmp"
 chmod 1777 "$root/tmp"
+install -d -m 0755 "$root/bin" "$root/usr" "$root/usr/bin"
+ln -s ../sandboxd "$root/bin/bash"
+ln -s ../../sandboxd "$root/usr/bin/gather"
+ln -s sandboxd "$root/tar"
 
 # add_layer DIR NAME CREATED_BY PATH...: a reproducible gzip layer of PATH... under DIR,
 # appended to the manifest's layers, the config's diff_ids and history; its sizes are left
@@ -140,7 +149,7 @@ add_layer() {
   history=$(jq -c --arg c "$created" --arg by "$by" '. + [{created: $c, created_by: $by}]' <<<"$history")
 }
 
-add_layer "$root" layer "scripts/oci-image.sh" etc sandboxd tmp
+add_layer "$root" layer "scripts/oci-image.sh" bin etc sandboxd tar tmp usr
 layer_size=$added_size layer_raw_size=$added_raw_size
 podvm_size=0
 

@@ -44,6 +44,10 @@ pub enum Command {
     /// Developer tools, not part of a deployment (hidden from help).
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
+    /// What the binary runs as `/bin/bash` and `/usr/bin/tar` in an `oc adm must-gather`
+    /// pod (hidden from help).
+    #[command(hide = true)]
+    MustGatherPod(crate::ctl::support_bundle::pod::Args),
 }
 
 /// Developer tools: test peers that demos and `ctl` dry runs start as processes.
@@ -96,7 +100,21 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Some(host) = plugin_host(args.first()) {
+        // `kubectl sandboxd ...`: ctl's flags, help and errors under the name the user typed.
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = PluginCli::command().bin_name(format!("{host} sandboxd"));
+        let p =
+            PluginCli::from_arg_matches(&cmd.get_matches_from(args)).unwrap_or_else(|e| e.exit());
+        return Cli {
+            log: p.log,
+            command: Command::Ctl(p.ctl),
+        };
+    }
+    if let Some(prefix) = invoked_as(args.first()) {
+        args.splice(0..1, prefix.iter().map(std::ffi::OsString::from));
+    }
     if args.get(1).is_some_and(|a| a == "webhook") {
         let w = WebhookCli::parse_from(&args[1..]);
         return Cli {
@@ -105,6 +123,50 @@ where
         };
     }
     Cli::parse_from(args)
+}
+
+/// Program names under which the binary acts as one of its commands (multi-call binary;
+/// kubectl's and oc's plugin names are [`plugin_host`]'s): the pod of `oc adm must-gather`
+/// runs `/usr/bin/gather` through `/bin/bash -c`, and copies the result out with `tar` (see
+/// [`crate::ctl::support_bundle::pod`]).
+const INVOKED_AS: [(&str, &[&str]); 3] = [
+    ("gather", &["sandboxd", "ctl", "must-gather"]),
+    ("bash", &["sandboxd", "must-gather-pod", "shell", "--"]),
+    ("tar", &["sandboxd", "must-gather-pod", "tar", "--"]),
+];
+
+/// `sandboxd ctl` as a kubectl or oc plugin (the same flags and commands).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-sandboxd",
+    version,
+    about = "The user's command line: install, configure, check and inspect peer pods",
+    long_about = None
+)]
+struct PluginCli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    ctl: crate::ctl::Args,
+}
+
+/// `kubectl` or `oc` when the binary runs as their plugin.
+fn plugin_host(argv0: Option<&std::ffi::OsString>) -> Option<&'static str> {
+    let name = std::path::Path::new(argv0?).file_name()?.to_str()?;
+    match name {
+        "kubectl-sandboxd" => Some("kubectl"),
+        "oc-sandboxd" => Some("oc"),
+        _ => None,
+    }
+}
+
+/// The arguments that replace the program name when it is one of [`INVOKED_AS`].
+fn invoked_as(argv0: Option<&std::ffi::OsString>) -> Option<&'static [&'static str]> {
+    let name = std::path::Path::new(argv0?).file_name()?.to_str()?;
+    INVOKED_AS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, prefix)| *prefix)
 }
 
 #[cfg(test)]
@@ -189,6 +251,62 @@ mod tests {
             Cli::try_parse_from(["sandboxd", "webhook", "--port", "nine"]).expect_err("a bad port");
         assert_eq!(short.kind(), full.kind());
         assert!(short.to_string().contains("--port"), "{short}");
+    }
+
+    #[test]
+    fn the_command_tree_passes_clap_s_own_checks() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn invoked_as_a_kubectl_or_oc_plugin_the_binary_is_ctl_and_as_gather_it_is_must_gather() {
+        use clap::CommandFactory;
+        for argv0 in ["kubectl-sandboxd", "/usr/local/bin/oc-sandboxd"] {
+            let cli = parse_from([argv0, "-n", "ns", "limit", "get"]);
+            let Command::Ctl(ctl) = cli.command else {
+                panic!("{argv0} runs ctl")
+            };
+            assert_eq!(ctl.namespace, "ns");
+            assert!(matches!(ctl.command, crate::ctl::CtlCommand::Limit(_)));
+        }
+        let help = PluginCli::command()
+            .bin_name("kubectl sandboxd")
+            .try_get_matches_from(["kubectl-sandboxd", "--help"])
+            .expect_err("help exits")
+            .to_string();
+        assert!(
+            help.contains("Usage: kubectl sandboxd [OPTIONS] <COMMAND>"),
+            "{help}"
+        );
+        PluginCli::command().debug_assert();
+        let cli = parse_from(["/usr/bin/gather"]);
+        let Command::Ctl(ctl) = cli.command else {
+            panic!("gather runs ctl must-gather")
+        };
+        assert!(matches!(ctl.command, crate::ctl::CtlCommand::MustGather(_)));
+        // The must-gather pod's shell and tar: their arguments pass through untouched.
+        let cli = parse_from(["/bin/bash", "-c", "trap : TERM INT; sleep infinity & wait"]);
+        let Command::MustGatherPod(pod) = cli.command else {
+            panic!("bash runs the must-gather pod stand-in")
+        };
+        assert!(matches!(
+            pod.command,
+            crate::ctl::support_bundle::pod::Command::Shell { ref args } if args[0] == "-c"
+        ));
+        let cli = parse_from(["tar", "-C", "/must-gather/", "-c", "."]);
+        let Command::MustGatherPod(pod) = cli.command else {
+            panic!("tar runs the must-gather pod stand-in")
+        };
+        assert!(matches!(
+            pod.command,
+            crate::ctl::support_bundle::pod::Command::Tar { ref args } if args.len() == 4
+        ));
+        // Any other name is the plain binary.
+        assert!(matches!(
+            parse_from(["sandboxd-v2", "version"]).command,
+            Command::Version
+        ));
     }
 
     #[test]

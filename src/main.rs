@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shim(_) => unreachable!("the shim runs before the async runtime"),
         Command::Image(cmd) => sandboxd::image::run(cmd).await,
         Command::Ctl(args) => sandboxd::ctl::run(args).await,
+        Command::MustGatherPod(args) => sandboxd::ctl::support_bundle::pod::run(args).await,
         Command::Dev(DevCommand::ArmServer(args)) => {
             Ok(sandboxd::armtest::run(args, sandboxd::shutdown::on_signals()?).await?)
         }

@@ -182,6 +182,37 @@ impl Ca {
     }
 }
 
+/// When a certificate is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    /// Not valid before.
+    pub not_before: OffsetDateTime,
+    /// Not valid after.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// The validity of the first certificate in `pem`, `None` when it is not a certificate.
+    pub fn of(pem: &str) -> Option<Self> {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let v = cert.validity();
+        Some(Self {
+            not_before: v.not_before.to_datetime(),
+            not_after: v.not_after.to_datetime(),
+        })
+    }
+
+    /// When a certificate issued for `configured` is renewed: once less than a third of its
+    /// life is left, that life counted as at most `configured` (so the back-dated start of
+    /// what this module issues does not make it renew early).
+    pub fn renew_at(&self, configured: Duration) -> OffsetDateTime {
+        let span = (self.not_after - self.not_before).min(configured);
+        self.not_after - span / 3
+    }
+}
+
 /// A fresh key pair (ECDSA P-256) as `(PKCS#8 private key PEM, SubjectPublicKeyInfo PEM)`,
 /// e.g. for signing service-account tokens.
 pub fn key_pair_pem() -> Result<(String, String), Error> {

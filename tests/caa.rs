@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use sandboxd::api::names::annotations;
 use sandboxd::api::peerpod::PeerPod;
 use sandboxd::armtest;
-use sandboxd::protocol::{annotations, hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
+use sandboxd::protocol::{hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
 use serde_json::json;
 
 use crate::harness::control_plane::{UserAuth, kubeconfig_yaml};
@@ -126,7 +127,7 @@ pub(crate) async fn setup(env: &Env, tags: &str) -> Result<Setup> {
 
 /// [`setup`] with an ARM test server configuration and extra CAA environment (which
 /// override the defaults).
-async fn setup_with(
+pub(crate) async fn setup_with(
     env: &Env,
     tags: &str,
     config: armtest::Config,
@@ -613,7 +614,7 @@ async fn lifecycle(env: Env) -> Result<()> {
     result.map_err(|e| anyhow!("{e:#}\nCAA log:\n{}", s.caa.log_tail(40)))
 }
 
-async fn start_pod_vm(s: &Setup, ns: &str, name: &str, id: &str) -> Result<String> {
+pub(crate) async fn start_pod_vm(s: &Setup, ns: &str, name: &str, id: &str) -> Result<String> {
     pod(&s.admin, ns, name, &s.node).await?;
     start_via(&s.socket, ns, name, id).await
 }
@@ -631,7 +632,7 @@ async fn start_via(socket: &Path, ns: &str, name: &str, id: &str) -> Result<Stri
 }
 
 /// StopVM of sandbox `id` through `socket`.
-async fn stop_via(socket: &Path, id: &str) -> Result<()> {
+pub(crate) async fn stop_via(socket: &Path, id: &str) -> Result<()> {
     let mut stop = hypervisor::StopVMRequest::new();
     stop.id = id.to_string();
     hv(socket).await?.stop_vm(ctx(), &stop).await?;

@@ -3,6 +3,7 @@
 //! non-zero exit).
 
 mod azure_configmap;
+mod bundle;
 mod config;
 mod deploy;
 mod doctor;
@@ -24,6 +25,7 @@ pub fn cases() -> Vec<Case> {
         azure_configmap::cases(),
         doctor::cases(),
         vm::cases(),
+        bundle::cases(),
     ]
     .into_iter()
     .flatten()

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use protobuf::Message;
-use sandboxd::caa::relay::{AgentSockets, Pki, handshake as dial};
+use sandboxd::caa::pki::Pki;
+use sandboxd::caa::relay::{AgentSockets, handshake as dial};
 use sandboxd::devenv::agent;
-use sandboxd::forwarder::{relay as frelay, rewrite, tls};
+use sandboxd::forwarder::{relay as frelay, tls};
 use sandboxd::pki::{Ca, Usage};
 use sandboxd::protocol::agent::{CreateContainerRequest, CreateSandboxRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,7 +79,7 @@ async fn rig(name: &str) -> Result<Rig> {
         cfg,
         frelay::RelayOptions {
             agent_socket: agent_sock,
-            netns: rewrite::POD_NETNS.into(),
+            netns: sandboxd::api::names::POD_NETNS.into(),
             agent_wait: Duration::from_secs(5),
         },
         stop.clone(),
@@ -222,7 +223,7 @@ async fn refuses_foreign_and_expired_clients() -> Result<()> {
         scfg,
         frelay::RelayOptions {
             agent_socket: run_dir().join("no-agent.sock"),
-            netns: rewrite::POD_NETNS.into(),
+            netns: sandboxd::api::names::POD_NETNS.into(),
             agent_wait: Duration::from_secs(1),
         },
         stop,

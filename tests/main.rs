@@ -10,6 +10,7 @@ mod datapath;
 mod harness;
 mod image;
 mod image_publish;
+mod monitoring;
 mod node;
 mod operator;
 mod peerpods;
@@ -143,6 +144,7 @@ fn main() {
         datapath::cases(),
         image::cases(),
         image_publish::cases(),
+        monitoring::cases(),
         node::cases(),
     ]
     .into_iter()

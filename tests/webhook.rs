@@ -14,9 +14,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use sandboxd::api::names::{PEER_POD_LABEL, annotations};
 use sandboxd::pki::{Ca, CertKey, Usage};
 use sandboxd::webhook::manifest::{self, Endpoint};
-use sandboxd::webhook::mutate::{ANNOTATION_MEMORY, ANNOTATION_VCPUS, PEER_POD_LABEL};
 use serde_json::json;
 
 use crate::harness::process::{Process, free_port, run_dir};
@@ -301,8 +301,8 @@ async fn stores_peer_pods(env: Env) -> Result<()> {
     // limit is missing): cpu limits 2 ≥ requests 1.25 → 2; memory limits 2Gi ≥ 1124Mi.
     let a = stored.annotations();
     ensure!(
-        a.get(ANNOTATION_VCPUS).map(String::as_str) == Some("2")
-            && a.get(ANNOTATION_MEMORY).map(String::as_str) == Some("2048"),
+        a.get(annotations::DEFAULT_VCPUS).map(String::as_str) == Some("2")
+            && a.get(annotations::DEFAULT_MEMORY).map(String::as_str) == Some("2048"),
         "size annotations: {a:?}"
     );
 

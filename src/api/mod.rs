@@ -1,7 +1,9 @@
-//! CRD types: what users and components write to the API server. Data only; this module
-//! imports nothing else of the crate.
+//! CRD types and [`names`]: what users and components write to and read from the API
+//! server, and the names every component shares. Data only; this module imports nothing
+//! else of the crate.
 
 pub mod kataconfig;
+pub mod names;
 pub mod peerpod;
 pub mod peerpodconfig;
 

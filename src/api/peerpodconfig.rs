@@ -9,10 +9,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The name of the PeerPodConfig the operator creates in its namespace.
-pub const DEFAULT_NAME: &str = "peerpodconfig-openshift";
-/// The extended resource every selected node advertises: one unit per peer-pod VM.
-pub const VM_RESOURCE: &str = "kata.peerpods.io/vm";
+use super::names::{CLOUD_SECRET, CONFIG_MAP, LABEL_KATA};
+
 /// Condition: the limit was applied to the selected nodes.
 pub const CONDITION_LIMIT_APPLIED: &str = "LimitApplied";
 /// Condition: the cloud secret, the configmap and the ssh key secret are valid.
@@ -20,22 +18,18 @@ pub const CONDITION_CONFIG_VALID: &str = "ConfigValid";
 /// Condition: the pod VM image is known (`AZURE_IMAGE_ID` set, by the user or by the image
 /// Job), or why not (the Job runs, failed, or waits for a valid configuration).
 pub const CONDITION_POD_VM_IMAGE_READY: &str = "PodVMImageReady";
-/// Name of the Secret holding the SSH public key given to the pod VMs.
-pub const SSH_KEY_SECRET: &str = "ssh-key-secret";
-/// The key of [`SSH_KEY_SECRET`] holding the public key.
-pub const SSH_PUBLIC_KEY: &str = "id_rsa.pub";
 
 fn default_secret() -> String {
-    "peer-pods-secret".into()
+    CLOUD_SECRET.into()
 }
 fn default_configmap() -> String {
-    "peer-pods-cm".into()
+    CONFIG_MAP.into()
 }
 fn default_limit() -> String {
     "10".into()
 }
 fn default_node_selector() -> BTreeMap<String, String> {
-    BTreeMap::from([("node-role.kubernetes.io/kata-oc".to_string(), String::new())])
+    BTreeMap::from([(LABEL_KATA.to_string(), String::new())])
 }
 
 /// Settings of peer pods: the Secret and ConfigMap the cloud-api-adaptor reads, and the

@@ -15,10 +15,12 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use super::relay::{self, AgentSockets, Pki};
+use super::pki::Pki;
+use super::relay::{self, AgentSockets};
 use super::state::{self, Record};
 use super::tunnel;
 use super::{Caa, Error, Readiness};
+use crate::api::names;
 use crate::api::peerpod::{PeerPod, PeerPodStatus};
 use crate::cloud::Vm;
 use crate::forwarder::Config;
@@ -50,9 +52,8 @@ impl Datapath {
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
     /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]).
     pub async fn new(client: &kube::Client, node_ip: Ipv4Addr) -> Self {
-        let ns = std::env::var("POD_NAMESPACE")
-            .unwrap_or_else(|_| "openshift-sandboxed-containers-operator".into());
-        let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| relay::DEFAULT_SECRET.into());
+        let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| names::DEFAULT_NAMESPACE.into());
+        let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| names::CAA_TLS_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {
             Ok(p) => {
                 // Rotated before expiry while CAA runs (the previous CA stays trusted).
@@ -226,7 +227,7 @@ impl Datapath {
             return Err(dp(format!("VM {} has no IPv4 address", vm.name)));
         };
         if caa.args.readiness == Readiness::Agent {
-            let addr = SocketAddr::new(IpAddr::V4(ip), crate::forwarder::PORT);
+            let addr = SocketAddr::new(IpAddr::V4(ip), names::FORWARDER_PORT);
             relay::agent_health(&self.pki.client_config(), addr, &r.vm_name, budget)
                 .await
                 .map_err(dp)?;
@@ -246,7 +247,7 @@ impl Datapath {
                 &r.sandbox_id,
                 &socket_path(&caa.args.pods_dir, &r.sandbox_id),
                 self.pki.client_config(),
-                SocketAddr::new(ip, crate::forwarder::PORT),
+                SocketAddr::new(ip, names::FORWARDER_PORT),
                 &r.vm_name,
                 caa.config.proxy_timeout,
             )
@@ -300,7 +301,7 @@ impl Datapath {
 
 /// `<pods dir>/<id>/agent.ttrpc`.
 pub fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
-    pods_dir.join(id).join("agent.ttrpc")
+    pods_dir.join(id).join(names::AGENT_SOCKET_FILE)
 }
 
 /// The worker's end of every pod tunnel, from what the DaemonSet gives CAA through the

@@ -12,6 +12,8 @@
 pub mod crashpoint;
 mod datapath;
 mod error;
+mod metrics;
+pub mod pki;
 mod pods;
 pub mod relay;
 mod service;
@@ -45,14 +47,10 @@ pub struct Args {
     #[command(flatten)]
     pub kube: crate::k8s::KubeArgs,
     /// Unix socket of the remote hypervisor service.
-    #[arg(
-        long,
-        env = "CAA_SOCKET",
-        default_value = "/run/peerpod/hypervisor.sock"
-    )]
+    #[arg(long, env = "CAA_SOCKET", default_value = crate::api::names::HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
     /// Directory of per-pod agent sockets.
-    #[arg(long, env = "CAA_PODS_DIR", default_value = "/run/peerpod/pods")]
+    #[arg(long, env = "CAA_PODS_DIR", default_value = crate::api::names::PODS_DIR)]
     pub pods_dir: PathBuf,
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
@@ -77,6 +75,11 @@ pub struct Args {
     /// The Azure cloud and the development endpoint flags (command line only).
     #[command(flatten)]
     pub azure: crate::cloud::azure::EndpointArgs,
+    /// Address of `/healthz`, `/readyz` and `/metrics` (on the node's network: CAA runs
+    /// with hostNetwork). `off` serves none; an address already in use is a warning, as
+    /// pods do not depend on it.
+    #[arg(long, env = "CAA_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: String,
     /// Seconds between sweeps for VMs no PeerPod references.
     #[arg(long, env = "CAA_SWEEP_SECONDS", default_value_t = 300)]
     pub sweep_seconds: u64,
@@ -115,16 +118,23 @@ pub struct Args {
     pub arm_write_burst: f64,
 }
 
+/// The port of CAA's `/metrics`: the `metrics` port of the DaemonSet the operator writes.
+pub const METRICS_PORT: u16 = 8092;
+/// Where CAA serves its metrics by default (on [`METRICS_PORT`]; a unit test keeps them
+/// equal).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
+
 /// Runs `sandboxd caa` until a signal arrives.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
     let env = crate::config::env_map();
     let cfg = crate::config::PeerPodsConfig::from_map(&env)?;
+    let mut arm_counters = None;
     let provider: Arc<dyn crate::cloud::Provider> = match cfg.cloud_provider {
         crate::config::CloudProvider::Azure => {
             let secret = crate::config::CloudSecret::from_map(&env)?;
             let az = cfg.azure.clone().expect("validated azure config");
-            Arc::new(crate::cloud::azure::AzureProvider::new(
+            let provider = Arc::new(crate::cloud::azure::AzureProvider::new(
                 &secret.subscription_id,
                 &secret.credentials,
                 az,
@@ -140,7 +150,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     min_interval: Duration::from_millis(args.min_poll_ms),
                     ..Default::default()
                 },
-            )?)
+            )?);
+            arm_counters = Some(provider.counters());
+            provider
         }
         crate::config::CloudProvider::Local => {
             Arc::new(crate::cloud::local::LocalProvider::from_env()?)
@@ -154,8 +166,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
+    let telemetry = serve_metrics(&args.metrics_addr, arm_counters, &shutdown).await?;
     let caa = Caa::start(client, provider, cfg, args.clone(), ssh_key).await?;
     let server = service::serve(caa.clone(), &args.socket).await?;
+    if let Some(ready) = &telemetry {
+        ready.set(true);
+    }
     tracing::info!(socket = %args.socket.display(), node = %args.node_name, "CAA serving");
     let sweeper = tokio::spawn(sweep::run(
         caa.clone(),
@@ -168,4 +184,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     drop(server);
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// Serves `/healthz`, `/readyz` (ready once CAA serves its socket) and `/metrics` on
+/// `addr` until `shutdown`; `off` serves nothing.
+async fn serve_metrics(
+    addr: &str,
+    arm: Option<Arc<crate::cloud::azure::policy::Counters>>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<crate::telemetry::ReadyFlag>> {
+    if addr.is_empty() || addr == "off" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "--metrics-addr (CAA_METRICS_ADDR) {addr:?}: expected host:port or off: {e}"
+        )
+    })?;
+    let mut registry = crate::telemetry::Metrics::for_component("caa");
+    metrics::METRICS.register(registry.registry_mut(), arm);
+    let readiness = crate::telemetry::Readiness::new();
+    let ready = readiness.register("hypervisor-socket");
+    let listener = match crate::telemetry::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "no /metrics: the address is taken; CAA serves pods without it");
+            return Ok(None);
+        }
+    };
+    let router = crate::telemetry::router(registry.finish(), readiness);
+    tokio::spawn(crate::telemetry::serve(listener, router, shutdown.clone()));
+    Ok(Some(ready))
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
 
@@ -13,13 +13,12 @@ use super::crashpoint;
 use super::state::{self, Record};
 use super::writer::{Key, Pending, Writer};
 use super::{Args, Error};
+use crate::api::names::annotations;
 use crate::api::peerpod::{PeerPodStatus, phases};
 use crate::cloud::sizes::{self, SizeRequest};
 use crate::cloud::{Provider, Vm, VmSize, VmSpec, VmState, tags, vm_name};
 use crate::config::PeerPodsConfig;
-use crate::protocol::{
-    annotations, hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc,
-};
+use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
 pub struct Caa {
@@ -54,13 +53,7 @@ impl Caa {
         args: Args,
         ssh_key: Option<String>,
     ) -> Result<Arc<Self>, Error> {
-        let ns: Api<Namespace> = Api::all(client.clone());
-        let cluster_id = ns
-            .get("kube-system")
-            .await?
-            .metadata
-            .uid
-            .unwrap_or_default();
+        let cluster_id = crate::k8s::cluster_id(&client).await?;
         let az = config.azure.clone();
         let (names, default_size, image_id) = match &az {
             Some(a) => (
@@ -237,11 +230,8 @@ impl Caa {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(req.id.clone(), r);
-        Ok(self
-            .args
-            .pods_dir
-            .join(&req.id)
-            .join("agent.ttrpc")
+        self.count_sandboxes();
+        Ok(super::datapath::socket_path(&self.args.pods_dir, &req.id)
             .display()
             .to_string())
     }
@@ -358,6 +348,7 @@ impl Caa {
             phase: Some(phases::CREATING.into()),
             ..Default::default()
         };
+        let create_started = Instant::now();
         let create = self.create_ready(&r, &spec, deadline);
         tokio::pin!(create);
         // A create that is ready within CREATING_AFTER goes straight to Running: a burst of
@@ -384,6 +375,10 @@ impl Caa {
                 }
             }
         };
+        super::metrics::METRICS.create(
+            create_started.elapsed(),
+            result.as_ref().err().map(Error::metric_label),
+        );
         match result {
             Ok(vm) => {
                 crashpoint::reached(crashpoint::START_CREATED).await;
@@ -504,6 +499,7 @@ impl Caa {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.count_sandboxes();
         self.unrecorded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -572,18 +568,35 @@ impl Caa {
 
     /// Deletes a VM, retrying what may pass; succeeds when it is already gone.
     async fn delete_vm_retrying(&self, name: &str) -> Result<(), Error> {
+        let begun = Instant::now();
         let mut attempt = 0u32;
-        loop {
+        let result = loop {
             match self.provider.delete(name).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => break Ok(()),
                 Err(e) if e.is_retryable() && attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))))
                         .await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(Error::from(e)),
             }
-        }
+        };
+        super::metrics::METRICS.delete(
+            begun.elapsed(),
+            result.as_ref().err().map(Error::metric_label),
+        );
+        result
+    }
+
+    /// Publishes how many sandboxes (peer pods holding one of the node's VM slots) this CAA
+    /// handles.
+    fn count_sandboxes(&self) {
+        let n = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        super::metrics::METRICS.set_pod_vms(n);
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
@@ -649,6 +662,7 @@ impl Caa {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(r.sandbox_id.clone(), r);
+                self.count_sandboxes();
             } else {
                 tracing::info!(vm = %r.vm_name, "pod gone; deleting its VM");
                 self.delete_vm_and_record(&r).await?;

@@ -8,7 +8,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::api::peerpod::{FINALIZER, PeerPod, PeerPodSpec, PeerPodStatus};
-use crate::k8s::FIELD_MANAGER;
+use crate::k8s::{FIELD_MANAGER, apply};
 
 /// Label with the node whose CAA owns the record.
 pub const LABEL_NODE: &str = "sandboxd.io/node";
@@ -164,7 +164,7 @@ pub async fn set_status(
 /// Deletes the record and removes the finalizer; succeeds when it is already gone.
 pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
     match mark_deleted(client, ns, name).await? {
-        Some(current) => remove_finalizer(client, ns, name, current).await,
+        Some(current) => remove_finalizer(client, &current).await,
         None => Ok(()),
     }
 }
@@ -187,51 +187,13 @@ pub async fn mark_deleted(
     }
 }
 
-/// Removes the finalizer of a record being deleted, `current` being its last known state.
-///
-/// The finalizer is removed by position with a JSON patch that first tests it is still
-/// there: one call, no read, and another writer's finalizer is never dropped.
-pub async fn remove_finalizer(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    mut current: PeerPod,
-) -> Result<(), kube::Error> {
-    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
-    for _ in 0..5 {
-        let Some(i) = current.finalizers().iter().position(|f| f == FINALIZER) else {
-            return Ok(());
-        };
-        let path = format!("/metadata/finalizers/{i}");
-        let patch: json_patch::Patch = serde_json::from_value(json!([
-            {"op": "test", "path": path, "value": FINALIZER},
-            {"op": "remove", "path": path},
-        ]))
-        .expect("a valid JSON patch");
-        match api
-            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-            // The finalizers changed since `current` was read: read them and retry.
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                match api.get_opt(name).await? {
-                    Some(p) => current = p,
-                    None => return Ok(()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(kube::Error::Api(
-        kube::core::Status::failure(
-            &format!("the finalizers of PeerPod {ns}/{name} kept changing"),
-            "Conflict",
-        )
-        .with_code(409)
-        .boxed(),
-    ))
+/// Removes the finalizer of a record being deleted, `current` being its last known state
+/// ([`apply::remove_finalizer`]).
+pub async fn remove_finalizer(client: &Client, current: &PeerPod) -> Result<(), kube::Error> {
+    let api: Api<PeerPod> =
+        Api::namespaced(client.clone(), &current.namespace().unwrap_or_default());
+    apply::remove_finalizer(&api, current, FINALIZER).await?;
+    Ok(())
 }
 
 /// Every record of `node`, in every namespace.

@@ -80,6 +80,7 @@ pub async fn run(caa: Arc<Caa>, every: Duration, grace: Duration, stop: Cancella
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        sweep_once(&caa, grace, &mut seen).await;
+        let deleted = sweep_once(&caa, grace, &mut seen).await;
+        super::metrics::METRICS.swept(deleted.len());
     }
 }

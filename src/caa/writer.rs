@@ -289,7 +289,7 @@ async fn write(client: &Client, key: &Key, p: &mut Pending) -> Result<(), kube::
     if let Some(current) = p.release.take() {
         crashpoint::reached(crashpoint::STOP_ANSWERED).await;
         let r = match &current {
-            Some(pp) => state::remove_finalizer(client, &key.ns, &key.name, (**pp).clone()).await,
+            Some(pp) => state::remove_finalizer(client, pp).await,
             None => state::release(client, &key.ns, &key.name).await,
         };
         return match r {

@@ -1,10 +1,11 @@
 //! `peer-pods-cm` and `peer-pods-secret`: parsing and validation shared by every component
-//! that reads them (CAA now; operator and `ctl` later).
+//! that reads them (CAA, the operator's checks and PeerPod collector, `ctl`, the image Job).
 //!
 //! One validator for all: every problem names the key and what was expected, every problem
 //! in a map is reported at once, and secret values never appear in errors, logs or `Debug`.
 //! It builds the settings types `cloud` owns ([`AzureConfig`], [`AzureCredentials`],
-//! [`SecretString`]) and imports nothing else of the crate but `cloud`.
+//! [`SecretString`]) and imports nothing else of the crate but `cloud` and the shared names
+//! of `api`.
 
 mod duration;
 mod secret;
@@ -13,15 +14,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::api::names::CONFIG_MAP;
 pub use crate::cloud::SecretString;
+use crate::cloud::azure::ResourceId;
 pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub use duration::parse_duration;
 pub use secret::{AUTH_METHOD_KEY, CloudSecret, is_guid};
-
-/// Name of the ConfigMap holding the peer-pods settings.
-pub const CONFIG_MAP_NAME: &str = "peer-pods-cm";
-/// Name of the Secret holding the cloud credentials.
-pub const SECRET_NAME: &str = "peer-pods-secret";
 
 /// Upstream default of `VXLAN_PORT` (collides with Calico; the seed uses 9000).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -254,19 +252,10 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Whether `id` is an ARM resource id whose path contains the provider segment `kind`
-/// (e.g. `Microsoft.Network/virtualNetworks`), compared case-insensitively as ARM does.
+/// Whether `id` is an ARM resource id of `kind` (e.g. `Microsoft.Network/virtualNetworks`)
+/// or of a child of it, compared case-insensitively as ARM does.
 fn is_arm_id_of(id: &str, kind: &str) -> bool {
-    let lower = id.to_ascii_lowercase();
-    let parts: Vec<&str> = lower.split('/').collect();
-    parts.len() >= 9
-        && parts[0].is_empty()
-        && parts[1] == "subscriptions"
-        && !parts[2].is_empty()
-        && parts[3] == "resourcegroups"
-        && !parts[4].is_empty()
-        && lower.contains(&format!("/providers/{}/", kind.to_ascii_lowercase()))
-        && parts[1..].iter().all(|p| !p.is_empty())
+    ResourceId::parse(id).is_some_and(|r| r.is(kind))
 }
 
 /// Parses `k=v,k2=v2`; a name Azure would refuse is a problem of `TAGS` here rather than a
@@ -387,7 +376,7 @@ impl PeerPodsConfig {
             azure,
             azure_cloud,
         };
-        r.finish(CONFIG_MAP_NAME, cfg)
+        r.finish(CONFIG_MAP, cfg)
     }
 
     /// The per-node VM limit: `PeerPodConfig.spec.limit` when set, else

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::{AzureCredentials, Error, Reader, SECRET_NAME, SecretString};
+use super::{AzureCredentials, Error, Reader, SecretString};
+use crate::api::names::CLOUD_SECRET;
 
 /// Validated `peer-pods-secret`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +38,7 @@ impl CloudSecret {
                 Some(m) => Some(m),
                 None => {
                     r.problem(AUTH_METHOD_KEY, AuthMethod::EXPECTED, Some(v));
-                    return r.finish(SECRET_NAME, Self::placeholder(subscription_id));
+                    return r.finish(CLOUD_SECRET, Self::placeholder(subscription_id));
                 }
             },
         };
@@ -117,7 +118,7 @@ impl CloudSecret {
             }
         };
         r.finish(
-            SECRET_NAME,
+            CLOUD_SECRET,
             CloudSecret {
                 subscription_id,
                 credentials,

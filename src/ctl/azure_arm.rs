@@ -6,13 +6,14 @@
 
 use std::collections::BTreeMap;
 
+use azure_core::Method;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::Value;
 
-use crate::cloud::azure::arm::ArmClient;
-use crate::cloud::azure::{Endpoints, Manners};
-use crate::config::{AzureCredentials, CloudSecret, SECRET_NAME};
+use crate::api::names::CLOUD_SECRET;
+use crate::cloud::azure::{Arm, ArmError, Endpoints, Manners, ResourceId};
+use crate::config::{AzureCredentials, CloudSecret};
 
 const NETWORK_API: &str = "2023-09-01";
 const COMPUTE_API: &str = "2024-07-01";
@@ -33,7 +34,7 @@ const CREDENTIAL_KEYS: [&str; 5] = [
 pub enum Error {
     /// An ARM call failed.
     #[error("Azure: {0}")]
-    Cloud(#[from] crate::cloud::Error),
+    Arm(#[from] ArmError),
     /// ARM answered something this tool cannot read.
     #[error("unexpected ARM answer for {what}: {detail}")]
     Unexpected {
@@ -44,7 +45,7 @@ pub enum Error {
     },
     /// No usable credentials.
     #[error(
-        "no Azure credentials: create {SECRET_NAME} (sandboxd ctl azure secret) or set \
+        "no Azure credentials: create {CLOUD_SECRET} (sandboxd ctl azure secret) or set \
          AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID{0}"
     )]
     NoCredentials(String),
@@ -52,7 +53,7 @@ pub enum Error {
     #[error("Azure credentials: {0}")]
     Credentials(#[from] crate::config::Error),
     /// Reading the secret from the cluster failed.
-    #[error("reading {SECRET_NAME}: {0}")]
+    #[error("reading {CLOUD_SECRET}: {0}")]
     Kube(#[from] kube::Error),
     /// `AZURE_CLOUD` names no Azure cloud, or the configmap holds an endpoint key.
     #[error("{key} in peer-pods-cm: {detail}")]
@@ -68,7 +69,7 @@ impl Error {
     /// Low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Cloud(e) => e.metric_label(),
+            Error::Arm(e) => e.metric_label(),
             Error::Unexpected { .. } => "unexpected",
             Error::NoCredentials(_) => "no_credentials",
             Error::Credentials(_) => "credentials",
@@ -121,7 +122,7 @@ pub async fn credentials(
     subscription: Option<&str>,
 ) -> Result<CloudSecret, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let mut map: BTreeMap<String, String> = match api.get_opt(SECRET_NAME).await? {
+    let mut map: BTreeMap<String, String> = match api.get_opt(CLOUD_SECRET).await? {
         Some(s) => secret_map(&s),
         None => BTreeMap::new(),
     };
@@ -146,18 +147,18 @@ pub async fn credentials(
         && !given(crate::config::AUTH_METHOD_KEY)
     {
         return Err(Error::NoCredentials(if from_secret {
-            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+            format!(" ({CLOUD_SECRET} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
         } else {
-            format!(" (no {SECRET_NAME} in namespace {namespace})")
+            format!(" (no {CLOUD_SECRET} in namespace {namespace})")
         }));
     }
     let secret = CloudSecret::from_map(&map)?;
     if let AzureCredentials::ManagedIdentity { .. } = secret.credentials {
         // A workstation has no managed identity; do not hang on the metadata endpoint.
         return Err(Error::NoCredentials(if from_secret {
-            format!(" ({SECRET_NAME} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
+            format!(" ({CLOUD_SECRET} in namespace {namespace} has no AZURE_CLIENT_SECRET)")
         } else {
-            format!(" (no {SECRET_NAME} in namespace {namespace})")
+            format!(" (no {CLOUD_SECRET} in namespace {namespace})")
         }));
     }
     Ok(secret)
@@ -257,17 +258,10 @@ pub struct ArmId {
 
 /// Subscription and resource group of an ARM id (or an `azure://` provider id).
 pub fn parse_arm_id(id: &str) -> Option<ArmId> {
-    let path = id.strip_prefix("azure://").unwrap_or(id);
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let sub = segs
-        .iter()
-        .position(|s| s.eq_ignore_ascii_case("subscriptions"))?;
-    let rg = segs
-        .iter()
-        .position(|s| s.eq_ignore_ascii_case("resourceGroups"))?;
+    let id = ResourceId::parse(id.strip_prefix("azure://").unwrap_or(id))?;
     Some(ArmId {
-        subscription: segs.get(sub + 1)?.to_string(),
-        resource_group: segs.get(rg + 1)?.to_string(),
+        subscription: id.subscription().to_string(),
+        resource_group: id.resource_group().to_string(),
     })
 }
 
@@ -359,7 +353,7 @@ fn nsg_of(v: &Value) -> Nsg {
 
 /// ARM reads for one subscription.
 pub struct Azure {
-    client: ArmClient,
+    client: Arm,
     /// The subscription.
     pub subscription: String,
 }
@@ -373,37 +367,22 @@ impl Azure {
             ..Manners::default()
         };
         Ok(Self {
-            client: crate::cloud::azure::arm_client(&secret.credentials, endpoints, manners)?,
+            client: Arm::new(&secret.credentials, endpoints, manners)?,
             subscription: secret.subscription_id.clone(),
         })
     }
 
     async fn list(&self, path: &str) -> Result<Vec<Value>, Error> {
-        let mut out = Vec::new();
-        let mut next = Some(path.to_string());
-        while let Some(url) = next.take() {
-            let (_, v) = self.client.get(&url).await?;
-            let Some(items) = v["value"].as_array() else {
-                return Err(Error::Unexpected {
-                    what: path.to_string(),
-                    detail: "no value array".into(),
-                });
-            };
-            out.extend(items.iter().cloned());
-            next = v["nextLink"].as_str().map(str::to_string);
-        }
-        Ok(out)
+        Ok(self.client.list(path).await?)
     }
 
     /// The location of resource group `rg` (the seed's `az group show`).
     pub async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
-        let (_, v) = self
-            .client
-            .get(&format!(
-                "/subscriptions/{}/resourceGroups/{rg}?api-version={RESOURCES_API}",
-                self.subscription
-            ))
-            .await?;
+        let path = format!(
+            "/subscriptions/{}/resourceGroups/{rg}?api-version={RESOURCES_API}",
+            self.subscription
+        );
+        let v = self.client.send(Method::Get, &path, None).await?.body;
         v["location"]
             .as_str()
             .map(str::to_string)
@@ -441,51 +420,39 @@ impl Azure {
 
     /// One NSG by id; `None` when it does not exist.
     pub async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
-        match self
+        let nsg = self
             .client
             .get(&format!("{id}?api-version={NETWORK_API}"))
-            .await
-        {
-            Ok((_, v)) => Ok(Some(nsg_of(&v))),
-            Err(crate::cloud::Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+            .await?;
+        Ok(nsg.as_ref().map(nsg_of))
     }
 
     /// The virtual network holding subnet `subnet_id`, with every subnet; `None` when the
     /// VNet does not exist.
     pub async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
-        let lower = subnet_id.to_ascii_lowercase();
-        let Some(i) = lower.find("/subnets/") else {
+        let Some(vnet) = ResourceId::parse(subnet_id)
+            .filter(|id| id.is_exactly("Microsoft.Network/virtualNetworks/subnets"))
+            .and_then(|id| id.ancestor(1))
+        else {
             return Ok(None);
         };
-        match self
+        let vnet = self
             .client
-            .get(&format!("{}?api-version={NETWORK_API}", &subnet_id[..i]))
-            .await
-        {
-            Ok((_, v)) => Ok(Some(vnet_of(&v))),
-            Err(crate::cloud::Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+            .get(&format!("{vnet}?api-version={NETWORK_API}"))
+            .await?;
+        Ok(vnet.as_ref().map(vnet_of))
     }
 
     /// Whether the image `id` (managed image or gallery image/version) exists; `None` for
     /// ids that are not ARM paths (community gallery images).
     pub async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
-        let lower = id.to_ascii_lowercase();
-        let api = if lower.contains("/providers/microsoft.compute/galleries/") {
-            GALLERY_API
-        } else if lower.contains("/providers/microsoft.compute/images/") {
-            COMPUTE_API
-        } else {
-            return Ok(None);
+        let api = match ResourceId::parse(id) {
+            Some(r) if r.is("Microsoft.Compute/galleries") => GALLERY_API,
+            Some(r) if r.is("Microsoft.Compute/images") => COMPUTE_API,
+            _ => return Ok(None),
         };
-        match self.client.get(&format!("{id}?api-version={api}")).await {
-            Ok(_) => Ok(Some(true)),
-            Err(crate::cloud::Error::NotFound(_)) => Ok(Some(false)),
-            Err(e) => Err(e.into()),
-        }
+        let image = self.client.get(&format!("{id}?api-version={api}")).await?;
+        Ok(Some(image.is_some()))
     }
 
     /// Names of the VM sizes `region` offers.

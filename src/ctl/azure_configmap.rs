@@ -17,7 +17,10 @@ use serde_json::json;
 
 use super::azure_arm::{self, Azure, EndpointArgs, Subnet, Vnet};
 use super::{Ctx, Output};
-use crate::config::{CONFIG_MAP_NAME, PeerPodsConfig};
+use crate::api::names::CONFIG_MAP;
+use crate::cloud::azure::AzureCloud;
+use crate::cloud::azure::cloud::CLOUD_KEY;
+use crate::config::PeerPodsConfig;
 
 /// The seed's default instance size.
 pub const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
@@ -380,67 +383,217 @@ fn pick(
         .or(fallback)
 }
 
-/// Run the command.
+/// Where the cluster runs, as the flags, `peer-pods-cm` and the nodes tell it (no ARM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// `AZURE_RESOURCE_GROUP`.
+    pub resource_group: (String, Source),
+    /// The subscription to read: the flag, else the nodes'; `None`: the credentials'.
+    pub subscription: Option<String>,
+    /// `AZURE_REGION` when known without ARM; `None`: the resource group's location.
+    pub region: Option<(String, Source)>,
+}
+
+/// Decides the location: a flag, then `peer-pods-cm`, then the nodes (whose
+/// `providerID`s and region labels must agree unless a flag settles it).
+pub fn locate(
+    flags: &Flags,
+    current: &BTreeMap<String, String>,
+    facts: &NodeFacts,
+) -> Result<Location, Error> {
+    let node_group = match facts.groups.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => {
+            if flags.resource_group.is_none() {
+                return Err(Error::Conflicting {
+                    what: "subscription and resource group (providerID)",
+                    flag: "resource-group",
+                    values: many.iter().map(|(s, r)| format!("{s}/{r}")).collect(),
+                });
+            }
+            None
+        }
+    };
+    let resource_group = pick(
+        flags.resource_group.clone(),
+        current,
+        "AZURE_RESOURCE_GROUP",
+        node_group
+            .as_ref()
+            .map(|(_, rg)| (rg.clone(), Source::Discovered)),
+    )
+    .ok_or_else(|| {
+        Error::ResourceGroupUnknown(
+            "no node has an azure:// providerID and peer-pods-cm has no AZURE_RESOURCE_GROUP"
+                .into(),
+        )
+    })?;
+    let subscription = flags
+        .subscription
+        .clone()
+        .or_else(|| node_group.map(|(s, _)| s));
+    let region = match pick(flags.region.clone(), current, "AZURE_REGION", None) {
+        Some(v) => Some(v),
+        None => match facts.regions.as_slice() {
+            [one] => Some((one.clone(), Source::Discovered)),
+            [] => None,
+            many => {
+                return Err(Error::Conflicting {
+                    what: "region (topology.kubernetes.io/region)",
+                    flag: "region",
+                    values: many.to_vec(),
+                });
+            }
+        },
+    };
+    Ok(Location {
+        resource_group,
+        subscription,
+        region,
+    })
+}
+
+/// What ARM told about the network and the region.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// `AZURE_REGION`.
+    pub region: (String, Source),
+    /// The subnet of `AZURE_SUBNET_ID`.
+    pub subnet: (Subnet, Source),
+    /// `AZURE_NSG_ID`, if any.
+    pub nsg: Option<(String, Source)>,
+    /// The sizes the region offers.
+    pub offered_sizes: Vec<String>,
+    /// The cloud the endpoints point at.
+    pub cloud: AzureCloud,
+}
+
+/// The configmap to write: every key, and where each value came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    /// The data of `peer-pods-cm`.
+    pub data: BTreeMap<String, String>,
+    /// Where each value of [`Self::data`] came from (keys absent here were kept as they were).
+    pub sources: BTreeMap<String, Source>,
+}
+
+/// The configmap for `found` at `resource_group`: every key of `current` kept, flags
+/// override, the seed's values fill the rest. Fails on an instance size the region does not
+/// offer and on a map the shared validator refuses.
+pub fn plan(
+    flags: &Flags,
+    current: &BTreeMap<String, String>,
+    resource_group: (String, Source),
+    found: Found,
+) -> Result<Planned, Error> {
+    let mut planned = Planned {
+        data: current.clone(),
+        sources: BTreeMap::new(),
+    };
+    let mut set = |key: &str, (value, source): (String, Source)| {
+        planned.data.insert(key.to_string(), value);
+        planned.sources.insert(key.to_string(), source);
+    };
+    let region = found.region.0.clone();
+    set("AZURE_RESOURCE_GROUP", resource_group);
+    set("AZURE_REGION", found.region);
+    set("AZURE_SUBNET_ID", (found.subnet.0.id, found.subnet.1));
+    if let Some(nsg) = found.nsg {
+        set("AZURE_NSG_ID", nsg);
+    }
+
+    // Sizes, checked against the region.
+    let size = pick(
+        flags.instance_size.clone(),
+        current,
+        "AZURE_INSTANCE_SIZE",
+        Some((SEED_INSTANCE_SIZE.into(), Source::Default)),
+    )
+    .expect("fallback given");
+    let sizes = pick(
+        flags.instance_sizes.clone(),
+        current,
+        "AZURE_INSTANCE_SIZES",
+        Some((SEED_INSTANCE_SIZES.into(), Source::Default)),
+    )
+    .expect("fallback given");
+    let mut missing: Vec<String> = Vec::new();
+    for s in std::iter::once(size.0.as_str()).chain(sizes.0.split(',')) {
+        let s = s.trim();
+        if !s.is_empty()
+            && !found
+                .offered_sizes
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(s))
+            && !missing.iter().any(|m| m.eq_ignore_ascii_case(s))
+        {
+            missing.push(s.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::SizesNotOffered {
+            sizes: missing,
+            region,
+        });
+    }
+    set("AZURE_INSTANCE_SIZE", size);
+    set("AZURE_INSTANCE_SIZES", sizes);
+
+    // The seed's defaults for everything else the user has not set.
+    set("CLOUD_PROVIDER", ("azure".into(), Source::Default));
+    let defaults = [
+        (
+            "VXLAN_PORT",
+            flags.vxlan_port.map(|p| p.to_string()),
+            SEED_VXLAN_PORT,
+        ),
+        ("PROXY_TIMEOUT", None, SEED_PROXY_TIMEOUT),
+        (
+            "DISABLECVM",
+            flags.confidential.then(|| "false".to_string()),
+            "true",
+        ),
+        ("AZURE_IMAGE_ID", flags.image_id.clone(), ""),
+    ];
+    for (key, flag, default) in defaults {
+        let v = pick(flag, current, key, Some((default.into(), Source::Default)));
+        set(key, v.expect("fallback given"));
+    }
+    // The cloud (never an endpoint: a development endpoint stays a flag of each command).
+    if found.cloud != AzureCloud::Public {
+        let source = if flags.endpoints.cloud.is_some() {
+            Source::Flag
+        } else {
+            Source::Existing
+        };
+        set(CLOUD_KEY, (found.cloud.name().to_string(), source));
+    }
+    PeerPodsConfig::from_map(&planned.data).map_err(Error::Invalid)?;
+    Ok(planned)
+}
+
+/// Run the command: read the cluster and ARM, [`plan`], write (or print) the configmap.
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let args = *args.flags;
     let client = ctx.client().await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);
     let current: BTreeMap<String, String> = cms
-        .get_opt(CONFIG_MAP_NAME)
+        .get_opt(CONFIG_MAP)
         .await
         .map_err(Error::Kube)?
         .and_then(|c| c.data)
         .unwrap_or_default();
-    let mut sources: BTreeMap<String, Source> = BTreeMap::new();
-    let mut data = current.clone();
-    let mut set = |data: &mut BTreeMap<String, String>, key: &str, v: (String, Source)| {
-        data.insert(key.to_string(), v.0);
-        sources.insert(key.to_string(), v.1);
-    };
 
-    // Subscription and resource group: flags, else the nodes' providerID.
+    // Subscription, resource group and region: flags, the configmap, the nodes.
     let nodes: Api<Node> = Api::all(client.clone());
     let mut lp = ListParams::default();
     if !args.node_selector.is_empty() {
         lp = lp.labels(&args.node_selector);
     }
     let facts = node_facts(&nodes.list(&lp).await.map_err(Error::Kube)?.items);
-    let node_group = match facts.groups.as_slice() {
-        [] => None,
-        [one] => Some(one.clone()),
-        many => {
-            if args.resource_group.is_none() {
-                return Err(Error::Conflicting {
-                    what: "subscription and resource group (providerID)",
-                    flag: "resource-group",
-                    values: many.iter().map(|(s, r)| format!("{s}/{r}")).collect(),
-                }
-                .into());
-            }
-            None
-        }
-    };
-    let rg = match pick(
-        args.resource_group.clone(),
-        &current,
-        "AZURE_RESOURCE_GROUP",
-        node_group
-            .as_ref()
-            .map(|(_, rg)| (rg.clone(), Source::Discovered)),
-    ) {
-        Some(v) => v,
-        None => {
-            return Err(Error::ResourceGroupUnknown(
-                "no node has an azure:// providerID and peer-pods-cm has no AZURE_RESOURCE_GROUP"
-                    .into(),
-            )
-            .into());
-        }
-    };
-    let subscription = args
-        .subscription
-        .clone()
-        .or_else(|| node_group.as_ref().map(|(s, _)| s.clone()));
+    let location = locate(&args, &current, &facts)?;
+    let subscription = location.subscription.clone();
     let secret = azure_arm::credentials(&client, &ctx.namespace, subscription.as_deref()).await?;
     let endpoints = super::azure_arm::resolve_endpoints(&args.endpoints, &current)?;
     let mut secret = secret;
@@ -454,30 +607,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         secret.subscription_id = s.clone();
     }
     let azure = Azure::new(&secret, &endpoints)?;
-    let rg_name = rg.0.clone();
-    set(&mut data, "AZURE_RESOURCE_GROUP", rg);
-
-    // Region: flag, configmap, node label, resource group location.
-    let region = match pick(args.region.clone(), &current, "AZURE_REGION", None) {
-        Some(v) => v,
-        None => match facts.regions.as_slice() {
-            [one] => (one.clone(), Source::Discovered),
-            [] => (
-                azure.resource_group_location(&rg_name).await?,
-                Source::Discovered,
-            ),
-            many => {
-                return Err(Error::Conflicting {
-                    what: "region (topology.kubernetes.io/region)",
-                    flag: "region",
-                    values: many.to_vec(),
-                }
-                .into());
-            }
-        },
+    let rg_name = location.resource_group.0.clone();
+    let region = match location.region {
+        Some(r) => r,
+        None => (
+            azure.resource_group_location(&rg_name).await?,
+            Source::Discovered,
+        ),
     };
-    let region_name = region.0.clone();
-    set(&mut data, "AZURE_REGION", region);
 
     // Subnet: flag, configmap (must still exist), the one named like worker.
     let vnets = azure.vnets(&rg_name).await?;
@@ -515,110 +652,25 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         (None, None) => choose_nsg(&nsg_names().await?, None, &subnet.0, &rg_name)?
             .map(|id| (id, Source::Discovered)),
     };
-    set(
-        &mut data,
-        "AZURE_SUBNET_ID",
-        (subnet.0.id.clone(), subnet.1),
-    );
-    match nsg {
-        Some(n) => set(&mut data, "AZURE_NSG_ID", n),
-        None => eprintln!(
+    if nsg.is_none() {
+        eprintln!(
             "warning: no network security group in resource group {rg_name}; AZURE_NSG_ID left unset"
-        ),
-    }
-
-    // Sizes, checked against the region.
-    let size = pick(
-        args.instance_size.clone(),
-        &current,
-        "AZURE_INSTANCE_SIZE",
-        Some((SEED_INSTANCE_SIZE.into(), Source::Default)),
-    )
-    .expect("fallback given");
-    let sizes = pick(
-        args.instance_sizes.clone(),
-        &current,
-        "AZURE_INSTANCE_SIZES",
-        Some((SEED_INSTANCE_SIZES.into(), Source::Default)),
-    )
-    .expect("fallback given");
-    let offered = azure.sizes(&region_name).await?;
-    let mut missing: Vec<String> = Vec::new();
-    for s in std::iter::once(size.0.as_str()).chain(sizes.0.split(',')) {
-        let s = s.trim();
-        if !s.is_empty()
-            && !offered.iter().any(|o| o.eq_ignore_ascii_case(s))
-            && !missing.iter().any(|m| m.eq_ignore_ascii_case(s))
-        {
-            missing.push(s.to_string());
-        }
-    }
-    if !missing.is_empty() {
-        return Err(Error::SizesNotOffered {
-            sizes: missing,
-            region: region_name,
-        }
-        .into());
-    }
-    set(&mut data, "AZURE_INSTANCE_SIZE", size);
-    set(&mut data, "AZURE_INSTANCE_SIZES", sizes);
-
-    // The seed's defaults for everything else the user has not set.
-    set(
-        &mut data,
-        "CLOUD_PROVIDER",
-        ("azure".into(), Source::Default),
-    );
-    let v = pick(
-        args.vxlan_port.map(|p| p.to_string()),
-        &current,
-        "VXLAN_PORT",
-        Some((SEED_VXLAN_PORT.into(), Source::Default)),
-    );
-    set(&mut data, "VXLAN_PORT", v.expect("fallback given"));
-    let v = pick(
-        None,
-        &current,
-        "PROXY_TIMEOUT",
-        Some((SEED_PROXY_TIMEOUT.into(), Source::Default)),
-    );
-    set(&mut data, "PROXY_TIMEOUT", v.expect("fallback given"));
-    let v = pick(
-        args.confidential.then(|| "false".to_string()),
-        &current,
-        "DISABLECVM",
-        Some(("true".into(), Source::Default)),
-    );
-    set(&mut data, "DISABLECVM", v.expect("fallback given"));
-    let v = pick(
-        args.image_id.clone(),
-        &current,
-        "AZURE_IMAGE_ID",
-        Some((String::new(), Source::Default)),
-    );
-    set(&mut data, "AZURE_IMAGE_ID", v.expect("fallback given"));
-    // The cloud (never an endpoint: a development endpoint stays a flag of each command).
-    if endpoints.azure_cloud() != crate::cloud::azure::AzureCloud::Public {
-        set(
-            &mut data,
-            crate::cloud::azure::cloud::CLOUD_KEY,
-            (
-                endpoints.azure_cloud().name().to_string(),
-                if args.endpoints.cloud.is_some() {
-                    Source::Flag
-                } else {
-                    Source::Existing
-                },
-            ),
         );
     }
-
-    PeerPodsConfig::from_map(&data).map_err(Error::Invalid)?;
+    let offered_sizes = azure.sizes(&region.0).await?;
+    let found = Found {
+        region,
+        subnet,
+        nsg,
+        offered_sizes,
+        cloud: endpoints.azure_cloud(),
+    };
+    let Planned { data, sources } = plan(&args, &current, location.resource_group, found)?;
 
     let cm: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": CONFIG_MAP_NAME, "namespace": ctx.namespace},
+        "metadata": {"name": CONFIG_MAP, "namespace": ctx.namespace},
         "data": data,
     }))?;
     let shown = if args.dry_run {
@@ -627,7 +679,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         // Forced: the keys the user wrote with another manager are carried over unchanged
         // (they are in `data`), so taking them over loses nothing.
         cms.patch(
-            CONFIG_MAP_NAME,
+            CONFIG_MAP,
             &PatchParams::apply(crate::k8s::FIELD_MANAGER).force(),
             &Patch::Apply(&cm),
         )
@@ -645,11 +697,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             }
             if args.dry_run {
                 println!(
-                    "dry run: {CONFIG_MAP_NAME} not written (namespace {})",
+                    "dry run: {CONFIG_MAP} not written (namespace {})",
                     ctx.namespace
                 );
             } else {
-                println!("{CONFIG_MAP_NAME} applied in namespace {}", ctx.namespace);
+                println!("{CONFIG_MAP} applied in namespace {}", ctx.namespace);
             }
         }
     }
@@ -835,6 +887,183 @@ mod tests {
             choose_nsg(&nsgs, Some("c"), &bare, "rg"),
             Err(Error::NsgNotFound { .. })
         ));
+    }
+
+    fn flags() -> Flags {
+        Flags {
+            subscription: None,
+            resource_group: None,
+            region: None,
+            vnet: None,
+            subnet: None,
+            nsg: None,
+            instance_size: None,
+            instance_sizes: None,
+            vxlan_port: None,
+            image_id: None,
+            confidential: false,
+            node_selector: String::new(),
+            dry_run: false,
+            endpoints: Default::default(),
+        }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn facts(groups: &[(&str, &str)], regions: &[&str]) -> NodeFacts {
+        NodeFacts {
+            groups: groups
+                .iter()
+                .map(|(s, r)| (s.to_string(), r.to_string()))
+                .collect(),
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_location_comes_from_a_flag_then_the_configmap_then_the_nodes() {
+        let nodes = facts(&[("S", "RG")], &["eastus"]);
+        let found = locate(&flags(), &BTreeMap::new(), &nodes).unwrap();
+        assert_eq!(
+            found,
+            Location {
+                resource_group: ("RG".into(), Source::Discovered),
+                subscription: Some("S".into()),
+                region: Some(("eastus".into(), Source::Discovered)),
+            }
+        );
+        let cm = map(&[
+            ("AZURE_RESOURCE_GROUP", "cm-rg"),
+            ("AZURE_REGION", " westus "),
+        ]);
+        let kept = locate(&flags(), &cm, &nodes).unwrap();
+        assert_eq!(kept.resource_group, ("cm-rg".into(), Source::Existing));
+        assert_eq!(kept.region, Some(("westus".into(), Source::Existing)));
+        let f = Flags {
+            resource_group: Some("flag-rg".into()),
+            region: Some("northeurope".into()),
+            subscription: Some("T".into()),
+            ..flags()
+        };
+        let flagged = locate(&f, &cm, &nodes).unwrap();
+        assert_eq!(flagged.resource_group, ("flag-rg".into(), Source::Flag));
+        assert_eq!(flagged.region, Some(("northeurope".into(), Source::Flag)));
+        assert_eq!(flagged.subscription.as_deref(), Some("T"));
+        // Neither nodes nor the configmap know a region: ARM is asked.
+        assert_eq!(
+            locate(&flags(), &BTreeMap::new(), &facts(&[("S", "RG")], &[]))
+                .unwrap()
+                .region,
+            None
+        );
+    }
+
+    #[test]
+    fn nodes_that_disagree_or_say_nothing_ask_for_a_flag() {
+        let none = locate(&flags(), &BTreeMap::new(), &facts(&[], &[])).unwrap_err();
+        assert!(none.to_string().contains("--resource-group"), "{none}");
+        let two = facts(&[("S", "a"), ("S", "b")], &["eastus"]);
+        let e = locate(&flags(), &BTreeMap::new(), &two).unwrap_err();
+        assert!(
+            e.to_string().contains("S/a, S/b") && e.to_string().contains("--resource-group"),
+            "{e}"
+        );
+        // The flag settles it; the subscription is then the credentials'.
+        let f = Flags {
+            resource_group: Some("a".into()),
+            ..flags()
+        };
+        let l = locate(&f, &BTreeMap::new(), &two).unwrap();
+        assert_eq!(l.subscription, None);
+        let regions = facts(&[("S", "RG")], &["eastus", "westus"]);
+        let e = locate(&flags(), &BTreeMap::new(), &regions).unwrap_err();
+        assert!(e.to_string().contains("--region"), "{e}");
+    }
+
+    fn found(offered: &[&str]) -> Found {
+        Found {
+            region: ("eastus".into(), Source::Discovered),
+            subnet: (subnet("v", "worker", None), Source::Discovered),
+            nsg: Some((
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkSecurityGroups/n"
+                    .into(),
+                Source::Discovered,
+            )),
+            offered_sizes: offered.iter().map(|s| s.to_string()).collect(),
+            cloud: AzureCloud::Public,
+        }
+    }
+
+    const SEED_OFFERED: [&str; 4] = [
+        "Standard_B2als_v2",
+        "Standard_D2as_v5",
+        "Standard_D4as_v5",
+        "Standard_D2ads_v5",
+    ];
+
+    #[test]
+    fn the_plan_keeps_every_key_lets_flags_win_and_fills_the_seed_defaults() {
+        let rg = ("rg".to_string(), Source::Discovered);
+        let cm = map(&[("VXLAN_PORT", "4789"), ("TAGS", "team=a")]);
+        let p = plan(&flags(), &cm, rg.clone(), found(&SEED_OFFERED)).unwrap();
+        assert_eq!(p.data["TAGS"], "team=a");
+        assert!(!p.sources.contains_key("TAGS"));
+        assert_eq!(p.data["VXLAN_PORT"], "4789");
+        assert_eq!(p.sources["VXLAN_PORT"], Source::Existing);
+        for (key, value) in [
+            ("CLOUD_PROVIDER", "azure"),
+            ("PROXY_TIMEOUT", "5m"),
+            ("DISABLECVM", "true"),
+            ("AZURE_IMAGE_ID", ""),
+            ("AZURE_INSTANCE_SIZE", SEED_INSTANCE_SIZE),
+            ("AZURE_INSTANCE_SIZES", SEED_INSTANCE_SIZES),
+        ] {
+            assert_eq!(p.data[key], value, "{key}");
+            assert_eq!(p.sources[key], Source::Default, "{key}");
+        }
+        assert_eq!(p.sources["AZURE_SUBNET_ID"], Source::Discovered);
+        assert!(p.data["AZURE_NSG_ID"].ends_with("/networkSecurityGroups/n"));
+        assert!(!p.data.contains_key("AZURE_CLOUD"));
+        let f = Flags {
+            vxlan_port: Some(9000),
+            confidential: true,
+            ..flags()
+        };
+        let p = plan(&f, &cm, rg.clone(), found(&SEED_OFFERED)).unwrap();
+        assert_eq!(
+            (p.data["VXLAN_PORT"].as_str(), p.sources["VXLAN_PORT"]),
+            ("9000", Source::Flag)
+        );
+        assert_eq!(p.data["DISABLECVM"], "false");
+        // A cloud other than the public one is written; no NSG leaves the key unset.
+        let mut china = found(&SEED_OFFERED);
+        china.cloud = AzureCloud::China;
+        china.nsg = None;
+        let p = plan(&flags(), &BTreeMap::new(), rg, china).unwrap();
+        assert_eq!(p.data[CLOUD_KEY], "AzureChinaCloud");
+        assert_eq!(p.sources[CLOUD_KEY], Source::Existing);
+        assert!(!p.data.contains_key("AZURE_NSG_ID"));
+    }
+
+    #[test]
+    fn sizes_the_region_does_not_offer_are_refused_each_once() {
+        let f = Flags {
+            instance_size: Some("Standard_X1".into()),
+            instance_sizes: Some("Standard_X1,standard_d2as_v5, Standard_Y2".into()),
+            ..flags()
+        };
+        let rg = ("rg".to_string(), Source::Flag);
+        let e = plan(&f, &BTreeMap::new(), rg, found(&SEED_OFFERED)).unwrap_err();
+        assert!(
+            matches!(&e, Error::SizesNotOffered { sizes, region }
+                if sizes == &["Standard_X1", "Standard_Y2"] && region == "eastus"),
+            "{e}"
+        );
     }
 
     #[test]

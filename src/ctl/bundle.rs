@@ -7,8 +7,8 @@
 
 use serde_json::{Value, json};
 
-use super::DEFAULT_NAMESPACE;
 use super::install::{Error, Platform, render};
+use crate::api::names::DEFAULT_NAMESPACE;
 
 /// The OLM package name.
 pub const PACKAGE: &str = "sandboxd";
@@ -45,7 +45,7 @@ fn alm_examples() -> Value {
             "apiVersion": "confidentialcontainers.org/v1alpha1",
             "kind": "PeerPodConfig",
             "metadata": {
-                "name": crate::api::peerpodconfig::DEFAULT_NAME,
+                "name": crate::api::names::PEER_POD_CONFIG,
                 "namespace": DEFAULT_NAMESPACE,
             },
             "spec": ppc,

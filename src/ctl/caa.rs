@@ -7,10 +7,9 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::Ctx;
+use crate::api::names::CAA_DAEMONSET;
 use crate::k8s::apply::is_not_found;
 
-/// The CAA DaemonSet.
-pub const DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
 /// The variable the seed sets.
 pub const REBOOT_ENV: &str = "REBOOT";
 /// The field manager of the restart (not the operator's, so its apply keeps the variable).
@@ -21,12 +20,12 @@ pub const RESTART_MANAGER: &str = "sandboxd-ctl-restart";
 pub enum Error {
     /// No DaemonSet.
     #[error(
-        "no DaemonSet {DAEMONSET} in namespace {0}: the operator creates it once a KataConfig \
+        "no DaemonSet {CAA_DAEMONSET} in namespace {0}: the operator creates it once a KataConfig \
          with peer pods exists (`sandboxd ctl kataconfig create --peer-pods`)"
     )]
     Missing(String),
     /// The API server refused.
-    #[error("DaemonSet {DAEMONSET}: {0}")]
+    #[error("DaemonSet {CAA_DAEMONSET}: {0}")]
     Api(#[source] kube::Error),
 }
 
@@ -61,7 +60,7 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     let Command::Restart = cmd;
     let client = ctx.client().await?;
     let api: Api<DaemonSet> = Api::namespaced(client, &ctx.namespace);
-    let ds = api.get(DAEMONSET).await.map_err(|e| {
+    let ds = api.get(CAA_DAEMONSET).await.map_err(|e| {
         if is_not_found(&e) {
             Error::Missing(ctx.namespace.clone())
         } else {
@@ -75,7 +74,7 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
         .unwrap_or_default();
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     api.patch(
-        DAEMONSET,
+        CAA_DAEMONSET,
         &PatchParams {
             field_manager: Some(RESTART_MANAGER.into()),
             ..Default::default()
@@ -85,7 +84,7 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     .await
     .map_err(Error::Api)?;
     println!(
-        "daemonset {}/{DAEMONSET} restarting ({REBOOT_ENV}={now}); existing peer pods keep their VMs",
+        "daemonset {}/{CAA_DAEMONSET} restarting ({REBOOT_ENV}={now}); existing peer pods keep their VMs",
         ctx.namespace
     );
     Ok(())

@@ -19,24 +19,16 @@ use serde_json::json;
 use super::azure_arm::{self, Azure, Direction, EndpointArgs};
 use super::azure_nsg::{self, Flow, Prefix, Protocol, Verdict};
 use super::{Ctx, Output};
-use crate::config::{CONFIG_MAP_NAME, CloudProvider, CloudSecret, PeerPodsConfig, SECRET_NAME};
-
-/// The port the forwarder in each pod VM listens on (CAA dials it over mutual TLS).
-pub const AGENT_PORT: u16 = 15150;
-/// The CAA DaemonSet.
-const CAA_DAEMONSET: &str = crate::operator::peerpods::caa::DAEMONSET;
-/// The runtime class peer pods use.
-const RUNTIME_CLASS: &str = crate::operator::names::RUNTIME_CLASS;
-/// The node label of peer-pod nodes.
-const KATA_LABEL: &str = crate::operator::names::LABEL_KATA;
-/// The extended resource counting pod VMs per node.
-const VM_RESOURCE: &str = crate::api::peerpodconfig::VM_RESOURCE;
+use crate::api::names::{
+    CAA_DAEMONSET, CLOUD_SECRET, CONFIG_MAP, FORWARDER_PORT, LABEL_KATA, RUNTIME_CLASS, VM_RESOURCE,
+};
+use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
 /// Flags of `ctl doctor`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Name of the operator Deployment in the namespace.
-    #[arg(long, default_value = "sandboxd-operator")]
+    #[arg(long, default_value = crate::api::names::OPERATOR)]
     pub operator_deployment: String,
     /// Namespace of the dry-run `kata-remote` pod that probes the webhook (never stored).
     #[arg(long, default_value = "default")]
@@ -241,11 +233,11 @@ async fn check_config(client: &Client, ns: &str) -> (Config, Vec<Finding>) {
         secret: None,
     };
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    match cms.get_opt(CONFIG_MAP_NAME).await {
-        Err(e) => out.push(kube_err("configmap", CONFIG_MAP_NAME, e)),
+    match cms.get_opt(CONFIG_MAP).await {
+        Err(e) => out.push(kube_err("configmap", CONFIG_MAP, e)),
         Ok(None) => out.push(fail(
             "configmap",
-            format!("{CONFIG_MAP_NAME} missing in namespace {ns}"),
+            format!("{CONFIG_MAP} missing in namespace {ns}"),
             format!("sandboxd ctl -n {ns} azure configmap"),
         )),
         Ok(Some(cm)) => {
@@ -255,7 +247,7 @@ async fn check_config(client: &Client, ns: &str) -> (Config, Vec<Finding>) {
                     out.push(ok(
                         "configmap",
                         format!(
-                            "{CONFIG_MAP_NAME} valid (CLOUD_PROVIDER={}, VXLAN_PORT={})",
+                            "{CONFIG_MAP} valid (CLOUD_PROVIDER={}, VXLAN_PORT={})",
                             p.cloud_provider, p.vxlan_port
                         ),
                     ));
@@ -275,16 +267,16 @@ async fn check_config(client: &Client, ns: &str) -> (Config, Vec<Finding>) {
         .as_ref()
         .is_none_or(|p| p.cloud_provider == CloudProvider::Azure);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    match secrets.get_opt(SECRET_NAME).await {
-        Err(e) => out.push(kube_err("secret", SECRET_NAME, e)),
+    match secrets.get_opt(CLOUD_SECRET).await {
+        Err(e) => out.push(kube_err("secret", CLOUD_SECRET, e)),
         Ok(None) if azure => out.push(fail(
             "secret",
-            format!("{SECRET_NAME} missing in namespace {ns}"),
+            format!("{CLOUD_SECRET} missing in namespace {ns}"),
             format!("sandboxd ctl -n {ns} azure secret"),
         )),
         Ok(None) => out.push(ok(
             "secret",
-            format!("{SECRET_NAME} not needed for CLOUD_PROVIDER=local"),
+            format!("{CLOUD_SECRET} not needed for CLOUD_PROVIDER=local"),
         )),
         Ok(Some(s)) => {
             let map = azure_arm::secret_map(&s);
@@ -307,7 +299,7 @@ async fn check_config(client: &Client, ns: &str) -> (Config, Vec<Finding>) {
                     };
                     out.push(ok(
                         "secret",
-                        format!("{SECRET_NAME} has the keys for a {kind} credential"),
+                        format!("{CLOUD_SECRET} has the keys for a {kind} credential"),
                     ));
                     cfg.secret = Some(sec);
                 }
@@ -331,7 +323,7 @@ async fn check_config(client: &Client, ns: &str) -> (Config, Vec<Finding>) {
         }
         None => out.push(fail(
             "image",
-            format!("no valid {CONFIG_MAP_NAME}, so no AZURE_IMAGE_ID"),
+            format!("no valid {CONFIG_MAP}, so no AZURE_IMAGE_ID"),
             format!("sandboxd ctl -n {ns} azure configmap"),
         )),
     }
@@ -365,7 +357,7 @@ async fn check_runtime_class(client: &Client) -> Finding {
 /// The peer-pod nodes and their findings.
 async fn check_nodes(client: &Client, selector: Option<&str>) -> (Vec<String>, Vec<Finding>) {
     let api: Api<Node> = Api::all(client.clone());
-    let lp = ListParams::default().labels(selector.unwrap_or(KATA_LABEL));
+    let lp = ListParams::default().labels(selector.unwrap_or(LABEL_KATA));
     let nodes = match api.list(&lp).await {
         Ok(l) => l.items,
         Err(e) => return (Vec::new(), vec![kube_err("nodes", "nodes", e)]),
@@ -373,7 +365,7 @@ async fn check_nodes(client: &Client, selector: Option<&str>) -> (Vec<String>, V
     if nodes.is_empty() {
         let what = match selector {
             Some(s) => format!("no node matches {s}"),
-            None => format!("no node is labelled {KATA_LABEL}"),
+            None => format!("no node is labelled {LABEL_KATA}"),
         };
         return (
             Vec::new(),
@@ -394,7 +386,7 @@ async fn check_nodes(client: &Client, selector: Option<&str>) -> (Vec<String>, V
             .metadata
             .labels
             .as_ref()
-            .is_some_and(|l| l.contains_key(KATA_LABEL));
+            .is_some_and(|l| l.contains_key(LABEL_KATA));
         let capacity = n
             .status
             .as_ref()
@@ -405,7 +397,7 @@ async fn check_nodes(client: &Client, selector: Option<&str>) -> (Vec<String>, V
         if !labelled {
             out.push(fail(
                 "nodes",
-                format!("node {name} is not labelled {KATA_LABEL}"),
+                format!("node {name} is not labelled {LABEL_KATA}"),
                 "make the KataConfig's kataConfigPoolSelector select it (sandboxd ctl kataconfig create --selector ...)",
             ));
         } else if capacity <= 0 {
@@ -700,7 +692,7 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
             parsed.vxlan_port,
             "VXLAN",
         ),
-        (Direction::Inbound, Protocol::Tcp, AGENT_PORT, "agent"),
+        (Direction::Inbound, Protocol::Tcp, FORWARDER_PORT, "agent"),
         (
             Direction::Outbound,
             Protocol::Udp,
@@ -786,6 +778,23 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
     out
 }
 
+/// The findings as the table `ctl doctor` prints: one line each, its fix below.
+pub fn render(found: &[Finding]) -> String {
+    let mut out = String::new();
+    for f in found {
+        let status = match f.status {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        out.push_str(&format!("[{status:4}] {:12} {}\n", f.check, f.message));
+        if let Some(fix) = &f.fix {
+            out.push_str(&format!("{:20}fix: {fix}\n", ""));
+        }
+    }
+    out
+}
+
 /// Run the command.
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
@@ -793,19 +802,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
         Output::Yaml => print!("{}", serde_saphyr::to_string(&found)?),
-        Output::Table => {
-            for f in &found {
-                let status = match f.status {
-                    Status::Ok => "ok",
-                    Status::Warn => "warn",
-                    Status::Fail => "FAIL",
-                };
-                println!("[{status:4}] {:12} {}", f.check, f.message);
-                if let Some(fix) = &f.fix {
-                    println!("{:20}fix: {fix}", "");
-                }
-            }
-        }
+        Output::Table => print!("{}", render(&found)),
     }
     let failed = found.iter().filter(|f| f.status == Status::Fail).count();
     if failed > 0 {

@@ -10,8 +10,9 @@ use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Ctx, DEFAULT_NAMESPACE, Output};
+use super::{Ctx, Output};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{DEFAULT_NAMESPACE, OPERATOR};
 use crate::api::peerpod::PeerPod;
 use crate::k8s::FIELD_MANAGER;
 use crate::k8s::apply::is_not_found;
@@ -43,9 +44,6 @@ const OPENSHIFT: [&str; 2] = [
 const OPENSHIFT_RESOURCES: [&str; 1] =
     [include_str!("../../deploy/overlays/openshift/caa-scc.yaml")];
 
-/// The operator Deployment's name.
-pub const OPERATOR_DEPLOYMENT: &str = "sandboxd-operator";
-
 /// OLM package names of an operator serving the same API groups.
 const OLM_PACKAGES: [&str; 2] = ["sandboxed-containers-operator", "sandboxd"];
 
@@ -71,9 +69,9 @@ pub enum Error {
     InUse(String),
     /// `--wait` ran out of time.
     #[error(
-        "the operator Deployment {namespace}/{OPERATOR_DEPLOYMENT} is not available after {secs}s \
+        "the operator Deployment {namespace}/{OPERATOR} is not available after {secs}s \
          ({ready}/{want} replicas ready); look at `kubectl -n {namespace} describe deployment \
-         {OPERATOR_DEPLOYMENT}` and its pods' events"
+         {OPERATOR}` and its pods' events"
     )]
     WaitTimeout {
         /// Namespace.
@@ -265,7 +263,7 @@ fn add_operator_args(docs: &mut [Value], extra: &[String]) {
         return;
     }
     for doc in docs.iter_mut() {
-        if doc["kind"] != "Deployment" || doc["metadata"]["name"] != OPERATOR_DEPLOYMENT {
+        if doc["kind"] != "Deployment" || doc["metadata"]["name"] != OPERATOR {
             continue;
         }
         if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
@@ -552,7 +550,7 @@ pub async fn wait_available(
     let mut last = None;
     loop {
         let d = api
-            .get_opt(OPERATOR_DEPLOYMENT)
+            .get_opt(OPERATOR)
             .await
             .map_err(api_err("reading the operator Deployment"))?;
         let want = d
@@ -670,8 +668,7 @@ mod tests {
         let v = render(Platform::Vanilla, DEFAULT_NAMESPACE, None).unwrap();
         let o = render(Platform::Openshift, DEFAULT_NAMESPACE, None).unwrap();
         let args = |docs: &[Value]| {
-            find(docs, "Deployment", OPERATOR_DEPLOYMENT)["spec"]["template"]["spec"]["containers"]
-                [0]["args"]
+            find(docs, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]["args"]
                 .clone()
         };
         assert_eq!(args(&v), json!(["operator", "--platform=kubernetes"]));
@@ -706,7 +703,7 @@ mod tests {
         .unwrap();
         let text = serde_json::to_string(&docs).unwrap();
         assert!(!text.contains(DEFAULT_NAMESPACE), "{text}");
-        let d = find(&docs, "Deployment", OPERATOR_DEPLOYMENT);
+        let d = find(&docs, "Deployment", OPERATOR);
         let c = &d["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["image"], "registry.example/sandboxd:1");
         assert!(
@@ -725,7 +722,7 @@ mod tests {
         let mut docs = render(Platform::Vanilla, DEFAULT_NAMESPACE, None).unwrap();
         let azure = crate::cloud::azure::EndpointArgs::development("http://10.0.0.1:8080/");
         add_operator_args(&mut docs, &azure.to_args());
-        let d = find(&docs, "Deployment", OPERATOR_DEPLOYMENT);
+        let d = find(&docs, "Deployment", OPERATOR);
         let c = &d["spec"]["template"]["spec"]["containers"][0];
         let args: Vec<&str> = c["args"]
             .as_array()

@@ -5,24 +5,22 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::Ctx;
+use crate::api::names::PEER_POD_CONFIG;
 use crate::api::peerpodconfig::PeerPodConfig;
 use crate::k8s::FIELD_MANAGER;
 use crate::k8s::apply::is_not_found;
-
-/// The PeerPodConfig the operator creates.
-pub const PEERPODCONFIG: &str = "peerpodconfig-openshift";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No PeerPodConfig yet.
     #[error(
-        "no PeerPodConfig {PEERPODCONFIG} in namespace {0}: the operator creates it for a \
+        "no PeerPodConfig {PEER_POD_CONFIG} in namespace {0}: the operator creates it for a \
          KataConfig with peer pods (`sandboxd ctl kataconfig create --peer-pods`)"
     )]
     Missing(String),
     /// The API server refused.
-    #[error("PeerPodConfig {PEERPODCONFIG}: {0}")]
+    #[error("PeerPodConfig {PEER_POD_CONFIG}: {0}")]
     Api(#[source] kube::Error),
 }
 
@@ -61,16 +59,16 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     };
     match cmd {
         Command::Get => {
-            let ppc = api.get(PEERPODCONFIG).await.map_err(missing)?;
+            let ppc = api.get(PEER_POD_CONFIG).await.map_err(missing)?;
             println!("{}", ppc.spec.limit);
         }
         Command::Set { limit } => {
             // Fail clearly instead of creating a partial object.
-            api.get(PEERPODCONFIG).await.map_err(missing)?;
+            api.get(PEER_POD_CONFIG).await.map_err(missing)?;
             let patch = json!({"spec": {"limit": limit.to_string()}});
             let ppc = api
                 .patch(
-                    PEERPODCONFIG,
+                    PEER_POD_CONFIG,
                     &PatchParams {
                         field_manager: Some(FIELD_MANAGER.into()),
                         ..Default::default()

@@ -17,12 +17,10 @@ pub mod output;
 pub mod secret;
 pub mod ssh_key;
 pub mod status;
+pub mod support_bundle;
 pub mod vm;
 
 use crate::k8s::KubeArgs;
-
-/// The namespace every peer-pods object lives in unless `-n` says otherwise.
-pub const DEFAULT_NAMESPACE: &str = "openshift-sandboxed-containers-operator";
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -43,7 +41,7 @@ pub struct Args {
     #[command(flatten)]
     pub kube: KubeArgs,
     /// The namespace of the operator and the peer-pods configuration.
-    #[arg(short = 'n', long, global = true, default_value = DEFAULT_NAMESPACE)]
+    #[arg(short = 'n', long, global = true, default_value = crate::api::names::DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -81,6 +79,12 @@ pub enum CtlCommand {
     /// Peer-pod VMs.
     #[command(subcommand)]
     Vm(vm::Command),
+    /// Collect objects, logs, doctor findings and versions into one .tar.gz for a bug
+    /// report, every credential redacted.
+    SupportBundle(support_bundle::BundleArgs),
+    /// The support bundle as files under /must-gather (the `oc adm must-gather --image`
+    /// entry point; the binary runs it when invoked as `gather`).
+    MustGather(support_bundle::MustGatherArgs),
 }
 
 /// `sandboxd ctl azure ...`.
@@ -129,5 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         CtlCommand::Status(a) => status::run(&ctx, a).await,
         CtlCommand::Doctor(a) => doctor::run(&ctx, a).await,
         CtlCommand::Vm(c) => vm::run(&ctx, c).await,
+        CtlCommand::SupportBundle(a) => support_bundle::run(&ctx, a).await,
+        CtlCommand::MustGather(a) => support_bundle::must_gather(&ctx, a).await,
     }
 }

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 
 use super::Ctx;
+use crate::api::names::CLOUD_SECRET;
 use crate::config::CloudSecret;
-use crate::config::SECRET_NAME;
 use crate::k8s::FIELD_MANAGER;
 use crate::k8s::apply::is_not_found;
 
@@ -36,7 +36,7 @@ pub enum Error {
     )]
     NoNamespace(String),
     /// The API server refused.
-    #[error("writing Secret {SECRET_NAME}: {0}")]
+    #[error("writing Secret {CLOUD_SECRET}: {0}")]
     Api(#[source] kube::Error),
 }
 
@@ -130,7 +130,7 @@ fn read_client_secret() -> Result<String, Error> {
 pub fn secret_object(namespace: &str, data: &BTreeMap<String, String>) -> Secret {
     Secret {
         metadata: ObjectMeta {
-            name: Some(SECRET_NAME.to_string()),
+            name: Some(CLOUD_SECRET.to_string()),
             namespace: Some(namespace.to_string()),
             ..Default::default()
         },
@@ -163,7 +163,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let api: Api<Secret> = Api::namespaced(client, &ctx.namespace);
     let obj = secret_object(&ctx.namespace, &data);
     api.patch(
-        SECRET_NAME,
+        CLOUD_SECRET,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&obj),
     )
@@ -176,7 +176,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         }
     })?;
     println!(
-        "secret {}/{SECRET_NAME} written with keys {}",
+        "secret {}/{CLOUD_SECRET} written with keys {}",
         ctx.namespace,
         data.keys().cloned().collect::<Vec<_>>().join(", ")
     );
@@ -210,6 +210,6 @@ mod tests {
             [("A".to_string(), "1".to_string())].into_iter().collect();
         let s = secret_object("ns", &data);
         assert_eq!(s.data.unwrap()["A"].0, b"1");
-        assert_eq!(s.metadata.name.as_deref(), Some(SECRET_NAME));
+        assert_eq!(s.metadata.name.as_deref(), Some(CLOUD_SECRET));
     }
 }

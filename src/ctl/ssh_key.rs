@@ -16,13 +16,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use super::Ctx;
+use crate::api::names::{SSH_KEY_SECRET, SSH_PUBLIC_KEY};
 use crate::k8s::FIELD_MANAGER;
 use crate::k8s::apply::is_not_found;
-
-/// The Secret holding the public key.
-pub const SECRET: &str = "ssh-key-secret";
-/// Its key (the seed's name, whatever the algorithm).
-pub const PUBLIC_KEY: &str = "id_rsa.pub";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +40,7 @@ pub enum Error {
     )]
     NoNamespace(String),
     /// The API server refused.
-    #[error("writing Secret {SECRET}: {0}")]
+    #[error("writing Secret {SSH_KEY_SECRET}: {0}")]
     Api(#[source] kube::Error),
 }
 
@@ -166,14 +162,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let api: Api<Secret> = Api::namespaced(client, &ctx.namespace);
     let data: BTreeMap<String, ByteString> = [(
-        PUBLIC_KEY.to_string(),
+        SSH_PUBLIC_KEY.to_string(),
         ByteString(format!("{public}\n").into_bytes()),
     )]
     .into_iter()
     .collect();
     let secret = Secret {
         metadata: ObjectMeta {
-            name: Some(SECRET.into()),
+            name: Some(SSH_KEY_SECRET.into()),
             namespace: Some(ctx.namespace.clone()),
             ..Default::default()
         },
@@ -198,7 +194,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
         })?;
     }
     api.patch(
-        SECRET,
+        SSH_KEY_SECRET,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&secret),
     )
@@ -210,7 +206,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
             Error::Api(e)
         }
     })?;
-    println!("secret {}/{SECRET} written ({PUBLIC_KEY}):", ctx.namespace);
+    println!(
+        "secret {}/{SSH_KEY_SECRET} written ({SSH_PUBLIC_KEY}):",
+        ctx.namespace
+    );
     println!("{public}");
     match &args.out {
         Some(p) => println!("private key written to {} (mode 0600)", p.display()),

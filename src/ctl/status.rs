@@ -16,18 +16,12 @@ use serde::Serialize;
 
 use super::{Ctx, Output, output};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{
+    CAA_DAEMONSET, IMAGE_CREATION_JOB, LABEL_KATA, OPERATOR, PEER_POD_CONFIG, VM_RESOURCE, WEBHOOK,
+};
 use crate::api::peerpod::PeerPod;
 use crate::api::peerpodconfig::PeerPodConfig;
 use crate::k8s::apply::is_not_found;
-
-/// The pod VM image creation Job.
-pub const IMAGE_JOB: &str = "osc-podvm-image-creation";
-/// The webhook Deployment.
-pub const WEBHOOK_DEPLOYMENT: &str = "peer-pods-webhook";
-/// The node label of peer-pod nodes.
-pub const KATA_LABEL: &str = "node-role.kubernetes.io/kata-oc";
-/// The extended resource counting peer-pod VMs.
-pub const VM_RESOURCE: &str = "kata.peerpods.io/vm";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
@@ -269,9 +263,7 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
     };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     report.operator = opt(
-        deployments
-            .get_opt(super::install::OPERATOR_DEPLOYMENT)
-            .await,
+        deployments.get_opt(OPERATOR).await,
         "the operator Deployment",
     )
     .await?
@@ -282,12 +274,9 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
              (or pass -n with the namespace it runs in)"
         ));
     }
-    report.webhook = opt(
-        deployments.get_opt(WEBHOOK_DEPLOYMENT).await,
-        "the webhook Deployment",
-    )
-    .await?
-    .map(|d| deployment_readiness(&d));
+    report.webhook = opt(deployments.get_opt(WEBHOOK).await, "the webhook Deployment")
+        .await?
+        .map(|d| deployment_readiness(&d));
     let kcs: Api<KataConfig> = Api::all(client.clone());
     let kc = match kcs.list(&ListParams::default()).await {
         Ok(l) => l.items.into_iter().next(),
@@ -298,12 +287,7 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
         .as_ref()
         .map(|kc| kataconfig_report(kc, &mut report.failures));
     let ppcs: Api<PeerPodConfig> = Api::namespaced(client.clone(), namespace);
-    if let Some(ppc) = opt(
-        ppcs.get_opt(super::limit::PEERPODCONFIG).await,
-        "the PeerPodConfig",
-    )
-    .await?
-    {
+    if let Some(ppc) = opt(ppcs.get_opt(PEER_POD_CONFIG).await, "the PeerPodConfig").await? {
         report.limit = Some(ppc.spec.limit.clone());
         report.peer_pod_config = conditions(
             &ppc.status
@@ -322,7 +306,7 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
         }
     }
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
-    report.image_job = opt(jobs.get_opt(IMAGE_JOB).await, "the image Job")
+    report.image_job = opt(jobs.get_opt(IMAGE_CREATION_JOB).await, "the image Job")
         .await?
         .map(|j| {
             let s = j.status.unwrap_or_default();
@@ -342,23 +326,20 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
         });
     if report.image_job.as_deref() == Some("Failed") {
         report.failures.push(format!(
-            "pod VM image Job failed: `kubectl -n {namespace} logs job/{IMAGE_JOB}` and \
-             `kubectl -n {namespace} get events --field-selector involvedObject.name={IMAGE_JOB}`"
+            "pod VM image Job failed: `kubectl -n {namespace} logs job/{IMAGE_CREATION_JOB}` and \
+             `kubectl -n {namespace} get events --field-selector involvedObject.name={IMAGE_CREATION_JOB}`"
         ));
     }
     let dss: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
-    report.caa = opt(
-        dss.get_opt(super::caa::DAEMONSET).await,
-        "the CAA DaemonSet",
-    )
-    .await?
-    .map(|d| {
-        let s = d.status.unwrap_or_default();
-        Readiness {
-            ready: s.number_ready,
-            want: s.desired_number_scheduled,
-        }
-    });
+    report.caa = opt(dss.get_opt(CAA_DAEMONSET).await, "the CAA DaemonSet")
+        .await?
+        .map(|d| {
+            let s = d.status.unwrap_or_default();
+            Readiness {
+                ready: s.number_ready,
+                want: s.desired_number_scheduled,
+            }
+        });
     let peerpods: Api<PeerPod> = Api::all(client.clone());
     let mut used: BTreeMap<String, usize> = BTreeMap::new();
     match peerpods.list(&ListParams::default()).await {
@@ -372,7 +353,7 @@ pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> 
     }
     let nodes: Api<Node> = Api::all(client.clone());
     let kata_nodes = nodes
-        .list(&ListParams::default().labels(KATA_LABEL))
+        .list(&ListParams::default().labels(LABEL_KATA))
         .await
         .map_err(api_err("nodes"))?;
     let mut names: BTreeMap<String, Option<String>> = BTreeMap::new();

@@ -11,12 +11,10 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use super::{Ctx, output};
+use crate::api::names::{HYPERVISOR_SOCKET, annotations};
 use crate::api::peerpod::PeerPod;
 use crate::k8s::apply::is_not_found;
-use crate::protocol::{annotations, hypervisor, hypervisor_ttrpc};
-
-/// Where CAA serves the hypervisor API on a node.
-pub const DEFAULT_SOCKET: &str = "/run/peerpod/hypervisor.sock";
+use crate::protocol::{hypervisor, hypervisor_ttrpc};
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +82,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub sandbox_id: String,
     /// The CAA hypervisor socket of this node.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, default_value = HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
     /// vCPUs for the automatic instance size (`default_vcpus` annotation).
     #[arg(long)]
@@ -110,7 +108,7 @@ pub struct DeleteArgs {
     #[arg(long)]
     pub sandbox_id: String,
     /// The CAA hypervisor socket of this node.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, default_value = HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
     /// Seconds to wait for StopVM.
     #[arg(long, default_value_t = 300)]
@@ -363,7 +361,7 @@ mod tests {
         CreateArgs {
             pod: pod.into(),
             sandbox_id: "0123abcd4567ef89".into(),
-            socket: DEFAULT_SOCKET.into(),
+            socket: HYPERVISOR_SOCKET.into(),
             vcpus: None,
             memory: Some(4096),
             machine_type: Some("Standard_D2as_v5".into()),

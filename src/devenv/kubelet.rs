@@ -27,12 +27,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::io;
+use crate::api::names::{RUNTIME_CLASS, annotations};
 use crate::cloud::net::{self, Netlink};
 use crate::ctl::vm::{CreateArgs, DeleteArgs};
-use crate::protocol::annotations;
-
-/// The runtime class whose pods get a VM.
-pub const RUNTIME_CLASS: &str = "kata-remote";
 const BRIDGE: &str = "br0";
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
@@ -43,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     pub node: String,
     /// The CAA hypervisor socket of this node.
-    #[arg(long, default_value = crate::ctl::vm::DEFAULT_SOCKET)]
+    #[arg(long, default_value = crate::api::names::HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
     /// Scratch state: the installer's host root and the pod network namespaces.
     #[arg(long)]

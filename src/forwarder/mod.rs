@@ -21,10 +21,8 @@ use std::time::Duration;
 
 pub use config::Config;
 
+use crate::api::names;
 use crate::cloud::net;
-
-/// The port the forwarder listens on.
-pub const PORT: u16 = 15150;
 
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
@@ -86,13 +84,13 @@ pub struct Args {
     )]
     pub imds_url: url::Url,
     /// Address of the mTLS listener.
-    #[arg(long, default_value = "0.0.0.0:15150")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::FORWARDER_PORT)))]
     pub listen: SocketAddr,
     /// kata-agent's socket.
-    #[arg(long, default_value = "/run/kata-containers/agent.sock")]
+    #[arg(long, default_value = names::AGENT_SOCKET)]
     pub agent_socket: PathBuf,
     /// The pod network namespace to create.
-    #[arg(long, default_value = "/run/netns/podns")]
+    #[arg(long, default_value = names::POD_NETNS)]
     pub pod_netns: PathBuf,
     /// Seconds a connection waits for the agent socket.
     #[arg(long, default_value_t = 150)]
@@ -223,7 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tls,
         relay::RelayOptions {
             agent_socket: args.agent_socket.clone(),
-            netns: rewrite::POD_NETNS.to_string(),
+            netns: names::POD_NETNS.to_string(),
             agent_wait: Duration::from_secs(args.agent_wait_seconds),
         },
         shutdown,

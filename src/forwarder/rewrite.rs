@@ -15,8 +15,6 @@ use crate::protocol::oci::{Linux, LinuxNamespace, Spec};
 pub const AGENT_SERVICE: &str = "grpc.AgentService";
 /// The agent methods [`rewrite`] changes; every other request passes byte for byte.
 pub const REWRITTEN: &[&str] = &["CreateSandbox", "CreateContainer"];
-/// The pod network namespace inside the VM.
-pub const POD_NETNS: &str = "/run/netns/podns";
 
 /// Why a request could not be rewritten.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +107,7 @@ fn add_network_namespace(m: &mut CreateContainerRequest, netns: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::names::POD_NETNS;
 
     fn request(method: &str, payload: Vec<u8>) -> Frame {
         let mut r = ttrpc::proto::Request::new();

@@ -1,9 +1,11 @@
 //! Writes: server-side apply under [`FIELD_MANAGER`], a content hash so unchanged objects
-//! are never re-applied, and finalizer add/remove guarded by `resourceVersion`.
+//! are never re-applied, a finalizer added guarded by `resourceVersion` and removed by a
+//! JSON patch that tests it first (the one way every finalizer of sandboxd goes).
 
 use std::fmt::Debug;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -100,6 +102,22 @@ where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
+    apply_kind(api, obj, &K::kind(&Default::default())).await
+}
+
+/// [`apply`] for an object of a kind known at run time (`ar`).
+pub async fn apply_dynamic(
+    api: &Api<DynamicObject>,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+) -> Result<DynamicObject, Error> {
+    apply_kind(api, obj, &ar.kind).await
+}
+
+async fn apply_kind<K>(api: &Api<K>, obj: &K, kind: &str) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
     let name = obj.name_any();
     api.patch(
         &name,
@@ -109,7 +127,7 @@ where
     .await
     .map_err(|source| Error::Api {
         verb: "applying",
-        kind: K::kind(&Default::default()).to_string(),
+        kind: kind.to_string(),
         name,
         source,
     })
@@ -168,12 +186,28 @@ where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
+    delete_kind(api, name, &K::kind(&Default::default())).await
+}
+
+/// [`delete_if_exists`] for an object of a kind known at run time (`ar`).
+pub async fn delete_dynamic(
+    api: &Api<DynamicObject>,
+    ar: &ApiResource,
+    name: &str,
+) -> Result<(), Error> {
+    delete_kind(api, name, &ar.kind).await
+}
+
+async fn delete_kind<K>(api: &Api<K>, name: &str, kind: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
     match api.delete(name, &Default::default()).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(source) => Err(Error::Api {
             verb: "deleting",
-            kind: K::kind(&Default::default()).to_string(),
+            kind: kind.to_string(),
             name: name.to_string(),
             source,
         }),
@@ -217,26 +251,68 @@ where
     Ok(true)
 }
 
-/// Removes `finalizer` from `obj` if present. Returns whether it wrote. An object that is
-/// already gone counts as done.
+/// Removes `finalizer` from `obj` (its last known state) if present. Returns whether it
+/// wrote. An object that is already gone counts as done.
+///
+/// The finalizer is removed by position with a JSON patch that first tests it is still
+/// there: one call and no read in the common case, and another writer's finalizer is never
+/// dropped. When the list changed meanwhile, it is read again and the removal retried.
 pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
-    if !obj.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(false);
+    let name = obj.name_any();
+    let failed = |source| Error::Api {
+        verb: "removing the finalizer of",
+        kind: K::kind(&Default::default()).to_string(),
+        name: name.clone(),
+        source,
+    };
+    let mut finalizers = obj.finalizers().to_vec();
+    for _ in 0..5 {
+        let Some(i) = finalizers.iter().position(|f| f == finalizer) else {
+            return Ok(false);
+        };
+        let path = format!("/metadata/finalizers/{i}");
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": path, "value": finalizer},
+            {"op": "remove", "path": path},
+        ]))
+        .expect("a valid JSON patch");
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(e) if is_not_found(&e) => return Ok(true),
+            // The finalizers changed since they were read: read them and retry.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                match api.get_opt(&name).await.map_err(failed)? {
+                    Some(current) => finalizers = current.finalizers().to_vec(),
+                    None => return Ok(true),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        }
     }
-    let list: Vec<String> = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizer)
-        .cloned()
-        .collect();
-    match set_finalizers(api, obj, list).await {
-        Ok(_) => Ok(true),
-        Err(Error::Api { source, .. }) if is_not_found(&source) => Ok(true),
-        Err(e) => Err(e),
+    Err(failed(kube::Error::Api(
+        kube::core::Status::failure(
+            &format!("the finalizers of {name} kept changing"),
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    )))
+}
+
+impl From<Error> for kube::Error {
+    /// The API error behind a failed write, for callers that speak `kube::Error`.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Api { source, .. } => source,
+            Error::Serialise { source, .. } => kube::Error::SerdeError(source),
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! Kubernetes plumbing shared by every component: client construction and the field
-//! manager that owns everything sandboxd applies.
+//! Kubernetes plumbing shared by every component: client construction, the cluster's
+//! identity ([`cluster_id`]) and the field manager that owns everything sandboxd applies.
 
 pub mod apply;
 pub mod conditions;
@@ -52,6 +52,19 @@ impl Error {
             Error::Client(_) => "client",
         }
     }
+}
+
+/// The cluster's identity: the uid of the `kube-system` namespace, which lives as long as
+/// the cluster. CAA tags every VM with it ([`crate::cloud::tags::CLUSTER`]); the operator's
+/// collector finds this cluster's VMs by it.
+pub async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
+    let ns: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    Ok(ns
+        .get("kube-system")
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default())
 }
 
 /// How a component finds its API server; flattened into every subcommand that talks to one.

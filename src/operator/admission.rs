@@ -11,17 +11,15 @@ use k8s_openapi::api::admissionregistration::v1::{
 use kube::Api;
 use serde_json::json;
 
+use crate::api::names::{KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::k8s::apply::{self, hash_matches, stamp_hash};
-
-/// The policy's (and binding's) name.
-pub const POLICY_NAME: &str = "sandboxd-kataconfig-singleton";
 
 /// The policy (hash-stamped).
 pub fn policy() -> ValidatingAdmissionPolicy {
     let mut p: ValidatingAdmissionPolicy = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "metadata": {"name": KATACONFIG_SINGLETON, "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
         "spec": {
             "failurePolicy": "Fail",
             "paramKind": {"apiVersion": "kataconfiguration.openshift.io/v1", "kind": "KataConfig"},
@@ -48,9 +46,9 @@ pub fn binding() -> ValidatingAdmissionPolicyBinding {
     let mut b: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": POLICY_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "metadata": {"name": KATACONFIG_SINGLETON, "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
         "spec": {
-            "policyName": POLICY_NAME,
+            "policyName": KATACONFIG_SINGLETON,
             "validationActions": ["Deny"],
             "paramRef": {"selector": {}, "parameterNotFoundAction": "Allow"},
         }
@@ -63,10 +61,10 @@ pub fn binding() -> ValidatingAdmissionPolicyBinding {
 /// How the one-KataConfig rule is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {
-    /// The ValidatingAdmissionPolicy [`POLICY_NAME`] (Kubernetes ≥ 1.30).
+    /// The ValidatingAdmissionPolicy [`KATACONFIG_SINGLETON`] (Kubernetes ≥ 1.30).
     ValidatingAdmissionPolicy,
     /// The peer pods webhook, through the ValidatingWebhookConfiguration
-    /// [`crate::webhook::singleton::CONFIGURATION_NAME`].
+    /// [`KATACONFIG_SINGLETON`].
     Webhook,
 }
 
@@ -86,13 +84,13 @@ impl Mechanism {
     pub fn message(self) -> String {
         match self {
             Mechanism::ValidatingAdmissionPolicy => format!(
-                "only one KataConfig may exist: enforced by ValidatingAdmissionPolicy {POLICY_NAME}"
+                "only one KataConfig may exist: enforced by ValidatingAdmissionPolicy {KATACONFIG_SINGLETON}"
             ),
             Mechanism::Webhook => format!(
                 "only one KataConfig may exist: the API server has no ValidatingAdmissionPolicy \
                  (Kubernetes before 1.30), so the peer pods webhook enforces it through \
                  ValidatingWebhookConfiguration {}",
-                crate::webhook::singleton::CONFIGURATION_NAME
+                KATACONFIG_SINGLETON
             ),
         }
     }
@@ -129,7 +127,7 @@ pub fn installer_policy() -> ValidatingAdmissionPolicy {
     let mut p: ValidatingAdmissionPolicy = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": INSTALLER_POLICY_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "metadata": {"name": INSTALLER_POLICY_NAME, "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [{
@@ -143,7 +141,7 @@ pub fn installer_policy() -> ValidatingAdmissionPolicy {
                 "expression": format!(
                     "request.userInfo.username.startsWith('system:serviceaccount:') && \
                      request.userInfo.username.endsWith(':{}')",
-                    super::names::INSTALLER_SERVICE_ACCOUNT
+                    crate::api::names::INSTALLER_SERVICE_ACCOUNT
                 ),
             }],
             "validations": [{
@@ -165,7 +163,7 @@ pub fn installer_binding() -> ValidatingAdmissionPolicyBinding {
     let mut b: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": INSTALLER_POLICY_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "metadata": {"name": INSTALLER_POLICY_NAME, "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
         "spec": {"policyName": INSTALLER_POLICY_NAME, "validationActions": ["Deny"]}
     }))
     .expect("a static binding always deserialises");

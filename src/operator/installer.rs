@@ -5,8 +5,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::Resource;
 use serde_json::json;
 
-use super::names::*;
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::*;
 use crate::k8s::apply::stamp_hash;
 
 /// What the DaemonSet needs besides its owner.

@@ -16,9 +16,9 @@ use kube::discovery::ApiResource;
 use serde_json::json;
 
 use super::kataconfig::plan::NodeView;
-use super::names::*;
 use super::node_install::{InstallConfig, crio, kata_config};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::*;
 use crate::k8s::apply::stamp_hash;
 
 /// The API group of MachineConfigs and MachineConfigPools.

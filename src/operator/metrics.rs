@@ -41,8 +41,12 @@ impl Default for OperatorMetrics {
 }
 
 impl OperatorMetrics {
-    /// Registers the metrics.
+    /// Registers the metrics. Successful passes are counted from the start (a rate of 0,
+    /// not "no data", before the first pass).
     pub fn register(&self, registry: &mut Registry) {
+        let _ = self.reconciles.get_or_create(&ResultLabels {
+            result: "ok".into(),
+        });
         registry.register(
             "operator_reconciles",
             "KataConfig reconcile passes by result",

@@ -1,16 +1,17 @@
-//! `sandboxd operator`: the KataConfig lifecycle (node selection, the `kata-remote`
-//! RuntimeClass, the node installer, status, uninstall) with leader election; plus the
-//! `crd` and `node-install` subcommands.
+//! `sandboxd operator`: its controllers ([`Controllers`]: the KataConfig lifecycle, peer
+//! pods, the PeerPod collector) with leader election; plus the `crd` and `node-install`
+//! subcommands.
 
 pub mod admission;
+pub mod controller;
 pub mod installer;
 pub mod kataconfig;
 pub mod leader;
 pub mod machineconfig;
 pub mod metrics;
-pub mod names;
 pub mod node_install;
 pub mod nodes;
+pub mod peer_pod_metrics;
 pub mod peerpod_gc;
 pub mod peerpods;
 pub mod runtimeclass;
@@ -22,8 +23,10 @@ use std::time::Duration;
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
+use self::controller::Shared;
 use self::metrics::OperatorMetrics;
 use self::nodes::Flavor;
+use crate::api::names;
 
 /// Errors of the operator.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +190,51 @@ async fn detect_flavor(client: &Client, platform: Platform) -> Result<Flavor, Er
     })
 }
 
+/// The controllers the operator runs, with what each needs beyond [`Shared`].
+pub struct Controllers {
+    /// The KataConfig controller: nodes, the RuntimeClass, the node installer, status,
+    /// uninstall.
+    pub kataconfig: kataconfig::Options,
+    /// The peer-pods controller: how it rolls out the webhook ...
+    pub webhook: peerpods::webhook::Settings,
+    /// ... and runs the pod VM image Jobs.
+    pub image_job: peerpods::image_job::Settings,
+    /// The PeerPod collector, the backstop for VMs no CAA releases.
+    pub collector: peerpod_gc::Options,
+}
+
+impl Controllers {
+    /// Runs every controller on `shared` until `shutdown`, or until the KataConfig
+    /// controller fails. The peer-pods controller and the PeerPod collector run beside it
+    /// and never stop the operator: they retry their own failures.
+    pub async fn run(
+        self,
+        shared: Shared,
+        shutdown: CancellationToken,
+    ) -> Result<(), kataconfig::Error> {
+        let token = shutdown.child_token();
+        let beside = [
+            tokio::spawn(peerpods::run(
+                shared.clone(),
+                self.webhook,
+                self.image_job,
+                token.clone(),
+            )),
+            tokio::spawn(peerpod_gc::run(
+                shared.client.clone(),
+                self.collector,
+                token.clone(),
+            )),
+        ];
+        let result = kataconfig::run(shared, self.kataconfig, token.clone()).await;
+        token.cancel();
+        for task in beside {
+            let _ = task.await;
+        }
+        result
+    }
+}
+
 /// Runs the operator's controllers with `client` until `shutdown` (the library entry point:
 /// tests run it in-process and restart it).
 pub async fn run_operator(
@@ -210,49 +258,31 @@ pub async fn run_operator(
         None
     };
     let flavor = detect_flavor(&client, opts.platform).await?;
-    let instance = opts
-        .leader
-        .as_ref()
-        .map(|l| l.identity.clone())
-        .unwrap_or_else(|| "sandboxd-operator".into());
-    let kc_opts = kataconfig::Options {
+    let shared = Shared {
+        client: client.clone(),
         namespace: opts.namespace.clone(),
         image: opts.image.clone(),
-        flavor,
-        instance,
-        rule,
+        instance: opts
+            .leader
+            .as_ref()
+            .map(|l| l.identity.clone())
+            .unwrap_or_else(|| names::OPERATOR.into()),
+        metrics,
     };
-    let gc = peerpod_gc::Options {
-        azure: opts.azure.clone(),
-        ..peerpod_gc::Options::new(opts.namespace.clone())
+    let controllers = Controllers {
+        kataconfig: kataconfig::Options { flavor, rule },
+        webhook: opts.webhook,
+        image_job: opts.image_job,
+        collector: peerpod_gc::Options {
+            azure: opts.azure,
+            ..peerpod_gc::Options::new(opts.namespace)
+        },
     };
-    match opts.leader.clone() {
-        None => {
-            let kc = peerpods::with_kataconfig(
-                client.clone(),
-                kc_opts,
-                metrics,
-                opts.webhook,
-                opts.image_job,
-                shutdown.clone(),
-            );
-            Ok(peerpod_gc::alongside(client, gc, shutdown, kc).await?)
-        }
+    match opts.leader {
+        None => Ok(controllers.run(shared, shutdown).await?),
         Some(cfg) => {
-            let c = client.clone();
-            let inner = leader::run_as_leader(client, cfg, shutdown, move |token| {
-                let kc = peerpods::with_kataconfig(
-                    c.clone(),
-                    kc_opts,
-                    metrics,
-                    opts.webhook.clone(),
-                    opts.image_job.clone(),
-                    token.clone(),
-                );
-                peerpod_gc::alongside(c, gc, token, kc)
-            })
-            .await?;
-            Ok(inner?)
+            let run = move |token| controllers.run(shared, token);
+            Ok(leader::run_as_leader(client, cfg, shutdown, run).await??)
         }
     }
 }
@@ -272,6 +302,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = crate::telemetry::Metrics::for_component("operator");
     let metrics = Arc::new(OperatorMetrics::default());
     metrics.register(registry.registry_mut());
+    peer_pod_metrics::GAUGES.register(registry.registry_mut());
+    peer_pod_metrics::watch(client.clone(), shutdown.clone());
     let readiness = crate::telemetry::Readiness::default();
     let listener = crate::telemetry::bind(args.metrics_addr).await?;
     let router = crate::telemetry::router(registry.finish(), readiness);
@@ -279,14 +311,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let identity = args
         .identity
         .clone()
-        .unwrap_or_else(|| format!("sandboxd-operator-{}", std::process::id()));
+        .unwrap_or_else(|| format!("{}-{}", names::OPERATOR, std::process::id()));
     let opts = Options {
         namespace: args.namespace,
         image: args.image,
         platform: args.platform,
         leader: (!args.no_leader_election).then(|| leader::LeaderConfig {
             namespace: String::new(),
-            name: names::LEASE_NAME.into(),
+            name: names::OPERATOR.into(),
             identity,
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use super::names::LABEL_KATA_ELIGIBLE;
+use crate::api::names::LABEL_KATA_ELIGIBLE;
 
 /// The labels that mark control-plane nodes on plain Kubernetes.
 const CONTROL_PLANE_ROLES: [&str; 2] = [

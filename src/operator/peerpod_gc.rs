@@ -13,19 +13,19 @@
 //! ConfigMap (peer pods not configured) a pass does nothing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::names::{CLOUD_SECRET, CONFIG_MAP};
 use crate::api::peerpod::{FINALIZER, PeerPod};
 use crate::cloud::{Provider, tags};
-use crate::config::{CONFIG_MAP_NAME, CloudProvider, CloudSecret, PeerPodsConfig, SECRET_NAME};
+use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
+use crate::k8s::apply;
 
 /// Errors of one pass.
 #[derive(Debug, thiserror::Error)]
@@ -159,13 +159,13 @@ impl Collector {
     /// when they changed; `None` when peer pods are not configured.
     async fn provider(&mut self) -> Result<Option<Arc<dyn Provider>>, Error> {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.opts.namespace);
-        let Some(cm) = cms.get_opt(CONFIG_MAP_NAME).await? else {
+        let Some(cm) = cms.get_opt(CONFIG_MAP).await? else {
             self.provider = None;
             return Ok(None);
         };
         let mut map: BTreeMap<String, String> = cm.data.unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.opts.namespace);
-        if let Some(s) = secrets.get_opt(SECRET_NAME).await? {
+        if let Some(s) = secrets.get_opt(CLOUD_SECRET).await? {
             for (k, v) in s.data.unwrap_or_default() {
                 map.insert(k, String::from_utf8_lossy(&v.0).into_owned());
             }
@@ -188,13 +188,7 @@ impl Collector {
         if let Some(id) = &self.cluster_id {
             return Ok(id.clone());
         }
-        let ns: Api<Namespace> = Api::all(self.client.clone());
-        let id = ns
-            .get("kube-system")
-            .await?
-            .metadata
-            .uid
-            .unwrap_or_default();
+        let id = crate::k8s::cluster_id(&self.client).await?;
         self.cluster_id = Some(id.clone());
         Ok(id)
     }
@@ -250,7 +244,10 @@ impl Collector {
                 tracing::warn!(peerpod = %what, vm = %vm, "VM still listed after its delete; keeping the finalizer");
                 continue;
             }
-            remove_finalizer(&self.client, &p).await?;
+            let api = Api::namespaced(self.client.clone(), &ns);
+            apply::remove_finalizer(&api, &p, FINALIZER)
+                .await
+                .map_err(kube::Error::from)?;
             tracing::info!(peerpod = %what, vm = %vm, node = %p.spec.node_name, "CAA did not handle a deleted PeerPod; deleted its VM and removed the finalizer");
             self.deleting_since.remove(&key);
             report.released.push(what);
@@ -307,22 +304,6 @@ impl Collector {
     }
 }
 
-/// Removes the finalizer (optimistically: fails if the record changed meanwhile).
-async fn remove_finalizer(client: &Client, p: &PeerPod) -> Result<(), Error> {
-    let api: Api<PeerPod> = Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-    let finalizers: Vec<&String> = p.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": p.resource_version()}});
-    match api
-        .patch(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Runs passes every `opts.every` until `shutdown`; failures are logged and retried on the
 /// next pass.
 pub async fn run(client: Client, opts: Options, shutdown: CancellationToken) {
@@ -341,26 +322,6 @@ pub async fn run(client: Client, opts: Options, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
     }
-}
-
-/// Runs `work` with the collector alongside (same cancellation); returns `work`'s result
-/// once both stopped.
-pub async fn alongside<F, T>(
-    client: Client,
-    opts: Options,
-    shutdown: CancellationToken,
-    work: F,
-) -> T
-where
-    F: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let token = shutdown.child_token();
-    let gc = tokio::spawn(run(client, opts, token.clone()));
-    let out = work.await;
-    token.cancel();
-    let _ = gc.await;
-    out
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 use k8s_openapi::api::node::v1::RuntimeClass;
 use serde_json::json;
 
-use super::names::{LABEL_KATA, LABEL_MANAGED_BY, MANAGED_BY, RUNTIME_CLASS};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{LABEL_KATA, LABEL_MANAGED_BY, MANAGED_BY, RUNTIME_CLASS};
 use crate::k8s::apply::stamp_hash;
 use kube::Resource;
 

@@ -70,30 +70,6 @@ pub mod health_wire {
     }
 }
 
-/// Annotation keys the shim sends in `CreateVMRequest.annotations`.
-pub mod annotations {
-    /// The pod's name.
-    pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
-    /// The pod's namespace.
-    pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
-    /// The pod's uid.
-    pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
-    /// Requested instance size.
-    pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
-    /// Requested image.
-    pub const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
-    /// Requested vCPUs ("0" when unset).
-    pub const DEFAULT_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
-    /// Requested memory in MiB ("0" when unset).
-    pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
-    /// Requested GPUs ("0" when unset).
-    pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
-    /// Confidential-computing init data ("" when unset).
-    pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
-    /// Requested GPU model ("" when unset).
-    pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
-}
-
 #[cfg(test)]
 mod tests {
     use protobuf::Message;
@@ -106,9 +82,11 @@ mod tests {
         let mut req = CreateVMRequest::new();
         req.id = "3c1f0c0e7a9b4c8d".into();
         req.annotations
-            .insert(super::annotations::SANDBOX_NAME.into(), "web".into());
-        req.annotations
-            .insert(super::annotations::DEFAULT_VCPUS.into(), "2".into());
+            .insert("io.kubernetes.cri.sandbox-name".into(), "web".into());
+        req.annotations.insert(
+            "io.katacontainers.config.hypervisor.default_vcpus".into(),
+            "2".into(),
+        );
         req.networkNamespacePath = "/var/run/netns/cni-1".into();
         let bytes = req.write_to_bytes().unwrap();
         let back = CreateVMRequest::parse_from_bytes(&bytes).unwrap();

@@ -15,14 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 
-use super::policy::{DEFAULT_NEVER_MUTATE, DEFAULT_OPERATOR_NAMESPACE};
+use super::policy::DEFAULT_NEVER_MUTATE;
+use crate::api::names::{DEFAULT_NAMESPACE, RUNTIME_CLASS, WEBHOOK, WEBHOOK_SERVICE};
 
 /// The webhook's name inside the configuration.
 pub const WEBHOOK_NAME: &str = "mwebhook.peerpods.io";
-/// The configuration object's name.
-pub const CONFIGURATION_NAME: &str = "peer-pods-webhook";
-/// The Service in front of the webhook Deployment.
-pub const SERVICE_NAME: &str = "peer-pods-webhook-svc";
+/// OpenShift's service CA: the annotation asking it to inject the caBundle.
+pub const SERVICE_CA_INJECT_ANNOTATION: &str = "service.beta.openshift.io/inject-cabundle";
 /// The HTTP path of the mutation endpoint.
 pub const MUTATE_PATH: &str = "/mutate-v1-pod";
 /// The checked-in file, relative to the repository root.
@@ -58,41 +57,49 @@ pub enum Endpoint {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            endpoint: Endpoint::Service(DEFAULT_OPERATOR_NAMESPACE.into()),
+            endpoint: Endpoint::Service(DEFAULT_NAMESPACE.into()),
             ca_bundle: None,
-            target_runtime_class: "kata-remote".into(),
-            operator_namespace: DEFAULT_OPERATOR_NAMESPACE.into(),
+            target_runtime_class: RUNTIME_CLASS.into(),
+            operator_namespace: DEFAULT_NAMESPACE.into(),
             never_mutate: DEFAULT_NEVER_MUTATE.iter().map(|s| s.to_string()).collect(),
             extra_namespace_requirements: Vec::new(),
         }
     }
 }
 
-fn cel_string(s: &str) -> String {
+impl Endpoint {
+    /// How the API server reaches the webhook's `path` here (the Service's port 443, or the
+    /// development URL's host), trusting `ca_bundle`.
+    pub fn client_config(&self, path: &str, ca_bundle: Option<&str>) -> WebhookClientConfig {
+        WebhookClientConfig {
+            ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
+            service: match self {
+                Endpoint::Service(ns) => Some(ServiceReference {
+                    name: WEBHOOK_SERVICE.into(),
+                    namespace: ns.clone(),
+                    path: Some(path.into()),
+                    port: Some(443),
+                }),
+                Endpoint::Url(_) => None,
+            },
+            url: match self {
+                Endpoint::Url(u) => Some(format!("{}{path}", u.trim_end_matches(MUTATE_PATH))),
+                Endpoint::Service(_) => None,
+            },
+        }
+    }
+}
+
+/// `s` as a CEL string literal.
+pub(crate) fn cel_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The configuration for `options`.
 pub fn webhook_configuration(options: &Options) -> MutatingWebhookConfiguration {
-    let client_config = WebhookClientConfig {
-        ca_bundle: options
-            .ca_bundle
-            .as_ref()
-            .map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
-        service: match &options.endpoint {
-            Endpoint::Service(ns) => Some(ServiceReference {
-                name: SERVICE_NAME.into(),
-                namespace: ns.clone(),
-                path: Some(MUTATE_PATH.into()),
-                port: Some(443),
-            }),
-            Endpoint::Url(_) => None,
-        },
-        url: match &options.endpoint {
-            Endpoint::Url(u) => Some(u.clone()),
-            Endpoint::Service(_) => None,
-        },
-    };
+    let client_config = options
+        .endpoint
+        .client_config(MUTATE_PATH, options.ca_bundle.as_deref());
     let (prefixes, names): (Vec<&String>, Vec<&String>) =
         options.never_mutate.iter().partition(|p| p.ends_with('*'));
     let mut requirements = Vec::new();
@@ -132,13 +139,10 @@ pub fn webhook_configuration(options: &Options) -> MutatingWebhookConfiguration 
     }
     MutatingWebhookConfiguration {
         metadata: ObjectMeta {
-            name: Some(CONFIGURATION_NAME.into()),
+            name: Some(WEBHOOK.into()),
             annotations: matches!(options.endpoint, Endpoint::Service(_)).then(|| {
                 // OpenShift's service CA fills the caBundle; elsewhere the operator does.
-                BTreeMap::from([(
-                    "service.beta.openshift.io/inject-cabundle".to_string(),
-                    "true".to_string(),
-                )])
+                BTreeMap::from([(SERVICE_CA_INJECT_ANNOTATION.to_string(), "true".to_string())])
             }),
             ..Default::default()
         },
@@ -211,7 +215,7 @@ mod tests {
         let svc = w.client_config.service.as_ref().unwrap();
         assert_eq!(
             (svc.name.as_str(), svc.path.as_deref(), svc.port),
-            (SERVICE_NAME, Some(MUTATE_PATH), Some(443))
+            (WEBHOOK_SERVICE, Some(MUTATE_PATH), Some(443))
         );
         let req = &w
             .namespace_selector

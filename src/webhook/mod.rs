@@ -65,14 +65,14 @@ pub struct Args {
     #[arg(
         long,
         env = "POD_VM_EXTENDED_RESOURCE",
-        default_value = mutate::DEFAULT_EXTENDED_RESOURCE
+        default_value = crate::api::names::VM_RESOURCE
     )]
     pub pod_vm_extended_resource: String,
     /// The operator's namespace: peer pods there are refused.
     #[arg(
         long,
         env = "OPERATOR_NAMESPACE",
-        default_value = policy::DEFAULT_OPERATOR_NAMESPACE
+        default_value = crate::api::names::DEFAULT_NAMESPACE
     )]
     pub operator_namespace: String,
     /// If set, peer pods are refused outside these namespaces (comma list; `prefix-*`
@@ -114,7 +114,7 @@ impl Args {
                     .ok()
                     .filter(|s| !s.is_empty())
             })
-            .unwrap_or_else(|| "kata-remote".into())
+            .unwrap_or_else(|| crate::api::names::RUNTIME_CLASS.into())
     }
 
     /// The mutation settings.

@@ -9,23 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use super::pod::{self, Container, FieldError, Meta, PodIn, Resources};
+use super::pod::{self, Container, PeerPod, Resources};
 use super::quantity::{self, NANO, QuantityError, div_ceil};
+use crate::api::names::{PEER_POD_LABEL, annotations};
 
-/// The label that marks a peer pod, so the operator can find them without watching every pod.
-pub const PEER_POD_LABEL: &str = "kata.peerpods.io/peer-pod";
-/// vCPUs of the pod VM (integer).
-pub const ANNOTATION_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
-/// Memory of the pod VM in MiB (integer).
-pub const ANNOTATION_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
-/// GPUs of the pod VM (integer).
-pub const ANNOTATION_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
-/// An explicit VM size chosen by the user; never touched.
-pub const ANNOTATION_MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
 /// The resource that sizes `default_gpus`.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// The default per-node VM extended resource.
-pub const DEFAULT_EXTENDED_RESOURCE: &str = "kata.peerpods.io/vm";
 
 const MIB_NANOS: i128 = NANO << 20;
 
@@ -80,30 +69,6 @@ pub struct Mutation {
     pub warnings: Vec<String>,
     /// The size written to the annotations (before user-set annotations win).
     pub size: PodSize,
-}
-
-/// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
-pub(crate) struct PeerPod<'a> {
-    pub meta: Meta<'a>,
-    pub containers: Vec<Container<'a>>,
-    pub init_containers: Vec<Container<'a>>,
-    pub resources: Option<Resources<'a>>,
-}
-
-impl<'a> PeerPod<'a> {
-    /// Parses what the mutation needs; errors name the field.
-    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
-        let spec = pod.spec.as_ref();
-        Ok(Self {
-            meta: Meta::parse(pod.metadata)?,
-            containers: pod::containers(spec.and_then(|s| s.containers), "containers")?,
-            init_containers: pod::containers(
-                spec.and_then(|s| s.init_containers),
-                "initContainers",
-            )?,
-            resources: pod::pod_resources(spec.and_then(|s| s.resources))?,
-        })
-    }
 }
 
 type Amounts<'a> = BTreeMap<&'a str, i128>;
@@ -298,9 +263,9 @@ pub(crate) fn mutate(pod: &PeerPod<'_>, extended_resource: &str) -> Result<Mutat
         l
     };
     let sizes = [
-        (ANNOTATION_VCPUS, size.vcpus),
-        (ANNOTATION_MEMORY, size.memory_mib),
-        (ANNOTATION_GPUS, size.gpus),
+        (annotations::DEFAULT_VCPUS, size.vcpus),
+        (annotations::DEFAULT_MEMORY, size.memory_mib),
+        (annotations::DEFAULT_GPUS, size.gpus),
     ];
     let mut annotations = String::from("{");
     for (key, value) in sizes {
@@ -430,6 +395,8 @@ fn describe(size: &PodSize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::names::VM_RESOURCE;
+    use crate::webhook::pod::PodIn;
 
     use serde_json::{Map, Value, json};
 
@@ -469,9 +436,7 @@ mod tests {
     }
 
     fn size(spec: Value) -> PodSize {
-        with_pod(&pod(spec), |p| {
-            pod_size(p, DEFAULT_EXTENDED_RESOURCE).unwrap()
-        })
+        with_pod(&pod(spec), |p| pod_size(p, VM_RESOURCE).unwrap())
     }
 
     fn sz(vcpus: Option<u64>, memory_mib: Option<u64>) -> PodSize {
@@ -634,7 +599,7 @@ mod tests {
             "containers": [
                 c("a", json!({"cpu": "2", "memory": "4Gi"}), json!({"cpu": "3", "memory": "5Gi"})),
                 c("b", json!({"memory": "1Gi"}), Value::Null)]}));
-        let m = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let m = mutate_json(&v, VM_RESOURCE).unwrap();
         let out = apply(&v, &m);
         assert_eq!(
             out["spec"]["containers"][0]["resources"],
@@ -647,11 +612,17 @@ mod tests {
         // Pod-level cpu request 1 overrides the containers' sum; limits are container-level
         // (3) and at least the request, so they win. Memory: requests 4Gi + 1Gi; the only
         // limit (5Gi, Kubernetes sums the limits that are set) equals that.
-        assert_eq!(out["metadata"]["annotations"][ANNOTATION_VCPUS], "3");
-        assert_eq!(out["metadata"]["annotations"][ANNOTATION_MEMORY], "5120");
+        assert_eq!(
+            out["metadata"]["annotations"][annotations::DEFAULT_VCPUS],
+            "3"
+        );
+        assert_eq!(
+            out["metadata"]["annotations"][annotations::DEFAULT_MEMORY],
+            "5120"
+        );
         assert!(
             out["metadata"]["annotations"]
-                .get(ANNOTATION_GPUS)
+                .get(annotations::DEFAULT_GPUS)
                 .is_none()
         );
         assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
@@ -671,16 +642,16 @@ mod tests {
         let mut v =
             pod(json!({"containers": [c("a", json!({"cpu": "2", "memory": "2Gi"}), Value::Null)]}));
         v["metadata"]["annotations"] = json!({
-            ANNOTATION_VCPUS: "8",
-            ANNOTATION_MACHINE_TYPE: "Standard_D8as_v5",
+            annotations::DEFAULT_VCPUS: "8",
+            annotations::MACHINE_TYPE: "Standard_D8as_v5",
             "team": "x",
         });
         v["metadata"]["labels"] = json!({"app": "web"});
-        let out = apply(&v, &mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap());
+        let out = apply(&v, &mutate_json(&v, VM_RESOURCE).unwrap());
         let a = &out["metadata"]["annotations"];
-        assert_eq!(a[ANNOTATION_VCPUS], "8");
-        assert_eq!(a[ANNOTATION_MACHINE_TYPE], "Standard_D8as_v5");
-        assert_eq!(a[ANNOTATION_MEMORY], "2048");
+        assert_eq!(a[annotations::DEFAULT_VCPUS], "8");
+        assert_eq!(a[annotations::MACHINE_TYPE], "Standard_D8as_v5");
+        assert_eq!(a[annotations::DEFAULT_MEMORY], "2048");
         assert_eq!(a["team"], "x");
         assert_eq!(
             out["metadata"]["labels"],
@@ -707,7 +678,7 @@ mod tests {
     #[test]
     fn a_pod_without_resources_gets_no_size_and_no_resource_warning() {
         let v = pod(json!({"containers": [{"name": "a", "image": "x"}]}));
-        let m = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let m = mutate_json(&v, VM_RESOURCE).unwrap();
         let out = apply(&v, &m);
         assert!(
             out["metadata"]["annotations"]
@@ -722,13 +693,13 @@ mod tests {
     #[test]
     fn invalid_quantities_and_empty_pods_are_errors_naming_the_place() {
         let v = pod(json!({"containers": [c("web", json!({"cpu": "lots"}), Value::Null)]}));
-        let e = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
+        let e = mutate_json(&v, VM_RESOURCE).unwrap_err();
         assert_eq!(e.metric_label(), "invalid_quantity");
         assert!(e.to_string().contains("container \"web\""), "{e}");
         assert!(e.to_string().contains("\"cpu\""), "{e}");
 
         let v = pod(json!({"containers": []}));
-        let e = mutate_json(&v, DEFAULT_EXTENDED_RESOURCE).unwrap_err();
+        let e = mutate_json(&v, VM_RESOURCE).unwrap_err();
         assert_eq!(e.metric_label(), "no_containers");
     }
 
@@ -742,7 +713,7 @@ mod tests {
                 {"name": "a\"b", "resources": null, "futureField": {"x": [1, 2.5, null]}},
                 {"name": "b", "resources": {"claims": [{"name": "gpu"}]}}],
             "initContainers": null}});
-        let m = mutate_json(&bare, DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let m = mutate_json(&bare, VM_RESOURCE).unwrap();
         let out = apply(&bare, &m);
         assert_eq!(
             out["metadata"],
@@ -771,13 +742,13 @@ mod tests {
                     "requests": {"cpu": "1\u003500m", "memory": "1Gi"}}}]}}"#;
         let v: Value = serde_json::from_str(text).unwrap();
         let pod_in: PodIn = serde_json::from_str(text).unwrap();
-        let m = mutate(&PeerPod::parse(&pod_in).unwrap(), DEFAULT_EXTENDED_RESOURCE).unwrap();
+        let m = mutate(&PeerPod::parse(&pod_in).unwrap(), VM_RESOURCE).unwrap();
         assert_eq!(m.size, sz(Some(2), Some(1024)));
         let out = apply(&v, &m);
         assert_eq!(out["metadata"]["labels"], json!({PEER_POD_LABEL: "true"}));
         assert_eq!(
             out["metadata"]["annotations"],
-            json!({ANNOTATION_VCPUS: "16", ANNOTATION_MEMORY: "1024"})
+            json!({annotations::DEFAULT_VCPUS: "16", annotations::DEFAULT_MEMORY: "1024"})
         );
     }
 

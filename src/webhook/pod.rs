@@ -17,7 +17,7 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde_json::value::RawValue;
 
-use super::mutate::{ANNOTATION_GPUS, ANNOTATION_MEMORY, ANNOTATION_VCPUS, PeerPod};
+use crate::api::names::annotations;
 
 /// A JSON string, borrowed from the body unless it holds escapes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,6 +92,27 @@ pub(crate) struct PodIn<'a> {
     pub metadata: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "object")]
     pub spec: Option<SpecIn<'a>>,
+}
+
+/// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
+pub(crate) struct PeerPod<'a> {
+    pub meta: Meta<'a>,
+    pub containers: Vec<Container<'a>>,
+    pub init_containers: Vec<Container<'a>>,
+    pub resources: Option<Resources<'a>>,
+}
+
+impl<'a> PeerPod<'a> {
+    /// Parses what the mutation needs; errors name the field.
+    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
+        let spec = pod.spec.as_ref();
+        Ok(Self {
+            meta: Meta::parse(pod.metadata)?,
+            containers: containers(spec.and_then(|s| s.containers), "containers")?,
+            init_containers: containers(spec.and_then(|s| s.init_containers), "initContainers")?,
+            resources: pod_resources(spec.and_then(|s| s.resources))?,
+        })
+    }
 }
 
 /// The whole pod read in one pass: what [`PodIn`] and then [`PeerPod`] read, typed at once.
@@ -273,9 +294,9 @@ impl SizeAnnotations {
     /// Whether the annotation `key` (one of the size annotations) is set.
     pub fn has(&self, key: &str) -> bool {
         match key {
-            ANNOTATION_VCPUS => self.vcpus,
-            ANNOTATION_MEMORY => self.memory,
-            ANNOTATION_GPUS => self.gpus,
+            annotations::DEFAULT_VCPUS => self.vcpus,
+            annotations::DEFAULT_MEMORY => self.memory,
+            annotations::DEFAULT_GPUS => self.gpus,
             _ => false,
         }
     }
@@ -294,9 +315,9 @@ impl<'de> Deserialize<'de> for SizeAnnotations {
                 while let Some(key) = map.next_key::<Str>()? {
                     map.next_value::<IgnoredAny>()?;
                     match key.as_str() {
-                        ANNOTATION_VCPUS => seen.vcpus = true,
-                        ANNOTATION_MEMORY => seen.memory = true,
-                        ANNOTATION_GPUS => seen.gpus = true,
+                        annotations::DEFAULT_VCPUS => seen.vcpus = true,
+                        annotations::DEFAULT_MEMORY => seen.memory = true,
+                        annotations::DEFAULT_GPUS => seen.gpus = true,
                         _ => {}
                     }
                 }

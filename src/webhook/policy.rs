@@ -3,8 +3,7 @@
 //! A policy answers for a peer pod (a pod of the target runtime class) only; pods of other
 //! runtime classes never reach it.
 
-/// The operator's namespace on OpenShift; peer pods there are refused.
-pub const DEFAULT_OPERATOR_NAMESPACE: &str = "openshift-sandboxed-containers-operator";
+use crate::api::names::DEFAULT_NAMESPACE;
 
 /// Namespaces never mutated, even when the webhook configuration sends their pods here.
 pub const DEFAULT_NEVER_MUTATE: &[&str] = &[
@@ -70,7 +69,7 @@ pub struct NamespacePolicy {
 impl Default for NamespacePolicy {
     fn default() -> Self {
         Self {
-            operator_namespace: DEFAULT_OPERATOR_NAMESPACE.to_string(),
+            operator_namespace: DEFAULT_NAMESPACE.to_string(),
             allowed: Vec::new(),
             never_mutate: DEFAULT_NEVER_MUTATE
                 .iter()
@@ -117,7 +116,7 @@ mod tests {
     #[test]
     fn operator_namespace_is_refused_with_the_reason() {
         let p = NamespacePolicy::default();
-        let d = p.decide(DEFAULT_OPERATOR_NAMESPACE);
+        let d = p.decide(DEFAULT_NAMESPACE);
         assert!(refused(&d, "operator namespace"), "{d:?}");
         assert!(refused(&d, "VM limit"), "{d:?}");
     }
@@ -164,7 +163,7 @@ mod tests {
         };
         assert!(refused(&p.decide("openshift-osc"), "operator namespace"));
         assert!(matches!(
-            p.decide(DEFAULT_OPERATOR_NAMESPACE),
+            p.decide(DEFAULT_NAMESPACE),
             Decision::LeaveAlone(_)
         ));
     }

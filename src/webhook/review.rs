@@ -14,6 +14,7 @@ use super::metrics::{Outcome, WebhookMetrics};
 use super::mutate;
 use super::pod::{Obj, PodFull, PodIn, PodParts, Str};
 use super::policy::{AdmissionPolicy, Decision};
+use crate::api::names;
 
 /// The AdmissionReview API version this webhook speaks.
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -179,8 +180,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            target_runtime_class: "kata-remote".into(),
-            extended_resource: mutate::DEFAULT_EXTENDED_RESOURCE.into(),
+            target_runtime_class: names::RUNTIME_CLASS.into(),
+            extended_resource: names::VM_RESOURCE.into(),
         }
     }
 }

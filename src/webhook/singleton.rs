@@ -8,18 +8,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook,
-    ValidatingWebhookConfiguration, WebhookClientConfig,
+    MatchCondition, RuleWithOperations, ValidatingWebhook, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
-use super::manifest::{Endpoint, MUTATE_PATH, SERVICE_NAME};
+use super::manifest::{Endpoint, cel_string};
+use crate::api::names::{KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY};
 
 /// The path prefix; the KataConfig in force follows it.
 pub const PATH_PREFIX: &str = "/validate-kataconfig";
-/// The name of the ValidatingWebhookConfiguration (the same as the admission policy's).
-pub const CONFIGURATION_NAME: &str = "sandboxd-kataconfig-singleton";
 /// The webhook's name in it.
 pub const WEBHOOK_NAME: &str = "kataconfig-singleton.sandboxd.io";
 
@@ -75,10 +73,6 @@ pub fn review(active: &str, body: &[u8]) -> Result<Value, Error> {
     }))
 }
 
-fn cel_string(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
 /// The configuration refusing every KataConfig CREATE but `active`'s, sent to the webhook at
 /// `endpoint` (the peer pods webhook's Service, or its development URL).
 pub fn configuration(
@@ -87,28 +81,13 @@ pub fn configuration(
     ca_bundle: Option<String>,
 ) -> ValidatingWebhookConfiguration {
     let path = format!("{PATH_PREFIX}/{active}");
-    let client_config = WebhookClientConfig {
-        ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.into_bytes())),
-        service: match endpoint {
-            Endpoint::Service(ns) => Some(ServiceReference {
-                name: SERVICE_NAME.into(),
-                namespace: ns.clone(),
-                path: Some(path.clone()),
-                port: Some(443),
-            }),
-            Endpoint::Url(_) => None,
-        },
-        url: match endpoint {
-            Endpoint::Url(u) => Some(format!("{}{path}", u.trim_end_matches(MUTATE_PATH))),
-            Endpoint::Service(_) => None,
-        },
-    };
+    let client_config = endpoint.client_config(&path, ca_bundle.as_deref());
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
-            name: Some(CONFIGURATION_NAME.into()),
+            name: Some(KATACONFIG_SINGLETON.into()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "sandboxd".to_string(),
+                LABEL_MANAGED_BY.to_string(),
+                MANAGED_BY.to_string(),
             )])),
             ..Default::default()
         },
@@ -141,6 +120,8 @@ pub fn configuration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::names::WEBHOOK_SERVICE;
+    use crate::webhook::manifest::MUTATE_PATH;
 
     fn body(op: &str, name: &str) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -173,7 +154,7 @@ mod tests {
         let w = &c.webhooks.as_ref().unwrap()[0];
         let svc = w.client_config.service.as_ref().unwrap();
         assert_eq!(svc.path.as_deref(), Some("/validate-kataconfig/kc"));
-        assert_eq!(svc.name, SERVICE_NAME);
+        assert_eq!(svc.name, WEBHOOK_SERVICE);
         assert_eq!(
             w.match_conditions.as_ref().unwrap()[0].expression,
             "object.metadata.name != 'kc'"

@@ -9,10 +9,10 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::mutate::{ANNOTATION_MEMORY, ANNOTATION_VCPUS, PEER_POD_LABEL};
 use super::pod;
 use super::review::ReviewOut;
 use super::*;
+use crate::api::names::{self, PEER_POD_LABEL, annotations};
 
 /// A realistic peer pod from a Deployment: three containers and an init container.
 pub const KATA_POD_REVIEW: &str = include_str!("fixtures/kata-remote-pod.json");
@@ -95,8 +95,8 @@ async fn a_kata_remote_pod_is_answered_with_a_patch_making_it_a_peer_pod() {
     // Limits of the app containers (2 + 1 + 0.2 CPU, 2Gi + 1Gi + 128Mi) outweigh the init
     // container (1 CPU, 512Mi), which runs before them, not beside them.
     let a = &pod["metadata"]["annotations"];
-    assert_eq!(a[ANNOTATION_VCPUS], "4");
-    assert_eq!(a[ANNOTATION_MEMORY], "3200");
+    assert_eq!(a[annotations::DEFAULT_VCPUS], "4");
+    assert_eq!(a[annotations::DEFAULT_MEMORY], "3200");
     assert_eq!(a["prometheus.io/scrape"], "true");
     assert_eq!(pod["metadata"]["labels"][PEER_POD_LABEL], "true");
     assert_eq!(pod["metadata"]["labels"]["app"], "shop");
@@ -170,7 +170,7 @@ async fn peer_pods_in_the_operator_namespace_or_outside_the_allow_list_are_refus
     assert!(review(&app, &fixture()).await.response.patch.is_some());
 
     let mut body = fixture();
-    body["request"]["namespace"] = policy::DEFAULT_OPERATOR_NAMESPACE.into();
+    body["request"]["namespace"] = names::DEFAULT_NAMESPACE.into();
     let out = review(&app, &body).await;
     assert!(!out.response.allowed);
     let status = out.response.status.unwrap();
@@ -291,8 +291,14 @@ async fn a_peer_pod_with_escaped_strings_and_unknown_fields_is_mutated() {
     let pod = patched(&body, &out);
     assert_eq!(pod["metadata"]["labels"][PEER_POD_LABEL], "true");
     // 2 + 1 CPU limits (the third container has no resources), 2Gi + 1Gi.
-    assert_eq!(pod["metadata"]["annotations"][ANNOTATION_VCPUS], "3");
-    assert_eq!(pod["metadata"]["annotations"][ANNOTATION_MEMORY], "3072");
+    assert_eq!(
+        pod["metadata"]["annotations"][annotations::DEFAULT_VCPUS],
+        "3"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"][annotations::DEFAULT_MEMORY],
+        "3072"
+    );
     assert_eq!(
         pod["spec"]["containers"][0]["someFutureField"]["nested"][2]["a"],
         true
@@ -505,8 +511,8 @@ fn serve_for_a_load_generator() {
         port: env("SANDBOXD_SERVE_PORT", "9555").parse().unwrap(),
         bind_address: "127.0.0.1".parse().unwrap(),
         target_runtime_class: None,
-        pod_vm_extended_resource: mutate::DEFAULT_EXTENDED_RESOURCE.into(),
-        operator_namespace: policy::DEFAULT_OPERATOR_NAMESPACE.into(),
+        pod_vm_extended_resource: names::VM_RESOURCE.into(),
+        operator_namespace: names::DEFAULT_NAMESPACE.into(),
         allowed_namespaces: Vec::new(),
         never_mutate_namespaces: Vec::new(),
         tls_min_version: None,

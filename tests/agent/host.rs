@@ -158,8 +158,22 @@ impl HostAgent {
         };
         // sh stays PID 1 of the namespace (the agent must not run the pod VM init duties)
         // and hands SIGTERM on to the agent.
+        // A pod VM whose process runs chrooted (the local provider inside the CAA container)
+        // has its private /run under that root: the agent's /run is that one too.
+        let vm_run = match &inside {
+            Some((pid, _)) => {
+                let root = std::fs::read_link(format!("/proc/{pid}/root"))
+                    .with_context(|| format!("the root of process {pid}"))?;
+                if root == Path::new("/") {
+                    String::new()
+                } else {
+                    format!("mount --rbind {}/run /run; ", root.display())
+                }
+            }
+            None => String::new(),
+        };
         let script = format!(
-            "set -e; mount --make-rprivate /; {mount_cg}ip link set lo up 2>/dev/null || true; \
+            "set -e; mount --make-rprivate /; {vm_run}{mount_cg}ip link set lo up 2>/dev/null || true; \
              trap 'kill -TERM $p; wait $p' TERM; {agent} & p=$!; wait $p"
         );
         let mut args: Vec<String> = Vec::new();

@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::Api;
 use protobuf::Message;
+use sandboxd::api::names::annotations;
 use sandboxd::api::peerpod::PeerPod;
 use sandboxd::armtest::{self, Fault, FaultKind};
-use sandboxd::protocol::{annotations, hypervisor, podvminfo};
+use sandboxd::protocol::{hypervisor, podvminfo};
 
 use super::{create_request, ctx, hv, pod, record_names, setup, setup_with, start_via, stop_via};
 use crate::harness::ttrpc_wire::{self, Answer};

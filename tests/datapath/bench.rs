@@ -61,7 +61,7 @@ async fn large_throughput(socket: &std::path::Path, log: &super::agent::Log) -> 
 
 /// MB/s of 1 MiB messages echoed over one mutual-TLS loopback connection (same certificates
 /// and client configuration as the relay).
-async fn tls_echo_throughput(pki: &sandboxd::caa::relay::Pki) -> Result<f64> {
+async fn tls_echo_throughput(pki: &sandboxd::caa::pki::Pki) -> Result<f64> {
     let vm = "podvm-bench-0";
     let server = pki.server_cert(vm)?;
     let cfg = tls::server_config(&server.cert_pem, &server.key_pem, &pki.ca_pem())?;
@@ -103,7 +103,7 @@ async fn tls_echo_throughput(pki: &sandboxd::caa::relay::Pki) -> Result<f64> {
 /// connection, copied on the far side into the agent's socket. What any TLS tunnel between
 /// the shim and the agent costs: the baseline the relay's throughput is held to.
 async fn tls_tunnel(
-    pki: &sandboxd::caa::relay::Pki,
+    pki: &sandboxd::caa::pki::Pki,
     agent: &std::path::Path,
     socket: &std::path::Path,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {

@@ -18,10 +18,11 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use sandboxd::api::names::CAA_DAEMONSET;
+use sandboxd::api::names::annotations;
 use sandboxd::api::peerpod::{PeerPod, PeerPodStatus};
 use sandboxd::cloud::net::{self, Netlink};
-use sandboxd::operator::peerpods::caa::DAEMONSET;
-use sandboxd::protocol::{annotations, hypervisor, hypervisor_ttrpc};
+use sandboxd::protocol::{hypervisor, hypervisor_ttrpc};
 use serde_json::json;
 
 use crate::harness::pod_launch::{self, Container, ImageConfig, Launch, NodeHost};
@@ -338,7 +339,7 @@ impl CaaProc {
             Duration::from_secs(60),
             || {
                 let dss = dss.clone();
-                async move { Ok(dss.get_opt(DAEMONSET).await?) }
+                async move { Ok(dss.get_opt(CAA_DAEMONSET).await?) }
             },
         )
         .await?;

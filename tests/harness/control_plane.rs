@@ -113,6 +113,22 @@ impl ControlPlane {
     /// [`ControlPlane::start`] with `apiserver_args` added to kube-apiserver's (e.g. a
     /// `--runtime-config` that turns an API off, for a second, separate control plane).
     pub fn start_with(options: Options, apiserver_args: &[&str]) -> Result<Self> {
+        // Free ports are found by binding and releasing them; another process of this
+        // machine can take one before etcd or the API server binds it. Such a start is
+        // retried with new ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(options, apiserver_args) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!("harness: a control plane port was taken meanwhile; retrying");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(options: Options, apiserver_args: &[&str]) -> Result<Self> {
         let started = Instant::now();
         let bin = binaries()?;
         let dir = run_dir().join(format!("cp-{}", free_port()));

@@ -106,6 +106,20 @@ async fn oci_layer() -> Result<()> {
     ))?;
     let layers = manifest["layers"].as_array().context("manifest layers")?;
     ensure!(layers.len() == 2, "expected two layers: {manifest}");
+    // The first layer links what an `oc adm must-gather` pod runs to the binary.
+    let base = blob(&first.dir, layers[0]["digest"].as_str().context("layer")?);
+    let listing = Command::new("tar").arg("-tvzf").arg(&base).output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for link in [
+        "bin/bash -> ../sandboxd",
+        "usr/bin/gather -> ../../sandboxd",
+        "tar -> sandboxd",
+    ] {
+        ensure!(
+            listing.contains(link),
+            "{link} missing from the first layer:\n{listing}"
+        );
+    }
     let config = json(&blob(
         &first.dir,
         manifest["config"]["digest"].as_str().context("config")?,

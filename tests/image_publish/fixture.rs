@@ -356,7 +356,7 @@ impl Fixture {
         ))
     }
 
-    fn arm_client(&self) -> Result<sandboxd::image::publish::arm::Arm> {
+    fn arm_client(&self) -> Result<sandboxd::cloud::azure::Arm> {
         const CLIENT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000c";
         const TENANT_ID: &str = "0a1b2c3d-0000-4000-8000-00000000000e";
         let creds = sandboxd::config::AzureCredentials::ClientSecret {
@@ -365,16 +365,16 @@ impl Fixture {
             client_secret: sandboxd::config::SecretString::new("test-secret"),
         };
         let url = url::Url::parse(&self.arm)?;
-        Ok(sandboxd::image::publish::arm::Arm::new(
+        let arm = sandboxd::cloud::azure::Arm::new(
             &creds,
             &sandboxd::cloud::azure::Endpoints::development(Default::default(), url, None),
             Default::default(),
-            sandboxd::image::publish::arm::Polling {
-                min_interval: Duration::from_millis(50),
-                default_interval: Duration::from_millis(50),
-                timeout: Duration::from_secs(30),
-            },
-        )?)
+        )?;
+        Ok(arm.with_polling(sandboxd::cloud::azure::Polling {
+            min_interval: Duration::from_millis(50),
+            default_interval: Duration::from_millis(50),
+            timeout: Duration::from_secs(30),
+        }))
     }
 
     /// GET of an ARM path (with its api-version); fails on 404.
@@ -442,7 +442,7 @@ pub fn sparse_vhd(dir: &Path, name: &str, size_mib: usize) -> Result<(PathBuf, V
         }
     }
     let footer =
-        sandboxd::image::publish::vhd::fixed_footer(data.len() as u64, rng.u128(..).to_be_bytes());
+        sandboxd::image::build::vhd::footer(data.len() as u64, rng.u128(..).to_be_bytes(), 0);
     data.extend_from_slice(&footer);
     let path = dir.join(name);
     std::fs::write(&path, &data)?;

@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
+use sandboxd::api::names::ANNOTATION_BUILT_IMAGE_ID;
 use sandboxd::armtest::{Fault, FaultKind};
-use sandboxd::image::publish::{ANNOTATION_BUILT_IMAGE_ID, TAG_CREATED_BY};
+use sandboxd::image::publish::TAG_CREATED_BY;
 
 use crate::harness::{Case, Env};
 use fixture::{Fixture, Run, SUB, sparse_vhd};
@@ -782,9 +783,10 @@ async fn bench_upload(_env: Env) -> Result<()> {
     for chunk in data.chunks_mut(8) {
         chunk.copy_from_slice(&(rng.u64(..) | 1).to_le_bytes());
     }
-    data.extend_from_slice(&sandboxd::image::publish::vhd::fixed_footer(
+    data.extend_from_slice(&sandboxd::image::build::vhd::footer(
         size as u64,
         [9; 16],
+        0,
     ));
     let vhd = fx.dir.join("dense.vhd");
     std::fs::write(&vhd, &data)?;

@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use sandboxd::operator::names::*;
+use sandboxd::api::names::*;
 use sandboxd::operator::node_install::systemd::Recorded;
 use sandboxd::operator::node_install::{self, InstallConfig, containerd, kata_config};
 use serde_json::json;

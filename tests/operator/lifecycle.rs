@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Resource, ResourceExt};
+use sandboxd::api::names::*;
 use sandboxd::operator::admission;
-use sandboxd::operator::names::*;
 use serde_json::json;
 
 use super::support::*;
@@ -355,7 +355,7 @@ async fn second_refused(env: Env) -> Result<()> {
     // One that slips through (here: the binding is gone for a moment) is marked and ignored.
     let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(f.admin.clone());
     bindings
-        .delete(admission::POLICY_NAME, &DeleteParams::default())
+        .delete(KATACONFIG_SINGLETON, &DeleteParams::default())
         .await?;
     eventually(
         "the second KataConfig admitted without the binding",

@@ -19,8 +19,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
+use sandboxd::api::names::WEBHOOK;
 use sandboxd::armtest;
-use sandboxd::operator::peerpods::webhook::DEPLOYMENT;
 use serde_json::json;
 
 use crate::harness::process::{Process, free_port, run_dir};
@@ -249,7 +249,7 @@ async fn body(
     // The webhook, as the Deployment runs it, with the operator's serving certificate.
     let deployment = eventually("the webhook Deployment", WAIT, || async {
         Ok(Api::<Deployment>::namespaced(admin.clone(), ns)
-            .get_opt(DEPLOYMENT)
+            .get_opt(WEBHOOK)
             .await?)
     })
     .await?;

@@ -15,9 +15,9 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Client, ResourceExt};
+use sandboxd::api::names::*;
 use sandboxd::operator::Platform;
 use sandboxd::operator::machineconfig::*;
-use sandboxd::operator::names::*;
 use serde_json::json;
 
 use super::support::*;

@@ -386,8 +386,11 @@ async fn scc_admission(env: Env) -> Result<()> {
         ..Default::default()
     };
     let ppc = sandboxd::api::peerpodconfig::PeerPodConfigSpec::default();
-    let webhook =
-        sandboxd::operator::peerpods::webhook::deployment(&env.ns, "sandboxd:test", &owner);
+    let webhook = sandboxd::operator::peerpods::webhook::objects::deployment(
+        &env.ns,
+        "sandboxd:test",
+        &owner,
+    );
     let job_settings = sandboxd::operator::peerpods::image_job::Settings::default();
     let creation = sandboxd::operator::peerpods::image_job::creation_job(
         &env.ns,
@@ -412,7 +415,7 @@ async fn scc_admission(env: Env) -> Result<()> {
         &ppc.node_selector,
         "hash",
         owner,
-        // The test control plane's version offers `status.hostIPs`.
+        // What the operator decides for the test control plane (1.36: `status.hostIPs`).
         sandboxd::operator::peerpods::caa::Cluster { host_ips: true },
         &Default::default(),
     );

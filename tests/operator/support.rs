@@ -14,9 +14,9 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
 use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
+use sandboxd::api::names::*;
 use sandboxd::operator::leader::LeaderConfig;
 use sandboxd::operator::metrics::OperatorMetrics;
-use sandboxd::operator::names::*;
 use sandboxd::operator::node_install::InstallConfig;
 use sandboxd::operator::{Options, Platform};
 use serde_json::json;
@@ -223,7 +223,7 @@ impl Fixture {
             platform,
             leader: Some(LeaderConfig {
                 namespace: self.ns.clone(),
-                name: LEASE_NAME.into(),
+                name: OPERATOR.into(),
                 identity: format!("test-{}", self.suffix),
                 lease_duration: Duration::from_secs(6),
                 renew_every: Duration::from_secs(2),

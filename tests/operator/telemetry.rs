@@ -5,7 +5,7 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use sandboxd::operator::names::*;
+use sandboxd::api::names::*;
 use serde_json::json;
 use tower::ServiceExt;
 

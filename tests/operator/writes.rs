@@ -20,8 +20,7 @@ use kube::runtime::watcher;
 use kube::runtime::watcher::Event as WatchEvent;
 use kube::{Client, Resource, ResourceExt};
 use sandboxd::api::kataconfig::KataConfig;
-use sandboxd::operator::admission::POLICY_NAME;
-use sandboxd::operator::names::*;
+use sandboxd::api::names::*;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +158,7 @@ impl Writes {
             ),
             watch::<ValidatingAdmissionPolicy>(
                 Api::all(admin.clone()),
-                by_name(POLICY_NAME),
+                by_name(KATACONFIG_SINGLETON),
                 "ValidatingAdmissionPolicy",
                 Box::new(|p: &ValidatingAdmissionPolicy| {
                     // Its status is the API server's type checker's.
@@ -173,7 +172,7 @@ impl Writes {
             ),
             watch::<ValidatingAdmissionPolicyBinding>(
                 Api::all(admin.clone()),
-                by_name(POLICY_NAME),
+                by_name(KATACONFIG_SINGLETON),
                 "ValidatingAdmissionPolicyBinding",
                 Box::new(rv),
                 s(),

@@ -9,8 +9,10 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use sandboxd::api::peerpodconfig::{CONDITION_CONFIG_VALID, DEFAULT_NAME};
-use sandboxd::operator::peerpods::caa::{CONFIG_HASH_ANNOTATION, DAEMONSET};
+use sandboxd::api::names::CAA_DAEMONSET;
+use sandboxd::api::names::PEER_POD_CONFIG;
+use sandboxd::api::peerpodconfig::CONDITION_CONFIG_VALID;
+use sandboxd::operator::peerpods::caa::CONFIG_HASH_ANNOTATION;
 use serde_json::json;
 
 use super::support::{Fixture, WAIT};
@@ -136,7 +138,7 @@ async fn config_valid(fx: &Fixture) -> Result<()> {
     let events: Api<Event> = Api::namespaced(fx.admin.clone(), &fx.ns);
     let ev = eventually("ConfigValid warning Event", WAIT, || async {
         let list = events
-            .list(&ListParams::default().fields(&format!("regarding.name={DEFAULT_NAME}")))
+            .list(&ListParams::default().fields(&format!("regarding.name={PEER_POD_CONFIG}")))
             .await?;
         Ok(list.items.into_iter().find(|e| {
             e.reason.as_deref() == Some("InvalidConfig") && e.type_.as_deref() == Some("Warning")
@@ -181,7 +183,7 @@ async fn caa_daemonset_rolls_only_on_real_change(fx: &Fixture) -> Result<()> {
     let cms: Api<ConfigMap> = Api::namespaced(fx.admin.clone(), &fx.ns);
     let dss: Api<DaemonSet> = Api::namespaced(fx.admin.clone(), &fx.ns);
     let ds = eventually("CAA DaemonSet created", WAIT, || async {
-        Ok(dss.get_opt(DAEMONSET).await?)
+        Ok(dss.get_opt(CAA_DAEMONSET).await?)
     })
     .await?;
     let pod = ds.spec.clone().unwrap().template.spec.unwrap();
@@ -209,7 +211,7 @@ async fn caa_daemonset_rolls_only_on_real_change(fx: &Fixture) -> Result<()> {
     // Passes without a change never touch it.
     tokio::time::sleep(Duration::from_secs(7)).await;
     ensure!(
-        dss.get(DAEMONSET).await?.metadata.generation == g1,
+        dss.get(CAA_DAEMONSET).await?.metadata.generation == g1,
         "rewritten without a change"
     );
 
@@ -225,7 +227,7 @@ async fn caa_daemonset_rolls_only_on_real_change(fx: &Fixture) -> Result<()> {
     cms.patch("peer-pods-cm", &ssa, &Patch::Apply(&changed))
         .await?;
     let ds = eventually("CAA template hash changed", WAIT, || async {
-        let ds = dss.get(DAEMONSET).await?;
+        let ds = dss.get(CAA_DAEMONSET).await?;
         Ok((template_hash(&ds) != h1).then_some(ds))
     })
     .await?;
@@ -237,7 +239,7 @@ async fn caa_daemonset_rolls_only_on_real_change(fx: &Fixture) -> Result<()> {
     let (g2, h2) = (ds.metadata.generation, template_hash(&ds));
     tokio::time::sleep(Duration::from_secs(7)).await;
     ensure!(
-        dss.get(DAEMONSET).await?.metadata.generation == g2,
+        dss.get(CAA_DAEMONSET).await?.metadata.generation == g2,
         "rolled more than once"
     );
 
@@ -253,7 +255,7 @@ async fn caa_daemonset_rolls_only_on_real_change(fx: &Fixture) -> Result<()> {
     fx.wait_condition(CONDITION_CONFIG_VALID, "False", "InvalidConfig")
         .await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let ds = dss.get(DAEMONSET).await?;
+    let ds = dss.get(CAA_DAEMONSET).await?;
     ensure!(
         ds.metadata.generation == g2 && template_hash(&ds) == h2,
         "the CAA was touched on an invalid configuration"

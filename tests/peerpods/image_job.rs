@@ -15,11 +15,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sandboxd::api::kataconfig::KataConfig;
+use sandboxd::api::names::{CAA_DAEMONSET, IMAGE_CREATION_JOB, IMAGE_DELETION_JOB};
 use sandboxd::api::peerpodconfig::CONDITION_POD_VM_IMAGE_READY;
-use sandboxd::operator::peerpods::caa::{CONFIG_HASH_ANNOTATION, DAEMONSET};
+use sandboxd::operator::peerpods::caa::CONFIG_HASH_ANNOTATION;
 use sandboxd::operator::peerpods::image_job::{
-    ANN_BUILT_IMAGE, CREATION_JOB, DELETION_JOB, FINALIZER, IMAGE_JOB_FIELD_MANAGER,
-    SERVICE_ACCOUNT, Settings,
+    ANN_BUILT_IMAGE, FINALIZER, IMAGE_JOB_FIELD_MANAGER, SERVICE_ACCOUNT, Settings,
 };
 use serde_json::json;
 
@@ -204,7 +204,7 @@ async fn finish_job_pod(fx: &Fixture, job: &str, phase: Phase) -> Result<()> {
 async fn no_caa(fx: &Fixture) -> Result<()> {
     let dss: Api<DaemonSet> = Api::namespaced(fx.admin.clone(), &fx.ns);
     ensure!(
-        dss.get_opt(DAEMONSET).await?.is_none(),
+        dss.get_opt(CAA_DAEMONSET).await?.is_none(),
         "the CAA started without a pod VM image"
     );
     Ok(())
@@ -213,7 +213,7 @@ async fn no_caa(fx: &Fixture) -> Result<()> {
 async fn wait_caa(fx: &Fixture) -> Result<DaemonSet> {
     let dss: Api<DaemonSet> = Api::namespaced(fx.admin.clone(), &fx.ns);
     eventually("CAA DaemonSet created", WAIT, || async {
-        Ok(dss.get_opt(DAEMONSET).await?)
+        Ok(dss.get_opt(CAA_DAEMONSET).await?)
     })
     .await
 }
@@ -234,7 +234,7 @@ async fn failure_stays_until_image_id(fx: &Fixture) -> Result<()> {
     fx.wait_ppc().await?;
 
     // The Job, as specified.
-    let job = wait_job(fx, CREATION_JOB).await?;
+    let job = wait_job(fx, IMAGE_CREATION_JOB).await?;
     let spec = job.spec.clone().context("job spec")?;
     ensure!(spec.backoff_limit == Some(0), "{:?}", spec.backoff_limit);
     let owner = job.owner_references().first().cloned().context("owner")?;
@@ -275,34 +275,34 @@ async fn failure_stays_until_image_id(fx: &Fixture) -> Result<()> {
     no_caa(fx).await?;
 
     // The kubelet reports the pod failed; the Job controller fails the Job.
-    finish_job_pod(fx, CREATION_JOB, Phase::Failed).await?;
+    finish_job_pod(fx, IMAGE_CREATION_JOB, Phase::Failed).await?;
     let c = fx
         .wait_condition(CONDITION_POD_VM_IMAGE_READY, "False", "ImageJobFailed")
         .await?;
     ensure!(
-        c.message.contains(CREATION_JOB) && c.message.contains("BackoffLimitExceeded"),
+        c.message.contains(IMAGE_CREATION_JOB) && c.message.contains("BackoffLimitExceeded"),
         "{}",
         c.message
     );
     ensure!(!c.message.contains("s3cr3t"), "secret value leaked");
     let k = kc_in_progress(fx, "False", "PodVMImageJobFailed").await?;
-    ensure!(k.message.contains(CREATION_JOB), "{}", k.message);
+    ensure!(k.message.contains(IMAGE_CREATION_JOB), "{}", k.message);
 
     // It stays: not reset, not retried, across passes.
     tokio::time::sleep(Duration::from_secs(8)).await;
     fx.wait_condition(CONDITION_POD_VM_IMAGE_READY, "False", "ImageJobFailed")
         .await?;
-    let again = wait_job(fx, CREATION_JOB).await?;
+    let again = wait_job(fx, IMAGE_CREATION_JOB).await?;
     ensure!(again.uid() == job.uid(), "the failed Job was replaced");
     no_caa(fx).await?;
 
     // The user deletes the failed Job: a new one runs.
     let jobs: Api<Job> = Api::namespaced(fx.admin.clone(), &fx.ns);
-    jobs.delete(CREATION_JOB, &DeleteParams::background())
+    jobs.delete(IMAGE_CREATION_JOB, &DeleteParams::background())
         .await?;
     let second = eventually("a new creation Job", WAIT, || async {
         Ok(jobs
-            .get_opt(CREATION_JOB)
+            .get_opt(IMAGE_CREATION_JOB)
             .await?
             .filter(|j| j.uid() != job.uid()))
     })
@@ -326,7 +326,7 @@ async fn failure_stays_until_image_id(fx: &Fixture) -> Result<()> {
         .await?;
     wait_caa(fx).await?;
     eventually("the running Job stopped", WAIT, || async {
-        let j = jobs.get_opt(CREATION_JOB).await?;
+        let j = jobs.get_opt(IMAGE_CREATION_JOB).await?;
         Ok(j.is_none_or(|j| j.uid() != second.uid()).then_some(()))
     })
     .await?;
@@ -337,7 +337,7 @@ async fn failure_stays_until_image_id(fx: &Fixture) -> Result<()> {
     // Uninstall never deletes the user's image.
     delete_kc_and_wait_gone(fx).await?;
     ensure!(
-        jobs.get_opt(DELETION_JOB).await?.is_none(),
+        jobs.get_opt(IMAGE_DELETION_JOB).await?.is_none(),
         "a deletion Job ran for a user's image"
     );
     Ok(())
@@ -347,7 +347,7 @@ async fn built_image_deleted_on_uninstall(fx: &Fixture) -> Result<()> {
     user_secret(fx, "s3cr3t").await?;
     user_config(fx, "", "9000").await?;
     fx.enable().await?;
-    let job = wait_job(fx, CREATION_JOB).await?;
+    let job = wait_job(fx, IMAGE_CREATION_JOB).await?;
     no_caa(fx).await?;
 
     // Acting as the Job: publish, write the id as its field manager, exit 0.
@@ -361,7 +361,7 @@ async fn built_image_deleted_on_uninstall(fx: &Fixture) -> Result<()> {
         &Patch::Merge(json!({"data": {"AZURE_IMAGE_ID": BUILT}})),
     )
     .await?;
-    finish_job_pod(fx, CREATION_JOB, Phase::Succeeded).await?;
+    finish_job_pod(fx, IMAGE_CREATION_JOB, Phase::Succeeded).await?;
     let c = fx
         .wait_condition(CONDITION_POD_VM_IMAGE_READY, "True", "ImageBuilt")
         .await?;
@@ -378,11 +378,11 @@ async fn built_image_deleted_on_uninstall(fx: &Fixture) -> Result<()> {
 
     // A completed Job is never run again.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    ensure!(wait_job(fx, CREATION_JOB).await?.uid() == job.uid());
+    ensure!(wait_job(fx, IMAGE_CREATION_JOB).await?.uid() == job.uid());
 
     // Uninstall: the deletion Job for exactly that image; the KataConfig waits for it.
     fx.kcs().delete(KC, &DeleteParams::default()).await?;
-    let del = wait_job(fx, DELETION_JOB).await?;
+    let del = wait_job(fx, IMAGE_DELETION_JOB).await?;
     let args = del.spec.clone().unwrap().template.spec.unwrap().containers[0]
         .args
         .clone()
@@ -390,7 +390,7 @@ async fn built_image_deleted_on_uninstall(fx: &Fixture) -> Result<()> {
     ensure!(args == ["image", "delete", "--image-id", BUILT], "{args:?}");
     let waiting = kc_in_progress_saying(fx, "True", "Uninstalling", BUILT).await?;
     ensure!(
-        waiting.message.contains(DELETION_JOB),
+        waiting.message.contains(IMAGE_DELETION_JOB),
         "{}",
         waiting.message
     );
@@ -399,7 +399,7 @@ async fn built_image_deleted_on_uninstall(fx: &Fixture) -> Result<()> {
         fx.kcs().get_opt(KC).await?.is_some(),
         "the KataConfig went before the image"
     );
-    finish_job_pod(fx, DELETION_JOB, Phase::Succeeded).await?;
+    finish_job_pod(fx, IMAGE_DELETION_JOB, Phase::Succeeded).await?;
     eventually("KataConfig gone", Duration::from_secs(60), || async {
         Ok(fx.kcs().get_opt(KC).await?.is_none().then_some(()))
     })
@@ -435,7 +435,7 @@ async fn reboot_env_survives(fx: &Fixture) -> Result<()> {
     let dss: Api<DaemonSet> = Api::namespaced(fx.admin.clone(), &fx.ns);
     let patched = dss
         .patch(
-            DAEMONSET,
+            CAA_DAEMONSET,
             &PatchParams {
                 field_manager: Some("kubectl-set".into()),
                 ..Default::default()
@@ -450,7 +450,7 @@ async fn reboot_env_survives(fx: &Fixture) -> Result<()> {
 
     // The operator's next passes neither revert nor rewrite it.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let ds = dss.get(DAEMONSET).await?;
+    let ds = dss.get(CAA_DAEMONSET).await?;
     ensure!(has_reboot(&ds), "REBOOT reverted");
     ensure!(
         ds.metadata.generation == g,
@@ -460,7 +460,7 @@ async fn reboot_env_survives(fx: &Fixture) -> Result<()> {
     // A real configuration change rolls the CAA and keeps the user's env.
     user_config(fx, USERS, "9001").await?;
     let ds = eventually("CAA template hash changed", WAIT, || async {
-        let ds = dss.get(DAEMONSET).await?;
+        let ds = dss.get(CAA_DAEMONSET).await?;
         Ok((template_hash(&ds) != h1).then_some(ds))
     })
     .await?;

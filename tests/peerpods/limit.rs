@@ -4,7 +4,8 @@
 use anyhow::{Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use sandboxd::api::peerpodconfig::{CONDITION_LIMIT_APPLIED, DEFAULT_NAME, VM_RESOURCE};
+use sandboxd::api::names::{PEER_POD_CONFIG, VM_RESOURCE};
+use sandboxd::api::peerpodconfig::CONDITION_LIMIT_APPLIED;
 use serde_json::json;
 
 use super::support::{Fixture, WAIT};
@@ -229,7 +230,7 @@ async fn disabling_and_uninstall_remove_capacity(mut fx: Fixture) -> (Fixture, R
         .await?;
         let ppcs = fx.ppcs();
         eventually("PeerPodConfig deleted", WAIT, || async {
-            Ok(ppcs.get_opt(DEFAULT_NAME).await?.is_none().then_some(()))
+            Ok(ppcs.get_opt(PEER_POD_CONFIG).await?.is_none().then_some(()))
         })
         .await?;
 

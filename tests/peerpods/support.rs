@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sandboxd::api::kataconfig::{KataConfig, KataConfigSpec};
-use sandboxd::api::peerpodconfig::{DEFAULT_NAME, PeerPodConfig, VM_RESOURCE};
+use sandboxd::api::names::{PEER_POD_CONFIG, VM_RESOURCE};
+use sandboxd::api::peerpodconfig::PeerPodConfig;
 use sandboxd::operator::metrics::OperatorMetrics;
 use sandboxd::operator::{Options, Platform};
 use serde_json::json;
@@ -141,7 +142,7 @@ impl Fixture {
     pub async fn wait_ppc(&self) -> Result<PeerPodConfig> {
         let api = self.ppcs();
         eventually("PeerPodConfig created", WAIT, || async {
-            Ok(api.get_opt(DEFAULT_NAME).await?)
+            Ok(api.get_opt(PEER_POD_CONFIG).await?)
         })
         .await
     }
@@ -150,7 +151,7 @@ impl Fixture {
     pub async fn select_mine(&self, limit: &str) -> Result<()> {
         self.ppcs()
             .patch(
-                DEFAULT_NAME,
+                PEER_POD_CONFIG,
                 &PatchParams::default(),
                 &Patch::Merge(json!({"spec": {
                     "limit": limit,
@@ -167,7 +168,7 @@ impl Fixture {
     pub async fn set_limit(&self, limit: &str) -> Result<()> {
         self.ppcs()
             .patch(
-                DEFAULT_NAME,
+                PEER_POD_CONFIG,
                 &PatchParams::default(),
                 &Patch::Merge(json!({"spec": {"limit": limit}})),
             )
@@ -229,7 +230,7 @@ impl Fixture {
             &format!("PeerPodConfig {type_}={status} ({reason})"),
             WAIT,
             || async {
-                let p = api.get(DEFAULT_NAME).await?;
+                let p = api.get(PEER_POD_CONFIG).await?;
                 Ok(p.status
                     .unwrap_or_default()
                     .conditions

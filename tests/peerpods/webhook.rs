@@ -1,5 +1,5 @@
 //! The peer pods webhook rollout: with peer pods on, the operator applies the webhook
-//! Deployment, PDB, Service, ServiceAccount, the serving Secret and the
+//! Deployment, WEBHOOK, Service, ServiceAccount, the serving Secret and the
 //! MutatingWebhookConfiguration with a caBundle that verifies the serving certificate; the
 //! real API server then sends `kata-remote` pods to a `sandboxd webhook` process started
 //! with the Deployment's own arguments (no kubelet runs here: the test copies the Secret
@@ -26,11 +26,9 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sandboxd::api::kataconfig::KataConfig;
-use sandboxd::operator::peerpods::webhook::{
-    CA_SECRET, DEPLOYMENT, PDB, SERVICE, SERVICE_ACCOUNT, SERVING_SECRET, Settings,
-};
-use sandboxd::webhook::manifest::{CONFIGURATION_NAME, MUTATE_PATH};
-use sandboxd::webhook::mutate::PEER_POD_LABEL;
+use sandboxd::api::names::{PEER_POD_LABEL, WEBHOOK, WEBHOOK_SERVICE};
+use sandboxd::operator::peerpods::webhook::{CA_SECRET, SERVING_SECRET, Settings};
+use sandboxd::webhook::manifest::MUTATE_PATH;
 use serde_json::json;
 
 use super::support::{Fixture, WAIT};
@@ -303,7 +301,7 @@ impl World {
     }
 
     async fn ca_bundle(&self) -> Result<Vec<u8>> {
-        let m = self.mwcs().get(CONFIGURATION_NAME).await?;
+        let m = self.mwcs().get(WEBHOOK).await?;
         m.webhooks
             .unwrap_or_default()
             .first()
@@ -329,7 +327,7 @@ impl World {
         self.fx.enable().await?;
         let deps: Api<Deployment> = Api::namespaced(self.fx.admin.clone(), &self.fx.ns);
         let dep = eventually("the webhook Deployment", WAIT, || async {
-            Ok(deps.get_opt(DEPLOYMENT).await?)
+            Ok(deps.get_opt(WEBHOOK).await?)
         })
         .await?;
         let dir = run_dir().join(format!("peerpods-webhook-certs-{}", env.ns));
@@ -375,10 +373,7 @@ impl World {
             m.stop().await;
         }
         // The configuration goes before the process, whatever happened.
-        let _ = self
-            .mwcs()
-            .delete(CONFIGURATION_NAME, &Default::default())
-            .await;
+        let _ = self.mwcs().delete(WEBHOOK, &Default::default()).await;
         if let Some(mut p) = self.process.take() {
             p.stop(Duration::from_secs(5));
         }
@@ -426,7 +421,7 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
     let spec = dep.spec.clone().context("spec")?;
     ensure!(spec.replicas == Some(2), "replicas {:?}", spec.replicas);
     let pod = spec.template.spec.clone().context("pod spec")?;
-    ensure!(pod.service_account_name.as_deref() == Some(SERVICE_ACCOUNT));
+    ensure!(pod.service_account_name.as_deref() == Some(WEBHOOK));
     let psc = pod.security_context.clone().unwrap_or_default();
     ensure!(psc.run_as_non_root == Some(true), "runAsNonRoot: {psc:?}");
     ensure!(
@@ -488,12 +483,12 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
     );
 
     let pdb = Api::<PodDisruptionBudget>::namespaced(admin.clone(), &ns)
-        .get(PDB)
+        .get(WEBHOOK)
         .await?;
     ensure!(pdb.spec.as_ref().and_then(|s| s.min_available.clone()) == Some(IntOrString::Int(1)));
     ensure!(owned(&pdb.metadata));
     let svc = Api::<Service>::namespaced(admin.clone(), &ns)
-        .get(SERVICE)
+        .get(WEBHOOK_SERVICE)
         .await?;
     let port = svc
         .spec
@@ -513,7 +508,7 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
         "the Service's target port is the container's 9443"
     );
     let sa = Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-        .get(SERVICE_ACCOUNT)
+        .get(WEBHOOK)
         .await?;
     ensure!(sa.automount_service_account_token == Some(false));
 
@@ -523,7 +518,7 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
     ensure!(secret.type_.as_deref() == Some("kubernetes.io/tls"));
     let data = secret.data.clone().unwrap_or_default();
     ensure!(data.contains_key("tls.key") && data.contains_key("ca.crt"));
-    let mwc = w.mwcs().get(CONFIGURATION_NAME).await?;
+    let mwc = w.mwcs().get(WEBHOOK).await?;
     ensure!(owned(&mwc.metadata));
     let hook = &mwc.webhooks.clone().unwrap_or_default()[0];
     ensure!(
@@ -536,10 +531,10 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
     ensure!(data["ca.crt"].0 == bundle, "ca.crt is the caBundle");
     let names: Vec<String> = [
         "127.0.0.1".to_string(),
-        SERVICE.to_string(),
-        format!("{SERVICE}.{ns}"),
-        format!("{SERVICE}.{ns}.svc"),
-        format!("{SERVICE}.{ns}.svc.cluster.local"),
+        WEBHOOK_SERVICE.to_string(),
+        format!("{WEBHOOK_SERVICE}.{ns}"),
+        format!("{WEBHOOK_SERVICE}.{ns}.svc"),
+        format!("{WEBHOOK_SERVICE}.{ns}.svc.cluster.local"),
     ]
     .into();
     verifies(&bundle, &data["tls.crt"].0, &names)?;
@@ -564,8 +559,8 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
             Ok::<_, anyhow::Error>((
                 secrets.get(SERVING_SECRET).await?.resource_version(),
                 secrets.get(CA_SECRET).await?.resource_version(),
-                mwcs.get(CONFIGURATION_NAME).await?.resource_version(),
-                deps.get(DEPLOYMENT).await?.metadata.generation,
+                mwcs.get(WEBHOOK).await?.resource_version(),
+                deps.get(WEBHOOK).await?.metadata.generation,
             ))
         }
     };
@@ -595,7 +590,7 @@ async fn rollout_body(env: &Env, w: &mut World) -> Result<()> {
     // On again → back; the KataConfig deleted (uninstall) → gone again.
     set_peer_pods(true).await?;
     eventually("the webhook configuration back", WAIT, || async {
-        Ok(w.mwcs().get_opt(CONFIGURATION_NAME).await?)
+        Ok(w.mwcs().get_opt(WEBHOOK).await?)
     })
     .await?;
     w.delete_pods().await?;
@@ -614,32 +609,32 @@ async fn wait_all_gone(w: &World, after: &str) -> Result<()> {
         WAIT,
         || async {
             let mut left = Vec::new();
-            if w.mwcs().get_opt(CONFIGURATION_NAME).await?.is_some() {
+            if w.mwcs().get_opt(WEBHOOK).await?.is_some() {
                 left.push("MutatingWebhookConfiguration");
             }
             if Api::<Deployment>::namespaced(admin.clone(), &ns)
-                .get_opt(DEPLOYMENT)
+                .get_opt(WEBHOOK)
                 .await?
                 .is_some()
             {
                 left.push("Deployment");
             }
             if Api::<PodDisruptionBudget>::namespaced(admin.clone(), &ns)
-                .get_opt(PDB)
+                .get_opt(WEBHOOK)
                 .await?
                 .is_some()
             {
                 left.push("PodDisruptionBudget");
             }
             if Api::<Service>::namespaced(admin.clone(), &ns)
-                .get_opt(SERVICE)
+                .get_opt(WEBHOOK_SERVICE)
                 .await?
                 .is_some()
             {
                 left.push("Service");
             }
             if Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
-                .get_opt(SERVICE_ACCOUNT)
+                .get_opt(WEBHOOK)
                 .await?
                 .is_some()
             {
@@ -694,7 +689,7 @@ async fn rotation_body(env: &Env, w: &mut World) -> Result<()> {
                 {
                     certs.insert(c.0.clone());
                 }
-                if let Ok(m) = mwcs.get(CONFIGURATION_NAME).await
+                if let Ok(m) = mwcs.get(WEBHOOK).await
                     && let Some(b) = m
                         .webhooks
                         .unwrap_or_default()

@@ -1,172 +1,163 @@
-//! A thin typed ARM client on the same `azure_core` pipeline and policy: what
-//! `azure_mgmt_compute` lacks (the NIC's private IP, LRO status documents).
+//! The one Azure Resource Manager client of sandboxd: the credential and its token, URLs
+//! from ARM paths, the pipeline with sandboxd's retry and rate manners
+//! ([`ArmPolicy`](super::policy::ArmPolicy), the SDK's own retries off), long-running
+//! operations followed to their end, and one error type. CAA's provider (through the
+//! compute SDK built on the same pipeline, [`Arm::compute`]), the operator's PeerPod
+//! collector, the image publisher and `ctl` all talk to ARM through it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use azure_core::auth::TokenCredential;
-use azure_core::{Context, Method, Pipeline, Request, Url};
-use serde::Deserialize;
+use azure_core::headers::{HeaderName, Headers};
+use azure_core::{
+    ClientOptions, Context, Method, Pipeline, Request, RetryOptions, StatusCode, Url,
+};
+use azure_mgmt_compute::package_2024_07_01 as compute;
 use serde_json::Value;
 
+use super::policy::{ArmPolicy, Counters, Manners, retry_after};
+use super::{AzureCredentials, Endpoints};
 use crate::cloud::Error;
 
-use super::map_error;
-
-/// Client for plain ARM GETs.
-#[derive(Clone)]
-pub struct ArmClient {
-    pipeline: Pipeline,
-    endpoint: Url,
-    credential: Arc<dyn TokenCredential>,
-    scopes: Vec<String>,
+/// How long-running operations are followed.
+#[derive(Clone, Debug)]
+pub struct Polling {
+    /// Never poll faster than this, whatever the headers say.
+    pub min_interval: Duration,
+    /// Interval when the headers give none.
+    pub default_interval: Duration,
+    /// Bound on one operation.
+    pub timeout: Duration,
 }
 
-/// An `Azure-AsyncOperation` status document.
-#[derive(Debug, Deserialize)]
-struct OperationStatus {
-    status: String,
-    #[serde(default)]
-    error: Option<Value>,
-}
-
-/// The private IP of a NIC (`properties.ipConfigurations[].properties.privateIPAddress`).
-#[derive(Debug, Deserialize)]
-struct Nic {
-    properties: NicProperties,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NicProperties {
-    #[serde(default)]
-    ip_configurations: Vec<IpConfiguration>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpConfiguration {
-    properties: IpConfigurationProperties,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpConfigurationProperties {
-    #[serde(rename = "privateIPAddress", default)]
-    private_ip_address: Option<String>,
-    #[serde(default)]
-    primary: Option<bool>,
-}
-
-impl ArmClient {
-    /// A client sending through `pipeline` to `endpoint`.
-    pub fn new(
-        pipeline: Pipeline,
-        endpoint: Url,
-        credential: Arc<dyn TokenCredential>,
-        scopes: Vec<String>,
-    ) -> Self {
+impl Default for Polling {
+    fn default() -> Self {
         Self {
-            pipeline,
-            endpoint,
-            credential,
-            scopes,
+            min_interval: Duration::from_secs(1),
+            default_interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+impl Polling {
+    /// The wait before the next poll: what the answer's `Retry-After` asks, at least
+    /// `min_interval`, `default_interval` when it asks nothing.
+    fn interval(&self, headers: &Headers) -> Duration {
+        retry_after(headers)
+            .unwrap_or(self.default_interval)
+            .max(self.min_interval)
+    }
+}
+
+/// ARM failures.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ArmError {
+    /// ARM answered with an error status.
+    #[error("{method} {path}: HTTP {status} {code}: {message}")]
+    Status {
+        /// Method.
+        method: String,
+        /// Path without query.
+        path: String,
+        /// HTTP status.
+        status: u16,
+        /// ARM error code.
+        code: String,
+        /// ARM error message.
+        message: String,
+    },
+    /// A long-running operation ended in failure.
+    #[error("{what}: operation {status}: {code}: {message}")]
+    Operation {
+        /// What was being done.
+        what: String,
+        /// `Failed` or `Canceled`.
+        status: String,
+        /// ARM error code.
+        code: String,
+        /// ARM error message.
+        message: String,
+    },
+    /// A long-running operation outlived [`Polling::timeout`].
+    #[error("{what}: still running after {after:?}")]
+    Timeout {
+        /// What was being done.
+        what: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// No token: the credential is unusable or Entra ID refused it.
+    #[error("{0}")]
+    Credential(String),
+    /// No answer (transport, timeout after the retries).
+    #[error("{0}")]
+    Transport(String),
+    /// An answer that is not what ARM documents (not JSON, a field missing).
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl ArmError {
+    /// The HTTP status of an ARM error answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ArmError::Status { status, .. } => Some(*status),
+            _ => None,
         }
     }
 
-    /// GET of an absolute URL or an ARM path (with its query); returns headers and JSON.
-    pub async fn get(
-        &self,
-        url_or_path: &str,
-    ) -> Result<(azure_core::headers::Headers, Value), Error> {
-        let url = if url_or_path.starts_with("http") {
-            Url::parse(url_or_path).map_err(|e| Error::Permanent(format!("bad URL: {e}")))?
-        } else {
-            self.endpoint
-                .join(url_or_path)
-                .map_err(|e| Error::Permanent(format!("bad path: {e}")))?
-        };
-        let scopes: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
-        let token = self
-            .credential
-            .get_token(&scopes)
-            .await
-            .map_err(map_error)?;
-        let mut req = Request::new(url, Method::Get);
-        req.insert_header(
-            azure_core::headers::AUTHORIZATION,
-            format!("Bearer {}", token.token.secret()),
-        );
-        let resp = self
-            .pipeline
-            .send(&Context::default(), &mut req)
-            .await
-            .map_err(map_error)?;
-        let (_, headers, body) = resp.deconstruct();
-        let bytes = body.collect().await.map_err(map_error)?;
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Transient(format!("ARM answered invalid JSON: {e}")))?;
-        Ok((headers, value))
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ArmError::Status { status: 404, .. } => "not_found",
+            ArmError::Status { status: 429, .. } => "throttled",
+            ArmError::Status { .. } => "status",
+            ArmError::Operation { .. } => "operation",
+            ArmError::Timeout { .. } => "timeout",
+            ArmError::Credential(_) => "credential",
+            ArmError::Transport(_) => "transport",
+            ArmError::Unexpected(_) => "unexpected",
+        }
     }
+}
 
-    /// Private IP of the NIC `nic_id` (its primary IP configuration).
-    pub async fn nic_private_ip(&self, nic_id: &str) -> Result<Option<std::net::IpAddr>, Error> {
-        let (_, v) = self
-            .get(&format!("{nic_id}?api-version=2020-11-01"))
-            .await?;
-        let nic: Nic = serde_json::from_value(v)
-            .map_err(|e| Error::Transient(format!("unexpected NIC document: {e}")))?;
-        let cfgs = nic.properties.ip_configurations;
-        let ip = cfgs
-            .iter()
-            .find(|c| c.properties.primary == Some(true))
-            .or(cfgs.first())
-            .and_then(|c| c.properties.private_ip_address.as_deref())
-            .and_then(|s| s.parse().ok());
-        Ok(ip)
-    }
-
-    /// Polls an `Azure-AsyncOperation` URL until the operation ends, waiting what each
-    /// answer's `Retry-After` says (at least `min_interval`, `default_interval` when absent).
-    /// Returns how many polls it took.
-    pub async fn wait_operation(
-        &self,
-        url: &str,
-        first_wait: Option<Duration>,
-        min_interval: Duration,
-        default_interval: Duration,
-        timeout: Duration,
-    ) -> Result<u32, Error> {
-        let deadline = Instant::now() + timeout;
-        let mut wait = first_wait.unwrap_or(default_interval).max(min_interval);
-        let mut polls = 0;
-        loop {
-            if Instant::now() + wait > deadline {
-                return Err(Error::Transient(format!(
-                    "operation still running after {timeout:?}"
-                )));
+/// What CAA and the collector make of an ARM failure: the same sentences as for the
+/// compute SDK's errors ([`super::map_error`]), by the same kinds.
+impl From<ArmError> for Error {
+    fn from(e: ArmError) -> Self {
+        match e {
+            ArmError::Status {
+                status,
+                code,
+                message,
+                ..
+            } => {
+                let detail = match message.trim() {
+                    "" => format!("ARM answered {status} ({code})"),
+                    m => format!("ARM answered {status} ({code}): {m}"),
+                };
+                match status {
+                    404 => Error::NotFound(detail),
+                    429 => Error::Throttled {
+                        retry_after: None,
+                        message: detail,
+                    },
+                    _ if is_quota_code(&code, &detail) => Error::Quota(detail),
+                    408 | 409 | 500..=599 => Error::Transient(detail),
+                    _ => Error::Permanent(detail),
+                }
             }
-            tokio::time::sleep(wait).await;
-            let (headers, v) = self.get(url).await?;
-            polls += 1;
-            let status: OperationStatus = serde_json::from_value(v)
-                .map_err(|e| Error::Transient(format!("unexpected operation document: {e}")))?;
-            match status.status.as_str() {
-                "Succeeded" => return Ok(polls),
-                "Failed" | "Canceled" => {
-                    let err = status.error.unwrap_or_default();
-                    let code = err["code"].as_str().unwrap_or("Unknown").to_string();
-                    let message = err["message"].as_str().unwrap_or_default();
-                    let e = format!("operation {}: {code}: {message}", status.status);
-                    return Err(if is_quota_code(&code, message) {
-                        Error::Quota(e)
-                    } else {
-                        Error::Permanent(e)
-                    });
-                }
-                _ => {
-                    wait = super::policy::retry_after(&headers)
-                        .unwrap_or(default_interval)
-                        .max(min_interval);
-                }
+            ArmError::Operation {
+                ref code,
+                ref message,
+                ..
+            } if is_quota_code(code, message) => Error::Quota(e.to_string()),
+            ArmError::Operation { .. } | ArmError::Credential(_) => Error::Permanent(e.to_string()),
+            ArmError::Timeout { .. } | ArmError::Transport(_) | ArmError::Unexpected(_) => {
+                Error::Transient(e.to_string())
             }
         }
     }
@@ -182,4 +173,377 @@ pub fn is_quota_code(code: &str, message: &str) -> bool {
             | "ZonalAllocationFailed"
             | "OverconstrainedAllocationRequest"
     ) || (code == "OperationNotAllowed" && message.to_ascii_lowercase().contains("quota"))
+}
+
+/// The token credential `credentials` describe, asking `endpoints.authority` for tokens.
+fn credential(
+    credentials: &AzureCredentials,
+    endpoints: &Endpoints,
+) -> Result<Arc<dyn TokenCredential>, ArmError> {
+    let http = azure_core::new_http_client();
+    let credential: Arc<dyn TokenCredential> = match credentials {
+        AzureCredentials::ClientSecret {
+            tenant_id,
+            client_id,
+            client_secret,
+        } => Arc::new(azure_identity::ClientSecretCredential::new(
+            http.clone(),
+            endpoints.authority().clone(),
+            tenant_id.clone(),
+            client_id.clone(),
+            client_secret.expose().to_string(),
+        )),
+        AzureCredentials::WorkloadIdentity {
+            tenant_id,
+            client_id,
+            token_file,
+        } => {
+            let token = std::fs::read_to_string(token_file).map_err(|e| {
+                ArmError::Credential(format!(
+                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
+                    token_file.display()
+                ))
+            })?;
+            Arc::new(azure_identity::WorkloadIdentityCredential::new(
+                http.clone(),
+                endpoints.authority().clone(),
+                tenant_id.clone(),
+                client_id.clone(),
+                token.trim().to_string(),
+            ))
+        }
+        AzureCredentials::ManagedIdentity { .. } => Arc::new(
+            azure_identity::VirtualMachineManagedIdentityCredential::new(
+                azure_identity::TokenCredentialOptions::default(),
+            ),
+        ),
+    };
+    Ok(credential)
+}
+
+/// One ARM answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status (a success: errors are [`ArmError::Status`]).
+    pub status: StatusCode,
+    /// The headers (`Azure-AsyncOperation`, `Location`, `Retry-After`).
+    pub headers: Headers,
+    /// The JSON body; `null` when empty.
+    pub body: Value,
+}
+
+/// The client: cheap to clone, every clone shares the token cache and the rate buckets.
+#[derive(Clone)]
+pub struct Arm {
+    pipeline: Pipeline,
+    /// The pipeline's options (the policy), for the compute SDK's client.
+    options: ClientOptions,
+    endpoint: Url,
+    credential: Arc<dyn TokenCredential>,
+    /// The cloud's ARM audience + `/.default`.
+    scope: String,
+    policy: Arc<ArmPolicy>,
+    polling: Polling,
+}
+
+impl Arm {
+    /// A client for `endpoints.arm` authenticating with `credentials`, sending with
+    /// `manners` and following operations with the default [`Polling`].
+    pub fn new(
+        credentials: &AzureCredentials,
+        endpoints: &Endpoints,
+        manners: Manners,
+    ) -> Result<Self, ArmError> {
+        let credential = credential(credentials, endpoints)?;
+        let policy = Arc::new(ArmPolicy::new(manners));
+        let mut options = ClientOptions::default().retry(RetryOptions::none());
+        options
+            .per_retry_policies_mut()
+            .push(policy.clone() as Arc<dyn azure_core::Policy>);
+        let pipeline = Pipeline::new(
+            Some("sandboxd"),
+            Some(env!("CARGO_PKG_VERSION")),
+            options.clone(),
+            Vec::new(),
+            Vec::new(),
+        );
+        Ok(Self {
+            pipeline,
+            options,
+            endpoint: endpoints.arm().clone(),
+            // Tokens carry the cloud's ARM audience (a development endpoint keeps the cloud's).
+            scope: endpoints.arm_scope(),
+            credential,
+            policy,
+            polling: Polling::default(),
+        })
+    }
+
+    /// The same client following operations with `polling`.
+    pub fn with_polling(self, polling: Polling) -> Self {
+        Self { polling, ..self }
+    }
+
+    /// What the retry policy did so far.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.policy.counters.clone()
+    }
+
+    /// The compute SDK's client on this client's pipeline policy, credential and endpoint.
+    pub fn compute(&self) -> compute::Client {
+        compute::Client::new(
+            self.endpoint.clone(),
+            self.credential.clone(),
+            vec![self.scope.clone()],
+            self.options.clone(),
+        )
+    }
+
+    fn url(&self, url_or_path: &str) -> Result<Url, ArmError> {
+        if url_or_path.starts_with("http") {
+            Url::parse(url_or_path)
+        } else {
+            self.endpoint.join(url_or_path)
+        }
+        .map_err(|e| ArmError::Unexpected(format!("bad ARM URL {url_or_path}: {e}")))
+    }
+
+    /// Sends one request (an absolute URL, or an ARM path with its query) and reads the
+    /// answer; an error status is [`ArmError::Status`].
+    pub async fn send(
+        &self,
+        method: Method,
+        url_or_path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, ArmError> {
+        let url = self.url(url_or_path)?;
+        let token = self
+            .credential
+            .get_token(&[self.scope.as_str()])
+            .await
+            .map_err(|e| {
+                ArmError::Credential(format!(
+                    "getting an Azure access token failed: {}",
+                    super::sentence(&e)
+                ))
+            })?;
+        let mut req = Request::new(url.clone(), method);
+        req.insert_header(
+            azure_core::headers::AUTHORIZATION,
+            format!("Bearer {}", token.token.secret()),
+        );
+        if let Some(b) = body {
+            req.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
+            req.set_body(serde_json::to_vec(b).unwrap_or_default());
+        }
+        let failed = |status: u16, code: Option<&str>, message: Option<&str>| ArmError::Status {
+            method: method.to_string(),
+            path: url.path().to_string(),
+            status,
+            code: code.unwrap_or("Unknown").to_string(),
+            message: message.unwrap_or_default().to_string(),
+        };
+        let resp = self
+            .pipeline
+            .send(&Context::default(), &mut req)
+            .await
+            .map_err(|e| match e.as_http_error() {
+                // The transport turns error statuses into errors: keep them typed.
+                Some(h) => failed(u16::from(h.status()), h.error_code(), h.error_message()),
+                None => {
+                    ArmError::Transport(format!("{method} {}: {}", url.path(), super::sentence(&e)))
+                }
+            })?;
+        let (status, headers, body) = resp.deconstruct();
+        let bytes = body.collect().await.map_err(|e| {
+            ArmError::Transport(format!("{method} {}: {}", url.path(), super::sentence(&e)))
+        })?;
+        let value: Value = match serde_json::from_slice(&bytes) {
+            _ if bytes.is_empty() => Value::Null,
+            Ok(v) => v,
+            Err(e) if status.is_success() => {
+                return Err(ArmError::Unexpected(format!(
+                    "{method} {}: ARM answered invalid JSON: {e}",
+                    url.path()
+                )));
+            }
+            Err(_) => Value::Null,
+        };
+        if !status.is_success() {
+            let error = &value["error"];
+            return Err(failed(
+                u16::from(status),
+                error["code"].as_str(),
+                error["message"].as_str(),
+            ));
+        }
+        Ok(Answer {
+            status,
+            headers,
+            body: value,
+        })
+    }
+
+    /// GET; `None` on 404.
+    pub async fn get(&self, path: &str) -> Result<Option<Value>, ArmError> {
+        match self.send(Method::Get, path, None).await {
+            Ok(a) => Ok(Some(a.body)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every item of a list, following `nextLink`.
+    pub async fn list(&self, path: &str) -> Result<Vec<Value>, ArmError> {
+        let mut out = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(url) = next.take() {
+            let page = self.send(Method::Get, &url, None).await?.body;
+            let Some(items) = page["value"].as_array() else {
+                return Err(ArmError::Unexpected(format!(
+                    "listing {path}: the answer has no value array"
+                )));
+            };
+            out.extend(items.iter().cloned());
+            next = page["nextLink"].as_str().map(str::to_string);
+        }
+        Ok(out)
+    }
+
+    /// POST (actions such as `listKeys`).
+    pub async fn post(&self, path: &str) -> Result<Value, ArmError> {
+        Ok(self
+            .send(Method::Post, path, Some(&Value::Null))
+            .await?
+            .body)
+    }
+
+    /// PUT, then follows the operation to its end; returns the resource as a final GET
+    /// shows it.
+    pub async fn put(&self, what: &str, path: &str, body: &Value) -> Result<Value, ArmError> {
+        let answer = self.send(Method::Put, path, Some(body)).await?;
+        self.wait(what, &answer, None).await?;
+        match self.get(path).await? {
+            Some(v) => Ok(v),
+            None if !answer.body.is_null() => Ok(answer.body),
+            None => Err(ArmError::Unexpected(format!(
+                "{what}: gone after its create"
+            ))),
+        }
+    }
+
+    /// DELETE, then follows the operation to its end. A resource already gone is fine:
+    /// answers whether there was one to delete.
+    pub async fn delete(&self, what: &str, path: &str) -> Result<bool, ArmError> {
+        match self.send(Method::Delete, path, None).await {
+            Ok(a) if a.status == StatusCode::NoContent => Ok(false),
+            Ok(a) => {
+                self.wait(what, &a, None).await?;
+                Ok(true)
+            }
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the operation an answer started: its `Azure-AsyncOperation` status
+    /// document until it ends, else (202) its `Location` until that stops answering 202.
+    /// The first poll waits `first_wait` when given (else what the answer asks); later
+    /// ones what each answer asks ([`Polling`]). Answers how many polls it took, `None`
+    /// when the answer started no operation to follow.
+    pub async fn wait(
+        &self,
+        what: &str,
+        answer: &Answer,
+        first_wait: Option<Duration>,
+    ) -> Result<Option<u32>, ArmError> {
+        let header =
+            |h: &Headers, n: &'static str| h.get_optional_string(&HeaderName::from_static(n));
+        let deadline = Instant::now() + self.polling.timeout;
+        let mut wait = first_wait
+            .unwrap_or_else(|| self.polling.interval(&answer.headers))
+            .max(self.polling.min_interval);
+        let mut polls = 0;
+        if let Some(op) = header(&answer.headers, "azure-asyncoperation") {
+            loop {
+                self.sleep_until(what, wait, deadline).await?;
+                let status = self.send(Method::Get, &op, None).await?;
+                polls += 1;
+                let doc = &status.body;
+                match doc["status"].as_str() {
+                    Some("Succeeded") => return Ok(Some(polls)),
+                    Some(s @ ("Failed" | "Canceled")) => {
+                        return Err(ArmError::Operation {
+                            what: what.to_string(),
+                            status: s.to_string(),
+                            code: doc["error"]["code"].as_str().unwrap_or("Unknown").into(),
+                            message: doc["error"]["message"].as_str().unwrap_or_default().into(),
+                        });
+                    }
+                    Some(_) => wait = self.polling.interval(&status.headers),
+                    None => {
+                        return Err(ArmError::Unexpected(format!(
+                            "{what}: an operation status document without status: {doc}"
+                        )));
+                    }
+                }
+            }
+        }
+        if answer.status == StatusCode::Accepted
+            && let Some(mut location) = header(&answer.headers, "location")
+        {
+            loop {
+                self.sleep_until(what, wait, deadline).await?;
+                let next = self.send(Method::Get, &location, None).await?;
+                polls += 1;
+                if next.status != StatusCode::Accepted {
+                    return Ok(Some(polls));
+                }
+                if let Some(l) = header(&next.headers, "location") {
+                    location = l;
+                }
+                wait = self.polling.interval(&next.headers);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn sleep_until(
+        &self,
+        what: &str,
+        wait: Duration,
+        deadline: Instant,
+    ) -> Result<(), ArmError> {
+        if Instant::now() + wait > deadline {
+            return Err(ArmError::Timeout {
+                what: what.to_string(),
+                after: self.polling.timeout,
+            });
+        }
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// The private IP of the NIC `nic_id` (its primary IP configuration).
+    pub async fn nic_private_ip(&self, nic_id: &str) -> Result<Option<IpAddr>, ArmError> {
+        let nic = self
+            .send(
+                Method::Get,
+                &format!("{nic_id}?api-version=2020-11-01"),
+                None,
+            )
+            .await?
+            .body;
+        let cfgs = nic["properties"]["ipConfigurations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ip = cfgs
+            .iter()
+            .find(|c| c["properties"]["primary"].as_bool() == Some(true))
+            .or(cfgs.first())
+            .and_then(|c| c["properties"]["privateIPAddress"].as_str())
+            .and_then(|s| s.parse().ok());
+        Ok(ip)
+    }
 }

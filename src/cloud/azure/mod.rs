@@ -1,12 +1,13 @@
 //! The Azure provider. Compute calls go through `azure_mgmt_compute` (its models and its
 //! request builders' `send()`, never its LRO loop, which re-sends the PUT and sleeps 30 s
-//! by default); the NIC's private IP and operation status documents go through a thin ARM
-//! client on the same `azure_core` pipeline. One [`policy::ArmPolicy`] carries sandboxd's
-//! retry and rate manners for both; the SDK's own retries are off.
+//! by default); the NIC's private IP and the operations go through [`arm::Arm`], the one
+//! ARM client, whose pipeline the SDK's client shares: one [`policy::ArmPolicy`] carries
+//! sandboxd's retry and rate manners for both; the SDK's own retries are off.
 
 pub mod arm;
 pub mod body;
 pub mod cloud;
+pub mod id;
 pub mod permissions;
 pub mod policy;
 pub mod settings;
@@ -15,45 +16,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_core::auth::TokenCredential;
-use azure_core::{ClientOptions, RetryOptions};
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use futures::StreamExt;
 
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
+pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
+pub use id::ResourceId;
 pub use policy::Manners;
 pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
-
-/// LRO polling settings.
-#[derive(Clone, Debug)]
-pub struct Polling {
-    /// Never poll faster than this, whatever the headers say.
-    pub min_interval: Duration,
-    /// Interval when the headers give none.
-    pub default_interval: Duration,
-    /// Bound on one create or delete.
-    pub timeout: Duration,
-}
-
-impl Default for Polling {
-    fn default() -> Self {
-        Self {
-            min_interval: Duration::from_secs(1),
-            default_interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(900),
-        }
-    }
-}
 
 /// The Azure provider.
 pub struct AzureProvider {
     client: compute::Client,
-    arm: arm::ArmClient,
+    arm: Arm,
     subscription: String,
     config: AzureConfig,
     polling: Polling,
-    policy: Arc<policy::ArmPolicy>,
     /// How long recent creates took: the first poll of a new one waits that long.
     create_times: Learned,
     /// How long recent deletes took.
@@ -163,82 +142,8 @@ pub(crate) fn map_error(e: azure_core::Error) -> Error {
     }
 }
 
-/// The token credential `credentials` describe, asking `endpoints.authority` for tokens.
-pub fn credential(
-    credentials: &AzureCredentials,
-    endpoints: &Endpoints,
-) -> Result<Arc<dyn TokenCredential>, Error> {
-    let http = azure_core::new_http_client();
-    let credential: Arc<dyn TokenCredential> = match credentials {
-        AzureCredentials::ClientSecret {
-            tenant_id,
-            client_id,
-            client_secret,
-        } => Arc::new(azure_identity::ClientSecretCredential::new(
-            http.clone(),
-            endpoints.authority().clone(),
-            tenant_id.clone(),
-            client_id.clone(),
-            client_secret.expose().to_string(),
-        )),
-        AzureCredentials::WorkloadIdentity {
-            tenant_id,
-            client_id,
-            token_file,
-        } => {
-            let token = std::fs::read_to_string(token_file).map_err(|e| {
-                Error::Permanent(format!(
-                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                    token_file.display()
-                ))
-            })?;
-            Arc::new(azure_identity::WorkloadIdentityCredential::new(
-                http.clone(),
-                endpoints.authority().clone(),
-                tenant_id.clone(),
-                client_id.clone(),
-                token.trim().to_string(),
-            ))
-        }
-        AzureCredentials::ManagedIdentity { .. } => Arc::new(
-            azure_identity::VirtualMachineManagedIdentityCredential::new(
-                azure_identity::TokenCredentialOptions::default(),
-            ),
-        ),
-    };
-    Ok(credential)
-}
-
-/// A plain ARM client with sandboxd's retry and rate manners, for reads outside the
-/// provider (`ctl` discovering the network layout and checking NSG rules).
-pub fn arm_client(
-    credentials: &AzureCredentials,
-    endpoints: &Endpoints,
-    manners: Manners,
-) -> Result<arm::ArmClient, Error> {
-    let credential = credential(credentials, endpoints)?;
-    let policy = Arc::new(policy::ArmPolicy::new(manners));
-    let mut options = ClientOptions::default().retry(RetryOptions::none());
-    options
-        .per_retry_policies_mut()
-        .push(policy as Arc<dyn azure_core::Policy>);
-    let pipeline = azure_core::Pipeline::new(
-        Some("sandboxd"),
-        Some(env!("CARGO_PKG_VERSION")),
-        options,
-        Vec::new(),
-        Vec::new(),
-    );
-    Ok(arm::ArmClient::new(
-        pipeline,
-        endpoints.arm().clone(),
-        credential,
-        vec![endpoints.arm_scope()],
-    ))
-}
-
 impl AzureProvider {
-    /// Builds the provider: the credential, one pipeline policy, both clients.
+    /// Builds the provider: one ARM client, the compute SDK's client on its pipeline.
     pub fn new(
         subscription: &str,
         credentials: &AzureCredentials,
@@ -247,35 +152,13 @@ impl AzureProvider {
         manners: Manners,
         polling: Polling,
     ) -> Result<Self, Error> {
-        let credential = credential(credentials, &endpoints)?;
-        let policy = Arc::new(policy::ArmPolicy::new(manners));
-        let mut options = ClientOptions::default().retry(RetryOptions::none());
-        options
-            .per_retry_policies_mut()
-            .push(policy.clone() as Arc<dyn azure_core::Policy>);
-        // Tokens carry the cloud's ARM audience (a development endpoint keeps the cloud's).
-        let scopes = vec![endpoints.arm_scope()];
-        let client = compute::Client::new(
-            endpoints.arm().clone(),
-            credential.clone(),
-            scopes.clone(),
-            options.clone(),
-        );
-        let pipeline = azure_core::Pipeline::new(
-            Some("sandboxd"),
-            Some(env!("CARGO_PKG_VERSION")),
-            options,
-            Vec::new(),
-            Vec::new(),
-        );
-        let arm = arm::ArmClient::new(pipeline, endpoints.arm().clone(), credential, scopes);
+        let arm = Arm::new(credentials, &endpoints, manners)?.with_polling(polling.clone());
         Ok(Self {
-            client,
+            client: arm.compute(),
             arm,
             subscription: subscription.to_string(),
             config,
             polling,
-            policy,
             create_times: Learned::default(),
             delete_times: Learned::default(),
         })
@@ -283,7 +166,7 @@ impl AzureProvider {
 
     /// What the retry policy did so far.
     pub fn counters(&self) -> Arc<policy::Counters> {
-        self.policy.counters.clone()
+        self.arm.counters()
     }
 
     /// The settings this provider creates VMs with.
@@ -291,47 +174,60 @@ impl AzureProvider {
         &self.config
     }
 
+    /// `v` with the private IP of its NIC once it is provisioned (one more read).
     async fn vm_of(&self, v: compute::models::VirtualMachine) -> Result<Vm, Error> {
-        let props = v.properties.clone().unwrap_or_default();
-        let state = match props.provisioning_state.as_deref() {
-            Some("Succeeded") => VmState::Succeeded,
-            Some("Creating") | Some("Updating") => VmState::Creating,
-            Some("Failed") => VmState::Failed,
-            Some("Deleting") => VmState::Deleting,
-            other => VmState::Other(other.unwrap_or_default().to_string()),
-        };
-        let private_ip = if state == VmState::Succeeded {
-            match props
-                .network_profile
+        let mut vm = vm_without_ip(&v);
+        if vm.state == VmState::Succeeded
+            && let Some(nic) = v
+                .properties
                 .as_ref()
+                .and_then(|p| p.network_profile.as_ref())
                 .and_then(|n| n.network_interfaces.first())
                 .and_then(|n| n.sub_resource.id.clone())
-            {
-                Some(nic) => self.arm.nic_private_ip(&nic).await?,
-                None => None,
-            }
-        } else {
-            None
-        };
-        let tags: BTreeMap<String, String> = v
-            .resource
-            .tags
-            .clone()
-            .and_then(|t| serde_json::from_value(t).ok())
-            .unwrap_or_default();
-        Ok(Vm {
-            name: v.resource.name.clone().unwrap_or_default(),
-            id: v.resource.id.clone().unwrap_or_default(),
-            state,
-            private_ip,
-            tags,
-        })
+        {
+            vm.private_ip = self.arm.nic_private_ip(&nic).await?;
+        }
+        Ok(vm)
     }
+}
 
-    fn async_operation(headers: &azure_core::headers::Headers) -> Option<String> {
-        headers.get_optional_string(&azure_core::headers::HeaderName::from_static(
-            "azure-asyncoperation",
-        ))
+/// A VM as ARM describes it, without its private IP (its NIC's, another read).
+fn vm_without_ip(v: &compute::models::VirtualMachine) -> Vm {
+    let state = match v
+        .properties
+        .as_ref()
+        .and_then(|p| p.provisioning_state.as_deref())
+    {
+        Some("Succeeded") => VmState::Succeeded,
+        Some("Creating") | Some("Updating") => VmState::Creating,
+        Some("Failed") => VmState::Failed,
+        Some("Deleting") => VmState::Deleting,
+        other => VmState::Other(other.unwrap_or_default().to_string()),
+    };
+    Vm {
+        name: v.resource.name.clone().unwrap_or_default(),
+        id: v.resource.id.clone().unwrap_or_default(),
+        state,
+        private_ip: None,
+        tags: tags_of(v),
+    }
+}
+
+/// The tags of a VM.
+fn tags_of(v: &compute::models::VirtualMachine) -> BTreeMap<String, String> {
+    v.resource
+        .tags
+        .clone()
+        .and_then(|t| serde_json::from_value(t).ok())
+        .unwrap_or_default()
+}
+
+/// The status and headers of an SDK answer, for [`Arm::wait`].
+fn answer_of(raw: &azure_core::Response) -> arm::Answer {
+    arm::Answer {
+        status: raw.status(),
+        headers: raw.headers().clone(),
+        body: serde_json::Value::Null,
     }
 }
 
@@ -392,7 +288,7 @@ impl Provider for AzureProvider {
             .send()
             .await
             .map_err(map_error)?;
-        let headers = resp.as_raw_response().headers().clone();
+        let answer = answer_of(resp.as_raw_response());
         let vm = resp.into_body().await.map_err(map_error)?;
         let started = std::time::Instant::now();
         let state = vm
@@ -400,21 +296,12 @@ impl Provider for AzureProvider {
             .as_ref()
             .and_then(|p| p.provisioning_state.clone());
         if state.as_deref() != Some("Succeeded") {
-            match Self::async_operation(&headers) {
-                Some(url) => {
-                    let first = self.create_times.first_wait(policy::retry_after(&headers));
-                    let polls = self
-                        .arm
-                        .wait_operation(
-                            &url,
-                            first,
-                            self.polling.min_interval,
-                            self.polling.default_interval,
-                            self.polling.timeout,
-                        )
-                        .await?;
-                    self.create_times.observe(started.elapsed(), polls, first);
-                }
+            let first = self
+                .create_times
+                .first_wait(policy::retry_after(&answer.headers));
+            let what = format!("creating VM {}", spec.name);
+            match self.arm.wait(&what, &answer, first).await? {
+                Some(polls) => self.create_times.observe(started.elapsed(), polls, first),
                 None => {
                     // No operation to follow: poll the VM itself.
                     let deadline = std::time::Instant::now() + self.polling.timeout;
@@ -458,12 +345,7 @@ impl Provider for AzureProvider {
                 spec.name
             )));
         };
-        let tags: BTreeMap<String, String> = vm
-            .resource
-            .tags
-            .clone()
-            .and_then(|t| serde_json::from_value(t).ok())
-            .unwrap_or_default();
+        let tags = tags_of(&vm);
         Ok(Vm {
             name: spec.name.clone(),
             id: vm.resource.id.clone().unwrap_or_else(|| {
@@ -509,27 +391,21 @@ impl Provider for AzureProvider {
                 };
             }
         };
-        let headers = resp.as_raw_response().headers().clone();
+        let answer = answer_of(resp.as_raw_response());
         let started = std::time::Instant::now();
-        if let Some(url) = Self::async_operation(&headers) {
-            let first = self.delete_times.first_wait(policy::retry_after(&headers));
-            let polls = self
-                .arm
-                .wait_operation(
-                    &url,
-                    first,
-                    self.polling.min_interval,
-                    self.polling.default_interval,
-                    self.polling.timeout,
-                )
-                .await
-                .or_else(|e| match e {
-                    Error::NotFound(_) => Ok(0),
-                    e => Err(e),
-                })?;
-            if polls > 0 {
-                self.delete_times.observe(started.elapsed(), polls, first);
-            }
+        let first = self
+            .delete_times
+            .first_wait(policy::retry_after(&answer.headers));
+        match self
+            .arm
+            .wait(&format!("deleting VM {name}"), &answer, first)
+            .await
+        {
+            Ok(Some(polls)) => self.delete_times.observe(started.elapsed(), polls, first),
+            // Nothing to follow, or the operation is already gone with the VM.
+            Ok(None) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }
@@ -543,32 +419,10 @@ impl Provider for AzureProvider {
         let mut out = Vec::new();
         while let Some(page) = stream.next().await {
             let page = page.map_err(map_error)?;
-            for v in page.value {
-                let vm_tags: BTreeMap<String, String> = v
-                    .resource
-                    .tags
-                    .clone()
-                    .and_then(|t| serde_json::from_value(t).ok())
-                    .unwrap_or_default();
-                if tags.iter().all(|(k, val)| vm_tags.get(k) == Some(val)) {
-                    let state = match v
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.provisioning_state.as_deref())
-                    {
-                        Some("Succeeded") => VmState::Succeeded,
-                        Some("Creating") => VmState::Creating,
-                        Some("Failed") => VmState::Failed,
-                        Some("Deleting") => VmState::Deleting,
-                        other => VmState::Other(other.unwrap_or_default().to_string()),
-                    };
-                    out.push(Vm {
-                        name: v.resource.name.clone().unwrap_or_default(),
-                        id: v.resource.id.clone().unwrap_or_default(),
-                        state,
-                        private_ip: None,
-                        tags: vm_tags,
-                    });
+            for v in &page.value {
+                let vm = vm_without_ip(v);
+                if tags.iter().all(|(k, val)| vm.tags.get(k) == Some(val)) {
+                    out.push(vm);
                 }
             }
         }

@@ -570,12 +570,12 @@ fn agent_probe() {
 fn ready_probe() {
     std::thread::spawn(|| {
         let start = Instant::now();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], super::PORT));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::api::names::FORWARDER_PORT));
         while start.elapsed() < Duration::from_secs(600) {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
                 log(&format!(
                     "{READY_MARKER} on :{} (uptime {:.1}s)",
-                    super::PORT,
+                    crate::api::names::FORWARDER_PORT,
                     uptime()
                 ));
                 return;
@@ -759,7 +759,10 @@ pub fn main() -> ExitCode {
     if Path::new(KATA_AGENT).exists() {
         let _ = std::fs::write(
             AGENT_CONFIG,
-            "server_addr = \"unix:///run/kata-containers/agent.sock\"\nguest_components_procs = \"none\"\n",
+            format!(
+                "server_addr = \"unix://{}\"\nguest_components_procs = \"none\"\n",
+                crate::api::names::AGENT_SOCKET
+            ),
         );
         // Upstream agents look confidential-data-hub up once at start: it goes first.
         if Path::new(CDH).exists() {

@@ -1,5 +1,7 @@
 //! Fixed VHD (Virtual Hard Disk Image Format Specification): the raw disk followed by a
 //! 512-byte footer. Azure takes fixed VHDs whose virtual size is a whole number of MiB.
+//! The one footer writer and reader: the image build writes VHDs with it, the publisher
+//! checks what it uploads with it.
 
 /// Size of the footer.
 pub const FOOTER: usize = 512;
@@ -55,6 +57,7 @@ pub fn geometry(size: u64) -> (u16, u8, u8) {
     ((cth / heads) as u16, heads as u8, spt as u8)
 }
 
+/// The footer checksum: the one's complement of the byte sum with the checksum field zero.
 fn checksum(f: &[u8]) -> u32 {
     let sum: u32 = f
         .iter()
@@ -92,20 +95,19 @@ pub fn footer(size: u64, unique_id: [u8; 16], timestamp: u32) -> [u8; FOOTER] {
     f
 }
 
-/// Parses and checks the footer at the end of `file`: cookie, checksum, fixed type, and that
-/// the size matches the data before the footer.
-pub fn parse_footer(file: &[u8]) -> Result<Footer, String> {
-    if file.len() < FOOTER {
-        return Err("file shorter than a VHD footer".into());
-    }
-    let f = &file[file.len() - FOOTER..];
+/// Reads and checks a footer: cookie, checksum, version, a fixed disk without data offset.
+pub fn read_footer(f: &[u8; FOOTER]) -> Result<Footer, String> {
     if &f[..8] != b"conectix" {
-        return Err("no VHD cookie".into());
+        return Err("no VHD footer (the last 512 bytes do not start with \"conectix\")".into());
     }
     let be32 = |o: usize| u32::from_be_bytes(f[o..o + 4].try_into().unwrap());
     let be64 = |o: usize| u64::from_be_bytes(f[o..o + 8].try_into().unwrap());
     if checksum(f) != be32(64) {
-        return Err("VHD footer checksum mismatch".into());
+        return Err(format!(
+            "the footer checksum is wrong (stored {:#010x}, computed {:#010x})",
+            be32(64),
+            checksum(f)
+        ));
     }
     if be32(12) != 0x0001_0000 {
         return Err(format!("unknown VHD version {:#x}", be32(12)));
@@ -119,16 +121,28 @@ pub fn parse_footer(file: &[u8]) -> Result<Footer, String> {
         timestamp: be32(24),
     };
     if footer.disk_type != FIXED {
-        return Err(format!("disk type {} is not fixed (2)", footer.disk_type));
+        return Err(format!(
+            "disk type {} is not 2 (fixed); Azure takes fixed VHDs only",
+            footer.disk_type
+        ));
     }
     if be64(16) != u64::MAX {
         return Err("a fixed disk has no data offset".into());
     }
-    if footer.size != (file.len() - FOOTER) as u64 {
+    Ok(footer)
+}
+
+/// Parses and checks the footer at the end of `file` ([`read_footer`]), and that its size
+/// matches the data before it.
+pub fn parse_footer(file: &[u8]) -> Result<Footer, String> {
+    let Some(data) = file.len().checked_sub(FOOTER) else {
+        return Err("file shorter than a VHD footer".into());
+    };
+    let footer = read_footer(file[data..].try_into().unwrap())?;
+    if footer.size != data as u64 {
         return Err(format!(
-            "footer size {} differs from the {} data bytes",
-            footer.size,
-            file.len() - FOOTER
+            "footer size {} differs from the {data} data bytes",
+            footer.size
         ));
     }
     Ok(footer)
@@ -151,6 +165,22 @@ mod tests {
         let n = file.len();
         file[n - 300] ^= 0xff;
         assert!(parse_footer(&file).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn a_generated_footer_reads_back_and_a_damaged_or_dynamic_one_is_refused() {
+        let f = footer(64 << 20, [1; 16], 0);
+        let parsed = read_footer(&f).unwrap();
+        assert_eq!(parsed.size, 64 << 20);
+        assert_eq!(parsed.disk_type, 2);
+        let mut bad = f;
+        bad[100] ^= 1;
+        assert!(read_footer(&bad).unwrap_err().contains("checksum"));
+        let mut dynamic = f;
+        dynamic[60..64].copy_from_slice(&3u32.to_be_bytes());
+        let sum = checksum(&dynamic);
+        dynamic[64..68].copy_from_slice(&sum.to_be_bytes());
+        assert!(read_footer(&dynamic).unwrap_err().contains("fixed"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::blob::{BlobClient, BlobError};
-use super::vhd::Plan;
+use super::pages::Plan;
 
 /// Metadata key of the content hash on the blob.
 pub const META_SHA256: &str = "sandboxdsha256";
@@ -63,7 +63,7 @@ pub async fn upload(
                 && p.metadata.get(META_SHA256) == Some(&plan.sha256) =>
         {
             let present = client.page_ranges(container, blob).await?;
-            todo = super::vhd::missing(&plan.ranges, &present);
+            todo = super::pages::missing(&plan.ranges, &present);
             resumed = true;
             tracing::info!(
                 blob,

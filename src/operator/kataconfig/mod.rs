@@ -8,30 +8,30 @@ pub mod status;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, DynamicObject, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::discovery::ApiResource;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use self::plan::{NodeAction, NodeView, PodRef};
 use self::status::Phase;
+use super::controller::{Failure, Shared, Watches, reconcile_loop, synced};
 use super::installer::{self, InstallerSpec};
 use super::machineconfig::{self as mco, PoolView};
 use super::metrics::OperatorMetrics;
-use super::names::*;
 use super::node_install::{InstallConfig, ShimChoice};
 use super::nodes::{Flavor, Selection};
 use super::runtimeclass;
 use crate::api::kataconfig::{CONDITION_IN_PROGRESS, FINALIZER, KataConfig, KataConfigStatus};
+use crate::api::names::*;
 use crate::k8s::apply::{self, hash_matches, is_not_found};
 use crate::k8s::{FIELD_MANAGER, conditions};
 
@@ -74,20 +74,18 @@ impl Error {
 /// What the controller needs to know beyond the API.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The operator namespace (installer DaemonSet).
-    pub namespace: String,
-    /// The sandboxd image the installer DaemonSet runs.
-    pub image: String,
     /// Which worker default applies to an empty selector.
     pub flavor: Flavor,
-    /// Identity for Events.
-    pub instance: String,
     /// How the one-KataConfig rule is kept (`None`: not by this operator).
     pub rule: Option<super::admission::Mechanism>,
 }
 
 struct Ctx {
     client: Client,
+    /// The operator namespace (installer DaemonSet).
+    namespace: String,
+    /// The sandboxd image the installer DaemonSet runs.
+    image: String,
     opts: Options,
     kcs: Store<KataConfig>,
     nodes: Store<PartialObjectMeta<Node>>,
@@ -109,208 +107,88 @@ struct McoStores {
     pools: Store<DynamicObject>,
 }
 
-fn dynamic_watch(
-    client: &Client,
-    ar: &ApiResource,
-    name: &str,
-    notify: &Arc<Notify>,
-    shutdown: &CancellationToken,
-) -> Store<DynamicObject> {
-    let writer = reflector::store::Writer::new(ar.clone());
-    let store = writer.as_reader();
-    let s = reflector::reflector(
-        writer,
-        watcher(
-            Api::<DynamicObject>::all_with(client.clone(), ar),
-            watcher::Config::default().fields(&format!("metadata.name={name}")),
-        ),
-    );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-    store
-}
-
-pub(crate) fn spawn_watch<S, T>(stream: S, notify: Arc<Notify>, shutdown: CancellationToken)
-where
-    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-    T: Send,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                ev = stream.next() => match ev {
-                    Some(Ok(_)) => notify.notify_one(),
-                    Some(Err(e)) => tracing::debug!(error = %e, "watch error (retrying)"),
-                    None => break,
-                },
-            }
-        }
-    });
-}
-
 /// Runs the controller until `shutdown`.
-pub async fn run(
-    client: Client,
-    opts: Options,
-    metrics: Arc<OperatorMetrics>,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let notify = Arc::new(Notify::new());
+pub async fn run(shared: Shared, opts: Options, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = &shared.client;
+    let watches = Watches::new(&shutdown);
     let wc = watcher::Config::default();
-
-    let (kcs, w) = reflector::store();
-    let s = reflector::reflector(
-        w,
-        watcher(Api::<KataConfig>::all(client.clone()), wc.clone()),
-    );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
+    let kcs = watches.store(Api::<KataConfig>::all(client.clone()), wc.clone());
     // Node metadata without managedFields (the bulk of it, and never read).
-    let (nodes, w) = reflector::store();
-    let s = reflector::reflector(
-        w,
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            wc.clone(),
-        )
-        .modify(|n| n.managed_fields_mut().clear()),
+    let nodes = watches.store_trimmed(
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        wc.clone(),
+        |n| n.managed_fields_mut().clear(),
     );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
     // Peer pods, metadata only, by the webhook's label: a trigger, never a cache of pods.
-    let s = watcher(
+    watches.trigger(
         Api::<PartialObjectMeta<Pod>>::all(client.clone()),
         wc.clone().labels(&format!("{PEER_POD_LABEL}=true")),
     );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
-    let (rcs, w) = reflector::store();
-    let s = reflector::reflector(
-        w,
-        watcher(
-            Api::<RuntimeClass>::all(client.clone()),
-            wc.clone().fields(&format!("metadata.name={RUNTIME_CLASS}")),
-        ),
+    let rcs = watches.store(
+        Api::<RuntimeClass>::all(client.clone()),
+        wc.clone().fields(&format!("metadata.name={RUNTIME_CLASS}")),
     );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
-    let (dss, w) = reflector::store();
-    let s = reflector::reflector(
-        w,
-        watcher(
-            Api::<DaemonSet>::namespaced(client.clone(), &opts.namespace),
-            wc.clone()
-                .fields(&format!("metadata.name={INSTALLER_DAEMONSET}")),
-        ),
+    let dss = watches.store(
+        Api::<DaemonSet>::namespaced(client.clone(), &shared.namespace),
+        wc.clone()
+            .fields(&format!("metadata.name={INSTALLER_DAEMONSET}")),
     );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
     // Not awaited: a cluster without the PeerPodConfig CRD still runs the KataConfig.
-    let (ppcs, w) = reflector::store();
-    let s = reflector::reflector(
-        w,
-        watcher(
-            Api::namespaced(client.clone(), &opts.namespace),
-            wc.clone().fields(&format!(
-                "metadata.name={}",
-                crate::api::peerpodconfig::DEFAULT_NAME
-            )),
-        ),
+    let ppcs = watches.store(
+        Api::namespaced(client.clone(), &shared.namespace),
+        wc.clone()
+            .fields(&format!("metadata.name={PEER_POD_CONFIG}")),
     );
-    spawn_watch(s.default_backoff(), notify.clone(), shutdown.clone());
-
     let mco = (opts.flavor == Flavor::OpenShift).then(|| McoStores {
-        mcs: dynamic_watch(
-            &client,
-            &mco::machine_config_resource(),
-            mco::MACHINE_CONFIG,
-            &notify,
-            &shutdown,
-        ),
-        pools: dynamic_watch(
-            &client,
-            &mco::pool_resource(),
-            mco::POOL,
-            &notify,
-            &shutdown,
-        ),
+        mcs: watches.dynamic(client, &mco::machine_config_resource(), mco::MACHINE_CONFIG),
+        pools: watches.dynamic(client, &mco::pool_resource(), mco::POOL),
     });
+    let mut first_lists = Vec::new();
     if let Some(m) = &mco {
-        for (what, store) in [("MachineConfig", &m.mcs), ("MachineConfigPool", &m.pools)] {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = store.wait_until_ready() => r.map_err(|_| Error::Sync(what))?,
-            }
-        }
+        first_lists.push(synced("MachineConfig", &m.mcs));
+        first_lists.push(synced("MachineConfigPool", &m.pools));
     }
-
-    for (what, ready) in [
-        (
-            "KataConfig",
-            Box::pin(kcs.wait_until_ready())
-                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
-        ),
-        ("Node", Box::pin(nodes.wait_until_ready())),
-        ("RuntimeClass", Box::pin(rcs.wait_until_ready())),
-        ("DaemonSet", Box::pin(dss.wait_until_ready())),
-    ] {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = ready => r.map_err(|_| Error::Sync(what))?,
-        }
+    first_lists.extend([
+        synced("KataConfig", &kcs),
+        synced("Node", &nodes),
+        synced("RuntimeClass", &rcs),
+        synced("DaemonSet", &dss),
+    ]);
+    match watches.ready(first_lists).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(what) => return Err(Error::Sync(what)),
     }
-
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "sandboxd-operator".into(),
-            instance: Some(opts.instance.clone()),
-        },
-    );
     let ctx = Ctx {
-        client,
+        client: shared.client.clone(),
+        namespace: shared.namespace.clone(),
+        image: shared.image.clone(),
         opts,
         kcs,
         nodes,
         rcs,
         dss,
         mco,
-        metrics,
-        recorder,
+        recorder: shared.recorder(),
+        metrics: shared.metrics,
         ppcs,
         finished: Default::default(),
     };
-    tracing::info!("KataConfig controller started");
-    let mut backoff = Duration::from_millis(500);
-    let mut wait = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = notify.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        // Let a burst of watch events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let ctx = &ctx;
+    reconcile_loop("kataconfig", &watches, || async move {
         let started = Instant::now();
-        match reconcile_all(&ctx).await {
-            Ok(next) => {
-                ctx.metrics.observe(started.elapsed(), None);
-                backoff = Duration::from_millis(500);
-                wait = next.unwrap_or(RESYNC);
-            }
-            Err(e) => {
-                ctx.metrics
-                    .observe(started.elapsed(), Some(e.metric_label()));
-                if e.metric_label() == "conflict" {
-                    tracing::debug!(error = %e, "reconcile raced another write; retrying");
-                } else {
-                    tracing::warn!(error = %e, "reconcile failed; retrying");
-                }
-                wait = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+        let result = reconcile_all(ctx).await;
+        let error = result.as_ref().err().map(Error::metric_label);
+        ctx.metrics.observe(started.elapsed(), error);
+        Ok::<_, Error>(result?.unwrap_or(RESYNC))
+    })
+    .await;
+    Ok(())
+}
+
+impl Failure for Error {
+    fn is_conflict(&self) -> bool {
+        self.metric_label() == "conflict"
     }
 }
 
@@ -389,36 +267,14 @@ fn node_views(ctx: &Ctx, config_hash: &str) -> Vec<NodeView> {
 
 async fn apply_dynamic(ctx: &Ctx, ar: &ApiResource, obj: &DynamicObject) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
-    let name = obj.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(|source| apply::Error::Api {
-        verb: "applying",
-        kind: ar.kind.clone(),
-        name,
-        source,
-    })?;
+    apply::apply_dynamic(&api, ar, obj).await?;
     ctx.metrics.object_write(&ar.kind);
     Ok(())
 }
 
 async fn delete_dynamic(ctx: &Ctx, ar: &ApiResource, name: &str) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), ar);
-    match api.delete(name, &Default::default()).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(source) => Err(apply::Error::Api {
-            verb: "deleting",
-            kind: ar.kind.clone(),
-            name: name.to_string(),
-            source,
-        }
-        .into()),
-    }
+    Ok(apply::delete_dynamic(&api, ar, name).await?)
 }
 
 /// OpenShift: the MachineConfig and the pool, applied only when their hash differs.
@@ -515,15 +371,15 @@ async fn ensure_installer(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
     let ds = installer::desired(
         kc,
         &InstallerSpec {
-            namespace: &ctx.opts.namespace,
-            image: &ctx.opts.image,
+            namespace: &ctx.namespace,
+            image: &ctx.image,
             log_level: &kc.spec.log_level,
             shim: ShimChoice::from_spec(&kc.spec.shim).as_str(),
         },
     );
     let observed = ctx.dss.state().into_iter().next();
     if !hash_matches(observed.as_deref(), &ds) {
-        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.opts.namespace);
+        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
         apply::apply(&api, &ds).await?;
         ctx.metrics.object_write("DaemonSet");
     }
@@ -575,7 +431,7 @@ async fn uninstall(
             }
         }
         None => {
-            let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.opts.namespace);
+            let ds_api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
             apply::delete_if_exists(&ds_api, INSTALLER_DAEMONSET).await?;
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::kataconfig::KataNodesStatus;
-use crate::operator::names::*;
+use crate::api::names::*;
 use crate::operator::nodes::Selection;
 
 /// What the plan needs of a node.

@@ -5,8 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::plan::{Plan, PodRef};
 use crate::api::kataconfig::{CONDITION_IN_PROGRESS, KataConfigStatus, reasons};
+use crate::api::names::RUNTIME_CLASS;
 use crate::k8s::conditions;
-use crate::operator::names::RUNTIME_CLASS;
 
 /// How many pods or nodes a message names before it only counts the rest.
 const NAMED: usize = 5;

@@ -6,6 +6,7 @@ use toml_edit::{Array, DocumentMut, Item, Value};
 
 use super::Error;
 use super::kata_config::KATA_CONFIG;
+use crate::api::names::RUNTIME_CLASS;
 
 /// The main containerd configuration.
 pub const MAIN_CONFIG: &str = "/etc/containerd/config.toml";
@@ -76,13 +77,13 @@ pub fn dropin(version: i64, shim: &str) -> String {
     format!(
         r#"version = {version}
 
-[plugins."{plugin}".containerd.runtimes.kata-remote]
+[plugins."{plugin}".containerd.runtimes.{RUNTIME_CLASS}]
 runtime_type = "{RUNTIME_TYPE}"
 runtime_path = "{shim}"
 privileged_without_host_devices = true
 pod_annotations = ["io.katacontainers.*"]
 
-[plugins."{plugin}".containerd.runtimes.kata-remote.options]
+[plugins."{plugin}".containerd.runtimes.{RUNTIME_CLASS}.options]
 ConfigPath = "{KATA_CONFIG}"
 "#
     )

@@ -2,6 +2,7 @@
 //! `kata-remote` runtime handler, with images pulled in the pod VM (`runtime_pull_image`).
 
 use super::kata_config::KATA_CONFIG;
+use crate::api::names::RUNTIME_CLASS;
 
 /// sandboxd's drop-in.
 pub const DROPIN: &str = "/etc/crio/crio.conf.d/50-sandboxd-kata-remote.conf";
@@ -11,7 +12,7 @@ pub const UNIT: &str = "crio.service";
 /// The drop-in body.
 pub fn dropin(shim: &str) -> String {
     format!(
-        r#"[crio.runtime.runtimes.kata-remote]
+        r#"[crio.runtime.runtimes.{RUNTIME_CLASS}]
 runtime_path = "{shim}"
 runtime_type = "vm"
 runtime_root = "/run/vc"

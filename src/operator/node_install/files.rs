@@ -25,6 +25,26 @@ pub fn read_opt(path: &Path) -> Result<Option<String>, Error> {
     }
 }
 
+/// Creates the missing directories above `path`; answers them, outermost first (what an
+/// uninstall removes again).
+fn create_parents(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let Some(parent) = path.parent() else {
+        return Ok(Vec::new());
+    };
+    let mut missing = Vec::new();
+    let mut p = parent;
+    while !p.exists() {
+        missing.push(p.to_path_buf());
+        match p.parent() {
+            Some(pp) => p = pp,
+            None => break,
+        }
+    }
+    std::fs::create_dir_all(parent)?;
+    missing.reverse();
+    Ok(missing)
+}
+
 /// Writes `content` atomically (temporary file + rename), creating parent directories.
 /// Returns the directories it had to create, outermost first.
 pub fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
@@ -32,21 +52,7 @@ pub fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
         path: path.to_path_buf(),
         source,
     };
-    let mut created = Vec::new();
-    if let Some(parent) = path.parent() {
-        let mut missing = Vec::new();
-        let mut p = parent;
-        while !p.exists() {
-            missing.push(p.to_path_buf());
-            match p.parent() {
-                Some(pp) => p = pp,
-                None => break,
-            }
-        }
-        std::fs::create_dir_all(parent).map_err(io)?;
-        missing.reverse();
-        created = missing;
-    }
+    let created = create_parents(path).map_err(io)?;
     let tmp = path.with_extension("sandboxd-tmp");
     std::fs::write(&tmp, content).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
@@ -147,21 +153,7 @@ pub fn link(path: &Path, target: &str, replaceable: &[&str]) -> Result<Link, Err
         // Not a symlink (a file or a directory).
         Err(_) => return Ok(Link::Foreign),
     }
-    let mut created = Vec::new();
-    if let Some(parent) = path.parent() {
-        let mut missing = Vec::new();
-        let mut p = parent;
-        while !p.exists() {
-            missing.push(p.to_path_buf());
-            match p.parent() {
-                Some(pp) => p = pp,
-                None => break,
-            }
-        }
-        std::fs::create_dir_all(parent).map_err(io)?;
-        missing.reverse();
-        created = missing;
-    }
+    let created = create_parents(path).map_err(io)?;
     std::os::unix::fs::symlink(target, path).map_err(io)?;
     Ok(Link::Created(created))
 }

@@ -24,7 +24,7 @@ use self::files::{
     host_path, read_opt, remove_empty_dirs, remove_owned, write_atomic, write_owned,
 };
 use self::systemd::ServiceManager;
-use super::names::*;
+use crate::api::names::*;
 use crate::k8s::apply;
 
 /// Where the installer keeps what it needs to undo its work exactly.
@@ -305,24 +305,25 @@ pub async fn install(
             )?;
             changed |= c;
             created.extend(dirs);
-            // The name form of the shim, for containerd 1.6 (harmless for later ones).
-            let previous: Vec<&str> = state.shim_link.iter().map(String::as_str).collect();
-            match files::link(&host_path(root, containerd::SHIM_LINK), shim, &previous)? {
-                files::Link::Present => {}
-                files::Link::Created(dirs) => {
-                    created.extend(dirs);
-                    state.shim_link = Some(shim.to_string());
-                    changed = true;
+            // The name form of the shim, for containerd 1.6 only, which resolves the shim by
+            // its runtime_type name on PATH; 1.7 and later run `runtime_path`, and /usr may be
+            // read-only on their nodes. A link an earlier install made goes when it is no
+            // longer needed (the runtime was upgraded).
+            if containerd::needs_shim_link(version) {
+                let previous: Vec<&str> = state.shim_link.iter().map(String::as_str).collect();
+                match files::link(&host_path(root, containerd::SHIM_LINK), shim, &previous)? {
+                    files::Link::Present => {}
+                    files::Link::Created(dirs) => {
+                        created.extend(dirs);
+                        state.shim_link = Some(shim.to_string());
+                        changed = true;
+                    }
+                    files::Link::Foreign => {
+                        return Err(Error::NotOurs(host_path(root, containerd::SHIM_LINK)));
+                    }
                 }
-                files::Link::Foreign if containerd::needs_shim_link(version) => {
-                    return Err(Error::NotOurs(host_path(root, containerd::SHIM_LINK)));
-                }
-                files::Link::Foreign => {
-                    tracing::warn!(
-                        path = containerd::SHIM_LINK,
-                        "another file holds the shim's name; containerd 1.7 and later use runtime_path"
-                    );
-                }
+            } else if let Some(target) = state.shim_link.take() {
+                changed |= files::unlink(&host_path(root, containerd::SHIM_LINK), &target)?;
             }
             let imported = match &main {
                 Some(text) => containerd::imports_dropin(text)?,

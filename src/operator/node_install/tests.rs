@@ -336,6 +336,26 @@ async fn containerd_1_6_finds_the_shim_by_its_runtime_type_name_and_uninstall_re
 }
 
 #[tokio::test]
+async fn containerd_1_7_and_later_get_no_name_form_link_so_a_read_only_usr_is_fine() {
+    for version in ["containerd://1.7.22", "containerd://2.4.2"] {
+        let host = host_with_shim();
+        let root = host.path();
+        put(root, containerd::MAIN_CONFIG, CONTAINERD_1X);
+        let rt = Runtime::Containerd(version.into());
+        let sm = Recorded::default();
+        install(root, &rt, &InstallConfig::new("info"), &sm)
+            .await
+            .unwrap();
+        assert_eq!(link_target(root), None, "{version}");
+        assert!(
+            !files::host_path(root, "/usr/local/bin").exists(),
+            "{version}: /usr/local/bin was created"
+        );
+        uninstall(root, &rt, &sm).await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_foreign_file_with_the_shims_name_fails_containerd_1_6_and_is_left_on_later_ones() {
     for (version, fails) in [("containerd://1.6.20", true), ("containerd://2.0.0", false)] {
         let host = host_with_shim();

@@ -8,12 +8,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::json;
 
 use super::plan::ConfigInputs;
-use crate::api::peerpodconfig::{SSH_KEY_SECRET, SSH_PUBLIC_KEY};
+use crate::api::names::{
+    CAA_DAEMONSET, CAA_SERVICE_ACCOUNT, LABEL_MANAGED_BY, MANAGED_BY, PEERPOD_DIR, SSH_KEY_SECRET,
+    SSH_PUBLIC_KEY,
+};
 
-/// Name of the CAA DaemonSet.
-pub const DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
-/// Its ServiceAccount (RBAC in `deploy/caa/rbac.yaml`).
-pub const SERVICE_ACCOUNT: &str = "sandboxd-caa";
 /// Pod-template annotation: hash of the secret, the configmap and the ssh public key. A real
 /// change of any of them changes it and rolls the pods; no change never touches them.
 pub const CONFIG_HASH_ANNOTATION: &str = "peerpods.sandboxd.io/config-hash";
@@ -85,18 +84,18 @@ pub fn daemonset(
     let args: Vec<String> = std::iter::once("caa".to_string())
         .chain(azure.to_args())
         .collect();
-    let labels = json!({"app": DAEMONSET, "app.kubernetes.io/managed-by": "sandboxd"});
+    let labels = json!({"app": CAA_DAEMONSET, LABEL_MANAGED_BY: MANAGED_BY});
     let mut ds: DaemonSet = serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
         "metadata": {
-            "name": DAEMONSET,
+            "name": CAA_DAEMONSET,
             "namespace": namespace,
             "labels": labels,
             "ownerReferences": [owner],
         },
         "spec": {
-            "selector": {"matchLabels": {"app": DAEMONSET}},
+            "selector": {"matchLabels": {"app": CAA_DAEMONSET}},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "template": {
                 "metadata": {
@@ -104,7 +103,7 @@ pub fn daemonset(
                     "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
                 },
                 "spec": {
-                    "serviceAccountName": SERVICE_ACCOUNT,
+                    "serviceAccountName": CAA_SERVICE_ACCOUNT,
                     "hostNetwork": true,
                     "nodeSelector": node_selector,
                     "containers": [{
@@ -120,14 +119,17 @@ pub fn daemonset(
                             {"configMapRef": {"name": configmap}},
                         ],
                         "env": env(cluster),
+                        // Scraped by the PodMonitor of deploy/monitoring (hostNetwork: the
+                        // node's port).
+                        "ports": [{"name": "metrics", "containerPort": crate::caa::METRICS_PORT, "protocol": "TCP"}],
                         "volumeMounts": [
-                            {"name": "pods-dir", "mountPath": "/run/peerpod", "mountPropagation": "HostToContainer"},
+                            {"name": "pods-dir", "mountPath": PEERPOD_DIR, "mountPropagation": "HostToContainer"},
                             {"name": "netns", "mountPath": "/run/netns", "mountPropagation": "HostToContainer"},
                             {"name": "ssh", "mountPath": "/etc/sandboxd/ssh-key", "readOnly": true},
                         ],
                     }],
                     "volumes": [
-                        {"name": "pods-dir", "hostPath": {"path": "/run/peerpod", "type": "DirectoryOrCreate"}},
+                        {"name": "pods-dir", "hostPath": {"path": PEERPOD_DIR, "type": "DirectoryOrCreate"}},
                         {"name": "netns", "hostPath": {"path": "/run/netns", "type": "DirectoryOrCreate"}},
                         {"name": "ssh", "secret": {"secretName": SSH_KEY_SECRET, "items": [{"key": SSH_PUBLIC_KEY, "path": SSH_PUBLIC_KEY}]}},
                     ],
@@ -191,7 +193,10 @@ mod tests {
         );
         let pod = t.spec.unwrap();
         assert_eq!(pod.host_network, Some(true));
-        assert_eq!(pod.service_account_name.as_deref(), Some(SERVICE_ACCOUNT));
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some(CAA_SERVICE_ACCOUNT)
+        );
         let c = &pod.containers[0];
         assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
         assert_eq!(c.env_from.as_ref().unwrap().len(), 2);

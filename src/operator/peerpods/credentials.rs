@@ -19,6 +19,7 @@ use serde_json::json;
 use super::Ctx;
 use super::plan::ConfigInputs;
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::peerpodconfig::PeerPodConfigSpec;
 use crate::k8s::{FIELD_MANAGER, apply};
 
@@ -132,7 +133,7 @@ pub fn credentials_request(
         "metadata": {
             "name": CREDENTIALS_REQUEST,
             "namespace": CCO_NAMESPACE,
-            "labels": {"app.kubernetes.io/managed-by": "sandboxd"},
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY},
             "ownerReferences": [owner],
         },
         "spec": {
@@ -168,10 +169,7 @@ fn derived_secret(name: &str, namespace: &str, cco: &Secret) -> Secret {
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
                 (LABEL_DERIVED_FROM.to_string(), CCO_SECRET.to_string()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "sandboxd".into(),
-                ),
+                (LABEL_MANAGED_BY.to_string(), MANAGED_BY.into()),
             ])),
             owner_references: Some(vec![owner]),
             ..Default::default()
@@ -332,7 +330,7 @@ pub(super) async fn teardown(ctx: &Ctx) {
         .ppcs
         .state()
         .iter()
-        .any(|p| p.name_any() == crate::api::peerpodconfig::DEFAULT_NAME);
+        .any(|p| p.name_any() == crate::api::names::PEER_POD_CONFIG);
     if !disabled || !was_on || !served(ctx).await {
         return;
     }
@@ -340,11 +338,7 @@ pub(super) async fn teardown(ctx: &Ctx) {
         Api::namespaced_with(ctx.client.clone(), CCO_NAMESPACE, &resource());
     match crs.get_opt(CREDENTIALS_REQUEST).await {
         Ok(Some(cr))
-            if cr
-                .labels()
-                .get("app.kubernetes.io/managed-by")
-                .map(String::as_str)
-                == Some("sandboxd") =>
+            if cr.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY) =>
         {
             match crs.delete(CREDENTIALS_REQUEST, &Default::default()).await {
                 Ok(_) => tracing::info!("deleted CredentialsRequest {CREDENTIALS_REQUEST}"),

@@ -29,13 +29,10 @@ use serde_json::json;
 use super::Ctx;
 use super::plan::ConfigInputs;
 use crate::api::kataconfig::{self, CONDITION_IN_PROGRESS, KataConfig};
+use crate::api::names::{IMAGE_CREATION_JOB, IMAGE_DELETION_JOB, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::api::peerpodconfig::{CONDITION_POD_VM_IMAGE_READY, PeerPodConfig, PeerPodConfigSpec};
 use crate::k8s::{apply, conditions};
 
-/// The Job that builds and publishes the pod VM image.
-pub const CREATION_JOB: &str = "osc-podvm-image-creation";
-/// The Job that deletes an image sandboxd built, on uninstall.
-pub const DELETION_JOB: &str = "osc-podvm-image-deletion";
 /// The ServiceAccount of the image Jobs (RBAC in `deploy/operator/rbac.yaml`: get and patch
 /// of the configmap `peer-pods-cm`, nothing else).
 pub const SERVICE_ACCOUNT: &str = "sandboxd-podvm-image";
@@ -224,7 +221,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             Plan::new(
                 true,
                 reasons::IMAGE_BUILT,
-                format!("pod VM image {id}, built by Job {CREATION_JOB}"),
+                format!("pod VM image {id}, built by Job {IMAGE_CREATION_JOB}"),
             )
         } else {
             Plan::new(
@@ -250,13 +247,13 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         Some((_, true)) => Plan::new(
             false,
             reasons::JOB_RUNNING,
-            format!("waiting for the previous Job {CREATION_JOB} to be deleted"),
+            format!("waiting for the previous Job {IMAGE_CREATION_JOB} to be deleted"),
         ),
         Some((JobState::Running, false)) => Plan::new(
             false,
             reasons::JOB_RUNNING,
             format!(
-                "Job {CREATION_JOB} is building and publishing the pod VM image; it writes \
+                "Job {IMAGE_CREATION_JOB} is building and publishing the pod VM image; it writes \
                  {IMAGE_ID_KEY} when done"
             ),
         ),
@@ -264,7 +261,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             false,
             reasons::JOB_FAILED,
             format!(
-                "Job {CREATION_JOB} failed: {why}. Set {IMAGE_ID_KEY} in the configmap, or \
+                "Job {IMAGE_CREATION_JOB} failed: {why}. Set {IMAGE_ID_KEY} in the configmap, or \
                  delete the Job to try again"
             ),
         ),
@@ -272,20 +269,22 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
             false,
             reasons::IMAGE_MISSING,
             format!(
-                "Job {CREATION_JOB} completed but {IMAGE_ID_KEY} is empty. Set it, or delete \
+                "Job {IMAGE_CREATION_JOB} completed but {IMAGE_ID_KEY} is empty. Set it, or delete \
                  the Job to build again"
             ),
         ),
         None if !i.config_ok => Plan::new(
             false,
             reasons::WAITING_FOR_CONFIG,
-            format!("Job {CREATION_JOB} starts once the configuration is valid (ConfigValid)"),
+            format!(
+                "Job {IMAGE_CREATION_JOB} starts once the configuration is valid (ConfigValid)"
+            ),
         ),
         None => {
             let mut p = Plan::new(
                 false,
                 reasons::JOB_RUNNING,
-                format!("starting Job {CREATION_JOB}"),
+                format!("starting Job {IMAGE_CREATION_JOB}"),
             );
             p.create = true;
             p
@@ -319,7 +318,7 @@ pub fn written_by_job(cm: &ConfigMap) -> bool {
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(crate::image::publish::ANNOTATION_BUILT_IMAGE_ID));
+        .and_then(|a| a.get(crate::api::names::ANNOTATION_BUILT_IMAGE_ID));
     if id.is_some() && id == annotated {
         return true;
     }
@@ -350,7 +349,7 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
         settings,
         owner,
     } = c;
-    let labels = json!({"app.kubernetes.io/managed-by": "sandboxd", LABEL_COMPONENT: COMPONENT});
+    let labels = json!({LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT});
     let args: Vec<String> = args
         .iter()
         .cloned()
@@ -428,7 +427,7 @@ pub fn creation_job(
     };
     job(
         c,
-        CREATION_JOB,
+        IMAGE_CREATION_JOB,
         &settings.args,
         settings.creation_deadline,
         true,
@@ -453,7 +452,13 @@ pub fn deletion_job(
         settings,
         owner,
     };
-    job(c, DELETION_JOB, &args, settings.deletion_timeout, false)
+    job(
+        c,
+        IMAGE_DELETION_JOB,
+        &args,
+        settings.deletion_timeout,
+        false,
+    )
 }
 
 fn find_job(ctx: &Ctx, name: &str) -> Option<std::sync::Arc<Job>> {
@@ -576,13 +581,13 @@ pub(super) async fn reconcile(
         .and_then(|m| m.get(IMAGE_ID_KEY))
         .map(|s| s.trim())
         .filter(|s| !s.is_empty());
-    let existing = find_job(ctx, CREATION_JOB);
+    let existing = find_job(ctx, IMAGE_CREATION_JOB);
     let mut job = existing
         .as_ref()
         .map(|j| (job_state(j), j.metadata.deletion_timestamp.is_some()));
     if let Some((JobState::Failed(why), _)) = &mut job
         && image_id.is_none()
-        && let Some(m) = pod_message(ctx, CREATION_JOB).await
+        && let Some(m) = pod_message(ctx, IMAGE_CREATION_JOB).await
     {
         why.push_str(&format!("; the pod said: {m}"));
     }
@@ -623,7 +628,7 @@ pub(super) async fn reconcile(
     }
     if p.delete_running {
         tracing::info!("the configmap got an image id; stopping the pod VM image Job");
-        delete_job(ctx, CREATION_JOB).await?;
+        delete_job(ctx, IMAGE_CREATION_JOB).await?;
     }
     if let Some(id) = &p.record {
         record_built(ctx, kc, id).await?;
@@ -642,11 +647,11 @@ pub(super) async fn reconcile(
 /// deleted KataConfig that recorded a built image runs the deletion Job and waits for it.
 /// Returns when to look again, if sooner than usual.
 pub(super) async fn off(ctx: &Ctx) -> Result<Option<Duration>, Error> {
-    if let Some(j) = find_job(ctx, CREATION_JOB)
+    if let Some(j) = find_job(ctx, IMAGE_CREATION_JOB)
         && job_state(&j) != JobState::Complete
         && j.metadata.deletion_timestamp.is_none()
     {
-        delete_job(ctx, CREATION_JOB).await?;
+        delete_job(ctx, IMAGE_CREATION_JOB).await?;
     }
     let mut next = None;
     for kc in ctx.kcs.state() {
@@ -676,10 +681,10 @@ async fn delete_built_image(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duratio
         .ppcs
         .state()
         .into_iter()
-        .find(|p| p.name_any() == crate::api::peerpodconfig::DEFAULT_NAME)
+        .find(|p| p.name_any() == crate::api::names::PEER_POD_CONFIG)
         .map(|p| p.spec.clone())
         .unwrap_or_default();
-    let Some(job) = find_job(ctx, DELETION_JOB) else {
+    let Some(job) = find_job(ctx, IMAGE_DELETION_JOB) else {
         let j = deletion_job(
             &ctx.namespace,
             &ctx.image,
@@ -692,7 +697,9 @@ async fn delete_built_image(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duratio
         uninstall_status(
             ctx,
             kc,
-            format!("deleting the pod VM image sandboxd built ({id}) with Job {DELETION_JOB}"),
+            format!(
+                "deleting the pod VM image sandboxd built ({id}) with Job {IMAGE_DELETION_JOB}"
+            ),
         )
         .await?;
         return Ok(Some(Duration::from_secs(5)));
@@ -710,12 +717,14 @@ async fn delete_built_image(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duratio
         JobState::Complete => (true, format!("deleted the pod VM image {id}")),
         JobState::Failed(why) => (
             false,
-            format!("Job {DELETION_JOB} failed ({why}); delete the pod VM image {id} by hand"),
+            format!(
+                "Job {IMAGE_DELETION_JOB} failed ({why}); delete the pod VM image {id} by hand"
+            ),
         ),
         JobState::Running if age >= ctx.image_job.deletion_timeout => (
             false,
             format!(
-                "Job {DELETION_JOB} did not finish within {}s; delete the pod VM image {id} \
+                "Job {IMAGE_DELETION_JOB} did not finish within {}s; delete the pod VM image {id} \
                  by hand",
                 ctx.image_job.deletion_timeout.as_secs()
             ),
@@ -724,7 +733,9 @@ async fn delete_built_image(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duratio
             uninstall_status(
                 ctx,
                 kc,
-                format!("deleting the pod VM image sandboxd built ({id}) with Job {DELETION_JOB}"),
+                format!(
+                    "deleting the pod VM image sandboxd built ({id}) with Job {IMAGE_DELETION_JOB}"
+                ),
             )
             .await?;
             let left = ctx.image_job.deletion_timeout.saturating_sub(age);
@@ -801,7 +812,7 @@ mod tests {
             .map(|(t, r, m)| json!([{"type": t, "status": "True", "reason": r, "message": m}]))
             .unwrap_or(json!([]));
         serde_json::from_value(json!({
-            "metadata": {"name": CREATION_JOB},
+            "metadata": {"name": IMAGE_CREATION_JOB},
             "status": {"conditions": conds},
         }))
         .unwrap()
@@ -993,7 +1004,7 @@ mod tests {
         let annotated = |ann: &str| -> ConfigMap {
             serde_json::from_value(json!({
                 "metadata": {"name": "peer-pods-cm", "annotations": {
-                    crate::image::publish::ANNOTATION_BUILT_IMAGE_ID: ann,
+                    crate::api::names::ANNOTATION_BUILT_IMAGE_ID: ann,
                 }},
                 "data": {IMAGE_ID_KEY: "/img/1"},
             }))

@@ -22,19 +22,20 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use self::plan::{ConfigInputs, NodeAction, NodeView};
+use super::controller::{Failure, Shared, Watches, reconcile_loop, synced};
 use crate::api::kataconfig::KataConfig;
+use crate::api::names::{CAA_DAEMONSET, PEER_POD_CONFIG, SSH_KEY_SECRET, VM_RESOURCE};
 use crate::api::peerpodconfig::{
-    CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, DEFAULT_NAME, PeerPodConfig,
-    PeerPodConfigSpec, PeerPodConfigStatus, SSH_KEY_SECRET, VM_RESOURCE,
+    CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, PeerPodConfig, PeerPodConfigSpec,
+    PeerPodConfigStatus,
 };
 use crate::k8s::{apply, conditions};
 
@@ -71,7 +72,7 @@ pub enum Error {
         source: kube::Error,
     },
     /// Creating the default PeerPodConfig failed.
-    #[error("creating PeerPodConfig {DEFAULT_NAME}: {0}")]
+    #[error("creating PeerPodConfig {PEER_POD_CONFIG}: {0}")]
     Create(#[source] kube::Error),
     /// Patching a node's status failed.
     #[error("patching the status of node {node}: {source}")]
@@ -120,40 +121,6 @@ struct Ctx {
     cluster: caa::Cluster,
 }
 
-fn spawn_reflector<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    notify: &Arc<Notify>,
-    shutdown: &CancellationToken,
-) -> Store<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
-    crate::operator::kataconfig::spawn_watch(stream, notify.clone(), shutdown.clone());
-    store
-}
-
-/// Nodes as this controller reads them: labels and the VM resource of the status, nothing
-/// else (a full Node with managedFields is kilobytes, times every node of the cluster).
-fn spawn_node_reflector(
-    client: &Client,
-    cfg: watcher::Config,
-    notify: &Arc<Notify>,
-    shutdown: &CancellationToken,
-) -> Store<Node> {
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(Api::<Node>::all(client.clone()), cfg).modify(trim_node),
-    )
-    .default_backoff();
-    crate::operator::kataconfig::spawn_watch(stream, notify.clone(), shutdown.clone());
-    store
-}
-
 /// Drops what [`node_views`] never reads.
 fn trim_node(n: &mut Node) {
     n.managed_fields_mut().clear();
@@ -172,75 +139,37 @@ fn trim_node(n: &mut Node) {
     }
 }
 
-/// Runs `work` with the peer-pods controller beside it (stopped when `work` ends).
-#[allow(clippy::too_many_arguments)] // `run`'s arguments plus `work`
-pub async fn alongside<F, T>(
-    client: Client,
-    namespace: String,
-    image: String,
-    instance: String,
-    webhook: webhook::Settings,
-    image_job: image_job::Settings,
-    shutdown: CancellationToken,
-    work: F,
-) -> T
-where
-    F: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let token = shutdown.child_token();
-    let ctl = tokio::spawn(run(
-        client,
-        namespace,
-        image,
-        instance,
-        webhook,
-        image_job,
-        token.clone(),
-    ));
-    let out = work.await;
-    token.cancel();
-    let _ = ctl.await;
-    out
-}
-
-/// Runs the peer-pods controller until `shutdown`. Errors are retried with backoff, never
-/// returned: peer pods must not stop the KataConfig controller.
+/// Runs the peer-pods controller on `shared` until `shutdown`. Errors are retried with
+/// backoff, never returned: peer pods must not stop the KataConfig controller.
 pub async fn run(
-    client: Client,
-    namespace: String,
-    image: String,
-    instance: String,
+    shared: Shared,
     webhook: webhook::Settings,
     image_job: image_job::Settings,
     shutdown: CancellationToken,
 ) {
-    let notify = Arc::new(Notify::new());
+    let client = &shared.client;
+    let watches = Watches::new(&shutdown);
     let wc = watcher::Config::default();
-    let kcs = spawn_reflector(Api::all(client.clone()), wc.clone(), &notify, &shutdown);
-    let ppcs = spawn_reflector(
-        Api::namespaced(client.clone(), &namespace),
+    let kcs = watches.store(Api::all(client.clone()), wc.clone());
+    let ppcs = watches.store(
+        Api::namespaced(client.clone(), &shared.namespace),
         wc.clone(),
-        &notify,
-        &shutdown,
     );
-    let jobs = spawn_reflector(
-        Api::namespaced(client.clone(), &namespace),
+    let jobs = watches.store(
+        Api::namespaced(client.clone(), &shared.namespace),
         wc.clone().labels(&image_job::watch_selector()),
-        &notify,
-        &shutdown,
     );
-    let nodes = spawn_node_reflector(&client, wc, &notify, &shutdown);
-    for ready in [
-        Box::pin(kcs.wait_until_ready()) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>,
-        Box::pin(ppcs.wait_until_ready()),
-        Box::pin(jobs.wait_until_ready()),
-        Box::pin(nodes.wait_until_ready()),
-    ] {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = ready => if r.is_err() { return },
-        }
+    // Nodes as this controller reads them: labels and the VM resource of the status,
+    // nothing else (a full Node with managedFields is kilobytes, times every node).
+    let nodes = watches.store_trimmed(Api::<Node>::all(client.clone()), wc, trim_node);
+    let first_lists = vec![
+        synced("KataConfig", &kcs),
+        synced("PeerPodConfig", &ppcs),
+        synced("Job", &jobs),
+        synced("Node", &nodes),
+    ];
+    if watches.ready(first_lists).await != Ok(true) {
+        return;
     }
     let cluster = match client.apiserver_version().await {
         Ok(v) => caa::Cluster::from_version(&v.major, &v.minor),
@@ -249,49 +178,29 @@ pub async fn run(
             caa::Cluster::default()
         }
     };
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "sandboxd-operator".into(),
-            instance: Some(instance),
-        },
-    );
     let ctx = Ctx {
-        client,
-        namespace,
-        image,
+        client: shared.client.clone(),
+        namespace: shared.namespace.clone(),
+        image: shared.image.clone(),
+        recorder: shared.recorder(),
         kcs,
         ppcs,
         nodes,
-        recorder,
         webhook: webhook::Rollout::new(webhook),
         jobs,
         image_job,
         cluster,
     };
-    tracing::info!("peer-pods controller started");
-    let mut backoff = Duration::from_millis(500);
-    let mut wait = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = notify.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        match reconcile(&ctx).await {
-            Ok(next) => {
-                backoff = Duration::from_millis(500);
-                wait = next;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "peer-pods reconcile failed; retrying");
-                wait = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
+    let ctx = &ctx;
+    reconcile_loop("peerpods", &watches, || async move {
+        let result = reconcile(ctx).await;
+        super::peer_pod_metrics::GAUGES.reconciled(result.as_ref().err().map(Error::metric_label));
+        result
+    })
+    .await;
 }
+
+impl Failure for Error {}
 
 /// The KataConfig in force: the oldest one, when it is not being deleted.
 fn active_kataconfig(ctx: &Ctx) -> Option<Arc<KataConfig>> {
@@ -345,12 +254,12 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         .await?;
         let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
         if get_daemonset(&dss).await?.is_some() {
-            apply::delete_if_exists(&dss, caa::DAEMONSET).await?;
+            apply::delete_if_exists(&dss, CAA_DAEMONSET).await?;
         }
         // CAA's CA and client certificate go with CAA (the DaemonSet may have gone with
         // its owner already): a later install starts with a new CA.
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-        apply::delete_if_exists(&secrets, crate::caa::relay::DEFAULT_SECRET).await?;
+        apply::delete_if_exists(&secrets, crate::api::names::CAA_TLS_SECRET).await?;
         let webhook_wait = match (&singleton_for, active_kataconfig(ctx)) {
             (Some(name), Some(owner_kc)) => Some(
                 ctx.webhook
@@ -371,6 +280,11 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
                 None
             }
         };
+        // The pods' webhook is not registered now (at most the KataConfig rule's).
+        let gauges = &super::peer_pod_metrics::GAUGES;
+        gauges.set_webhook_fail_closed(false);
+        gauges.set_limit(0);
+        gauges.set_image_ready(false);
         credentials::teardown(ctx).await;
         if ctx
             .kcs
@@ -381,10 +295,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
                 .ppcs
                 .state()
                 .iter()
-                .any(|p| p.name_any() == DEFAULT_NAME)
+                .any(|p| p.name_any() == PEER_POD_CONFIG)
         {
             let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-            apply::delete_if_exists(&api, DEFAULT_NAME).await?;
+            apply::delete_if_exists(&api, PEER_POD_CONFIG).await?;
         }
         let image_wait = image_job::off(ctx).await?;
         let wait = image_wait.unwrap_or(Duration::from_secs(300));
@@ -394,7 +308,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         .ppcs
         .state()
         .into_iter()
-        .find(|p| p.name_any() == DEFAULT_NAME)
+        .find(|p| p.name_any() == PEER_POD_CONFIG)
     {
         Some(p) => p,
         None => {
@@ -418,6 +332,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             let nodes = node_views(ctx);
             let actions = plan::node_actions(&nodes, &ppc.spec.node_selector, Some(limit));
             apply_nodes(ctx, &nodes, &actions).await?;
+            super::peer_pod_metrics::GAUGES.set_limit(limit);
             conditions::new(
                 CONDITION_LIMIT_APPLIED,
                 true,
@@ -452,6 +367,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
     };
     let (image_condition, image_ready) =
         image_job::reconcile(ctx, &kc, &ppc, &inputs, verdict.as_ref().ok()).await?;
+    super::peer_pod_metrics::GAUGES.set_image_ready(image_ready);
     let conds = vec![limit_condition, config_condition, image_condition];
     write_status(ctx, &ppc, conds).await?;
     if verdict.is_ok() && image_ready {
@@ -471,6 +387,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
             },
         )
         .await?;
+    super::peer_pod_metrics::GAUGES.set_webhook_fail_closed(true);
     Ok(CONFIG_RECHECK.min(next))
 }
 
@@ -486,11 +403,11 @@ fn owner(kc: &KataConfig) -> OwnerReference {
 }
 
 async fn get_daemonset(api: &Api<DaemonSet>) -> Result<Option<DaemonSet>, Error> {
-    api.get_opt(caa::DAEMONSET)
+    api.get_opt(CAA_DAEMONSET)
         .await
         .map_err(|source| Error::Read {
             kind: "DaemonSet",
-            name: caa::DAEMONSET.into(),
+            name: CAA_DAEMONSET.into(),
             source,
         })
 }
@@ -523,7 +440,7 @@ async fn ensure_caa(
 }
 
 async fn create_default(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
-    let mut ppc = PeerPodConfig::new(DEFAULT_NAME, PeerPodConfigSpec::default());
+    let mut ppc = PeerPodConfig::new(PEER_POD_CONFIG, PeerPodConfigSpec::default());
     ppc.metadata.namespace = Some(ctx.namespace.clone());
     ppc.metadata.owner_references = Some(vec![owner(kc)]);
     let api: Api<PeerPodConfig> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
@@ -534,7 +451,7 @@ async fn create_default(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
     };
     match api.create(&pp, &ppc).await {
         Ok(_) => {
-            tracing::info!(namespace = %ctx.namespace, "created PeerPodConfig {DEFAULT_NAME}");
+            tracing::info!(namespace = %ctx.namespace, "created PeerPodConfig {PEER_POD_CONFIG}");
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -633,7 +550,7 @@ async fn write_status(ctx: &Ctx, ppc: &PeerPodConfig, new: Vec<Condition>) -> Re
         "kind": PeerPodConfig::kind(&()),
         "status": status,
     });
-    apply::apply_status(&api, DEFAULT_NAME, body).await?;
+    apply::apply_status(&api, PEER_POD_CONFIG, body).await?;
     event_on_change(ctx, ppc, &old, &status).await;
     Ok(())
 }
@@ -673,26 +590,4 @@ async fn event_on_change(
             tracing::debug!(error = %e, "publishing an event");
         }
     }
-}
-
-/// The KataConfig controller with the peer-pods controller beside it (same client, same
-/// namespace, same shutdown).
-pub async fn with_kataconfig(
-    client: Client,
-    opts: super::kataconfig::Options,
-    metrics: Arc<super::metrics::OperatorMetrics>,
-    webhook: webhook::Settings,
-    image_job: image_job::Settings,
-    shutdown: CancellationToken,
-) -> Result<(), super::kataconfig::Error> {
-    let (namespace, image, instance) = (
-        opts.namespace.clone(),
-        opts.image.clone(),
-        opts.instance.clone(),
-    );
-    let kc = super::kataconfig::run(client.clone(), opts, metrics, shutdown.clone());
-    alongside(
-        client, namespace, image, instance, webhook, image_job, shutdown, kc,
-    )
-    .await
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::peerpodconfig::{SSH_KEY_SECRET, SSH_PUBLIC_KEY, VM_RESOURCE};
+use crate::api::names::{SSH_KEY_SECRET, SSH_PUBLIC_KEY, VM_RESOURCE};
 use crate::config::{CloudSecret, Error as ConfigError, PeerPodsConfig, Problem};
 
 /// What the controller knows of one node.

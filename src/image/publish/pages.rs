@@ -1,10 +1,13 @@
-//! What Azure needs of an uploaded disk: a fixed VHD (raw data plus a 512-byte footer)
-//! whose virtual size is a whole number of MiB, and the plan of which byte ranges to send
-//! (the non-zero ones: a page blob reads zeros wherever nothing was written).
+//! What Azure needs of an uploaded disk: a fixed VHD (raw data plus a 512-byte footer,
+//! read with [`vhd`]) whose virtual size is a whole number of MiB, and the plan of which
+//! byte ranges to send (the non-zero ones: a page blob reads zeros wherever nothing was
+//! written).
 
 use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
+
+use crate::image::build::vhd::{self, Footer};
 
 /// The page size of page blobs; every write is aligned to it.
 pub const PAGE: u64 = 512;
@@ -35,114 +38,6 @@ pub enum VhdError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// The fields of a VHD footer that matter here.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Footer {
-    /// Virtual size in bytes (the data before the footer).
-    pub current_size: u64,
-    /// Disk type (2 = fixed).
-    pub disk_type: u32,
-    /// The unique id.
-    pub unique_id: [u8; 16],
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-/// The footer checksum: the one's complement of the byte sum with the checksum field zero.
-pub fn checksum(footer: &[u8; 512]) -> u32 {
-    let sum: u32 = footer
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(64..68).contains(i))
-        .map(|(_, b)| u32::from(*b))
-        .sum();
-    !sum
-}
-
-/// Parses and checks a footer: cookie `conectix`, fixed disk, valid checksum.
-pub fn parse_footer(footer: &[u8; 512]) -> Result<Footer, String> {
-    if &footer[..8] != b"conectix" {
-        return Err("no VHD footer (the last 512 bytes do not start with \"conectix\")".into());
-    }
-    let stored = be32(&footer[64..]);
-    if stored != checksum(footer) {
-        return Err(format!(
-            "the footer checksum is wrong (stored {stored:#010x}, computed {:#010x})",
-            checksum(footer)
-        ));
-    }
-    let disk_type = be32(&footer[60..]);
-    if disk_type != 2 {
-        return Err(format!(
-            "disk type {disk_type} is not 2 (fixed); Azure takes fixed VHDs only"
-        ));
-    }
-    let mut unique_id = [0u8; 16];
-    unique_id.copy_from_slice(&footer[68..84]);
-    Ok(Footer {
-        current_size: be64(&footer[48..]),
-        disk_type,
-        unique_id,
-    })
-}
-
-/// A fixed VHD footer for a disk of `size` bytes (for tests and tools that write VHDs).
-pub fn fixed_footer(size: u64, unique_id: [u8; 16]) -> [u8; 512] {
-    let mut f = [0u8; 512];
-    f[..8].copy_from_slice(b"conectix");
-    f[8..12].copy_from_slice(&2u32.to_be_bytes());
-    f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
-    f[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
-    f[28..32].copy_from_slice(b"sbxd");
-    f[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes());
-    f[36..40].copy_from_slice(b"Wi2k");
-    f[40..48].copy_from_slice(&size.to_be_bytes());
-    f[48..56].copy_from_slice(&size.to_be_bytes());
-    // CHS geometry as the specification computes it.
-    let sectors = (size / 512).min(65535 * 16 * 255);
-    let (c, h, s) = chs(sectors);
-    f[56..58].copy_from_slice(&(c as u16).to_be_bytes());
-    f[58] = h as u8;
-    f[59] = s as u8;
-    f[60..64].copy_from_slice(&2u32.to_be_bytes());
-    f[68..84].copy_from_slice(&unique_id);
-    let sum = checksum(&f);
-    f[64..68].copy_from_slice(&sum.to_be_bytes());
-    f
-}
-
-fn chs(total: u64) -> (u64, u64, u64) {
-    let (mut spt, mut heads, mut cth);
-    if total >= 65535 * 16 * 63 {
-        spt = 255;
-        heads = 16;
-        cth = total / spt;
-    } else {
-        spt = 17;
-        cth = total / spt;
-        heads = cth.div_ceil(1024);
-        if heads < 4 {
-            heads = 4;
-        }
-        if cth >= heads * 1024 || heads > 16 {
-            spt = 31;
-            heads = 16;
-            cth = total / spt;
-        }
-        if cth >= heads * 1024 {
-            spt = 63;
-            heads = 16;
-            cth = total / spt;
-        }
-    }
-    (cth / heads, heads, spt)
 }
 
 /// What the scan of a VHD found.
@@ -189,18 +84,18 @@ pub fn scan(path: &Path) -> Result<Plan, VhdError> {
         use std::os::unix::fs::FileExt;
         file.read_exact_at(&mut tail, size - PAGE).map_err(io)?;
     }
-    let footer = parse_footer(&tail).map_err(invalid)?;
-    if footer.current_size + PAGE != size {
+    let footer = vhd::read_footer(&tail).map_err(invalid)?;
+    if footer.size + PAGE != size {
         return Err(invalid(format!(
             "the footer says {} bytes of data but the file holds {}",
-            footer.current_size,
+            footer.size,
             size - PAGE
         )));
     }
-    if !footer.current_size.is_multiple_of(MIB) {
+    if !footer.size.is_multiple_of(MIB) {
         return Err(invalid(format!(
             "its virtual size {} is not a whole number of MiB, which Azure requires",
-            footer.current_size
+            footer.size
         )));
     }
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
@@ -294,25 +189,9 @@ mod tests {
     fn write_vhd(dir: &Path, data: &[u8]) -> std::path::PathBuf {
         let p = dir.join("d.vhd");
         let mut all = data.to_vec();
-        all.extend_from_slice(&fixed_footer(data.len() as u64, [7; 16]));
+        all.extend_from_slice(&vhd::footer(data.len() as u64, [7; 16], 0));
         std::fs::write(&p, all).unwrap();
         p
-    }
-
-    #[test]
-    fn a_generated_footer_parses_back() {
-        let f = fixed_footer(64 * MIB, [1; 16]);
-        let parsed = parse_footer(&f).unwrap();
-        assert_eq!(parsed.current_size, 64 * MIB);
-        assert_eq!(parsed.disk_type, 2);
-        let mut bad = f;
-        bad[100] ^= 1;
-        assert!(parse_footer(&bad).unwrap_err().contains("checksum"));
-        let mut dynamic = f;
-        dynamic[60..64].copy_from_slice(&3u32.to_be_bytes());
-        let sum = checksum(&dynamic);
-        dynamic[64..68].copy_from_slice(&sum.to_be_bytes());
-        assert!(parse_footer(&dynamic).unwrap_err().contains("fixed"));
     }
 
     #[test]
