@@ -282,6 +282,10 @@ pub async fn with_world(
         }
         Err(e) => Err(anyhow::anyhow!("setting up the peer-pod world: {e:#}")),
     };
+    // A failed run leaves its peer pods: they would (rightly) hold the KataConfig's removal.
+    if let Err(e) = delete_workloads(&client, &env.ns).await {
+        eprintln!("deleting the test's workloads: {e:#}");
+    }
     let cleanup = super::uninstall(&env, node, &client, &original).await;
     open.close().await?;
     let shim_left = node
@@ -297,6 +301,21 @@ pub async fn with_world(
     }
     ensure!(!shim_left, "uninstall left sandboxd's shim on the node");
     Ok(())
+}
+
+/// Deletes the Deployments and pods of `ns` and waits (a while) for the pods to go.
+async fn delete_workloads(client: &Client, ns: &str) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    deployments
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    eventually("the test's pods gone", Duration::from_secs(180), || async {
+        Ok(pods.list(&ListParams::default()).await?.items.is_empty().then_some(()))
+    })
+    .await
 }
 
 /// The guide's steps against the world's ARM test server: sandboxd installed from
@@ -562,7 +581,9 @@ async fn nothing_left(client: &Client, env: &Env, node: &TestNode, world: &World
         },
     )
     .await?;
-    let vm_dir = world.arm.vms.display().to_string();
+    // qemu's command line names files in its VM's directory (the ARM test server's own
+    // names the directory only).
+    let vm_dir = format!("{}/", world.arm.vms.display());
     eventually(
         "no shim or qemu process",
         Duration::from_secs(60),
