@@ -49,7 +49,7 @@ pub struct Flags {
     pub action: Option<String>,
     /// `-v`: print the version.
     pub version: bool,
-    /// `-info`: runtime info (not provided).
+    /// `-info`: containerd's `RuntimeInfo` on stdout.
     pub info: bool,
 }
 
@@ -159,8 +159,13 @@ pub fn run(flags: Flags) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if flags.info {
-        eprintln!("error: -info is not provided by sandboxd shim");
-        return ExitCode::FAILURE;
+        // containerd writes a `RuntimeRequest` on stdin; nothing in it changes the answer.
+        drain_stdin();
+        use std::io::Write;
+        return match std::io::stdout().write_all(&runtime_info()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
     }
     let result = match flags.action.as_deref() {
         Some("start") => start(&flags).map(|addr| {
@@ -179,6 +184,29 @@ pub fn run(flags: Flags) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime name `-info` reports (containerd's shims report `io.containerd.<name>.v2`).
+pub const RUNTIME_NAME: &str = "io.containerd.sandboxd.v2";
+
+/// `-info`'s answer: containerd's `RuntimeInfo` (`api/types/introspection.proto`: 1 `name`,
+/// 2 `version` = `RuntimeVersion{1 version, 2 revision}`), encoded by hand: no options, no
+/// OCI features (the VM's agent, not this shim, runs the containers), no annotations.
+pub fn runtime_info() -> Vec<u8> {
+    let mut version = Vec::new();
+    let mut info = Vec::new();
+    {
+        let mut os = protobuf::CodedOutputStream::vec(&mut version);
+        let _ = os.write_string(1, crate::VERSION);
+        let _ = os.flush();
+    }
+    {
+        let mut os = protobuf::CodedOutputStream::vec(&mut info);
+        let _ = os.write_string(1, RUNTIME_NAME);
+        let _ = os.write_bytes(2, &version);
+        let _ = os.flush();
+    }
+    info
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -398,6 +426,20 @@ mod tests {
         assert_eq!(d.action, None);
         assert_eq!(d.id, "abc");
         assert_eq!(d.socket.as_deref(), Some(Path::new("/run/containerd/s/x")));
+    }
+
+    #[test]
+    fn info_answers_containerds_runtime_info_with_name_and_version() {
+        let b = runtime_info();
+        let mut is = protobuf::CodedInputStream::from_bytes(&b);
+        assert_eq!(is.read_raw_varint32().unwrap(), 1 << 3 | 2);
+        assert_eq!(is.read_string().unwrap(), RUNTIME_NAME);
+        assert_eq!(is.read_raw_varint32().unwrap(), 2 << 3 | 2);
+        let inner = is.read_bytes().unwrap();
+        let mut v = protobuf::CodedInputStream::from_bytes(&inner);
+        assert_eq!(v.read_raw_varint32().unwrap(), 1 << 3 | 2);
+        assert_eq!(v.read_string().unwrap(), crate::VERSION);
+        assert!(is.eof().unwrap());
     }
 
     #[test]
