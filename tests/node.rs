@@ -43,15 +43,11 @@ pub fn cases() -> Vec<Case> {
             "node::bench_pod_start_kata_remote_vs_runc",
             peer_pods::bench_pod_start,
         )
-        .skip_if(
-            skip.clone()
-                .or_else(peer_pods::skip_reason)
-                .or_else(|| {
-                    std::env::var_os("SANDBOXD_BENCH_PODSTART")
-                        .is_none()
-                        .then(|| "a benchmark: make bench-podstart runs it".to_string())
-                }),
-        ),
+        .skip_if(skip.clone().or_else(peer_pods::skip_reason).or_else(|| {
+            std::env::var_os("SANDBOXD_BENCH_PODSTART")
+                .is_none()
+                .then(|| "a benchmark: make bench-podstart runs it".to_string())
+        })),
         Case::node(
             "node::the_image_job_runs_as_a_pod_on_the_node_and_records_the_image_id",
             image_job,

@@ -196,10 +196,7 @@ impl QemuProvider {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
         }
-        let meta = format!(
-            "instance-id: {0}\nlocal-hostname: {0}\n",
-            spec.name
-        );
+        let meta = format!("instance-id: {0}\nlocal-hostname: {0}\n", spec.name);
         let seed = crate::image::build::fat::nocloud_seed(&[
             ("user-data", user_data.as_bytes()),
             ("meta-data", meta.as_bytes()),
@@ -216,17 +213,15 @@ impl QemuProvider {
         let (node_ip, vm_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
         let tap = format!("sbxq{index}");
         let mac = format!("52:54:00:5b:{:02x}:{:02x}", index >> 8, index & 0xff);
-        let log = std::fs::File::create(dir.join("qemu.log"))
-            .map_err(|e| err("creating qemu.log", e))?;
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(|e| err("creating qemu.log", e))?;
         let log2 = log.try_clone().map_err(|e| err("creating qemu.log", e))?;
         let args = self.args(&dir, &tap, &mac);
         // qemu opens the tap in its own namespace: run it in the node's.
         let mut cmd = match node_netns() {
             Some(ns) => {
                 let mut c = tokio::process::Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(QEMU);
+                c.arg(format!("--net={}", ns.display())).arg("--").arg(QEMU);
                 c
             }
             None => tokio::process::Command::new(QEMU),
@@ -286,8 +281,8 @@ impl QemuProvider {
             .await
             .map_err(|e| err("addressing the tap", e))?;
         node.up(link).await.map_err(|e| err("tap up", e))?;
-        let sock = dhcp::server_socket(&tap, node_netns().as_deref())
-            .map_err(|e| err("DHCP", e))?;
+        let sock =
+            dhcp::server_socket(&tap, node_netns().as_deref()).map_err(|e| err("DHCP", e))?;
         let sock = tokio::net::UdpSocket::from_std(sock).map_err(|e| err("DHCP", e))?;
         let grant = dhcp::Grant {
             address: vm_ip,
@@ -299,7 +294,9 @@ impl QemuProvider {
         let name = spec.name.clone();
         let served = tokio::spawn(async move {
             match tokio::time::timeout(DHCP_WINDOW, dhcp::serve(sock, grant)).await {
-                Ok(Ok(())) => tracing::info!(vm = %name, ip = %vm_ip, "DHCP: the VM holds its address"),
+                Ok(Ok(())) => {
+                    tracing::info!(vm = %name, ip = %vm_ip, "DHCP: the VM holds its address")
+                }
                 Ok(Err(e)) => tracing::warn!(vm = %name, error = %e, "DHCP"),
                 Err(_) => tracing::warn!(vm = %name, "DHCP: the VM asked for no address in time"),
             }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::Error;
 use super::config::Config;
-use crate::protocol::hypervisor_ttrpc;
 use crate::api::names::annotations;
+use crate::protocol::hypervisor_ttrpc;
 use crate::protocol::{agent, agent_ttrpc, health, health_ttrpc, hypervisor};
 
 /// A ttrpc context with `timeout` (zero: no deadline, for long polls).

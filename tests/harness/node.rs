@@ -221,7 +221,10 @@ impl TestNode {
     /// The host path of `node_path` as the node sees it (through its namespaces' holder).
     pub fn host_path(&self, node_path: &str) -> Result<PathBuf> {
         let holder = std::fs::read_to_string(self.dir.join(dev::HOLDER_FILE))?;
-        Ok(PathBuf::from(format!("/proc/{}/root{node_path}", holder.trim())))
+        Ok(PathBuf::from(format!(
+            "/proc/{}/root{node_path}",
+            holder.trim()
+        )))
     }
 
     /// The names in a directory as the node sees it.

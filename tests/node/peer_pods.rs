@@ -93,7 +93,10 @@ impl ArmWithVms {
             "arm-qemu-vms",
             Path::new(env!("CARGO_BIN_EXE_sandboxd")),
             &args,
-            &[("SANDBOXD_NODE_NETNS", netns.as_str()), ("RUST_LOG", "info")],
+            &[
+                ("SANDBOXD_NODE_NETNS", netns.as_str()),
+                ("RUST_LOG", "info"),
+            ],
         )?;
         let log = process.log_path().to_path_buf();
         let image_id = eventually("the ARM test server", Duration::from_secs(30), || {
@@ -265,8 +268,8 @@ pub async fn with_world(
             if r.is_err() {
                 eprintln!("ARM test server log:\n{}", w.arm.process.log_tail(30));
                 eprintln!("{}", w.arm.consoles());
-                let cd = std::fs::read_to_string(node.logs().join("containerd.log"))
-                    .unwrap_or_default();
+                let cd =
+                    std::fs::read_to_string(node.logs().join("containerd.log")).unwrap_or_default();
                 let shim: Vec<&str> = cd
                     .lines()
                     .filter(|l| l.contains("sandboxd") || l.contains("shim"))
@@ -313,7 +316,12 @@ async fn delete_workloads(client: &Client, ns: &str) -> Result<()> {
     pods.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
     eventually("the test's pods gone", Duration::from_secs(180), || async {
-        Ok(pods.list(&ListParams::default()).await?.items.is_empty().then_some(()))
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
     })
     .await
 }
@@ -568,7 +576,13 @@ fn processes_with(needle: &str) -> Vec<String> {
 
 /// Deleted peer pods left nothing: no VM in ARM, no qemu VM or process, no PeerPod, no
 /// shim process, no network namespace, socket, bundle or CAA directory beyond `before`.
-async fn nothing_left(client: &Client, env: &Env, node: &TestNode, world: &World, before: &NodeFiles) -> Result<()> {
+async fn nothing_left(
+    client: &Client,
+    env: &Env,
+    node: &TestNode,
+    world: &World,
+    before: &NodeFiles,
+) -> Result<()> {
     let peerpods: Api<sandboxd::api::peerpod::PeerPod> = Api::namespaced(client.clone(), &env.ns);
     eventually(
         "no VM in ARM, no qemu VM, no PeerPod",
@@ -678,7 +692,9 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &env.ns);
     cms.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "app"}, "data": {"greeting": "hello-1"}}))?,
+        &serde_json::from_value(
+            json!({"metadata": {"name": "app"}, "data": {"greeting": "hello-1"}}),
+        )?,
     )
     .await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &env.ns);
@@ -767,7 +783,11 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
         Err(e) => {
             let mut ev = Vec::new();
             for p in &scheduled {
-                ev.extend(pod_events(client, &env.ns, &p.name_any()).await.unwrap_or_default());
+                ev.extend(
+                    pod_events(client, &env.ns, &p.name_any())
+                        .await
+                        .unwrap_or_default(),
+                );
             }
             return Err(e.context(format!("pod events: {ev:#?}")));
         }
@@ -799,13 +819,24 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
         },
     )
     .await?;
-    ensure!(logs.starts_with("started-in-the-pod-vm\n"), "logs: {logs:?}");
+    ensure!(
+        logs.starts_with("started-in-the-pod-vm\n"),
+        "logs: {logs:?}"
+    );
 
     // kubectl exec: with stdin, and with a terminal.
     let (ok, out, err) = kubectl(
         env,
         node,
-        &["exec", "-i", &web, "--", "sh", "-c", "read x; echo got-$x; hostname"],
+        &[
+            "exec",
+            "-i",
+            &web,
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got-$x; hostname",
+        ],
         Some("peer\n"),
     )
     .await?;
@@ -845,8 +876,13 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
         "the ConfigMap change in the pod VM",
         Duration::from_secs(120),
         || async {
-            let (ok, out, _) =
-                kubectl(env, node, &["exec", &web, "--", "cat", "/config/greeting"], None).await?;
+            let (ok, out, _) = kubectl(
+                env,
+                node,
+                &["exec", &web, "--", "cat", "/config/greeting"],
+                None,
+            )
+            .await?;
             Ok((ok && out.trim() == "hello-2").then_some(()))
         },
     )
@@ -922,10 +958,7 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
 }
 
 /// The state of container `name` in `pod`.
-fn container_status(
-    p: &Pod,
-    name: &str,
-) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+fn container_status(p: &Pod, name: &str) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
     p.status
         .as_ref()?
         .container_statuses
@@ -966,8 +999,13 @@ async fn crash_and_oom(
         Duration::from_secs(300),
         || async {
             let p = pods.get("crash").await?;
-            let crash = container_status(&p, "crash")
-                .filter(|c| c.restart_count >= 1 && c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).is_some());
+            let crash = container_status(&p, "crash").filter(|c| {
+                c.restart_count >= 1
+                    && c.last_state
+                        .as_ref()
+                        .and_then(|s| s.terminated.as_ref())
+                        .is_some()
+            });
             let oom = container_status(&p, "oom").filter(|c| {
                 let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
                 let now = c.state.as_ref().and_then(|s| s.terminated.as_ref());
@@ -988,8 +1026,17 @@ async fn crash_and_oom(
         last.exit_code,
         last.reason
     );
-    let (ok, previous, err) = kubectl(env, node, &["logs", "crash", "-c", "crash", "--previous"], None).await?;
-    ensure!(ok && previous.trim() == "crashing", "logs --previous: {previous:?} {err}");
+    let (ok, previous, err) = kubectl(
+        env,
+        node,
+        &["logs", "crash", "-c", "crash", "--previous"],
+        None,
+    )
+    .await?;
+    ensure!(
+        ok && previous.trim() == "crashing",
+        "logs --previous: {previous:?} {err}"
+    );
     let ended = oom
         .last_state
         .and_then(|s| s.terminated)
@@ -1038,8 +1085,10 @@ async fn delete_and_wait(pods: &Api<Pod>, name: &str, world: &World) -> Result<(
         "the pod and its VM gone",
         Duration::from_secs(180),
         || async {
-            Ok((pods.get_opt(name).await?.is_none() && world.arm.qemu_vms().is_empty())
-                .then_some(()))
+            Ok(
+                (pods.get_opt(name).await?.is_none() && world.arm.qemu_vms().is_empty())
+                    .then_some(()),
+            )
         },
     )
     .await
@@ -1051,12 +1100,24 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Seconds of the VM's uptime (its kernel's clock) when its forwarder listened, from the
+/// console of the one qemu VM running.
+fn vm_boot_seconds(world: &World) -> Option<f64> {
+    let vms = world.arm.qemu_vms();
+    let [vm] = vms.as_slice() else {
+        return None;
+    };
+    let console = std::fs::read_to_string(world.arm.vms.join(vm).join("console.log")).ok()?;
+    crate::image::agent_vm::uptime_of(&console, sandboxd::forwarder::init::READY_MARKER)
+}
+
 /// `make bench-podstart`: create → Ready of a `kata-remote` pod (sandboxd shim, CAA, a
 /// qemu pod VM running sandboxd agent, the image pulled in the VM) against the same pod
 /// with runc on the same node, with an image the node has not pulled (uncached: a new
 /// image each run) and then the same image again (cached). `SANDBOXD_BENCH_RUNS` runs
 /// (default 3), alternating runc and kata-remote; each run's numbers, the medians and the
-/// ratios are printed.
+/// ratios are printed, and for kata-remote the VM's own boot (kernel start → forwarder
+/// listening, from its console) and what is left beyond it.
 pub async fn bench_pod_start(env: Env) -> Result<()> {
     with_world(env, |env, node, client, world| {
         Box::pin(async move {
@@ -1070,6 +1131,8 @@ pub async fn bench_pod_start(env: Env) -> Result<()> {
             // (kind, cached) → seconds per run.
             let mut results: std::collections::BTreeMap<(usize, bool), Vec<f64>> =
                 Default::default();
+            // cached → (VM boot, beyond it) per kata-remote run.
+            let mut boots: std::collections::BTreeMap<bool, Vec<(f64, f64)>> = Default::default();
             for run in 0..runs {
                 for (k, kind) in kinds.iter().enumerate() {
                     let tag = format!("{}-{run}", kind.replace('-', ""));
@@ -1093,8 +1156,15 @@ pub async fn bench_pod_start(env: Env) -> Result<()> {
                             json!({"metadata": {"name": name}, "spec": spec}),
                         )?;
                         let secs = time_to_ready(&pods, pod).await?;
+                        let boot = if *kind == "kata-remote" {
+                            let b = vm_boot_seconds(world).context("no VM boot time")?;
+                            boots.entry(cached).or_default().push((b, secs - b));
+                            format!(" (VM kernel → forwarder listening {b:.2} s)")
+                        } else {
+                            String::new()
+                        };
                         eprintln!(
-                            "run {run}: {kind} {}: {secs:.2} s",
+                            "run {run}: {kind} {}: {secs:.2} s{boot}",
                             if cached { "cached" } else { "uncached" }
                         );
                         results.entry((k, cached)).or_default().push(secs);
@@ -1112,6 +1182,22 @@ pub async fn bench_pod_start(env: Env) -> Result<()> {
                     if *cached { "cached" } else { "uncached" },
                     runs.join(", "),
                     median(v)
+                );
+            }
+            for (cached, v) in &boots {
+                let which = if *cached { "cached" } else { "uncached" };
+                let b: Vec<f64> = v.iter().map(|x| x.0).collect();
+                let rest: Vec<f64> = v.iter().map(|x| x.1).collect();
+                let f = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+                println!(
+                    "| kata-remote {which}: the VM's boot (kernel → forwarder listening) | {} | {:.2} |",
+                    f(&b),
+                    median(&b)
+                );
+                println!(
+                    "| kata-remote {which}: beyond that boot | {} | {:.2} |",
+                    f(&rest),
+                    median(&rest)
                 );
             }
             for cached in [false, true] {

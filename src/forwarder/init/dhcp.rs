@@ -301,7 +301,8 @@ pub fn server_socket(iface: &str, netns: Option<&Path>) -> Result<std::net::UdpS
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
         socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(|e| e.to_string())?;
         socket::setsockopt(&fd, sockopt::BindToDevice, &name).map_err(|e| e.to_string())?;
-        socket::bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, 67)).map_err(|e| e.to_string())?;
+        socket::bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, 67))
+            .map_err(|e| e.to_string())?;
         let s = std::net::UdpSocket::from(fd);
         s.set_nonblocking(true).map_err(|e| e.to_string())?;
         Ok(s)
@@ -557,7 +558,10 @@ mod tests {
             MessageType::Request,
             9,
             MAC,
-            vec![(50, back.yiaddr.octets().to_vec()), (54, back.option(54).unwrap().to_vec())],
+            vec![
+                (50, back.yiaddr.octets().to_vec()),
+                (54, back.option(54).unwrap().to_vec()),
+            ],
         );
         let lease = answer(&request, &grant).unwrap().lease().unwrap();
         assert_eq!(lease.address, grant.address);
@@ -566,8 +570,12 @@ mod tests {
         assert_eq!(lease.server, grant.server);
         assert_eq!(lease.lease_seconds, 86400);
         let other = Message::request(MessageType::Request, 9, MAC, vec![(50, vec![10, 0, 0, 9])]);
-        assert_eq!(answer(&other, &grant).unwrap().kind(), Some(MessageType::Nak));
-        let elsewhere = Message::request(MessageType::Request, 9, MAC, vec![(54, vec![1, 2, 3, 4])]);
+        assert_eq!(
+            answer(&other, &grant).unwrap().kind(),
+            Some(MessageType::Nak)
+        );
+        let elsewhere =
+            Message::request(MessageType::Request, 9, MAC, vec![(54, vec![1, 2, 3, 4])]);
         assert!(answer(&elsewhere, &grant).is_none());
         assert!(answer(&offer, &grant).is_none());
     }
