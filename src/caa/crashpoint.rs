@@ -1,11 +1,14 @@
-//! Test-only crash points. With `SANDBOXD_CAA_PAUSE_AT=<step>` CAA logs
-//! `paused at crash point <step>` when it reaches that step boundary and makes no further
-//! progress on that call, so a test can SIGKILL the process exactly there. Compiled in,
-//! inert unless the variable is set (one environment read per process).
+//! Test-only crash points. In a build with the `dev` feature, `SANDBOXD_CAA_PAUSE_AT=<step>`
+//! makes CAA log `paused at crash point <step>` when it reaches that step boundary and make
+//! no further progress on that call, so a test can SIGKILL the process exactly there (one
+//! environment read per process). The shipped binary has no such variable: [`reached`] is
+//! empty there, and no production CAA can be made to hang by its environment.
 
+#[cfg(feature = "dev")]
 use std::sync::OnceLock;
 
 /// The environment variable naming the step to pause at.
+#[cfg(feature = "dev")]
 pub const ENV: &str = "SANDBOXD_CAA_PAUSE_AT";
 
 /// Every step boundary of create (StartVM; CreateVM writes nothing) and delete (StopVM), in
@@ -38,6 +41,7 @@ pub const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
 /// StopVM answered; the background release of the record has not run.
 pub const STOP_ANSWERED: &str = "stop-vm:answered-before-release";
 
+#[cfg(feature = "dev")]
 fn configured() -> Option<&'static str> {
     static AT: OnceLock<Option<String>> = OnceLock::new();
     AT.get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty()))
@@ -45,12 +49,17 @@ fn configured() -> Option<&'static str> {
 }
 
 /// Pauses this call forever when `step` is the configured crash point.
+#[cfg(feature = "dev")]
 pub async fn reached(step: &'static str) {
     if configured() == Some(step) {
         tracing::warn!(step, "paused at crash point {step}");
         std::future::pending::<()>().await;
     }
 }
+
+/// Crash points are not built in: nothing to do.
+#[cfg(not(feature = "dev"))]
+pub async fn reached(_step: &'static str) {}
 
 #[cfg(test)]
 mod tests {
