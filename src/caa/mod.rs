@@ -19,15 +19,15 @@ pub mod relay;
 mod service;
 mod state;
 mod sweep;
-pub mod tunnel;
+pub(crate) mod tunnel;
 mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::Error;
-pub use service::Caa;
+pub(crate) use error::Error;
+pub(crate) use service::Caa;
 
 /// Readiness modes of StartVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -119,10 +119,10 @@ pub struct Args {
 }
 
 /// The port of CAA's `/metrics`: the `metrics` port of the DaemonSet the operator writes.
-pub const METRICS_PORT: u16 = 8092;
+pub(crate) const METRICS_PORT: u16 = 8092;
 /// Where CAA serves its metrics by default (on [`METRICS_PORT`]; a unit test keeps them
 /// equal).
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
+pub(crate) const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
 
 /// Runs `sandboxd caa` until a signal arrives.
 pub async fn run(args: Args) -> anyhow::Result<()> {
