@@ -119,7 +119,11 @@ impl Node {
             Request::Serve(s) => {
                 check_path(pods_dir, &s)?;
                 let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-                if served.get(&s.id) == Some(&s) {
+                // The same socket towards the same VM: its connections stay. (A changed
+                // PROXY_TIMEOUT only bounds new dials; it is not worth cutting them for.)
+                if let Some(old) = served.get(&s.id)
+                    && (&old.path, old.addr, &old.vm) == (&s.path, s.addr, &s.vm)
+                {
                     return Ok(());
                 }
                 let identity = self.identity.clone();
