@@ -97,6 +97,17 @@ impl ShimConn {
         Ok(M::parse_from_bytes(&payload)?)
     }
 
+    /// Fails once the connection closed (kata's shim would now tear the sandbox down).
+    fn alive(&self, during: &str) -> Result<()> {
+        match self.closed.lock().unwrap().clone() {
+            None => Ok(()),
+            Some(why) => anyhow::bail!(
+                "the pod's agent connection closed during {during} ({why}): kata's shim marks \
+                 the sandbox exited and tears the pod down"
+            ),
+        }
+    }
+
     async fn agent<M: Message>(&self, method: &str, req: &impl Message) -> Result<M> {
         self.call(A, method, req).await
     }
@@ -473,6 +484,7 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     let down = t.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.push(("SIGKILL", t, Instant::now(), down));
+    conn.alive("a SIGKILL of CAA")?;
     caa.relay_untouched(env, &relay_uid).await?;
 
     // (b) A rollout to a new image (the operator upgraded), with a pod deleted meanwhile
@@ -510,6 +522,7 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     assert_vm_gone(env, &gone[0], Some(gone_pids[0])).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.push(("rollout to a new image", t, Instant::now(), down));
+    conn.alive("a rollout of CAA to a new image")?;
     caa.relay_untouched(env, &relay_uid).await?;
 
     // (c) A peer-pods-cm change: the operator rolls CAA. A pod deleted meanwhile, with the
@@ -558,6 +571,7 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     assert_vm_gone(env, &gone[1], Some(gone_pids[1])).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.push(("peer-pods-cm rollout", t, Instant::now(), down));
+    conn.alive("a peer-pods-cm rollout of CAA")?;
     caa.relay_untouched(env, &relay_uid).await?;
 
     // The pod's VM and record are the ones it started with.
