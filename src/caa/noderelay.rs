@@ -364,6 +364,9 @@ pub struct Client {
     pki: Pki,
     conn: tokio::sync::Mutex<Option<BufReader<UnixStream>>>,
     desired: Mutex<HashMap<String, Serve>>,
+    /// When connecting last failed: within [`CONNECT_WAIT`] of it, calls try once instead
+    /// of waiting again (a start-up reconcile of many pods with no relay takes one wait).
+    failed_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// How long CAA waits for the node agent relay to accept its control connection.
@@ -377,6 +380,7 @@ impl Client {
             pki,
             conn: tokio::sync::Mutex::new(None),
             desired: Mutex::new(HashMap::new()),
+            failed_at: Mutex::new(None),
         })
     }
 
@@ -422,12 +426,22 @@ impl Client {
     /// A connection that has been given the identity and everything desired.
     async fn connect(&self) -> Result<BufReader<UnixStream>, RelayError> {
         let begun = tokio::time::Instant::now();
+        let recently_failed = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < CONNECT_WAIT);
         let s = loop {
             match UnixStream::connect(&self.path).await {
-                Ok(s) => break s,
-                Err(e) if begun.elapsed() >= CONNECT_WAIT => {
+                Ok(s) => {
+                    *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    break s;
+                }
+                Err(e) if recently_failed || begun.elapsed() >= CONNECT_WAIT => {
+                    *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(tokio::time::Instant::now());
                     return Err(self.err(format!(
-                        "not answering within {} s: {e}",
+                        "not answering within {} s (is its pod running on this node?): {e}",
                         CONNECT_WAIT.as_secs()
                     )));
                 }
@@ -585,6 +599,47 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 
+    /// A hypervisor call made while no CAA serves waits for the next one and gets its
+    /// answer; nothing of the request is lost.
+    #[tokio::test]
+    async fn a_hypervisor_call_made_while_no_caa_serves_reaches_the_next_caa() {
+        use crate::protocol::frame;
+        let dir = tempfile::tempdir().unwrap();
+        let (front, caa) = (dir.path().join("hv.sock"), dir.path().join("caa.sock"));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_front(
+            bind(&front).unwrap(),
+            caa.clone(),
+            Duration::from_secs(30),
+            stop.clone(),
+        ));
+        let mut shim = UnixStream::connect(&front).await.unwrap();
+        let call = frame::Frame {
+            stream_id: 1,
+            kind: frame::TYPE_REQUEST,
+            flags: 0,
+            payload: b"StopVM".to_vec(),
+        };
+        frame::write_frame(&mut shim, &call).await.unwrap();
+        // The next CAA comes up later and answers what it reads.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let l = bind(&caa).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut f = frame::read_frame(&mut s).await.unwrap().unwrap();
+            f.kind = frame::TYPE_RESPONSE;
+            f.payload.extend_from_slice(b" done");
+            frame::write_frame(&mut s, &f).await.unwrap();
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(20), frame::read_frame(&mut shim))
+            .await
+            .expect("the held call was never answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.payload, b"StopVM done");
+        stop.cancel();
+    }
+
     /// CAA's client against the relay's control loop: served sockets survive the client
     /// going away (CAA's restart), a repeated serve keeps them, retain drops the unknown.
     #[tokio::test]
@@ -625,6 +680,21 @@ mod tests {
         bad.path = dir.path().join("elsewhere.sock");
         let e = next.serve(bad).await.unwrap_err().to_string();
         assert!(e.contains("expected"), "{e}");
+        // A relay that is gone: after one failed wait, the next calls fail at once instead
+        // of waiting again each (a reconcile of many pods is not held for minutes).
         stop.cancel();
+        drop(node);
+        let _ = std::fs::remove_file(&control);
+        *next.conn.lock().await = None;
+        *next.failed_at.lock().unwrap() = Some(tokio::time::Instant::now());
+        let e = tokio::time::timeout(CONNECT_WAIT / 2, next.serve(serve(&pods, "d")))
+            .await
+            .expect("a second full wait for a relay that is gone")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(names::RELAY_DAEMONSET) && e.contains("not answering"),
+            "{e}"
+        );
     }
 }
