@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use protobuf::{Message, MessageField};
 use sandboxd::protocol::agent::*;
-use sandboxd::protocol::{frame, oci};
+use sandboxd::protocol::{frame, oci, podvminfo};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -477,11 +477,43 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // (a) SIGKILL of CAA, restarted as the kubelet restarts a crashed container.
+    // (a) SIGKILL of CAA, restarted as the kubelet restarts a crashed container (after a
+    // back-off), with a hypervisor call made meanwhile.
     let mut report = Vec::new();
     let t = Instant::now();
-    caa.crash_and_restart().await?;
+    if let Some(mut c) = caa.container.take() {
+        c.process.signal(nix::sys::signal::Signal::SIGKILL);
+        c.process.stop(Duration::from_secs(5));
+    }
+    let mut info = podvminfo::GetInfoRequest::new();
+    info.PodName = vm.name.clone();
+    info.PodNamespace = env.ns.clone();
+    let (socket, payload) = (caa.socket.clone(), info.write_to_bytes()?);
+    let held = tokio::spawn(async move {
+        ttrpc_wire::call(
+            &socket,
+            "podvminfo.PodVMInfo",
+            "GetInfo",
+            &payload,
+            Some(Duration::from_secs(60)),
+            Duration::from_secs(60),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    caa.restarts += 1;
+    caa.spawn().await?;
     let down = t.elapsed();
+    let answer = held.await??;
+    ensure!(
+        answer.code == 0
+            && !podvminfo::GetInfoResponse::parse_from_bytes(&answer.payload)?
+                .VMID
+                .is_empty(),
+        "GetInfo sent while CAA was down: {} {}",
+        answer.code,
+        answer.message
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.push(("SIGKILL", t, Instant::now(), down));
     conn.alive("a SIGKILL of CAA")?;
