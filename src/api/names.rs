@@ -36,6 +36,9 @@ pub const CAA_DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
 /// The node agent relay DaemonSet: serves the pods' agent sockets and holds the hypervisor
 /// socket across CAA restarts and rollouts (`updateStrategy: OnDelete`).
 pub const RELAY_DAEMONSET: &str = "peerpodconfig-ctrl-caa-relay";
+/// The node agent relay pods' ServiceAccount: no API access (its pods mount no token); it
+/// exists for OpenShift's SecurityContextConstraints.
+pub const RELAY_SERVICE_ACCOUNT: &str = "sandboxd-caa-relay";
 /// The CAA pods' ServiceAccount (RBAC in `deploy/caa/rbac.yaml`).
 pub const CAA_SERVICE_ACCOUNT: &str = "sandboxd-caa";
 /// The Secret holding CAA's CA and client certificate for the mTLS to the pod VMs.

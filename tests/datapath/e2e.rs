@@ -295,6 +295,19 @@ impl CaaProc {
         harness::install_crds(&admin, &crd).await?;
         // The CAA's ServiceAccount and its RBAC as deployed (deploy/caa/rbac.yaml).
         crate::caa::caa_kubeconfig(env, &admin).await?;
+        // Every ServiceAccount deploy/caa/rbac.yaml ships (the node agent relay's too).
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/caa/rbac.yaml"),
+        )?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(admin.clone(), &env.ns);
+        for doc in docs.iter().filter(|d| d["kind"] == "ServiceAccount") {
+            let mut sa: k8s_openapi::api::core::v1::ServiceAccount =
+                serde_json::from_value(doc.clone())?;
+            sa.metadata.namespace = Some(env.ns.clone());
+            let _ = sas.create(&PostParams::default(), &sa).await;
+        }
         let (host, n) = node(env, fx, pods, node_ip).await?;
         let ssa = PatchParams::apply("sandboxd-test").force();
         let secret = |name: &str, data: &[(&str, &str)]| -> Secret {

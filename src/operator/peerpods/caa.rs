@@ -10,7 +10,7 @@ use serde_json::json;
 use super::plan::ConfigInputs;
 use crate::api::names::{
     CAA_DAEMONSET, CAA_SERVICE_ACCOUNT, CAA_SOCKET, LABEL_MANAGED_BY, MANAGED_BY, PEERPOD_DIR,
-    RELAY_CONTROL_SOCKET, RELAY_DAEMONSET, SSH_KEY_SECRET, SSH_PUBLIC_KEY,
+    RELAY_CONTROL_SOCKET, RELAY_DAEMONSET, RELAY_SERVICE_ACCOUNT, SSH_KEY_SECRET, SSH_PUBLIC_KEY,
 };
 
 /// Pod-template annotation: hash of the secret, the configmap and the ssh public key. A real
@@ -98,6 +98,7 @@ pub fn relay_daemonset(
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
+                    "serviceAccountName": RELAY_SERVICE_ACCOUNT,
                     "automountServiceAccountToken": false,
                     "hostNetwork": true,
                     "nodeSelector": node_selector,
@@ -112,6 +113,9 @@ pub fn relay_daemonset(
                             "allowPrivilegeEscalation": false,
                             "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]},
+                            // On SELinux hosts a confined container may not make sockets in
+                            // the host's /run/peerpod that the shim (unconfined) connects to.
+                            "seLinuxOptions": {"type": "spc_t"},
                         },
                         "volumeMounts": [
                             {"name": "pods-dir", "mountPath": PEERPOD_DIR},
