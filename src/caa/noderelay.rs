@@ -145,6 +145,7 @@ impl Node {
             }
             Request::Stop { id } => {
                 self.stop(&id);
+                remove_stale(pods_dir, &id);
                 Ok(())
             }
             Request::Retain { ids } => {
@@ -152,6 +153,14 @@ impl Node {
                     if !ids.contains(&id) {
                         tracing::info!(sandbox = %id, "CAA no longer knows this sandbox; its agent socket goes");
                         self.stop(&id);
+                    }
+                }
+                // Sockets a previous relay left (it was killed) that nobody serves now.
+                let entries = std::fs::read_dir(pods_dir).into_iter().flatten().flatten();
+                for e in entries {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    if !ids.contains(&id) {
+                        remove_stale(pods_dir, &id);
                     }
                 }
                 Ok(())
@@ -166,6 +175,17 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
     }
+}
+
+/// Removes `<pods dir>/<id>/agent.ttrpc` and its directory when they are left over (a
+/// relay before this one was killed with them served).
+fn remove_stale(pods_dir: &Path, id: &str) {
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return;
+    }
+    let dir = pods_dir.join(id);
+    let _ = std::fs::remove_file(dir.join(names::AGENT_SOCKET_FILE));
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// A socket must be `<pods dir>/<id>/agent.ttrpc`.
@@ -670,6 +690,15 @@ mod tests {
         next.retain().await.unwrap();
         assert_eq!(node.sockets.ids(), vec!["a".to_string()]);
         assert!(!serve(&pods, "b").path.exists());
+        // What a killed relay left is cleaned by the next stop or retain.
+        for stale in ["s1", "s2"] {
+            std::fs::create_dir_all(pods.join(stale)).unwrap();
+            std::fs::write(serve(&pods, stale).path, b"").unwrap();
+        }
+        next.stop("s1").await;
+        next.retain().await.unwrap();
+        assert!(!pods.join("s1").exists() && !pods.join("s2").exists());
+        assert!(serve(&pods, "a").path.exists());
         // The connection accepted under the first CAA was not cut by the repeated serve.
         let mut held = held;
         let mut b = [0u8; 1];

@@ -237,6 +237,7 @@ struct CaaProc {
     pods_dir: PathBuf,
     local_dir: PathBuf,
     restarts: u32,
+    relay_restarts: u32,
     // Dropped last: the node's file system.
     host: NodeHost,
 }
@@ -409,6 +410,7 @@ impl CaaProc {
             pods_dir: path("/run/peerpod/pods")?,
             local_dir: path(sandboxd::cloud::local::DEFAULT_DIR)?,
             restarts: 0,
+            relay_restarts: 0,
             launch,
             host,
         };
@@ -430,15 +432,7 @@ impl CaaProc {
     /// Starts the relay (when it is not running) and CAA, and waits for CAA's own socket.
     async fn spawn(&mut self) -> Result<()> {
         if self.relay.is_none() {
-            let binary = image_binary();
-            // hostNetwork: the relay runs in the node's network namespace.
-            self.relay = Some(Container::start_in(
-                &format!("{}-relay", self.name),
-                &self.relay_launch,
-                &binary,
-                &[],
-                Some(&self.node_netns),
-            )?);
+            self.spawn_relay()?;
         }
         self.start_container()?;
         let socket = self.caa_socket.clone();
@@ -453,6 +447,20 @@ impl CaaProc {
         })
         .await;
         r.map_err(|e| anyhow::anyhow!("{e:#}\nCAA log:\n{}", self.log_tail(30)))
+    }
+
+    /// Starts the node agent relay's container (hostNetwork: in the node's network
+    /// namespace).
+    fn spawn_relay(&mut self) -> Result<()> {
+        self.relay_restarts += 1;
+        self.relay = Some(Container::start_in(
+            &format!("{}-relay-{}", self.name, self.relay_restarts),
+            &self.relay_launch,
+            &image_binary(),
+            &[],
+            Some(&self.node_netns),
+        )?);
+        Ok(())
     }
 
     fn log_tail(&self, n: usize) -> String {

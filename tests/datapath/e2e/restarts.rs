@@ -475,11 +475,12 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
             Ok::<_, anyhow::Error>(typed)
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calm = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // (a) SIGKILL of CAA, restarted as the kubelet restarts a crashed container (after a
     // back-off), with a hypervisor call made meanwhile.
-    let mut report = Vec::new();
+    let mut report = vec![("nothing (baseline)", calm, Instant::now(), Duration::ZERO)];
     let t = Instant::now();
     if let Some(mut c) = caa.container.take() {
         c.process.signal(nix::sys::signal::Signal::SIGKILL);
@@ -670,6 +671,29 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     let _: protobuf::well_known_types::empty::Empty = conn
         .agent("DestroySandbox", &DestroySandboxRequest::new())
         .await?;
+    // What the design does not survive: the relay's own end (a crash, a drain) closes the
+    // pod's agent connection, as any CAA restart did before.
+    caa.relay
+        .as_mut()
+        .context("no relay")?
+        .process
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    harness::eventually(
+        "the agent connection closing with the relay",
+        Duration::from_secs(10),
+        || {
+            let conn = conn.clone();
+            async move { Ok(conn.alive("").is_err().then_some(())) }
+        },
+    )
+    .await?;
+    eprintln!(
+        "restarts: a SIGKILL of the node agent relay itself closes the pod's agent connection (not survived, as documented)"
+    );
+    if let Some(mut c) = caa.relay.take() {
+        c.process.stop(Duration::from_secs(5));
+    }
+    caa.spawn_relay()?;
     drop(agent);
     // kata's shim dials the hypervisor socket anew for each call.
     let hv = caa.hypervisor().await?;
