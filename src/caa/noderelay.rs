@@ -52,7 +52,7 @@ pub struct Args {
 
 /// One agent socket, as CAA asks for it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Serve {
+pub(crate) struct Serve {
     /// The sandbox.
     pub id: String,
     /// The socket (under the pods directory).
@@ -69,7 +69,7 @@ pub struct Serve {
 /// [`Answer`] line.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     /// The mTLS client identity new agent connections use from now on.
     Identity {
         /// The identity.
@@ -91,7 +91,7 @@ pub enum Request {
 
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// What failed, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -379,7 +379,7 @@ async fn dial_caa(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
 
 /// CAA's side of the control socket: what it asked to be served is kept, so a relay that
 /// restarted is told again on the next connection.
-pub struct Client {
+pub(crate) struct Client {
     path: PathBuf,
     pki: Pki,
     conn: tokio::sync::Mutex<Option<BufReader<UnixStream>>>,
