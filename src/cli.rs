@@ -27,6 +27,9 @@ pub enum Command {
     Webhook(crate::webhook::Args),
     /// Run the cloud-api-adaptor on a node.
     Caa(crate::caa::Args),
+    /// Run the node agent relay beside CAA: the pods' agent sockets and the hypervisor
+    /// socket, kept open across CAA restarts and rollouts.
+    CaaRelay(crate::caa::noderelay::Args),
     /// Run the agent-protocol forwarder inside a pod VM.
     Forwarder(crate::forwarder::Args),
     /// Run the kata agent API inside a pod VM: sandboxes, containers, images, stdio.

@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(args) => sandboxd::operator::run(args).await,
         Command::Webhook(args) => sandboxd::webhook::run(args).await,
         Command::Caa(args) => sandboxd::caa::run(args).await,
+        Command::CaaRelay(args) => sandboxd::caa::noderelay::run(args).await,
         Command::Forwarder(args) => sandboxd::forwarder::run(args).await,
         Command::Agent(args) => {
             Ok(sandboxd::agent::run(args, sandboxd::shutdown::on_signals()?).await?)

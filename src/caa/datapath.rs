@@ -9,12 +9,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
+use super::noderelay;
 use super::pki::Pki;
 use super::relay::{self, AgentSockets};
 use super::state::{self, Record};
@@ -34,10 +35,18 @@ struct Path_ {
     vni: Option<u32>,
 }
 
+/// Who serves the pods' agent sockets.
+enum Sockets {
+    /// This process (they end with it).
+    InProcess(AgentSockets),
+    /// The node agent relay (they outlive this process).
+    Node(Arc<noderelay::Client>),
+}
+
 /// Data path state of one CAA.
 pub(crate) struct Datapath {
     pki: Pki,
-    sockets: AgentSockets,
+    sockets: Sockets,
     sandboxes: Mutex<HashMap<String, Path_>>,
     vni_lock: tokio::sync::Mutex<()>,
     node_ip: Ipv4Addr,
@@ -50,8 +59,9 @@ fn dp(e: impl std::fmt::Display) -> Error {
 impl Datapath {
     /// Loads (or creates) the CAA certificates from the Secret `CAA_TLS_SECRET` in
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
-    /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]).
-    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr) -> Self {
+    /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]). With `relay` (the
+    /// node agent relay's control socket) the agent sockets are served by it.
+    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr, relay: Option<PathBuf>) -> Self {
         let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| names::DEFAULT_NAMESPACE.into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| names::CAA_TLS_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {
@@ -69,9 +79,21 @@ impl Datapath {
                 Pki::generate().expect("generating certificates")
             }
         };
+        let sockets = match relay {
+            Some(path) => {
+                let c = noderelay::Client::new(path, pki.clone());
+                // A rotated identity reaches the relay; a restarted relay is told again.
+                tokio::spawn(c.clone().keep_fresh(
+                    Duration::from_secs(30),
+                    tokio_util::sync::CancellationToken::new(),
+                ));
+                Sockets::Node(c)
+            }
+            None => Sockets::InProcess(AgentSockets::default()),
+        };
         Self {
             pki,
-            sockets: AgentSockets::default(),
+            sockets,
             sandboxes: Mutex::new(HashMap::new()),
             vni_lock: tokio::sync::Mutex::new(()),
             node_ip,
@@ -238,25 +260,51 @@ impl Datapath {
         tunnel::setup(Path::new(&p.netns), vni, ip, node_ip, caa.config.vxlan_port)
             .await
             .map_err(dp)?;
-        self.serve(caa, r, IpAddr::V4(ip))
+        self.serve(caa, r, IpAddr::V4(ip)).await
     }
 
-    fn serve(&self, caa: &Caa, r: &Record, ip: IpAddr) -> Result<(), Error> {
-        self.sockets
-            .serve(
-                &r.sandbox_id,
-                &socket_path(&caa.args.pods_dir, &r.sandbox_id),
-                self.pki.client_config(),
-                SocketAddr::new(ip, names::FORWARDER_PORT),
-                &r.vm_name,
-                caa.config.proxy_timeout,
-            )
-            .map_err(dp)
+    async fn serve(&self, caa: &Caa, r: &Record, ip: IpAddr) -> Result<(), Error> {
+        let path = socket_path(&caa.args.pods_dir, &r.sandbox_id);
+        let addr = SocketAddr::new(ip, names::FORWARDER_PORT);
+        match &self.sockets {
+            Sockets::InProcess(s) => {
+                let pki = self.pki.clone();
+                s.serve_with(
+                    &r.sandbox_id,
+                    &path,
+                    Arc::new(move || Some(pki.client_config())),
+                    addr,
+                    &r.vm_name,
+                    caa.config.proxy_timeout,
+                )
+            }
+            Sockets::Node(c) => {
+                c.serve(noderelay::Serve {
+                    id: r.sandbox_id.clone(),
+                    path,
+                    addr,
+                    vm: r.vm_name.clone(),
+                    timeout_ms: caa.config.proxy_timeout.as_millis() as u64,
+                })
+                .await
+            }
+        }
+        .map_err(dp)
+    }
+
+    /// After the start-up reconcile: the node agent relay stops serving sandboxes this CAA
+    /// does not know (their VMs went while no CAA ran).
+    pub(crate) async fn retain(&self) {
+        if let Sockets::Node(c) = &self.sockets
+            && let Err(e) = c.retain().await
+        {
+            tracing::warn!(error = %e, "telling the node agent relay which sandboxes remain");
+        }
     }
 
     /// After a CAA restart: serves the agent socket of a running VM again (the tunnel lives
     /// in the kernel and stayed).
-    pub(crate) fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
+    pub(crate) async fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
         let netns = pp
             .metadata
             .annotations
@@ -273,7 +321,7 @@ impl Datapath {
             },
         );
         if let Some(ip) = status.vm_ip.and_then(|s| s.parse().ok())
-            && let Err(e) = self.serve(caa, r, ip)
+            && let Err(e) = self.serve(caa, r, ip).await
         {
             tracing::warn!(vm = %r.vm_name, error = %e, "could not serve the agent socket again");
         }
@@ -282,7 +330,10 @@ impl Datapath {
     /// Before the VM is deleted: stops the agent socket and removes the worker end of the
     /// tunnel.
     pub(crate) async fn stop(&self, r: &Record) {
-        self.sockets.stop(&r.sandbox_id);
+        match &self.sockets {
+            Sockets::InProcess(s) => s.stop(&r.sandbox_id),
+            Sockets::Node(c) => c.stop(&r.sandbox_id).await,
+        }
         let p = self
             .sandboxes
             .lock()

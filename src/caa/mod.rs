@@ -13,6 +13,7 @@ pub mod crashpoint;
 mod datapath;
 mod error;
 mod metrics;
+pub mod noderelay;
 pub mod pki;
 mod pods;
 pub mod relay;
@@ -49,6 +50,11 @@ pub struct Args {
     /// Unix socket of the remote hypervisor service.
     #[arg(long, env = "CAA_SOCKET", default_value = crate::api::names::HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
+    /// The node agent relay's control socket (`sandboxd caa-relay`, its own DaemonSet):
+    /// when set, the relay serves the pods' agent sockets and the hypervisor socket in
+    /// front of `--socket`, so they outlive this process; unset, CAA serves them itself.
+    #[arg(long, env = "CAA_RELAY_SOCKET")]
+    pub relay_socket: Option<PathBuf>,
     /// Directory of per-pod agent sockets.
     #[arg(long, env = "CAA_PODS_DIR", default_value = crate::api::names::PODS_DIR)]
     pub pods_dir: PathBuf,

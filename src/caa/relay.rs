@@ -232,7 +232,11 @@ struct Served {
     path: PathBuf,
 }
 
-/// The agent sockets CAA serves.
+/// Where each new connection takes its TLS client configuration from (the identity may
+/// rotate while a socket is served).
+pub type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+
+/// The agent sockets CAA (or the node agent relay) serves.
 #[derive(Default)]
 pub struct AgentSockets {
     served: Mutex<HashMap<String, Served>>,
@@ -245,6 +249,36 @@ impl AgentSockets {
         id: &str,
         path: &Path,
         cfg: Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+        vm_name: &str,
+        timeout: Duration,
+    ) -> Result<(), RelayError> {
+        self.serve_with(
+            id,
+            path,
+            Arc::new(move || Some(cfg.clone())),
+            addr,
+            vm_name,
+            timeout,
+        )
+    }
+
+    /// The sandboxes served.
+    pub fn ids(&self) -> Vec<String> {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// [`AgentSockets::serve`] with the client configuration read per connection.
+    pub fn serve_with(
+        &self,
+        id: &str,
+        path: &Path,
+        cfg: ClientSource,
         addr: SocketAddr,
         vm_name: &str,
         timeout: Duration,
@@ -277,6 +311,11 @@ impl AgentSockets {
                 tokio::spawn(async move {
                     let metrics = &super::metrics::METRICS;
                     let _active = metrics.relay_started();
+                    let Some(cfg) = cfg() else {
+                        metrics.relay_error();
+                        tracing::warn!(vm = %vm, "agent connection dropped: no client identity yet");
+                        return;
+                    };
                     let upstream = match dial(&cfg, addr, &vm, timeout).await {
                         Ok(u) => u,
                         Err(e) => {

@@ -76,7 +76,8 @@ impl Caa {
             .await
             .map_err(Error::Tunnel)?;
         let sizes = provider.sizes(&names).await?;
-        let datapath = super::datapath::Datapath::new(&client, node_ip).await;
+        let datapath =
+            super::datapath::Datapath::new(&client, node_ip, args.relay_socket.clone()).await;
         let writer = Writer::start(client.clone());
         let pods = super::pods::NodePods::watch(&client, &args.node_name);
         let caa = Arc::new(Self {
@@ -98,6 +99,7 @@ impl Caa {
             datapath,
         });
         caa.reconcile().await?;
+        caa.datapath.retain().await;
         Ok(caa)
     }
 
@@ -663,7 +665,7 @@ impl Caa {
             };
             if alive {
                 self.repair(&r, &mut p).await;
-                self.datapath.resume(self, &r, &p);
+                self.datapath.resume(self, &r, &p).await;
                 self.sandboxes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

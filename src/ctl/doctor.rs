@@ -20,7 +20,8 @@ use super::azure_arm::{self, Azure, Direction, EndpointArgs};
 use super::azure_nsg::{self, Flow, Prefix, Protocol, Verdict};
 use super::{Ctx, Output};
 use crate::api::names::{
-    CAA_DAEMONSET, CLOUD_SECRET, CONFIG_MAP, FORWARDER_PORT, LABEL_KATA, RUNTIME_CLASS, VM_RESOURCE,
+    CAA_DAEMONSET, CLOUD_SECRET, CONFIG_MAP, FORWARDER_PORT, LABEL_KATA, RELAY_DAEMONSET,
+    RUNTIME_CLASS, VM_RESOURCE,
 };
 use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
@@ -494,32 +495,12 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
         }
         Ok(Some(d)) => d,
     };
-    let selector = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pods = match pods.list(&ListParams::default().labels(&selector)).await {
-        Ok(l) => l.items,
+    let (selector, pods) = match ds_pods(client, ns, &ds).await {
+        Ok(x) => x,
         Err(e) => return vec![kube_err("caa", "CAA pods", e)],
     };
-    let ready_on = |node: &str| {
-        pods.iter().any(|p| {
-            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-    };
-    let mut out = Vec::new();
+    let ready_on = |node: &str| ready_on(&pods, node);
+    let mut out = check_relay(client, ns, &ds, nodes).await;
     let mut fine = Vec::new();
     for n in nodes {
         if ready_on(n) {
@@ -534,7 +515,7 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
             ));
         }
     }
-    if out.is_empty() {
+    if out.iter().all(|f| f.status == Status::Ok) {
         out.push(ok(
             "caa",
             if fine.is_empty() {
@@ -545,6 +526,92 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
         ));
     }
     out
+}
+
+/// The label selector of DaemonSet `ds` and its pods.
+async fn ds_pods(
+    client: &Client,
+    ns: &str,
+    ds: &DaemonSet,
+) -> Result<(String, Vec<Pod>), kube::Error> {
+    let selector = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok((selector, pods.items))
+}
+
+/// Whether one of `pods` on `node` is Ready.
+fn ready_on(pods: &[Pod], node: &str) -> bool {
+    pods.iter().any(|p| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
+/// When CAA serves behind the node agent relay (`CAA_RELAY_SOCKET` in its template): the
+/// relay's DaemonSet and a ready relay pod on every peer-pod node. Only failures are
+/// returned.
+async fn check_relay(client: &Client, ns: &str, caa: &DaemonSet, nodes: &[String]) -> Vec<Finding> {
+    let behind_relay = caa
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|p| {
+            p.containers
+                .iter()
+                .any(|c| c.env.iter().flatten().any(|e| e.name == "CAA_RELAY_SOCKET"))
+        });
+    if !behind_relay {
+        return Vec::new();
+    }
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+    let relay = match api.get_opt(RELAY_DAEMONSET).await {
+        Err(e) => return vec![kube_err("caa", "the node agent relay DaemonSet", e)],
+        Ok(None) => {
+            return vec![fail(
+                "caa",
+                format!(
+                    "node agent relay DaemonSet {RELAY_DAEMONSET} missing in namespace {ns}: \
+                     CAA serves behind it, so no peer pod can start"
+                ),
+                "the operator creates it with CAA's; check the operator's log",
+            )];
+        }
+        Ok(Some(d)) => d,
+    };
+    let (selector, pods) = match ds_pods(client, ns, &relay).await {
+        Ok(x) => x,
+        Err(e) => return vec![kube_err("caa", "node agent relay pods", e)],
+    };
+    nodes
+        .iter()
+        .filter(|n| !ready_on(&pods, n))
+        .map(|n| {
+            fail(
+                "caa",
+                format!(
+                    "no ready node agent relay pod on node {n}: peer pods there cannot start \
+                     (their agent sockets and the hypervisor socket are the relay's)"
+                ),
+                format!(
+                    "kubectl -n {ns} get pods -l {selector} -o wide; kubectl -n {ns} logs ds/{RELAY_DAEMONSET}"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// The ARM checks: the subnet exists, each NSG in the path allows VXLAN both ways and the

@@ -669,15 +669,15 @@ mod tests {
         );
         assert_eq!(labels(&o)["openshift.io/cluster-monitoring"], "true");
         assert!(labels(&v).get("openshift.io/cluster-monitoring").is_none());
-        // Everything else is the same, but OpenShift's CAA may use the privileged SCC.
-        assert_eq!(v.len() + 2, o.len());
-        let scc = find(&o, "ClusterRole", "sandboxd-caa-scc");
-        assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
-        assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
-        assert!(
-            v.iter()
-                .all(|d| d["metadata"]["name"] != "sandboxd-caa-scc")
-        );
+        // Everything else is the same, but OpenShift's CAA and node agent relay may use the
+        // privileged SCC.
+        assert_eq!(v.len() + 4, o.len());
+        for name in ["sandboxd-caa-scc", "sandboxd-caa-relay-scc"] {
+            let scc = find(&o, "ClusterRole", name);
+            assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
+            assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
+            assert!(v.iter().all(|d| d["metadata"]["name"] != name));
+        }
     }
 
     #[test]

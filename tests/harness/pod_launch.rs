@@ -777,6 +777,18 @@ impl Container {
         binary: &Path,
         extra: &[(&str, String)],
     ) -> Result<Self> {
+        Self::start_in(name, launch, binary, extra, None)
+    }
+
+    /// [`Container::start`] in the network namespace at `netns` (a `hostNetwork` pod on a
+    /// node whose network is a namespace: the node's).
+    pub fn start_in(
+        name: &str,
+        launch: &Launch,
+        binary: &Path,
+        extra: &[(&str, String)],
+        netns: Option<&Path>,
+    ) -> Result<Self> {
         let root = run_dir().join(format!("{name}.root"));
         std::fs::create_dir_all(&root)?;
         let r = quote(&root.display().to_string());
@@ -868,19 +880,24 @@ impl Container {
         ));
         let script = root.with_extension("sh");
         std::fs::write(&script, &s)?;
-        let process = Process::start(
-            name,
-            Path::new(&tool("unshare")?),
-            &[
-                "--mount".into(),
-                "--propagation".into(),
-                "slave".into(),
-                "--".into(),
-                tool("sh")?,
-                script.display().to_string(),
-            ],
-            &[],
-        )?;
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = netns {
+            argv.extend([format!("--net={}", ns.display()), tool("unshare")?]);
+        }
+        argv.extend([
+            "--mount".into(),
+            "--propagation".into(),
+            "slave".into(),
+            "--".into(),
+            tool("sh")?,
+            script.display().to_string(),
+        ]);
+        let launcher = if netns.is_some() {
+            "nsenter"
+        } else {
+            "unshare"
+        };
+        let process = Process::start(name, Path::new(&tool(launcher)?), &argv, &[])?;
         Ok(Self { process })
     }
 }
