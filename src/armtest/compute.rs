@@ -596,7 +596,15 @@ fn put_vm(
     }
     let location = req["location"].as_str().unwrap_or_default().to_string();
     let nic_cfg = &props["networkProfile"]["networkInterfaceConfigurations"][0];
-    let nic_name = nic_cfg["name"].as_str().unwrap_or_default().to_string();
+    // ARM does not promise the name of a NIC it creates from a NIC configuration (the
+    // spec's create example answers `toBeCreatedNetworkInterface`): the VM's
+    // `networkProfile.networkInterfaces` is the only way to it. A suffix nobody can
+    // guess keeps clients honest.
+    let nic_name = format!(
+        "{}-{}",
+        nic_cfg["name"].as_str().unwrap_or_default(),
+        &g.next_id()[..8]
+    );
     let nic_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{nic_name}",
         segs[1], segs[3]

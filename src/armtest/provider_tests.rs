@@ -269,6 +269,28 @@ async fn create_sends_the_documented_body_and_returns_the_nic_ip() {
 }
 
 #[tokio::test]
+async fn the_nic_ip_is_found_through_the_vm_whatever_arm_named_the_nic() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let name = "podvm-nic-00000001";
+    let vm = p.create(&f.spec(name, "Standard_D4as_v5")).await.unwrap();
+    let nics: Vec<String> = f
+        .handle
+        .resource_ids()
+        .into_iter()
+        .filter(|id| id.contains("/networkinterfaces/"))
+        .collect();
+    assert_eq!(nics.len(), 1, "{nics:?}");
+    assert!(
+        !nics[0].ends_with(&format!("/{name}-nic")),
+        "the server names NICs as ARM may, not after the VM: {nics:?}"
+    );
+    assert_eq!(vm.private_ip.unwrap().to_string(), "10.0.1.4");
+    let got = p.get(name).await.unwrap().unwrap();
+    assert_eq!(got.private_ip, vm.private_ip);
+}
+
+#[tokio::test]
 async fn confidential_vms_carry_the_cvm_profile_and_need_a_cvm_size() {
     let f = Fixture::start(armtest::Config::default()).await;
     let p = f.provider(true, "s");

@@ -119,8 +119,8 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
     vm
 }
 
-/// The name of a pod VM's NIC: ARM names the NIC it creates after the VM's NIC
-/// configuration, so the provider finds it without reading the VM.
+/// The name of a pod VM's NIC configuration. ARM names the NIC it creates from it as it
+/// likes: the NIC is found through the VM's `networkProfile.networkInterfaces`.
 pub fn nic_name(vm: &str) -> String {
     format!("{vm}-nic")
 }

@@ -178,17 +178,22 @@ impl AzureProvider {
     async fn vm_of(&self, v: compute::models::VirtualMachine) -> Result<Vm, Error> {
         let mut vm = vm_without_ip(&v);
         if vm.state == VmState::Succeeded
-            && let Some(nic) = v
-                .properties
-                .as_ref()
-                .and_then(|p| p.network_profile.as_ref())
-                .and_then(|n| n.network_interfaces.first())
-                .and_then(|n| n.sub_resource.id.clone())
+            && let Some(nic) = primary_nic(&v)
         {
             vm.private_ip = self.arm.nic_private_ip(&nic).await?;
         }
         Ok(vm)
     }
+}
+
+/// The id of a VM's primary NIC, from its `networkProfile.networkInterfaces` (ARM does not
+/// promise the name of a NIC it creates from a NIC configuration).
+fn primary_nic(v: &compute::models::VirtualMachine) -> Option<String> {
+    let nics = &v.properties.as_ref()?.network_profile.as_ref()?.network_interfaces;
+    nics.iter()
+        .find(|n| n.properties.as_ref().and_then(|p| p.primary) == Some(true))
+        .or(nics.first())
+        .and_then(|n| n.sub_resource.id.clone())
 }
 
 /// A VM as ARM describes it, without its private IP (its NIC's, another read).
@@ -330,14 +335,22 @@ impl Provider for AzureProvider {
                 }
             }
         }
-        // The operation succeeded, so the VM is provisioned; its NIC carries the name the
-        // create gave it, so its IP is one read away (no GET of the VM first).
-        let nic = format!(
-            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{}",
-            self.subscription,
-            self.config.resource_group,
-            body::nic_name(&spec.name)
-        );
+        // The operation succeeded, so the VM is provisioned. Its NIC is named by ARM: the
+        // create's answer names it; an answer that did not costs one read of the VM.
+        let nic = match primary_nic(&vm) {
+            Some(nic) => nic,
+            None => {
+                let v = self
+                    .client
+                    .virtual_machines_client()
+                    .get(&self.config.resource_group, &spec.name, &self.subscription)
+                    .await
+                    .map_err(map_error)?;
+                primary_nic(&v).ok_or_else(|| {
+                    Error::Transient(format!("VM {} has no network interface yet", spec.name))
+                })?
+            }
+        };
         let private_ip = self.arm.nic_private_ip(&nic).await?;
         let Some(private_ip) = private_ip else {
             return Err(Error::Transient(format!(
