@@ -71,6 +71,29 @@ pub struct Config {
     pub local_vms: Option<LocalVms>,
     /// Storage accounts' Blob service (see [`StorageConfig`]).
     pub storage: StorageConfig,
+    /// Lifetime of the access tokens the token endpoints issue; ARM refuses a token after
+    /// it (`ExpiredAuthenticationToken`). Entra ID's are about an hour.
+    pub token_lifetime: Duration,
+    /// The managed identities of "the VM" whose IMDS this server plays.
+    pub managed_identities: ManagedIdentities,
+}
+
+/// The managed identities IMDS can give tokens for.
+#[derive(Clone, Debug)]
+pub struct ManagedIdentities {
+    /// Whether the VM has a system-assigned identity.
+    pub system_assigned: bool,
+    /// Client ids of its user-assigned identities.
+    pub user_assigned: Vec<String>,
+}
+
+impl Default for ManagedIdentities {
+    fn default() -> Self {
+        Self {
+            system_assigned: true,
+            user_assigned: Vec::new(),
+        }
+    }
 }
 
 /// Where and how the server runs local pod VMs (see [`Config::local_vms`]).
@@ -111,6 +134,8 @@ impl Default for Config {
             core_quota: None,
             local_vms: None,
             storage: StorageConfig::default(),
+            token_lifetime: Duration::from_secs(3599),
+            managed_identities: ManagedIdentities::default(),
         }
     }
 }
@@ -135,6 +160,17 @@ impl Handle {
     /// The `scope` of every token request, in order (the audience tokens were asked for).
     pub fn token_scopes(&self) -> Vec<String> {
         self.store.token_scopes()
+    }
+
+    /// Who each issued token was for, in order: `app:{client id}` (client credentials),
+    /// `msi:system` or `msi:{client id}` (managed identity).
+    pub fn token_subjects(&self) -> Vec<String> {
+        self.store.token_subjects()
+    }
+
+    /// Every federated assertion presented to the token endpoint, in order.
+    pub fn assertions(&self) -> Vec<String> {
+        self.store.assertions()
     }
 
     /// Every bearer token the token endpoint issued (tests look for them in logs).
@@ -401,24 +437,44 @@ async fn handle(
         .split('/')
         .map(str::to_string)
         .collect();
-    // Token endpoint: POST /{tenant}/oauth2/v2.0/token
-    if segs.len() == 4 && segs[1] == "oauth2" && segs[3] == "token" && method == Method::POST {
-        return (store.token(&segs[0], &body), None);
-    }
-    if !store.authorized(headers) {
-        return (
-            arm_error(
-                StatusCode::UNAUTHORIZED,
-                "AuthenticationFailed",
-                "missing or invalid bearer token",
-            ),
-            None,
-        );
-    }
     let query: Vec<(String, String)> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
+    // Token endpoints: Entra ID's `POST /{tenant}/oauth2/v2.0/token` and IMDS's
+    // `GET /metadata/identity/oauth2/token`; injected faults apply to them too.
+    let entra =
+        segs.len() == 4 && segs[1] == "oauth2" && segs[3] == "token" && method == Method::POST;
+    let imds = path.eq_ignore_ascii_case(crate::cloud::azure::identity::IMDS_TOKEN_PATH)
+        && method == Method::GET;
+    if entra || imds {
+        let fault = store.take_fault(method, path);
+        let label = fault.as_ref().map(FaultKind::label);
+        match fault {
+            Some(FaultKind::Status { status, code, .. }) => {
+                let resp = (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    axum::Json(json!({"error": code, "error_description": "injected fault"})),
+                )
+                    .into_response();
+                return (resp, label);
+            }
+            Some(FaultKind::Drop { .. }) => return (dropped(), label),
+            Some(FaultKind::Delay { millis }) => {
+                tokio::time::sleep(Duration::from_millis(millis)).await
+            }
+            _ => {}
+        }
+        let resp = if entra {
+            store.token(&segs[0], &body)
+        } else {
+            store.imds_token(headers, &query.iter().cloned().collect())
+        };
+        return (resp, label);
+    }
+    if let Err(refused) = store.authorized(headers) {
+        return (refused, None);
+    }
     let api_version = query
         .iter()
         .find(|(k, _)| k == "api-version")

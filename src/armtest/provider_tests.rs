@@ -89,6 +89,17 @@ impl Fixture {
     }
 
     fn provider(&self, cvm: bool, secret: &str) -> AzureProvider {
+        self.provider_as(
+            cvm,
+            &AzureCredentials::ClientSecret {
+                tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+                client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
+                client_secret: SecretString::new(secret),
+            },
+        )
+    }
+
+    fn provider_as(&self, cvm: bool, credentials: &AzureCredentials) -> AzureProvider {
         let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
         let cfg = AzureConfig {
             instance_size: "Standard_DC2as_v5".into(),
@@ -117,11 +128,7 @@ impl Fixture {
         );
         AzureProvider::new(
             SUB,
-            &AzureCredentials::ClientSecret {
-                tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
-                client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
-                client_secret: SecretString::new(secret),
-            },
+            credentials,
             cfg,
             endpoints,
             Manners {
@@ -632,5 +639,172 @@ async fn a_sovereign_cloud_setting_asks_tokens_for_that_clouds_arm_audience() {
     assert_eq!(
         f.handle.token_scopes().last().map(String::as_str),
         Some("https://management.core.usgovcloudapi.net/.default")
+    );
+}
+
+/// A projected service account token (a JWT) that expires `secs` from now.
+fn federated_token(secs: u64, n: u32) -> String {
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs;
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(json!({"alg": "RS256", "kid": "k"})),
+        b64(
+            json!({"aud": ["api://AzureADTokenExchange"], "exp": exp, "iss": "https://oidc.example",
+                   "sub": "system:serviceaccount:openshift-sandboxed-containers-operator:cloud-api-adaptor",
+                   "jti": n})
+        )
+    )
+}
+
+fn workload_identity(file: &std::path::Path) -> AzureCredentials {
+    AzureCredentials::WorkloadIdentity {
+        tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+        client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
+        token_file: file.to_path_buf(),
+    }
+}
+
+/// The kubelet rotates the projected token in place; Entra ID refuses an expired assertion
+/// and ARM an expired access token. With one-second access tokens and a first assertion that
+/// expires, the provider keeps working only by reading the file again for each exchange.
+#[tokio::test]
+async fn workload_identity_reads_the_rotated_token_file_for_every_exchange() {
+    let f = Fixture::start(armtest::Config {
+        token_lifetime: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    let first = federated_token(2, 1);
+    std::fs::write(&file, &first).unwrap();
+    let p = f.provider_as(false, &workload_identity(&file));
+    let size = ["Standard_D4as_v5".to_string()];
+    p.sizes(&size).await.unwrap();
+    // The first assertion and the access token expire; the kubelet writes a new token.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second = federated_token(3600, 2);
+    std::fs::write(&file, &second).unwrap();
+    p.sizes(&size).await.unwrap();
+    let seen = f.handle.assertions();
+    assert_eq!(seen.first(), Some(&first));
+    assert_eq!(seen.last(), Some(&second), "the rotated token was not read");
+    assert!(
+        f.handle
+            .token_subjects()
+            .iter()
+            .any(|s| s == "app:0a1b2c3d-0000-4000-8000-00000000000c")
+    );
+}
+
+/// Transient identity-endpoint failures (5xx, a dropped connection) are retried like ARM's
+/// calls; an answer that cannot change (an expired assertion, 400) is final at once.
+#[tokio::test]
+async fn identity_endpoint_failures_are_retried_unless_permanent() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, federated_token(3600, 1)).unwrap();
+    let token_path = "/oauth2/v2.0/token";
+    f.handle.inject(Fault::new(
+        "POST",
+        token_path,
+        2,
+        FaultKind::Status {
+            status: 503,
+            code: "temporarily_unavailable".into(),
+            retry_after_secs: None,
+            retry_after_ms: None,
+        },
+    ));
+    f.handle.inject(Fault::new(
+        "POST",
+        token_path,
+        1,
+        FaultKind::Drop { apply: false },
+    ));
+    let p = f.provider_as(false, &workload_identity(&file));
+    p.sizes(&["Standard_D4as_v5".to_string()]).await.unwrap();
+    let tries = |f: &Fixture| {
+        f.handle
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with(token_path))
+            .count()
+    };
+    // The fixture's own token, three failures, the success.
+    assert_eq!(tries(&f), 5);
+
+    // An expired assertion: one try, a permanent error naming Entra ID's answer.
+    std::fs::write(&file, federated_token(0, 2)).unwrap();
+    let before = tries(&f);
+    let p = f.provider_as(false, &workload_identity(&file));
+    let err = p.get("x").await.unwrap_err();
+    assert!(matches!(err, Error::Permanent(_)), "{err}");
+    assert!(err.to_string().contains("AADSTS700024"), "{err}");
+    assert_eq!(tries(&f), before + 1);
+}
+
+/// Nodes with only user-assigned identities (the common AKS/ARO case): `AZURE_CLIENT_ID`
+/// picks one through IMDS; without it IMDS cannot choose and says so.
+#[tokio::test]
+async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
+    let ua = [
+        "5b0c7a59-0000-4000-8000-0000000000a1",
+        "5b0c7a59-0000-4000-8000-0000000000a2",
+    ];
+    let f = Fixture::start(armtest::Config {
+        managed_identities: armtest::ManagedIdentities {
+            system_assigned: false,
+            user_assigned: ua.iter().map(|s| s.to_string()).collect(),
+        },
+        ..Default::default()
+    })
+    .await;
+    f.handle.inject(Fault::new(
+        "GET",
+        "/metadata/identity",
+        1,
+        FaultKind::Status {
+            status: 500,
+            code: "unknown_error".into(),
+            retry_after_secs: None,
+            retry_after_ms: None,
+        },
+    ));
+    let p = f.provider_as(
+        false,
+        &AzureCredentials::ManagedIdentity {
+            client_id: Some(ua[1].to_string()),
+        },
+    );
+    p.sizes(&["Standard_D4as_v5".to_string()]).await.unwrap();
+    assert_eq!(
+        f.handle.token_subjects().last().map(String::as_str),
+        Some(format!("msi:{}", ua[1]).as_str())
+    );
+    assert_eq!(
+        f.handle.token_scopes().last().map(String::as_str),
+        Some("https://management.azure.com/.default"),
+        "IMDS is asked for the cloud's ARM audience as its resource"
+    );
+
+    let p = f.provider_as(
+        false,
+        &AzureCredentials::ManagedIdentity { client_id: None },
+    );
+    let err = p.get("x").await.unwrap_err();
+    assert!(matches!(err, Error::Permanent(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Multiple user assigned identities"),
+        "{err}"
     );
 }

@@ -17,6 +17,7 @@ use azure_core::{
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use serde_json::Value;
 
+use super::identity::Credential;
 use super::policy::{ArmPolicy, Counters, Manners, retry_after};
 use super::{AzureCredentials, Endpoints};
 use crate::cloud::Error;
@@ -175,52 +176,6 @@ pub fn is_quota_code(code: &str, message: &str) -> bool {
     ) || (code == "OperationNotAllowed" && message.to_ascii_lowercase().contains("quota"))
 }
 
-/// The token credential `credentials` describe, asking `endpoints.authority` for tokens.
-fn credential(
-    credentials: &AzureCredentials,
-    endpoints: &Endpoints,
-) -> Result<Arc<dyn TokenCredential>, ArmError> {
-    let http = azure_core::new_http_client();
-    let credential: Arc<dyn TokenCredential> = match credentials {
-        AzureCredentials::ClientSecret {
-            tenant_id,
-            client_id,
-            client_secret,
-        } => Arc::new(azure_identity::ClientSecretCredential::new(
-            http.clone(),
-            endpoints.authority().clone(),
-            tenant_id.clone(),
-            client_id.clone(),
-            client_secret.expose().to_string(),
-        )),
-        AzureCredentials::WorkloadIdentity {
-            tenant_id,
-            client_id,
-            token_file,
-        } => {
-            let token = std::fs::read_to_string(token_file).map_err(|e| {
-                ArmError::Credential(format!(
-                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                    token_file.display()
-                ))
-            })?;
-            Arc::new(azure_identity::WorkloadIdentityCredential::new(
-                http.clone(),
-                endpoints.authority().clone(),
-                tenant_id.clone(),
-                client_id.clone(),
-                token.trim().to_string(),
-            ))
-        }
-        AzureCredentials::ManagedIdentity { .. } => Arc::new(
-            azure_identity::VirtualMachineManagedIdentityCredential::new(
-                azure_identity::TokenCredentialOptions::default(),
-            ),
-        ),
-    };
-    Ok(credential)
-}
-
 /// One ARM answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -254,8 +209,17 @@ impl Arm {
         endpoints: &Endpoints,
         manners: Manners,
     ) -> Result<Self, ArmError> {
-        let credential = credential(credentials, endpoints)?;
         let policy = Arc::new(ArmPolicy::new(manners));
+        let credential: Arc<dyn TokenCredential> = Arc::new(
+            Credential::new(
+                credentials,
+                endpoints,
+                policy.clone(),
+                azure_core::new_http_client(),
+                azure_core::new_http_client(),
+            )
+            .map_err(ArmError::Credential)?,
+        );
         let mut options = ClientOptions::default().retry(RetryOptions::none());
         options
             .per_retry_policies_mut()
@@ -322,10 +286,15 @@ impl Arm {
             .get_token(&[self.scope.as_str()])
             .await
             .map_err(|e| {
-                ArmError::Credential(format!(
+                let text = format!(
                     "getting an Azure access token failed: {}",
                     super::sentence(&e)
-                ))
+                );
+                // The identity endpoint did not answer, or gave up answering 5xx: may pass.
+                match e.kind() {
+                    azure_core::error::ErrorKind::Io => ArmError::Transport(text),
+                    _ => ArmError::Credential(text),
+                }
             })?;
         let mut req = Request::new(url.clone(), method);
         req.insert_header(

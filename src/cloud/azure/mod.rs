@@ -8,6 +8,7 @@ pub mod arm;
 pub mod body;
 pub mod cloud;
 pub mod id;
+pub mod identity;
 pub mod permissions;
 pub mod policy;
 pub mod settings;
@@ -189,7 +190,12 @@ impl AzureProvider {
 /// The id of a VM's primary NIC, from its `networkProfile.networkInterfaces` (ARM does not
 /// promise the name of a NIC it creates from a NIC configuration).
 fn primary_nic(v: &compute::models::VirtualMachine) -> Option<String> {
-    let nics = &v.properties.as_ref()?.network_profile.as_ref()?.network_interfaces;
+    let nics = &v
+        .properties
+        .as_ref()?
+        .network_profile
+        .as_ref()?
+        .network_interfaces;
     nics.iter()
         .find(|n| n.properties.as_ref().and_then(|p| p.primary) == Some(true))
         .or(nics.first())
