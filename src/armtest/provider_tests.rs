@@ -297,6 +297,38 @@ async fn the_nic_ip_is_found_through_the_vm_whatever_arm_named_the_nic() {
     assert_eq!(got.private_ip, vm.private_ip);
 }
 
+/// ARM refuses `disablePasswordAuthentication` without a key: a CAA given none sends a
+/// generated one (the same for every VM, its private half never kept).
+#[tokio::test]
+async fn a_caa_without_an_ssh_key_sends_a_generated_public_key() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let mut keys = Vec::new();
+    for name in ["podvm-nokey-00000001", "podvm-nokey-00000002"] {
+        let mut spec = f.spec(name, "Standard_D4as_v5");
+        spec.ssh_public_key = None;
+        p.create(&spec).await.unwrap();
+        let body = f.handle.vm_request(name).unwrap();
+        let linux = &body["properties"]["osProfile"]["linuxConfiguration"];
+        assert_eq!(linux["disablePasswordAuthentication"], true);
+        let key = linux["ssh"]["publicKeys"][0]["keyData"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(key.split(' ').nth(1).unwrap())
+            .unwrap();
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
+        assert_eq!(&blob[4..15], b"ssh-ed25519");
+        assert_eq!(blob.len(), 4 + 11 + 4 + 32);
+        keys.push(key);
+    }
+    assert_eq!(keys[0], keys[1]);
+    // Another provider (another CAA start) has another key.
+    let other = crate::cloud::azure::body::throwaway_ssh_key();
+    assert_ne!(other, keys[0]);
+}
+
 #[tokio::test]
 async fn confidential_vms_carry_the_cvm_profile_and_need_a_cvm_size() {
     let f = Fixture::start(armtest::Config::default()).await;

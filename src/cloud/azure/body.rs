@@ -9,8 +9,30 @@ use base64::Engine;
 use super::AzureConfig;
 use crate::cloud::VmSpec;
 
-/// The `PUT virtualMachines/{name}` body for `spec`.
-pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
+/// A fresh SSH public key (`ssh-ed25519`) whose private half is dropped at once: for a CAA
+/// given no key, so that `disablePasswordAuthentication` always carries one (ARM refuses
+/// it without) and nobody can log in. Nothing is written anywhere.
+pub fn throwaway_ssh_key() -> String {
+    use ring::signature::KeyPair;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .expect("the system's random source works");
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .expect("a key ring just generated");
+    let mut blob = Vec::with_capacity(51);
+    for part in [b"ssh-ed25519".as_slice(), pair.public_key().as_ref()] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!(
+        "ssh-ed25519 {} sandboxd-no-login",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+/// The `PUT virtualMachines/{name}` body for `spec`; `fallback_ssh_key` when the spec has
+/// no key.
+pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::VirtualMachine {
     let mut resource = m::Resource::new(cfg.region.clone());
     resource.tags = Some(serde_json::to_value(&spec.tags).unwrap_or_default());
 
@@ -74,10 +96,16 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig) -> m::VirtualMachine {
     }
     os_disk.managed_disk = Some(managed);
 
-    let ssh = spec.ssh_public_key.as_ref().map(|key| m::SshConfiguration {
+    let key = spec
+        .ssh_public_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .unwrap_or(fallback_ssh_key);
+    let ssh = Some(m::SshConfiguration {
         public_keys: vec![m::SshPublicKey {
             path: Some(format!("/home/{}/.ssh/authorized_keys", cfg.ssh_username)),
-            key_data: Some(key.clone()),
+            key_data: Some(key.to_string()),
         }],
     });
     let os_profile = m::OsProfile {

@@ -38,6 +38,8 @@ pub struct AzureProvider {
     create_times: Learned,
     /// How long recent deletes took.
     delete_times: Learned,
+    /// The SSH key of VMs when CAA was given none ([`body::throwaway_ssh_key`]).
+    fallback_ssh_key: String,
 }
 
 /// The durations of the last few operations of one kind. Polling an operation before it
@@ -162,6 +164,7 @@ impl AzureProvider {
             polling,
             create_times: Learned::default(),
             delete_times: Learned::default(),
+            fallback_ssh_key: body::throwaway_ssh_key(),
         })
     }
 
@@ -286,7 +289,7 @@ impl Provider for AzureProvider {
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
-        let model = body::vm_model(spec, &self.config);
+        let model = body::vm_model(spec, &self.config, &self.fallback_ssh_key);
         let resp = self
             .client
             .virtual_machines_client()
