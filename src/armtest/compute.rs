@@ -860,8 +860,9 @@ fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
         }
     }
     if let Some(ud) = p["userData"].as_str() {
+        // The limit counts the base64 text.
         match base64::engine::general_purpose::STANDARD.decode(ud) {
-            Ok(b) if b.len() <= 64 * 1024 => {}
+            Ok(_) if ud.len() <= 64 * 1024 => {}
             _ => return invalid("userData", "userData must be base64 and at most 64 KB."),
         }
     }

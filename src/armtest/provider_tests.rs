@@ -329,6 +329,27 @@ async fn a_caa_without_an_ssh_key_sends_a_generated_public_key() {
     assert_ne!(other, keys[0]);
 }
 
+/// userData beyond Azure's 64 KiB is a clear, permanent error before any create.
+#[tokio::test]
+async fn oversized_user_data_is_refused_before_any_create() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    let mut spec = f.spec("podvm-big-00000001", "Standard_D4as_v5");
+    spec.user_data = Some("#cloud-config\n".to_string() + &"a".repeat(64 * 1024));
+    let before = f.handle.requests().len();
+    let err = p.create(&spec).await.unwrap_err();
+    assert!(matches!(err, Error::Permanent(_)), "{err}");
+    assert!(err.to_string().contains("userData"), "{err}");
+    assert!(err.to_string().contains("64 KiB"), "{err}");
+    assert!(
+        f.handle.requests()[before..]
+            .iter()
+            .all(|r| !r.path.to_ascii_lowercase().contains("/virtualmachines/")),
+        "nothing was sent to ARM"
+    );
+    assert!(f.handle.vms().is_empty());
+}
+
 #[tokio::test]
 async fn confidential_vms_carry_the_cvm_profile_and_need_a_cvm_size() {
     let f = Fixture::start(armtest::Config::default()).await;

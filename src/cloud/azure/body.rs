@@ -30,6 +30,26 @@ pub fn throwaway_ssh_key() -> String {
     )
 }
 
+/// Azure's limit on `userData`, counted on its base64 text.
+pub const USER_DATA_MAX: usize = 64 * 1024;
+
+/// Refuses userData that ARM would refuse, before anything is created: its base64 text
+/// must fit in [`USER_DATA_MAX`].
+pub fn check_user_data(spec: &VmSpec) -> Result<(), String> {
+    let Some(ud) = &spec.user_data else {
+        return Ok(());
+    };
+    let encoded = ud.len().div_ceil(3) * 4;
+    if encoded > USER_DATA_MAX {
+        return Err(format!(
+            "the pod VM's userData is {} bytes, {encoded} in base64; Azure accepts at most {USER_DATA_MAX} (64 KiB) of base64, that is {} bytes",
+            ud.len(),
+            USER_DATA_MAX / 4 * 3
+        ));
+    }
+    Ok(())
+}
+
 /// The `PUT virtualMachines/{name}` body for `spec`; `fallback_ssh_key` when the spec has
 /// no key.
 pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::VirtualMachine {

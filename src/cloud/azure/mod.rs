@@ -289,6 +289,7 @@ impl Provider for AzureProvider {
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
+        body::check_user_data(spec).map_err(Error::Permanent)?;
         let model = body::vm_model(spec, &self.config, &self.fallback_ssh_key);
         let resp = self
             .client

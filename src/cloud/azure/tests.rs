@@ -60,3 +60,26 @@ fn the_nic_is_the_one_the_vm_names_not_one_derived_from_the_vm_name() {
         .clear();
     assert_eq!(primary_nic(&none), None);
 }
+
+#[test]
+fn user_data_is_refused_beyond_64_kib_of_base64_naming_both_sizes() {
+    let spec = |n: usize| crate::cloud::VmSpec {
+        name: "podvm-a-00000001".into(),
+        size: "Standard_D2as_v5".into(),
+        image_id: "/id".into(),
+        user_data: Some("x".repeat(n)),
+        ssh_public_key: None,
+        tags: Default::default(),
+    };
+    // 49152 bytes are exactly 65536 base64 characters.
+    assert_eq!(body::check_user_data(&spec(49152)), Ok(()));
+    let err = body::check_user_data(&spec(49153)).unwrap_err();
+    assert!(
+        err.contains("49153 bytes") && err.contains("65540 in base64"),
+        "{err}"
+    );
+    assert!(
+        err.contains("at most 65536") && err.contains("49152 bytes"),
+        "{err}"
+    );
+}
