@@ -566,7 +566,7 @@ fn put_vm(
         }
         return resp;
     }
-    if let Err(r) = check_vm(g, &req) {
+    if let Err(r) = check_vm(g, &req, id) {
         return r;
     }
     let props = &req["properties"];
@@ -638,7 +638,10 @@ fn put_vm(
         }
     };
     let op = g.next_id();
-    let disk_name = format!("{}_OsDisk_1_{}", segs[7], &op[..8]);
+    let disk_name = props["storageProfile"]["osDisk"]["name"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}_OsDisk_1_{}", segs[7], &op[..8]));
     let disk_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{disk_name}",
         segs[1], segs[3]
@@ -742,7 +745,13 @@ impl Inner {
 }
 
 /// The checks ARM and Compute make on a VM PUT that sandboxd's bodies must pass.
-fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
+/// The resource group id (`/subscriptions/{s}/resourceGroups/{rg}`) of a resource id.
+fn rg_id_of(id: &str) -> Option<String> {
+    let segs: Vec<&str> = id.split('/').collect();
+    (segs.len() > 4).then(|| segs[..5].join("/"))
+}
+
+fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
     let invalid = |target: &str, msg: &str| {
         Err(arm_error(
             StatusCode::BAD_REQUEST,
@@ -791,6 +800,78 @@ fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
     let os_disk = &p["storageProfile"]["osDisk"];
     if os_disk["createOption"].as_str() != Some("FromImage") {
         return invalid("osDisk.createOption", "createOption must be FromImage");
+    }
+    if let Some(t) = os_disk["managedDisk"]["storageAccountType"].as_str()
+        && !matches!(
+            t,
+            "Standard_LRS" | "Premium_LRS" | "StandardSSD_LRS" | "Premium_ZRS" | "StandardSSD_ZRS"
+        )
+    {
+        return invalid(
+            "osDisk.managedDisk.storageAccountType",
+            &format!("Storage account type {t} is not supported for OS disks."),
+        );
+    }
+    if let Some(c) = os_disk["caching"].as_str()
+        && !matches!(c, "None" | "ReadOnly" | "ReadWrite")
+    {
+        return invalid("osDisk.caching", &format!("Caching type {c} is not valid."));
+    }
+    if let Some(name) = os_disk["name"].as_str() {
+        let id = format!(
+            "{}/providers/Microsoft.Compute/disks/{name}",
+            rg_id_of(vm_id).unwrap_or_default()
+        );
+        if !name.is_empty() && g.resources.contains_key(&id.to_ascii_lowercase()) {
+            return Err(arm_error(
+                StatusCode::CONFLICT,
+                "ConflictingUserInput",
+                format!(
+                    "Disk {name} already exists in resource group. Only CreateOption.Attach is supported."
+                ),
+            ));
+        }
+    }
+    // The VM's security type must be one its gallery image definition declares.
+    if let Some(def) = image["id"]
+        .as_str()
+        .and_then(crate::cloud::azure::body::gallery_definition)
+        .and_then(|d| g.resources.get(&d.to_ascii_lowercase()))
+    {
+        let declared = def["properties"]["features"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["name"].as_str() == Some("SecurityType"))
+            .and_then(|f| f["value"].as_str())
+            .unwrap_or("Standard")
+            .to_string();
+        let vm = p["securityProfile"]["securityType"]
+            .as_str()
+            .unwrap_or("Standard");
+        let ok = match vm {
+            "TrustedLaunch" => matches!(
+                declared.as_str(),
+                "TrustedLaunch"
+                    | "TrustedLaunchSupported"
+                    | "TrustedLaunchAndConfidentialVmSupported"
+            ),
+            "ConfidentialVM" => matches!(
+                declared.as_str(),
+                "ConfidentialVM"
+                    | "ConfidentialVMSupported"
+                    | "TrustedLaunchAndConfidentialVmSupported"
+            ),
+            _ => !matches!(declared.as_str(), "TrustedLaunch" | "ConfidentialVM"),
+        };
+        if !ok {
+            return Err(bad(
+                "BadRequest",
+                format!(
+                    "The gallery image's security type {declared} does not support creating a VM with security type {vm}."
+                ),
+            ));
+        }
     }
     let os = &p["osProfile"];
     if os["adminUsername"].as_str().is_none_or(str::is_empty) {

@@ -198,6 +198,45 @@ impl Handle {
         self.store.set_config(f);
     }
 
+    /// Seeds gallery image version `{definition}/1.0.0` in gallery `g` of `rg` whose
+    /// definition declares `security_type` (`SecurityType` feature; none: standard VMs only).
+    /// Returns the version's id.
+    pub fn seed_gallery_image(
+        &self,
+        subscription: &str,
+        rg: &str,
+        location: &str,
+        definition: &str,
+        security_type: Option<&str>,
+    ) -> String {
+        let gallery = format!(
+            "/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.Compute/galleries/g"
+        );
+        let def = format!("{gallery}/images/{definition}");
+        let version = format!("{def}/versions/1.0.0");
+        let mut props = serde_json::json!({"osType": "Linux", "osState": "Generalized",
+            "hyperVGeneration": "V2", "provisioningState": "Succeeded"});
+        if let Some(t) = security_type {
+            props["features"] = serde_json::json!([{"name": "SecurityType", "value": t}]);
+        }
+        let mut g = self.store.lock();
+        for (id, ty, props) in [
+            (&def, "Microsoft.Compute/galleries/images", props),
+            (
+                &version,
+                "Microsoft.Compute/galleries/images/versions",
+                serde_json::json!({"provisioningState": "Succeeded"}),
+            ),
+        ] {
+            let name = id.rsplit('/').next().unwrap_or_default();
+            g.resources.insert(
+                id.to_ascii_lowercase(),
+                serde_json::json!({"id": id, "name": name, "type": ty, "location": location, "properties": props}),
+            );
+        }
+        version
+    }
+
     /// Seeds what a peer-pods setup needs in `subscription`: resource group `rg` in
     /// `location`, VNet `vnet` with subnet `worker` (10.0.1.0/24), NSG `nsg`, and gallery
     /// image version `g/podvm/1.0.0`. Returns (subnet id, NSG id, image id).
@@ -244,7 +283,8 @@ impl Handle {
             (
                 format!("{gallery}/images/podvm"),
                 "Microsoft.Compute/galleries/images",
-                serde_json::json!({}),
+                serde_json::json!({"osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V2",
+                    "features": [{"name": "SecurityType", "value": "TrustedLaunchAndConfidentialVmSupported"}]}),
             ),
             (
                 image.clone(),

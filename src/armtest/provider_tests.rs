@@ -100,6 +100,15 @@ impl Fixture {
     }
 
     fn provider_as(&self, cvm: bool, credentials: &AzureCredentials) -> AzureProvider {
+        self.provider_with(cvm, credentials, |_| {})
+    }
+
+    fn provider_with(
+        &self,
+        cvm: bool,
+        credentials: &AzureCredentials,
+        edit: impl FnOnce(&mut AzureConfig),
+    ) -> AzureProvider {
         let rg = format!("/subscriptions/{SUB}/resourceGroups/rg");
         let cfg = AzureConfig {
             instance_size: "Standard_DC2as_v5".into(),
@@ -120,7 +129,11 @@ impl Fixture {
             ssh_username: "peerpod".into(),
             root_volume_gb: None,
             use_public_ip: false,
+            os_disk_type: "Premium_LRS".into(),
+            os_disk_caching: "ReadWrite".into(),
         };
+        let mut cfg = cfg;
+        edit(&mut cfg);
         let endpoints = Endpoints::development(
             Default::default(),
             Url::parse(&format!("{}/", self.base)).unwrap(),
@@ -350,6 +363,89 @@ async fn oversized_user_data_is_refused_before_any_create() {
     assert!(f.handle.vms().is_empty());
 }
 
+fn secret() -> AzureCredentials {
+    AzureCredentials::ClientSecret {
+        tenant_id: "0a1b2c3d-0000-4000-8000-00000000000e".into(),
+        client_id: "0a1b2c3d-0000-4000-8000-00000000000c".into(),
+        client_secret: SecretString::new("s"),
+    }
+}
+
+/// The OS disk: Premium SSD by default (Standard HDDs boot pod VMs in minutes), the
+/// configured caching, and a name that says whose disk it is.
+#[tokio::test]
+async fn the_os_disk_is_premium_by_default_with_its_caching_and_an_explicit_name() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-disk-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let body = f.handle.vm_request("podvm-disk-00000001").unwrap();
+    let disk = &body["properties"]["storageProfile"]["osDisk"];
+    assert_eq!(disk["managedDisk"]["storageAccountType"], "Premium_LRS");
+    assert_eq!(disk["caching"], "ReadWrite");
+    assert_eq!(disk["name"], "podvm-disk-00000001-osdisk");
+    assert!(
+        f.handle
+            .resource_ids()
+            .iter()
+            .any(|id| id.ends_with("/disks/podvm-disk-00000001-osdisk"))
+    );
+    let p = f.provider_with(false, &secret(), |c| {
+        c.os_disk_type = "StandardSSD_LRS".into();
+        c.os_disk_caching = "None".into();
+    });
+    p.create(&f.spec("podvm-disk-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    let body = f.handle.vm_request("podvm-disk-00000002").unwrap();
+    let disk = &body["properties"]["storageProfile"]["osDisk"];
+    assert_eq!(disk["managedDisk"]["storageAccountType"], "StandardSSD_LRS");
+    assert_eq!(disk["caching"], "None");
+}
+
+/// A plain VM is Trusted Launch only when its image declares it: secure boot asked of an
+/// image without the feature sends no security profile (ARM would refuse the VM), and an
+/// image that supports it gets Trusted Launch with secure boot.
+#[tokio::test]
+async fn plain_vms_get_trusted_launch_only_when_the_image_declares_it() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let standard = f
+        .handle
+        .seed_gallery_image(SUB, "rg", "eastus", "plain", None);
+    let tl = f
+        .handle
+        .seed_gallery_image(SUB, "rg", "eastus", "tl", Some("TrustedLaunchSupported"));
+    let secure = f.provider_with(false, &secret(), |c| c.secure_boot = true);
+    let mut spec = f.spec("podvm-tl-00000001", "Standard_D4as_v5");
+    spec.image_id = standard.clone();
+    secure.create(&spec).await.unwrap();
+    let body = f.handle.vm_request("podvm-tl-00000001").unwrap();
+    assert!(
+        body["properties"].get("securityProfile").is_none(),
+        "{body}"
+    );
+
+    let mut spec = f.spec("podvm-tl-00000002", "Standard_D4as_v5");
+    spec.image_id = tl.clone();
+    secure.create(&spec).await.unwrap();
+    let sp = &f.handle.vm_request("podvm-tl-00000002").unwrap()["properties"]["securityProfile"];
+    assert_eq!(sp["securityType"], "TrustedLaunch");
+    assert_eq!(sp["uefiSettings"]["secureBootEnabled"], true);
+    assert_eq!(sp["uefiSettings"]["vTpmEnabled"], true);
+
+    // Without secure boot, a Trusted-Launch-capable image gives a standard VM.
+    let plain = f.provider(false, "s");
+    let mut spec = f.spec("podvm-tl-00000003", "Standard_D4as_v5");
+    spec.image_id = tl;
+    plain.create(&spec).await.unwrap();
+    let body = f.handle.vm_request("podvm-tl-00000003").unwrap();
+    assert!(
+        body["properties"].get("securityProfile").is_none(),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn confidential_vms_carry_the_cvm_profile_and_need_a_cvm_size() {
     let f = Fixture::start(armtest::Config::default()).await;
@@ -517,10 +613,10 @@ async fn later_creates_poll_once_after_the_time_earlier_creates_took() {
         .await
         .unwrap();
     let second = reads(&f) - before;
-    // First create: polls at 1 s (running) and 2 s (done), then the NIC. Second: one
-    // poll at the learned ~2 s, then the NIC; and it still returns as soon as that poll
-    // says done, with the IP.
-    assert_eq!(first, 3, "reads of the first create");
+    // First create: the image definition (read once per image), polls at 1 s (running)
+    // and 2 s (done), then the NIC. Second: one poll at the learned ~2 s, then the NIC;
+    // and it still returns as soon as that poll says done, with the IP.
+    assert_eq!(first, 4, "reads of the first create");
     assert_eq!(second, 2, "reads of the second create");
     assert!(
         t.elapsed() < Duration::from_millis(2900),

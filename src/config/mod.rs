@@ -477,6 +477,21 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         n => Some(n),
     };
     let use_public_ip = r.bool("USE_PUBLIC_IP", false);
+    let mut one_of = |key: &'static str, allowed: &[&str]| {
+        let v = r.get(key).unwrap_or(allowed[0]).to_string();
+        match allowed.iter().find(|a| a.eq_ignore_ascii_case(&v)) {
+            Some(a) => a.to_string(),
+            None => {
+                r.problem(key, format!("one of {}", allowed.join(", ")), Some(&v));
+                allowed[0].to_string()
+            }
+        }
+    };
+    let os_disk_type = one_of("AZURE_OS_DISK_TYPE", crate::cloud::azure::OS_DISK_TYPES);
+    let os_disk_caching = one_of(
+        "AZURE_OS_DISK_CACHING",
+        crate::cloud::azure::OS_DISK_CACHING,
+    );
     AzureConfig {
         instance_size,
         instance_sizes,
@@ -490,6 +505,8 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         ssh_username,
         root_volume_gb,
         use_public_ip,
+        os_disk_type,
+        os_disk_caching,
     }
 }
 

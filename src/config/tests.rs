@@ -73,6 +73,23 @@ fn unset_optional_keys_take_the_upstream_defaults() {
     );
     assert!(!az.use_public_ip);
     assert_eq!(az.root_volume_gb, None);
+    assert_eq!(az.os_disk_type, "Premium_LRS");
+    assert_eq!(az.os_disk_caching, "ReadWrite");
+}
+
+#[test]
+fn os_disk_type_and_caching_are_checked_against_what_azure_offers() {
+    let mut m = seed_cm();
+    m.insert("AZURE_OS_DISK_TYPE".into(), "standardssd_lrs".into());
+    m.insert("AZURE_OS_DISK_CACHING".into(), "ReadOnly".into());
+    let az = PeerPodsConfig::from_map(&m).unwrap().azure.unwrap();
+    assert_eq!(az.os_disk_type, "StandardSSD_LRS");
+    assert_eq!(az.os_disk_caching, "ReadOnly");
+    m.insert("AZURE_OS_DISK_TYPE".into(), "UltraSSD_LRS".into());
+    m.insert("AZURE_OS_DISK_CACHING".into(), "WriteBack".into());
+    let err = PeerPodsConfig::from_map(&m).unwrap_err();
+    assert_eq!(err.keys(), ["AZURE_OS_DISK_TYPE", "AZURE_OS_DISK_CACHING"]);
+    assert!(err.to_string().contains("Premium_LRS"), "{err}");
 }
 
 #[test]

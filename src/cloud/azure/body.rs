@@ -30,6 +30,63 @@ pub fn throwaway_ssh_key() -> String {
     )
 }
 
+/// The `SecurityType` a gallery image definition declares in its `features`: which VM
+/// security types ARM lets a VM from it have.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageSecurity {
+    /// No `SecurityType` (managed images, definitions without it): standard VMs only.
+    #[default]
+    Standard,
+    /// `TrustedLaunchSupported`: standard or Trusted Launch VMs.
+    TrustedLaunchSupported,
+    /// `TrustedLaunch`: Trusted Launch VMs only.
+    TrustedLaunch,
+    /// `ConfidentialVMSupported`.
+    ConfidentialVmSupported,
+    /// `ConfidentialVM`.
+    ConfidentialVm,
+    /// `TrustedLaunchAndConfidentialVmSupported`.
+    TrustedLaunchAndConfidentialVmSupported,
+}
+
+impl ImageSecurity {
+    /// The value of a `SecurityType` feature.
+    pub fn from_feature(v: &str) -> Self {
+        match v.to_ascii_lowercase().as_str() {
+            "trustedlaunchsupported" => Self::TrustedLaunchSupported,
+            "trustedlaunch" => Self::TrustedLaunch,
+            "confidentialvmsupported" => Self::ConfidentialVmSupported,
+            "confidentialvm" => Self::ConfidentialVm,
+            "trustedlaunchandconfidentialvmsupported" => {
+                Self::TrustedLaunchAndConfidentialVmSupported
+            }
+            _ => Self::Standard,
+        }
+    }
+
+    /// What a gallery image definition (as ARM answers it) declares.
+    pub fn of_definition(def: &serde_json::Value) -> Self {
+        def["properties"]["features"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["name"].as_str() == Some("SecurityType"))
+            .and_then(|f| f["value"].as_str())
+            .map(Self::from_feature)
+            .unwrap_or_default()
+    }
+
+    /// Whether a Trusted Launch VM may boot from it.
+    pub fn allows_trusted_launch(self) -> bool {
+        matches!(
+            self,
+            Self::TrustedLaunch
+                | Self::TrustedLaunchSupported
+                | Self::TrustedLaunchAndConfidentialVmSupported
+        )
+    }
+}
+
 /// Azure's limit on `userData`, counted on its base64 text.
 pub const USER_DATA_MAX: usize = 64 * 1024;
 
@@ -51,8 +108,15 @@ pub fn check_user_data(spec: &VmSpec) -> Result<(), String> {
 }
 
 /// The `PUT virtualMachines/{name}` body for `spec`; `fallback_ssh_key` when the spec has
-/// no key.
-pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::VirtualMachine {
+/// no key; `image` is what the image declares. A plain VM carries a security profile only
+/// when the image declares Trusted Launch (as upstream, nothing otherwise): Trusted Launch
+/// when the image requires it or secure boot is asked of an image that supports it.
+pub fn vm_model(
+    spec: &VmSpec,
+    cfg: &AzureConfig,
+    fallback_ssh_key: &str,
+    image_security: ImageSecurity,
+) -> m::VirtualMachine {
     let mut resource = m::Resource::new(cfg.region.clone());
     resource.tags = Some(serde_json::to_value(&spec.tags).unwrap_or_default());
 
@@ -84,10 +148,15 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::
     }
 
     let mut os_disk = m::OsDisk::new(m::CreateOption::FromImage);
+    os_disk.name = Some(os_disk_name(&spec.name));
     os_disk.delete_option = Some(m::DeleteOption::Delete);
     os_disk.disk_size_gb = cfg.root_volume_gb.map(|g| g as i32);
+    os_disk.caching = serde_json::from_value(serde_json::json!(cfg.os_disk_caching)).ok();
     let mut managed = m::ManagedDiskParameters::new();
-    managed.storage_account_type = Some(m::StorageAccountType::StandardLrs);
+    managed.storage_account_type = Some(
+        serde_json::from_value(serde_json::json!(cfg.os_disk_type))
+            .unwrap_or_else(|_| m::StorageAccountType::UnknownValue(cfg.os_disk_type.clone())),
+    );
     let mut security_profile = None;
     if !cfg.disable_cvm {
         managed.security_profile = Some(m::VmDiskSecurityProfile {
@@ -104,11 +173,13 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::
             }),
             ..Default::default()
         });
-    } else if cfg.secure_boot {
+    } else if image_security == ImageSecurity::TrustedLaunch
+        || (cfg.secure_boot && image_security.allows_trusted_launch())
+    {
         security_profile = Some(m::SecurityProfile {
             security_type: Some(m::security_profile::SecurityType::TrustedLaunch),
             uefi_settings: Some(m::UefiSettings {
-                secure_boot_enabled: Some(true),
+                secure_boot_enabled: Some(cfg.secure_boot),
                 v_tpm_enabled: Some(true),
             }),
             ..Default::default()
@@ -171,4 +242,23 @@ pub fn vm_model(spec: &VmSpec, cfg: &AzureConfig, fallback_ssh_key: &str) -> m::
 /// likes: the NIC is found through the VM's `networkProfile.networkInterfaces`.
 pub fn nic_name(vm: &str) -> String {
     format!("{vm}-nic")
+}
+
+/// The name of a pod VM's OS disk (given explicitly: the VM's name says whose it is).
+pub fn os_disk_name(vm: &str) -> String {
+    format!("{vm}-osdisk")
+}
+
+/// The gallery image definition of a gallery image (version) id in the subscription's
+/// galleries; `None` for other images (managed, community gallery).
+pub fn gallery_definition(image_id: &str) -> Option<String> {
+    let segs: Vec<&str> = image_id.split('/').collect();
+    let i = segs
+        .iter()
+        .position(|s| s.eq_ignore_ascii_case("galleries"))?;
+    if segs.len() > i + 3 && segs[i + 2].eq_ignore_ascii_case("images") && !segs[i + 3].is_empty() {
+        Some(segs[..=i + 3].join("/"))
+    } else {
+        None
+    }
 }

@@ -25,7 +25,9 @@ pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
 pub use id::ResourceId;
 pub use policy::Manners;
-pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
+pub use settings::{
+    AzureConfig, AzureCredentials, OS_DISK_CACHING, OS_DISK_TYPES, TAG_NAME_FORBIDDEN,
+};
 
 /// The Azure provider.
 pub struct AzureProvider {
@@ -40,7 +42,12 @@ pub struct AzureProvider {
     delete_times: Learned,
     /// The SSH key of VMs when CAA was given none ([`body::throwaway_ssh_key`]).
     fallback_ssh_key: String,
+    /// What each image used so far declares (image definitions' features cannot change).
+    image_security: std::sync::Mutex<std::collections::HashMap<String, body::ImageSecurity>>,
 }
+
+/// The gallery API version of the image definition read.
+const GALLERY_API: &str = "2023-07-03";
 
 /// The durations of the last few operations of one kind. Polling an operation before it
 /// can have finished only spends the subscription's read budget (about 1 read per VM per
@@ -165,6 +172,7 @@ impl AzureProvider {
             create_times: Learned::default(),
             delete_times: Learned::default(),
             fallback_ssh_key: body::throwaway_ssh_key(),
+            image_security: Default::default(),
         })
     }
 
@@ -176,6 +184,45 @@ impl AzureProvider {
     /// The settings this provider creates VMs with.
     pub fn config(&self) -> &AzureConfig {
         &self.config
+    }
+
+    /// What the image of a plain VM declares (one read of its gallery image definition per
+    /// image): a plain VM gets Trusted Launch only when its image declares it.
+    async fn image_security(&self, image_id: &str) -> Result<body::ImageSecurity, Error> {
+        if !self.config.disable_cvm {
+            return Ok(body::ImageSecurity::default());
+        }
+        let known = self
+            .image_security
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(image_id)
+            .copied();
+        if let Some(s) = known {
+            return Ok(s);
+        }
+        let security = match body::gallery_definition(image_id) {
+            Some(def) => match self
+                .arm
+                .get(&format!("{def}?api-version={GALLERY_API}"))
+                .await?
+            {
+                Some(d) => body::ImageSecurity::of_definition(&d),
+                None => body::ImageSecurity::default(),
+            },
+            None => body::ImageSecurity::default(),
+        };
+        if self.config.secure_boot && !security.allows_trusted_launch() {
+            tracing::warn!(
+                image = image_id,
+                "ENABLE_SECURE_BOOT is set but the image does not declare Trusted Launch (SecurityType TrustedLaunchSupported): its VMs are created without a security profile"
+            );
+        }
+        self.image_security
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image_id.to_string(), security);
+        Ok(security)
     }
 
     /// `v` with the private IP of its NIC once it is provisioned (one more read).
@@ -290,7 +337,8 @@ impl Provider for AzureProvider {
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
         body::check_user_data(spec).map_err(Error::Permanent)?;
-        let model = body::vm_model(spec, &self.config, &self.fallback_ssh_key);
+        let image_security = self.image_security(&spec.image_id).await?;
+        let model = body::vm_model(spec, &self.config, &self.fallback_ssh_key, image_security);
         let resp = self
             .client
             .virtual_machines_client()
