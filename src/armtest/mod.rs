@@ -76,6 +76,9 @@ pub struct Config {
     pub token_lifetime: Duration,
     /// The managed identities of "the VM" whose IMDS this server plays.
     pub managed_identities: ManagedIdentities,
+    /// Whether clients reach the server over TLS (a test serving its [`router`] with a
+    /// certificate): operation URLs it answers are then `https`.
+    pub https: bool,
 }
 
 /// The managed identities IMDS can give tokens for.
@@ -136,6 +139,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             token_lifetime: Duration::from_secs(3599),
             managed_identities: ManagedIdentities::default(),
+            https: false,
         }
     }
 }
@@ -540,7 +544,12 @@ async fn handle(
         );
     }
     let base = format!(
-        "http://{}",
+        "{}://{}",
+        if store.config().https {
+            "https"
+        } else {
+            "http"
+        },
         headers
             .get("host")
             .and_then(|h| h.to_str().ok())

@@ -957,3 +957,160 @@ async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
         "{err}"
     );
 }
+
+/// A CONNECT proxy on loopback that records each tunnel's target.
+async fn connect_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(target) = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split(' ').next())
+                    .map(str::to_string)
+                else {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                        .await;
+                    return;
+                };
+                log.lock().unwrap().push(target.clone());
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+/// Behind a corporate proxy with its own CA: token and ARM calls go through `HTTPS_PROXY`
+/// (unless `NO_PROXY` names the host) and trust the system CA bundle besides the built-in
+/// roots; without that bundle the TLS-inspecting CA is not trusted.
+#[tokio::test]
+async fn arm_and_identity_calls_honour_the_proxy_and_the_system_ca_bundle() {
+    let ca = crate::pki::Ca::new("corporate-ca", time::Duration::hours(1)).unwrap();
+    let leaf = ca
+        .issue(
+            "127.0.0.1",
+            &[],
+            &["127.0.0.1"],
+            crate::pki::Usage::Server,
+            time::Duration::hours(1),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("tls-ca-bundle.pem");
+    std::fs::write(&bundle, ca.cert_pem()).unwrap();
+    let (router, handle) = armtest::router(armtest::Config {
+        https: true,
+        ..Default::default()
+    });
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+        leaf.cert_pem.into_bytes(),
+        leaf.key_pem.into_bytes(),
+    )
+    .await
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
+    let task = tokio::spawn(async move {
+        let _ = server.serve(router.into_make_service()).await;
+    });
+    handle.seed_peer_pods(SUB, "rg", "eastus");
+    let (proxy, seen) = connect_proxy().await;
+
+    // The configuration of the plain fixture, pointed at the TLS server.
+    let f = Fixture::start(armtest::Config::default()).await;
+    let cfg = f.provider(false, "s").config().clone();
+    let provider = |http: &crate::cloud::azure::HttpSettings| {
+        AzureProvider::with_http(
+            SUB,
+            &secret(),
+            cfg.clone(),
+            Endpoints::development(
+                Default::default(),
+                Url::parse(&format!("https://{addr}/")).unwrap(),
+                None,
+            ),
+            Manners {
+                backoff: Duration::from_millis(20),
+                max_total: Duration::from_secs(2),
+                ..Manners::default()
+            },
+            Polling {
+                min_interval: Duration::from_millis(20),
+                default_interval: Duration::from_millis(50),
+                timeout: Duration::from_secs(20),
+            },
+            http,
+        )
+        .unwrap()
+    };
+    let through_proxy = crate::cloud::azure::HttpSettings {
+        https_proxy: Some(proxy.clone()),
+        ca_bundles: vec![bundle.clone()],
+        ..Default::default()
+    };
+    let p = provider(&through_proxy);
+    let vm = p
+        .create(&f.spec("podvm-proxy-00000001", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert!(vm.private_ip.is_some());
+    let tunnels = seen.lock().unwrap().clone();
+    assert!(!tunnels.is_empty(), "nothing went through the proxy");
+    assert!(
+        tunnels.iter().all(|t| *t == addr.to_string()),
+        "{tunnels:?}"
+    );
+    assert!(
+        handle
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/oauth2/v2.0/token")),
+        "the token exchange went to the authority through the proxy too"
+    );
+
+    // NO_PROXY names the host: straight there.
+    let direct = provider(&crate::cloud::azure::HttpSettings {
+        no_proxy: Some("127.0.0.1".into()),
+        ..through_proxy.clone()
+    });
+    let before = seen.lock().unwrap().len();
+    direct.get("podvm-proxy-00000001").await.unwrap().unwrap();
+    assert_eq!(seen.lock().unwrap().len(), before);
+
+    // Without the bundle, the proxy's CA is not trusted.
+    let untrusted = provider(&crate::cloud::azure::HttpSettings {
+        ca_bundles: Vec::new(),
+        ..through_proxy
+    });
+    let err = untrusted.get("podvm-proxy-00000001").await.unwrap_err();
+    assert!(
+        err.to_string().to_ascii_lowercase().contains("certificate"),
+        "{err}"
+    );
+    task.abort();
+}

@@ -17,6 +17,7 @@ use azure_core::{
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use serde_json::Value;
 
+use super::http::HttpSettings;
 use super::identity::Credential;
 use super::policy::{ArmPolicy, Counters, Manners, retry_after};
 use super::{AzureCredentials, Endpoints};
@@ -209,18 +210,30 @@ impl Arm {
         endpoints: &Endpoints,
         manners: Manners,
     ) -> Result<Self, ArmError> {
+        Self::with_http(credentials, endpoints, manners, &HttpSettings::from_env())
+    }
+
+    /// [`Arm::new`] sending through `http` (proxy, CA bundles) instead of the process's.
+    pub fn with_http(
+        credentials: &AzureCredentials,
+        endpoints: &Endpoints,
+        manners: Manners,
+        http: &HttpSettings,
+    ) -> Result<Self, ArmError> {
         let policy = Arc::new(ArmPolicy::new(manners));
+        let client = http.client().map_err(ArmError::Unexpected)?;
         let credential: Arc<dyn TokenCredential> = Arc::new(
             Credential::new(
                 credentials,
                 endpoints,
                 policy.clone(),
-                azure_core::new_http_client(),
-                azure_core::new_http_client(),
+                client.clone(),
+                http.imds_client().map_err(ArmError::Unexpected)?,
             )
             .map_err(ArmError::Credential)?,
         );
-        let mut options = ClientOptions::default().retry(RetryOptions::none());
+        let mut options = ClientOptions::new(azure_core::TransportOptions::new(client))
+            .retry(RetryOptions::none());
         options
             .per_retry_policies_mut()
             .push(policy.clone() as Arc<dyn azure_core::Policy>);

@@ -7,6 +7,7 @@
 pub mod arm;
 pub mod body;
 pub mod cloud;
+pub mod http;
 pub mod id;
 pub mod identity;
 pub mod permissions;
@@ -23,6 +24,7 @@ use futures::StreamExt;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
+pub use http::HttpSettings;
 pub use id::ResourceId;
 pub use policy::Manners;
 pub use settings::{
@@ -123,7 +125,17 @@ pub(crate) fn sentence(e: &azure_core::Error) -> String {
         }
         source = s.source();
     }
-    e.to_string()
+    // A transport failure: its causes say what happened (refused, TLS, timeout).
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Maps an `azure_core` error to the typed cloud error.
@@ -162,7 +174,29 @@ impl AzureProvider {
         manners: Manners,
         polling: Polling,
     ) -> Result<Self, Error> {
-        let arm = Arm::new(credentials, &endpoints, manners)?.with_polling(polling.clone());
+        Self::with_http(
+            subscription,
+            credentials,
+            config,
+            endpoints,
+            manners,
+            polling,
+            &HttpSettings::from_env(),
+        )
+    }
+
+    /// [`AzureProvider::new`] sending through `http` instead of the process's settings.
+    pub fn with_http(
+        subscription: &str,
+        credentials: &AzureCredentials,
+        config: AzureConfig,
+        endpoints: Endpoints,
+        manners: Manners,
+        polling: Polling,
+        http: &HttpSettings,
+    ) -> Result<Self, Error> {
+        let arm =
+            Arm::with_http(credentials, &endpoints, manners, http)?.with_polling(polling.clone());
         Ok(Self {
             client: arm.compute(),
             arm,
