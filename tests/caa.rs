@@ -776,6 +776,7 @@ fn provider_at(base: &str, subnet: String) -> Result<sandboxd::cloud::azure::Azu
         use_public_ip: false,
         os_disk_type: "Premium_LRS".into(),
         os_disk_caching: "ReadWrite".into(),
+        zones: Vec::new(),
     };
     Ok(sandboxd::cloud::azure::AzureProvider::new(
         SUB,

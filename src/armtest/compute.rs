@@ -779,6 +779,54 @@ fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
             format!("The requested VM size {size} is not available in the current region."),
         ));
     }
+    // Resource SKUs restrictions and zones, as ARM applies them to a create.
+    let zones: Vec<&str> = req["zones"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for (restricted, rzones) in &g.config.restrictions {
+        if !restricted.eq_ignore_ascii_case(size) {
+            continue;
+        }
+        if rzones.is_empty() || zones.iter().any(|z| rzones.iter().any(|r| r == z)) {
+            return Err(arm_error(
+                StatusCode::CONFLICT,
+                "SkuNotAvailable",
+                format!(
+                    "The requested VM size {size} is currently not available in location '{}'{}. Please try another size or deploy to a different location or different zone.",
+                    req["location"].as_str().unwrap_or_default(),
+                    if zones.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" zones '{}'", zones.join(","))
+                    }
+                ),
+            ));
+        }
+    }
+    if let Some(z) = zones
+        .iter()
+        .find(|z| !g.config.zones.iter().any(|o| o == *z))
+    {
+        return invalid(
+            "zones",
+            &format!("The zone(s) '{z}' for resource 'virtualMachines' is not supported."),
+        );
+    }
+    let disk_type = p["storageProfile"]["osDisk"]["managedDisk"]["storageAccountType"]
+        .as_str()
+        .unwrap_or_default();
+    if disk_type.starts_with("Premium") && !super::network::premium_io(size) {
+        return Err(arm_error(
+            StatusCode::CONFLICT,
+            "OperationNotAllowed",
+            format!(
+                "Requested operation cannot be performed because the VM size {size} does not support the storage account type {disk_type} of disk. Consider updating the VM to a size that supports Premium storage."
+            ),
+        ));
+    }
     let image = &p["storageProfile"]["imageReference"];
     if let Some(id) = image["id"].as_str() {
         if !g.resources.contains_key(&id.to_ascii_lowercase()) {

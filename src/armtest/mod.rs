@@ -76,6 +76,13 @@ pub struct Config {
     pub token_lifetime: Duration,
     /// The managed identities of "the VM" whose IMDS this server plays.
     pub managed_identities: ManagedIdentities,
+    /// Availability zones of every region and size.
+    pub zones: Vec<String>,
+    /// Sizes restricted for the subscription (Resource SKUs `restrictions`): with no zones,
+    /// in the whole region (`Location`); else in those zones (`Zone`).
+    pub restrictions: Vec<(String, Vec<String>)>,
+    /// GPUs of GPU sizes (the `GPUs` capability).
+    pub gpus: Vec<(String, u32)>,
     /// Whether clients reach the server over TLS (a test serving its [`router`] with a
     /// certificate): operation URLs it answers are then `https`.
     pub https: bool,
@@ -140,6 +147,9 @@ impl Default for Config {
             token_lifetime: Duration::from_secs(3599),
             managed_identities: ManagedIdentities::default(),
             https: false,
+            zones: ["1", "2", "3"].iter().map(|z| z.to_string()).collect(),
+            restrictions: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 }

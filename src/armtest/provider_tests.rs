@@ -131,6 +131,7 @@ impl Fixture {
             use_public_ip: false,
             os_disk_type: "Premium_LRS".into(),
             os_disk_caching: "ReadWrite".into(),
+            zones: Vec::new(),
         };
         let mut cfg = cfg;
         edit(&mut cfg);
@@ -706,6 +707,105 @@ async fn sizes_come_from_the_region_and_unknown_sizes_are_named() {
     assert!(
         err.contains("Standard_Z9") && err.contains("eastus"),
         "{err}"
+    );
+}
+
+/// Sizes come from Resource SKUs: a size restricted for the subscription (in the region, or
+/// in every configured zone) or unable to take the Premium OS disk is refused when CAA
+/// starts, before any create; `AZURE_ZONES` spreads VMs over the zones a size may use.
+#[tokio::test]
+async fn restricted_sizes_are_refused_before_any_create_and_vms_spread_over_zones() {
+    let f = Fixture::start(armtest::Config {
+        restrictions: vec![
+            ("Standard_D8as_v5".into(), vec![]),
+            ("Standard_D4as_v5".into(), vec!["3".into()]),
+        ],
+        sizes: armtest::Config::default()
+            .sizes
+            .into_iter()
+            .chain([("Standard_A1_v2".to_string(), 1, 2048)])
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    let zoned = f.provider_with(false, &secret(), |c| c.zones = vec!["2".into(), "3".into()]);
+    let before = f.handle.requests().len();
+    for (size, words) in [
+        (
+            "Standard_D8as_v5",
+            &[
+                "Standard_D8as_v5",
+                "restricted",
+                "NotAvailableForSubscription",
+            ][..],
+        ),
+        (
+            "Standard_A1_v2",
+            &["Standard_A1_v2", "Premium_LRS", "AZURE_OS_DISK_TYPE"][..],
+        ),
+    ] {
+        let err = zoned.sizes(&[size.to_string()]).await.unwrap_err();
+        assert!(matches!(err, Error::Permanent(_)), "{err}");
+        for w in words {
+            assert!(err.to_string().contains(w), "{w}: {err}");
+        }
+    }
+    let pinned3 = f.provider_with(false, &secret(), |c| c.zones = vec!["3".into()]);
+    let err = pinned3
+        .sizes(&["Standard_D4as_v5".to_string()])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("zones 3"), "{err}");
+    assert!(
+        f.handle.requests()[before..]
+            .iter()
+            .all(
+                |r| r.method == "GET" && r.path.to_ascii_lowercase().contains("/skus")
+                    || r.path.ends_with("/token")
+            ),
+        "only Resource SKUs were read"
+    );
+
+    // D4as_v5 may use zone 2 only of {2, 3}; E2as_v5 both, in turn.
+    zoned
+        .sizes(&[
+            "Standard_D4as_v5".to_string(),
+            "Standard_E2as_v5".to_string(),
+        ])
+        .await
+        .unwrap();
+    let mut zones = Vec::new();
+    for (i, size) in [
+        "Standard_D4as_v5",
+        "Standard_D4as_v5",
+        "Standard_E2as_v5",
+        "Standard_E2as_v5",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("podvm-zone-0000000{i}");
+        zoned.create(&f.spec(&name, size)).await.unwrap();
+        zones.push(
+            f.handle.vm_request(&name).unwrap()["zones"][0]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(zones[..2], ["2", "2"]);
+    assert_ne!(zones[2], zones[3], "{zones:?}");
+    // Without AZURE_ZONES: regional VMs.
+    let p = f.provider(false, "s");
+    p.create(&f.spec("podvm-zone-regional", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert!(
+        f.handle
+            .vm_request("podvm-zone-regional")
+            .unwrap()
+            .get("zones")
+            .is_none()
     );
 }
 

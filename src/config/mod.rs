@@ -492,6 +492,22 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         "AZURE_OS_DISK_CACHING",
         crate::cloud::azure::OS_DISK_CACHING,
     );
+    let mut zones: Vec<String> = Vec::new();
+    if let Some(v) = r.get("AZURE_ZONES") {
+        for z in v.split(',').map(str::trim).filter(|z| !z.is_empty()) {
+            if !matches!(z, "1" | "2" | "3") {
+                r.problem(
+                    "AZURE_ZONES",
+                    "availability zones among 1, 2, 3, comma separated",
+                    Some(v),
+                );
+                break;
+            }
+            if !zones.iter().any(|x| x == z) {
+                zones.push(z.to_string());
+            }
+        }
+    }
     AzureConfig {
         instance_size,
         instance_sizes,
@@ -507,6 +523,7 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         use_public_ip,
         os_disk_type,
         os_disk_caching,
+        zones,
     }
 }
 

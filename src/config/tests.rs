@@ -93,6 +93,27 @@ fn os_disk_type_and_caching_are_checked_against_what_azure_offers() {
 }
 
 #[test]
+fn zones_are_a_list_of_azure_zone_numbers() {
+    let mut m = seed_cm();
+    m.insert("AZURE_ZONES".into(), " 1, 3,1 ".into());
+    let az = PeerPodsConfig::from_map(&m).unwrap().azure.unwrap();
+    assert_eq!(az.zones, ["1", "3"]);
+    m.insert("AZURE_ZONES".into(), "eastus-1".into());
+    assert_eq!(
+        PeerPodsConfig::from_map(&m).unwrap_err().keys(),
+        ["AZURE_ZONES"]
+    );
+    assert!(
+        PeerPodsConfig::from_map(&seed_cm())
+            .unwrap()
+            .azure
+            .unwrap()
+            .zones
+            .is_empty()
+    );
+}
+
+#[test]
 fn empty_instance_sizes_allow_only_the_default_size() {
     let mut m = seed_cm();
     m.insert("AZURE_INSTANCE_SIZES".into(), " ".into());

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod permissions;
 pub mod policy;
 pub mod settings;
+pub mod skus;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +45,10 @@ pub struct AzureProvider {
     delete_times: Learned,
     /// The SSH key of VMs when CAA was given none ([`body::throwaway_ssh_key`]).
     fallback_ssh_key: String,
+    /// The zones each allowed size may be created in (from [`Provider::sizes`]).
+    zones: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Creates so far, to spread VMs over the zones.
+    creates: std::sync::atomic::AtomicUsize,
     /// What each image used so far declares (image definitions' features cannot change).
     image_security: std::sync::Mutex<std::collections::HashMap<String, body::ImageSecurity>>,
 }
@@ -207,6 +212,8 @@ impl AzureProvider {
             delete_times: Learned::default(),
             fallback_ssh_key: body::throwaway_ssh_key(),
             image_security: Default::default(),
+            zones: Default::default(),
+            creates: Default::default(),
         })
     }
 
@@ -218,6 +225,26 @@ impl AzureProvider {
     /// The settings this provider creates VMs with.
     pub fn config(&self) -> &AzureConfig {
         &self.config
+    }
+
+    /// The zone of the next VM of `size`: the configured zones it may use, in turn (one
+    /// zone: pinned); none without `AZURE_ZONES`.
+    fn zone_for(&self, size: &str) -> Option<String> {
+        if self.config.zones.is_empty() {
+            return None;
+        }
+        let zones = self
+            .zones
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&size.to_ascii_lowercase())
+            .cloned()
+            .filter(|z| !z.is_empty())
+            .unwrap_or_else(|| self.config.zones.clone());
+        let n = self
+            .creates
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(zones[n % zones.len()].clone())
     }
 
     /// What the image of a plain VM declares (one read of its gallery image definition per
@@ -333,37 +360,45 @@ impl Provider for AzureProvider {
     }
 
     async fn sizes(&self, names: &[String]) -> Result<Vec<VmSize>, Error> {
-        let offered = self
-            .client
-            .virtual_machine_sizes_client()
-            .list(&self.config.region, &self.subscription)
-            .send()
-            .await
-            .map_err(map_error)?
-            .into_body()
-            .await
-            .map_err(map_error)?
-            .value;
+        let region = &self.config.region;
+        let path = format!(
+            "/subscriptions/{}/providers/Microsoft.Compute/skus?api-version={}&$filter={}",
+            self.subscription,
+            skus::SKUS_API,
+            url::form_urlencoded::byte_serialize(format!("location eq '{region}'").as_bytes())
+                .collect::<String>()
+        );
+        let offered: Vec<skus::Sku> = self
+            .arm
+            .list(&path)
+            .await?
+            .iter()
+            .filter_map(|v| skus::parse(v, region))
+            .collect();
         let mut out = Vec::new();
-        let mut missing = Vec::new();
+        let mut refused = Vec::new();
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
         for n in names {
-            match offered
-                .iter()
-                .find(|s| s.name.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(n)))
-            {
-                Some(s) => out.push(VmSize {
-                    name: n.clone(),
-                    vcpus: s.number_of_cores.unwrap_or(0).max(0) as u32,
-                    memory_mib: s.memory_in_mb.unwrap_or(0).max(0) as u64,
-                }),
-                None => missing.push(n.clone()),
+            let Some(sku) = offered.iter().find(|s| s.name.eq_ignore_ascii_case(n)) else {
+                refused.push(format!("size {n} is not offered in region {region}"));
+                continue;
+            };
+            match sku.usable_zones(region, &self.config.zones, &self.config.os_disk_type) {
+                Ok(z) => {
+                    zones.insert(n.to_ascii_lowercase(), z);
+                    out.push(VmSize {
+                        name: n.clone(),
+                        vcpus: sku.vcpus,
+                        memory_mib: sku.memory_mib,
+                    });
+                }
+                Err(e) => refused.push(e),
             }
         }
-        if !missing.is_empty() {
+        if !refused.is_empty() {
             return Err(Error::Permanent(format!(
-                "instance sizes {} are not offered in region {}",
-                missing.join(", "),
-                self.config.region
+                "AZURE_INSTANCE_SIZES cannot be used: {}",
+                refused.join("; ")
             )));
         }
         Ok(out)
@@ -372,7 +407,10 @@ impl Provider for AzureProvider {
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
         body::check_user_data(spec).map_err(Error::Permanent)?;
         let image_security = self.image_security(&spec.image_id).await?;
-        let model = body::vm_model(spec, &self.config, &self.fallback_ssh_key, image_security);
+        let mut model = body::vm_model(spec, &self.config, &self.fallback_ssh_key, image_security);
+        if let Some(zone) = self.zone_for(&spec.size) {
+            model.zones = vec![zone];
+        }
         let resp = self
             .client
             .virtual_machines_client()

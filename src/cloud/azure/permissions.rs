@@ -40,8 +40,13 @@ pub const PERMISSIONS: &[Permission] = &[
     },
     Permission {
         action: "Microsoft.Compute/locations/vmSizes/read",
-        used_by: "CAA at start, ctl: the region's VM sizes",
+        used_by: "ctl: the region's VM sizes",
         role: VMC,
+    },
+    Permission {
+        action: "Microsoft.Compute/skus/read",
+        used_by: "CAA at start: the allowed sizes' vCPUs, memory, zones and restrictions (Resource SKUs)",
+        role: READER,
     },
     Permission {
         action: "Microsoft.Compute/locations/operations/read",

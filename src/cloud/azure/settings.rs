@@ -40,6 +40,9 @@ pub struct AzureConfig {
     pub os_disk_type: String,
     /// `AZURE_OS_DISK_CACHING`: `None`, `ReadOnly` or `ReadWrite`.
     pub os_disk_caching: String,
+    /// `AZURE_ZONES`: availability zones pod VMs are spread over (one: pinned); empty:
+    /// regional VMs, no zone.
+    pub zones: Vec<String>,
 }
 
 /// The OS disk storage types a pod VM may use; the first is the default (Standard disks
