@@ -629,6 +629,7 @@ fn put_vm(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "10.0.0.0/24".into());
+    let is_local = local_ip.is_some();
     let ip = match local_ip {
         Some(ip) => ip,
         None => {
@@ -648,6 +649,52 @@ fn put_vm(
     );
     let delete_nic = nic_cfg["properties"]["deleteOption"].as_str() == Some("Delete");
     let delete_disk = props["storageProfile"]["osDisk"]["deleteOption"].as_str() == Some("Delete");
+    // A public IP from the IP configuration's publicIPAddressConfiguration (named, like the
+    // NIC, as ARM likes).
+    let pip_cfg =
+        &nic_cfg["properties"]["ipConfigurations"][0]["properties"]["publicIPAddressConfiguration"];
+    let public_ip = if pip_cfg.is_object() {
+        let standard = pip_cfg["sku"]["name"].as_str() == Some("Standard");
+        let method = pip_cfg["properties"]["publicIPAllocationMethod"]
+            .as_str()
+            .unwrap_or("Dynamic");
+        if standard && method != "Static" {
+            return arm_error(
+                StatusCode::BAD_REQUEST,
+                "StandardSkuPublicIPAddressesMustBeStatic",
+                "Standard sku publicIp addresses must use Static allocation method.",
+            );
+        }
+        let name = format!(
+            "{}-{}",
+            pip_cfg["name"].as_str().unwrap_or("pip"),
+            &g.next_id()[..8]
+        );
+        let pip_id = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/publicIPAddresses/{name}",
+            segs[1], segs[3]
+        );
+        // A local VM is reachable at its one address only.
+        let address = if is_local {
+            ip.clone()
+        } else {
+            let n = g.next_ip.entry("public".into()).or_insert(0);
+            *n += 1;
+            format!("203.0.113.{}", *n % 250 + 1)
+        };
+        g.resources.insert(
+            pip_id.to_ascii_lowercase(),
+            json!({"name": name, "id": pip_id, "type": "Microsoft.Network/publicIPAddresses",
+                   "location": location, "sku": pip_cfg["sku"],
+                   "properties": {"provisioningState": "Succeeded", "ipAddress": address,
+                                  "publicIPAddressVersion": "IPv4", "publicIPAllocationMethod": method,
+                                  "ipConfiguration": {"id": format!("{nic_id}/ipConfigurations/ipconfig1")}}}),
+        );
+        let delete = pip_cfg["properties"]["deleteOption"].as_str() == Some("Delete");
+        Some((pip_id, delete))
+    } else {
+        None
+    };
     let nic = json!({
         "name": nic_name, "id": nic_id, "type": "Microsoft.Network/networkInterfaces", "location": location,
         "properties": {
@@ -655,13 +702,20 @@ fn put_vm(
             "ipConfigurations": [{
                 "name": nic_cfg["properties"]["ipConfigurations"][0]["name"], "id": format!("{nic_id}/ipConfigurations/ipconfig1"),
                 "properties": {"privateIPAddress": ip, "privateIPAllocationMethod": "Dynamic",
-                               "subnet": {"id": subnet_id}, "primary": true, "privateIPAddressVersion": "IPv4"}
+                               "subnet": {"id": subnet_id}, "primary": true, "privateIPAddressVersion": "IPv4",
+                               "publicIPAddress": public_ip.as_ref().map(|(id, _)| json!({"id": id}))}
             }],
             "networkSecurityGroup": nic_cfg["properties"]["networkSecurityGroup"],
             "virtualMachine": {"id": id},
             "primary": true,
         }
     });
+    let mut nic = nic;
+    if public_ip.is_none()
+        && let Some(c) = nic["properties"]["ipConfigurations"][0]["properties"].as_object_mut()
+    {
+        c.remove("publicIPAddress");
+    }
     g.resources.insert(nic_id.to_ascii_lowercase(), nic);
     g.resources.insert(
         disk_id.to_ascii_lowercase(),
@@ -717,6 +771,7 @@ fn put_vm(
         delete_nic,
         delete_disk,
         private_ip: ip,
+        public_ip,
     };
     let mut resp = json_response(StatusCode::CREATED, vm_body(&vm, now, false));
     async_headers(

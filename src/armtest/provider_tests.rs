@@ -809,6 +809,46 @@ async fn restricted_sizes_are_refused_before_any_create_and_vms_spread_over_zone
     );
 }
 
+/// `USE_PUBLIC_IP`: the VM gets a Standard static public IP that goes with it, and its
+/// address is the one the tunnel and relay use.
+#[tokio::test]
+async fn use_public_ip_creates_a_public_ip_deleted_with_the_vm_and_prefers_it() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider_with(false, &secret(), |c| c.use_public_ip = true);
+    let name = "podvm-pip-00000001";
+    let vm = p.create(&f.spec(name, "Standard_D4as_v5")).await.unwrap();
+    let body = f.handle.vm_request(name).unwrap();
+    let pip = &body["properties"]["networkProfile"]["networkInterfaceConfigurations"][0]["properties"]
+        ["ipConfigurations"][0]["properties"]["publicIPAddressConfiguration"];
+    assert_eq!(pip["properties"]["deleteOption"], "Delete");
+    assert_eq!(pip["properties"]["publicIPAllocationMethod"], "Static");
+    assert_eq!(pip["sku"]["name"], "Standard");
+    let public = vm.public_ip.expect("a public IP");
+    assert!(public.to_string().starts_with("203.0.113."), "{public}");
+    assert_eq!(vm.address(), Some(public));
+    assert_eq!(vm.private_ip.unwrap().to_string(), "10.0.1.4");
+    assert_eq!(p.get(name).await.unwrap().unwrap().address(), Some(public));
+    let pips = |f: &Fixture| {
+        f.handle
+            .resource_ids()
+            .into_iter()
+            .filter(|id| id.contains("/publicipaddresses/"))
+            .count()
+    };
+    assert_eq!(pips(&f), 1);
+    p.delete(name).await.unwrap();
+    assert_eq!(pips(&f), 0, "the public IP went with the VM");
+    // Without USE_PUBLIC_IP: the private address, no public IP.
+    let vm = f
+        .provider(false, "s")
+        .create(&f.spec("podvm-pip-00000002", "Standard_D4as_v5"))
+        .await
+        .unwrap();
+    assert_eq!(vm.public_ip, None);
+    assert_eq!(vm.address(), vm.private_ip);
+    assert_eq!(pips(&f), 0);
+}
+
 #[tokio::test]
 async fn a_wrong_client_secret_is_a_permanent_error_without_the_secret() {
     let f = Fixture::start(armtest::Config::default()).await;

@@ -69,6 +69,8 @@ pub(crate) struct Vm {
     pub delete_nic: bool,
     pub delete_disk: bool,
     pub private_ip: String,
+    /// The public IP created from the NIC's configuration, and whether it goes with the VM.
+    pub public_ip: Option<(String, bool)>,
 }
 
 impl Vm {
@@ -129,6 +131,9 @@ impl Inner {
                 }
                 if vm.delete_disk {
                     self.resources.remove(&vm.disk_id.to_ascii_lowercase());
+                }
+                if let Some((pip, true)) = &vm.public_ip {
+                    self.resources.remove(&pip.to_ascii_lowercase());
                 }
             }
         }

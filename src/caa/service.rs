@@ -388,9 +388,9 @@ impl Caa {
                     .insert(id.to_string(), vm.id.clone());
                 self.writer.push(
                     key,
-                    Pending::running(vm.id.clone(), vm.private_ip.map(|ip| ip.to_string())),
+                    Pending::running(vm.id.clone(), vm.address().map(|ip| ip.to_string())),
                 );
-                tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
+                tracing::info!(vm = %vm.name, ip = ?vm.address(), "VM running");
                 Ok(())
             }
             Err(e) => {
@@ -682,8 +682,8 @@ impl Caa {
             return;
         }
         match self.provider.get(&r.vm_name).await {
-            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.private_ip.is_some() => {
-                let ip = vm.private_ip.map(|ip| ip.to_string());
+            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.address().is_some() => {
+                let ip = vm.address().map(|ip| ip.to_string());
                 tracing::info!(vm = %r.vm_name, "recording the instance of a running VM");
                 self.writer
                     .push(Key::of(r), Pending::running(vm.id.clone(), ip.clone()));

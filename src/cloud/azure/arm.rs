@@ -508,6 +508,16 @@ impl Arm {
 
     /// The private IP of the NIC `nic_id` (its primary IP configuration).
     pub async fn nic_private_ip(&self, nic_id: &str) -> Result<Option<IpAddr>, ArmError> {
+        Ok(self.nic_addresses(nic_id, false).await?.0)
+    }
+
+    /// The private IP of the NIC `nic_id` (its primary IP configuration) and, with
+    /// `public`, the address of the public IP attached to it (one more read).
+    pub async fn nic_addresses(
+        &self,
+        nic_id: &str,
+        public: bool,
+    ) -> Result<(Option<IpAddr>, Option<IpAddr>), ArmError> {
         let nic = self
             .send(
                 Method::Get,
@@ -520,12 +530,25 @@ impl Arm {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let ip = cfgs
+        let primary = cfgs
             .iter()
             .find(|c| c["properties"]["primary"].as_bool() == Some(true))
-            .or(cfgs.first())
+            .or(cfgs.first());
+        let private = primary
             .and_then(|c| c["properties"]["privateIPAddress"].as_str())
             .and_then(|s| s.parse().ok());
-        Ok(ip)
+        let pip = primary.and_then(|c| c["properties"]["publicIPAddress"]["id"].as_str());
+        let public_ip = match pip {
+            Some(id) if public => self
+                .get(&format!("{id}?api-version=2020-11-01"))
+                .await?
+                .and_then(|p| {
+                    p["properties"]["ipAddress"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                }),
+            _ => None,
+        };
+        Ok((private, public_ip))
     }
 }

@@ -126,6 +126,15 @@ pub fn vm_model(
             id: Some(cfg.subnet_id.clone()),
         }),
         primary: Some(true),
+        // A Standard static public IP that goes with the VM.
+        public_ip_address_configuration: cfg.use_public_ip.then(|| {
+            serde_json::from_value(serde_json::json!({
+                "name": format!("{}-pip", spec.name),
+                "properties": {"deleteOption": "Delete", "publicIPAllocationMethod": "Static"},
+                "sku": {"name": "Standard", "tier": "Regional"}
+            }))
+            .expect("a public IP configuration the model reads")
+        }),
         ..Default::default()
     });
     let mut nic_props = m::VirtualMachineNetworkInterfaceConfigurationProperties::new(vec![ip]);

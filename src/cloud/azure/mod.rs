@@ -292,7 +292,10 @@ impl AzureProvider {
         if vm.state == VmState::Succeeded
             && let Some(nic) = primary_nic(&v)
         {
-            vm.private_ip = self.arm.nic_private_ip(&nic).await?;
+            (vm.private_ip, vm.public_ip) = self
+                .arm
+                .nic_addresses(&nic, self.config.use_public_ip)
+                .await?;
         }
         Ok(vm)
     }
@@ -331,6 +334,7 @@ fn vm_without_ip(v: &compute::models::VirtualMachine) -> Vm {
         id: v.resource.id.clone().unwrap_or_default(),
         state,
         private_ip: None,
+        public_ip: None,
         tags: tags_of(v),
     }
 }
@@ -481,7 +485,16 @@ impl Provider for AzureProvider {
                 })?
             }
         };
-        let private_ip = self.arm.nic_private_ip(&nic).await?;
+        let (private_ip, public_ip) = self
+            .arm
+            .nic_addresses(&nic, self.config.use_public_ip)
+            .await?;
+        if self.config.use_public_ip && public_ip.is_none() {
+            return Err(Error::Transient(format!(
+                "VM {} has no public IP address yet",
+                spec.name
+            )));
+        }
         let Some(private_ip) = private_ip else {
             return Err(Error::Transient(format!(
                 "VM {} has no private IP yet",
@@ -499,6 +512,7 @@ impl Provider for AzureProvider {
             }),
             state: VmState::Succeeded,
             private_ip: Some(private_ip),
+            public_ip,
             tags,
         })
     }

@@ -69,6 +69,26 @@ pub const PERMISSIONS: &[Permission] = &[
         role: VMC,
     },
     Permission {
+        action: "Microsoft.Network/publicIPAddresses/read",
+        used_by: "CAA with USE_PUBLIC_IP: the pod VM's public address",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/write",
+        used_by: "CAA with USE_PUBLIC_IP: the public IP created with the VM",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/join/action",
+        used_by: "CAA with USE_PUBLIC_IP: attach the public IP to the VM's NIC",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/delete",
+        used_by: "CAA with USE_PUBLIC_IP: the public IP goes with the VM",
+        role: NC,
+    },
+    Permission {
         action: "Microsoft.Network/networkInterfaces/read",
         used_by: "CAA: the pod VM's private IP",
         role: NC,

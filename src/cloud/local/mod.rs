@@ -149,6 +149,7 @@ impl LocalProvider {
                 VmState::Failed
             },
             private_ip: Some(IpAddr::V4(v.ip)),
+            public_ip: None,
             tags: v.tags.clone(),
         }
     }
