@@ -417,3 +417,29 @@ fn the_cloud_is_chosen_by_name_and_endpoint_keys_in_the_configmap_are_refused() 
         assert!(e.to_string().contains("--dev-arm-endpoint"), "{e}");
     }
 }
+
+/// docs/caa.md lists every key the Azure settings read (a key added without its line fails).
+#[test]
+fn every_azure_setting_is_documented() {
+    let doc = include_str!("../../docs/caa.md");
+    let source = include_str!("mod.rs");
+    let start = source.find("fn azure_config(").unwrap();
+    let body = &source[start..start + source[start..].find("\n}\n").unwrap()];
+    let keys: Vec<&str> = body
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| {
+            k.len() > 3
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+        })
+        .collect();
+    assert!(keys.len() >= 15, "{keys:?}");
+    for k in keys.iter().chain(&["TAGS", "AZURE_CLOUD"]) {
+        assert!(
+            doc.contains(&format!("| `{k}` |")),
+            "docs/caa.md has no row for {k}"
+        );
+    }
+}
