@@ -114,11 +114,22 @@ fn hot_symbols_first() {
         );
         return;
     }
+    // The linker reads a copy in OUT_DIR: cargo keeps this script's output while the
+    // checkout moves (a cached target directory shared by clones at other paths), and a
+    // path into the checkout would then name a file that is not there.
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let copy = out.join("hot-symbols.txt");
+    if let Err(e) = std::fs::copy(&order, &copy) {
+        println!(
+            "cargo:warning=copying link/hot-symbols.txt: {e}: linking without the hot-symbol order"
+        );
+        return;
+    }
     println!("cargo:rustc-link-arg-bins=-fuse-ld=lld");
     println!("cargo:rustc-link-arg-bins=-B{}", gcc_ld.display());
     println!(
         "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-        order.display()
+        copy.display()
     );
     // Names the current code no longer has are skipped without a warning each.
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
