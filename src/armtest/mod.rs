@@ -526,7 +526,7 @@ async fn handle(
         };
         return (resp, label);
     }
-    if let Err(refused) = store.authorized(headers) {
+    if let Some(refused) = store.unauthorized(headers) {
         return (refused, None);
     }
     let api_version = query

@@ -493,21 +493,21 @@ impl Store {
         .into_response()
     }
 
-    /// Whether the request carries a token this server issued; `Err` says why not, as ARM
-    /// does (`ExpiredAuthenticationToken` once it expired).
-    pub fn authorized(&self, headers: &HeaderMap) -> Result<(), Response> {
+    /// `None` when the request carries a token this server issued and that is still
+    /// valid; else ARM's answer (`ExpiredAuthenticationToken` once it expired).
+    pub fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match token.and_then(|t| self.lock().tokens.get(t).copied()) {
-            Some(exp) if exp > SystemTime::now() => Ok(()),
-            Some(_) => Err(arm_error(
+            Some(exp) if exp > SystemTime::now() => None,
+            Some(_) => Some(arm_error(
                 StatusCode::UNAUTHORIZED,
                 "ExpiredAuthenticationToken",
                 "The access token expiry UTC time is earlier than current UTC time.",
             )),
-            None => Err(arm_error(
+            None => Some(arm_error(
                 StatusCode::UNAUTHORIZED,
                 "AuthenticationFailed",
                 "missing or invalid bearer token",
