@@ -777,6 +777,7 @@ fn provider_at(base: &str, subnet: String) -> Result<sandboxd::cloud::azure::Azu
         os_disk_type: "Premium_LRS".into(),
         os_disk_caching: "ReadWrite".into(),
         zones: Vec::new(),
+        image_ids: Vec::new(),
     };
     Ok(sandboxd::cloud::azure::AzureProvider::new(
         SUB,

@@ -894,10 +894,13 @@ fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
     } else if image["communityGalleryImageId"]
         .as_str()
         .is_none_or(|c| !c.to_ascii_lowercase().starts_with("/communitygalleries/"))
+        && image["sharedGalleryImageId"]
+            .as_str()
+            .is_none_or(|c| !c.to_ascii_lowercase().starts_with("/sharedgalleries/"))
     {
         return invalid(
             "imageReference",
-            "An image id or a community gallery image id is required",
+            "An image id, a community gallery image id or a shared gallery image id is required",
         );
     }
     let os_disk = &p["storageProfile"]["osDisk"];

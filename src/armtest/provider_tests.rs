@@ -132,6 +132,7 @@ impl Fixture {
             os_disk_type: "Premium_LRS".into(),
             os_disk_caching: "ReadWrite".into(),
             zones: Vec::new(),
+            image_ids: Vec::new(),
         };
         let mut cfg = cfg;
         edit(&mut cfg);
@@ -807,6 +808,36 @@ async fn restricted_sizes_are_refused_before_any_create_and_vms_spread_over_zone
             .get("zones")
             .is_none()
     );
+}
+
+/// Images shared with the subscription (`/SharedGalleries/…`) and community images go as
+/// the spec's `sharedGalleryImageId` / `communityGalleryImageId`, not as an `id`.
+#[tokio::test]
+async fn shared_and_community_gallery_images_use_their_own_reference_fields() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let p = f.provider(false, "s");
+    for (i, (image, field)) in [
+        (
+            "/SharedGalleries/0a1b-shared/Images/podvm/Versions/1.0.0",
+            "sharedGalleryImageId",
+        ),
+        (
+            "/CommunityGalleries/podvm-1a2b/Images/podvm/Versions/latest",
+            "communityGalleryImageId",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("podvm-gallery-0000000{i}");
+        let mut spec = f.spec(&name, "Standard_D4as_v5");
+        spec.image_id = image.to_string();
+        p.create(&spec).await.unwrap();
+        let r =
+            &f.handle.vm_request(&name).unwrap()["properties"]["storageProfile"]["imageReference"];
+        assert_eq!(r[*field], *image);
+        assert!(r.get("id").is_none(), "{r}");
+    }
 }
 
 /// `USE_PUBLIC_IP`: the VM gets a Standard static public IP that goes with it, and its

@@ -146,12 +146,11 @@ pub fn vm_model(
     nic.properties = Some(nic_props);
 
     let mut image = m::ImageReference::new();
-    if spec
-        .image_id
-        .to_ascii_lowercase()
-        .starts_with("/communitygalleries/")
-    {
+    let lower = spec.image_id.to_ascii_lowercase();
+    if lower.starts_with("/communitygalleries/") {
         image.community_gallery_image_id = Some(spec.image_id.clone());
+    } else if lower.starts_with("/sharedgalleries/") {
+        image.shared_gallery_image_id = Some(spec.image_id.clone());
     } else {
         image.sub_resource.id = Some(spec.image_id.clone());
     }

@@ -43,6 +43,9 @@ pub struct AzureConfig {
     /// `AZURE_ZONES`: availability zones pod VMs are spread over (one: pinned); empty:
     /// regional VMs, no zone.
     pub zones: Vec<String>,
+    /// `AZURE_IMAGE_IDS`: images a pod may ask for with the
+    /// `io.katacontainers.config.hypervisor.image` annotation (besides `AZURE_IMAGE_ID`).
+    pub image_ids: Vec<String>,
 }
 
 /// The OS disk storage types a pod VM may use; the first is the default (Standard disks
