@@ -154,6 +154,53 @@ fn route_locked(
     let mut g = store.lock();
     match l.as_slice() {
         ["subscriptions", _, "resourcegroups", _] => resource_group(&mut g, method, segs, body),
+        // Boot diagnostics: SAS URIs of the screenshot and the serial log (managed storage).
+        [
+            "subscriptions",
+            _,
+            "resourcegroups",
+            _,
+            "providers",
+            "microsoft.compute",
+            "virtualmachines",
+            _,
+            "retrievebootdiagnosticsdata",
+        ] if method == Method::POST => {
+            let id = format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+                segs[1], segs[3], segs[7]
+            );
+            match g.vms.get(&id.to_ascii_lowercase()) {
+                None => arm_error(
+                    StatusCode::NOT_FOUND,
+                    "ResourceNotFound",
+                    format!(
+                        "The Resource 'Microsoft.Compute/virtualMachines/{}' under resource group '{}' was not found.",
+                        segs[7], segs[3]
+                    ),
+                ),
+                Some(vm)
+                    if vm.request["properties"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"]
+                        .as_bool() != Some(true) =>
+                {
+                    arm_error(
+                        StatusCode::CONFLICT,
+                        "OperationNotAllowed",
+                        "Boot diagnostics is not enabled for this virtual machine.",
+                    )
+                }
+                Some(_) => {
+                    let sas = "sv=2021-08-06&sr=b&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=armtest";
+                    json_response(
+                        StatusCode::OK,
+                        json!({
+                            "consoleScreenshotBlobUri": format!("{base}/armtest/bootdiagnostics/{}/screenshot.bmp?{sas}", segs[7]),
+                            "serialConsoleLogBlobUri": format!("{base}/armtest/bootdiagnostics/{}/serial.log?{sas}", segs[7]),
+                        }),
+                    )
+                }
+            }
+        }
         [
             "subscriptions",
             _,

@@ -656,6 +656,24 @@ fn inspect(store: &Store, method: &Method, path: &str, body: &Bytes) -> Response
             }
             Err(e) => arm_error(StatusCode::BAD_REQUEST, "InvalidFault", e.to_string()),
         },
+        // The serial log blob a boot diagnostics SAS URI names (no bearer token: the SAS is
+        // the authorisation).
+        ("GET", p) if p.starts_with("/armtest/bootdiagnostics/") && p.ends_with("/serial.log") => {
+            let vm = p
+                .trim_start_matches("/armtest/bootdiagnostics/")
+                .trim_end_matches("/serial.log");
+            match store.vms().iter().find(|v| v.name.eq_ignore_ascii_case(vm)) {
+                Some(v) => (
+                    [("content-type", "text/plain")],
+                    format!(
+                        "[    0.000000] Linux version 6.1.0 (armtest)\n[    1.234567] systemd[1]: Started sandboxd forwarder.\n{} login: \n",
+                        v.name
+                    ),
+                )
+                    .into_response(),
+                None => (StatusCode::NOT_FOUND, "BlobNotFound").into_response(),
+            }
+        }
         ("DELETE", "/armtest/faults") => {
             store.clear_faults();
             StatusCode::NO_CONTENT.into_response()

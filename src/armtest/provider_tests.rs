@@ -840,6 +840,39 @@ async fn shared_and_community_gallery_images_use_their_own_reference_fields() {
     }
 }
 
+/// Boot diagnostics are on (managed storage), so the serial log of a VM that never reached
+/// its forwarder can be read: through `retrieveBootDiagnosticsData`'s SAS URI.
+#[tokio::test]
+async fn boot_diagnostics_are_on_and_the_serial_log_is_read_through_its_sas_uri() {
+    let f = Fixture::start(armtest::Config::default()).await;
+    let seeded = f.handle.requests().len();
+    let p = f.provider(false, "s");
+    let name = "podvm-boot-00000001";
+    p.create(&f.spec(name, "Standard_D4as_v5")).await.unwrap();
+    let body = f.handle.vm_request(name).unwrap();
+    assert_eq!(
+        body["properties"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"],
+        true
+    );
+    assert!(
+        body["properties"]["diagnosticsProfile"]["bootDiagnostics"]
+            .get("storageUri")
+            .is_none(),
+        "managed storage"
+    );
+    let log = p.serial_log(name).await.unwrap();
+    assert!(log.contains(&format!("{name} login:")), "{log}");
+    let err = p.serial_log("podvm-none-00000000").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let served = f.handle.requests();
+    let missing = crate::cloud::azure::permissions::ungranted(
+        served[seeded..]
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str())),
+    );
+    assert!(missing.is_empty(), "not granted: {missing:?}");
+}
+
 /// `USE_PUBLIC_IP`: the VM gets a Standard static public IP that goes with it, and its
 /// address is the one the tunnel and relay use.
 #[tokio::test]

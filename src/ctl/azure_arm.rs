@@ -455,6 +455,17 @@ impl Azure {
         Ok(Some(image.is_some()))
     }
 
+    /// The serial console log of VM `vm` in resource group `rg` (boot diagnostics).
+    pub async fn serial_log(&self, rg: &str, vm: &str) -> Result<String, Error> {
+        Ok(self
+            .client
+            .serial_log(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{vm}",
+                self.subscription
+            ))
+            .await?)
+    }
+
     /// Names of the VM sizes `region` offers.
     pub async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
         Ok(self

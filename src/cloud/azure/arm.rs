@@ -200,6 +200,8 @@ pub struct Arm {
     scope: String,
     policy: Arc<ArmPolicy>,
     polling: Polling,
+    /// The HTTP client, for URLs that carry their own authorisation (SAS).
+    http: Arc<dyn azure_core::HttpClient>,
 }
 
 impl Arm {
@@ -232,7 +234,7 @@ impl Arm {
             )
             .map_err(ArmError::Credential)?,
         );
-        let mut options = ClientOptions::new(azure_core::TransportOptions::new(client))
+        let mut options = ClientOptions::new(azure_core::TransportOptions::new(client.clone()))
             .retry(RetryOptions::none());
         options
             .per_retry_policies_mut()
@@ -253,6 +255,7 @@ impl Arm {
             credential,
             policy,
             polling: Polling::default(),
+            http: client,
         })
     }
 
@@ -504,6 +507,46 @@ impl Arm {
         }
         tokio::time::sleep(wait).await;
         Ok(())
+    }
+
+    /// The serial console log of VM `vm_id` from its boot diagnostics: ARM's
+    /// `retrieveBootDiagnosticsData` gives a short-lived SAS URI, read without the token.
+    pub async fn serial_log(&self, vm_id: &str) -> Result<String, ArmError> {
+        let uris = self
+            .send(
+                Method::Post,
+                &format!(
+                    "{vm_id}/retrieveBootDiagnosticsData?api-version=2024-07-01&sasUriExpirationTimeInMinutes=5"
+                ),
+                Some(&Value::Null),
+            )
+            .await?
+            .body;
+        let Some(uri) = uris["serialConsoleLogBlobUri"].as_str() else {
+            return Err(ArmError::Unexpected(format!(
+                "{vm_id}: boot diagnostics gave no serial log URI"
+            )));
+        };
+        let url = Url::parse(uri)
+            .map_err(|e| ArmError::Unexpected(format!("bad serial log URI: {e}")))?;
+        let what = format!("GET {}", url.path());
+        let resp = self
+            .http
+            .execute_request(&Request::new(url, Method::Get))
+            .await
+            .map_err(|e| ArmError::Transport(format!("{what}: {}", super::sentence(&e))))?;
+        let (status, _, body) = resp.deconstruct();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ArmError::Transport(format!("{what}: {}", super::sentence(&e))))?;
+        if !status.is_success() {
+            return Err(ArmError::Unexpected(format!(
+                "{what}: the serial log blob answered {}",
+                u16::from(status)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// The private IP of the NIC `nic_id` (its primary IP configuration).

@@ -235,6 +235,12 @@ pub fn vm_model(
             ..Default::default()
         }),
         security_profile,
+        // Boot diagnostics in managed storage: the serial log of a VM that never reaches
+        // the forwarder (`sandboxd ctl vm console`).
+        diagnostics_profile: serde_json::from_value(
+            serde_json::json!({"bootDiagnostics": {"enabled": true}}),
+        )
+        .ok(),
         user_data: spec
             .user_data
             .as_ref()

@@ -222,6 +222,15 @@ impl AzureProvider {
         self.arm.counters()
     }
 
+    /// The serial console log of VM `name` (boot diagnostics).
+    pub async fn serial_log(&self, name: &str) -> Result<String, Error> {
+        let id = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
+            self.subscription, self.config.resource_group
+        );
+        Ok(self.arm.serial_log(&id).await?)
+    }
+
     /// The settings this provider creates VMs with.
     pub fn config(&self) -> &AzureConfig {
         &self.config

@@ -39,6 +39,11 @@ pub const PERMISSIONS: &[Permission] = &[
         role: VMC,
     },
     Permission {
+        action: "Microsoft.Compute/virtualMachines/retrieveBootDiagnosticsData/action",
+        used_by: "ctl vm console: the serial log of a pod VM (boot diagnostics)",
+        role: VMC,
+    },
+    Permission {
         action: "Microsoft.Compute/locations/vmSizes/read",
         used_by: "ctl: the region's VM sizes",
         role: VMC,
