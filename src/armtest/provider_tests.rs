@@ -697,9 +697,23 @@ async fn sizes_come_from_the_region_and_unknown_sizes_are_named() {
         vec![VmSize {
             name: "Standard_D4as_v5".into(),
             vcpus: 4,
-            memory_mib: 16384
+            memory_mib: 16384,
+            gpus: 0,
         }]
     );
+    // A GPU size: its GPUs from the SKU's `GPUs` capability.
+    let f = Fixture::start(armtest::Config {
+        sizes: vec![("Standard_NC4as_T4_v3".into(), 4, 28672)],
+        gpus: vec![("Standard_NC4as_T4_v3".into(), 1)],
+        ..Default::default()
+    })
+    .await;
+    let sizes = f
+        .provider(false, "s")
+        .sizes(&["Standard_NC4as_T4_v3".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(sizes[0].gpus, 1);
     let err = p
         .sizes(&["Standard_Z9".to_string()])
         .await

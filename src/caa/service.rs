@@ -257,6 +257,10 @@ impl Caa {
             get(annotations::MACHINE_TYPE),
             get(annotations::DEFAULT_VCPUS),
             get(annotations::DEFAULT_MEMORY),
+        )
+        .with_gpus(
+            get(annotations::DEFAULT_GPUS),
+            get(annotations::DEFAULT_GPU_MODEL),
         );
         if self.config.azure.is_none() {
             if req != SizeRequest::default() {

@@ -82,6 +82,8 @@ pub struct VmSize {
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// GPUs (0: none).
+    pub gpus: u32,
 }
 
 /// Errors of cloud calls, typed by what the caller should do.

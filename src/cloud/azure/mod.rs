@@ -403,6 +403,7 @@ impl Provider for AzureProvider {
                         name: n.clone(),
                         vcpus: sku.vcpus,
                         memory_mib: sku.memory_mib,
+                        gpus: sku.gpus,
                     });
                 }
                 Err(e) => refused.push(e),

@@ -345,6 +345,7 @@ impl Provider for LocalProvider {
                 name: n.clone(),
                 vcpus: 1,
                 memory_mib: 1024,
+                gpus: 0,
             })
             .collect())
     }
