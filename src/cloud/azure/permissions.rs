@@ -44,13 +44,8 @@ pub const PERMISSIONS: &[Permission] = &[
         role: VMC,
     },
     Permission {
-        action: "Microsoft.Compute/locations/vmSizes/read",
-        used_by: "ctl: the region's VM sizes",
-        role: VMC,
-    },
-    Permission {
         action: "Microsoft.Compute/skus/read",
-        used_by: "CAA at start: the allowed sizes' vCPUs, memory, zones and restrictions (Resource SKUs)",
+        used_by: "CAA at start, ctl azure configmap: the allowed sizes' vCPUs, memory, GPUs, zones and restrictions (Resource SKUs)",
         role: READER,
     },
     Permission {
