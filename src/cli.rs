@@ -38,7 +38,9 @@ pub enum Command {
     Ctl(crate::ctl::Args),
     /// Print the version and build target.
     Version,
-    /// Developer tools, not part of a deployment (hidden from help).
+    /// Developer tools, not part of a deployment (hidden from help; builds with the `dev`
+    /// feature only).
+    #[cfg(feature = "dev")]
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
     /// What the binary runs as `/bin/bash` and `/usr/bin/tar` in an `oc adm must-gather`
@@ -48,6 +50,7 @@ pub enum Command {
 }
 
 /// Developer tools: test peers that demos and `ctl` dry runs start as processes.
+#[cfg(feature = "dev")]
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Serve the ARM test server (the Azure Resource Manager subset sandboxd uses).

@@ -26,7 +26,7 @@ use crate::cloud::Vm;
 use crate::forwarder::Config;
 
 /// Annotation on the PeerPod with the pod's network namespace on the worker.
-pub const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
+pub(crate) const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
 
 #[derive(Clone, Debug)]
 struct Path_ {
@@ -35,7 +35,7 @@ struct Path_ {
 }
 
 /// Data path state of one CAA.
-pub struct Datapath {
+pub(crate) struct Datapath {
     pki: Pki,
     sockets: AgentSockets,
     sandboxes: Mutex<HashMap<String, Path_>>,
@@ -83,7 +83,7 @@ impl Datapath {
     /// to `/run` on every current distribution, and the DaemonSet mounts the host's
     /// `/run/netns` (the image has no `/var`), so `/var/run/...` is read as `/run/...`.
     /// Empty: no pod network (no data path).
-    pub fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
+    pub(crate) fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
         if path.is_empty() {
             return Ok(None);
         }
@@ -126,7 +126,7 @@ impl Datapath {
     }
 
     /// CreateVM: remembers the pod's network namespace.
-    pub fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
+    pub(crate) fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
         if let Some(netns) = netns {
             self.put(
                 id,
@@ -139,7 +139,7 @@ impl Datapath {
     }
 
     /// Forgets a sandbox that never started (nothing of its data path exists).
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -148,7 +148,7 @@ impl Datapath {
 
     /// StartVM, before the create call: the user data carrying the forwarder config (a VNI
     /// no live VM of this node holds, recorded on the PeerPod first).
-    pub async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
+    pub(crate) async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
         let Some(mut p) = self.get(&r.sandbox_id) else {
             return Ok(None);
         };
@@ -213,7 +213,7 @@ impl Datapath {
 
     /// StartVM, once the VM has an IP: readiness `agent`, the worker end of the tunnel and
     /// the agent socket.
-    pub async fn ready(
+    pub(crate) async fn ready(
         &self,
         caa: &Caa,
         r: &Record,
@@ -256,7 +256,7 @@ impl Datapath {
 
     /// After a CAA restart: serves the agent socket of a running VM again (the tunnel lives
     /// in the kernel and stayed).
-    pub fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
+    pub(crate) fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
         let netns = pp
             .metadata
             .annotations
@@ -281,7 +281,7 @@ impl Datapath {
 
     /// Before the VM is deleted: stops the agent socket and removes the worker end of the
     /// tunnel.
-    pub async fn stop(&self, r: &Record) {
+    pub(crate) async fn stop(&self, r: &Record) {
         self.sockets.stop(&r.sandbox_id);
         let p = self
             .sandboxes
@@ -300,14 +300,14 @@ impl Datapath {
 }
 
 /// `<pods dir>/<id>/agent.ttrpc`.
-pub fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
+pub(crate) fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
     pods_dir.join(id).join(names::AGENT_SOCKET_FILE)
 }
 
 /// The worker's end of every pod tunnel, from what the DaemonSet gives CAA through the
 /// downward API: the first IPv4 address of `NODE_IPS` (`status.hostIPs`, dual-stack nodes),
 /// else `NODE_IP` (`status.hostIP`). The tunnel is VXLAN over IPv4.
-pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
+pub(crate) fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
     let node_ip = node_ip.map(str::trim).filter(|s| !s.is_empty());
     let node_ips = node_ips.map(str::trim).filter(|s| !s.is_empty());
     if node_ip.is_none() && node_ips.is_none() {
@@ -348,7 +348,7 @@ pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr
 
 /// Fails unless `ip` is an address of an interface in the node's network namespace (CAA runs
 /// with the host's network): the VXLAN devices of every pod tunnel are bound to it.
-pub async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
+pub(crate) async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
     let nl = crate::cloud::net::Netlink::node()
         .await
         .map_err(|e| format!("reading the node's interfaces: {e}"))?;

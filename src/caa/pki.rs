@@ -60,11 +60,11 @@ impl std::fmt::Debug for Pki {
 
 /// Validity of CAA's CA. It is renewed at 2/3 of its life; the old CA stays trusted (and
 /// its client certificate presented to the VMs that trust it) until it expires.
-pub const CA_VALIDITY: time::Duration = time::Duration::days(365);
+pub(crate) const CA_VALIDITY: time::Duration = time::Duration::days(365);
 /// Validity of a pod VM's server certificate (never beyond its CA's): CAA checks it when it
 /// dials the forwarder, at StartVM and for each agent connection of the sandbox (kata's
 /// shim keeps one for the sandbox's life).
-pub const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
+pub(crate) const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
 const PREVIOUS_CA_CERT: &str = "previous-ca.crt";
 const PREVIOUS_CLIENT_CERT: &str = "previous-tls.crt";
 const PREVIOUS_CLIENT_KEY: &str = "previous-tls.key";
@@ -99,7 +99,7 @@ fn subject_forms(pem: &str) -> Vec<Vec<u8>> {
 }
 
 /// When a CA with `validity` is renewed: once a third of its life is left.
-pub fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
+pub(crate) fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
     validity.renew_at(CA_VALIDITY)
 }
 
@@ -301,7 +301,11 @@ impl Pki {
     /// Reads the Secret `ns/name`, creating it with fresh material when absent and rotating
     /// the CA when it is due (the previous one kept while it is valid). Concurrent CAAs
     /// agree through the Secret's resourceVersion.
-    pub async fn load_or_create(client: &Client, ns: &str, name: &str) -> Result<Self, PkiError> {
+    pub(crate) async fn load_or_create(
+        client: &Client,
+        ns: &str,
+        name: &str,
+    ) -> Result<Self, PkiError> {
         Self::load_at(client, ns, name, OffsetDateTime::now_utc())
             .await
             .map(Self::wrap)
@@ -369,7 +373,7 @@ impl Pki {
 
     /// Re-reads (and when due rotates) the Secret before the CA's renewal time, for as long
     /// as `stop` is not cancelled; each pass swaps in the material of all CAAs' agreement.
-    pub async fn keep_fresh(
+    pub(crate) async fn keep_fresh(
         self,
         client: Client,
         ns: String,

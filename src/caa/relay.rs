@@ -61,18 +61,6 @@ pub enum RelayError {
     },
 }
 
-impl RelayError {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            RelayError::Pki(_) => "pki",
-            RelayError::Unreachable { .. } => "forwarder_unreachable",
-            RelayError::AgentSilent { .. } => "agent_silent",
-            RelayError::Socket { .. } => "agent_socket",
-        }
-    }
-}
-
 /// Dials the forwarder of `vm_name` at `addr` over mutual TLS, retrying with backoff until
 /// `timeout` passes.
 pub async fn dial(
@@ -153,7 +141,7 @@ pub async fn handshake(
 /// `timeout` passes. The kata shim's first agent call is this check with a fixed 30 s
 /// deadline: answering StartVM only once it passes keeps a slowly booting agent from
 /// failing the pod.
-pub async fn agent_health(
+pub(crate) async fn agent_health(
     cfg: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     vm_name: &str,
@@ -323,7 +311,7 @@ impl AgentSockets {
     }
 
     /// Stops serving sandbox `id` and removes its socket and directory.
-    pub fn stop(&self, id: &str) {
+    pub(crate) fn stop(&self, id: &str) {
         if let Some(s) = self
             .served
             .lock()

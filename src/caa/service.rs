@@ -21,7 +21,7 @@ use crate::config::PeerPodsConfig;
 use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
-pub struct Caa {
+pub(crate) struct Caa {
     pub(crate) client: Client,
     pub(crate) provider: Arc<dyn Provider>,
     pub(crate) config: PeerPodsConfig,
@@ -48,7 +48,7 @@ pub struct Caa {
 
 impl Caa {
     /// Reads the cluster id and the allowed sizes, and reconciles the node's records.
-    pub async fn start(
+    pub(crate) async fn start(
         client: Client,
         provider: Arc<dyn Provider>,
         config: PeerPodsConfig,
@@ -160,7 +160,10 @@ impl Caa {
     /// socket path. Nothing is written yet: the record that guards the VM is written by
     /// StartVM, before any cloud call, so a shim that gives up between CreateVM and StartVM
     /// (and never calls StopVM) leaves nothing behind.
-    pub async fn do_create_vm(&self, req: &hypervisor::CreateVMRequest) -> Result<String, Error> {
+    pub(crate) async fn do_create_vm(
+        &self,
+        req: &hypervisor::CreateVMRequest,
+    ) -> Result<String, Error> {
         if req.id.is_empty() {
             return Err(Error::InvalidRequest(
                 "CreateVM without a sandbox id".into(),
@@ -305,7 +308,7 @@ impl Caa {
     /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
     /// the instance id, IP and Running phase are written in the background once the VM is
     /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
-    pub async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         let r = match self.remembered(id) {
@@ -457,7 +460,7 @@ impl Caa {
 
     /// StopVM: delete the VM; the record is released in the background. Succeeds when the VM
     /// is gone.
-    pub async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         if self
@@ -480,7 +483,7 @@ impl Caa {
 
     /// StopVM bounded by `within`: the delete runs as its own task and goes on to completion
     /// when the bound passes first; the answer then says so (`Ok(Some(note))`).
-    pub async fn do_stop_vm_within(
+    pub(crate) async fn do_stop_vm_within(
         self: &Arc<Self>,
         id: &str,
         within: Option<Duration>,
@@ -618,7 +621,10 @@ impl Caa {
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
-    pub async fn do_get_info(&self, req: &podvminfo::GetInfoRequest) -> Result<String, Error> {
+    pub(crate) async fn do_get_info(
+        &self,
+        req: &podvminfo::GetInfoRequest,
+    ) -> Result<String, Error> {
         // Answered from memory when this CAA started the VM.
         let known = {
             let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
@@ -652,7 +658,7 @@ impl Caa {
     }
 
     /// Start-up reconcile: records whose pod is gone lose their VM; others are resumed.
-    pub async fn reconcile(&self) -> Result<(), Error> {
+    pub(crate) async fn reconcile(&self) -> Result<(), Error> {
         for mut p in state::of_node(&self.client, self.node()).await? {
             let r = Record::from_peerpod(&p);
             if p.metadata.deletion_timestamp.is_some() {

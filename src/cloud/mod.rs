@@ -5,6 +5,7 @@
 //! tunnel share. This module imports nothing else of the crate (a unit test checks it).
 
 pub mod azure;
+#[cfg(feature = "dev")]
 pub mod local;
 pub mod net;
 pub mod secret;

@@ -26,7 +26,7 @@ use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
 /// Flags of `ctl doctor`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Name of the operator Deployment in the namespace.
     #[arg(long, default_value = crate::api::names::OPERATOR)]
     pub operator_deployment: String,
@@ -48,7 +48,7 @@ pub struct Args {
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum Status {
     /// Fine.
     Ok,
     /// Works, but worth a look.
@@ -59,7 +59,7 @@ pub enum Status {
 
 /// One finding.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Finding {
+pub(crate) struct Finding {
     /// Which check (`operator`, `crds`, `secret`, `configmap`, `image`, `runtimeclass`,
     /// `nodes`, `webhook`, `caa`, `nsg`).
     pub check: &'static str,
@@ -101,17 +101,10 @@ fn warn(check: &'static str, message: impl Into<String>, fix: impl Into<String>)
 
 /// Errors of the doctor itself (a failed check is a finding, not an error).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Some checks failed.
     #[error("{0} check(s) failed")]
     Failed(usize),
-}
-
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        "checks_failed"
-    }
 }
 
 /// What the configuration checks found, for the checks after them.
@@ -122,7 +115,7 @@ struct Config {
 }
 
 /// Runs every check against the cluster (and ARM).
-pub async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
+pub(crate) async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
     let ns = ctx.namespace.as_str();
     let mut out = Vec::new();
     out.push(check_operator(client, ns, &args.operator_deployment).await);
@@ -779,7 +772,7 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
 }
 
 /// The findings as the table `ctl doctor` prints: one line each, its fix below.
-pub fn render(found: &[Finding]) -> String {
+pub(crate) fn render(found: &[Finding]) -> String {
     let mut out = String::new();
     for f in found {
         let status = match f.status {
@@ -796,7 +789,7 @@ pub fn render(found: &[Finding]) -> String {
 }
 
 /// Run the command.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let found = findings(ctx, &args, &client).await;
     match ctx.output {

@@ -212,11 +212,6 @@ impl TestNode {
         std::fs::read(&path).with_context(|| format!("reading {node_path} on the node"))
     }
 
-    /// The node's containerd socket (host path).
-    pub fn containerd_socket(&self) -> PathBuf {
-        self.dir.join("run/containerd/containerd.sock")
-    }
-
     /// The node's logs directory (one file per daemon).
     pub fn logs(&self) -> PathBuf {
         self.dir.join("logs")

@@ -251,8 +251,6 @@ pub struct Launch {
     pub user: (u32, u32),
     /// The pod runs in the host's network namespace.
     pub host_network: bool,
-    /// Privileged.
-    pub privileged: bool,
 }
 
 impl Launch {
@@ -588,7 +586,6 @@ pub async fn resolve(
         mounts,
         user: (uid, gid),
         host_network,
-        privileged: sc.privileged.unwrap_or(false),
     })
 }
 
@@ -769,8 +766,6 @@ fn tool(name: &str) -> Result<String> {
 pub struct Container {
     /// The process (the launcher execs into the container's entrypoint).
     pub process: Process,
-    /// Its root directory (a tmpfs in its own mount namespace; empty from the host).
-    pub root: PathBuf,
 }
 
 impl Container {
@@ -886,6 +881,6 @@ impl Container {
             ],
             &[],
         )?;
-        Ok(Self { process, root })
+        Ok(Self { process })
     }
 }

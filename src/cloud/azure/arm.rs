@@ -110,20 +110,6 @@ impl ArmError {
             _ => None,
         }
     }
-
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ArmError::Status { status: 404, .. } => "not_found",
-            ArmError::Status { status: 429, .. } => "throttled",
-            ArmError::Status { .. } => "status",
-            ArmError::Operation { .. } => "operation",
-            ArmError::Timeout { .. } => "timeout",
-            ArmError::Credential(_) => "credential",
-            ArmError::Transport(_) => "transport",
-            ArmError::Unexpected(_) => "unexpected",
-        }
-    }
 }
 
 /// What CAA and the collector make of an ARM failure: the same sentences as for the

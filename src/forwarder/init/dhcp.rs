@@ -12,7 +12,7 @@ const FLAG_BROADCAST: u16 = 0x8000;
 
 /// DHCP message types (option 53).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageType {
+pub(crate) enum MessageType {
     /// Client looks for servers.
     Discover = 1,
     /// Server offers an address.
@@ -43,7 +43,7 @@ impl MessageType {
 
 /// One DHCP message (the fields this client uses).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     /// BOOTREQUEST (1) or BOOTREPLY (2).
     pub op: u8,
     /// Transaction id.
@@ -60,7 +60,7 @@ pub struct Message {
 
 /// A lease: what the interface gets configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     /// The address.
     pub address: Ipv4Addr,
     /// Prefix length from the subnet mask.
@@ -81,7 +81,12 @@ pub struct Lease {
 
 impl Message {
     /// A client request of `kind` from `mac`.
-    pub fn request(kind: MessageType, xid: u32, mac: [u8; 6], extra: Vec<(u8, Vec<u8>)>) -> Self {
+    pub(crate) fn request(
+        kind: MessageType,
+        xid: u32,
+        mac: [u8; 6],
+        extra: Vec<(u8, Vec<u8>)>,
+    ) -> Self {
         let mut options = vec![(53, vec![kind as u8])];
         let mut client_id = vec![1u8];
         client_id.extend_from_slice(&mac);
@@ -100,7 +105,7 @@ impl Message {
     }
 
     /// The wire form (at least 300 bytes, as BOOTP relays expect).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; 236];
         b[0] = self.op;
         b[1] = 1; // Ethernet
@@ -123,7 +128,7 @@ impl Message {
     }
 
     /// Parses a message; `None` when it is not DHCP.
-    pub fn decode(b: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
         if b.len() < 240 || b[236..240] != MAGIC || b[1] != 1 || b[2] != 6 {
             return None;
         }
@@ -151,7 +156,7 @@ impl Message {
     }
 
     /// The value of option `code`.
-    pub fn option(&self, code: u8) -> Option<&[u8]> {
+    pub(crate) fn option(&self, code: u8) -> Option<&[u8]> {
         self.options
             .iter()
             .find(|(c, _)| *c == code)
@@ -159,7 +164,7 @@ impl Message {
     }
 
     /// The message type (option 53).
-    pub fn kind(&self) -> Option<MessageType> {
+    pub(crate) fn kind(&self) -> Option<MessageType> {
         MessageType::from_u8(*self.option(53)?.first()?)
     }
 
@@ -169,7 +174,7 @@ impl Message {
     }
 
     /// The lease an ACK grants.
-    pub fn lease(&self) -> Option<Lease> {
+    pub(crate) fn lease(&self) -> Option<Lease> {
         let mask = self.ip(1).map(u32::from).unwrap_or(0xffff_ff00);
         let dns = self
             .option(6)
@@ -198,7 +203,7 @@ impl Message {
 }
 
 /// Decodes option 121 (RFC 3442): width, significant destination octets, gateway.
-pub fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
+pub(crate) fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -227,7 +232,7 @@ pub fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
 
 /// Errors of the DHCP exchange.
 #[derive(Debug, thiserror::Error)]
-pub enum DhcpError {
+pub(crate) enum DhcpError {
     /// The socket cannot be set up.
     #[error("DHCP socket on {iface}: {detail}")]
     Socket {
@@ -242,17 +247,6 @@ pub enum DhcpError {
     /// The server refused.
     #[error("DHCP server refused the request (NAK)")]
     Nak,
-}
-
-impl DhcpError {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            DhcpError::Socket { .. } => "dhcp_socket",
-            DhcpError::Timeout(_) => "dhcp_timeout",
-            DhcpError::Nak => "dhcp_nak",
-        }
-    }
 }
 
 fn socket(iface: &str) -> Result<tokio::net::UdpSocket, DhcpError> {
@@ -300,7 +294,11 @@ async fn exchange(
 }
 
 /// Obtains a lease on `iface` (which must be up), retrying until `total` passes.
-pub async fn acquire(iface: &str, mac: [u8; 6], total: Duration) -> Result<Lease, DhcpError> {
+pub(crate) async fn acquire(
+    iface: &str,
+    mac: [u8; 6],
+    total: Duration,
+) -> Result<Lease, DhcpError> {
     let sock = socket(iface)?;
     let deadline = tokio::time::Instant::now() + total;
     let mut wait = Duration::from_secs(1);
