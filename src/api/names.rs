@@ -133,6 +133,8 @@ pub mod annotations {
     pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
     /// GPUs of the pod VM, an integer ("0" when unset).
     pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
+    /// GPU model of the pod VM (matched in the instance size name, e.g. `A100`, `T4`).
+    pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
 }
 
 /// The node directory CAA shares with the kata shim (a hostPath of the CAA DaemonSet).

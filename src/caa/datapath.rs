@@ -245,7 +245,7 @@ impl Datapath {
         let Some(p) = self.get(&r.sandbox_id) else {
             return Ok(());
         };
-        let Some(IpAddr::V4(ip)) = vm.private_ip else {
+        let Some(IpAddr::V4(ip)) = vm.address() else {
             return Err(dp(format!("VM {} has no IPv4 address", vm.name)));
         };
         if caa.args.readiness == Readiness::Agent {

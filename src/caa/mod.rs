@@ -176,7 +176,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ssh_key = match std::fs::read_to_string(&args.ssh_public_key) {
         Ok(s) => Some(s.trim().to_string()),
         Err(e) => {
-            tracing::warn!(path = %args.ssh_public_key.display(), error = %e, "no SSH public key; VMs are created without one");
+            tracing::warn!(path = %args.ssh_public_key.display(), error = %e, "no SSH public key; pod VMs get a generated key whose private half is not kept (no SSH login)");
             None
         }
     };

@@ -31,6 +31,8 @@ pub(crate) struct Caa {
     sizes: Vec<VmSize>,
     default_size: String,
     image_id: String,
+    /// Images a pod may ask for besides `image_id` (`AZURE_IMAGE_IDS`).
+    image_ids: Vec<String>,
     sandboxes: Mutex<HashMap<String, Record>>,
     /// Sandboxes CreateVM remembered whose record StartVM has not written yet.
     unrecorded: Mutex<HashSet<String>>,
@@ -75,6 +77,7 @@ impl Caa {
         super::datapath::check_node_ip(node_ip)
             .await
             .map_err(Error::Tunnel)?;
+        let image_ids = az.as_ref().map(|a| a.image_ids.clone()).unwrap_or_default();
         let sizes = provider.sizes(&names).await?;
         let datapath =
             super::datapath::Datapath::new(&client, node_ip, args.relay_socket.clone()).await;
@@ -90,6 +93,7 @@ impl Caa {
             sizes,
             default_size,
             image_id,
+            image_ids,
             sandboxes: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashSet::new()),
             started: Mutex::new(HashMap::new()),
@@ -193,6 +197,11 @@ impl Caa {
         };
         let name = of.name.as_str();
         let size = self.size_of(&req.id, get)?;
+        let image = match (&self.config.azure, get(annotations::IMAGE)) {
+            (Some(_), Some(asked)) => choose_image(asked, &self.image_id, &self.image_ids)
+                .map_err(Error::InvalidRequest)?,
+            _ => String::new(),
+        };
         let pod_uid = self.pod_uid(ns, name, of.uid.as_deref()).await?;
         let netns = self.datapath.resolve_netns(&req.networkNamespacePath)?;
         let r = Record {
@@ -202,6 +211,7 @@ impl Caa {
             vm_name: vm_name(name, &req.id),
             sandbox_id: req.id.clone(),
             size,
+            image,
         };
         let lock = self.lock_of(&req.id);
         let _g = lock.lock().await;
@@ -252,6 +262,10 @@ impl Caa {
             get(annotations::MACHINE_TYPE),
             get(annotations::DEFAULT_VCPUS),
             get(annotations::DEFAULT_MEMORY),
+        )
+        .with_gpus(
+            get(annotations::DEFAULT_GPUS),
+            get(annotations::DEFAULT_GPU_MODEL),
         );
         if self.config.azure.is_none() {
             if req != SizeRequest::default() {
@@ -342,7 +356,11 @@ impl Caa {
             } else {
                 r.size.clone()
             },
-            image_id: self.image_id.clone(),
+            image_id: if r.image.is_empty() {
+                self.image_id.clone()
+            } else {
+                r.image.clone()
+            },
             user_data: self.datapath.user_data(self, &r).await?,
             ssh_public_key: self.ssh_key.clone(),
             tags: self.tags_of(&r),
@@ -393,9 +411,9 @@ impl Caa {
                     .insert(id.to_string(), vm.id.clone());
                 self.writer.push(
                     key,
-                    Pending::running(vm.id.clone(), vm.private_ip.map(|ip| ip.to_string())),
+                    Pending::running(vm.id.clone(), vm.address().map(|ip| ip.to_string())),
                 );
-                tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
+                tracing::info!(vm = %vm.name, ip = ?vm.address(), "VM running");
                 Ok(())
             }
             Err(e) => {
@@ -690,8 +708,8 @@ impl Caa {
             return;
         }
         match self.provider.get(&r.vm_name).await {
-            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.private_ip.is_some() => {
-                let ip = vm.private_ip.map(|ip| ip.to_string());
+            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.address().is_some() => {
+                let ip = vm.address().map(|ip| ip.to_string());
                 tracing::info!(vm = %r.vm_name, "recording the instance of a running VM");
                 self.writer
                     .push(Key::of(r), Pending::running(vm.id.clone(), ip.clone()));
@@ -895,6 +913,27 @@ pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Serve
     Ok(server)
 }
 
+/// The image a pod asks for with the `io.katacontainers.config.hypervisor.image`
+/// annotation: `AZURE_IMAGE_ID` or one of `AZURE_IMAGE_IDS` (as the configuration spells it);
+/// empty for the configured image. Anything else is refused naming what is allowed.
+fn choose_image(asked: &str, default: &str, allowed: &[String]) -> Result<String, String> {
+    let asked = asked.trim();
+    if asked.eq_ignore_ascii_case(default) {
+        return Ok(String::new());
+    }
+    match allowed.iter().find(|a| a.eq_ignore_ascii_case(asked)) {
+        Some(a) => Ok(a.clone()),
+        None => Err(format!(
+            "the pod asks for image {asked:?} ({}), which is not allowed: AZURE_IMAGE_ID and AZURE_IMAGE_IDS of peer-pods-cm allow {}",
+            annotations::IMAGE,
+            std::iter::once(default)
+                .chain(allowed.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -935,5 +974,32 @@ mod tests {
             answer_within(600_000_000_000),
             Some(Duration::from_secs(598))
         );
+    }
+
+    #[test]
+    fn a_pod_may_ask_only_for_an_allowed_image() {
+        let allowed = vec![
+            "/SharedGalleries/abc-shared/Images/podvm-gpu/Versions/1.0.0".to_string(),
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/debug/versions/1.0.0".to_string(),
+        ];
+        let default = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0";
+        assert_eq!(
+            super::choose_image(default, default, &allowed),
+            Ok(String::new())
+        );
+        assert_eq!(
+            super::choose_image(
+                "/sharedgalleries/abc-shared/images/podvm-gpu/versions/1.0.0",
+                default,
+                &allowed
+            ),
+            Ok(allowed[0].clone())
+        );
+        let err = super::choose_image("/subscriptions/x/evil", default, &allowed).unwrap_err();
+        assert!(
+            err.contains("not allowed") && err.contains("AZURE_IMAGE_IDS"),
+            "{err}"
+        );
+        assert!(err.contains("podvm-gpu") && err.contains("/evil"), "{err}");
     }
 }

@@ -16,6 +16,8 @@ pub(crate) const LABEL_NODE: &str = "sandboxd.io/node";
 pub(crate) const LABEL_SANDBOX: &str = "sandboxd.io/sandbox-id";
 /// Annotation with the instance size chosen at CreateVM.
 pub(crate) const ANNOTATION_SIZE: &str = "sandboxd.io/instance-size";
+/// Annotation with the image a pod asked for at CreateVM (absent: `AZURE_IMAGE_ID`).
+pub(crate) const ANNOTATION_IMAGE: &str = "sandboxd.io/image";
 
 /// The label value of a sandbox id.
 pub(crate) fn sandbox_label(id: &str) -> String {
@@ -40,6 +42,8 @@ pub(crate) struct Record {
     pub sandbox_id: String,
     /// Chosen instance size.
     pub size: String,
+    /// The image the pod asked for; empty: the configured one.
+    pub image: String,
 }
 
 impl Record {
@@ -58,6 +62,11 @@ impl Record {
             size: p
                 .annotations()
                 .get(ANNOTATION_SIZE)
+                .cloned()
+                .unwrap_or_default(),
+            image: p
+                .annotations()
+                .get(ANNOTATION_IMAGE)
                 .cloned()
                 .unwrap_or_default(),
         }
@@ -80,6 +89,11 @@ pub(crate) async fn record(
         controller: Some(false),
         block_owner_deletion: Some(false),
     };
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(ANNOTATION_SIZE.into(), r.size.clone().into());
+    if !r.image.is_empty() {
+        annotations.insert(ANNOTATION_IMAGE.into(), r.image.clone().into());
+    }
     let obj = json!({
         "apiVersion": "confidentialcontainers.org/v1alpha1",
         "kind": "PeerPod",
@@ -87,7 +101,7 @@ pub(crate) async fn record(
             "name": r.vm_name,
             "namespace": r.namespace,
             "labels": {LABEL_NODE: node, LABEL_SANDBOX: sandbox_label(&r.sandbox_id)},
-            "annotations": {ANNOTATION_SIZE: r.size},
+            "annotations": annotations,
             "finalizers": [FINALIZER],
             "ownerReferences": [owner],
         },

@@ -441,16 +441,35 @@ impl Azure {
         Ok(Some(image.is_some()))
     }
 
-    /// Names of the VM sizes `region` offers.
+    /// The serial console log of VM `vm` in resource group `rg` (boot diagnostics).
+    pub(crate) async fn serial_log(&self, rg: &str, vm: &str) -> Result<String, Error> {
+        Ok(self
+            .client
+            .serial_log(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{vm}",
+                self.subscription
+            ))
+            .await?)
+    }
+
+    /// Names of the VM sizes `region` offers this subscription (Resource SKUs; a size
+    /// restricted for the subscription in the region is not offered).
     pub(crate) async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
+        use crate::cloud::azure::skus;
+        let filter: String =
+            url::form_urlencoded::byte_serialize(format!("location eq '{region}'").as_bytes())
+                .collect();
         Ok(self
             .list(&format!(
-                "/subscriptions/{}/providers/Microsoft.Compute/locations/{region}/vmSizes?api-version={COMPUTE_API}",
-                self.subscription
+                "/subscriptions/{}/providers/Microsoft.Compute/skus?api-version={}&$filter={filter}",
+                self.subscription,
+                skus::SKUS_API
             ))
             .await?
             .iter()
-            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .filter_map(|v| skus::parse(v, region))
+            .filter(|s| s.location_restriction.is_none())
+            .map(|s| s.name)
             .collect())
     }
 }

@@ -57,6 +57,22 @@ pub(crate) enum Command {
     Create(CreateArgs),
     /// Stop and delete the VM of a sandbox through this node's CAA socket (as the kata shim).
     Delete(DeleteArgs),
+    /// Print the serial console log of a pod's VM (Azure boot diagnostics): for a VM that
+    /// never reached its forwarder.
+    Console(ConsoleArgs),
+}
+
+/// Flags of `ctl vm console`.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    /// The pod, as `NAME` (in `--pod-namespace`) or `NAMESPACE/NAME`.
+    pub pod: String,
+    /// Namespace of the pod when `POD` has none.
+    #[arg(long, default_value = "default")]
+    pub pod_namespace: String,
+    /// Azure endpoints.
+    #[command(flatten)]
+    pub endpoints: super::azure_arm::EndpointArgs,
 }
 
 /// Flags of `ctl vm create`.
@@ -304,7 +320,59 @@ pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
             println!("VM of sandbox {} stopped and deleted", a.sandbox_id);
             Ok(())
         }
+        Command::Console(a) => {
+            print!("{}", console(ctx, &a).await?);
+            Ok(())
+        }
     }
+}
+
+/// The serial log of the VM of pod `a.pod`: its newest PeerPod names the VM, `peer-pods-cm`
+/// the resource group, `peer-pods-secret` (or the `AZURE_*` environment) the credentials.
+async fn console(ctx: &Ctx, a: &ConsoleArgs) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (ns, pod) = match a.pod.split_once('/') {
+        Some((ns, pod)) => (ns, pod),
+        None => (a.pod_namespace.as_str(), a.pod.as_str()),
+    };
+    let client = ctx.client().await?;
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default()).await.map_err(|e| {
+        if is_not_found(&e) {
+            Error::NotInstalled
+        } else {
+            Error::Api(e)
+        }
+    })?;
+    let vm = list
+        .items
+        .iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.name == pod))
+        .max_by_key(|p| p.creation_timestamp())
+        .map(|p| p.spec.vm_name.clone())
+        .with_context(|| format!("pod {ns}/{pod} has no peer-pod VM (no PeerPod owned by it)"))?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);
+    let cm = cms
+        .get_opt(crate::api::names::CONFIG_MAP)
+        .await?
+        .and_then(|c| c.data)
+        .unwrap_or_default();
+    let rg = cm
+        .get("AZURE_RESOURCE_GROUP")
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "{} in namespace {} has no AZURE_RESOURCE_GROUP",
+                crate::api::names::CONFIG_MAP,
+                ctx.namespace
+            )
+        })?;
+    let secret = super::azure_arm::credentials(&client, &ctx.namespace, None).await?;
+    let endpoints = super::azure_arm::resolve_endpoints(&a.endpoints, &cm)?;
+    let azure = super::azure_arm::Azure::new(&secret, &endpoints)?;
+    Ok(azure.serial_log(&rg, &vm).await?)
 }
 
 async fn list(ctx: &Ctx) -> anyhow::Result<()> {

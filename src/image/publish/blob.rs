@@ -95,7 +95,13 @@ impl BlobClient {
             endpoint.set_path(&p);
         }
         Self {
-            http: azure_core::new_http_client(),
+            // Behind a proxy and with the system's CA bundle, as ARM's calls.
+            http: crate::cloud::azure::HttpSettings::from_env()
+                .client()
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "proxy settings not usable; connecting directly");
+                    azure_core::new_http_client()
+                }),
             endpoint,
             key,
             attempts: 6,
