@@ -26,7 +26,7 @@ CONNECTIONS=${CONNECTIONS:-32}
 RATE=${RATE:-500}
 RATE_WORKERS=${RATE_WORKERS:-4}
 BODY=$ROOT/src/webhook/fixtures/kata-remote-pod.json
-SANDBOXD=${SANDBOXD:-${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-musl/dist/sandboxd}
+SANDBOXD=${SANDBOXD:-${CARGO_TARGET_DIR:-$ROOT/target}/shipped/sandboxd}
 mkdir -p "$BENCH_CACHE"
 WORK=$(mktemp -d "$BENCH_CACHE/run.XXXXXX")
 PIDS=()

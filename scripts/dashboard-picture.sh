@@ -18,8 +18,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SANDBOXD="${SANDBOXD:-}"
 if [ -z "$SANDBOXD" ]; then
-  # The newest build: `make build` (static release) or `cargo build` (debug).
-  for b in "$ROOT/target/x86_64-unknown-linux-musl/dist/sandboxd" "$ROOT/target/debug/sandboxd"; do
+  # The newest build with the `dev` feature: `make dev-build` (static release) or
+  # `cargo build --features dev` (debug).
+  for b in "$ROOT/target/dev-feature/sandboxd" "$ROOT/target/debug/sandboxd"; do
     if [ -x "$b" ] && { [ -z "$SANDBOXD" ] || [ "$b" -nt "$SANDBOXD" ]; }; then SANDBOXD="$b"; fi
   done
 fi
@@ -41,7 +42,7 @@ die() { printf 'dashboard-picture: %s\n' "$*" >&2; exit 1; }
 command -v prometheus >/dev/null || die "prometheus missing: apt-get install prometheus"
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || die "matplotlib missing: apt-get install python3-matplotlib"
 mkdir -p "$(dirname "$OUT")"
-[ -x "${SANDBOXD:-/nonexistent}" ] || die "no sandboxd binary: run make build (or set SANDBOXD)"
+[ -x "${SANDBOXD:-/nonexistent}" ] || die "no sandboxd binary: run make dev-build (or set SANDBOXD)"
 command -v ip >/dev/null || die "the ip command (iproute2) is required"
 command -v curl >/dev/null || die "curl is required"
 CP_BIN="$("$ROOT/scripts/control-plane.sh" | tail -1)"

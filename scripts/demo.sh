@@ -15,12 +15,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SANDBOXD="${SANDBOXD:-}"
 if [ -z "$SANDBOXD" ]; then
-  # The newest build: `make build` (static release) or `cargo build` (debug).
-  for b in "$ROOT/target/x86_64-unknown-linux-musl/dist/sandboxd" "$ROOT/target/debug/sandboxd"; do
+  # The newest build with the `dev` feature: `make dev-build` (static release) or
+  # `cargo build --features dev` (debug).
+  for b in "$ROOT/target/dev-feature/sandboxd" "$ROOT/target/debug/sandboxd"; do
     if [ -x "$b" ] && { [ -z "$SANDBOXD" ] || [ "$b" -nt "$SANDBOXD" ]; }; then SANDBOXD="$b"; fi
   done
 fi
-IMAGE_ARCHIVE="${IMAGE_ARCHIVE:-$ROOT/target/oci/sandboxd.tar}"
+IMAGE_ARCHIVE="${IMAGE_ARCHIVE:-$ROOT/target/oci/sandboxd-dev.tar}"
 NS=openshift-sandboxed-containers-operator
 APP_NS=demo
 SUB=11111111-2222-3333-4444-555555555555
@@ -32,7 +33,7 @@ run() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (the node needs namespaces, mounts and cgroups): sudo make demo"
-[ -x "${SANDBOXD:-/nonexistent}" ] || die "no sandboxd binary: run make build (or set SANDBOXD)"
+[ -x "${SANDBOXD:-/nonexistent}" ] || die "no sandboxd binary: run make dev-build (or set SANDBOXD)"
 [ -f "$IMAGE_ARCHIVE" ] || die "no image archive $IMAGE_ARCHIVE: run make image (or set IMAGE_ARCHIVE)"
 for tool in ip curl jq runc dbus-daemon iptables nsenter unshare docker-registry skopeo openssl qemu-system-x86_64; do
   command -v "$tool" >/dev/null || die "$tool is required (scripts/bootstrap.sh installs it)"

@@ -27,6 +27,9 @@ pub enum Command {
     Webhook(crate::webhook::Args),
     /// Run the cloud-api-adaptor on a node.
     Caa(crate::caa::Args),
+    /// Run the node agent relay beside CAA: the pods' agent sockets and the hypervisor
+    /// socket, kept open across CAA restarts and rollouts.
+    CaaRelay(crate::caa::noderelay::Args),
     /// Run the agent-protocol forwarder inside a pod VM.
     Forwarder(crate::forwarder::Args),
     /// Run the kata agent API inside a pod VM: sandboxes, containers, images, stdio.
@@ -41,7 +44,9 @@ pub enum Command {
     Ctl(crate::ctl::Args),
     /// Print the version and build target.
     Version,
-    /// Developer tools, not part of a deployment (hidden from help).
+    /// Developer tools, not part of a deployment (hidden from help; builds with the `dev`
+    /// feature only).
+    #[cfg(feature = "dev")]
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
     /// What the binary runs as `/bin/bash` and `/usr/bin/tar` in an `oc adm must-gather`
@@ -51,6 +56,7 @@ pub enum Command {
 }
 
 /// Developer tools: test peers that demos and `ctl` dry runs start as processes.
+#[cfg(feature = "dev")]
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Serve the ARM test server (the Azure Resource Manager subset sandboxd uses).

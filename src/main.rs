@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use sandboxd::cli::{Cli, Command, DevCommand};
+#[cfg(feature = "dev")]
+use sandboxd::cli::DevCommand;
+use sandboxd::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     // The pause process of a pod's sandbox container (PID 1 of its own pid namespace).
@@ -66,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(args) => sandboxd::operator::run(args).await,
         Command::Webhook(args) => sandboxd::webhook::run(args).await,
         Command::Caa(args) => sandboxd::caa::run(args).await,
+        Command::CaaRelay(args) => sandboxd::caa::noderelay::run(args).await,
         Command::Forwarder(args) => sandboxd::forwarder::run(args).await,
         Command::Agent(args) => {
             Ok(sandboxd::agent::run(args, sandboxd::shutdown::on_signals()?).await?)
@@ -74,20 +77,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(cmd) => sandboxd::image::run(cmd).await,
         Command::Ctl(args) => sandboxd::ctl::run(args).await,
         Command::MustGatherPod(args) => sandboxd::ctl::support_bundle::pod::run(args).await,
+        #[cfg(feature = "dev")]
         Command::Dev(DevCommand::ArmServer(args)) => {
             Ok(sandboxd::armtest::run(args, sandboxd::shutdown::on_signals()?).await?)
         }
+        #[cfg(feature = "dev")]
         Command::Dev(DevCommand::ControlPlane(args)) => Ok(sandboxd::devenv::control_plane::run(
             args,
             sandboxd::shutdown::on_signals()?,
         )
         .await?),
+        #[cfg(feature = "dev")]
         Command::Dev(DevCommand::Kubelet(args)) => {
             sandboxd::devenv::kubelet::run(args, sandboxd::shutdown::on_signals()?).await
         }
+        #[cfg(feature = "dev")]
         Command::Dev(DevCommand::Node(args)) => {
             sandboxd::devenv::node::run(args, sandboxd::shutdown::on_signals()?).await
         }
+        #[cfg(feature = "dev")]
         Command::Dev(DevCommand::Agent(args)) => {
             Ok(sandboxd::devenv::agent::run(args, sandboxd::shutdown::on_signals()?).await?)
         }

@@ -2,7 +2,9 @@
 //! definition of every shared name), `cloud` (provider trait, azure, local and their netlink
 //! plumbing) and `protocol` (ttrpc frames and messages) import nothing else of the crate;
 //! `config` imports only `cloud`, whose settings types it builds, and `api` for the names of
-//! what it reads. So none of them can be part of a cycle.
+//! what it reads. So none of them can be part of a cycle. The development modules (the ARM
+//! test server, the dev environment, the local provider) exist only with the `dev` feature,
+//! and the rest of the crate names them only behind that feature.
 
 use std::path::{Path, PathBuf};
 
@@ -134,6 +136,62 @@ fn the_shared_names_import_nothing_not_even_from_api() {
         .filter(|l| l.starts_with("use ") || l.contains("crate::") || l.contains("super::"))
         .collect();
     assert!(imports.is_empty(), "src/api/names.rs imports {imports:?}");
+}
+
+/// The modules only the `dev` feature builds, as the rest of the crate names them.
+const DEV_MODULES: &[&str] = &["armtest", "devenv", "cloud::local"];
+
+#[test]
+fn dev_modules_are_named_only_behind_the_dev_feature() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("src");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        if name != "armtest" && name != "devenv" {
+            files.extend(files_of(&src, &name));
+        }
+    }
+    files.retain(|f| !f.starts_with(src.join("cloud/local")));
+    files.sort();
+    files.dedup();
+    // A line is gated when `#[cfg(feature = "dev")]` stands just above it or just above the
+    // top-level item it is part of.
+    let gated = |lines: &[&str], i: usize| {
+        let above = |at: usize| {
+            lines[at.saturating_sub(3)..at]
+                .iter()
+                .any(|l| l.contains("cfg(feature = \"dev\")"))
+        };
+        let item = (0..=i).rev().find(|&j| {
+            let l = lines[j];
+            !l.is_empty() && !l.starts_with([' ', '}', '#', '/', ')'])
+        });
+        above(i) || item.is_some_and(above)
+    };
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            let declares = DEV_MODULES.iter().any(|m| {
+                let leaf = m.rsplit("::").next().unwrap_or(m);
+                code.trim_start().starts_with("pub mod ") && code.contains(&format!("mod {leaf};"))
+            });
+            let names = DEV_MODULES.iter().any(|m| code.contains(&format!("{m}::")));
+            if (declares || names) && !gated(&lines, i) {
+                let rel = file.strip_prefix(root).unwrap_or(file);
+                broken.push(format!("{}:{}: {}", rel.display(), i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "dev modules named outside #[cfg(feature = \"dev\")]:\n{}",
+        broken.join("\n")
+    );
 }
 
 #[test]

@@ -40,7 +40,7 @@ impl Error {
 }
 
 /// A certificate and its private key, PEM encoded.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertKey {
     /// The certificate.
     pub cert_pem: String,

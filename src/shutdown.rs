@@ -17,15 +17,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Signal { .. } => "signal_handler",
-        }
-    }
-}
-
 /// Returns a token cancelled on the first SIGTERM or SIGINT. Must be called inside a tokio
 /// runtime. A second signal is left to the default behaviour only after the first was seen
 /// and logged, so an operator stuck in cleanup can still be stopped.

@@ -774,6 +774,10 @@ fn provider_at(base: &str, subnet: String) -> Result<sandboxd::cloud::azure::Azu
         ssh_username: "peerpod".into(),
         root_volume_gb: None,
         use_public_ip: false,
+        os_disk_type: "Premium_LRS".into(),
+        os_disk_caching: "ReadWrite".into(),
+        zones: Vec::new(),
+        image_ids: Vec::new(),
     };
     Ok(sandboxd::cloud::azure::AzureProvider::new(
         SUB,

@@ -1,12 +1,10 @@
 //! The one integration test binary (`harness = false`): it owns the shared control plane,
 //! so no process outlives the run, and runs every suite against it.
 
-// Test support grows ahead of the suites that use each helper.
 mod agent;
 mod caa;
 mod ctl;
 mod datapath;
-#[allow(dead_code)]
 mod harness;
 mod image;
 mod image_publish;

@@ -25,7 +25,7 @@ use crate::protocol::oci;
 
 /// What the agent adds to the shim's spec for the VM.
 #[derive(Clone, Debug, Default)]
-pub struct Placement {
+pub(crate) struct Placement {
     /// The rootfs (a mounted image, the pause rootfs or the shim's path).
     pub rootfs: PathBuf,
     /// `/proc/<pid>/ns` of the sandbox's pause process (shared ipc, uts, pid).
@@ -71,7 +71,7 @@ pub fn env_with_path(env: &[String]) -> Vec<String> {
 }
 
 /// The OCI `process` object of a kata `Process`.
-pub fn process_json(p: &oci::Process) -> Value {
+pub(crate) fn process_json(p: &oci::Process) -> Value {
     let user = p.User.as_ref();
     let caps = p.Capabilities.as_ref();
     let mut v = json!({
@@ -132,7 +132,7 @@ fn resources_json(r: &oci::LinuxResources) -> Value {
 
 /// A cgroups path libcontainer takes without systemd: the shim's cgroupfs path, or one under
 /// `/sandboxd` for a systemd-style `slice:prefix:name` or an empty path.
-pub fn cgroups_path(spec_path: &str, cid: &str) -> String {
+pub(crate) fn cgroups_path(spec_path: &str, cid: &str) -> String {
     if spec_path.starts_with('/') && !spec_path.contains(':') {
         spec_path.to_string()
     } else {
@@ -142,7 +142,7 @@ pub fn cgroups_path(spec_path: &str, cid: &str) -> String {
 
 /// The bundle `config.json` for `spec` as the VM runs it, and its seccomp profile (left out
 /// of the file: this module installs it).
-pub fn config_json(
+pub(crate) fn config_json(
     cid: &str,
     spec: &oci::Spec,
     place: &Placement,
@@ -220,11 +220,11 @@ pub fn config_json(
 /// `no_new_privileges` that takes CAP_SYS_ADMIN; dropping it again from the bounding set
 /// takes CAP_SETPCAP), dropped right after, before `execve`. runc installs the filter before
 /// it drops capabilities for the same reason.
-pub const TRANSIENT_CAPS: &[&str] = &["CAP_SYS_ADMIN", "CAP_SETPCAP"];
+pub(crate) const TRANSIENT_CAPS: &[&str] = &["CAP_SYS_ADMIN", "CAP_SETPCAP"];
 
 /// Adds to the OCI `process` object what installing `filter` needs; answers the capabilities
 /// to drop after.
-pub fn grant_for_seccomp(process: &mut Value) -> Vec<String> {
+pub(crate) fn grant_for_seccomp(process: &mut Value) -> Vec<String> {
     if process["noNewPrivileges"].as_bool() == Some(true) {
         return Vec::new();
     }
@@ -252,7 +252,7 @@ pub fn grant_for_seccomp(process: &mut Value) -> Vec<String> {
 /// Runs the container's process: installs the seccomp filter, drops what was granted only
 /// for that, then `execve`s as libcontainer's default executor does.
 #[derive(Clone)]
-pub struct SeccompExecutor {
+pub(crate) struct SeccompExecutor {
     filter: Option<Filter>,
     transient: Vec<String>,
 }
@@ -303,7 +303,7 @@ impl Executor for SeccompExecutor {
 }
 
 /// The child's stdio: pipes, or a console socket that receives the terminal master.
-pub enum ChildIo {
+pub(crate) enum ChildIo {
     /// stdin, stdout, stderr of the process.
     Pipes(super::process::ChildStdio),
     /// libcontainer's console socket path.
@@ -351,7 +351,7 @@ fn builder(
 
 /// Creates the container from `bundle` (its init waits for [`start`]); answers it and its
 /// init pid.
-pub fn create(
+pub(crate) fn create(
     cid: &str,
     bundle: &Path,
     state: &Path,
@@ -377,13 +377,13 @@ pub fn create(
 }
 
 /// Starts a created container.
-pub fn start(c: &mut Lc) -> Result<(), Error> {
+pub(crate) fn start(c: &mut Lc) -> Result<(), Error> {
     let id = c.id().to_string();
     c.start().map_err(lc_err(&id))
 }
 
 /// Runs `process` (an OCI `process` object) in the running container `cid`; answers its pid.
-pub fn exec(
+pub(crate) fn exec(
     cid: &str,
     state: &Path,
     process_file: &Path,
@@ -401,19 +401,19 @@ pub fn exec(
 }
 
 /// Deletes the container (its cgroup and state), killing what is left.
-pub fn delete(c: &mut Lc) -> Result<(), Error> {
+pub(crate) fn delete(c: &mut Lc) -> Result<(), Error> {
     let id = c.id().to_string();
     c.delete(true).map_err(lc_err(&id))
 }
 
 /// The cgroup directory of a container (under the cgroup2 mount).
-pub fn cgroup_dir(config: &Value) -> PathBuf {
+pub(crate) fn cgroup_dir(config: &Value) -> PathBuf {
     let rel = config["linux"]["cgroupsPath"].as_str().unwrap_or("/");
     Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'))
 }
 
 /// A cgroup2 key-value file (`memory.events`, `memory.stat`, ...).
-pub fn cgroup_kv(dir: &Path, file: &str) -> HashMap<String, u64> {
+pub(crate) fn cgroup_kv(dir: &Path, file: &str) -> HashMap<String, u64> {
     std::fs::read_to_string(dir.join(file))
         .unwrap_or_default()
         .lines()
@@ -425,7 +425,7 @@ pub fn cgroup_kv(dir: &Path, file: &str) -> HashMap<String, u64> {
 }
 
 /// A cgroup2 single-value file; `max` is `u64::MAX`.
-pub fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
+pub(crate) fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
     let s = std::fs::read_to_string(dir.join(file)).ok()?;
     let s = s.trim();
     if s == "max" {
@@ -436,7 +436,9 @@ pub fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
 }
 
 /// Receives the terminal master libcontainer's init sends on the console socket.
-pub fn receive_console(listener: &std::os::unix::net::UnixListener) -> Result<OwnedFd, Error> {
+pub(crate) fn receive_console(
+    listener: &std::os::unix::net::UnixListener,
+) -> Result<OwnedFd, Error> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::{AsRawFd, FromRawFd};
     listener

@@ -28,7 +28,7 @@ const DIR_PERMISSIONS: u32 = 0o777;
 
 /// Where `req.path` lands relative to `share`, checked: absolute, under `share`, no `..`,
 /// not `share` itself.
-pub fn relative<'a>(share: &Path, path: &'a str) -> Result<&'a Path, Error> {
+pub(crate) fn relative<'a>(share: &Path, path: &'a str) -> Result<&'a Path, Error> {
     let p = Path::new(path);
     let rel = p.strip_prefix(share).map_err(|_| {
         Error::InvalidArgument(format!(
@@ -108,7 +108,7 @@ fn remove_all(dir: &impl AsFd, name: &Path) -> Result<(), Error> {
 }
 
 /// Applies one `CopyFile` chunk under `share`.
-pub fn copy(share: &Path, req: &CopyFileRequest) -> Result<(), Error> {
+pub(crate) fn copy(share: &Path, req: &CopyFileRequest) -> Result<(), Error> {
     let rel = relative(share, &req.path)?;
     std::fs::create_dir_all(share).map_err(super::io(format!("creating {}", share.display())))?;
     let mut dir = open_dir(&nix::fcntl::AT_FDCWD, share)?;

@@ -35,7 +35,7 @@ const TAR: &[&str] = &[
 
 /// What the image's config says about its process.
 #[derive(Clone, Debug, Default)]
-pub struct ImageConfig {
+pub(crate) struct ImageConfig {
     /// Entrypoint.
     pub entrypoint: Vec<String>,
     /// Cmd.
@@ -47,7 +47,7 @@ pub struct ImageConfig {
 }
 
 /// The image store of the VM.
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     auth_file: PathBuf,
     // A client per pull: `oci-client` keeps the first credentials it saw for a registry
@@ -116,7 +116,7 @@ fn describe(e: &OciDistributionError) -> String {
 }
 
 /// The credentials for `registry` in an `auth.json`.
-pub fn auth_for(auth_json: &str, registry: &str) -> Result<RegistryAuth, String> {
+pub(crate) fn auth_for(auth_json: &str, registry: &str) -> Result<RegistryAuth, String> {
     #[derive(serde::Deserialize)]
     struct Entry {
         #[serde(default)]
@@ -171,7 +171,7 @@ fn hex_of(digest: &str) -> Result<&str, String> {
 }
 
 /// Unpacks a layer (a tar stream) into `dir`, whiteouts turned into overlayfs ones.
-pub fn unpack(reader: impl Read, dir: &Path) -> Result<(), String> {
+pub(crate) fn unpack(reader: impl Read, dir: &Path) -> Result<(), String> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -228,7 +228,7 @@ pub fn unpack(reader: impl Read, dir: &Path) -> Result<(), String> {
 impl Store {
     /// A store in `dir`; `auth_file` holds registry credentials (absent: anonymous);
     /// `insecure` registries (`host:port`) are reached over plain HTTP.
-    pub fn new(dir: &Path, auth_file: &Path, insecure: Vec<String>) -> Self {
+    pub(crate) fn new(dir: &Path, auth_file: &Path, insecure: Vec<String>) -> Self {
         // The registry client's TLS takes the process-wide provider (ring, as everywhere).
         let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
@@ -248,7 +248,7 @@ impl Store {
     }
 
     /// The writable layer of the container whose root is `target`.
-    pub fn rw_dir(&self, target: &Path) -> PathBuf {
+    pub(crate) fn rw_dir(&self, target: &Path) -> PathBuf {
         let digest =
             ring::digest::digest(&ring::digest::SHA256, target.as_os_str().as_encoded_bytes());
         let name: String = digest.as_ref()[..8]
@@ -259,7 +259,7 @@ impl Store {
     }
 
     /// Pulls `reference` (layers not in the store yet) and mounts it at `target`.
-    pub async fn mount(&self, reference: &str, target: &Path) -> Result<ImageConfig, Error> {
+    pub(crate) async fn mount(&self, reference: &str, target: &Path) -> Result<ImageConfig, Error> {
         let layers_and_config = self.pull(reference).await?;
         let (layers, config) = layers_and_config;
         let rw = self.rw_dir(target);
@@ -297,7 +297,7 @@ impl Store {
     }
 
     /// Forgets the writable layer of `target` (after its unmount).
-    pub fn release(&self, target: &Path) {
+    pub(crate) fn release(&self, target: &Path) {
         let _ = std::fs::remove_dir_all(self.rw_dir(target));
     }
 
@@ -415,7 +415,7 @@ impl tokio::io::AsyncWrite for BlockingFile {
 }
 
 /// The process part of an image config.
-pub fn parse_config(json: &str) -> Result<ImageConfig, String> {
+pub(crate) fn parse_config(json: &str) -> Result<ImageConfig, String> {
     #[derive(serde::Deserialize, Default)]
     #[serde(rename_all = "PascalCase")]
     struct Process {

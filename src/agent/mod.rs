@@ -16,35 +16,35 @@
 //! - [`seccomp`]: the spec's seccomp profile compiled to BPF.
 //! - [`pause`]: the sandbox's pause process, built into sandboxd.
 
-pub mod container;
-pub mod files;
-pub mod image;
+pub(crate) mod container;
+pub(crate) mod files;
+pub(crate) mod image;
 pub mod pause;
-pub mod process;
-pub mod rpc;
-pub mod sandbox;
-pub mod seccomp;
-pub mod storage;
+pub(crate) mod process;
+pub(crate) mod rpc;
+pub(crate) mod sandbox;
+pub(crate) mod seccomp;
+pub(crate) mod storage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use sandbox::Agent;
+pub(crate) use sandbox::Agent;
 
 /// kata-agent's socket in the VM.
 pub const SOCKET: &str = "/run/kata-containers/agent.sock";
 /// kata's base directory of container bundles in the VM.
-pub const CONTAINER_BASE: &str = "/run/kata-containers";
+pub(crate) const CONTAINER_BASE: &str = "/run/kata-containers";
 /// Where the shim's files land (`CopyFile`), under [`CONTAINER_BASE`].
-pub const SHARE_DIR: &str = "/run/kata-containers/shared/containers";
+pub(crate) const SHARE_DIR: &str = "/run/kata-containers/shared/containers";
 /// Registry credentials CAA writes into the VM (a container `auth.json`).
-pub const AUTH_FILE: &str = crate::forwarder::config::AUTH_PATH;
+pub(crate) const AUTH_FILE: &str = crate::forwarder::config::AUTH_PATH;
 /// The image store inside the VM (a tmpfs sized from the VM's memory; never the initramfs).
-pub const IMAGE_STORE: &str = "/run/sandboxd/images";
+pub(crate) const IMAGE_STORE: &str = "/run/sandboxd/images";
 /// libcontainer's state directory.
-pub const STATE_DIR: &str = "/run/sandboxd/containers";
+pub(crate) const STATE_DIR: &str = "/run/sandboxd/containers";
 
 /// Errors of the agent; each maps to one ttrpc code ([`Error::code`]).
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,7 @@ pub enum Error {
 
 impl Error {
     /// The ttrpc status code of this error: the one mapping of the agent.
-    pub fn code(&self) -> ttrpc::Code {
+    pub(crate) fn code(&self) -> ttrpc::Code {
         match self {
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::NotFound(_) => ttrpc::Code::NOT_FOUND,
@@ -114,23 +114,8 @@ impl Error {
         }
     }
 
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::InvalidArgument(_) => "invalid_argument",
-            Error::NotFound(_) => "not_found",
-            Error::AlreadyExists(_) => "already_exists",
-            Error::FailedPrecondition(_) => "failed_precondition",
-            Error::Unimplemented(_) => "unimplemented",
-            Error::Image { .. } => "image",
-            Error::Container { .. } => "container",
-            Error::Io { .. } => "io",
-            Error::Serve { .. } => "serve",
-        }
-    }
-
     /// The ttrpc error answered for this error.
-    pub fn to_ttrpc(&self) -> ttrpc::Error {
+    pub(crate) fn to_ttrpc(&self) -> ttrpc::Error {
         ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))
     }
 }
@@ -153,7 +138,7 @@ pub(crate) fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
 /// Where the agent keeps its things; the defaults are the pod VM's paths, tests point them
 /// into a scratch directory.
 #[derive(Clone, Debug)]
-pub struct Paths {
+pub(crate) struct Paths {
     /// Container bundles (`<base>/<cid>/rootfs`, `config.json`), kata's `/run/kata-containers`.
     pub base: PathBuf,
     /// `CopyFile` destinations, kata's `/run/kata-containers/shared/containers`.
@@ -180,7 +165,7 @@ impl Default for Paths {
 
 impl Paths {
     /// Every path under `root` (for tests and runs outside a VM).
-    pub fn under(root: &Path) -> Self {
+    pub(crate) fn under(root: &Path) -> Self {
         Self {
             base: root.join("kata"),
             share: root.join("kata/shared/containers"),
@@ -212,7 +197,10 @@ pub struct Args {
 
 /// Starts serving on `socket` with `agent`; the returned server stops when dropped or shut
 /// down.
-pub async fn serve(socket: &Path, agent: Arc<Agent>) -> Result<ttrpc::r#async::Server, Error> {
+pub(crate) async fn serve(
+    socket: &Path,
+    agent: Arc<Agent>,
+) -> Result<ttrpc::r#async::Server, Error> {
     let serve_err = |e: ttrpc::Error| Error::Serve {
         socket: socket.display().to_string(),
         detail: e.to_string(),

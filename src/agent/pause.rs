@@ -9,7 +9,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 /// The pause binary's path in the pause rootfs.
-pub const PATH: &str = "/pause";
+pub(crate) const PATH: &str = "/pause";
 
 /// Whether this process was started as the pause process.
 pub fn is_pause() -> bool {

@@ -21,15 +21,15 @@ use tokio::sync::watch;
 use super::{Error, sys};
 
 /// How long a read keeps draining after the process exited (kata: 500 ms).
-pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+pub(crate) const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 /// One end of a pipe or a terminal master, non-blocking, driven by the runtime.
 #[derive(Debug)]
-pub struct Stream(AsyncFd<OwnedFd>);
+pub(crate) struct Stream(AsyncFd<OwnedFd>);
 
 impl Stream {
     /// Wraps `fd` (made non-blocking).
-    pub fn new(fd: OwnedFd) -> Result<Self, Error> {
+    pub(crate) fn new(fd: OwnedFd) -> Result<Self, Error> {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
         let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(sys("F_GETFL"))?;
         fcntl(
@@ -45,7 +45,7 @@ impl Stream {
 
     /// Reads up to `len` bytes; empty at the end of the stream. A terminal whose other side
     /// is gone (EIO) is its end too.
-    pub async fn read(&self, len: usize) -> std::io::Result<Vec<u8>> {
+    pub(crate) async fn read(&self, len: usize) -> std::io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len.max(1)];
         loop {
             let mut guard = self.0.readable().await?;
@@ -64,7 +64,7 @@ impl Stream {
     }
 
     /// Writes all of `data`.
-    pub async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.0.writable().await?;
             match guard
@@ -79,14 +79,14 @@ impl Stream {
     }
 
     /// The file descriptor (for terminal ioctls).
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.0.get_ref().as_fd()
     }
 }
 
 /// The standard streams of a process as the agent holds them.
 #[derive(Debug, Default)]
-pub struct Stdio {
+pub(crate) struct Stdio {
     /// Write end of the process's stdin (`None` once closed, or without stdin).
     pub stdin: tokio::sync::Mutex<Option<Arc<Stream>>>,
     /// Read end of stdout.
@@ -98,10 +98,10 @@ pub struct Stdio {
 }
 
 /// The child's ends of fresh pipes: (stdin read end, stdout write end, stderr write end).
-pub type ChildStdio = (OwnedFd, OwnedFd, OwnedFd);
+pub(crate) type ChildStdio = (OwnedFd, OwnedFd, OwnedFd);
 
 /// Pipes for a process without a terminal: the agent's ends and the child's.
-pub fn pipes() -> Result<(Stdio, ChildStdio), Error> {
+pub(crate) fn pipes() -> Result<(Stdio, ChildStdio), Error> {
     let (in_r, in_w) = nix::unistd::pipe().map_err(sys("pipe"))?;
     let (out_r, out_w) = nix::unistd::pipe().map_err(sys("pipe"))?;
     let (err_r, err_w) = nix::unistd::pipe().map_err(sys("pipe"))?;
@@ -126,7 +126,7 @@ fn cloexec(fd: &OwnedFd) -> Result<(), Error> {
 }
 
 /// The streams of a process with a terminal: everything goes through `master`.
-pub fn terminal(master: OwnedFd) -> Result<Stdio, Error> {
+pub(crate) fn terminal(master: OwnedFd) -> Result<Stdio, Error> {
     cloexec(&master)?;
     let tty = Arc::new(Stream::new(master)?);
     Ok(Stdio {
@@ -138,7 +138,7 @@ pub fn terminal(master: OwnedFd) -> Result<Stdio, Error> {
 }
 
 /// Sets the terminal's window size.
-pub fn resize(tty: &Stream, rows: u16, cols: u16) -> Result<(), Error> {
+pub(crate) fn resize(tty: &Stream, rows: u16, cols: u16) -> Result<(), Error> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -155,7 +155,7 @@ pub fn resize(tty: &Stream, rows: u16, cols: u16) -> Result<(), Error> {
 
 /// A process of a container: its exec id, pid, streams and exit.
 #[derive(Debug)]
-pub struct Process {
+pub(crate) struct Process {
     /// The exec id (the container id for its init process, as kata names it).
     pub exec_id: String,
     /// Its pid in the agent's pid namespace.
@@ -168,7 +168,7 @@ pub struct Process {
 
 impl Process {
     /// The exit status once the process exited.
-    pub async fn wait(&self) -> i32 {
+    pub(crate) async fn wait(&self) -> i32 {
         let mut rx = self.exit.clone();
         loop {
             if let Some(s) = *rx.borrow_and_update() {
@@ -181,12 +181,12 @@ impl Process {
     }
 
     /// Whether it exited.
-    pub fn exited(&self) -> bool {
+    pub(crate) fn exited(&self) -> bool {
         self.exit.borrow().is_some()
     }
 
     /// Reads up to `len` bytes of stdout (`stdout`) or stderr with kata's semantics.
-    pub async fn read(&self, stdout: bool, len: usize) -> Result<Vec<u8>, Error> {
+    pub(crate) async fn read(&self, stdout: bool, len: usize) -> Result<Vec<u8>, Error> {
         let stream = match (&self.stdio.tty, stdout) {
             (Some(t), true) => Some(t.clone()),
             // A terminal has no separate stderr: its end at once.
@@ -209,7 +209,7 @@ impl Process {
     }
 
     /// Writes `data` to stdin; empty data closes it (as kata does).
-    pub async fn write(&self, data: &[u8]) -> Result<usize, Error> {
+    pub(crate) async fn write(&self, data: &[u8]) -> Result<usize, Error> {
         if data.is_empty() {
             self.close_stdin().await;
             return Ok(0);
@@ -226,7 +226,7 @@ impl Process {
     }
 
     /// Closes stdin (a terminal gets end-of-file, ^D, instead).
-    pub async fn close_stdin(&self) {
+    pub(crate) async fn close_stdin(&self) {
         if let Some(tty) = &self.stdio.tty {
             let _ = tty.write_all(&[4]).await;
             return;
@@ -237,13 +237,13 @@ impl Process {
 
 /// Makes the agent the child subreaper: container processes whose parent exits (they are
 /// started by libcontainer's short-lived helper) become its children.
-pub fn become_subreaper() -> Result<(), Error> {
+pub(crate) fn become_subreaper() -> Result<(), Error> {
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("PR_SET_CHILD_SUBREAPER"))
 }
 
 /// Exit statuses by pid, handed from the reaper to whoever registered the pid.
 #[derive(Debug, Default)]
-pub struct Exits {
+pub(crate) struct Exits {
     inner: Mutex<ExitsInner>,
 }
 
@@ -259,7 +259,7 @@ const EARLY_LIMIT: usize = 1024;
 
 impl Exits {
     /// Watches the exit of `pid`.
-    pub fn register(&self, pid: i32) -> watch::Receiver<Option<i32>> {
+    pub(crate) fn register(&self, pid: i32) -> watch::Receiver<Option<i32>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(status) = inner.early.remove(&pid) {
             return watch::channel(Some(status)).1;
@@ -285,7 +285,7 @@ impl Exits {
     }
 
     /// Reaps every exited child now.
-    pub fn reap_now(&self) {
+    pub(crate) fn reap_now(&self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => self.reaped(pid.as_raw(), code),
@@ -300,7 +300,7 @@ impl Exits {
 }
 
 /// Reaps children on every SIGCHLD until aborted.
-pub async fn reap(exits: Arc<Exits>) {
+pub(crate) async fn reap(exits: Arc<Exits>) {
     let mut sig = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(s) => s,
         Err(e) => {

@@ -15,7 +15,7 @@ use crate::protocol::health::{CheckRequest, HealthCheckResponse, VersionCheckRes
 use crate::protocol::{agent_ttrpc, csi, health_ttrpc, types};
 
 /// The agent's ttrpc services, ready for `Server::register_service`.
-pub fn services(agent: Arc<Agent>) -> HashMap<String, ttrpc::r#async::Service> {
+pub(crate) fn services(agent: Arc<Agent>) -> HashMap<String, ttrpc::r#async::Service> {
     let rpc = Arc::new(Rpc(agent));
     let mut s = agent_ttrpc::create_agent_service(rpc.clone());
     s.extend(health_ttrpc::create_health(rpc));
@@ -23,7 +23,7 @@ pub fn services(agent: Arc<Agent>) -> HashMap<String, ttrpc::r#async::Service> {
 }
 
 /// The ttrpc face of the agent.
-pub struct Rpc(Arc<Agent>);
+pub(crate) struct Rpc(Arc<Agent>);
 
 /// The one error→status mapping: logs the failure and answers its code and message.
 fn answer<T>(method: &'static str, r: Result<T, Error>) -> ttrpc::Result<T> {

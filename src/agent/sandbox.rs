@@ -72,7 +72,7 @@ struct State {
 }
 
 /// The agent.
-pub struct Agent {
+pub(crate) struct Agent {
     paths: Paths,
     exits: Arc<Exits>,
     state: Mutex<State>,
@@ -140,7 +140,7 @@ fn cgroup_pids(dir: &Path) -> Vec<i32> {
 
 impl Agent {
     /// A new agent with no sandbox.
-    pub fn new(paths: Paths, insecure_registries: Vec<String>) -> Result<Arc<Self>, Error> {
+    pub(crate) fn new(paths: Paths, insecure_registries: Vec<String>) -> Result<Arc<Self>, Error> {
         for d in [&paths.base, &paths.share, &paths.state] {
             std::fs::create_dir_all(d).map_err(super::io(format!("creating {}", d.display())))?;
         }
@@ -159,7 +159,7 @@ impl Agent {
     }
 
     /// The exit table the reaper fills.
-    pub fn exits(&self) -> Arc<Exits> {
+    pub(crate) fn exits(&self) -> Arc<Exits> {
         self.exits.clone()
     }
 
@@ -217,7 +217,7 @@ impl Agent {
     // --- health, policy, guest -----------------------------------------------------------
 
     /// `grpc.Health/Check`.
-    pub async fn do_check(
+    pub(crate) async fn do_check(
         &self,
         _req: crate::protocol::health::CheckRequest,
     ) -> Result<crate::protocol::health::HealthCheckResponse, Error> {
@@ -228,7 +228,7 @@ impl Agent {
     }
 
     /// `grpc.Health/Version`.
-    pub async fn do_version(
+    pub(crate) async fn do_version(
         &self,
         _req: crate::protocol::health::CheckRequest,
     ) -> Result<crate::protocol::health::VersionCheckResponse, Error> {
@@ -239,7 +239,7 @@ impl Agent {
     }
 
     /// `SetPolicy`: accepted and kept; sandboxd's agent does not enforce policies yet.
-    pub async fn do_set_policy(&self, req: SetPolicyRequest) -> Result<(), Error> {
+    pub(crate) async fn do_set_policy(&self, req: SetPolicyRequest) -> Result<(), Error> {
         tracing::info!(
             bytes = req.policy.len(),
             "SetPolicy: policy accepted (not enforced by sandboxd agent)"
@@ -249,7 +249,7 @@ impl Agent {
     }
 
     /// `GetGuestDetails`.
-    pub async fn do_get_guest_details(
+    pub(crate) async fn do_get_guest_details(
         &self,
         req: GuestDetailsRequest,
     ) -> Result<GuestDetailsResponse, Error> {
@@ -274,7 +274,7 @@ impl Agent {
 
     /// `GetMetrics`: the agent's own metrics in Prometheus' text format: containers, the
     /// mounts it holds under its container base, its child processes, its resident memory.
-    pub async fn do_get_metrics(&self, _req: GetMetricsRequest) -> Result<Metrics, Error> {
+    pub(crate) async fn do_get_metrics(&self, _req: GetMetricsRequest) -> Result<Metrics, Error> {
         let containers = self.state.lock().await.containers.len();
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let kib = |field: &str| -> u64 {
@@ -350,7 +350,10 @@ impl Agent {
     }
 
     /// `GetOOMEvent`: waits for the next OOM kill in a container of the sandbox.
-    pub async fn do_get_oom_event(&self, _req: GetOOMEventRequest) -> Result<OOMEvent, Error> {
+    pub(crate) async fn do_get_oom_event(
+        &self,
+        _req: GetOOMEventRequest,
+    ) -> Result<OOMEvent, Error> {
         let mut rx = self.oom_rx.lock().await;
         let id = rx
             .recv()
@@ -364,7 +367,7 @@ impl Agent {
     // --- sandbox ---------------------------------------------------------------------------
 
     /// `CreateSandbox`: hostname, sandbox storages (the pod's shm), the share directory.
-    pub async fn do_create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), Error> {
+    pub(crate) async fn do_create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), Error> {
         let mut st = self.state.lock().await;
         if let Some(s) = &st.sandbox {
             return Err(Error::AlreadyExists(format!(
@@ -404,7 +407,10 @@ impl Agent {
     }
 
     /// `DestroySandbox`: every container removed, the sandbox's mounts and files gone.
-    pub async fn do_destroy_sandbox(&self, _req: DestroySandboxRequest) -> Result<(), Error> {
+    pub(crate) async fn do_destroy_sandbox(
+        &self,
+        _req: DestroySandboxRequest,
+    ) -> Result<(), Error> {
         let ids: Vec<(bool, String)> = {
             let st = self.state.lock().await;
             st.containers
@@ -430,7 +436,7 @@ impl Agent {
     }
 
     /// Stops everything (agent shutdown).
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         let _ = self.do_destroy_sandbox(DestroySandboxRequest::new()).await;
     }
 
@@ -452,7 +458,7 @@ impl Agent {
     // --- files -----------------------------------------------------------------------------
 
     /// `CopyFile`.
-    pub async fn do_copy_file(&self, req: CopyFileRequest) -> Result<(), Error> {
+    pub(crate) async fn do_copy_file(&self, req: CopyFileRequest) -> Result<(), Error> {
         files::copy(&self.paths.share, &req)
     }
 
@@ -460,7 +466,10 @@ impl Agent {
 
     /// `CreateContainer`: storages, rootfs (pulled image, pause or the shim's path), bundle,
     /// seccomp, stdio, and the container created with its init waiting for `StartContainer`.
-    pub async fn do_create_container(&self, req: CreateContainerRequest) -> Result<(), Error> {
+    pub(crate) async fn do_create_container(
+        &self,
+        req: CreateContainerRequest,
+    ) -> Result<(), Error> {
         let cid = req.container_id.clone();
         check_id("container id", &cid)?;
         let has_pause = {
@@ -748,7 +757,7 @@ impl Agent {
     }
 
     /// `StartContainer`.
-    pub async fn do_start_container(&self, req: StartContainerRequest) -> Result<(), Error> {
+    pub(crate) async fn do_start_container(&self, req: StartContainerRequest) -> Result<(), Error> {
         let mut st = self.state.lock().await;
         let c = st
             .containers
@@ -822,7 +831,10 @@ impl Agent {
 
     /// `RemoveContainer`: kills its processes (waiting up to `timeout` seconds; 0 = no limit)
     /// and removes it with its mounts and files.
-    pub async fn do_remove_container(&self, req: RemoveContainerRequest) -> Result<(), Error> {
+    pub(crate) async fn do_remove_container(
+        &self,
+        req: RemoveContainerRequest,
+    ) -> Result<(), Error> {
         let t = if req.timeout == 0 {
             Duration::from_secs(3600)
         } else {
@@ -832,7 +844,7 @@ impl Agent {
     }
 
     /// `ExecProcess`: a new process in a running container.
-    pub async fn do_exec_process(&self, req: ExecProcessRequest) -> Result<(), Error> {
+    pub(crate) async fn do_exec_process(&self, req: ExecProcessRequest) -> Result<(), Error> {
         let (cid, eid) = (req.container_id.clone(), req.exec_id.clone());
         check_id("exec id", &eid)?;
         let mut st = self.state.lock().await;
@@ -923,7 +935,7 @@ impl Agent {
     /// `SignalProcess`: the signal to the process; with no exec id, also to every process of
     /// the container. SIGTERM to an init that does not catch it becomes SIGKILL (kata's rule:
     /// a pid namespace's init ignores it otherwise).
-    pub async fn do_signal_process(&self, req: SignalProcessRequest) -> Result<(), Error> {
+    pub(crate) async fn do_signal_process(&self, req: SignalProcessRequest) -> Result<(), Error> {
         let p = self.process(&req.container_id, &req.exec_id).await?;
         let mut sig = req.signal as i32;
         let is_init = req.exec_id.is_empty() || req.exec_id == req.container_id;
@@ -948,7 +960,7 @@ impl Agent {
     }
 
     /// `WaitProcess`: blocks until the process exits; an exec process is forgotten after.
-    pub async fn do_wait_process(
+    pub(crate) async fn do_wait_process(
         &self,
         req: WaitProcessRequest,
     ) -> Result<WaitProcessResponse, Error> {
@@ -972,7 +984,7 @@ impl Agent {
     }
 
     /// `ReadStdout` / `ReadStderr`.
-    pub async fn do_read_stream(
+    pub(crate) async fn do_read_stream(
         &self,
         req: ReadStreamRequest,
         stdout: bool,
@@ -984,7 +996,7 @@ impl Agent {
     }
 
     /// `WriteStdin`.
-    pub async fn do_write_stdin(
+    pub(crate) async fn do_write_stdin(
         &self,
         req: WriteStreamRequest,
     ) -> Result<WriteStreamResponse, Error> {
@@ -995,7 +1007,7 @@ impl Agent {
     }
 
     /// `CloseStdin`.
-    pub async fn do_close_stdin(&self, req: CloseStdinRequest) -> Result<(), Error> {
+    pub(crate) async fn do_close_stdin(&self, req: CloseStdinRequest) -> Result<(), Error> {
         self.process(&req.container_id, &req.exec_id)
             .await?
             .close_stdin()
@@ -1004,7 +1016,7 @@ impl Agent {
     }
 
     /// `TtyWinResize`.
-    pub async fn do_tty_win_resize(&self, req: TtyWinResizeRequest) -> Result<(), Error> {
+    pub(crate) async fn do_tty_win_resize(&self, req: TtyWinResizeRequest) -> Result<(), Error> {
         let p = self.process(&req.container_id, &req.exec_id).await?;
         let tty = p.stdio.tty.as_ref().ok_or_else(|| {
             Error::FailedPrecondition(format!("process {} has no terminal", p.exec_id))
@@ -1013,7 +1025,10 @@ impl Agent {
     }
 
     /// `UpdateContainer`: new cgroup limits (memory, CPU, pids).
-    pub async fn do_update_container(&self, req: UpdateContainerRequest) -> Result<(), Error> {
+    pub(crate) async fn do_update_container(
+        &self,
+        req: UpdateContainerRequest,
+    ) -> Result<(), Error> {
         let cg = {
             let st = self.state.lock().await;
             st.containers
@@ -1076,7 +1091,7 @@ impl Agent {
     }
 
     /// `StatsContainer`: cgroup v2 counters.
-    pub async fn do_stats_container(
+    pub(crate) async fn do_stats_container(
         &self,
         req: StatsContainerRequest,
     ) -> Result<StatsContainerResponse, Error> {
@@ -1131,7 +1146,7 @@ impl Agent {
     }
 
     /// `GetDiagnosticData("termination_log")`: the container's termination message (≤ 4 KiB).
-    pub async fn do_get_diagnostic_data(
+    pub(crate) async fn do_get_diagnostic_data(
         &self,
         req: GetDiagnosticDataRequest,
     ) -> Result<GetDiagnosticDataResponse, Error> {
@@ -1181,7 +1196,7 @@ impl Agent {
     }
 
     /// `RemoveStaleVirtiofsShareMounts`: there is no virtio-fs share in a peer pod VM: OK.
-    pub async fn do_remove_stale_virtiofs_share_mounts(
+    pub(crate) async fn do_remove_stale_virtiofs_share_mounts(
         &self,
         _req: RemoveStaleVirtiofsShareMountsRequest,
     ) -> Result<(), Error> {

@@ -44,7 +44,7 @@ const fn off_arg(i: u32, high: bool) -> u32 {
 
 /// Why a profile cannot be compiled.
 #[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
+pub(crate) enum SeccompError {
     /// An action this agent does not know or cannot give.
     #[error("seccomp action {0:?} is not supported")]
     Action(String),
@@ -64,7 +64,7 @@ pub enum SeccompError {
 
 /// A compiled filter: BPF instructions and `seccomp(2)` flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// (code, jt, jf, k) for each instruction.
     pub program: Vec<(u16, u8, u8, u32)>,
     /// `SECCOMP_FILTER_FLAG_*`.
@@ -251,7 +251,7 @@ fn split_args(args: &[LinuxSeccompArg]) -> Vec<Vec<&LinuxSeccompArg>> {
 }
 
 /// Compiles `profile` for x86_64.
-pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
+pub(crate) fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
     let default = action(&profile.DefaultAction, None)?;
     let mut flags = 0;
     for f in &profile.Flags {
@@ -299,7 +299,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
 impl Filter {
     /// Installs the filter on the calling thread (and its future children). Needs
     /// `no_new_privs` or CAP_SYS_ADMIN.
-    pub fn install(&self) -> std::io::Result<()> {
+    pub(crate) fn install(&self) -> std::io::Result<()> {
         let mut insns: Vec<libc::sock_filter> = self
             .program
             .iter()
@@ -328,7 +328,8 @@ impl Filter {
 
     /// Runs the program on one `seccomp_data` (nr, arch, args): the action it returns. The
     /// tests' interpreter, following the kernel's classic BPF semantics.
-    pub fn evaluate(&self, nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn evaluate(&self, nr: u32, arch: u32, args: [u64; 6]) -> u32 {
         let word = |off: u32| -> u32 {
             match off {
                 0 => nr,

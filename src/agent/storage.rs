@@ -16,22 +16,22 @@ use super::{Error, sys};
 use crate::protocol::agent::Storage;
 
 /// The `image_guest_pull` driver.
-pub const IMAGE_GUEST_PULL: &str = "image_guest_pull";
+pub(crate) const IMAGE_GUEST_PULL: &str = "image_guest_pull";
 /// The `local` driver.
-pub const LOCAL: &str = "local";
+pub(crate) const LOCAL: &str = "local";
 /// The `ephemeral` driver.
-pub const EPHEMERAL: &str = "ephemeral";
+pub(crate) const EPHEMERAL: &str = "ephemeral";
 /// Drivers this agent handles (answered in `GetGuestDetails`).
-pub const DRIVERS: &[&str] = &[IMAGE_GUEST_PULL, LOCAL, EPHEMERAL];
+pub(crate) const DRIVERS: &[&str] = &[IMAGE_GUEST_PULL, LOCAL, EPHEMERAL];
 
 /// Annotations that mark the sandbox (pause) container, containerd's and CRI-O's.
-pub const CONTAINER_TYPE_KEYS: &[&str] = &[
+pub(crate) const CONTAINER_TYPE_KEYS: &[&str] = &[
     "io.kubernetes.cri.container-type",
     "io.kubernetes.cri-o.ContainerType",
 ];
 
 /// Whether `annotations` mark the sandbox container.
-pub fn is_sandbox(annotations: &HashMap<String, String>) -> bool {
+pub(crate) fn is_sandbox(annotations: &HashMap<String, String>) -> bool {
     CONTAINER_TYPE_KEYS
         .iter()
         .any(|k| annotations.get(*k).is_some_and(|v| v == "sandbox"))
@@ -39,7 +39,7 @@ pub fn is_sandbox(annotations: &HashMap<String, String>) -> bool {
 
 /// The metadata (`{"metadata": {...}}`) of an `image_guest_pull` storage's
 /// `image_guest_pull=<json>` driver option.
-pub fn guest_pull_metadata(s: &Storage) -> Result<HashMap<String, String>, Error> {
+pub(crate) fn guest_pull_metadata(s: &Storage) -> Result<HashMap<String, String>, Error> {
     #[derive(serde::Deserialize)]
     struct Volume {
         #[serde(default)]
@@ -57,7 +57,7 @@ pub fn guest_pull_metadata(s: &Storage) -> Result<HashMap<String, String>, Error
 }
 
 /// Mount flags and data of `options` (`ro`, `nosuid`, ... and `key=value` data).
-pub fn mount_options(options: &[String]) -> (MsFlags, String) {
+pub(crate) fn mount_options(options: &[String]) -> (MsFlags, String) {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
     for o in options {
@@ -78,7 +78,7 @@ pub fn mount_options(options: &[String]) -> (MsFlags, String) {
 }
 
 /// Mounts a tmpfs for an `ephemeral` storage.
-pub fn ephemeral(s: &Storage) -> Result<PathBuf, Error> {
+pub(crate) fn ephemeral(s: &Storage) -> Result<PathBuf, Error> {
     let target = mount_point(s)?;
     std::fs::create_dir_all(&target)
         .map_err(super::io(format!("creating {}", target.display())))?;
@@ -100,7 +100,7 @@ pub fn ephemeral(s: &Storage) -> Result<PathBuf, Error> {
 }
 
 /// Makes the directory of a `local` storage.
-pub fn local(s: &Storage) -> Result<PathBuf, Error> {
+pub(crate) fn local(s: &Storage) -> Result<PathBuf, Error> {
     use std::os::unix::fs::PermissionsExt;
     let target = mount_point(s)?;
     std::fs::create_dir_all(&target)
@@ -117,7 +117,7 @@ pub fn local(s: &Storage) -> Result<PathBuf, Error> {
 }
 
 /// The storage's mount point, checked to be absolute.
-pub fn mount_point(s: &Storage) -> Result<PathBuf, Error> {
+pub(crate) fn mount_point(s: &Storage) -> Result<PathBuf, Error> {
     let p = Path::new(&s.mount_point);
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
         return Err(Error::InvalidArgument(format!(
@@ -129,7 +129,7 @@ pub fn mount_point(s: &Storage) -> Result<PathBuf, Error> {
 }
 
 /// Unmounts `path` (lazily, it may be busy a moment longer); absent is fine.
-pub fn unmount(path: &Path) {
+pub(crate) fn unmount(path: &Path) {
     match umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "unmount failed"),
@@ -137,7 +137,7 @@ pub fn unmount(path: &Path) {
 }
 
 /// Bind-mounts the running sandboxd read-only as `/pause` into `rootfs`.
-pub fn pause_rootfs(rootfs: &Path) -> Result<PathBuf, Error> {
+pub(crate) fn pause_rootfs(rootfs: &Path) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(rootfs).map_err(super::io(format!("creating {}", rootfs.display())))?;
     let target = rootfs.join(super::pause::PATH.trim_start_matches('/'));
     std::fs::write(&target, b"").map_err(super::io(format!("creating {}", target.display())))?;

@@ -33,6 +33,12 @@ pub const SSH_KEY_SECRET: &str = "ssh-key-secret";
 pub const SSH_PUBLIC_KEY: &str = "id_rsa.pub";
 /// The cloud-api-adaptor DaemonSet.
 pub const CAA_DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
+/// The node agent relay DaemonSet: serves the pods' agent sockets and holds the hypervisor
+/// socket across CAA restarts and rollouts (`updateStrategy: OnDelete`).
+pub const RELAY_DAEMONSET: &str = "peerpodconfig-ctrl-caa-relay";
+/// The node agent relay pods' ServiceAccount: no API access (its pods mount no token); it
+/// exists for OpenShift's SecurityContextConstraints.
+pub const RELAY_SERVICE_ACCOUNT: &str = "sandboxd-caa-relay";
 /// The CAA pods' ServiceAccount (RBAC in `deploy/caa/rbac.yaml`).
 pub const CAA_SERVICE_ACCOUNT: &str = "sandboxd-caa";
 /// The Secret holding CAA's CA and client certificate for the mTLS to the pod VMs.
@@ -129,7 +135,7 @@ pub mod annotations {
     pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
     /// Confidential-computing init data ("" when unset).
     pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
-    /// GPU model of the pod VM ("" when unset).
+    /// GPU model of the pod VM (matched in the instance size name, e.g. `A100`, `T4`).
     pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
 }
 
@@ -137,6 +143,12 @@ pub mod annotations {
 pub const PEERPOD_DIR: &str = "/run/peerpod";
 /// The remote hypervisor socket CAA serves on every kata node (in [`PEERPOD_DIR`]).
 pub const HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
+/// Where CAA itself serves the hypervisor API when the node agent relay holds
+/// [`HYPERVISOR_SOCKET`] in front of it (in [`PEERPOD_DIR`]).
+pub const CAA_SOCKET: &str = "/run/peerpod/caa/hypervisor.sock";
+/// The node agent relay's control socket: CAA tells it which agent sockets to serve and
+/// gives it the mTLS client identity, in memory (in [`PEERPOD_DIR`], mode 0600).
+pub const RELAY_CONTROL_SOCKET: &str = "/run/peerpod/relay/control.sock";
 /// The directory of CAA's per-pod agent sockets (in [`PEERPOD_DIR`]):
 /// `<PODS_DIR>/<sandbox id>/`[`AGENT_SOCKET_FILE`].
 pub const PODS_DIR: &str = "/run/peerpod/pods";
@@ -155,7 +167,12 @@ mod tests {
 
     #[test]
     fn the_node_paths_lie_in_the_directory_caa_shares_with_the_shim() {
-        for path in [HYPERVISOR_SOCKET, PODS_DIR] {
+        for path in [
+            HYPERVISOR_SOCKET,
+            PODS_DIR,
+            CAA_SOCKET,
+            RELAY_CONTROL_SOCKET,
+        ] {
             let rest = path.strip_prefix(PEERPOD_DIR).unwrap_or_default();
             assert!(rest.starts_with('/') && rest.len() > 1, "{path}");
         }

@@ -153,6 +153,53 @@ fn route_locked(
     let mut g = store.lock();
     match l.as_slice() {
         ["subscriptions", _, "resourcegroups", _] => resource_group(&mut g, method, segs, body),
+        // Boot diagnostics: SAS URIs of the screenshot and the serial log (managed storage).
+        [
+            "subscriptions",
+            _,
+            "resourcegroups",
+            _,
+            "providers",
+            "microsoft.compute",
+            "virtualmachines",
+            _,
+            "retrievebootdiagnosticsdata",
+        ] if method == Method::POST => {
+            let id = format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+                segs[1], segs[3], segs[7]
+            );
+            match g.vms.get(&id.to_ascii_lowercase()) {
+                None => arm_error(
+                    StatusCode::NOT_FOUND,
+                    "ResourceNotFound",
+                    format!(
+                        "The Resource 'Microsoft.Compute/virtualMachines/{}' under resource group '{}' was not found.",
+                        segs[7], segs[3]
+                    ),
+                ),
+                Some(vm)
+                    if vm.request["properties"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"]
+                        .as_bool() != Some(true) =>
+                {
+                    arm_error(
+                        StatusCode::CONFLICT,
+                        "OperationNotAllowed",
+                        "Boot diagnostics is not enabled for this virtual machine.",
+                    )
+                }
+                Some(_) => {
+                    let sas = "sv=2021-08-06&sr=b&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=armtest";
+                    json_response(
+                        StatusCode::OK,
+                        json!({
+                            "consoleScreenshotBlobUri": format!("{base}/armtest/bootdiagnostics/{}/screenshot.bmp?{sas}", segs[7]),
+                            "serialConsoleLogBlobUri": format!("{base}/armtest/bootdiagnostics/{}/serial.log?{sas}", segs[7]),
+                        }),
+                    )
+                }
+            }
+        }
         [
             "subscriptions",
             _,
@@ -565,7 +612,7 @@ fn put_vm(
         }
         return resp;
     }
-    if let Err(r) = check_vm(g, &req) {
+    if let Err(r) = check_vm(g, &req, id) {
         return r;
     }
     let props = &req["properties"];
@@ -595,7 +642,15 @@ fn put_vm(
     }
     let location = req["location"].as_str().unwrap_or_default().to_string();
     let nic_cfg = &props["networkProfile"]["networkInterfaceConfigurations"][0];
-    let nic_name = nic_cfg["name"].as_str().unwrap_or_default().to_string();
+    // ARM does not promise the name of a NIC it creates from a NIC configuration (the
+    // spec's create example answers `toBeCreatedNetworkInterface`): the VM's
+    // `networkProfile.networkInterfaces` is the only way to it. A suffix nobody can
+    // guess keeps clients honest.
+    let nic_name = format!(
+        "{}-{}",
+        nic_cfg["name"].as_str().unwrap_or_default(),
+        &g.next_id()[..8]
+    );
     let nic_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{nic_name}",
         segs[1], segs[3]
@@ -620,6 +675,7 @@ fn put_vm(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "10.0.0.0/24".into());
+    let is_local = local_ip.is_some();
     let ip = match local_ip {
         Some(ip) => ip,
         None => {
@@ -629,13 +685,62 @@ fn put_vm(
         }
     };
     let op = g.next_id();
-    let disk_name = format!("{}_OsDisk_1_{}", segs[7], &op[..8]);
+    let disk_name = props["storageProfile"]["osDisk"]["name"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}_OsDisk_1_{}", segs[7], &op[..8]));
     let disk_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{disk_name}",
         segs[1], segs[3]
     );
     let delete_nic = nic_cfg["properties"]["deleteOption"].as_str() == Some("Delete");
     let delete_disk = props["storageProfile"]["osDisk"]["deleteOption"].as_str() == Some("Delete");
+    // A public IP from the IP configuration's publicIPAddressConfiguration (named, like the
+    // NIC, as ARM likes).
+    let pip_cfg =
+        &nic_cfg["properties"]["ipConfigurations"][0]["properties"]["publicIPAddressConfiguration"];
+    let public_ip = if pip_cfg.is_object() {
+        let standard = pip_cfg["sku"]["name"].as_str() == Some("Standard");
+        let method = pip_cfg["properties"]["publicIPAllocationMethod"]
+            .as_str()
+            .unwrap_or("Dynamic");
+        if standard && method != "Static" {
+            return arm_error(
+                StatusCode::BAD_REQUEST,
+                "StandardSkuPublicIPAddressesMustBeStatic",
+                "Standard sku publicIp addresses must use Static allocation method.",
+            );
+        }
+        let name = format!(
+            "{}-{}",
+            pip_cfg["name"].as_str().unwrap_or("pip"),
+            &g.next_id()[..8]
+        );
+        let pip_id = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/publicIPAddresses/{name}",
+            segs[1], segs[3]
+        );
+        // A local VM is reachable at its one address only.
+        let address = if is_local {
+            ip.clone()
+        } else {
+            let n = g.next_ip.entry("public".into()).or_insert(0);
+            *n += 1;
+            format!("203.0.113.{}", *n % 250 + 1)
+        };
+        g.resources.insert(
+            pip_id.to_ascii_lowercase(),
+            json!({"name": name, "id": pip_id, "type": "Microsoft.Network/publicIPAddresses",
+                   "location": location, "sku": pip_cfg["sku"],
+                   "properties": {"provisioningState": "Succeeded", "ipAddress": address,
+                                  "publicIPAddressVersion": "IPv4", "publicIPAllocationMethod": method,
+                                  "ipConfiguration": {"id": format!("{nic_id}/ipConfigurations/ipconfig1")}}}),
+        );
+        let delete = pip_cfg["properties"]["deleteOption"].as_str() == Some("Delete");
+        Some((pip_id, delete))
+    } else {
+        None
+    };
     let nic = json!({
         "name": nic_name, "id": nic_id, "type": "Microsoft.Network/networkInterfaces", "location": location,
         "properties": {
@@ -643,13 +748,20 @@ fn put_vm(
             "ipConfigurations": [{
                 "name": nic_cfg["properties"]["ipConfigurations"][0]["name"], "id": format!("{nic_id}/ipConfigurations/ipconfig1"),
                 "properties": {"privateIPAddress": ip, "privateIPAllocationMethod": "Dynamic",
-                               "subnet": {"id": subnet_id}, "primary": true, "privateIPAddressVersion": "IPv4"}
+                               "subnet": {"id": subnet_id}, "primary": true, "privateIPAddressVersion": "IPv4",
+                               "publicIPAddress": public_ip.as_ref().map(|(id, _)| json!({"id": id}))}
             }],
             "networkSecurityGroup": nic_cfg["properties"]["networkSecurityGroup"],
             "virtualMachine": {"id": id},
             "primary": true,
         }
     });
+    let mut nic = nic;
+    if public_ip.is_none()
+        && let Some(c) = nic["properties"]["ipConfigurations"][0]["properties"].as_object_mut()
+    {
+        c.remove("publicIPAddress");
+    }
     g.resources.insert(nic_id.to_ascii_lowercase(), nic);
     g.resources.insert(
         disk_id.to_ascii_lowercase(),
@@ -705,6 +817,7 @@ fn put_vm(
         delete_nic,
         delete_disk,
         private_ip: ip,
+        public_ip,
     };
     let mut resp = json_response(StatusCode::CREATED, vm_body(&vm, now, false));
     async_headers(
@@ -733,7 +846,13 @@ impl Inner {
 }
 
 /// The checks ARM and Compute make on a VM PUT that sandboxd's bodies must pass.
-fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
+/// The resource group id (`/subscriptions/{s}/resourceGroups/{rg}`) of a resource id.
+fn rg_id_of(id: &str) -> Option<String> {
+    let segs: Vec<&str> = id.split('/').collect();
+    (segs.len() > 4).then(|| segs[..5].join("/"))
+}
+
+fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
     let invalid = |target: &str, msg: &str| {
         Err(arm_error(
             StatusCode::BAD_REQUEST,
@@ -761,6 +880,54 @@ fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
             format!("The requested VM size {size} is not available in the current region."),
         ));
     }
+    // Resource SKUs restrictions and zones, as ARM applies them to a create.
+    let zones: Vec<&str> = req["zones"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for (restricted, rzones) in &g.config.restrictions {
+        if !restricted.eq_ignore_ascii_case(size) {
+            continue;
+        }
+        if rzones.is_empty() || zones.iter().any(|z| rzones.iter().any(|r| r == z)) {
+            return Err(arm_error(
+                StatusCode::CONFLICT,
+                "SkuNotAvailable",
+                format!(
+                    "The requested VM size {size} is currently not available in location '{}'{}. Please try another size or deploy to a different location or different zone.",
+                    req["location"].as_str().unwrap_or_default(),
+                    if zones.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" zones '{}'", zones.join(","))
+                    }
+                ),
+            ));
+        }
+    }
+    if let Some(z) = zones
+        .iter()
+        .find(|z| !g.config.zones.iter().any(|o| o == *z))
+    {
+        return invalid(
+            "zones",
+            &format!("The zone(s) '{z}' for resource 'virtualMachines' is not supported."),
+        );
+    }
+    let disk_type = p["storageProfile"]["osDisk"]["managedDisk"]["storageAccountType"]
+        .as_str()
+        .unwrap_or_default();
+    if disk_type.starts_with("Premium") && !super::network::premium_io(size) {
+        return Err(arm_error(
+            StatusCode::CONFLICT,
+            "OperationNotAllowed",
+            format!(
+                "Requested operation cannot be performed because the VM size {size} does not support the storage account type {disk_type} of disk. Consider updating the VM to a size that supports Premium storage."
+            ),
+        ));
+    }
     let image = &p["storageProfile"]["imageReference"];
     if let Some(id) = image["id"].as_str() {
         if !g.resources.contains_key(&id.to_ascii_lowercase()) {
@@ -773,15 +940,90 @@ fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
     } else if image["communityGalleryImageId"]
         .as_str()
         .is_none_or(|c| !c.to_ascii_lowercase().starts_with("/communitygalleries/"))
+        && image["sharedGalleryImageId"]
+            .as_str()
+            .is_none_or(|c| !c.to_ascii_lowercase().starts_with("/sharedgalleries/"))
     {
         return invalid(
             "imageReference",
-            "An image id or a community gallery image id is required",
+            "An image id, a community gallery image id or a shared gallery image id is required",
         );
     }
     let os_disk = &p["storageProfile"]["osDisk"];
     if os_disk["createOption"].as_str() != Some("FromImage") {
         return invalid("osDisk.createOption", "createOption must be FromImage");
+    }
+    if let Some(t) = os_disk["managedDisk"]["storageAccountType"].as_str()
+        && !matches!(
+            t,
+            "Standard_LRS" | "Premium_LRS" | "StandardSSD_LRS" | "Premium_ZRS" | "StandardSSD_ZRS"
+        )
+    {
+        return invalid(
+            "osDisk.managedDisk.storageAccountType",
+            &format!("Storage account type {t} is not supported for OS disks."),
+        );
+    }
+    if let Some(c) = os_disk["caching"].as_str()
+        && !matches!(c, "None" | "ReadOnly" | "ReadWrite")
+    {
+        return invalid("osDisk.caching", &format!("Caching type {c} is not valid."));
+    }
+    if let Some(name) = os_disk["name"].as_str() {
+        let id = format!(
+            "{}/providers/Microsoft.Compute/disks/{name}",
+            rg_id_of(vm_id).unwrap_or_default()
+        );
+        if !name.is_empty() && g.resources.contains_key(&id.to_ascii_lowercase()) {
+            return Err(arm_error(
+                StatusCode::CONFLICT,
+                "ConflictingUserInput",
+                format!(
+                    "Disk {name} already exists in resource group. Only CreateOption.Attach is supported."
+                ),
+            ));
+        }
+    }
+    // The VM's security type must be one its gallery image definition declares.
+    if let Some(def) = image["id"]
+        .as_str()
+        .and_then(crate::cloud::azure::body::gallery_definition)
+        .and_then(|d| g.resources.get(&d.to_ascii_lowercase()))
+    {
+        let declared = def["properties"]["features"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["name"].as_str() == Some("SecurityType"))
+            .and_then(|f| f["value"].as_str())
+            .unwrap_or("Standard")
+            .to_string();
+        let vm = p["securityProfile"]["securityType"]
+            .as_str()
+            .unwrap_or("Standard");
+        let ok = match vm {
+            "TrustedLaunch" => matches!(
+                declared.as_str(),
+                "TrustedLaunch"
+                    | "TrustedLaunchSupported"
+                    | "TrustedLaunchAndConfidentialVmSupported"
+            ),
+            "ConfidentialVM" => matches!(
+                declared.as_str(),
+                "ConfidentialVM"
+                    | "ConfidentialVMSupported"
+                    | "TrustedLaunchAndConfidentialVmSupported"
+            ),
+            _ => !matches!(declared.as_str(), "TrustedLaunch" | "ConfidentialVM"),
+        };
+        if !ok {
+            return Err(bad(
+                "BadRequest",
+                format!(
+                    "The gallery image's security type {declared} does not support creating a VM with security type {vm}."
+                ),
+            ));
+        }
     }
     let os = &p["osProfile"];
     if os["adminUsername"].as_str().is_none_or(str::is_empty) {
@@ -851,8 +1093,9 @@ fn check_vm(g: &Inner, req: &Value) -> Result<(), Response> {
         }
     }
     if let Some(ud) = p["userData"].as_str() {
+        // The limit counts the base64 text.
         match base64::engine::general_purpose::STANDARD.decode(ud) {
-            Ok(b) if b.len() <= 64 * 1024 => {}
+            Ok(_) if ud.len() <= 64 * 1024 => {}
             _ => return invalid("userData", "userData must be base64 and at most 64 KB."),
         }
     }

@@ -9,6 +9,7 @@
 //! the REST API specification examples.
 
 mod compute;
+mod dhcp;
 mod faults;
 mod images;
 mod network;
@@ -72,6 +73,39 @@ pub struct Config {
     pub local_vms: Option<LocalVms>,
     /// Storage accounts' Blob service (see [`StorageConfig`]).
     pub storage: StorageConfig,
+    /// Lifetime of the access tokens the token endpoints issue; ARM refuses a token after
+    /// it (`ExpiredAuthenticationToken`). Entra ID's are about an hour.
+    pub token_lifetime: Duration,
+    /// The managed identities of "the VM" whose IMDS this server plays.
+    pub managed_identities: ManagedIdentities,
+    /// Availability zones of every region and size.
+    pub zones: Vec<String>,
+    /// Sizes restricted for the subscription (Resource SKUs `restrictions`): with no zones,
+    /// in the whole region (`Location`); else in those zones (`Zone`).
+    pub restrictions: Vec<(String, Vec<String>)>,
+    /// GPUs of GPU sizes (the `GPUs` capability).
+    pub gpus: Vec<(String, u32)>,
+    /// Whether clients reach the server over TLS (a test serving its [`router`] with a
+    /// certificate): operation URLs it answers are then `https`.
+    pub https: bool,
+}
+
+/// The managed identities IMDS can give tokens for.
+#[derive(Clone, Debug)]
+pub struct ManagedIdentities {
+    /// Whether the VM has a system-assigned identity.
+    pub system_assigned: bool,
+    /// Client ids of its user-assigned identities.
+    pub user_assigned: Vec<String>,
+}
+
+impl Default for ManagedIdentities {
+    fn default() -> Self {
+        Self {
+            system_assigned: true,
+            user_assigned: Vec::new(),
+        }
+    }
 }
 
 /// Where and how the server runs local pod VMs (see [`Config::local_vms`]).
@@ -114,6 +148,12 @@ impl Default for Config {
             core_quota: None,
             local_vms: None,
             storage: StorageConfig::default(),
+            token_lifetime: Duration::from_secs(3599),
+            managed_identities: ManagedIdentities::default(),
+            https: false,
+            zones: ["1", "2", "3"].iter().map(|z| z.to_string()).collect(),
+            restrictions: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 }
@@ -140,6 +180,17 @@ impl Handle {
         self.store.token_scopes()
     }
 
+    /// Who each issued token was for, in order: `app:{client id}` (client credentials),
+    /// `msi:system` or `msi:{client id}` (managed identity).
+    pub fn token_subjects(&self) -> Vec<String> {
+        self.store.token_subjects()
+    }
+
+    /// Every federated assertion presented to the token endpoint, in order.
+    pub fn assertions(&self) -> Vec<String> {
+        self.store.assertions()
+    }
+
     /// Every bearer token the token endpoint issued (tests look for them in logs).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.store.issued_tokens()
@@ -163,6 +214,45 @@ impl Handle {
     /// Changes the behaviour (latency, LRO duration, limits) from now on.
     pub fn set_config(&self, f: impl FnOnce(&mut Config)) {
         self.store.set_config(f);
+    }
+
+    /// Seeds gallery image version `{definition}/1.0.0` in gallery `g` of `rg` whose
+    /// definition declares `security_type` (`SecurityType` feature; none: standard VMs only).
+    /// Returns the version's id.
+    pub fn seed_gallery_image(
+        &self,
+        subscription: &str,
+        rg: &str,
+        location: &str,
+        definition: &str,
+        security_type: Option<&str>,
+    ) -> String {
+        let gallery = format!(
+            "/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.Compute/galleries/g"
+        );
+        let def = format!("{gallery}/images/{definition}");
+        let version = format!("{def}/versions/1.0.0");
+        let mut props = serde_json::json!({"osType": "Linux", "osState": "Generalized",
+            "hyperVGeneration": "V2", "provisioningState": "Succeeded"});
+        if let Some(t) = security_type {
+            props["features"] = serde_json::json!([{"name": "SecurityType", "value": t}]);
+        }
+        let mut g = self.store.lock();
+        for (id, ty, props) in [
+            (&def, "Microsoft.Compute/galleries/images", props),
+            (
+                &version,
+                "Microsoft.Compute/galleries/images/versions",
+                serde_json::json!({"provisioningState": "Succeeded"}),
+            ),
+        ] {
+            let name = id.rsplit('/').next().unwrap_or_default();
+            g.resources.insert(
+                id.to_ascii_lowercase(),
+                serde_json::json!({"id": id, "name": name, "type": ty, "location": location, "properties": props}),
+            );
+        }
+        version
     }
 
     /// Seeds what a peer-pods setup needs in `subscription`: resource group `rg` in
@@ -211,7 +301,8 @@ impl Handle {
             (
                 format!("{gallery}/images/podvm"),
                 "Microsoft.Compute/galleries/images",
-                serde_json::json!({}),
+                serde_json::json!({"osType": "Linux", "osState": "Generalized", "hyperVGeneration": "V2",
+                    "features": [{"name": "SecurityType", "value": "TrustedLaunchAndConfidentialVmSupported"}]}),
             ),
             (
                 image.clone(),
@@ -424,24 +515,44 @@ async fn handle(
         .split('/')
         .map(str::to_string)
         .collect();
-    // Token endpoint: POST /{tenant}/oauth2/v2.0/token
-    if segs.len() == 4 && segs[1] == "oauth2" && segs[3] == "token" && method == Method::POST {
-        return (store.token(&segs[0], &body), None);
-    }
-    if !store.authorized(headers) {
-        return (
-            arm_error(
-                StatusCode::UNAUTHORIZED,
-                "AuthenticationFailed",
-                "missing or invalid bearer token",
-            ),
-            None,
-        );
-    }
     let query: Vec<(String, String)> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
+    // Token endpoints: Entra ID's `POST /{tenant}/oauth2/v2.0/token` and IMDS's
+    // `GET /metadata/identity/oauth2/token`; injected faults apply to them too.
+    let entra =
+        segs.len() == 4 && segs[1] == "oauth2" && segs[3] == "token" && method == Method::POST;
+    let imds = path.eq_ignore_ascii_case(crate::cloud::azure::identity::IMDS_TOKEN_PATH)
+        && method == Method::GET;
+    if entra || imds {
+        let fault = store.take_fault(method, path);
+        let label = fault.as_ref().map(FaultKind::label);
+        match fault {
+            Some(FaultKind::Status { status, code, .. }) => {
+                let resp = (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    axum::Json(json!({"error": code, "error_description": "injected fault"})),
+                )
+                    .into_response();
+                return (resp, label);
+            }
+            Some(FaultKind::Drop { .. }) => return (dropped(), label),
+            Some(FaultKind::Delay { millis }) => {
+                tokio::time::sleep(Duration::from_millis(millis)).await
+            }
+            _ => {}
+        }
+        let resp = if entra {
+            store.token(&segs[0], &body)
+        } else {
+            store.imds_token(headers, &query.iter().cloned().collect())
+        };
+        return (resp, label);
+    }
+    if let Some(refused) = store.unauthorized(headers) {
+        return (refused, None);
+    }
     let api_version = query
         .iter()
         .find(|(k, _)| k == "api-version")
@@ -467,7 +578,12 @@ async fn handle(
         );
     }
     let base = format!(
-        "http://{}",
+        "{}://{}",
+        if store.config().https {
+            "https"
+        } else {
+            "http"
+        },
         headers
             .get("host")
             .and_then(|h| h.to_str().ok())
@@ -564,6 +680,24 @@ fn inspect(store: &Store, method: &Method, path: &str, body: &Bytes) -> Response
             }
             Err(e) => arm_error(StatusCode::BAD_REQUEST, "InvalidFault", e.to_string()),
         },
+        // The serial log blob a boot diagnostics SAS URI names (no bearer token: the SAS is
+        // the authorisation).
+        ("GET", p) if p.starts_with("/armtest/bootdiagnostics/") && p.ends_with("/serial.log") => {
+            let vm = p
+                .trim_start_matches("/armtest/bootdiagnostics/")
+                .trim_end_matches("/serial.log");
+            match store.vms().iter().find(|v| v.name.eq_ignore_ascii_case(vm)) {
+                Some(v) => (
+                    [("content-type", "text/plain")],
+                    format!(
+                        "[    0.000000] Linux version 6.1.0 (armtest)\n[    1.234567] systemd[1]: Started sandboxd forwarder.\n{} login: \n",
+                        v.name
+                    ),
+                )
+                    .into_response(),
+                None => (StatusCode::NOT_FOUND, "BlobNotFound").into_response(),
+            }
+        }
         ("DELETE", "/armtest/faults") => {
             store.clear_faults();
             StatusCode::NO_CONTENT.into_response()

@@ -449,6 +449,21 @@ fn not_found(ty: &str, name: &str, rg: &str) -> Response {
 }
 
 /// The sizes offered in `region` as (name, vCPUs, memory MiB).
+/// Whether a size takes Premium SSD disks: Azure names those with an `s` among the
+/// letters after the vCPU count (`D4as_v5`, `F4s_v2`; not `A1_v2`).
+pub(crate) fn premium_io(size: &str) -> bool {
+    let part = size
+        .trim_start_matches("Standard_")
+        .split('_')
+        .next()
+        .unwrap_or_default();
+    let letters = part.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    letters
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .to_ascii_lowercase()
+        .contains('s')
+}
+
 fn offered(g: &Inner, subscription: &str, region: &str) -> Vec<(String, u32, u64)> {
     let only: Option<Vec<String>> = g
         .resources
@@ -524,17 +539,42 @@ pub(crate) fn route(
             let value: Vec<Value> = offered(&g, sub, &region)
                 .iter()
                 .map(|(n, c, m)| {
+                    let mut capabilities = vec![
+                        json!({"name": "vCPUs", "value": c.to_string()}),
+                        json!({"name": "MemoryGB", "value": format!("{}", *m as f64 / 1024.0)}),
+                        json!({"name": "PremiumIO", "value": if premium_io(n) {"True"} else {"False"}}),
+                    ];
+                    if let Some((_, gpus)) =
+                        g.config.gpus.iter().find(|(s, _)| s.eq_ignore_ascii_case(n))
+                    {
+                        capabilities.push(json!({"name": "GPUs", "value": gpus.to_string()}));
+                    }
+                    let restrictions: Vec<Value> = g
+                        .config
+                        .restrictions
+                        .iter()
+                        .filter(|(s, _)| s.eq_ignore_ascii_case(n))
+                        .map(|(_, zones)| {
+                            if zones.is_empty() {
+                                json!({"type": "Location", "values": [region],
+                                       "restrictionInfo": {"locations": [region]},
+                                       "reasonCode": "NotAvailableForSubscription"})
+                            } else {
+                                json!({"type": "Zone", "values": [region],
+                                       "restrictionInfo": {"locations": [region], "zones": zones},
+                                       "reasonCode": "NotAvailableForSubscription"})
+                            }
+                        })
+                        .collect();
                     json!({
                         "resourceType": "virtualMachines",
                         "name": n,
                         "tier": "Standard",
                         "size": n.trim_start_matches("Standard_"),
                         "locations": [region],
-                        "capabilities": [
-                            {"name": "vCPUs", "value": c.to_string()},
-                            {"name": "MemoryGB", "value": format!("{}", *m as f64 / 1024.0)},
-                        ],
-                        "restrictions": [],
+                        "locationInfo": [{"location": region, "zones": g.config.zones}],
+                        "capabilities": capabilities,
+                        "restrictions": restrictions,
                     })
                 })
                 .collect();

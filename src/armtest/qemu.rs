@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::dhcp;
 use crate::cloud::local::start_time;
 use crate::cloud::net::Netlink;
 use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec, VmState};
-use crate::forwarder::init::dhcp;
 
 /// OVMF's code (read-only) and the template of its variable store (Debian `ovmf`).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -139,6 +139,7 @@ impl QemuProvider {
                 VmState::Failed
             },
             private_ip: Some(IpAddr::V4(r.ip)),
+            public_ip: None,
             tags: r.tags.clone(),
         }
     }
@@ -351,6 +352,7 @@ impl Provider for QemuProvider {
                 name: n.clone(),
                 vcpus: self.config.cpus,
                 memory_mib: u64::from(self.config.memory_mib),
+                gpus: 0,
             })
             .collect())
     }

@@ -1,6 +1,6 @@
 //! The server's state: resources, VMs and their operations, tokens, faults, the request log.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -69,6 +69,8 @@ pub(crate) struct Vm {
     pub delete_nic: bool,
     pub delete_disk: bool,
     pub private_ip: String,
+    /// The public IP created from the NIC's configuration, and whether it goes with the VM.
+    pub public_ip: Option<(String, bool)>,
 }
 
 impl Vm {
@@ -93,9 +95,15 @@ pub(crate) struct Op {
 
 pub(crate) struct Inner {
     pub config: Config,
-    pub tokens: HashSet<String>,
+    /// Issued access tokens and when each expires.
+    pub tokens: HashMap<String, SystemTime>,
     /// The `scope` of every token request, in order.
     pub token_scopes: Vec<String>,
+    /// Who each issued token was for, in order (`app:{client id}`, `msi:system`,
+    /// `msi:{client id}`).
+    pub token_subjects: Vec<String>,
+    /// Every federated assertion presented, in order.
+    pub assertions: Vec<String>,
     pub resources: BTreeMap<String, Value>,
     pub vms: BTreeMap<String, Vm>,
     pub ops: HashMap<String, Op>,
@@ -123,6 +131,9 @@ impl Inner {
                 }
                 if vm.delete_disk {
                     self.resources.remove(&vm.disk_id.to_ascii_lowercase());
+                }
+                if let Some((pip, true)) = &vm.public_ip {
+                    self.resources.remove(&pip.to_ascii_lowercase());
                 }
             }
         }
@@ -173,7 +184,9 @@ impl Store {
             local,
             inner: Mutex::new(Inner {
                 config,
-                tokens: HashSet::new(),
+                tokens: HashMap::new(),
+                token_subjects: Vec::new(),
+                assertions: Vec::new(),
                 token_scopes: Vec::new(),
                 resources: BTreeMap::new(),
                 vms: BTreeMap::new(),
@@ -241,7 +254,15 @@ impl Store {
     }
 
     pub fn issued_tokens(&self) -> Vec<String> {
-        self.lock().tokens.iter().cloned().collect()
+        self.lock().tokens.keys().cloned().collect()
+    }
+
+    pub fn token_subjects(&self) -> Vec<String> {
+        self.lock().token_subjects.clone()
+    }
+
+    pub fn assertions(&self) -> Vec<String> {
+        self.lock().assertions.clone()
     }
 
     pub fn log(&self, entry: RequestLog) {
@@ -318,58 +339,202 @@ impl Store {
         None
     }
 
-    /// Client-credential (secret or federated assertion) token endpoint.
+    /// Client-credential (secret or federated assertion) token endpoint, as Entra ID's v2
+    /// endpoint answers it. A federated assertion must be a JWT within its validity
+    /// (`exp`), as Entra ID checks (AADSTS700024).
     pub fn token(&self, tenant: &str, body: &Bytes) -> Response {
         let form: HashMap<String, String> = url::form_urlencoded::parse(body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         let has = |k: &str| form.get(k).is_some_and(|v| !v.is_empty());
+        let refuse = |status: StatusCode, error: &str, description: &str| {
+            (
+                status,
+                axum::Json(json!({
+                    "error": error,
+                    "error_description": format!("{description}\r\nTrace ID: 00000000-0000-0000-0000-000000000000"),
+                    "error_codes": [description.get(6..12).and_then(|c| c.trim_end_matches(':').parse::<u64>().ok()).unwrap_or(0)],
+                })),
+            )
+                .into_response()
+        };
         if form.get("grant_type").map(String::as_str) != Some("client_credentials")
             || !has("client_id")
             || !has("scope")
             || !(has("client_secret") || has("client_assertion"))
             || tenant.is_empty()
         {
-            return (
+            return refuse(
                 StatusCode::BAD_REQUEST,
-                axum::Json(json!({
-                    "error": "invalid_request",
-                    "error_description": "AADSTS900144: The request body must contain grant_type=client_credentials, client_id, scope and a client secret or assertion."
-                })),
-            )
-                .into_response();
+                "invalid_request",
+                "AADSTS900144: The request body must contain grant_type=client_credentials, client_id, scope and a client secret or assertion.",
+            );
         }
         if form.get("client_secret").map(String::as_str) == Some("wrong") {
-            return (
+            return refuse(
                 StatusCode::UNAUTHORIZED,
-                axum::Json(json!({
-                    "error": "invalid_client",
-                    "error_description": "AADSTS7000215: Invalid client secret provided."
-                })),
-            )
-                .into_response();
+                "invalid_client",
+                "AADSTS7000215: Invalid client secret provided.",
+            );
         }
-        let mut g = self.lock();
-        g.token_scopes
-            .push(form.get("scope").cloned().unwrap_or_default());
-        let token = format!("armtest-{}", g.next_id());
-        g.tokens.insert(token.clone());
+        if let Some(assertion) = form.get("client_assertion").filter(|a| !a.is_empty()) {
+            if form.get("client_assertion_type").map(String::as_str)
+                != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "AADSTS90014: The required field 'client_assertion_type' is missing from the credential.",
+                );
+            }
+            self.lock().assertions.push(assertion.clone());
+            match jwt_exp(assertion) {
+                None => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "AADSTS50027: JWT token is invalid or malformed.",
+                    );
+                }
+                Some(exp) if exp <= SystemTime::now() => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_client",
+                        "AADSTS700024: Client assertion is not within its valid time range.",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        let subject = format!("app:{}", form["client_id"]);
+        let lifetime = self.lock().config.token_lifetime;
+        let token = self.issue(form.get("scope").cloned().unwrap_or_default(), subject);
         axum::Json(json!({
             "token_type": "Bearer",
-            "expires_in": 3599,
-            "ext_expires_in": 3599,
+            "expires_in": lifetime.as_secs(),
+            "ext_expires_in": lifetime.as_secs(),
             "access_token": token,
         }))
         .into_response()
     }
 
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        v.strip_prefix("Bearer ")
-            .is_some_and(|t| self.lock().tokens.contains(t))
+    /// Records and returns a new access token for `scope`, valid for the configured time.
+    fn issue(&self, scope: String, subject: String) -> String {
+        let mut g = self.lock();
+        let expires = SystemTime::now() + g.config.token_lifetime;
+        g.token_scopes.push(scope);
+        g.token_subjects.push(subject);
+        let token = format!("armtest-{}", g.next_id());
+        g.tokens.insert(token.clone(), expires);
+        token
     }
+
+    /// The managed identity endpoint of IMDS: `GET /metadata/identity/oauth2/token` with
+    /// `Metadata: true`, `api-version`, `resource`, and `client_id` for a user-assigned
+    /// identity (required when the VM has several and no system-assigned one).
+    pub fn imds_token(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> Response {
+        let refuse = |status: StatusCode, error: &str, description: &str| {
+            (
+                status,
+                axum::Json(json!({"error": error, "error_description": description})),
+            )
+                .into_response()
+        };
+        if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Required metadata header not specified",
+            );
+        }
+        let (Some(_), Some(resource)) = (query.get("api-version"), query.get("resource")) else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Required query variable 'resource' or 'api-version' is missing",
+            );
+        };
+        let ids = self.lock().config.managed_identities.clone();
+        let subject = match query.get("client_id") {
+            Some(c) if ids.user_assigned.iter().any(|u| u.eq_ignore_ascii_case(c)) => {
+                format!("msi:{}", c.to_ascii_lowercase())
+            }
+            Some(_) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Identity not found",
+                );
+            }
+            None if ids.system_assigned => "msi:system".to_string(),
+            None if ids.user_assigned.len() == 1 => {
+                format!("msi:{}", ids.user_assigned[0].to_ascii_lowercase())
+            }
+            None if ids.user_assigned.is_empty() => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Identity not found",
+                );
+            }
+            None => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request",
+                );
+            }
+        };
+        let lifetime = self.lock().config.token_lifetime;
+        let token = self.issue(format!("{resource}/.default"), subject);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        axum::Json(json!({
+            "access_token": token,
+            "refresh_token": "",
+            "expires_in": lifetime.as_secs().to_string(),
+            "expires_on": (now + lifetime.as_secs()).to_string(),
+            "not_before": now.to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        }))
+        .into_response()
+    }
+
+    /// `None` when the request carries a token this server issued and that is still
+    /// valid; else ARM's answer (`ExpiredAuthenticationToken` once it expired).
+    pub fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match token.and_then(|t| self.lock().tokens.get(t).copied()) {
+            Some(exp) if exp > SystemTime::now() => None,
+            Some(_) => Some(arm_error(
+                StatusCode::UNAUTHORIZED,
+                "ExpiredAuthenticationToken",
+                "The access token expiry UTC time is earlier than current UTC time.",
+            )),
+            None => Some(arm_error(
+                StatusCode::UNAUTHORIZED,
+                "AuthenticationFailed",
+                "missing or invalid bearer token",
+            )),
+        }
+    }
+}
+
+/// The `exp` of a JWT (no signature check: the test server trusts its tests).
+fn jwt_exp(jwt: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(claims["exp"].as_u64()?))
 }
 
 /// RFC 3339 UTC time for response bodies.

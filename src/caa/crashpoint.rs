@@ -1,11 +1,14 @@
-//! Test-only crash points. With `SANDBOXD_CAA_PAUSE_AT=<step>` CAA logs
-//! `paused at crash point <step>` when it reaches that step boundary and makes no further
-//! progress on that call, so a test can SIGKILL the process exactly there. Compiled in,
-//! inert unless the variable is set (one environment read per process).
+//! Test-only crash points. In a build with the `dev` feature, `SANDBOXD_CAA_PAUSE_AT=<step>`
+//! makes CAA log `paused at crash point <step>` when it reaches that step boundary and make
+//! no further progress on that call, so a test can SIGKILL the process exactly there (one
+//! environment read per process). The shipped binary has no such variable: [`reached`] is
+//! empty there, and no production CAA can be made to hang by its environment.
 
+#[cfg(feature = "dev")]
 use std::sync::OnceLock;
 
 /// The environment variable naming the step to pause at.
+#[cfg(feature = "dev")]
 pub const ENV: &str = "SANDBOXD_CAA_PAUSE_AT";
 
 /// Every step boundary of create (StartVM; CreateVM writes nothing) and delete (StopVM), in
@@ -22,22 +25,23 @@ pub const STEPS: &[&str] = &[
 ];
 
 /// StartVM: before the PeerPod is written.
-pub const START_BEFORE_RECORD: &str = "start-vm:before-record";
+pub(crate) const START_BEFORE_RECORD: &str = "start-vm:before-record";
 /// StartVM: PeerPod written, before the VM's user data and the cloud create.
-pub const START_RECORDED: &str = "start-vm:recorded";
+pub(crate) const START_RECORDED: &str = "start-vm:recorded";
 /// StartVM: before the cloud create call (phase Creating is written alongside it).
-pub const START_BEFORE_CREATE: &str = "start-vm:before-create";
+pub(crate) const START_BEFORE_CREATE: &str = "start-vm:before-create";
 /// StartVM: the VM is ready, before its instance id, IP and phase are queued and the answer.
-pub const START_CREATED: &str = "start-vm:created";
+pub(crate) const START_CREATED: &str = "start-vm:created";
 /// StartVM answered; the background write of instance id, IP and phase Running has not run.
 pub const START_ANSWERED: &str = "start-vm:answered-before-status";
 /// StopVM: before the cloud delete call (the record is marked deleted alongside it).
-pub const STOP_BEFORE_DELETE: &str = "stop-vm:before-delete";
+pub(crate) const STOP_BEFORE_DELETE: &str = "stop-vm:before-delete";
 /// StopVM: the VM is gone and the record marked deleted, before the answer.
-pub const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
+pub(crate) const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
 /// StopVM answered; the background release of the record has not run.
 pub const STOP_ANSWERED: &str = "stop-vm:answered-before-release";
 
+#[cfg(feature = "dev")]
 fn configured() -> Option<&'static str> {
     static AT: OnceLock<Option<String>> = OnceLock::new();
     AT.get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty()))
@@ -45,12 +49,17 @@ fn configured() -> Option<&'static str> {
 }
 
 /// Pauses this call forever when `step` is the configured crash point.
-pub async fn reached(step: &'static str) {
+#[cfg(feature = "dev")]
+pub(crate) async fn reached(step: &'static str) {
     if configured() == Some(step) {
         tracing::warn!(step, "paused at crash point {step}");
         std::future::pending::<()>().await;
     }
 }
+
+/// Crash points are not built in: nothing to do.
+#[cfg(not(feature = "dev"))]
+pub(crate) async fn reached(_step: &'static str) {}
 
 #[cfg(test)]
 mod tests {

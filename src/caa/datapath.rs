@@ -9,12 +9,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
+use super::noderelay;
 use super::pki::Pki;
 use super::relay::{self, AgentSockets};
 use super::state::{self, Record};
@@ -26,7 +27,7 @@ use crate::cloud::Vm;
 use crate::forwarder::Config;
 
 /// Annotation on the PeerPod with the pod's network namespace on the worker.
-pub const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
+pub(crate) const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
 
 #[derive(Clone, Debug)]
 struct Path_ {
@@ -34,10 +35,18 @@ struct Path_ {
     vni: Option<u32>,
 }
 
+/// Who serves the pods' agent sockets.
+enum Sockets {
+    /// This process (they end with it).
+    InProcess(AgentSockets),
+    /// The node agent relay (they outlive this process).
+    Node(Arc<noderelay::Client>),
+}
+
 /// Data path state of one CAA.
-pub struct Datapath {
+pub(crate) struct Datapath {
     pki: Pki,
-    sockets: AgentSockets,
+    sockets: Sockets,
     sandboxes: Mutex<HashMap<String, Path_>>,
     vni_lock: tokio::sync::Mutex<()>,
     node_ip: Ipv4Addr,
@@ -50,8 +59,9 @@ fn dp(e: impl std::fmt::Display) -> Error {
 impl Datapath {
     /// Loads (or creates) the CAA certificates from the Secret `CAA_TLS_SECRET` in
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
-    /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]).
-    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr) -> Self {
+    /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]). With `relay` (the
+    /// node agent relay's control socket) the agent sockets are served by it.
+    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr, relay: Option<PathBuf>) -> Self {
         let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| names::DEFAULT_NAMESPACE.into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| names::CAA_TLS_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {
@@ -69,9 +79,21 @@ impl Datapath {
                 Pki::generate().expect("generating certificates")
             }
         };
+        let sockets = match relay {
+            Some(path) => {
+                let c = noderelay::Client::new(path, pki.clone());
+                // A rotated identity reaches the relay; a restarted relay is told again.
+                tokio::spawn(c.clone().keep_fresh(
+                    Duration::from_secs(30),
+                    tokio_util::sync::CancellationToken::new(),
+                ));
+                Sockets::Node(c)
+            }
+            None => Sockets::InProcess(AgentSockets::default()),
+        };
         Self {
             pki,
-            sockets: AgentSockets::default(),
+            sockets,
             sandboxes: Mutex::new(HashMap::new()),
             vni_lock: tokio::sync::Mutex::new(()),
             node_ip,
@@ -83,7 +105,7 @@ impl Datapath {
     /// to `/run` on every current distribution, and the DaemonSet mounts the host's
     /// `/run/netns` (the image has no `/var`), so `/var/run/...` is read as `/run/...`.
     /// Empty: no pod network (no data path).
-    pub fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
+    pub(crate) fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
         if path.is_empty() {
             return Ok(None);
         }
@@ -126,7 +148,7 @@ impl Datapath {
     }
 
     /// CreateVM: remembers the pod's network namespace.
-    pub fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
+    pub(crate) fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
         if let Some(netns) = netns {
             self.put(
                 id,
@@ -139,7 +161,7 @@ impl Datapath {
     }
 
     /// Forgets a sandbox that never started (nothing of its data path exists).
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -148,7 +170,7 @@ impl Datapath {
 
     /// StartVM, before the create call: the user data carrying the forwarder config (a VNI
     /// no live VM of this node holds, recorded on the PeerPod first).
-    pub async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
+    pub(crate) async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
         let Some(mut p) = self.get(&r.sandbox_id) else {
             return Ok(None);
         };
@@ -213,7 +235,7 @@ impl Datapath {
 
     /// StartVM, once the VM has an IP: readiness `agent`, the worker end of the tunnel and
     /// the agent socket.
-    pub async fn ready(
+    pub(crate) async fn ready(
         &self,
         caa: &Caa,
         r: &Record,
@@ -223,7 +245,7 @@ impl Datapath {
         let Some(p) = self.get(&r.sandbox_id) else {
             return Ok(());
         };
-        let Some(IpAddr::V4(ip)) = vm.private_ip else {
+        let Some(IpAddr::V4(ip)) = vm.address() else {
             return Err(dp(format!("VM {} has no IPv4 address", vm.name)));
         };
         if caa.args.readiness == Readiness::Agent {
@@ -238,25 +260,51 @@ impl Datapath {
         tunnel::setup(Path::new(&p.netns), vni, ip, node_ip, caa.config.vxlan_port)
             .await
             .map_err(dp)?;
-        self.serve(caa, r, IpAddr::V4(ip))
+        self.serve(caa, r, IpAddr::V4(ip)).await
     }
 
-    fn serve(&self, caa: &Caa, r: &Record, ip: IpAddr) -> Result<(), Error> {
-        self.sockets
-            .serve(
-                &r.sandbox_id,
-                &socket_path(&caa.args.pods_dir, &r.sandbox_id),
-                self.pki.client_config(),
-                SocketAddr::new(ip, names::FORWARDER_PORT),
-                &r.vm_name,
-                caa.config.proxy_timeout,
-            )
-            .map_err(dp)
+    async fn serve(&self, caa: &Caa, r: &Record, ip: IpAddr) -> Result<(), Error> {
+        let path = socket_path(&caa.args.pods_dir, &r.sandbox_id);
+        let addr = SocketAddr::new(ip, names::FORWARDER_PORT);
+        match &self.sockets {
+            Sockets::InProcess(s) => {
+                let pki = self.pki.clone();
+                s.serve_with(
+                    &r.sandbox_id,
+                    &path,
+                    Arc::new(move || Some(pki.client_config())),
+                    addr,
+                    &r.vm_name,
+                    caa.config.proxy_timeout,
+                )
+            }
+            Sockets::Node(c) => {
+                c.serve(noderelay::Serve {
+                    id: r.sandbox_id.clone(),
+                    path,
+                    addr,
+                    vm: r.vm_name.clone(),
+                    timeout_ms: caa.config.proxy_timeout.as_millis() as u64,
+                })
+                .await
+            }
+        }
+        .map_err(dp)
+    }
+
+    /// After the start-up reconcile: the node agent relay stops serving sandboxes this CAA
+    /// does not know (their VMs went while no CAA ran).
+    pub(crate) async fn retain(&self) {
+        if let Sockets::Node(c) = &self.sockets
+            && let Err(e) = c.retain().await
+        {
+            tracing::warn!(error = %e, "telling the node agent relay which sandboxes remain");
+        }
     }
 
     /// After a CAA restart: serves the agent socket of a running VM again (the tunnel lives
     /// in the kernel and stayed).
-    pub fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
+    pub(crate) async fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
         let netns = pp
             .metadata
             .annotations
@@ -273,7 +321,7 @@ impl Datapath {
             },
         );
         if let Some(ip) = status.vm_ip.and_then(|s| s.parse().ok())
-            && let Err(e) = self.serve(caa, r, ip)
+            && let Err(e) = self.serve(caa, r, ip).await
         {
             tracing::warn!(vm = %r.vm_name, error = %e, "could not serve the agent socket again");
         }
@@ -281,8 +329,11 @@ impl Datapath {
 
     /// Before the VM is deleted: stops the agent socket and removes the worker end of the
     /// tunnel.
-    pub async fn stop(&self, r: &Record) {
-        self.sockets.stop(&r.sandbox_id);
+    pub(crate) async fn stop(&self, r: &Record) {
+        match &self.sockets {
+            Sockets::InProcess(s) => s.stop(&r.sandbox_id),
+            Sockets::Node(c) => c.stop(&r.sandbox_id).await,
+        }
         let p = self
             .sandboxes
             .lock()
@@ -300,14 +351,14 @@ impl Datapath {
 }
 
 /// `<pods dir>/<id>/agent.ttrpc`.
-pub fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
+pub(crate) fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
     pods_dir.join(id).join(names::AGENT_SOCKET_FILE)
 }
 
 /// The worker's end of every pod tunnel, from what the DaemonSet gives CAA through the
 /// downward API: the first IPv4 address of `NODE_IPS` (`status.hostIPs`, dual-stack nodes),
 /// else `NODE_IP` (`status.hostIP`). The tunnel is VXLAN over IPv4.
-pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
+pub(crate) fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
     let node_ip = node_ip.map(str::trim).filter(|s| !s.is_empty());
     let node_ips = node_ips.map(str::trim).filter(|s| !s.is_empty());
     if node_ip.is_none() && node_ips.is_none() {
@@ -348,7 +399,7 @@ pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr
 
 /// Fails unless `ip` is an address of an interface in the node's network namespace (CAA runs
 /// with the host's network): the VXLAN devices of every pod tunnel are bound to it.
-pub async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
+pub(crate) async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
     let nl = crate::cloud::net::Netlink::node()
         .await
         .map_err(|e| format!("reading the node's interfaces: {e}"))?;

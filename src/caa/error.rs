@@ -37,7 +37,7 @@ pub enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::InvalidRequest(_) => "invalid_request",
             Error::UnknownSandbox(_) => "unknown_sandbox",
@@ -53,7 +53,7 @@ impl Error {
     }
 
     /// The ttrpc status the shim sees.
-    pub fn to_ttrpc(&self) -> ttrpc::Error {
+    pub(crate) fn to_ttrpc(&self) -> ttrpc::Error {
         use ttrpc::Code;
         let code = match self {
             Error::InvalidRequest(_) | Error::Size(_) => Code::INVALID_ARGUMENT,

@@ -13,21 +13,22 @@ pub mod crashpoint;
 mod datapath;
 mod error;
 mod metrics;
+pub mod noderelay;
 pub mod pki;
 mod pods;
 pub mod relay;
 mod service;
 mod state;
 mod sweep;
-pub mod tunnel;
+pub(crate) mod tunnel;
 mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::Error;
-pub use service::Caa;
+pub(crate) use error::Error;
+pub(crate) use service::Caa;
 
 /// Readiness modes of StartVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,6 +50,11 @@ pub struct Args {
     /// Unix socket of the remote hypervisor service.
     #[arg(long, env = "CAA_SOCKET", default_value = crate::api::names::HYPERVISOR_SOCKET)]
     pub socket: PathBuf,
+    /// The node agent relay's control socket (`sandboxd caa-relay`, its own DaemonSet):
+    /// when set, the relay serves the pods' agent sockets and the hypervisor socket in
+    /// front of `--socket`, so they outlive this process; unset, CAA serves them itself.
+    #[arg(long, env = "CAA_RELAY_SOCKET")]
+    pub relay_socket: Option<PathBuf>,
     /// Directory of per-pod agent sockets.
     #[arg(long, env = "CAA_PODS_DIR", default_value = crate::api::names::PODS_DIR)]
     pub pods_dir: PathBuf,
@@ -119,18 +125,18 @@ pub struct Args {
 }
 
 /// The port of CAA's `/metrics`: the `metrics` port of the DaemonSet the operator writes.
-pub const METRICS_PORT: u16 = 8092;
+pub(crate) const METRICS_PORT: u16 = 8092;
 /// Where CAA serves its metrics by default (on [`METRICS_PORT`]; a unit test keeps them
 /// equal).
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
+pub(crate) const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
 
 /// Runs `sandboxd caa` until a signal arrives.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = crate::shutdown::on_signals()?;
     let env = crate::config::env_map();
     let cfg = crate::config::PeerPodsConfig::from_map(&env)?;
-    let mut arm_counters = None;
-    let provider: Arc<dyn crate::cloud::Provider> = match cfg.cloud_provider {
+    // The provider, and ARM's request counters for /metrics when it is Azure.
+    let (provider, arm_counters): (Arc<dyn crate::cloud::Provider>, _) = match cfg.cloud_provider {
         crate::config::CloudProvider::Azure => {
             let secret = crate::config::CloudSecret::from_map(&env)?;
             let az = cfg.azure.clone().expect("validated azure config");
@@ -151,18 +157,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )?);
-            arm_counters = Some(provider.counters());
-            provider
+            let counters = provider.counters();
+            (provider, Some(counters))
         }
-        crate::config::CloudProvider::Local => {
-            Arc::new(crate::cloud::local::LocalProvider::from_env()?)
-        }
+        #[cfg(feature = "dev")]
+        crate::config::CloudProvider::Local => (
+            Arc::new(crate::cloud::local::LocalProvider::from_env()?),
+            None,
+        ),
+        #[cfg(not(feature = "dev"))]
+        crate::config::CloudProvider::Local => anyhow::bail!(
+            "CLOUD_PROVIDER=local (peer-pods-cm) is the development provider, which runs pod VMs \
+             as processes on the node; this build of sandboxd does not include it (it is built \
+             with the `dev` feature for tests and demos): set CLOUD_PROVIDER=azure"
+        ),
     };
     let client = args.kube.client().await?;
     let ssh_key = match std::fs::read_to_string(&args.ssh_public_key) {
         Ok(s) => Some(s.trim().to_string()),
         Err(e) => {
-            tracing::warn!(path = %args.ssh_public_key.display(), error = %e, "no SSH public key; VMs are created without one");
+            tracing::warn!(path = %args.ssh_public_key.display(), error = %e, "no SSH public key; pod VMs get a generated key whose private half is not kept (no SSH login)");
             None
         }
     };

@@ -60,11 +60,11 @@ impl std::fmt::Debug for Pki {
 
 /// Validity of CAA's CA. It is renewed at 2/3 of its life; the old CA stays trusted (and
 /// its client certificate presented to the VMs that trust it) until it expires.
-pub const CA_VALIDITY: time::Duration = time::Duration::days(365);
+pub(crate) const CA_VALIDITY: time::Duration = time::Duration::days(365);
 /// Validity of a pod VM's server certificate (never beyond its CA's): CAA checks it when it
 /// dials the forwarder, at StartVM and for each agent connection of the sandbox (kata's
 /// shim keeps one for the sandbox's life).
-pub const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
+pub(crate) const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
 const PREVIOUS_CA_CERT: &str = "previous-ca.crt";
 const PREVIOUS_CLIENT_CERT: &str = "previous-tls.crt";
 const PREVIOUS_CLIENT_KEY: &str = "previous-tls.key";
@@ -99,7 +99,7 @@ fn subject_forms(pem: &str) -> Vec<Vec<u8>> {
 }
 
 /// When a CA with `validity` is renewed: once a third of its life is left.
-pub fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
+pub(crate) fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
     validity.renew_at(CA_VALIDITY)
 }
 
@@ -150,6 +150,65 @@ fn certified(ck: &CertKey) -> Result<Arc<rustls::sign::CertifiedKey>, PkiError> 
     Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signer)))
 }
 
+/// The TLS client configuration towards forwarders: `ca_pem` (and the previous CA) trusted,
+/// the client certificate each forwarder accepts presented.
+fn client_config_of(
+    ca_pem: &str,
+    client: &CertKey,
+    previous: Option<(&str, &CertKey)>,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in std::iter::once(ca_pem).chain(previous.map(|p| p.0)) {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let c = c.map_err(|e| PkiError(format!("CA certificate: {e}")))?;
+            roots
+                .add(c)
+                .map_err(|e| PkiError(format!("CA certificate: {e}")))?;
+        }
+    }
+    let resolver = ClientCerts {
+        current: certified(client)?,
+        current_subjects: subject_forms(ca_pem),
+        previous: match previous {
+            Some((ca, ck)) => Some((certified(ck)?, subject_forms(ca))),
+            None => None,
+        },
+    };
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(resolver));
+    Ok(Arc::new(config))
+}
+
+/// CAA's client side of the mTLS to the forwarders, without the CA's key: what the node
+/// agent relay needs to dial them (handed over a root-only unix socket, kept in memory).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientIdentity {
+    /// The current CA certificate (trusted for the VMs' server certificates).
+    pub ca_pem: String,
+    /// The client certificate and key the current CA signed.
+    pub client: CertKey,
+    /// During a CA rotation: the previous CA and its client certificate.
+    pub previous: Option<(String, CertKey)>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientIdentity { .. }")
+    }
+}
+
+impl ClientIdentity {
+    /// The TLS client configuration of this identity (as [`Pki::client_config`]).
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+        client_config_of(
+            &self.ca_pem,
+            &self.client,
+            self.previous.as_ref().map(|(ca, ck)| (ca.as_str(), ck)),
+        )
+    }
+}
+
 impl Material {
     fn build(
         ca: Ca,
@@ -162,33 +221,18 @@ impl Material {
             .ok_or_else(|| PkiError("the CA certificate does not parse".into()))?;
         // The previous CA only while it is valid.
         let previous = previous.filter(|p| now < p.ca_validity.not_after);
-        let mut roots = rustls::RootCertStore::empty();
-        for pem in std::iter::once(&ca_pem).chain(previous.iter().map(|p| &p.ca_pem)) {
-            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let c = c.map_err(|e| PkiError(format!("CA certificate: {e}")))?;
-                roots
-                    .add(c)
-                    .map_err(|e| PkiError(format!("CA certificate: {e}")))?;
-            }
-        }
-        let resolver = ClientCerts {
-            current: certified(&client)?,
-            current_subjects: subject_forms(&ca_pem),
-            previous: match &previous {
-                Some(p) => Some((certified(&p.client)?, subject_forms(&p.ca_pem))),
-                None => None,
-            },
-        };
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_client_cert_resolver(Arc::new(resolver));
+        let config = client_config_of(
+            &ca_pem,
+            &client,
+            previous.as_ref().map(|p| (p.ca_pem.as_str(), &p.client)),
+        )?;
         Ok(Self {
             ca,
             ca_pem,
             ca_validity,
             client,
             previous,
-            config: Arc::new(config),
+            config,
         })
     }
 
@@ -301,7 +345,11 @@ impl Pki {
     /// Reads the Secret `ns/name`, creating it with fresh material when absent and rotating
     /// the CA when it is due (the previous one kept while it is valid). Concurrent CAAs
     /// agree through the Secret's resourceVersion.
-    pub async fn load_or_create(client: &Client, ns: &str, name: &str) -> Result<Self, PkiError> {
+    pub(crate) async fn load_or_create(
+        client: &Client,
+        ns: &str,
+        name: &str,
+    ) -> Result<Self, PkiError> {
         Self::load_at(client, ns, name, OffsetDateTime::now_utc())
             .await
             .map(Self::wrap)
@@ -369,7 +417,7 @@ impl Pki {
 
     /// Re-reads (and when due rotates) the Secret before the CA's renewal time, for as long
     /// as `stop` is not cancelled; each pass swaps in the material of all CAAs' agreement.
-    pub async fn keep_fresh(
+    pub(crate) async fn keep_fresh(
         self,
         client: Client,
         ns: String,
@@ -423,6 +471,19 @@ impl Pki {
     /// trusted, the client certificate each forwarder accepts presented.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.current().config.clone()
+    }
+
+    /// The client identity alone (no CA key), for the node agent relay.
+    pub fn client_identity(&self) -> ClientIdentity {
+        let m = self.current();
+        ClientIdentity {
+            ca_pem: m.ca_pem.clone(),
+            client: m.client.clone(),
+            previous: m
+                .previous
+                .as_ref()
+                .map(|p| (p.ca_pem.clone(), p.client.clone())),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ pub(crate) struct NodePods(Store<PartialObjectMeta<Pod>>);
 
 impl NodePods {
     /// Starts watching the pods whose `spec.nodeName` is `node`.
-    pub fn watch(client: &Client, node: &str) -> Self {
+    pub(crate) fn watch(client: &Client, node: &str) -> Self {
         let api: Api<PartialObjectMeta<Pod>> = Api::all(client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let (store, writer) = reflector::store();
@@ -31,7 +31,7 @@ impl NodePods {
     }
 
     /// The uid of pod `ns/name` if the watch shows it and it is not being deleted.
-    pub fn uid_of(&self, ns: &str, name: &str) -> Option<String> {
+    pub(crate) fn uid_of(&self, ns: &str, name: &str) -> Option<String> {
         let p = self.0.get(&ObjectRef::new(name).within(ns))?;
         if p.metadata.deletion_timestamp.is_some() {
             return None;

@@ -61,18 +61,6 @@ pub enum RelayError {
     },
 }
 
-impl RelayError {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            RelayError::Pki(_) => "pki",
-            RelayError::Unreachable { .. } => "forwarder_unreachable",
-            RelayError::AgentSilent { .. } => "agent_silent",
-            RelayError::Socket { .. } => "agent_socket",
-        }
-    }
-}
-
 /// Dials the forwarder of `vm_name` at `addr` over mutual TLS, retrying with backoff until
 /// `timeout` passes.
 pub async fn dial(
@@ -153,7 +141,7 @@ pub async fn handshake(
 /// `timeout` passes. The kata shim's first agent call is this check with a fixed 30 s
 /// deadline: answering StartVM only once it passes keeps a slowly booting agent from
 /// failing the pod.
-pub async fn agent_health(
+pub(crate) async fn agent_health(
     cfg: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     vm_name: &str,
@@ -244,7 +232,11 @@ struct Served {
     path: PathBuf,
 }
 
-/// The agent sockets CAA serves.
+/// Where each new connection takes its TLS client configuration from (the identity may
+/// rotate while a socket is served).
+pub type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+
+/// The agent sockets CAA (or the node agent relay) serves.
 #[derive(Default)]
 pub struct AgentSockets {
     served: Mutex<HashMap<String, Served>>,
@@ -257,6 +249,36 @@ impl AgentSockets {
         id: &str,
         path: &Path,
         cfg: Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+        vm_name: &str,
+        timeout: Duration,
+    ) -> Result<(), RelayError> {
+        self.serve_with(
+            id,
+            path,
+            Arc::new(move || Some(cfg.clone())),
+            addr,
+            vm_name,
+            timeout,
+        )
+    }
+
+    /// The sandboxes served.
+    pub fn ids(&self) -> Vec<String> {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// [`AgentSockets::serve`] with the client configuration read per connection.
+    pub fn serve_with(
+        &self,
+        id: &str,
+        path: &Path,
+        cfg: ClientSource,
         addr: SocketAddr,
         vm_name: &str,
         timeout: Duration,
@@ -289,6 +311,11 @@ impl AgentSockets {
                 tokio::spawn(async move {
                     let metrics = &super::metrics::METRICS;
                     let _active = metrics.relay_started();
+                    let Some(cfg) = cfg() else {
+                        metrics.relay_error();
+                        tracing::warn!(vm = %vm, "agent connection dropped: no client identity yet");
+                        return;
+                    };
                     let upstream = match dial(&cfg, addr, &vm, timeout).await {
                         Ok(u) => u,
                         Err(e) => {
@@ -323,7 +350,7 @@ impl AgentSockets {
     }
 
     /// Stops serving sandbox `id` and removes its socket and directory.
-    pub fn stop(&self, id: &str) {
+    pub(crate) fn stop(&self, id: &str) {
         if let Some(s) = self
             .served
             .lock()

@@ -21,7 +21,7 @@ use crate::config::PeerPodsConfig;
 use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
-pub struct Caa {
+pub(crate) struct Caa {
     pub(crate) client: Client,
     pub(crate) provider: Arc<dyn Provider>,
     pub(crate) config: PeerPodsConfig,
@@ -31,6 +31,8 @@ pub struct Caa {
     sizes: Vec<VmSize>,
     default_size: String,
     image_id: String,
+    /// Images a pod may ask for besides `image_id` (`AZURE_IMAGE_IDS`).
+    image_ids: Vec<String>,
     sandboxes: Mutex<HashMap<String, Record>>,
     /// Sandboxes CreateVM remembered whose record StartVM has not written yet.
     unrecorded: Mutex<HashSet<String>>,
@@ -46,7 +48,7 @@ pub struct Caa {
 
 impl Caa {
     /// Reads the cluster id and the allowed sizes, and reconciles the node's records.
-    pub async fn start(
+    pub(crate) async fn start(
         client: Client,
         provider: Arc<dyn Provider>,
         config: PeerPodsConfig,
@@ -75,8 +77,10 @@ impl Caa {
         super::datapath::check_node_ip(node_ip)
             .await
             .map_err(Error::Tunnel)?;
+        let image_ids = az.as_ref().map(|a| a.image_ids.clone()).unwrap_or_default();
         let sizes = provider.sizes(&names).await?;
-        let datapath = super::datapath::Datapath::new(&client, node_ip).await;
+        let datapath =
+            super::datapath::Datapath::new(&client, node_ip, args.relay_socket.clone()).await;
         let writer = Writer::start(client.clone());
         let pods = super::pods::NodePods::watch(&client, &args.node_name);
         let caa = Arc::new(Self {
@@ -89,6 +93,7 @@ impl Caa {
             sizes,
             default_size,
             image_id,
+            image_ids,
             sandboxes: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashSet::new()),
             started: Mutex::new(HashMap::new()),
@@ -98,6 +103,7 @@ impl Caa {
             datapath,
         });
         caa.reconcile().await?;
+        caa.datapath.retain().await;
         Ok(caa)
     }
 
@@ -156,7 +162,10 @@ impl Caa {
     /// socket path. Nothing is written yet: the record that guards the VM is written by
     /// StartVM, before any cloud call, so a shim that gives up between CreateVM and StartVM
     /// (and never calls StopVM) leaves nothing behind.
-    pub async fn do_create_vm(&self, req: &hypervisor::CreateVMRequest) -> Result<String, Error> {
+    pub(crate) async fn do_create_vm(
+        &self,
+        req: &hypervisor::CreateVMRequest,
+    ) -> Result<String, Error> {
         if req.id.is_empty() {
             return Err(Error::InvalidRequest(
                 "CreateVM without a sandbox id".into(),
@@ -188,6 +197,11 @@ impl Caa {
         };
         let name = of.name.as_str();
         let size = self.size_of(&req.id, get)?;
+        let image = match (&self.config.azure, get(annotations::IMAGE)) {
+            (Some(_), Some(asked)) => choose_image(asked, &self.image_id, &self.image_ids)
+                .map_err(Error::InvalidRequest)?,
+            _ => String::new(),
+        };
         let pod_uid = self.pod_uid(ns, name, of.uid.as_deref()).await?;
         let netns = self.datapath.resolve_netns(&req.networkNamespacePath)?;
         let r = Record {
@@ -197,6 +211,7 @@ impl Caa {
             vm_name: vm_name(name, &req.id),
             sandbox_id: req.id.clone(),
             size,
+            image,
         };
         let lock = self.lock_of(&req.id);
         let _g = lock.lock().await;
@@ -247,6 +262,10 @@ impl Caa {
             get(annotations::MACHINE_TYPE),
             get(annotations::DEFAULT_VCPUS),
             get(annotations::DEFAULT_MEMORY),
+        )
+        .with_gpus(
+            get(annotations::DEFAULT_GPUS),
+            get(annotations::DEFAULT_GPU_MODEL),
         );
         if self.config.azure.is_none() {
             if req != SizeRequest::default() {
@@ -291,7 +310,7 @@ impl Caa {
     /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
     /// the instance id, IP and Running phase are written in the background once the VM is
     /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
-    pub async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         let r = match self.remembered(id) {
@@ -337,7 +356,11 @@ impl Caa {
             } else {
                 r.size.clone()
             },
-            image_id: self.image_id.clone(),
+            image_id: if r.image.is_empty() {
+                self.image_id.clone()
+            } else {
+                r.image.clone()
+            },
             user_data: self.datapath.user_data(self, &r).await?,
             ssh_public_key: self.ssh_key.clone(),
             tags: self.tags_of(&r),
@@ -388,9 +411,9 @@ impl Caa {
                     .insert(id.to_string(), vm.id.clone());
                 self.writer.push(
                     key,
-                    Pending::running(vm.id.clone(), vm.private_ip.map(|ip| ip.to_string())),
+                    Pending::running(vm.id.clone(), vm.address().map(|ip| ip.to_string())),
                 );
-                tracing::info!(vm = %vm.name, ip = ?vm.private_ip, "VM running");
+                tracing::info!(vm = %vm.name, ip = ?vm.address(), "VM running");
                 Ok(())
             }
             Err(e) => {
@@ -439,7 +462,7 @@ impl Caa {
 
     /// StopVM: delete the VM; the record is released in the background. Succeeds when the VM
     /// is gone.
-    pub async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         if self
@@ -462,7 +485,7 @@ impl Caa {
 
     /// StopVM bounded by `within`: the delete runs as its own task and goes on to completion
     /// when the bound passes first; the answer then says so (`Ok(Some(note))`).
-    pub async fn do_stop_vm_within(
+    pub(crate) async fn do_stop_vm_within(
         self: &Arc<Self>,
         id: &str,
         within: Option<Duration>,
@@ -600,7 +623,10 @@ impl Caa {
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
-    pub async fn do_get_info(&self, req: &podvminfo::GetInfoRequest) -> Result<String, Error> {
+    pub(crate) async fn do_get_info(
+        &self,
+        req: &podvminfo::GetInfoRequest,
+    ) -> Result<String, Error> {
         // Answered from memory when this CAA started the VM.
         let known = {
             let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
@@ -634,7 +660,7 @@ impl Caa {
     }
 
     /// Start-up reconcile: records whose pod is gone lose their VM; others are resumed.
-    pub async fn reconcile(&self) -> Result<(), Error> {
+    pub(crate) async fn reconcile(&self) -> Result<(), Error> {
         for mut p in state::of_node(&self.client, self.node()).await? {
             let r = Record::from_peerpod(&p);
             if p.metadata.deletion_timestamp.is_some() {
@@ -657,7 +683,7 @@ impl Caa {
             };
             if alive {
                 self.repair(&r, &mut p).await;
-                self.datapath.resume(self, &r, &p);
+                self.datapath.resume(self, &r, &p).await;
                 self.sandboxes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -682,8 +708,8 @@ impl Caa {
             return;
         }
         match self.provider.get(&r.vm_name).await {
-            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.private_ip.is_some() => {
-                let ip = vm.private_ip.map(|ip| ip.to_string());
+            Ok(Some(vm)) if vm.state == VmState::Succeeded && vm.address().is_some() => {
+                let ip = vm.address().map(|ip| ip.to_string());
                 tracing::info!(vm = %r.vm_name, "recording the instance of a running VM");
                 self.writer
                     .push(Key::of(r), Pending::running(vm.id.clone(), ip.clone()));
@@ -887,6 +913,27 @@ pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Serve
     Ok(server)
 }
 
+/// The image a pod asks for with the `io.katacontainers.config.hypervisor.image`
+/// annotation: `AZURE_IMAGE_ID` or one of `AZURE_IMAGE_IDS` (as the configuration spells it);
+/// empty for the configured image. Anything else is refused naming what is allowed.
+fn choose_image(asked: &str, default: &str, allowed: &[String]) -> Result<String, String> {
+    let asked = asked.trim();
+    if asked.eq_ignore_ascii_case(default) {
+        return Ok(String::new());
+    }
+    match allowed.iter().find(|a| a.eq_ignore_ascii_case(asked)) {
+        Some(a) => Ok(a.clone()),
+        None => Err(format!(
+            "the pod asks for image {asked:?} ({}), which is not allowed: AZURE_IMAGE_ID and AZURE_IMAGE_IDS of peer-pods-cm allow {}",
+            annotations::IMAGE,
+            std::iter::once(default)
+                .chain(allowed.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,5 +974,32 @@ mod tests {
             answer_within(600_000_000_000),
             Some(Duration::from_secs(598))
         );
+    }
+
+    #[test]
+    fn a_pod_may_ask_only_for_an_allowed_image() {
+        let allowed = vec![
+            "/SharedGalleries/abc-shared/Images/podvm-gpu/Versions/1.0.0".to_string(),
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/debug/versions/1.0.0".to_string(),
+        ];
+        let default = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/podvm/versions/1.0.0";
+        assert_eq!(
+            super::choose_image(default, default, &allowed),
+            Ok(String::new())
+        );
+        assert_eq!(
+            super::choose_image(
+                "/sharedgalleries/abc-shared/images/podvm-gpu/versions/1.0.0",
+                default,
+                &allowed
+            ),
+            Ok(allowed[0].clone())
+        );
+        let err = super::choose_image("/subscriptions/x/evil", default, &allowed).unwrap_err();
+        assert!(
+            err.contains("not allowed") && err.contains("AZURE_IMAGE_IDS"),
+            "{err}"
+        );
+        assert!(err.contains("podvm-gpu") && err.contains("/evil"), "{err}");
     }
 }

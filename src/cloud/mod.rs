@@ -5,6 +5,7 @@
 //! tunnel share. This module imports nothing else of the crate (a unit test checks it).
 
 pub mod azure;
+#[cfg(feature = "dev")]
 pub mod local;
 pub mod net;
 pub mod secret;
@@ -59,8 +60,18 @@ pub struct Vm {
     pub state: VmState,
     /// Private IP of the primary NIC, once known.
     pub private_ip: Option<IpAddr>,
+    /// Public IP, when the VM has one (`USE_PUBLIC_IP`).
+    pub public_ip: Option<IpAddr>,
     /// Tags.
     pub tags: BTreeMap<String, String>,
+}
+
+impl Vm {
+    /// The address the tunnel and the agent relay use: the public IP when the VM has one,
+    /// else the private one.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.public_ip.or(self.private_ip)
+    }
 }
 
 /// An instance size with its resources.
@@ -72,6 +83,8 @@ pub struct VmSize {
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// GPUs (0: none).
+    pub gpus: u32,
 }
 
 /// Errors of cloud calls, typed by what the caller should do.

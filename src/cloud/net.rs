@@ -35,11 +35,6 @@ impl NetError {
             detail: detail.to_string(),
         }
     }
-
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        "network"
-    }
 }
 
 /// Whether a netlink error means "already exists".

@@ -6,8 +6,13 @@
 //! only asks for 4 vCPUs would then get the (possibly 2-vCPU) default. Treating the unset
 //! dimension as 0 gives the user the smallest size that honours what they asked for.
 //!
-//! "Smallest" is decided over every allowed size that fits, ordered by memory, then vCPUs,
-//! then name: no sorted-list search that can skip a fitting size.
+//! "Smallest" is decided over every allowed size that fits, ordered by GPUs, memory, then
+//! vCPUs, then name: no sorted-list search that can skip a fitting size, and no GPU size for
+//! a pod that asks for none while another fits.
+//!
+//! GPUs (`default_gpus`, `default_gpu_model` annotations) choose among the allowed sizes
+//! with at least that many GPUs; a model keeps the sizes whose name carries it (Azure names
+//! GPU sizes after their GPU: `Standard_NC24ads_A100_v4`, `Standard_NC4as_T4_v3`).
 
 use super::VmSize;
 
@@ -20,6 +25,10 @@ pub struct SizeRequest {
     pub vcpus: u32,
     /// `default_memory` in MiB; 0 when unset.
     pub memory_mib: u64,
+    /// GPUs (`default_gpus`); 0: none asked.
+    pub gpus: u32,
+    /// GPU model (`default_gpu_model`), matched in the size name.
+    pub gpu_model: Option<String>,
 }
 
 /// Why no size could be chosen.
@@ -31,6 +40,16 @@ pub enum Error {
         /// The requested size.
         requested: String,
         /// The allowed sizes.
+        allowed: Vec<String>,
+    },
+    /// No allowed size has that many GPUs (of that model).
+    #[error("no allowed instance size has {gpus} GPUs{}; allowed sizes: {}", .model.as_ref().map(|m| format!(" of model {m}")).unwrap_or_default(), .allowed.join(", "))]
+    NoGpuFits {
+        /// Requested GPUs.
+        gpus: u32,
+        /// Requested model.
+        model: Option<String>,
+        /// The allowed sizes with their GPUs.
         allowed: Vec<String>,
     },
     /// No allowed size has that many vCPUs and that much memory.
@@ -51,6 +70,7 @@ impl Error {
         match self {
             Error::NotAllowed { .. } => "size_not_allowed",
             Error::NoneFits { .. } => "no_size_fits",
+            Error::NoGpuFits { .. } => "no_gpu_size_fits",
         }
     }
 }
@@ -70,7 +90,18 @@ impl SizeRequest {
                 .map(str::to_string),
             vcpus: u32::try_from(num(vcpus)).unwrap_or(u32::MAX),
             memory_mib: num(memory_mib),
+            ..Default::default()
         }
+    }
+
+    /// The same request with the `default_gpus` and `default_gpu_model` annotation values.
+    pub fn with_gpus(mut self, gpus: Option<&str>, model: Option<&str>) -> Self {
+        self.gpus = gpus.and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(0);
+        self.gpu_model = model
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        self
     }
 }
 
@@ -86,11 +117,38 @@ pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<St
                 allowed: allowed.iter().map(|s| s.name.clone()).collect(),
             });
     }
-    if req.vcpus > 0 || req.memory_mib > 0 {
+    let gpu = req.gpus > 0 || req.gpu_model.is_some();
+    let gpu_fits = |s: &&VmSize| {
+        s.gpus >= req.gpus.max(u32::from(gpu))
+            && req.gpu_model.as_ref().is_none_or(|m| {
+                s.name
+                    .to_ascii_lowercase()
+                    .contains(&m.to_ascii_lowercase())
+            })
+    };
+    if gpu && !allowed.iter().any(|s| gpu_fits(&s)) {
+        return Err(Error::NoGpuFits {
+            gpus: req.gpus.max(1),
+            model: req.gpu_model.clone(),
+            allowed: allowed
+                .iter()
+                .map(|s| format!("{} ({} GPUs)", s.name, s.gpus))
+                .collect(),
+        });
+    }
+    if gpu || req.vcpus > 0 || req.memory_mib > 0 {
         return allowed
             .iter()
+            .filter(|s| !gpu || gpu_fits(s))
             .filter(|s| s.vcpus >= req.vcpus && s.memory_mib >= req.memory_mib)
-            .min_by(|a, b| (a.memory_mib, a.vcpus, &a.name).cmp(&(b.memory_mib, b.vcpus, &b.name)))
+            .min_by(|a, b| {
+                (a.gpus, a.memory_mib, a.vcpus, &a.name).cmp(&(
+                    b.gpus,
+                    b.memory_mib,
+                    b.vcpus,
+                    &b.name,
+                ))
+            })
             .map(|s| s.name.clone())
             .ok_or_else(|| Error::NoneFits {
                 vcpus: req.vcpus,
@@ -113,6 +171,7 @@ mod tests {
             name: name.into(),
             vcpus,
             memory_mib,
+            gpus: 0,
         }
     }
 
@@ -225,6 +284,7 @@ mod tests {
                 machine_type: mt.map(str::to_string),
                 vcpus: *vcpus,
                 memory_mib: *mem,
+                ..Default::default()
             };
             let got = select(&req, "Standard_B2als_v2", &allowed());
             match (want, got) {
@@ -251,6 +311,7 @@ mod tests {
                 machine_type: None,
                 vcpus: 4,
                 memory_mib: 4096,
+                ..Default::default()
             };
             assert_eq!(
                 select(&req, "Standard_B2als_v2", &sizes).unwrap(),
@@ -267,5 +328,58 @@ mod tests {
         let r = SizeRequest::from_annotations(Some(" Standard_F4s_v2 "), Some("3"), Some("5120"));
         assert_eq!(r.machine_type.as_deref(), Some("Standard_F4s_v2"));
         assert_eq!((r.vcpus, r.memory_mib), (3, 5120));
+    }
+
+    #[test]
+    fn gpus_choose_among_allowed_gpu_sizes_and_plain_pods_get_no_gpu_size() {
+        let gpu = |name: &str, vcpus, mem, gpus| VmSize {
+            gpus,
+            ..size(name, vcpus, mem)
+        };
+        let mut sizes = allowed();
+        sizes.extend([
+            gpu("Standard_NC4as_T4_v3", 4, 28672, 1),
+            gpu("Standard_NC24ads_A100_v4", 24, 225280, 1),
+            gpu("Standard_NC48ads_A100_v4", 48, 450560, 2),
+        ]);
+        let req = |g: Option<&str>, m: Option<&str>| {
+            SizeRequest::from_annotations(None, None, None).with_gpus(g, m)
+        };
+        assert_eq!(
+            select(&req(Some("1"), None), "d", &sizes).unwrap(),
+            "Standard_NC4as_T4_v3"
+        );
+        assert_eq!(
+            select(&req(Some("1"), Some("a100")), "d", &sizes).unwrap(),
+            "Standard_NC24ads_A100_v4"
+        );
+        assert_eq!(
+            select(&req(Some("2"), None), "d", &sizes).unwrap(),
+            "Standard_NC48ads_A100_v4"
+        );
+        assert_eq!(
+            select(&req(None, Some("T4")), "d", &sizes).unwrap(),
+            "Standard_NC4as_T4_v3",
+            "a model alone asks for one GPU"
+        );
+        let err = select(&req(Some("4"), None), "d", &sizes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("4 GPUs") && err.contains("Standard_NC48ads_A100_v4 (2 GPUs)"),
+            "{err}"
+        );
+        let err = select(&req(Some("1"), Some("H100")), "d", &sizes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model H100"), "{err}");
+        // 4 vCPUs and 20 GiB fit the T4 size too, but a pod without GPUs gets none.
+        let plain = SizeRequest {
+            vcpus: 4,
+            memory_mib: 16384,
+            ..Default::default()
+        };
+        assert_eq!(select(&plain, "d", &sizes).unwrap(), "Standard_D4as_v5");
+        assert_eq!(select(&req(Some("0"), None), "d", &sizes).unwrap(), "d");
     }
 }

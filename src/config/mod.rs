@@ -445,9 +445,23 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
     {
         r.problem(
             "AZURE_IMAGE_ID",
-            "a managed image id, a gallery image (version) id, or /CommunityGalleries/<gallery>/Images/<image>[/Versions/<version>]",
+            "a managed image id, a gallery image (version) id, /CommunityGalleries/<gallery>/Images/<image>[/Versions/<version>] or /SharedGalleries/<gallery>/Images/<image>[/Versions/<version>]",
             Some(id),
         );
+    }
+    let mut image_ids: Vec<String> = Vec::new();
+    if let Some(v) = r.get("AZURE_IMAGE_IDS") {
+        for id in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !is_image_id(id) {
+                r.problem(
+                    "AZURE_IMAGE_IDS",
+                    "image ids (managed, gallery, /CommunityGalleries/…, /SharedGalleries/…), comma separated",
+                    Some(id),
+                );
+            } else if !image_ids.iter().any(|x| x.eq_ignore_ascii_case(id)) {
+                image_ids.push(id.to_string());
+            }
+        }
     }
     let region = r.required("AZURE_REGION", "an Azure region such as eastus");
     let resource_group = r.required("AZURE_RESOURCE_GROUP", "a resource group name");
@@ -477,6 +491,37 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         n => Some(n),
     };
     let use_public_ip = r.bool("USE_PUBLIC_IP", false);
+    let mut one_of = |key: &'static str, allowed: &[&str]| {
+        let v = r.get(key).unwrap_or(allowed[0]).to_string();
+        match allowed.iter().find(|a| a.eq_ignore_ascii_case(&v)) {
+            Some(a) => a.to_string(),
+            None => {
+                r.problem(key, format!("one of {}", allowed.join(", ")), Some(&v));
+                allowed[0].to_string()
+            }
+        }
+    };
+    let os_disk_type = one_of("AZURE_OS_DISK_TYPE", crate::cloud::azure::OS_DISK_TYPES);
+    let os_disk_caching = one_of(
+        "AZURE_OS_DISK_CACHING",
+        crate::cloud::azure::OS_DISK_CACHING,
+    );
+    let mut zones: Vec<String> = Vec::new();
+    if let Some(v) = r.get("AZURE_ZONES") {
+        for z in v.split(',').map(str::trim).filter(|z| !z.is_empty()) {
+            if !matches!(z, "1" | "2" | "3") {
+                r.problem(
+                    "AZURE_ZONES",
+                    "availability zones among 1, 2, 3, comma separated",
+                    Some(v),
+                );
+                break;
+            }
+            if !zones.iter().any(|x| x == z) {
+                zones.push(z.to_string());
+            }
+        }
+    }
     AzureConfig {
         instance_size,
         instance_sizes,
@@ -490,14 +535,19 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
         ssh_username,
         root_volume_gb,
         use_public_ip,
+        os_disk_type,
+        os_disk_caching,
+        zones,
+        image_ids,
     }
 }
 
 /// Whether `id` names an image Azure can boot a VM from: a managed image, a gallery image or
-/// image version, or a community gallery image.
+/// image version, a community gallery image, or a gallery image shared with the subscription
+/// (`/SharedGalleries/…`).
 pub fn is_image_id(id: &str) -> bool {
     let lower = id.to_ascii_lowercase();
-    if lower.starts_with("/communitygalleries/") {
+    if lower.starts_with("/communitygalleries/") || lower.starts_with("/sharedgalleries/") {
         return lower.contains("/images/");
     }
     is_arm_id_of(id, "Microsoft.Compute/images") || is_arm_id_of(id, "Microsoft.Compute/galleries")

@@ -73,6 +73,44 @@ fn unset_optional_keys_take_the_upstream_defaults() {
     );
     assert!(!az.use_public_ip);
     assert_eq!(az.root_volume_gb, None);
+    assert_eq!(az.os_disk_type, "Premium_LRS");
+    assert_eq!(az.os_disk_caching, "ReadWrite");
+}
+
+#[test]
+fn os_disk_type_and_caching_are_checked_against_what_azure_offers() {
+    let mut m = seed_cm();
+    m.insert("AZURE_OS_DISK_TYPE".into(), "standardssd_lrs".into());
+    m.insert("AZURE_OS_DISK_CACHING".into(), "ReadOnly".into());
+    let az = PeerPodsConfig::from_map(&m).unwrap().azure.unwrap();
+    assert_eq!(az.os_disk_type, "StandardSSD_LRS");
+    assert_eq!(az.os_disk_caching, "ReadOnly");
+    m.insert("AZURE_OS_DISK_TYPE".into(), "UltraSSD_LRS".into());
+    m.insert("AZURE_OS_DISK_CACHING".into(), "WriteBack".into());
+    let err = PeerPodsConfig::from_map(&m).unwrap_err();
+    assert_eq!(err.keys(), ["AZURE_OS_DISK_TYPE", "AZURE_OS_DISK_CACHING"]);
+    assert!(err.to_string().contains("Premium_LRS"), "{err}");
+}
+
+#[test]
+fn zones_are_a_list_of_azure_zone_numbers() {
+    let mut m = seed_cm();
+    m.insert("AZURE_ZONES".into(), " 1, 3,1 ".into());
+    let az = PeerPodsConfig::from_map(&m).unwrap().azure.unwrap();
+    assert_eq!(az.zones, ["1", "3"]);
+    m.insert("AZURE_ZONES".into(), "eastus-1".into());
+    assert_eq!(
+        PeerPodsConfig::from_map(&m).unwrap_err().keys(),
+        ["AZURE_ZONES"]
+    );
+    assert!(
+        PeerPodsConfig::from_map(&seed_cm())
+            .unwrap()
+            .azure
+            .unwrap()
+            .zones
+            .is_empty()
+    );
 }
 
 #[test]
@@ -377,5 +415,31 @@ fn the_cloud_is_chosen_by_name_and_endpoint_keys_in_the_configmap_are_refused() 
         let e = PeerPodsConfig::from_map(&m).unwrap_err();
         assert_eq!(e.keys(), [key], "{e}");
         assert!(e.to_string().contains("--dev-arm-endpoint"), "{e}");
+    }
+}
+
+/// docs/caa.md lists every key the Azure settings read (a key added without its line fails).
+#[test]
+fn every_azure_setting_is_documented() {
+    let doc = include_str!("../../docs/caa.md");
+    let source = include_str!("mod.rs");
+    let start = source.find("fn azure_config(").unwrap();
+    let body = &source[start..start + source[start..].find("\n}\n").unwrap()];
+    let keys: Vec<&str> = body
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| {
+            k.len() > 3
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+        })
+        .collect();
+    assert!(keys.len() >= 15, "{keys:?}");
+    for k in keys.iter().chain(&["TAGS", "AZURE_CLOUD"]) {
+        assert!(
+            doc.contains(&format!("| `{k}` |")),
+            "docs/caa.md has no row for {k}"
+        );
     }
 }

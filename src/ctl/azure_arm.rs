@@ -31,7 +31,7 @@ const CREDENTIAL_KEYS: [&str; 5] = [
 
 /// Errors talking to Azure.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// An ARM call failed.
     #[error("Azure: {0}")]
     Arm(#[from] ArmError),
@@ -65,26 +65,12 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Arm(e) => e.metric_label(),
-            Error::Unexpected { .. } => "unexpected",
-            Error::NoCredentials(_) => "no_credentials",
-            Error::Credentials(_) => "credentials",
-            Error::Kube(_) => "kube",
-            Error::Endpoint { .. } => "endpoint",
-        }
-    }
-}
-
-pub use crate::cloud::azure::EndpointArgs;
+pub(crate) use crate::cloud::azure::EndpointArgs;
 
 /// The endpoints `args` and `peer-pods-cm` (`cm`) give: the flag's cloud, else
 /// `AZURE_CLOUD` of the configmap, else the public cloud; only the development flags move
 /// them. A configmap that names an endpoint is refused, never followed.
-pub fn resolve_endpoints(
+pub(crate) fn resolve_endpoints(
     args: &EndpointArgs,
     cm: &BTreeMap<String, String>,
 ) -> Result<Endpoints, Error> {
@@ -116,7 +102,7 @@ pub fn resolve_endpoints(
 
 /// The credential map: `peer-pods-secret` in `namespace` (if present) overlaid with the
 /// `AZURE_*` environment; `subscription` fills `AZURE_SUBSCRIPTION_ID` when neither has it.
-pub async fn credentials(
+pub(crate) async fn credentials(
     client: &kube::Client,
     namespace: &str,
     subscription: Option<&str>,
@@ -165,7 +151,7 @@ pub async fn credentials(
 }
 
 /// The data of a Secret as strings (`stringData` included, for objects not yet stored).
-pub fn secret_map(s: &Secret) -> BTreeMap<String, String> {
+pub(crate) fn secret_map(s: &Secret) -> BTreeMap<String, String> {
     let mut map: BTreeMap<String, String> = s
         .data
         .iter()
@@ -180,7 +166,7 @@ pub fn secret_map(s: &Secret) -> BTreeMap<String, String> {
 
 /// A subnet of a virtual network.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Subnet {
+pub(crate) struct Subnet {
     /// ARM id.
     pub id: String,
     /// Subnet name.
@@ -195,7 +181,7 @@ pub struct Subnet {
 
 /// A virtual network.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Vnet {
+pub(crate) struct Vnet {
     /// ARM id.
     pub id: String,
     /// Name.
@@ -208,7 +194,7 @@ pub struct Vnet {
 
 /// Rule direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// Traffic into the NIC or subnet.
     Inbound,
     /// Traffic out of it.
@@ -217,7 +203,7 @@ pub enum Direction {
 
 /// One NSG security rule (custom or default).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Rule name.
     pub name: String,
     /// Lower is evaluated first.
@@ -238,7 +224,7 @@ pub struct Rule {
 
 /// A network security group.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Nsg {
+pub(crate) struct Nsg {
     /// ARM id.
     pub id: String,
     /// Name.
@@ -249,7 +235,7 @@ pub struct Nsg {
 
 /// The parts of an ARM id.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ArmId {
+pub(crate) struct ArmId {
     /// Subscription id.
     pub subscription: String,
     /// Resource group.
@@ -257,7 +243,7 @@ pub struct ArmId {
 }
 
 /// Subscription and resource group of an ARM id (or an `azure://` provider id).
-pub fn parse_arm_id(id: &str) -> Option<ArmId> {
+pub(crate) fn parse_arm_id(id: &str) -> Option<ArmId> {
     let id = ResourceId::parse(id.strip_prefix("azure://").unwrap_or(id))?;
     Some(ArmId {
         subscription: id.subscription().to_string(),
@@ -352,7 +338,7 @@ fn nsg_of(v: &Value) -> Nsg {
 }
 
 /// ARM reads for one subscription.
-pub struct Azure {
+pub(crate) struct Azure {
     client: Arm,
     /// The subscription.
     pub subscription: String,
@@ -360,7 +346,7 @@ pub struct Azure {
 
 impl Azure {
     /// A reader authenticated with `secret` at `endpoints`.
-    pub fn new(secret: &CloudSecret, endpoints: &Endpoints) -> Result<Self, Error> {
+    pub(crate) fn new(secret: &CloudSecret, endpoints: &Endpoints) -> Result<Self, Error> {
         let manners = Manners {
             // An interactive tool: give up within a minute rather than five.
             max_total: std::time::Duration::from_secs(60),
@@ -377,7 +363,7 @@ impl Azure {
     }
 
     /// The location of resource group `rg` (the seed's `az group show`).
-    pub async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
+    pub(crate) async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
         let path = format!(
             "/subscriptions/{}/resourceGroups/{rg}?api-version={RESOURCES_API}",
             self.subscription
@@ -393,7 +379,7 @@ impl Azure {
     }
 
     /// The virtual networks of `rg` with their subnets (the seed's `az network vnet list`).
-    pub async fn vnets(&self, rg: &str) -> Result<Vec<Vnet>, Error> {
+    pub(crate) async fn vnets(&self, rg: &str) -> Result<Vec<Vnet>, Error> {
         Ok(self
             .list(&format!(
                 "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks?api-version={NETWORK_API}",
@@ -406,7 +392,7 @@ impl Azure {
     }
 
     /// The NSGs of `rg` (the seed's `az network nsg list`).
-    pub async fn nsgs(&self, rg: &str) -> Result<Vec<Nsg>, Error> {
+    pub(crate) async fn nsgs(&self, rg: &str) -> Result<Vec<Nsg>, Error> {
         Ok(self
             .list(&format!(
                 "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/networkSecurityGroups?api-version={NETWORK_API}",
@@ -419,7 +405,7 @@ impl Azure {
     }
 
     /// One NSG by id; `None` when it does not exist.
-    pub async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
+    pub(crate) async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
         let nsg = self
             .client
             .get(&format!("{id}?api-version={NETWORK_API}"))
@@ -429,7 +415,7 @@ impl Azure {
 
     /// The virtual network holding subnet `subnet_id`, with every subnet; `None` when the
     /// VNet does not exist.
-    pub async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
+    pub(crate) async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
         let Some(vnet) = ResourceId::parse(subnet_id)
             .filter(|id| id.is_exactly("Microsoft.Network/virtualNetworks/subnets"))
             .and_then(|id| id.ancestor(1))
@@ -445,7 +431,7 @@ impl Azure {
 
     /// Whether the image `id` (managed image or gallery image/version) exists; `None` for
     /// ids that are not ARM paths (community gallery images).
-    pub async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
+    pub(crate) async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
         let api = match ResourceId::parse(id) {
             Some(r) if r.is("Microsoft.Compute/galleries") => GALLERY_API,
             Some(r) if r.is("Microsoft.Compute/images") => COMPUTE_API,
@@ -455,16 +441,35 @@ impl Azure {
         Ok(Some(image.is_some()))
     }
 
-    /// Names of the VM sizes `region` offers.
-    pub async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
+    /// The serial console log of VM `vm` in resource group `rg` (boot diagnostics).
+    pub(crate) async fn serial_log(&self, rg: &str, vm: &str) -> Result<String, Error> {
+        Ok(self
+            .client
+            .serial_log(&format!(
+                "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{vm}",
+                self.subscription
+            ))
+            .await?)
+    }
+
+    /// Names of the VM sizes `region` offers this subscription (Resource SKUs; a size
+    /// restricted for the subscription in the region is not offered).
+    pub(crate) async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
+        use crate::cloud::azure::skus;
+        let filter: String =
+            url::form_urlencoded::byte_serialize(format!("location eq '{region}'").as_bytes())
+                .collect();
         Ok(self
             .list(&format!(
-                "/subscriptions/{}/providers/Microsoft.Compute/locations/{region}/vmSizes?api-version={COMPUTE_API}",
-                self.subscription
+                "/subscriptions/{}/providers/Microsoft.Compute/skus?api-version={}&$filter={filter}",
+                self.subscription,
+                skus::SKUS_API
             ))
             .await?
             .iter()
-            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .filter_map(|v| skus::parse(v, region))
+            .filter(|s| s.location_restriction.is_none())
+            .map(|s| s.name)
             .collect())
     }
 }

@@ -23,20 +23,20 @@ use crate::cloud::azure::cloud::CLOUD_KEY;
 use crate::config::PeerPodsConfig;
 
 /// The seed's default instance size.
-pub const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
+pub(crate) const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
 /// The seed's allowed instance sizes.
-pub const SEED_INSTANCE_SIZES: &str =
+pub(crate) const SEED_INSTANCE_SIZES: &str =
     "Standard_B2als_v2,Standard_D2as_v5,Standard_D4as_v5,Standard_D2ads_v5";
 /// The seed's VXLAN port (the upstream 4789 collides with Calico).
-pub const SEED_VXLAN_PORT: &str = "9000";
+pub(crate) const SEED_VXLAN_PORT: &str = "9000";
 /// The seed's proxy timeout.
-pub const SEED_PROXY_TIMEOUT: &str = "5m";
+pub(crate) const SEED_PROXY_TIMEOUT: &str = "5m";
 /// Node label holding the region.
-pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub(crate) const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
 /// Flags of `ctl azure configmap` (boxed: they are many, and the command enum stays small).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The flags.
     #[command(flatten)]
     pub flags: Box<Flags>,
@@ -44,7 +44,7 @@ pub struct Args {
 
 /// The flags of `ctl azure configmap`.
 #[derive(Debug, clap::Args)]
-pub struct Flags {
+pub(crate) struct Flags {
     /// Subscription id; default: from the nodes' providerID, else the credentials'.
     #[arg(long)]
     pub subscription: Option<String>,
@@ -93,7 +93,7 @@ pub struct Flags {
 
 /// Why the configmap cannot be written.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Nodes or flags do not tell the subscription/resource group.
     #[error("cannot tell the resource group: {0}; pass --resource-group (and --subscription)")]
     ResourceGroupUnknown(String),
@@ -166,24 +166,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::ResourceGroupUnknown(_) => "resource_group_unknown",
-            Error::Conflicting { .. } => "conflicting",
-            Error::SubnetNotFound { .. } => "subnet_not_found",
-            Error::SubnetChoice { .. } => "subnet_choice",
-            Error::NsgNotFound { .. } => "nsg_not_found",
-            Error::NsgChoice { .. } => "nsg_choice",
-            Error::SizesNotOffered { .. } => "size_not_offered",
-            Error::Invalid(_) => "invalid",
-            Error::Azure(e) => e.metric_label(),
-            Error::Kube(_) => "kube",
-        }
-    }
-}
-
 fn list(items: &[String]) -> String {
     if items.is_empty() {
         return "  (none)".into();
@@ -201,7 +183,7 @@ fn describe_subnet(s: &Subnet) -> String {
 
 /// What the nodes tell: distinct (subscription, resource group) pairs and regions.
 #[derive(Debug, Default, PartialEq)]
-pub struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `(subscription, resource group)` from `azure://` provider ids.
     pub groups: Vec<(String, String)>,
     /// Region labels.
@@ -209,7 +191,7 @@ pub struct NodeFacts {
 }
 
 /// Reads the facts of `nodes`.
-pub fn node_facts(nodes: &[Node]) -> NodeFacts {
+pub(crate) fn node_facts(nodes: &[Node]) -> NodeFacts {
     let mut f = NodeFacts::default();
     for n in nodes {
         if let Some(id) = n
@@ -238,7 +220,7 @@ pub fn node_facts(nodes: &[Node]) -> NodeFacts {
 
 /// Picks the subnet: `wanted` (name, `vnet/name` or id) when given, else the only subnet
 /// named like `worker`.
-pub fn choose_subnet(
+pub(crate) fn choose_subnet(
     vnets: &[Vnet],
     wanted: Option<&str>,
     only_vnet: Option<&str>,
@@ -303,7 +285,7 @@ pub fn choose_subnet(
 
 /// Picks the NSG: `wanted` (name or id), else the subnet's own, else the only one in the
 /// resource group; `None` when there is none.
-pub fn choose_nsg(
+pub(crate) fn choose_nsg(
     nsgs: &[(String, String)],
     wanted: Option<&str>,
     subnet: &Subnet,
@@ -344,7 +326,7 @@ pub fn choose_nsg(
 
 /// Where a value came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// A flag.
     Flag,
     /// Already in `peer-pods-cm`.
@@ -385,7 +367,7 @@ fn pick(
 
 /// Where the cluster runs, as the flags, `peer-pods-cm` and the nodes tell it (no ARM).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Location {
+pub(crate) struct Location {
     /// `AZURE_RESOURCE_GROUP`.
     pub resource_group: (String, Source),
     /// The subscription to read: the flag, else the nodes'; `None`: the credentials'.
@@ -396,7 +378,7 @@ pub struct Location {
 
 /// Decides the location: a flag, then `peer-pods-cm`, then the nodes (whose
 /// `providerID`s and region labels must agree unless a flag settles it).
-pub fn locate(
+pub(crate) fn locate(
     flags: &Flags,
     current: &BTreeMap<String, String>,
     facts: &NodeFacts,
@@ -456,7 +438,7 @@ pub fn locate(
 
 /// What ARM told about the network and the region.
 #[derive(Clone, Debug)]
-pub struct Found {
+pub(crate) struct Found {
     /// `AZURE_REGION`.
     pub region: (String, Source),
     /// The subnet of `AZURE_SUBNET_ID`.
@@ -471,7 +453,7 @@ pub struct Found {
 
 /// The configmap to write: every key, and where each value came from.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Planned {
+pub(crate) struct Planned {
     /// The data of `peer-pods-cm`.
     pub data: BTreeMap<String, String>,
     /// Where each value of [`Self::data`] came from (keys absent here were kept as they were).
@@ -481,7 +463,7 @@ pub struct Planned {
 /// The configmap for `found` at `resource_group`: every key of `current` kept, flags
 /// override, the seed's values fill the rest. Fails on an instance size the region does not
 /// offer and on a map the shared validator refuses.
-pub fn plan(
+pub(crate) fn plan(
     flags: &Flags,
     current: &BTreeMap<String, String>,
     resource_group: (String, Source),
@@ -574,7 +556,7 @@ pub fn plan(
 }
 
 /// Run the command: read the cluster and ARM, [`plan`], write (or print) the configmap.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let args = *args.flags;
     let client = ctx.client().await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);

@@ -20,13 +20,14 @@ use super::azure_arm::{self, Azure, Direction, EndpointArgs};
 use super::azure_nsg::{self, Flow, Prefix, Protocol, Verdict};
 use super::{Ctx, Output};
 use crate::api::names::{
-    CAA_DAEMONSET, CLOUD_SECRET, CONFIG_MAP, FORWARDER_PORT, LABEL_KATA, RUNTIME_CLASS, VM_RESOURCE,
+    CAA_DAEMONSET, CLOUD_SECRET, CONFIG_MAP, FORWARDER_PORT, LABEL_KATA, RELAY_DAEMONSET,
+    RUNTIME_CLASS, VM_RESOURCE,
 };
 use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
 /// Flags of `ctl doctor`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Name of the operator Deployment in the namespace.
     #[arg(long, default_value = crate::api::names::OPERATOR)]
     pub operator_deployment: String,
@@ -48,7 +49,7 @@ pub struct Args {
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum Status {
     /// Fine.
     Ok,
     /// Works, but worth a look.
@@ -59,7 +60,7 @@ pub enum Status {
 
 /// One finding.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Finding {
+pub(crate) struct Finding {
     /// Which check (`operator`, `crds`, `secret`, `configmap`, `image`, `runtimeclass`,
     /// `nodes`, `webhook`, `caa`, `nsg`).
     pub check: &'static str,
@@ -101,17 +102,10 @@ fn warn(check: &'static str, message: impl Into<String>, fix: impl Into<String>)
 
 /// Errors of the doctor itself (a failed check is a finding, not an error).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Some checks failed.
     #[error("{0} check(s) failed")]
     Failed(usize),
-}
-
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        "checks_failed"
-    }
 }
 
 /// What the configuration checks found, for the checks after them.
@@ -122,7 +116,7 @@ struct Config {
 }
 
 /// Runs every check against the cluster (and ARM).
-pub async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
+pub(crate) async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
     let ns = ctx.namespace.as_str();
     let mut out = Vec::new();
     out.push(check_operator(client, ns, &args.operator_deployment).await);
@@ -501,32 +495,12 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
         }
         Ok(Some(d)) => d,
     };
-    let selector = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pods = match pods.list(&ListParams::default().labels(&selector)).await {
-        Ok(l) => l.items,
+    let (selector, pods) = match ds_pods(client, ns, &ds).await {
+        Ok(x) => x,
         Err(e) => return vec![kube_err("caa", "CAA pods", e)],
     };
-    let ready_on = |node: &str| {
-        pods.iter().any(|p| {
-            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-    };
-    let mut out = Vec::new();
+    let ready_on = |node: &str| ready_on(&pods, node);
+    let mut out = check_relay(client, ns, &ds, nodes).await;
     let mut fine = Vec::new();
     for n in nodes {
         if ready_on(n) {
@@ -541,7 +515,7 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
             ));
         }
     }
-    if out.is_empty() {
+    if out.iter().all(|f| f.status == Status::Ok) {
         out.push(ok(
             "caa",
             if fine.is_empty() {
@@ -552,6 +526,92 @@ async fn check_caa(client: &Client, ns: &str, nodes: &[String]) -> Vec<Finding> 
         ));
     }
     out
+}
+
+/// The label selector of DaemonSet `ds` and its pods.
+async fn ds_pods(
+    client: &Client,
+    ns: &str,
+    ds: &DaemonSet,
+) -> Result<(String, Vec<Pod>), kube::Error> {
+    let selector = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok((selector, pods.items))
+}
+
+/// Whether one of `pods` on `node` is Ready.
+fn ready_on(pods: &[Pod], node: &str) -> bool {
+    pods.iter().any(|p| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
+/// When CAA serves behind the node agent relay (`CAA_RELAY_SOCKET` in its template): the
+/// relay's DaemonSet and a ready relay pod on every peer-pod node. Only failures are
+/// returned.
+async fn check_relay(client: &Client, ns: &str, caa: &DaemonSet, nodes: &[String]) -> Vec<Finding> {
+    let behind_relay = caa
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|p| {
+            p.containers
+                .iter()
+                .any(|c| c.env.iter().flatten().any(|e| e.name == "CAA_RELAY_SOCKET"))
+        });
+    if !behind_relay {
+        return Vec::new();
+    }
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+    let relay = match api.get_opt(RELAY_DAEMONSET).await {
+        Err(e) => return vec![kube_err("caa", "the node agent relay DaemonSet", e)],
+        Ok(None) => {
+            return vec![fail(
+                "caa",
+                format!(
+                    "node agent relay DaemonSet {RELAY_DAEMONSET} missing in namespace {ns}: \
+                     CAA serves behind it, so no peer pod can start"
+                ),
+                "the operator creates it with CAA's; check the operator's log",
+            )];
+        }
+        Ok(Some(d)) => d,
+    };
+    let (selector, pods) = match ds_pods(client, ns, &relay).await {
+        Ok(x) => x,
+        Err(e) => return vec![kube_err("caa", "node agent relay pods", e)],
+    };
+    nodes
+        .iter()
+        .filter(|n| !ready_on(&pods, n))
+        .map(|n| {
+            fail(
+                "caa",
+                format!(
+                    "no ready node agent relay pod on node {n}: peer pods there cannot start \
+                     (their agent sockets and the hypervisor socket are the relay's)"
+                ),
+                format!(
+                    "kubectl -n {ns} get pods -l {selector} -o wide; kubectl -n {ns} logs ds/{RELAY_DAEMONSET}"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// The ARM checks: the subnet exists, each NSG in the path allows VXLAN both ways and the
@@ -779,7 +839,7 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
 }
 
 /// The findings as the table `ctl doctor` prints: one line each, its fix below.
-pub fn render(found: &[Finding]) -> String {
+pub(crate) fn render(found: &[Finding]) -> String {
     let mut out = String::new();
     for f in found {
         let status = match f.status {
@@ -796,7 +856,7 @@ pub fn render(found: &[Finding]) -> String {
 }
 
 /// Run the command.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let found = findings(ctx, &args, &client).await;
     match ctx.output {

@@ -85,19 +85,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Manifest(_) => "manifest",
-            Error::Api { .. } => "api",
-            Error::ExistingInstall(_) => "existing_install",
-            Error::InUse(_) => "in_use",
-            Error::WaitTimeout { .. } => "wait_timeout",
-        }
-    }
-}
-
 fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Api { what, source }
@@ -114,7 +101,7 @@ pub enum Platform {
 
 /// Flags of `install`.
 #[derive(Debug, clap::Args)]
-pub struct InstallArgs {
+pub(crate) struct InstallArgs {
     /// Install for OpenShift (default: detected from the `machineconfiguration.openshift.io` API).
     #[arg(long, conflicts_with = "vanilla")]
     pub openshift: bool,
@@ -141,7 +128,7 @@ pub struct InstallArgs {
 
 /// Flags of `uninstall`.
 #[derive(Debug, clap::Args)]
-pub struct UninstallArgs {
+pub(crate) struct UninstallArgs {
     /// Keep the CRDs (and with them every KataConfig, PeerPodConfig and PeerPod record).
     #[arg(long)]
     pub keep_crds: bool,
@@ -158,7 +145,7 @@ fn parse_docs(text: &str) -> Result<Vec<Value>, Error> {
 
 /// A strategic merge as kustomize does it for these manifests: maps merge, lists of maps
 /// with a `name` merge by name, anything else is replaced.
-pub fn strategic_merge(base: &mut Value, patch: &Value) {
+pub(crate) fn strategic_merge(base: &mut Value, patch: &Value) {
     match (base, patch) {
         (Value::Object(b), Value::Object(p)) => {
             for (k, v) in p {
@@ -355,7 +342,7 @@ async fn list_or_empty(api: &Api<DynamicObject>, what: &str) -> Result<Vec<Dynam
 
 /// Finds an OLM-managed installation of the same API groups: a Subscription or CSV of the
 /// sandboxed containers operator, or one of our CRDs owned by OLM.
-pub async fn find_olm_install(client: &Client) -> Result<Vec<String>, Error> {
+pub(crate) async fn find_olm_install(client: &Client) -> Result<Vec<String>, Error> {
     let mut found = Vec::new();
     let subs = list_or_empty(
         &olm_api(client, "Subscription", "subscriptions"),
@@ -428,7 +415,7 @@ fn existing_install_message(found: &[String]) -> String {
 }
 
 /// `sandboxd ctl install`.
-pub async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
+pub(crate) async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
     let explicit = if args.openshift {
         Some(Platform::Openshift)
     } else if args.vanilla {
@@ -499,7 +486,7 @@ async fn detect(client: &Client) -> Result<Platform, Error> {
 }
 
 /// The manifests as multi-document YAML or a JSON `List`.
-pub fn manifests_text(output: Output, docs: &[Value]) -> anyhow::Result<String> {
+pub(crate) fn manifests_text(output: Output, docs: &[Value]) -> anyhow::Result<String> {
     Ok(match output {
         Output::Json => {
             serde_json::to_string_pretty(
@@ -540,7 +527,7 @@ async fn wait_established(client: &Client, name: &str) -> Result<(), Error> {
 }
 
 /// Waits until the operator Deployment is available, printing progress as it changes.
-pub async fn wait_available(
+pub(crate) async fn wait_available(
     client: &Client,
     namespace: &str,
     timeout: Duration,
@@ -594,7 +581,7 @@ pub async fn wait_available(
 }
 
 /// `sandboxd ctl uninstall`.
-pub async fn uninstall(ctx: &Ctx, args: UninstallArgs) -> anyhow::Result<()> {
+pub(crate) async fn uninstall(ctx: &Ctx, args: UninstallArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let kataconfigs: Api<KataConfig> = Api::all(client.clone());
     match kataconfigs.list(&ListParams::default()).await {
@@ -682,15 +669,15 @@ mod tests {
         );
         assert_eq!(labels(&o)["openshift.io/cluster-monitoring"], "true");
         assert!(labels(&v).get("openshift.io/cluster-monitoring").is_none());
-        // Everything else is the same, but OpenShift's CAA may use the privileged SCC.
-        assert_eq!(v.len() + 2, o.len());
-        let scc = find(&o, "ClusterRole", "sandboxd-caa-scc");
-        assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
-        assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
-        assert!(
-            v.iter()
-                .all(|d| d["metadata"]["name"] != "sandboxd-caa-scc")
-        );
+        // Everything else is the same, but OpenShift's CAA and node agent relay may use the
+        // privileged SCC.
+        assert_eq!(v.len() + 4, o.len());
+        for name in ["sandboxd-caa-scc", "sandboxd-caa-relay-scc"] {
+            let scc = find(&o, "ClusterRole", name);
+            assert_eq!(scc["rules"][0]["resourceNames"], json!(["privileged"]));
+            assert_eq!(scc["rules"][0]["verbs"], json!(["use"]));
+            assert!(v.iter().all(|d| d["metadata"]["name"] != name));
+        }
     }
 
     #[test]

@@ -11,11 +11,11 @@ use crate::api::kataconfig::{KataConfig, KataConfigSpec};
 use crate::k8s::apply::is_not_found;
 
 /// The name the seed gives its KataConfig.
-pub const DEFAULT_NAME: &str = "cluster-kataconfig";
+pub(crate) const DEFAULT_NAME: &str = "cluster-kataconfig";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A `--selector` is not `key=value`.
     #[error("--selector {0:?}: expected key=value (value may be empty: key=)")]
     Selector(String),
@@ -36,29 +36,16 @@ pub enum Error {
     Api(#[source] kube::Error),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Selector(_) => "selector",
-            Error::LogLevel(_) => "log_level",
-            Error::Exists(_) => "exists",
-            Error::NotInstalled => "not_installed",
-            Error::Api(_) => "api",
-        }
-    }
-}
-
 /// `ctl kataconfig ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create the KataConfig: installs the `kata-remote` runtime class on the selected nodes.
     Create(CreateArgs),
 }
 
 /// Flags of `kataconfig create`.
 #[derive(Debug, clap::Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Its name.
     #[arg(long, default_value = DEFAULT_NAME)]
     pub name: String,
@@ -81,7 +68,7 @@ pub struct CreateArgs {
 }
 
 /// The KataConfig these flags describe.
-pub fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
+pub(crate) fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
     if !["trace", "debug", "info", "warn", "error"].contains(&args.log_level.as_str()) {
         return Err(Error::LogLevel(args.log_level.clone()));
     }
@@ -110,7 +97,7 @@ pub fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
 }
 
 /// Run `ctl kataconfig ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     let Command::Create(args) = cmd;
     let kc = build(&args)?;
     let client = ctx.client().await?;

@@ -4,27 +4,28 @@
 //! subcommand per step. Each subcommand lives in its own file; this module only parses
 //! and dispatches.
 
-pub mod azure_arm;
-pub mod azure_configmap;
-pub mod azure_nsg;
-pub mod bundle;
-pub mod caa;
-pub mod doctor;
+pub(crate) mod azure_arm;
+pub(crate) mod azure_configmap;
+pub(crate) mod azure_nsg;
+#[cfg(test)]
+mod bundle;
+pub(crate) mod caa;
+pub(crate) mod doctor;
 pub mod install;
-pub mod kataconfig;
-pub mod limit;
-pub mod output;
-pub mod secret;
-pub mod ssh_key;
-pub mod status;
+pub(crate) mod kataconfig;
+pub(crate) mod limit;
+pub(crate) mod output;
+pub(crate) mod secret;
+pub(crate) mod ssh_key;
+pub(crate) mod status;
 pub mod support_bundle;
-pub mod vm;
+pub(crate) mod vm;
 
 use crate::k8s::KubeArgs;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
+pub(crate) enum Output {
     /// Human-readable columns.
     #[default]
     Table,
@@ -39,21 +40,21 @@ pub enum Output {
 pub struct Args {
     /// How to reach the API server (`--kubeconfig`, `--context`).
     #[command(flatten)]
-    pub kube: KubeArgs,
+    pub(crate) kube: KubeArgs,
     /// The namespace of the operator and the peer-pods configuration.
     #[arg(short = 'n', long, global = true, default_value = crate::api::names::DEFAULT_NAMESPACE)]
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
+    pub(crate) output: Output,
     /// The command.
     #[command(subcommand)]
-    pub command: CtlCommand,
+    pub(crate) command: CtlCommand,
 }
 
 /// Commands of `sandboxd ctl`.
 #[derive(Debug, clap::Subcommand)]
-pub enum CtlCommand {
+pub(crate) enum CtlCommand {
     /// Install the CRDs, namespace, RBAC and operator Deployment (server-side apply).
     Install(install::InstallArgs),
     /// Remove what `install` added (refused while a KataConfig exists).
@@ -89,7 +90,7 @@ pub enum CtlCommand {
 
 /// `sandboxd ctl azure ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum AzureCommand {
+pub(crate) enum AzureCommand {
     /// Create `peer-pods-secret` from flags, `AZURE_*` environment or a prompt.
     Secret(secret::Args),
     /// Discover the Azure network and write `peer-pods-cm`.
@@ -98,7 +99,7 @@ pub enum AzureCommand {
 
 /// What every command gets: how to reach the cluster, the namespace and output format.
 #[derive(Clone, Debug)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// Kubeconfig and context.
     pub kube: KubeArgs,
     /// The operator / configuration namespace.
@@ -109,7 +110,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// A client for the selected cluster.
-    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<kube::Client> {
         Ok(self.kube.client().await?)
     }
 }

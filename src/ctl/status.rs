@@ -25,7 +25,7 @@ use crate::k8s::apply::is_not_found;
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The API server refused a read.
     #[error("reading {what}: {source}")]
     Api {
@@ -42,20 +42,9 @@ pub enum Error {
     Timeout(u64),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Api { .. } => "api",
-            Error::Failed(_) => "failed",
-            Error::Timeout(_) => "timeout",
-        }
-    }
-}
-
 /// Flags of `ctl status`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Refresh until the KataConfig is no longer in progress (or something fails).
     #[arg(long, short = 'w')]
     pub watch: bool,
@@ -69,7 +58,7 @@ pub struct Args {
 
 /// Ready replicas of a workload.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// Ready.
     pub ready: i32,
     /// Wanted.
@@ -79,7 +68,7 @@ pub struct Readiness {
 /// One node of the KataConfig.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct NodeState {
+pub(crate) struct NodeState {
     /// Node name.
     pub name: String,
     /// `installed`, `installing`, `waitingToInstall`, `failedToInstall`, ...
@@ -88,7 +77,7 @@ pub struct NodeState {
 
 /// One condition, without timestamps.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ConditionLine {
+pub(crate) struct ConditionLine {
     /// Type.
     #[serde(rename = "type")]
     pub type_: String,
@@ -103,7 +92,7 @@ pub struct ConditionLine {
 /// The KataConfig part of the report.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct KataConfigReport {
+pub(crate) struct KataConfigReport {
     /// Name.
     pub name: String,
     /// `enablePeerPods`.
@@ -122,7 +111,7 @@ pub struct KataConfigReport {
 
 /// Peer-pod VMs on one node.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct NodeVms {
+pub(crate) struct NodeVms {
     /// Node name.
     pub node: String,
     /// PeerPod records on it.
@@ -134,7 +123,7 @@ pub struct NodeVms {
 /// Everything `status` shows.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Report {
+pub(crate) struct Report {
     /// The namespace looked at.
     pub namespace: String,
     /// The operator Deployment, if installed.
@@ -159,7 +148,7 @@ pub struct Report {
 
 impl Report {
     /// Whether there is nothing left to wait for.
-    pub fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         !self.failures.is_empty() || self.kataconfig.as_ref().is_some_and(|k| !k.in_progress)
     }
 }
@@ -190,7 +179,7 @@ fn conditions(
 }
 
 /// The KataConfig part of the report, and its failures.
-pub fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
+pub(crate) fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
     let status = kc.status.clone().unwrap_or_default();
     let kn = status.kata_nodes.unwrap_or_default();
     let mut nodes = Vec::new();
@@ -256,7 +245,7 @@ fn deployment_readiness(d: &Deployment) -> Readiness {
 }
 
 /// Reads everything once.
-pub async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
+pub(crate) async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
     let mut report = Report {
         namespace: namespace.to_string(),
         ..Default::default()
@@ -396,7 +385,7 @@ fn readiness(r: &Option<Readiness>, missing: &str) -> String {
 }
 
 /// The report as text.
-pub fn render(r: &Report) -> String {
+pub(crate) fn render(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("namespace {}\n", r.namespace));
     s.push_str(&format!(
@@ -467,7 +456,7 @@ pub fn render(r: &Report) -> String {
 }
 
 /// Run `ctl status`.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let start = std::time::Instant::now();
     let clear = args.watch && ctx.output == Output::Table && std::io::stdout().is_terminal();

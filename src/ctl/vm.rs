@@ -18,7 +18,7 @@ use crate::protocol::{hypervisor, hypervisor_ttrpc};
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The PeerPod API is missing.
     #[error("the PeerPod API is not installed: run `sandboxd ctl install` first")]
     NotInstalled,
@@ -48,33 +48,36 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::NotInstalled => "not_installed",
-            Error::Api(_) => "api",
-            Error::PodRef(_) => "pod_ref",
-            Error::Connect { .. } => "connect",
-            Error::Call { .. } => "call",
-        }
-    }
-}
-
 /// `ctl vm ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// List peer-pod VMs in every namespace.
     List,
     /// Create and start the VM of a pod through this node's CAA socket (as the kata shim).
     Create(CreateArgs),
     /// Stop and delete the VM of a sandbox through this node's CAA socket (as the kata shim).
     Delete(DeleteArgs),
+    /// Print the serial console log of a pod's VM (Azure boot diagnostics): for a VM that
+    /// never reached its forwarder.
+    Console(ConsoleArgs),
+}
+
+/// Flags of `ctl vm console`.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    /// The pod, as `NAME` (in `--pod-namespace`) or `NAMESPACE/NAME`.
+    pub pod: String,
+    /// Namespace of the pod when `POD` has none.
+    #[arg(long, default_value = "default")]
+    pub pod_namespace: String,
+    /// Azure endpoints.
+    #[command(flatten)]
+    pub endpoints: super::azure_arm::EndpointArgs,
 }
 
 /// Flags of `ctl vm create`.
 #[derive(Debug, clap::Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// The pod the VM is for, as `NAMESPACE/NAME` (it must exist: CAA records its uid).
     #[arg(long)]
     pub pod: String,
@@ -103,7 +106,7 @@ pub struct CreateArgs {
 
 /// Flags of `ctl vm delete`.
 #[derive(Debug, clap::Args)]
-pub struct DeleteArgs {
+pub(crate) struct DeleteArgs {
     /// The sandbox id given to `vm create` (or by the shim).
     #[arg(long)]
     pub sandbox_id: String,
@@ -116,7 +119,7 @@ pub struct DeleteArgs {
 }
 
 /// The CreateVM request the kata shim would send for these flags.
-pub fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
+pub(crate) fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
     let (ns, name) = a
         .pod
         .split_once('/')
@@ -152,7 +155,7 @@ fn call_ctx(timeout: u64) -> ttrpc::context::Context {
 }
 
 /// A hypervisor client on `socket`: one connection per command, as the shim does.
-pub async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
+pub(crate) async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
     let err = |reason: String| Error::Connect {
         socket: socket.display().to_string(),
         reason,
@@ -180,7 +183,7 @@ fn call_err(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
 /// What `vm create` reports.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Created {
+pub(crate) struct Created {
     /// The sandbox id.
     pub sandbox_id: String,
     /// The cloud VM name.
@@ -192,7 +195,7 @@ pub struct Created {
 }
 
 /// CreateVM + StartVM through `socket`; returns the VM name and agent socket.
-pub async fn create(a: &CreateArgs) -> Result<Created, Error> {
+pub(crate) async fn create(a: &CreateArgs) -> Result<Created, Error> {
     let req = create_request(a)?;
     let hv = connect(&a.socket).await?;
     let created = hv
@@ -214,7 +217,7 @@ pub async fn create(a: &CreateArgs) -> Result<Created, Error> {
 }
 
 /// StopVM through `socket`.
-pub async fn delete(a: &DeleteArgs) -> Result<(), Error> {
+pub(crate) async fn delete(a: &DeleteArgs) -> Result<(), Error> {
     let hv = connect(&a.socket).await?;
     let mut stop = hypervisor::StopVMRequest::new();
     stop.id = a.sandbox_id.clone();
@@ -248,7 +251,7 @@ async fn recorded_ip(ctx: &Ctx, namespace: &str, vm: &str) -> Option<String> {
 /// One row of `vm list`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct VmRow {
+pub(crate) struct VmRow {
     /// Namespace of the pod.
     pub namespace: String,
     /// The pod the VM serves (the PeerPod's owner; else the record's name).
@@ -266,7 +269,7 @@ pub struct VmRow {
 }
 
 /// The rows for these records, sorted by namespace and pod.
-pub fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
+pub(crate) fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
     let mut rows: Vec<VmRow> = pods
         .iter()
         .map(|p| {
@@ -292,7 +295,7 @@ pub fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
 }
 
 /// Run `ctl vm ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::List => list(ctx).await,
         Command::Create(a) => {
@@ -317,7 +320,59 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
             println!("VM of sandbox {} stopped and deleted", a.sandbox_id);
             Ok(())
         }
+        Command::Console(a) => {
+            print!("{}", console(ctx, &a).await?);
+            Ok(())
+        }
     }
+}
+
+/// The serial log of the VM of pod `a.pod`: its newest PeerPod names the VM, `peer-pods-cm`
+/// the resource group, `peer-pods-secret` (or the `AZURE_*` environment) the credentials.
+async fn console(ctx: &Ctx, a: &ConsoleArgs) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (ns, pod) = match a.pod.split_once('/') {
+        Some((ns, pod)) => (ns, pod),
+        None => (a.pod_namespace.as_str(), a.pod.as_str()),
+    };
+    let client = ctx.client().await?;
+    let api: Api<PeerPod> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default()).await.map_err(|e| {
+        if is_not_found(&e) {
+            Error::NotInstalled
+        } else {
+            Error::Api(e)
+        }
+    })?;
+    let vm = list
+        .items
+        .iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.name == pod))
+        .max_by_key(|p| p.creation_timestamp())
+        .map(|p| p.spec.vm_name.clone())
+        .with_context(|| format!("pod {ns}/{pod} has no peer-pod VM (no PeerPod owned by it)"))?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);
+    let cm = cms
+        .get_opt(crate::api::names::CONFIG_MAP)
+        .await?
+        .and_then(|c| c.data)
+        .unwrap_or_default();
+    let rg = cm
+        .get("AZURE_RESOURCE_GROUP")
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .with_context(|| {
+            format!(
+                "{} in namespace {} has no AZURE_RESOURCE_GROUP",
+                crate::api::names::CONFIG_MAP,
+                ctx.namespace
+            )
+        })?;
+    let secret = super::azure_arm::credentials(&client, &ctx.namespace, None).await?;
+    let endpoints = super::azure_arm::resolve_endpoints(&a.endpoints, &cm)?;
+    let azure = super::azure_arm::Azure::new(&secret, &endpoints)?;
+    Ok(azure.serial_log(&rg, &vm).await?)
 }
 
 async fn list(ctx: &Ctx) -> anyhow::Result<()> {
@@ -387,7 +442,7 @@ mod tests {
     fn vm_create_rejects_a_pod_that_is_not_namespace_slash_name() {
         for bad in ["web", "/web", "ns/", "a/b/c"] {
             let e = create_request(&args(bad)).unwrap_err();
-            assert_eq!(e.metric_label(), "pod_ref", "{bad}");
+            assert!(matches!(e, Error::PodRef(_)), "{bad}: {e}");
         }
     }
 }

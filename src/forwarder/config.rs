@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 
 /// Where the config file lands in the VM, as named in the cloud-config.
-pub const APF_PATH: &str = "/run/peerpod/apf.json";
+pub(crate) const APF_PATH: &str = "/run/peerpod/apf.json";
 /// Largest user data Azure accepts.
-pub const MAX_USER_DATA: usize = 64 * 1024;
+#[cfg(test)]
+pub(crate) const MAX_USER_DATA: usize = 64 * 1024;
 /// Largest MTU of the pod interface in the VM (VXLAN overhead on a 1500 underlay).
-pub const MAX_MTU: u32 = 1450;
+pub(crate) const MAX_MTU: u32 = 1450;
 
 /// `apf.json`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -112,11 +113,11 @@ struct WriteFile {
 
 /// Registry credentials in the VM (a container `auth.json`), as CAA writes them from the
 /// pod's pull secrets; `sandboxd agent` reads them at each pull.
-pub const AUTH_PATH: &str = "/run/peerpod/auth.json";
+pub(crate) const AUTH_PATH: &str = "/run/peerpod/auth.json";
 
 /// The files of a `#cloud-config` for the VM besides `apf.json`: those init writes for the
 /// agent ([`AUTH_PATH`]). Anything else is ignored.
-pub fn extra_files(text: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+pub(crate) fn extra_files(text: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
     let t = text.trim_start();
     if !t.starts_with("#cloud-config") {
         return Ok(Vec::new());
@@ -154,7 +155,7 @@ impl Config {
     }
 
     /// Parses JSON or a `#cloud-config` document carrying `apf.json`.
-    pub fn from_user_data(text: &str) -> Result<Self, Error> {
+    pub(crate) fn from_user_data(text: &str) -> Result<Self, Error> {
         let bad = |m: String| Error::Config(m);
         let t = text.trim_start();
         let json = if t.starts_with('{') {
@@ -201,7 +202,7 @@ impl Config {
     }
 
     /// Checks what the forwarder relies on.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         let n = &self.pod_network;
         let mut problems = Vec::new();
         if n.tunnel_type != "vxlan" {
@@ -257,7 +258,7 @@ impl Config {
     }
 
     /// The MTU the pod interface gets: the configured one, at most 1450.
-    pub fn mtu(&self) -> u32 {
+    pub(crate) fn mtu(&self) -> u32 {
         match self.pod_network.mtu {
             0 => MAX_MTU,
             m => m.min(MAX_MTU),

@@ -10,16 +10,16 @@
 pub mod config;
 pub mod init;
 pub mod ns;
-pub mod podns;
+pub(crate) mod podns;
 pub mod relay;
-pub mod rewrite;
+pub(crate) mod rewrite;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use config::Config;
+pub(crate) use config::Config;
 
 use crate::api::names;
 use crate::cloud::net;
@@ -52,19 +52,6 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
-}
-
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Config(_) => "config",
-            Error::Source { .. } => "config_source",
-            Error::Net(e) => e.metric_label(),
-            Error::Tls(e) => e.metric_label(),
-            Error::Listen { .. } => "listen",
-        }
-    }
 }
 
 /// Flags of `sandboxd forwarder`.
@@ -104,13 +91,8 @@ pub struct Args {
     pub private_run: Option<PathBuf>,
 }
 
-/// Enters the namespaces the flags ask for; call before any thread starts.
-pub fn enter_namespaces(args: &Args) -> Result<(), String> {
-    ns::enter(args.unshare_net, args.private_run.as_deref())
-}
-
 /// Loads the configuration from the first source available.
-pub async fn load_config(args: &Args) -> Result<Config, Error> {
+pub(crate) async fn load_config(args: &Args) -> Result<Config, Error> {
     let read = |p: &PathBuf, name: &str| {
         std::fs::read_to_string(p).map_err(|e| Error::Source {
             source_name: format!("{name} {}", p.display()),
@@ -128,7 +110,7 @@ pub async fn load_config(args: &Args) -> Result<Config, Error> {
 }
 
 /// Fetches userData from IMDS (header `Metadata: true`), retrying until `wait` passes.
-pub async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
+pub(crate) async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
     use base64::Engine;
     let src = |detail: String| Error::Source {
         source_name: format!("IMDS {url}"),
@@ -156,14 +138,14 @@ pub async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Er
 mod reqwest_like {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    pub struct Client;
+    pub(crate) struct Client;
 
     impl Client {
         pub fn new() -> Self {
             Self
         }
 
-        pub async fn get(&self, url: &url::Url) -> Result<String, String> {
+        pub(crate) async fn get(&self, url: &url::Url) -> Result<String, String> {
             let host = url.host_str().ok_or("no host")?;
             let port = url.port_or_known_default().unwrap_or(80);
             let mut s = tokio::net::TcpStream::connect((host, port))

@@ -2,7 +2,7 @@
 //! identity ([`cluster_id`]) and the field manager that owns everything sandboxd applies.
 
 pub mod apply;
-pub mod conditions;
+pub(crate) mod conditions;
 
 use std::path::PathBuf;
 
@@ -10,11 +10,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 /// The server-side apply field manager of every sandboxd write.
-pub const FIELD_MANAGER: &str = "sandboxd";
+pub(crate) const FIELD_MANAGER: &str = "sandboxd";
 
 /// Errors building a Kubernetes client.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The kubeconfig named by `--kubeconfig` could not be read.
     #[error("reading kubeconfig {path}: {source}")]
     ReadKubeconfig {
@@ -42,22 +42,10 @@ pub enum Error {
     Client(#[source] kube::Error),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::ReadKubeconfig { .. } => "read_kubeconfig",
-            Error::Kubeconfig { .. } => "kubeconfig",
-            Error::Infer(_) => "infer_config",
-            Error::Client(_) => "client",
-        }
-    }
-}
-
 /// The cluster's identity: the uid of the `kube-system` namespace, which lives as long as
 /// the cluster. CAA tags every VM with it ([`crate::cloud::tags::CLUSTER`]); the operator's
 /// collector finds this cluster's VMs by it.
-pub async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
+pub(crate) async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
     let ns: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
     Ok(ns
         .get("kube-system")
@@ -81,7 +69,7 @@ pub struct KubeArgs {
 
 impl KubeArgs {
     /// The client configuration these flags select.
-    pub async fn config(&self) -> Result<Config, Error> {
+    pub(crate) async fn config(&self) -> Result<Config, Error> {
         let options = KubeConfigOptions {
             context: self.context.clone(),
             ..Default::default()
@@ -109,7 +97,7 @@ impl KubeArgs {
     }
 
     /// A client for the configuration these flags select.
-    pub async fn client(&self) -> Result<Client, Error> {
+    pub(crate) async fn client(&self) -> Result<Client, Error> {
         let config = self.config().await?;
         Client::try_from(config).map_err(Error::Client)
     }
@@ -128,7 +116,7 @@ mod tests {
         let Err(err) = args.client().await else {
             panic!("expected an error")
         };
-        assert_eq!(err.metric_label(), "read_kubeconfig");
+        assert!(matches!(err, Error::ReadKubeconfig { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
     }
 

@@ -25,16 +25,6 @@ pub enum Error {
     Lost(String),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Api { .. } => "lease_api",
-            Error::Lost(_) => "lease_lost",
-        }
-    }
-}
-
 /// Who competes for which Lease.
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {

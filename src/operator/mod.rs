@@ -45,18 +45,6 @@ pub enum Error {
     Discovery(#[source] kube::Error),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Controller(e) => e.metric_label(),
-            Error::Leader(e) => e.metric_label(),
-            Error::Admission(_) => "admission",
-            Error::Discovery(_) => "discovery",
-        }
-    }
-}
-
 /// Which platform the operator runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Platform {

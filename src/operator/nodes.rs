@@ -34,16 +34,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Operator(_) => "selector_operator",
-            Error::Values { .. } => "selector_values",
-        }
-    }
-}
-
 /// Which platform defaults apply to an empty selector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {

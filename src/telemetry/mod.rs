@@ -1,9 +1,10 @@
 //! Logging, metrics and the health/metrics HTTP server shared by every daemon.
 
-pub mod redact;
+pub(crate) mod redact;
 mod server;
 
-pub use server::{Readiness, ReadyFlag, bind, router, serve};
+pub use server::{Readiness, router};
+pub(crate) use server::{ReadyFlag, bind, serve};
 
 use std::sync::Arc;
 
@@ -44,18 +45,6 @@ pub enum Error {
     Serve(#[source] std::io::Error),
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::LogLevel { .. } => "log_level",
-            Error::AlreadyInitialised => "already_initialised",
-            Error::Bind { .. } => "bind",
-            Error::Serve(_) => "serve",
-        }
-    }
-}
-
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -85,7 +74,7 @@ const QUIET_RUSTLS_SNI: &str = "rustls::msgs::handshake=error";
 /// filter, which costs little per event and little code at start; span and field directives
 /// (`sandboxd[admission]=debug`) need an [`EnvFilter`].
 #[derive(Debug)]
-pub enum LogFilter {
+pub(crate) enum LogFilter {
     /// Levels and per-module directives.
     Targets(Box<Targets>),
     /// Anything else `RUST_LOG` accepts.
@@ -94,7 +83,7 @@ pub enum LogFilter {
 
 impl LogArgs {
     /// The filter in force: `--log-level`, else `RUST_LOG`, else `info`.
-    pub fn filter(&self) -> Result<LogFilter, Error> {
+    pub(crate) fn filter(&self) -> Result<LogFilter, Error> {
         let value = self
             .log_level
             .clone()
@@ -195,7 +184,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A registry holding `sandboxd_build_info{version, component}`.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::for_component("sandboxd")
     }
 

@@ -7,14 +7,14 @@
 //! from `--cert-dir` when it changes.
 
 pub mod manifest;
-pub mod metrics;
-pub mod mutate;
+pub(crate) mod metrics;
+pub(crate) mod mutate;
 mod pod;
-pub mod policy;
-pub mod quantity;
-pub mod review;
-pub mod singleton;
-pub mod tls;
+pub(crate) mod policy;
+pub(crate) mod quantity;
+pub(crate) mod review;
+pub(crate) mod singleton;
+pub(crate) mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,14 +31,14 @@ use axum::routing::post;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-pub use metrics::WebhookMetrics;
-pub use policy::{AdmissionPolicy, Decision, NamespacePattern, NamespacePolicy};
-pub use review::{Settings, Webhook};
+pub(crate) use metrics::WebhookMetrics;
+pub(crate) use policy::{NamespacePattern, NamespacePolicy};
+pub(crate) use review::{Settings, Webhook};
 
 use crate::telemetry::{Metrics, Readiness};
 
 /// The default request body limit: a pod object is at most ~1.5 MiB in etcd.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Flags of `sandboxd webhook` (names follow the Go webhook's conventions).
 #[derive(Clone, Debug, clap::Args)]
@@ -105,7 +105,7 @@ pub struct Args {
 impl Args {
     /// The target runtime class: the flag / `TARGET_RUNTIMECLASS`, else
     /// `TARGET_RUNTIME_CLASS`, else `kata-remote`.
-    pub fn target_runtime_class(&self) -> String {
+    pub(crate) fn target_runtime_class(&self) -> String {
         self.target_runtime_class
             .clone()
             .filter(|s| !s.is_empty())
@@ -118,7 +118,7 @@ impl Args {
     }
 
     /// The mutation settings.
-    pub fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             target_runtime_class: self.target_runtime_class(),
             extended_resource: self.pod_vm_extended_resource.clone(),
@@ -126,7 +126,7 @@ impl Args {
     }
 
     /// The namespace policy.
-    pub fn policy(&self) -> NamespacePolicy {
+    pub(crate) fn policy(&self) -> NamespacePolicy {
         let patterns = |list: &[String]| {
             list.iter()
                 .filter(|s| !s.trim().is_empty())
@@ -141,7 +141,7 @@ impl Args {
     }
 
     /// The TLS options.
-    pub fn tls(&self) -> tls::TlsOptions {
+    pub(crate) fn tls(&self) -> tls::TlsOptions {
         tls::TlsOptions {
             min_version: self.tls_min_version.clone(),
             cipher_suites: self.tls_cipher_suites.clone(),
@@ -156,7 +156,7 @@ struct AppState {
 
 /// The webhook's routes (`POST /mutate-v1-pod`, `POST /validate-kataconfig/{name}`) merged with `/healthz`, `/livez`,
 /// `/readyz` and `/metrics`. Tests call it directly with JSON bodies.
-pub fn router(
+pub(crate) fn router(
     webhook: Webhook,
     registry: Arc<Registry>,
     readiness: Readiness,
@@ -211,7 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Serves the webhook until `shutdown` is cancelled (for callers that own the shutdown).
-pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = args.settings();
     let certs = tls::CertReloader::load(&args.cert_dir).with_context(|| {
         format!(

@@ -14,13 +14,13 @@ use super::quantity::{self, NANO, QuantityError, div_ceil};
 use crate::api::names::{PEER_POD_LABEL, annotations};
 
 /// The resource that sizes `default_gpus`.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+pub(crate) const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 const MIB_NANOS: i128 = NANO << 20;
 
 /// Errors computing a pod's mutation.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A resource quantity in the pod does not parse.
     #[error("{place}: resource {resource:?}: {source}")]
     Quantity {
@@ -38,7 +38,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Quantity { .. } => "invalid_quantity",
             Error::NoContainers => "no_containers",
@@ -48,7 +48,7 @@ impl Error {
 
 /// The size of the pod VM, in the units of the kata annotations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodSize {
+pub(crate) struct PodSize {
     /// vCPUs, rounded up; `None` when the pod asks for no CPU.
     pub vcpus: Option<u64>,
     /// Memory in MiB, rounded up; `None` when the pod asks for no memory.
@@ -62,7 +62,7 @@ pub struct PodSize {
 
 /// The outcome of mutating one peer pod.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Mutation {
+pub(crate) struct Mutation {
     /// RFC 6902 operations turning the submitted pod into the peer pod, as JSON text.
     pub patch: String,
     /// Messages for the user (admission warnings).

@@ -104,7 +104,7 @@ pub(crate) struct PeerPod<'a> {
 
 impl<'a> PeerPod<'a> {
     /// Parses what the mutation needs; errors name the field.
-    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
+    pub(crate) fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
         let spec = pod.spec.as_ref();
         Ok(Self {
             meta: Meta::parse(pod.metadata)?,
@@ -147,7 +147,7 @@ pub(crate) enum PodParts<'a> {
 
 impl<'a> PodParts<'a> {
     /// `spec.runtimeClassName`.
-    pub fn runtime_class(&self) -> Option<&str> {
+    pub(crate) fn runtime_class(&self) -> Option<&str> {
         match self {
             PodParts::Full(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
             PodParts::Scanned(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
@@ -156,7 +156,7 @@ impl<'a> PodParts<'a> {
     }
 
     /// The parts the mutation reads; errors name the field.
-    pub fn peer(self) -> Result<PeerPod<'a>, FieldError> {
+    pub(crate) fn peer(self) -> Result<PeerPod<'a>, FieldError> {
         let full = match self {
             PodParts::Scanned(p) => return PeerPod::parse(&p),
             PodParts::Full(full) => full,
@@ -247,7 +247,7 @@ pub(crate) struct Meta<'a> {
 
 impl<'a> Meta<'a> {
     /// Reads `metadata` (absent or `null` is an empty one).
-    pub fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
         match raw {
             Some(raw) => Ok(match parse::<Obj<Meta>>(raw, || "metadata".into())?.0 {
                 Some(meta) => Self {
@@ -292,7 +292,7 @@ pub(crate) struct SizeAnnotations {
 
 impl SizeAnnotations {
     /// Whether the annotation `key` (one of the size annotations) is set.
-    pub fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         match key {
             annotations::DEFAULT_VCPUS => self.vcpus,
             annotations::DEFAULT_MEMORY => self.memory,
@@ -387,7 +387,7 @@ pub(crate) struct Resources<'a> {
 
 impl Resources<'_> {
     /// Whether any request, limit or claim is set.
-    pub fn has_amounts(&self) -> bool {
+    pub(crate) fn has_amounts(&self) -> bool {
         self.requests.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.limits.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.claims > 0

@@ -54,7 +54,93 @@ pub fn cases() -> Vec<Case> {
             "ctl::azure_configmap_takes_group_and_subscription_from_flags_for_the_dev_arm_servers_seed",
             dev_seed,
         ),
+        Case::cluster(
+            "ctl::vm_console_prints_the_serial_log_of_a_pods_vm_from_boot_diagnostics",
+            vm_console,
+        ),
     ]
+}
+
+/// `ctl vm console POD`: the pod's PeerPod names the VM, `peer-pods-cm` the resource group,
+/// boot diagnostics the serial log (read through its SAS URI).
+async fn vm_console(env: Env) -> Result<()> {
+    let arm = Arm::start().await?;
+    let (subnet, _, image) = arm.handle.seed_peer_pods(SUB, "rg", "eastus");
+    let admin = env.admin().await?;
+    let crd = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/crds/peerpods.confidentialcontainers.org.yaml");
+    harness::install_crds(&admin, &crd).await?;
+    create_secret(&env, &good_secret()).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &env.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "peer-pods-cm"},
+            "data": {"CLOUD_PROVIDER": "azure", "AZURE_RESOURCE_GROUP": "rg", "AZURE_REGION": "eastus",
+                     "AZURE_SUBNET_ID": subnet, "AZURE_IMAGE_ID": image},
+        }))?,
+    )
+    .await?;
+    // The VM, created as CAA creates it.
+    let vm = "podvm-web-0a1b2c3d";
+    let url = url::Url::parse(&arm.base)?;
+    let cfg = sandboxd::config::PeerPodsConfig::from_map(
+        &cms.get("peer-pods-cm").await?.data.unwrap_or_default(),
+    )?
+    .azure
+    .context("azure settings")?;
+    let provider = sandboxd::cloud::azure::AzureProvider::new(
+        SUB,
+        &sandboxd::config::AzureCredentials::ClientSecret {
+            tenant_id: "0a1b2c3d-0000-4000-8000-000000000002".into(),
+            client_id: "0a1b2c3d-0000-4000-8000-000000000001".into(),
+            client_secret: sandboxd::config::SecretString::new(CLIENT_SECRET),
+        },
+        cfg,
+        sandboxd::cloud::azure::Endpoints::development(Default::default(), url, None),
+        Default::default(),
+        sandboxd::cloud::azure::Polling {
+            min_interval: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )?;
+    use sandboxd::cloud::Provider as _;
+    provider
+        .create(&sandboxd::cloud::VmSpec {
+            name: vm.into(),
+            size: "Standard_DC2as_v5".into(),
+            image_id: image,
+            user_data: None,
+            ssh_public_key: None,
+            tags: Default::default(),
+        })
+        .await?;
+    // Its PeerPod, owned by pod `web`.
+    let pp: sandboxd::api::peerpod::PeerPod = serde_json::from_value(json!({
+        "apiVersion": "confidentialcontainers.org/v1alpha1", "kind": "PeerPod",
+        "metadata": {"name": vm, "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "web",
+                     "uid": "00000000-0000-0000-0000-000000000001"}]},
+        "spec": {"cloudProvider": "azure", "instanceID": "", "vmName": vm, "nodeName": "n1",
+                 "podUID": "00000000-0000-0000-0000-000000000001", "sandboxId": "0a1b2c3d"},
+    }))?;
+    Api::<sandboxd::api::peerpod::PeerPod>::namespaced(admin.clone(), &env.ns)
+        .create(&PostParams::default(), &pp)
+        .await?;
+    let pod = format!("{}/web", env.ns);
+    let run = ctl(&env, Some(&arm), &["vm", "console", &pod]).await?;
+    ensure!(run.code == 0, "{run}");
+    ensure!(run.stdout.contains(&format!("{vm} login:")), "{run}");
+    let run = ctl(
+        &env,
+        Some(&arm),
+        &["vm", "console", &format!("{}/nope", env.ns)],
+    )
+    .await?;
+    ensure!(
+        run.code != 0 && run.stderr.contains("has no peer-pod VM"),
+        "{run}"
+    );
+    Ok(())
 }
 
 /// An in-process ARM test server, stopped when dropped.

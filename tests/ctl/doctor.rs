@@ -285,26 +285,40 @@ async fn prepared_with_webhook(env: &Env, client: &Client) -> Result<()> {
             }))?,
         )
         .await?;
-    // The CAA DaemonSet on both nodes; only the pod on the first becomes ready.
+    // The CAA DaemonSet (behind the node agent relay) and the relay's on both nodes; only
+    // the pods on the first become ready.
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &env.ns);
-    daemonsets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "peerpodconfig-ctrl-caa-daemon"},
-                "spec": {
-                    "selector": {"matchLabels": {"app": "caa"}},
-                    "template": {
-                        "metadata": {"labels": {"app": "caa"}},
-                        "spec": {
-                            "nodeSelector": {"sandboxd.test/doctor": tag},
-                            "containers": [{"name": "caa", "image": "sandboxd:test"}]
+    for (name, app, env_var) in [
+        (
+            "peerpodconfig-ctrl-caa-daemon",
+            "caa",
+            Some("CAA_RELAY_SOCKET"),
+        ),
+        ("peerpodconfig-ctrl-caa-relay", "relay", None),
+    ] {
+        let env_list: Vec<serde_json::Value> = env_var
+            .map(|n| json!({"name": n, "value": "/run/peerpod/relay/control.sock"}))
+            .into_iter()
+            .collect();
+        daemonsets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {
+                        "selector": {"matchLabels": {"app": app}},
+                        "template": {
+                            "metadata": {"labels": {"app": app}},
+                            "spec": {
+                                "nodeSelector": {"sandboxd.test/doctor": tag},
+                                "containers": [{"name": app, "image": "sandboxd:test", "env": env_list}]
+                            }
                         }
                     }
-                }
-            }))?,
-        )
-        .await?;
+                }))?,
+            )
+            .await?;
+    }
     let op = pods(env, "app=op", 1).await?;
     harness::set_pod_phase(
         &client,
@@ -323,6 +337,19 @@ async fn prepared_with_webhook(env: &Env, client: &Client) -> Result<()> {
         &client,
         &env.ns,
         on_good.metadata.name.as_deref().context("name")?,
+        Phase::Running,
+        Some("10.0.1.5"),
+    )
+    .await?;
+    let relay = pods(env, "app=relay", 2).await?;
+    let relay_on_good = relay
+        .iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(good.as_str()))
+        .context("a relay pod on the labelled node")?;
+    harness::set_pod_phase(
+        &client,
+        &env.ns,
+        relay_on_good.metadata.name.as_deref().context("name")?,
         Phase::Running,
         Some("10.0.1.5"),
     )
@@ -409,6 +436,24 @@ async fn prepared_with_webhook(env: &Env, client: &Client) -> Result<()> {
             "caa",
             "fail",
             &format!("no ready CAA pod on node {bare}")
+        ),
+        "{run}"
+    );
+    ensure!(
+        has(
+            &all,
+            "caa",
+            "fail",
+            &format!("no ready node agent relay pod on node {bare}")
+        ),
+        "{run}"
+    );
+    ensure!(
+        !has(
+            &all,
+            "caa",
+            "fail",
+            &format!("no ready node agent relay pod on node {good}")
         ),
         "{run}"
     );

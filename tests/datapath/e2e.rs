@@ -18,8 +18,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use sandboxd::api::names::CAA_DAEMONSET;
 use sandboxd::api::names::annotations;
+use sandboxd::api::names::{CAA_DAEMONSET, RELAY_DAEMONSET};
 use sandboxd::api::peerpod::{PeerPod, PeerPodStatus};
 use sandboxd::cloud::net::{self, Netlink};
 use sandboxd::protocol::{hypervisor, hypervisor_ttrpc};
@@ -30,12 +30,15 @@ use crate::harness::process::Process;
 use crate::harness::{self, Case, Env};
 use crate::peerpods::support::Fixture;
 
+mod restarts;
+
 fn root_skip() -> Option<String> {
     (!nix::unistd::Uid::effective().is_root()).then(|| "needs root".to_string())
 }
 
 pub fn cases() -> Vec<Case> {
-    vec![
+    let mut v = restarts::cases();
+    v.extend([
         Case::cluster_exclusive(
             "datapath::a_local_pod_vm_relays_agent_calls_and_carries_pod_traffic_then_leaves_nothing",
             lifecycle,
@@ -81,7 +84,8 @@ pub fn cases() -> Vec<Case> {
             wrong_node_ip,
         )
         .skip_if(root_skip()),
-    ]
+    ]);
+    v
 }
 
 /// Runs `f` on a thread inside the network namespace at `ns`.
@@ -207,11 +211,22 @@ fn local_config(cm_extra: &[(&str, String)]) -> Vec<(String, String)> {
     cm
 }
 
-/// The CAA the operator deploys, running on a fake node whose network is [`Net`].
+/// The CAA the operator deploys, running on a fake node whose network is [`Net`], behind
+/// the node agent relay the operator deploys beside it.
 struct CaaProc {
     fx: Option<Fixture>,
     container: Option<Container>,
     launch: Launch,
+    /// The CAA pod now running.
+    pod: Pod,
+    /// The node agent relay's container, its launch and pod.
+    relay: Option<Container>,
+    relay_launch: Launch,
+    relay_pod: Pod,
+    /// Host path of CAA's own hypervisor socket (behind the relay's).
+    caa_socket: PathBuf,
+    /// Host path of the node's network namespace.
+    node_netns: PathBuf,
     name: String,
     /// Added to the container's environment: `SANDBOXD_NODE_NETNS` (the stand-in for
     /// `hostNetwork`: the node's network is a namespace here) and what a test adds.
@@ -222,6 +237,7 @@ struct CaaProc {
     pods_dir: PathBuf,
     local_dir: PathBuf,
     restarts: u32,
+    relay_restarts: u32,
     // Dropped last: the node's file system.
     host: NodeHost,
 }
@@ -280,6 +296,19 @@ impl CaaProc {
         harness::install_crds(&admin, &crd).await?;
         // The CAA's ServiceAccount and its RBAC as deployed (deploy/caa/rbac.yaml).
         crate::caa::caa_kubeconfig(env, &admin).await?;
+        // Every ServiceAccount deploy/caa/rbac.yaml ships (the node agent relay's too).
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/caa/rbac.yaml"),
+        )?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)?;
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(admin.clone(), &env.ns);
+        for doc in docs.iter().filter(|d| d["kind"] == "ServiceAccount") {
+            let mut sa: k8s_openapi::api::core::v1::ServiceAccount =
+                serde_json::from_value(doc.clone())?;
+            sa.metadata.namespace = Some(env.ns.clone());
+            let _ = sas.create(&PostParams::default(), &sa).await;
+        }
         let (host, n) = node(env, fx, pods, node_ip).await?;
         let ssa = PatchParams::apply("sandboxd-test").force();
         let secret = |name: &str, data: &[(&str, &str)]| -> Secret {
@@ -343,23 +372,16 @@ impl CaaProc {
             },
         )
         .await?;
-        let pod = pod_launch::daemonset_pod(&admin, &ds, &host.name).await?;
-        let pod = host.run_pod(&admin, &pod).await?;
-        let container = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .map(|s| s.containers[0].name.clone())
-            .context("CAA container")?;
-        let launch = pod_launch::resolve(
-            &admin,
-            env.cp(),
-            &pod,
-            &container,
-            &host,
-            &ImageConfig::shipped()?,
-        )
-        .await?;
+        let (pod, launch) = run_daemonset_pod(env, &admin, &ds, &host).await?;
+        let relay_ds = dss
+            .get_opt(RELAY_DAEMONSET)
+            .await?
+            .context("the operator deployed no node agent relay beside CAA")?;
+        let (relay_pod, relay_launch) = run_daemonset_pod(env, &admin, &relay_ds, &host).await?;
+        ensure!(
+            relay_launch.host_network,
+            "the relay pod is not on the host's network"
+        );
         ensure!(
             launch.host_network,
             "the CAA pod is not on the host's network"
@@ -372,15 +394,23 @@ impl CaaProc {
         let mut extra_env: Vec<(&'static str, String)> =
             vec![("SANDBOXD_NODE_NETNS", "/run/netns/node".into())];
         extra_env.extend(extra.iter().cloned());
+        let caa_socket = path(launch.var("CAA_SOCKET").context("CAA_SOCKET")?)?;
         let mut c = Self {
             fx: None,
             container: None,
+            pod,
+            relay: None,
+            relay_launch,
+            relay_pod,
+            caa_socket,
+            node_netns: n.node.clone(),
             name: format!("dp-caa-{}", env.ns),
             extra: extra_env,
             socket: path("/run/peerpod/hypervisor.sock")?,
             pods_dir: path("/run/peerpod/pods")?,
             local_dir: path(sandboxd::cloud::local::DEFAULT_DIR)?,
             restarts: 0,
+            relay_restarts: 0,
             launch,
             host,
         };
@@ -394,17 +424,18 @@ impl CaaProc {
     /// it (`SANDBOXD_STATIC_BINARY`, as `make integration` sets), else this build's.
     fn start_container(&mut self) -> Result<()> {
         let name = format!("{}-{}", self.name, self.restarts);
-        let binary = std::env::var_os("SANDBOXD_STATIC_BINARY")
-            .map(PathBuf::from)
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")));
+        let binary = image_binary();
         self.container = Some(Container::start(&name, &self.launch, &binary, &self.extra)?);
         Ok(())
     }
 
+    /// Starts the relay (when it is not running) and CAA, and waits for CAA's own socket.
     async fn spawn(&mut self) -> Result<()> {
+        if self.relay.is_none() {
+            self.spawn_relay()?;
+        }
         self.start_container()?;
-        let socket = self.socket.clone();
+        let socket = self.caa_socket.clone();
         let r = harness::eventually("CAA socket", Duration::from_secs(60), || {
             let socket = socket.clone();
             async move {
@@ -418,11 +449,32 @@ impl CaaProc {
         r.map_err(|e| anyhow::anyhow!("{e:#}\nCAA log:\n{}", self.log_tail(30)))
     }
 
+    /// Starts the node agent relay's container (hostNetwork: in the node's network
+    /// namespace).
+    fn spawn_relay(&mut self) -> Result<()> {
+        self.relay_restarts += 1;
+        self.relay = Some(Container::start_in(
+            &format!("{}-relay-{}", self.name, self.relay_restarts),
+            &self.relay_launch,
+            &image_binary(),
+            &[],
+            Some(&self.node_netns),
+        )?);
+        Ok(())
+    }
+
     fn log_tail(&self, n: usize) -> String {
-        self.container
+        let caa = self
+            .container
             .as_ref()
             .map(|c| c.process.log_tail(n))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let relay = self
+            .relay
+            .as_ref()
+            .map(|c| c.process.log_tail(n / 2))
+            .unwrap_or_default();
+        format!("{caa}\nnode agent relay log:\n{relay}")
     }
 
     /// Kills CAA without a chance to clean up, then starts it again.
@@ -445,6 +497,9 @@ impl CaaProc {
     /// VMs outlive CAA by design (as cloud VMs do); those a failed test left are killed.
     async fn teardown(mut self) -> Result<()> {
         if let Some(mut c) = self.container.take() {
+            c.process.stop(Duration::from_secs(5));
+        }
+        if let Some(mut c) = self.relay.take() {
             c.process.stop(Duration::from_secs(5));
         }
         for e in std::fs::read_dir(&self.local_dir)
@@ -470,6 +525,42 @@ impl CaaProc {
             None => Ok(()),
         }
     }
+}
+
+/// The image's entrypoint binary: the shipped static one when the run has it
+/// (`SANDBOXD_STATIC_BINARY`, as `make integration` sets), else this build's.
+fn image_binary() -> PathBuf {
+    std::env::var_os("SANDBOXD_STATIC_BINARY")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sandboxd")))
+}
+
+/// As the kubelet: the DaemonSet's pod on `host` runs; its container's launch resolved
+/// from the pod (environment, mounts, user).
+async fn run_daemonset_pod(
+    env: &Env,
+    admin: &kube::Client,
+    ds: &DaemonSet,
+    host: &NodeHost,
+) -> Result<(Pod, Launch)> {
+    let pod = pod_launch::daemonset_pod(admin, ds, &host.name).await?;
+    let pod = host.run_pod(admin, &pod).await?;
+    let container = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers[0].name.clone())
+        .context("the pod's container")?;
+    let launch = pod_launch::resolve(
+        admin,
+        env.cp(),
+        &pod,
+        &container,
+        host,
+        &ImageConfig::shipped()?,
+    )
+    .await?;
+    Ok((pod, launch))
 }
 
 /// One peer pod: its pod object, sandbox id and VM.

@@ -246,11 +246,6 @@ impl TestNode {
         std::fs::write(&path, content).with_context(|| format!("writing {node_path} on the node"))
     }
 
-    /// The node's containerd socket (host path).
-    pub fn containerd_socket(&self) -> PathBuf {
-        self.dir.join("run/containerd/containerd.sock")
-    }
-
     /// The node's logs directory (one file per daemon).
     pub fn logs(&self) -> PathBuf {
         self.dir.join("logs")

@@ -251,8 +251,6 @@ pub struct Launch {
     pub user: (u32, u32),
     /// The pod runs in the host's network namespace.
     pub host_network: bool,
-    /// Privileged.
-    pub privileged: bool,
 }
 
 impl Launch {
@@ -588,7 +586,6 @@ pub async fn resolve(
         mounts,
         user: (uid, gid),
         host_network,
-        privileged: sc.privileged.unwrap_or(false),
     })
 }
 
@@ -769,8 +766,6 @@ fn tool(name: &str) -> Result<String> {
 pub struct Container {
     /// The process (the launcher execs into the container's entrypoint).
     pub process: Process,
-    /// Its root directory (a tmpfs in its own mount namespace; empty from the host).
-    pub root: PathBuf,
 }
 
 impl Container {
@@ -781,6 +776,18 @@ impl Container {
         launch: &Launch,
         binary: &Path,
         extra: &[(&str, String)],
+    ) -> Result<Self> {
+        Self::start_in(name, launch, binary, extra, None)
+    }
+
+    /// [`Container::start`] in the network namespace at `netns` (a `hostNetwork` pod on a
+    /// node whose network is a namespace: the node's).
+    pub fn start_in(
+        name: &str,
+        launch: &Launch,
+        binary: &Path,
+        extra: &[(&str, String)],
+        netns: Option<&Path>,
     ) -> Result<Self> {
         let root = run_dir().join(format!("{name}.root"));
         std::fs::create_dir_all(&root)?;
@@ -873,19 +880,24 @@ impl Container {
         ));
         let script = root.with_extension("sh");
         std::fs::write(&script, &s)?;
-        let process = Process::start(
-            name,
-            Path::new(&tool("unshare")?),
-            &[
-                "--mount".into(),
-                "--propagation".into(),
-                "slave".into(),
-                "--".into(),
-                tool("sh")?,
-                script.display().to_string(),
-            ],
-            &[],
-        )?;
-        Ok(Self { process, root })
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = netns {
+            argv.extend([format!("--net={}", ns.display()), tool("unshare")?]);
+        }
+        argv.extend([
+            "--mount".into(),
+            "--propagation".into(),
+            "slave".into(),
+            "--".into(),
+            tool("sh")?,
+            script.display().to_string(),
+        ]);
+        let launcher = if netns.is_some() {
+            "nsenter"
+        } else {
+            "unshare"
+        };
+        let process = Process::start(name, Path::new(&tool(launcher)?), &argv, &[])?;
+        Ok(Self { process })
     }
 }

@@ -315,6 +315,8 @@ async fn gallery_version(_env: Env) -> Result<()> {
         .await?;
     out.ok()?;
     // A definition without the CVM feature is refused for --confidential.
+    fx.handle
+        .seed_gallery_image(SUB, "rg", "eastus", "podvm-plain", None);
     let out = fx
         .publish(&[
             "--vhd",
@@ -324,7 +326,7 @@ async fn gallery_version(_env: Env) -> Result<()> {
             "--gallery",
             "g",
             "--gallery-image-definition",
-            "podvm",
+            "podvm-plain",
             "--gallery-image-version",
             "2.0.0",
             "--confidential",
@@ -335,6 +337,34 @@ async fn gallery_version(_env: Env) -> Result<()> {
         out.stderr.contains("ConfidentialVMSupported"),
         "{}",
         out.stderr
+    );
+    // Without --confidential the definition declares what CAA asks of plain VMs: Trusted
+    // Launch when secure boot is on, nothing otherwise.
+    let out = fx
+        .publish(&[
+            "--vhd",
+            vhd.to_str().unwrap(),
+            "--storage-account",
+            "acctgallery",
+            "--gallery",
+            "sbxgallery",
+            "--gallery-image-definition",
+            "podvm-plain",
+            "--gallery-image-version",
+            "1.0.0",
+        ])
+        .await?;
+    out.ok()?;
+    let id = out.stdout.trim().to_string();
+    let def = fx
+        .arm_get(&format!(
+            "{}?api-version=2024-03-03",
+            id.split("/versions/").next().unwrap()
+        ))
+        .await?;
+    ensure!(
+        def["properties"]["features"][0]["value"] == "TrustedLaunchSupported",
+        "{def}"
     );
     fx.ensure_arm_calls_granted()?;
     Ok(())

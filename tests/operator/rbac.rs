@@ -21,11 +21,12 @@ use crate::harness::{self, Case, Env};
 const EXPECTED: &str = "tests/fixtures/rbac/effective-permissions.txt";
 
 /// The components and their ServiceAccounts.
-const ACCOUNTS: [&str; 4] = [
+const ACCOUNTS: [&str; 5] = [
     "sandboxd-operator",
     "sandboxd-node-installer",
     "sandboxd-podvm-image",
     "sandboxd-caa",
+    "sandboxd-caa-relay",
 ];
 
 pub fn cases() -> Vec<Case> {

@@ -419,6 +419,12 @@ async fn scc_admission(env: Env) -> Result<()> {
         sandboxd::operator::peerpods::caa::Cluster { host_ips: true },
         &Default::default(),
     );
+    let relay = sandboxd::operator::peerpods::caa::relay_daemonset(
+        &env.ns,
+        "sandboxd:test",
+        &ppc.node_selector,
+        OwnerReference::default(),
+    );
     let pods: Vec<(&str, Value, &str)> = vec![
         (
             "operator Deployment",
@@ -453,6 +459,11 @@ async fn scc_admission(env: Env) -> Result<()> {
         (
             "CAA DaemonSet",
             pod_spec(caa.spec.as_ref().and_then(|s| s.template.spec.as_ref()))?,
+            "privileged",
+        ),
+        (
+            "node agent relay DaemonSet",
+            pod_spec(relay.spec.as_ref().and_then(|s| s.template.spec.as_ref()))?,
             "privileged",
         ),
     ];

@@ -32,6 +32,9 @@ pub struct Fixture {
     nodes: Vec<String>,
     token: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), sandboxd::operator::Error>>,
+    /// How the operator runs (kept for [`Fixture::upgrade_operator`]).
+    client: Client,
+    opts: Options,
 }
 
 fn crd_path(file: &str) -> std::path::PathBuf {
@@ -94,12 +97,14 @@ impl Fixture {
             azure: sandboxd::cloud::azure::EndpointArgs::development("http://127.0.0.1:9/"),
         };
         let handle = tokio::spawn(sandboxd::operator::run_operator(
-            client,
-            opts,
+            client.clone(),
+            opts.clone(),
             Arc::new(OperatorMetrics::default()),
             token.clone(),
         ));
         Ok(Self {
+            client,
+            opts,
             admin,
             ns: env.ns.clone(),
             select_key: format!("sandboxd.test/peerpods-{suffix}"),
@@ -239,6 +244,21 @@ impl Fixture {
             },
         )
         .await
+    }
+
+    /// An upgrade: the operator stops and a new one deploying `image` takes over.
+    pub async fn upgrade_operator(&mut self, image: &str) -> Result<()> {
+        self.token.cancel();
+        let _ = (&mut self.handle).await;
+        self.opts.image = image.into();
+        self.token = CancellationToken::new();
+        self.handle = tokio::spawn(sandboxd::operator::run_operator(
+            self.client.clone(),
+            self.opts.clone(),
+            Arc::new(OperatorMetrics::default()),
+            self.token.clone(),
+        ));
+        Ok(())
     }
 
     /// Stops the operator, deletes this test's nodes and pods, and the KataConfig.

@@ -17,6 +17,8 @@ use azure_core::{
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use serde_json::Value;
 
+use super::http::HttpSettings;
+use super::identity::Credential;
 use super::policy::{ArmPolicy, Counters, Manners, retry_after};
 use super::{AzureCredentials, Endpoints};
 use crate::cloud::Error;
@@ -108,20 +110,6 @@ impl ArmError {
             _ => None,
         }
     }
-
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ArmError::Status { status: 404, .. } => "not_found",
-            ArmError::Status { status: 429, .. } => "throttled",
-            ArmError::Status { .. } => "status",
-            ArmError::Operation { .. } => "operation",
-            ArmError::Timeout { .. } => "timeout",
-            ArmError::Credential(_) => "credential",
-            ArmError::Transport(_) => "transport",
-            ArmError::Unexpected(_) => "unexpected",
-        }
-    }
 }
 
 /// What CAA and the collector make of an ARM failure: the same sentences as for the
@@ -175,52 +163,6 @@ pub fn is_quota_code(code: &str, message: &str) -> bool {
     ) || (code == "OperationNotAllowed" && message.to_ascii_lowercase().contains("quota"))
 }
 
-/// The token credential `credentials` describe, asking `endpoints.authority` for tokens.
-fn credential(
-    credentials: &AzureCredentials,
-    endpoints: &Endpoints,
-) -> Result<Arc<dyn TokenCredential>, ArmError> {
-    let http = azure_core::new_http_client();
-    let credential: Arc<dyn TokenCredential> = match credentials {
-        AzureCredentials::ClientSecret {
-            tenant_id,
-            client_id,
-            client_secret,
-        } => Arc::new(azure_identity::ClientSecretCredential::new(
-            http.clone(),
-            endpoints.authority().clone(),
-            tenant_id.clone(),
-            client_id.clone(),
-            client_secret.expose().to_string(),
-        )),
-        AzureCredentials::WorkloadIdentity {
-            tenant_id,
-            client_id,
-            token_file,
-        } => {
-            let token = std::fs::read_to_string(token_file).map_err(|e| {
-                ArmError::Credential(format!(
-                    "reading AZURE_FEDERATED_TOKEN_FILE {}: {e}",
-                    token_file.display()
-                ))
-            })?;
-            Arc::new(azure_identity::WorkloadIdentityCredential::new(
-                http.clone(),
-                endpoints.authority().clone(),
-                tenant_id.clone(),
-                client_id.clone(),
-                token.trim().to_string(),
-            ))
-        }
-        AzureCredentials::ManagedIdentity { .. } => Arc::new(
-            azure_identity::VirtualMachineManagedIdentityCredential::new(
-                azure_identity::TokenCredentialOptions::default(),
-            ),
-        ),
-    };
-    Ok(credential)
-}
-
 /// One ARM answer.
 #[derive(Debug)]
 pub struct Answer {
@@ -244,6 +186,8 @@ pub struct Arm {
     scope: String,
     policy: Arc<ArmPolicy>,
     polling: Polling,
+    /// The HTTP client, for URLs that carry their own authorisation (SAS).
+    http: Arc<dyn azure_core::HttpClient>,
 }
 
 impl Arm {
@@ -254,9 +198,30 @@ impl Arm {
         endpoints: &Endpoints,
         manners: Manners,
     ) -> Result<Self, ArmError> {
-        let credential = credential(credentials, endpoints)?;
+        Self::with_http(credentials, endpoints, manners, &HttpSettings::from_env())
+    }
+
+    /// [`Arm::new`] sending through `http` (proxy, CA bundles) instead of the process's.
+    pub fn with_http(
+        credentials: &AzureCredentials,
+        endpoints: &Endpoints,
+        manners: Manners,
+        http: &HttpSettings,
+    ) -> Result<Self, ArmError> {
         let policy = Arc::new(ArmPolicy::new(manners));
-        let mut options = ClientOptions::default().retry(RetryOptions::none());
+        let client = http.client().map_err(ArmError::Unexpected)?;
+        let credential: Arc<dyn TokenCredential> = Arc::new(
+            Credential::new(
+                credentials,
+                endpoints,
+                policy.clone(),
+                client.clone(),
+                http.imds_client().map_err(ArmError::Unexpected)?,
+            )
+            .map_err(ArmError::Credential)?,
+        );
+        let mut options = ClientOptions::new(azure_core::TransportOptions::new(client.clone()))
+            .retry(RetryOptions::none());
         options
             .per_retry_policies_mut()
             .push(policy.clone() as Arc<dyn azure_core::Policy>);
@@ -276,6 +241,7 @@ impl Arm {
             credential,
             policy,
             polling: Polling::default(),
+            http: client,
         })
     }
 
@@ -322,10 +288,15 @@ impl Arm {
             .get_token(&[self.scope.as_str()])
             .await
             .map_err(|e| {
-                ArmError::Credential(format!(
+                let text = format!(
                     "getting an Azure access token failed: {}",
                     super::sentence(&e)
-                ))
+                );
+                // The identity endpoint did not answer, or gave up answering 5xx: may pass.
+                match e.kind() {
+                    azure_core::error::ErrorKind::Io => ArmError::Transport(text),
+                    _ => ArmError::Credential(text),
+                }
             })?;
         let mut req = Request::new(url.clone(), method);
         req.insert_header(
@@ -524,8 +495,58 @@ impl Arm {
         Ok(())
     }
 
+    /// The serial console log of VM `vm_id` from its boot diagnostics: ARM's
+    /// `retrieveBootDiagnosticsData` gives a short-lived SAS URI, read without the token.
+    pub async fn serial_log(&self, vm_id: &str) -> Result<String, ArmError> {
+        let uris = self
+            .send(
+                Method::Post,
+                &format!(
+                    "{vm_id}/retrieveBootDiagnosticsData?api-version=2024-07-01&sasUriExpirationTimeInMinutes=5"
+                ),
+                Some(&Value::Null),
+            )
+            .await?
+            .body;
+        let Some(uri) = uris["serialConsoleLogBlobUri"].as_str() else {
+            return Err(ArmError::Unexpected(format!(
+                "{vm_id}: boot diagnostics gave no serial log URI"
+            )));
+        };
+        let url = Url::parse(uri)
+            .map_err(|e| ArmError::Unexpected(format!("bad serial log URI: {e}")))?;
+        let what = format!("GET {}", url.path());
+        let resp = self
+            .http
+            .execute_request(&Request::new(url, Method::Get))
+            .await
+            .map_err(|e| ArmError::Transport(format!("{what}: {}", super::sentence(&e))))?;
+        let (status, _, body) = resp.deconstruct();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ArmError::Transport(format!("{what}: {}", super::sentence(&e))))?;
+        if !status.is_success() {
+            return Err(ArmError::Unexpected(format!(
+                "{what}: the serial log blob answered {}",
+                u16::from(status)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// The private IP of the NIC `nic_id` (its primary IP configuration).
     pub async fn nic_private_ip(&self, nic_id: &str) -> Result<Option<IpAddr>, ArmError> {
+        Ok(self.nic_addresses(nic_id, false).await?.0)
+    }
+
+    /// The private IP of the NIC `nic_id` (its primary IP configuration) and, with
+    /// `public`, the address of the public IP attached to it (one more read).
+    pub async fn nic_addresses(
+        &self,
+        nic_id: &str,
+        public: bool,
+    ) -> Result<(Option<IpAddr>, Option<IpAddr>), ArmError> {
         let nic = self
             .send(
                 Method::Get,
@@ -538,12 +559,25 @@ impl Arm {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let ip = cfgs
+        let primary = cfgs
             .iter()
             .find(|c| c["properties"]["primary"].as_bool() == Some(true))
-            .or(cfgs.first())
+            .or(cfgs.first());
+        let private = primary
             .and_then(|c| c["properties"]["privateIPAddress"].as_str())
             .and_then(|s| s.parse().ok());
-        Ok(ip)
+        let pip = primary.and_then(|c| c["properties"]["publicIPAddress"]["id"].as_str());
+        let public_ip = match pip {
+            Some(id) if public => self
+                .get(&format!("{id}?api-version=2020-11-01"))
+                .await?
+                .and_then(|p| {
+                    p["properties"]["ipAddress"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                }),
+            _ => None,
+        };
+        Ok((private, public_ip))
     }
 }

@@ -152,6 +152,18 @@ impl Endpoints {
         self.development
     }
 
+    /// The managed identity token endpoint: the VM's IMDS; with development endpoints,
+    /// the same path on the development ARM endpoint (the ARM test server serves it).
+    pub fn imds_token_url(&self) -> Url {
+        if self.development {
+            self.arm
+                .join(super::identity::IMDS_TOKEN_PATH)
+                .expect("a path joins any base")
+        } else {
+            Url::parse(super::identity::IMDS_TOKEN_URL).expect("static URL")
+        }
+    }
+
     /// The token scope of ARM calls: the cloud's ARM audience + `/.default`.
     pub fn arm_scope(&self) -> String {
         format!("{}/.default", self.cloud.arm_audience())

@@ -7,10 +7,13 @@
 pub mod arm;
 pub mod body;
 pub mod cloud;
+pub mod http;
 pub mod id;
+pub mod identity;
 pub mod permissions;
 pub mod policy;
 pub mod settings;
+pub mod skus;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,9 +25,12 @@ use futures::StreamExt;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
+pub use http::HttpSettings;
 pub use id::ResourceId;
 pub use policy::Manners;
-pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
+pub use settings::{
+    AzureConfig, AzureCredentials, OS_DISK_CACHING, OS_DISK_TYPES, TAG_NAME_FORBIDDEN,
+};
 
 /// The Azure provider.
 pub struct AzureProvider {
@@ -37,7 +43,18 @@ pub struct AzureProvider {
     create_times: Learned,
     /// How long recent deletes took.
     delete_times: Learned,
+    /// The SSH key of VMs when CAA was given none ([`body::throwaway_ssh_key`]).
+    fallback_ssh_key: String,
+    /// The zones each allowed size may be created in (from [`Provider::sizes`]).
+    zones: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Creates so far, to spread VMs over the zones.
+    creates: std::sync::atomic::AtomicUsize,
+    /// What each image used so far declares (image definitions' features cannot change).
+    image_security: std::sync::Mutex<std::collections::HashMap<String, body::ImageSecurity>>,
 }
+
+/// The gallery API version of the image definition read.
+const GALLERY_API: &str = "2023-07-03";
 
 /// The durations of the last few operations of one kind. Polling an operation before it
 /// can have finished only spends the subscription's read budget (about 1 read per VM per
@@ -113,7 +130,17 @@ pub(crate) fn sentence(e: &azure_core::Error) -> String {
         }
         source = s.source();
     }
-    e.to_string()
+    // A transport failure: its causes say what happened (refused, TLS, timeout).
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Maps an `azure_core` error to the typed cloud error.
@@ -152,7 +179,29 @@ impl AzureProvider {
         manners: Manners,
         polling: Polling,
     ) -> Result<Self, Error> {
-        let arm = Arm::new(credentials, &endpoints, manners)?.with_polling(polling.clone());
+        Self::with_http(
+            subscription,
+            credentials,
+            config,
+            endpoints,
+            manners,
+            polling,
+            &HttpSettings::from_env(),
+        )
+    }
+
+    /// [`AzureProvider::new`] sending through `http` instead of the process's settings.
+    pub fn with_http(
+        subscription: &str,
+        credentials: &AzureCredentials,
+        config: AzureConfig,
+        endpoints: Endpoints,
+        manners: Manners,
+        polling: Polling,
+        http: &HttpSettings,
+    ) -> Result<Self, Error> {
+        let arm =
+            Arm::with_http(credentials, &endpoints, manners, http)?.with_polling(polling.clone());
         Ok(Self {
             client: arm.compute(),
             arm,
@@ -161,6 +210,10 @@ impl AzureProvider {
             polling,
             create_times: Learned::default(),
             delete_times: Learned::default(),
+            fallback_ssh_key: body::throwaway_ssh_key(),
+            image_security: Default::default(),
+            zones: Default::default(),
+            creates: Default::default(),
         })
     }
 
@@ -169,26 +222,107 @@ impl AzureProvider {
         self.arm.counters()
     }
 
+    /// The serial console log of VM `name` (boot diagnostics).
+    pub async fn serial_log(&self, name: &str) -> Result<String, Error> {
+        let id = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
+            self.subscription, self.config.resource_group
+        );
+        Ok(self.arm.serial_log(&id).await?)
+    }
+
     /// The settings this provider creates VMs with.
     pub fn config(&self) -> &AzureConfig {
         &self.config
+    }
+
+    /// The zone of the next VM of `size`: the configured zones it may use, in turn (one
+    /// zone: pinned); none without `AZURE_ZONES`.
+    fn zone_for(&self, size: &str) -> Option<String> {
+        if self.config.zones.is_empty() {
+            return None;
+        }
+        let zones = self
+            .zones
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&size.to_ascii_lowercase())
+            .cloned()
+            .filter(|z| !z.is_empty())
+            .unwrap_or_else(|| self.config.zones.clone());
+        let n = self
+            .creates
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(zones[n % zones.len()].clone())
+    }
+
+    /// What the image of a plain VM declares (one read of its gallery image definition per
+    /// image): a plain VM gets Trusted Launch only when its image declares it.
+    async fn image_security(&self, image_id: &str) -> Result<body::ImageSecurity, Error> {
+        if !self.config.disable_cvm {
+            return Ok(body::ImageSecurity::default());
+        }
+        let known = self
+            .image_security
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(image_id)
+            .copied();
+        if let Some(s) = known {
+            return Ok(s);
+        }
+        let security = match body::gallery_definition(image_id) {
+            Some(def) => match self
+                .arm
+                .get(&format!("{def}?api-version={GALLERY_API}"))
+                .await?
+            {
+                Some(d) => body::ImageSecurity::of_definition(&d),
+                None => body::ImageSecurity::default(),
+            },
+            None => body::ImageSecurity::default(),
+        };
+        if self.config.secure_boot && !security.allows_trusted_launch() {
+            tracing::warn!(
+                image = image_id,
+                "ENABLE_SECURE_BOOT is set but the image does not declare Trusted Launch (SecurityType TrustedLaunchSupported): its VMs are created without a security profile"
+            );
+        }
+        self.image_security
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image_id.to_string(), security);
+        Ok(security)
     }
 
     /// `v` with the private IP of its NIC once it is provisioned (one more read).
     async fn vm_of(&self, v: compute::models::VirtualMachine) -> Result<Vm, Error> {
         let mut vm = vm_without_ip(&v);
         if vm.state == VmState::Succeeded
-            && let Some(nic) = v
-                .properties
-                .as_ref()
-                .and_then(|p| p.network_profile.as_ref())
-                .and_then(|n| n.network_interfaces.first())
-                .and_then(|n| n.sub_resource.id.clone())
+            && let Some(nic) = primary_nic(&v)
         {
-            vm.private_ip = self.arm.nic_private_ip(&nic).await?;
+            (vm.private_ip, vm.public_ip) = self
+                .arm
+                .nic_addresses(&nic, self.config.use_public_ip)
+                .await?;
         }
         Ok(vm)
     }
+}
+
+/// The id of a VM's primary NIC, from its `networkProfile.networkInterfaces` (ARM does not
+/// promise the name of a NIC it creates from a NIC configuration).
+fn primary_nic(v: &compute::models::VirtualMachine) -> Option<String> {
+    let nics = &v
+        .properties
+        .as_ref()?
+        .network_profile
+        .as_ref()?
+        .network_interfaces;
+    nics.iter()
+        .find(|n| n.properties.as_ref().and_then(|p| p.primary) == Some(true))
+        .or(nics.first())
+        .and_then(|n| n.sub_resource.id.clone())
 }
 
 /// A VM as ARM describes it, without its private IP (its NIC's, another read).
@@ -209,6 +343,7 @@ fn vm_without_ip(v: &compute::models::VirtualMachine) -> Vm {
         id: v.resource.id.clone().unwrap_or_default(),
         state,
         private_ip: None,
+        public_ip: None,
         tags: tags_of(v),
     }
 }
@@ -238,44 +373,58 @@ impl Provider for AzureProvider {
     }
 
     async fn sizes(&self, names: &[String]) -> Result<Vec<VmSize>, Error> {
-        let offered = self
-            .client
-            .virtual_machine_sizes_client()
-            .list(&self.config.region, &self.subscription)
-            .send()
-            .await
-            .map_err(map_error)?
-            .into_body()
-            .await
-            .map_err(map_error)?
-            .value;
+        let region = &self.config.region;
+        let path = format!(
+            "/subscriptions/{}/providers/Microsoft.Compute/skus?api-version={}&$filter={}",
+            self.subscription,
+            skus::SKUS_API,
+            url::form_urlencoded::byte_serialize(format!("location eq '{region}'").as_bytes())
+                .collect::<String>()
+        );
+        let offered: Vec<skus::Sku> = self
+            .arm
+            .list(&path)
+            .await?
+            .iter()
+            .filter_map(|v| skus::parse(v, region))
+            .collect();
         let mut out = Vec::new();
-        let mut missing = Vec::new();
+        let mut refused = Vec::new();
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
         for n in names {
-            match offered
-                .iter()
-                .find(|s| s.name.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(n)))
-            {
-                Some(s) => out.push(VmSize {
-                    name: n.clone(),
-                    vcpus: s.number_of_cores.unwrap_or(0).max(0) as u32,
-                    memory_mib: s.memory_in_mb.unwrap_or(0).max(0) as u64,
-                }),
-                None => missing.push(n.clone()),
+            let Some(sku) = offered.iter().find(|s| s.name.eq_ignore_ascii_case(n)) else {
+                refused.push(format!("size {n} is not offered in region {region}"));
+                continue;
+            };
+            match sku.usable_zones(region, &self.config.zones, &self.config.os_disk_type) {
+                Ok(z) => {
+                    zones.insert(n.to_ascii_lowercase(), z);
+                    out.push(VmSize {
+                        name: n.clone(),
+                        vcpus: sku.vcpus,
+                        memory_mib: sku.memory_mib,
+                        gpus: sku.gpus,
+                    });
+                }
+                Err(e) => refused.push(e),
             }
         }
-        if !missing.is_empty() {
+        if !refused.is_empty() {
             return Err(Error::Permanent(format!(
-                "instance sizes {} are not offered in region {}",
-                missing.join(", "),
-                self.config.region
+                "AZURE_INSTANCE_SIZES cannot be used: {}",
+                refused.join("; ")
             )));
         }
         Ok(out)
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
-        let model = body::vm_model(spec, &self.config);
+        body::check_user_data(spec).map_err(Error::Permanent)?;
+        let image_security = self.image_security(&spec.image_id).await?;
+        let mut model = body::vm_model(spec, &self.config, &self.fallback_ssh_key, image_security);
+        if let Some(zone) = self.zone_for(&spec.size) {
+            model.zones = vec![zone];
+        }
         let resp = self
             .client
             .virtual_machines_client()
@@ -330,15 +479,32 @@ impl Provider for AzureProvider {
                 }
             }
         }
-        // The operation succeeded, so the VM is provisioned; its NIC carries the name the
-        // create gave it, so its IP is one read away (no GET of the VM first).
-        let nic = format!(
-            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{}",
-            self.subscription,
-            self.config.resource_group,
-            body::nic_name(&spec.name)
-        );
-        let private_ip = self.arm.nic_private_ip(&nic).await?;
+        // The operation succeeded, so the VM is provisioned. Its NIC is named by ARM: the
+        // create's answer names it; an answer that did not costs one read of the VM.
+        let nic = match primary_nic(&vm) {
+            Some(nic) => nic,
+            None => {
+                let v = self
+                    .client
+                    .virtual_machines_client()
+                    .get(&self.config.resource_group, &spec.name, &self.subscription)
+                    .await
+                    .map_err(map_error)?;
+                primary_nic(&v).ok_or_else(|| {
+                    Error::Transient(format!("VM {} has no network interface yet", spec.name))
+                })?
+            }
+        };
+        let (private_ip, public_ip) = self
+            .arm
+            .nic_addresses(&nic, self.config.use_public_ip)
+            .await?;
+        if self.config.use_public_ip && public_ip.is_none() {
+            return Err(Error::Transient(format!(
+                "VM {} has no public IP address yet",
+                spec.name
+            )));
+        }
         let Some(private_ip) = private_ip else {
             return Err(Error::Transient(format!(
                 "VM {} has no private IP yet",
@@ -356,6 +522,7 @@ impl Provider for AzureProvider {
             }),
             state: VmState::Succeeded,
             private_ip: Some(private_ip),
+            public_ip,
             tags,
         })
     }

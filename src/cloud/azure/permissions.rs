@@ -39,9 +39,14 @@ pub const PERMISSIONS: &[Permission] = &[
         role: VMC,
     },
     Permission {
-        action: "Microsoft.Compute/locations/vmSizes/read",
-        used_by: "CAA at start, ctl: the region's VM sizes",
+        action: "Microsoft.Compute/virtualMachines/retrieveBootDiagnosticsData/action",
+        used_by: "ctl vm console: the serial log of a pod VM (boot diagnostics)",
         role: VMC,
+    },
+    Permission {
+        action: "Microsoft.Compute/skus/read",
+        used_by: "CAA at start, ctl azure configmap: the allowed sizes' vCPUs, memory, GPUs, zones and restrictions (Resource SKUs)",
+        role: READER,
     },
     Permission {
         action: "Microsoft.Compute/locations/operations/read",
@@ -62,6 +67,26 @@ pub const PERMISSIONS: &[Permission] = &[
         action: "Microsoft.Compute/disks/delete",
         used_by: "CAA: the OS disk deleted with the VM",
         role: VMC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/read",
+        used_by: "CAA with USE_PUBLIC_IP: the pod VM's public address",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/write",
+        used_by: "CAA with USE_PUBLIC_IP: the public IP created with the VM",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/join/action",
+        used_by: "CAA with USE_PUBLIC_IP: attach the public IP to the VM's NIC",
+        role: NC,
+    },
+    Permission {
+        action: "Microsoft.Network/publicIPAddresses/delete",
+        used_by: "CAA with USE_PUBLIC_IP: the public IP goes with the VM",
+        role: NC,
     },
     Permission {
         action: "Microsoft.Network/networkInterfaces/read",

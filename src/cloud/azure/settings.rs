@@ -36,7 +36,30 @@ pub struct AzureConfig {
     pub root_volume_gb: Option<u32>,
     /// `USE_PUBLIC_IP`.
     pub use_public_ip: bool,
+    /// `AZURE_OS_DISK_TYPE`: the OS disk's storage account type ([`OS_DISK_TYPES`]).
+    pub os_disk_type: String,
+    /// `AZURE_OS_DISK_CACHING`: `None`, `ReadOnly` or `ReadWrite`.
+    pub os_disk_caching: String,
+    /// `AZURE_ZONES`: availability zones pod VMs are spread over (one: pinned); empty:
+    /// regional VMs, no zone.
+    pub zones: Vec<String>,
+    /// `AZURE_IMAGE_IDS`: images a pod may ask for with the
+    /// `io.katacontainers.config.hypervisor.image` annotation (besides `AZURE_IMAGE_ID`).
+    pub image_ids: Vec<String>,
 }
+
+/// The OS disk storage types a pod VM may use; the first is the default (Standard disks
+/// made pod VMs boot in 1 to 4 minutes, Premium in under one).
+pub const OS_DISK_TYPES: &[&str] = &[
+    "Premium_LRS",
+    "Premium_ZRS",
+    "StandardSSD_LRS",
+    "StandardSSD_ZRS",
+    "Standard_LRS",
+];
+
+/// OS disk host caching modes; the first is the default.
+pub const OS_DISK_CACHING: &[&str] = &["ReadWrite", "ReadOnly", "None"];
 
 /// How sandboxd authenticates to Azure.
 #[derive(Clone, Debug, PartialEq, Eq)]

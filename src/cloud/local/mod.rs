@@ -149,6 +149,7 @@ impl LocalProvider {
                 VmState::Failed
             },
             private_ip: Some(IpAddr::V4(v.ip)),
+            public_ip: None,
             tags: v.tags.clone(),
         }
     }
@@ -344,6 +345,7 @@ impl Provider for LocalProvider {
                 name: n.clone(),
                 vcpus: 1,
                 memory_mib: 1024,
+                gpus: 0,
             })
             .collect())
     }

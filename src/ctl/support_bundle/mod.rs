@@ -14,9 +14,9 @@
 //! `support-bundle` writes one `.tar.gz`; `must-gather` writes the same tree into a
 //! directory (`/must-gather`, which `oc adm must-gather` copies off its pod).
 
-pub mod archive;
+pub(crate) mod archive;
 pub mod pod;
-pub mod redact;
+pub(crate) mod redact;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ use super::doctor;
 
 /// Bounds and selections shared by `support-bundle` and `must-gather`.
 #[derive(Debug, clap::Args)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Stop collecting after this long (e.g. 90s, 5m); what was collected is written and
     /// the rest is listed in the manifest as skipped.
     #[arg(long, default_value = "5m", value_parser = parse_timeout)]
@@ -65,7 +65,7 @@ pub struct Limits {
 
 /// Flags of `ctl support-bundle`.
 #[derive(Debug, clap::Args)]
-pub struct BundleArgs {
+pub(crate) struct BundleArgs {
     /// The archive to write (default: `sandboxd-support-<UTC time>.tar.gz` in the current
     /// directory).
     #[arg(long, short = 'f')]
@@ -77,7 +77,7 @@ pub struct BundleArgs {
 
 /// Flags of `ctl must-gather` (also what the binary runs when invoked as `gather`).
 #[derive(Debug, clap::Args)]
-pub struct MustGatherArgs {
+pub(crate) struct MustGatherArgs {
     /// The directory `oc adm must-gather` copies off the pod (must-gather scripts' own
     /// `BASE_COLLECTION_PATH` moves it too).
     #[arg(long, env = "BASE_COLLECTION_PATH", default_value = "/must-gather")]
@@ -114,7 +114,7 @@ impl Limits {
 
 /// One thing the bundle could not collect.
 #[derive(Debug, Serialize)]
-pub struct Missing {
+pub(crate) struct Missing {
     /// What was asked for.
     pub what: String,
     /// The HTTP status, when the API server answered.
@@ -126,7 +126,7 @@ pub struct Missing {
 
 /// One collected file.
 #[derive(Debug, Serialize)]
-pub struct Collected {
+pub(crate) struct Collected {
     /// Path inside the bundle.
     pub path: String,
     /// Size in bytes.
@@ -135,7 +135,7 @@ pub struct Collected {
 
 /// `manifest.json`: what the bundle holds and what it does not.
 #[derive(Debug, Default, Serialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// The tool and its version.
     pub tool: String,
     /// The operator namespace.
@@ -340,7 +340,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DOCTOR_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Collects a bundle into `sink`. Progress goes to stderr.
-pub struct Collector<'a> {
+pub(crate) struct Collector<'a> {
     client: Client,
     ns: String,
     sink: &'a mut dyn Sink,
@@ -360,7 +360,12 @@ enum Failure {
 
 impl<'a> Collector<'a> {
     /// A collector for the cluster of `client`, the operator namespace `ns`.
-    pub fn new(client: Client, ns: &str, sink: &'a mut dyn Sink, limits: &'a Limits) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        ns: &str,
+        sink: &'a mut dyn Sink,
+        limits: &'a Limits,
+    ) -> Self {
         let now = time::OffsetDateTime::now_utc();
         Self {
             client,
@@ -547,7 +552,7 @@ impl<'a> Collector<'a> {
     }
 
     /// Collects everything and writes the manifest; returns it.
-    pub async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
+    pub(crate) async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
         const STEPS: usize = 8;
         let ns = self.ns.clone();
 
@@ -912,7 +917,7 @@ fn summary(m: &Manifest, dest: &str) -> String {
 }
 
 /// `ctl support-bundle`.
-pub async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let now = time::OffsetDateTime::now_utc();
     let name = bundle_name(now);
@@ -990,7 +995,7 @@ async fn operator_namespace(client: &Client, ns: &str) -> String {
 }
 
 /// `ctl must-gather`: the bundle as files under `--dir`, with must-gather's `version` file.
-pub async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
+pub(crate) async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let ctx = &Ctx {
         namespace: operator_namespace(&client, &ctx.namespace).await,

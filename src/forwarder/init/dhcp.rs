@@ -1,22 +1,20 @@
 //! A minimal DHCPv4 client (RFC 2131/2132) for the VM's primary NIC: DISCOVER, OFFER,
 //! REQUEST, ACK over a UDP socket bound to the interface, with the broadcast flag set so the
 //! answers reach an interface that has no address yet.
-//!
-//! And the server side of one link ([`serve`]): what Azure's platform DHCP does for a VM's
-//! NIC, for the ARM test server's pod VMs under qemu (one tap link per VM).
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::Duration;
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
-const BOOTREQUEST: u8 = 1;
-const BOOTREPLY: u8 = 2;
+/// `op` of a client's message.
+pub(crate) const BOOTREQUEST: u8 = 1;
+/// `op` of a server's message.
+pub(crate) const BOOTREPLY: u8 = 2;
 const FLAG_BROADCAST: u16 = 0x8000;
 
 /// DHCP message types (option 53).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageType {
+pub(crate) enum MessageType {
     /// Client looks for servers.
     Discover = 1,
     /// Server offers an address.
@@ -47,7 +45,7 @@ impl MessageType {
 
 /// One DHCP message (the fields this client uses).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     /// BOOTREQUEST (1) or BOOTREPLY (2).
     pub op: u8,
     /// Transaction id.
@@ -64,7 +62,7 @@ pub struct Message {
 
 /// A lease: what the interface gets configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     /// The address.
     pub address: Ipv4Addr,
     /// Prefix length from the subnet mask.
@@ -85,7 +83,12 @@ pub struct Lease {
 
 impl Message {
     /// A client request of `kind` from `mac`.
-    pub fn request(kind: MessageType, xid: u32, mac: [u8; 6], extra: Vec<(u8, Vec<u8>)>) -> Self {
+    pub(crate) fn request(
+        kind: MessageType,
+        xid: u32,
+        mac: [u8; 6],
+        extra: Vec<(u8, Vec<u8>)>,
+    ) -> Self {
         let mut options = vec![(53, vec![kind as u8])];
         let mut client_id = vec![1u8];
         client_id.extend_from_slice(&mac);
@@ -104,7 +107,7 @@ impl Message {
     }
 
     /// The wire form (at least 300 bytes, as BOOTP relays expect).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; 236];
         b[0] = self.op;
         b[1] = 1; // Ethernet
@@ -127,7 +130,7 @@ impl Message {
     }
 
     /// Parses a message; `None` when it is not DHCP.
-    pub fn decode(b: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
         if b.len() < 240 || b[236..240] != MAGIC || b[1] != 1 || b[2] != 6 {
             return None;
         }
@@ -155,7 +158,7 @@ impl Message {
     }
 
     /// The value of option `code`.
-    pub fn option(&self, code: u8) -> Option<&[u8]> {
+    pub(crate) fn option(&self, code: u8) -> Option<&[u8]> {
         self.options
             .iter()
             .find(|(c, _)| *c == code)
@@ -163,7 +166,7 @@ impl Message {
     }
 
     /// The message type (option 53).
-    pub fn kind(&self) -> Option<MessageType> {
+    pub(crate) fn kind(&self) -> Option<MessageType> {
         MessageType::from_u8(*self.option(53)?.first()?)
     }
 
@@ -173,7 +176,7 @@ impl Message {
     }
 
     /// The lease an ACK grants.
-    pub fn lease(&self) -> Option<Lease> {
+    pub(crate) fn lease(&self) -> Option<Lease> {
         let mask = self.ip(1).map(u32::from).unwrap_or(0xffff_ff00);
         let dns = self
             .option(6)
@@ -201,149 +204,8 @@ impl Message {
     }
 }
 
-/// What a server grants the one client of its link (see [`serve`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
-    /// The client's address.
-    pub address: Ipv4Addr,
-    /// Its prefix length.
-    pub prefix: u8,
-    /// Its default gateway.
-    pub router: Option<Ipv4Addr>,
-    /// The server's own address (option 54).
-    pub server: Ipv4Addr,
-    /// Lease time in seconds.
-    pub lease_seconds: u32,
-}
-
-impl Message {
-    /// The server's answer of `kind` to `request`, granting `grant` (a NAK grants nothing).
-    pub fn reply(request: &Message, kind: MessageType, grant: &Grant) -> Self {
-        let mut options = vec![(53, vec![kind as u8]), (54, grant.server.octets().to_vec())];
-        if kind != MessageType::Nak {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(grant.prefix.min(32)))
-                .unwrap_or(0);
-            options.push((51, grant.lease_seconds.to_be_bytes().to_vec()));
-            options.push((1, mask.to_be_bytes().to_vec()));
-            if let Some(r) = grant.router {
-                options.push((3, r.octets().to_vec()));
-            }
-        }
-        Self {
-            op: BOOTREPLY,
-            xid: request.xid,
-            flags: request.flags,
-            yiaddr: if kind == MessageType::Nak {
-                Ipv4Addr::UNSPECIFIED
-            } else {
-                grant.address
-            },
-            chaddr: request.chaddr,
-            options,
-        }
-    }
-}
-
-/// A server's answer to `request` on a link whose one client gets `grant`: an OFFER to a
-/// DISCOVER, an ACK to a REQUEST for the granted address (a NAK to one for another), nothing
-/// to the rest (a REQUEST selecting another server included).
-pub fn answer(request: &Message, grant: &Grant) -> Option<Message> {
-    if request.op != BOOTREQUEST {
-        return None;
-    }
-    match request.kind()? {
-        MessageType::Discover => Some(Message::reply(request, MessageType::Offer, grant)),
-        MessageType::Request => {
-            if request
-                .option(54)
-                .is_some_and(|s| s != grant.server.octets())
-            {
-                return None;
-            }
-            let asked = request.ip(50);
-            let kind = if asked.is_none_or(|a| a == grant.address) {
-                MessageType::Ack
-            } else {
-                MessageType::Nak
-            };
-            Some(Message::reply(request, kind, grant))
-        }
-        _ => None,
-    }
-}
-
-/// A server socket (port 67, broadcast allowed) bound to `iface` in the network namespace
-/// `netns` (a `/proc/<pid>/ns/net` or a bind mount; `None`: the calling thread's).
-pub fn server_socket(iface: &str, netns: Option<&Path>) -> Result<std::net::UdpSocket, DhcpError> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
-    use std::os::fd::AsRawFd;
-    let err = |d: &dyn std::fmt::Display| DhcpError::Socket {
-        iface: iface.into(),
-        detail: d.to_string(),
-    };
-    let name = std::ffi::OsString::from(iface);
-    let netns = netns.map(Path::to_path_buf);
-    let open = move || -> Result<std::net::UdpSocket, String> {
-        if let Some(ns) = netns {
-            let f = std::fs::File::open(&ns).map_err(|e| format!("{}: {e}", ns.display()))?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("entering {}: {e}", ns.display()))?;
-        }
-        let fd = socket::socket(
-            AddressFamily::Inet,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-        // One server per link: sockets bound to different links share the port.
-        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
-        socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(|e| e.to_string())?;
-        socket::setsockopt(&fd, sockopt::BindToDevice, &name).map_err(|e| e.to_string())?;
-        socket::bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, 67))
-            .map_err(|e| e.to_string())?;
-        let s = std::net::UdpSocket::from(fd);
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        Ok(s)
-    };
-    // A thread of its own: entering a namespace changes the calling thread for good.
-    std::thread::spawn(open)
-        .join()
-        .map_err(|_| err(&"the socket thread panicked"))?
-        .map_err(|e| err(&e))
-}
-
-/// Serves `grant` on `sock` (see [`server_socket`]) until the client holds it: returns
-/// once an ACK is sent.
-pub async fn serve(sock: tokio::net::UdpSocket, grant: Grant) -> Result<(), DhcpError> {
-    let mut buf = vec![0u8; 1500];
-    loop {
-        let n = sock.recv(&mut buf).await.map_err(|e| DhcpError::Socket {
-            iface: "server".into(),
-            detail: e.to_string(),
-        })?;
-        let Some(req) = Message::decode(&buf[..n]) else {
-            continue;
-        };
-        let Some(reply) = answer(&req, &grant) else {
-            continue;
-        };
-        // The client has no address yet: the answer is broadcast on the link.
-        sock.send_to(&reply.encode(), (Ipv4Addr::BROADCAST, 68))
-            .await
-            .map_err(|e| DhcpError::Socket {
-                iface: "server".into(),
-                detail: e.to_string(),
-            })?;
-        if reply.kind() == Some(MessageType::Ack) {
-            return Ok(());
-        }
-    }
-}
-
 /// Decodes option 121 (RFC 3442): width, significant destination octets, gateway.
-pub fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
+pub(crate) fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -372,7 +234,7 @@ pub fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
 
 /// Errors of the DHCP exchange.
 #[derive(Debug, thiserror::Error)]
-pub enum DhcpError {
+pub(crate) enum DhcpError {
     /// The socket cannot be set up.
     #[error("DHCP socket on {iface}: {detail}")]
     Socket {
@@ -387,17 +249,6 @@ pub enum DhcpError {
     /// The server refused.
     #[error("DHCP server refused the request (NAK)")]
     Nak,
-}
-
-impl DhcpError {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            DhcpError::Socket { .. } => "dhcp_socket",
-            DhcpError::Timeout(_) => "dhcp_timeout",
-            DhcpError::Nak => "dhcp_nak",
-        }
-    }
 }
 
 fn socket(iface: &str) -> Result<tokio::net::UdpSocket, DhcpError> {
@@ -445,7 +296,11 @@ async fn exchange(
 }
 
 /// Obtains a lease on `iface` (which must be up), retrying until `total` passes.
-pub async fn acquire(iface: &str, mac: [u8; 6], total: Duration) -> Result<Lease, DhcpError> {
+pub(crate) async fn acquire(
+    iface: &str,
+    mac: [u8; 6],
+    total: Duration,
+) -> Result<Lease, DhcpError> {
     let sock = socket(iface)?;
     let deadline = tokio::time::Instant::now() + total;
     let mut wait = Duration::from_secs(1);
@@ -536,48 +391,6 @@ mod tests {
                 (Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 0, 2, 2)),
             ]
         );
-    }
-
-    #[test]
-    fn a_server_offers_and_acks_its_grant_and_naks_another_address() {
-        let grant = Grant {
-            address: Ipv4Addr::new(10, 251, 0, 2),
-            prefix: 30,
-            router: Some(Ipv4Addr::new(10, 251, 0, 1)),
-            server: Ipv4Addr::new(10, 251, 0, 1),
-            lease_seconds: 86400,
-        };
-        let discover = Message::request(MessageType::Discover, 9, MAC, vec![]);
-        let offer = answer(&discover, &grant).unwrap();
-        let back = Message::decode(&offer.encode()).unwrap();
-        assert_eq!(back.op, BOOTREPLY);
-        assert_eq!(back.kind(), Some(MessageType::Offer));
-        assert_eq!(back.xid, 9);
-        assert_eq!(back.chaddr, MAC);
-        let request = Message::request(
-            MessageType::Request,
-            9,
-            MAC,
-            vec![
-                (50, back.yiaddr.octets().to_vec()),
-                (54, back.option(54).unwrap().to_vec()),
-            ],
-        );
-        let lease = answer(&request, &grant).unwrap().lease().unwrap();
-        assert_eq!(lease.address, grant.address);
-        assert_eq!(lease.prefix, 30);
-        assert_eq!(lease.router, grant.router);
-        assert_eq!(lease.server, grant.server);
-        assert_eq!(lease.lease_seconds, 86400);
-        let other = Message::request(MessageType::Request, 9, MAC, vec![(50, vec![10, 0, 0, 9])]);
-        assert_eq!(
-            answer(&other, &grant).unwrap().kind(),
-            Some(MessageType::Nak)
-        );
-        let elsewhere =
-            Message::request(MessageType::Request, 9, MAC, vec![(54, vec![1, 2, 3, 4])]);
-        assert!(answer(&elsewhere, &grant).is_none());
-        assert!(answer(&offer, &grant).is_none());
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// WireServer's fixed address.
-pub const WIRESERVER: &str = "168.63.129.16:80";
+pub(crate) const WIRESERVER: &str = "168.63.129.16:80";
 const VERSION: &str = "2012-11-30";
 
 /// The goal-state fields a health report repeats.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GoalState {
+pub(crate) struct GoalState {
     /// `Incarnation`.
     pub incarnation: String,
     /// `Container/ContainerId`.
@@ -25,7 +25,7 @@ pub struct GoalState {
 
 /// Errors of the report.
 #[derive(Debug, thiserror::Error)]
-pub enum ReportError {
+pub(crate) enum ReportError {
     /// HTTP exchange failed.
     #[error("WireServer {step}: {detail}")]
     Http {
@@ -39,16 +39,6 @@ pub enum ReportError {
     GoalState(&'static str),
 }
 
-impl ReportError {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ReportError::Http { .. } => "wireserver_http",
-            ReportError::GoalState(_) => "wireserver_goalstate",
-        }
-    }
-}
-
 fn text_of<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let open = format!("<{tag}>");
     let start = xml.find(&open)? + open.len();
@@ -57,7 +47,7 @@ fn text_of<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// Parses the goal-state document.
-pub fn parse_goal_state(xml: &str) -> Result<GoalState, ReportError> {
+pub(crate) fn parse_goal_state(xml: &str) -> Result<GoalState, ReportError> {
     let container = text_of(xml, "Container").ok_or(ReportError::GoalState("Container"))?;
     let role = text_of(container, "RoleInstance").ok_or(ReportError::GoalState("RoleInstance"))?;
     Ok(GoalState {
@@ -80,7 +70,7 @@ fn escape(s: &str) -> String {
 }
 
 /// The health report saying `Ready` for a goal state.
-pub fn ready_report(g: &GoalState) -> String {
+pub(crate) fn ready_report(g: &GoalState) -> String {
     format!(
         concat!(
             "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n",
@@ -144,7 +134,7 @@ async fn http(
 }
 
 /// Reports Ready once: goal state, then health.
-pub async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
+pub(crate) async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
     let xml = http(addr, "goal state", "GET", "/machine/?comp=goalstate", None).await?;
     let g = parse_goal_state(&xml)?;
     http(
@@ -159,7 +149,7 @@ pub async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
 }
 
 /// Reports Ready, retrying until `total` passes.
-pub async fn report_ready(addr: &str, total: Duration) -> Result<GoalState, ReportError> {
+pub(crate) async fn report_ready(addr: &str, total: Duration) -> Result<GoalState, ReportError> {
     let deadline = tokio::time::Instant::now() + total;
     loop {
         match report_ready_once(addr).await {

@@ -38,7 +38,7 @@ pub struct Inputs {
 
 /// What [`stage`] wrote.
 #[derive(Clone, Debug)]
-pub struct Staged {
+pub(crate) struct Staged {
     /// The inputs at their new places.
     pub inputs: Inputs,
     /// The modules copied, in load order.
@@ -63,7 +63,7 @@ fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
 /// Copies the inputs into the layout under `out`: the kernel, systemd-boot, and of the module
 /// tree only `wanted` with their dependencies (what `sandboxd image build` puts in the
 /// initramfs) and `modules.builtin`.
-pub fn stage(
+pub(crate) fn stage(
     kernel: &Path,
     modules_dir: &Path,
     systemd_boot: &Path,
@@ -138,7 +138,7 @@ pub fn find(root: &Path) -> Option<Inputs> {
 
 /// The inputs to build from: each one given wins; the rest come from the layout under
 /// `root`. `None` when something is still missing.
-pub fn choose(
+pub(crate) fn choose(
     kernel: Option<&Path>,
     modules_dir: Option<&Path>,
     systemd_boot: Option<&Path>,
@@ -185,7 +185,7 @@ pub struct StageArgs {
 
 /// Lay out the inputs; prints a summary on stderr and the three paths on stdout
 /// (`KERNEL=`, `MODULES_DIR=`, `SYSTEMD_BOOT=`).
-pub async fn run(args: StageArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: StageArgs) -> anyhow::Result<()> {
     let staged = tokio::task::spawn_blocking(move || {
         stage(
             &args.kernel,

@@ -8,7 +8,7 @@
 //! The same inputs give the same bytes: timestamps are fixed, entries ordered, and GUIDs,
 //! volume ids and the VHD id derive from a digest of the inputs.
 
-pub mod cpio;
+pub(crate) mod cpio;
 pub mod fat;
 pub mod gpt;
 pub mod inputs;
@@ -22,25 +22,25 @@ use std::time::Instant;
 
 /// Where `/init` finds the module load order in the initramfs: one line per module, its
 /// name followed by the modules it depends on.
-pub const MODULES_LIST: &str = "etc/sandboxd/modules";
+pub(crate) const MODULES_LIST: &str = "etc/sandboxd/modules";
 /// Where the modules sit in the initramfs.
-pub const MODULES_DIR: &str = "lib/modules";
+pub(crate) const MODULES_DIR: &str = "lib/modules";
 /// kata-agent's path in the initramfs.
-pub const KATA_AGENT: &str = "usr/bin/kata-agent";
+pub(crate) const KATA_AGENT: &str = "usr/bin/kata-agent";
 /// kata-agent's command line in the initramfs (from `--kata-agent-arg`): one argument a line.
 pub const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
 /// The allow-all policy an upstream kata-agent (built with agent-policy) needs to start.
-pub const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
+pub(crate) const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
 /// The pause bundle an upstream kata-agent runs the sandbox container from.
-pub const PAUSE_BUNDLE: &str = "pause_bundle";
+pub(crate) const PAUSE_BUNDLE: &str = "pause_bundle";
 /// confidential-data-hub in the initramfs (`--confidential-data-hub`).
-pub const CDH: &str = "usr/local/bin/confidential-data-hub";
+pub(crate) const CDH: &str = "usr/local/bin/confidential-data-hub";
 /// Build facts recorded in the initramfs.
-pub const BUILD_INFO: &str = "etc/sandboxd/build.json";
+pub(crate) const BUILD_INFO: &str = "etc/sandboxd/build.json";
 /// Kernel command line of the loader entry.
-pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 panic=-1";
+pub(crate) const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 panic=-1";
 /// Base name of the outputs (`podvm.raw`, `podvm.qcow2`, `podvm.vhd`).
-pub const OUTPUT_NAME: &str = "podvm";
+pub(crate) const OUTPUT_NAME: &str = "podvm";
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,7 +55,7 @@ pub enum Format {
 
 impl Format {
     /// File extension of the format.
-    pub fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
@@ -168,18 +168,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Input { .. } => "input",
-            Error::Modules(_) => "modules",
-            Error::Assemble { .. } => "assemble",
-            Error::Output { .. } => "output",
-        }
-    }
-}
-
 /// What a build produced.
 #[derive(Clone, Debug)]
 pub struct Built {
@@ -224,7 +212,10 @@ impl Progress {
 
 /// The content of [`KATA_AGENT_ARGS`] for `--kata-agent-arg`s: none without arguments;
 /// refused without kata-agent, or for an argument that is empty or holds a line break.
-pub fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<Vec<u8>>, Error> {
+pub(crate) fn kata_agent_args_file(
+    args: &[String],
+    has_agent: bool,
+) -> Result<Option<Vec<u8>>, Error> {
     if args.is_empty() {
         return Ok(None);
     }
@@ -251,7 +242,7 @@ pub fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<V
 /// An allow-all policy for an upstream kata-agent: every request of the agent protocol
 /// allowed (kata names its rules after the request messages), generated from
 /// `proto/agent.proto`.
-pub fn allow_all_policy() -> String {
+pub(crate) fn allow_all_policy() -> String {
     let fd = crate::protocol::agent::file_descriptor();
     let mut names: Vec<String> = fd
         .proto()
@@ -310,7 +301,7 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
 }
 
 /// The initramfs entries (uncompressed cpio members), in archive order.
-pub fn initramfs_entries(
+pub(crate) fn initramfs_entries(
     sandboxd: Vec<u8>,
     kata_agent: Option<Vec<u8>>,
     modules: &[(String, Vec<String>, Vec<u8>)],
@@ -414,7 +405,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 /// Builds the raw disk image in memory; returns it with the facts of the build.
-pub fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
+pub(crate) fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
     let mut p = Progress {
         start: Instant::now(),
         stage: Instant::now(),
@@ -641,7 +632,7 @@ pub fn build(args: &Args) -> Result<Built, Error> {
 }
 
 /// Build the image.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let built = tokio::task::spawn_blocking(move || build(&args)).await??;
     if !built.kata_agent {
         eprintln!("[image] note: no --kata-agent given; the image boots without kata-agent");

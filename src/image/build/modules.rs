@@ -51,7 +51,7 @@ pub fn name_of(file: &str) -> Option<String> {
 }
 
 /// The `.modinfo` section of an ELF64 little-endian object.
-pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
         return Err("not a 64-bit little-endian ELF object".into());
     }

@@ -4,11 +4,9 @@
 //! checks what it uploads with it.
 
 /// Size of the footer.
-pub const FOOTER: usize = 512;
+pub(crate) const FOOTER: usize = 512;
 /// Disk type of a fixed disk.
 const FIXED: u32 = 2;
-/// Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
-pub const VHD_EPOCH: u64 = 946_684_800;
 
 /// The fields of a footer that matter to readers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +26,7 @@ pub struct Footer {
 }
 
 /// The CHS geometry the specification derives from a size.
-pub fn geometry(size: u64) -> (u16, u8, u8) {
+pub(crate) fn geometry(size: u64) -> (u16, u8, u8) {
     let mut total = size / 512;
     total = total.min(65535 * 16 * 255);
     let (spt, heads, cth);
@@ -96,7 +94,7 @@ pub fn footer(size: u64, unique_id: [u8; 16], timestamp: u32) -> [u8; FOOTER] {
 }
 
 /// Reads and checks a footer: cookie, checksum, version, a fixed disk without data offset.
-pub fn read_footer(f: &[u8; FOOTER]) -> Result<Footer, String> {
+pub(crate) fn read_footer(f: &[u8; FOOTER]) -> Result<Footer, String> {
     if &f[..8] != b"conectix" {
         return Err("no VHD footer (the last 512 bytes do not start with \"conectix\")".into());
     }

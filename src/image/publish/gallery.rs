@@ -118,10 +118,13 @@ pub(super) async fn gallery_version(
                 "architecture": "x64",
                 "identifier": {"publisher": "sandboxd", "offer": "podvm", "sku": definition}
             });
-            if confidential {
-                props["features"] =
-                    json!([{"name": "SecurityType", "value": "ConfidentialVMSupported"}]);
-            }
+            // What CAA will ask of VMs from it: Confidential VMs, or plain VMs with
+            // Trusted Launch when secure boot is enabled (or none).
+            props["features"] = if confidential {
+                json!([{"name": "SecurityType", "value": "ConfidentialVMSupported"}])
+            } else {
+                json!([{"name": "SecurityType", "value": "TrustedLaunchSupported"}])
+            };
             let body = json!({"location": region, "tags": tags(&[]), "properties": props});
             arm.put(
                 &format!("gallery image definition {definition}"),

@@ -10,12 +10,12 @@
 //! image Job.
 
 pub mod blob;
-pub mod gallery;
-pub mod job;
-pub mod pages;
+pub(crate) mod gallery;
+pub(crate) mod job;
+pub(crate) mod pages;
 pub mod sharedkey;
-pub mod storage;
-pub mod upload;
+pub(crate) mod storage;
+pub(crate) mod upload;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,18 +31,18 @@ use gallery::ImageKind;
 /// Tag on every ARM resource `publish` creates; `delete` only touches resources with it.
 pub const TAG_CREATED_BY: &str = "sandboxd-created-by";
 /// Value of [`TAG_CREATED_BY`].
-pub const CREATED_BY: &str = "sandboxd";
+pub(crate) const CREATED_BY: &str = "sandboxd";
 /// Tag on images: the id of the storage account holding their source blob.
-pub const TAG_STORAGE_ACCOUNT: &str = "sandboxd-storage-account";
+pub(crate) const TAG_STORAGE_ACCOUNT: &str = "sandboxd-storage-account";
 
 /// `Microsoft.Storage` api-version.
-pub const STORAGE_API: &str = "2023-05-01";
+pub(crate) const STORAGE_API: &str = "2023-05-01";
 /// `Microsoft.Compute/images` api-version.
-pub const COMPUTE_API: &str = "2024-07-01";
+pub(crate) const COMPUTE_API: &str = "2024-07-01";
 /// `Microsoft.Compute/galleries` api-version.
-pub const GALLERY_API: &str = "2024-03-03";
+pub(crate) const GALLERY_API: &str = "2024-03-03";
 /// Resource groups api-version.
-pub const RESOURCES_API: &str = "2021-04-01";
+pub(crate) const RESOURCES_API: &str = "2021-04-01";
 
 /// Errors of the image tools.
 #[derive(Debug, thiserror::Error)]
@@ -71,22 +71,6 @@ pub enum Error {
     /// A Kubernetes call failed.
     #[error("{0}")]
     Kube(String),
-}
-
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Input(_) => "input",
-            Error::Config(_) => "config",
-            Error::Vhd(_) => "vhd",
-            Error::Arm(_) => "arm",
-            Error::Upload(_) => "upload",
-            Error::Blob(_) => "blob",
-            Error::Refused(_) => "refused",
-            Error::Kube(_) => "kube",
-        }
-    }
 }
 
 /// How to reach Azure; shared by every image tool.
@@ -222,14 +206,14 @@ pub struct JobArgs {
 }
 
 /// Publish an image.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let id = publish(&args).await?;
     println!("{id}");
     Ok(())
 }
 
 /// Delete a published image.
-pub async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
+pub(crate) async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
     for line in delete(&args).await? {
         println!("{line}");
     }
@@ -237,7 +221,7 @@ pub async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
 }
 
 /// Build and publish as the in-cluster Job.
-pub async fn run_job(args: JobArgs) -> anyhow::Result<()> {
+pub(crate) async fn run_job(args: JobArgs) -> anyhow::Result<()> {
     if let Some(id) = job::job(&args).await? {
         println!("{id}");
     }
@@ -271,7 +255,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// The checks on `publish` flags that need no cloud.
-pub fn check_args(args: &Args) -> Result<(), Error> {
+pub(crate) fn check_args(args: &Args) -> Result<(), Error> {
     let mut problems = Vec::new();
     if !args.azure {
         problems.push("pass --azure (Azure is the only publish target)".to_string());

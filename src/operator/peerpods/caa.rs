@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::plan::ConfigInputs;
 use crate::api::names::{
-    CAA_DAEMONSET, CAA_SERVICE_ACCOUNT, LABEL_MANAGED_BY, MANAGED_BY, PEERPOD_DIR, SSH_KEY_SECRET,
-    SSH_PUBLIC_KEY,
+    CAA_DAEMONSET, CAA_SERVICE_ACCOUNT, CAA_SOCKET, LABEL_MANAGED_BY, MANAGED_BY, PEERPOD_DIR,
+    RELAY_CONTROL_SOCKET, RELAY_DAEMONSET, RELAY_SERVICE_ACCOUNT, SSH_KEY_SECRET, SSH_PUBLIC_KEY,
 };
 
 /// Pod-template annotation: hash of the secret, the configmap and the ssh public key. A real
@@ -65,7 +65,72 @@ fn env(cluster: Cluster) -> Vec<serde_json::Value> {
     }
     env.push(field("POD_NAMESPACE", "metadata.namespace"));
     env.push(json!({"name": "CAA_SSH_PUBLIC_KEY", "value": format!("/etc/sandboxd/ssh-key/{SSH_PUBLIC_KEY}")}));
+    // The node agent relay holds the shim's hypervisor socket and the agent sockets; CAA
+    // serves behind it.
+    env.push(json!({"name": "CAA_SOCKET", "value": CAA_SOCKET}));
+    env.push(json!({"name": "CAA_RELAY_SOCKET", "value": RELAY_CONTROL_SOCKET}));
     env
+}
+
+/// The node agent relay DaemonSet `peerpodconfig-ctrl-caa-relay` ([`crate::caa::noderelay`]):
+/// on the CAA's nodes, `OnDelete` (no template change restarts it: its pods hold every
+/// running peer pod's agent connection), no ConfigMap or Secret, no API access, on the
+/// node's network (it dials the pod VMs), root only to own the sockets in `/run/peerpod`.
+pub fn relay_daemonset(
+    namespace: &str,
+    image: &str,
+    node_selector: &BTreeMap<String, String>,
+    owner: OwnerReference,
+) -> DaemonSet {
+    let labels = json!({"app": RELAY_DAEMONSET, LABEL_MANAGED_BY: MANAGED_BY});
+    let mut ds: DaemonSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": RELAY_DAEMONSET,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "selector": {"matchLabels": {"app": RELAY_DAEMONSET}},
+            "updateStrategy": {"type": "OnDelete"},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": RELAY_SERVICE_ACCOUNT,
+                    "automountServiceAccountToken": false,
+                    "hostNetwork": true,
+                    "nodeSelector": node_selector,
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "agent-relay",
+                        "image": image,
+                        "args": ["caa-relay"],
+                        "securityContext": {
+                            "runAsUser": 0,
+                            "runAsGroup": 0,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                            // On SELinux hosts a confined container may not make sockets in
+                            // the host's /run/peerpod that the shim (unconfined) connects to.
+                            "seLinuxOptions": {"type": "spc_t"},
+                        },
+                        "volumeMounts": [
+                            {"name": "pods-dir", "mountPath": PEERPOD_DIR},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "pods-dir", "hostPath": {"path": PEERPOD_DIR, "type": "DirectoryOrCreate"}},
+                    ],
+                },
+            },
+        },
+    }))
+    .expect("the relay DaemonSet is a valid DaemonSet");
+    crate::k8s::apply::stamp_hash(&mut ds);
+    ds
 }
 
 /// The desired DaemonSet, hash-stamped (see [`crate::k8s::apply::stamp_hash`]).
@@ -309,10 +374,36 @@ mod tests {
                 "CAA_SSH_PUBLIC_KEY".into(),
                 "/etc/sandboxd/ssh-key/id_rsa.pub".into(),
             ));
+            v.push(("CAA_SOCKET".into(), CAA_SOCKET.into()));
+            v.push(("CAA_RELAY_SOCKET".into(), RELAY_CONTROL_SOCKET.into()));
             v
         };
         assert_eq!(with, want(true));
         assert_eq!(env_of(Cluster { host_ips: false }), want(false));
+    }
+
+    #[test]
+    fn the_relay_is_never_rolled_reads_no_user_config_and_has_no_api_access() {
+        let sel = BTreeMap::from([("kata".to_string(), String::new())]);
+        let ds = relay_daemonset("ns", "img", &sel, OwnerReference::default());
+        let spec = ds.spec.clone().unwrap();
+        assert_eq!(
+            spec.update_strategy.unwrap().type_.as_deref(),
+            Some("OnDelete")
+        );
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(pod.node_selector, Some(sel.clone()));
+        let c = &pod.containers[0];
+        assert!(c.env_from.is_none() && c.env.is_none());
+        assert_eq!(c.args.as_deref(), Some(&["caa-relay".to_string()][..]));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, None);
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        // The same on every call: the operator never rewrites it without a change.
+        let again = relay_daemonset("ns", "img", &sel, OwnerReference::default());
+        assert!(crate::k8s::apply::hash_matches(Some(&ds), &again));
     }
 
     #[test]

@@ -56,15 +56,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Api { .. } => "api",
-        }
-    }
-}
-
 fn api_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Api { what, source }
 }

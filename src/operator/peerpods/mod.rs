@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use self::plan::{ConfigInputs, NodeAction, NodeView};
 use super::controller::{Failure, Shared, Watches, reconcile_loop, synced};
 use crate::api::kataconfig::KataConfig;
-use crate::api::names::{CAA_DAEMONSET, PEER_POD_CONFIG, SSH_KEY_SECRET, VM_RESOURCE};
+use crate::api::names::{
+    CAA_DAEMONSET, PEER_POD_CONFIG, RELAY_DAEMONSET, SSH_KEY_SECRET, VM_RESOURCE,
+};
 use crate::api::peerpodconfig::{
     CONDITION_CONFIG_VALID, CONDITION_LIMIT_APPLIED, PeerPodConfig, PeerPodConfigSpec,
     PeerPodConfigStatus,
@@ -253,8 +255,11 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, Error> {
         )
         .await?;
         let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-        if get_daemonset(&dss).await?.is_some() {
+        if get_daemonset(&dss, CAA_DAEMONSET).await?.is_some() {
             apply::delete_if_exists(&dss, CAA_DAEMONSET).await?;
+        }
+        if get_daemonset(&dss, RELAY_DAEMONSET).await?.is_some() {
+            apply::delete_if_exists(&dss, RELAY_DAEMONSET).await?;
         }
         // CAA's CA and client certificate go with CAA (the DaemonSet may have gone with
         // its owner already): a later install starts with a new CA.
@@ -402,14 +407,12 @@ fn owner(kc: &KataConfig) -> OwnerReference {
     }
 }
 
-async fn get_daemonset(api: &Api<DaemonSet>) -> Result<Option<DaemonSet>, Error> {
-    api.get_opt(CAA_DAEMONSET)
-        .await
-        .map_err(|source| Error::Read {
-            kind: "DaemonSet",
-            name: CAA_DAEMONSET.into(),
-            source,
-        })
+async fn get_daemonset(api: &Api<DaemonSet>, name: &str) -> Result<Option<DaemonSet>, Error> {
+    api.get_opt(name).await.map_err(|source| Error::Read {
+        kind: "DaemonSet",
+        name: name.into(),
+        source,
+    })
 }
 
 /// Applies the CAA DaemonSet when its hash-stamped content differs from what is there.
@@ -431,7 +434,13 @@ async fn ensure_caa(
         &ctx.image_job.azure,
     );
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    if apply::hash_matches(get_daemonset(&api).await?.as_ref(), &desired) {
+    // The relay first: a new CAA serves behind it.
+    let relay = caa::relay_daemonset(&ctx.namespace, &ctx.image, &spec.node_selector, owner(kc));
+    if !apply::hash_matches(get_daemonset(&api, RELAY_DAEMONSET).await?.as_ref(), &relay) {
+        apply::apply(&api, &relay).await?;
+        tracing::info!("node agent relay DaemonSet applied");
+    }
+    if apply::hash_matches(get_daemonset(&api, CAA_DAEMONSET).await?.as_ref(), &desired) {
         return Ok(());
     }
     apply::apply(&api, &desired).await?;
