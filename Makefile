@@ -151,3 +151,13 @@ bench-relay:
 bench-podvm: build
 	SANDBOXD_BENCH_PODVM=1 SANDBOXD_STATIC_BINARY=$(abspath $(BIN)) \
 		$(CARGO) test --locked --features dev --test integration -- image::bench_podvm --exact --nocapture
+
+# Benchmark of pod start on the real node (docs/BENCHMARKS.md): create → Ready of a
+# kata-remote pod (sandboxd shim, CAA, a qemu pod VM running sandboxd agent) against the same
+# pod with runc on the same node, image uncached and cached on the node;
+# SANDBOXD_BENCH_RUNS runs (default 3). Needs root, like the node tests.
+.PHONY: bench-podstart
+bench-podstart: dev-image control-plane node
+	SANDBOXD_BENCH_PODSTART=1 SANDBOXD_STATIC_BINARY=$(abspath $(DEV_BIN)) \
+		SANDBOXD_IMAGE_ARCHIVE=$(abspath $(DEV_IMAGE_DIR)).tar \
+		$(CARGO) test --locked --features dev --test integration -- node::bench_pod_start_kata_remote_vs_runc --exact --nocapture

@@ -34,6 +34,9 @@ pub enum Command {
     Forwarder(crate::forwarder::Args),
     /// Run the kata agent API inside a pod VM: sandboxes, containers, images, stdio.
     Agent(crate::agent::Args),
+    /// containerd's runtime v2 shim for `kata-remote` (installed on nodes as
+    /// `containerd-shim-sandboxd-v2`; containerd's own flags follow).
+    Shim(crate::shim::Args),
     /// Build, publish and delete the pod VM image.
     #[command(subcommand)]
     Image(crate::image::ImageCommand),

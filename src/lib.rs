@@ -26,6 +26,7 @@ pub mod k8s;
 pub mod operator;
 pub mod pki;
 pub mod protocol;
+pub mod shim;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

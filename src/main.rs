@@ -15,7 +15,15 @@ fn main() -> ExitCode {
     if sandboxd::forwarder::init::should_run() {
         return sandboxd::forwarder::init::main();
     }
+    // containerd's shim for kata-remote (`containerd-shim-sandboxd-v2`): Go-style flags, its
+    // own runtime and logging.
+    if sandboxd::shim::started_as_shim() {
+        return sandboxd::shim::main();
+    }
     let cli = sandboxd::cli::parse();
+    if let Command::Shim(args) = &cli.command {
+        return sandboxd::shim::run_args(&args.args);
+    }
     // Namespaces are entered while the process still has one thread.
     let (unshare_net, private_run) = match &cli.command {
         Command::Forwarder(a) => (a.unshare_net, a.private_run.as_deref()),
@@ -65,6 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             Ok(sandboxd::agent::run(args, sandboxd::shutdown::on_signals()?).await?)
         }
+        Command::Shim(_) => unreachable!("the shim runs before the async runtime"),
         Command::Image(cmd) => sandboxd::image::run(cmd).await,
         Command::Ctl(args) => sandboxd::ctl::run(args).await,
         Command::MustGatherPod(args) => sandboxd::ctl::support_bundle::pod::run(args).await,

@@ -1,13 +1,14 @@
 //! The real node (`harness::node`): kubelet, containerd, runc, CNI and kube-proxy run what
 //! sandboxd deploys. The seed guide's workflow end to end, installed from `deploy/` with the
-//! image `make image` built, as a user would.
+//! image `make image` built, as a user would; `kata-remote` pods run in pod VMs through
+//! sandboxd's shim ([`peer_pods`]).
 
-use std::collections::BTreeMap;
+mod peer_pods;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use sandboxd::armtest;
@@ -34,10 +35,19 @@ pub fn cases() -> Vec<Case> {
         )
         .skip_if(skip.clone()),
         Case::node(
-            "node::seed_workflow_installs_kata_remote_into_the_real_containerd_and_limits_peer_pods",
-            seed_workflow,
+            "node::the_guide_runs_kata_remote_pods_in_qemu_pod_vms_through_sandboxds_shim",
+            peer_pods::guide,
         )
-        .skip_if(skip.clone()),
+        .skip_if(skip.clone().or_else(peer_pods::skip_reason)),
+        Case::node(
+            "node::bench_pod_start_kata_remote_vs_runc",
+            peer_pods::bench_pod_start,
+        )
+        .skip_if(skip.clone().or_else(peer_pods::skip_reason).or_else(|| {
+            std::env::var_os("SANDBOXD_BENCH_PODSTART")
+                .is_none()
+                .then(|| "a benchmark: make bench-podstart runs it".to_string())
+        })),
         Case::node(
             "node::the_image_job_runs_as_a_pod_on_the_node_and_records_the_image_id",
             image_job,
@@ -431,37 +441,6 @@ async fn basics_on(env: &Env, node: &'static TestNode, client: &Client) -> Resul
     Ok(())
 }
 
-/// The seed guide on the real node: install from `deploy/` (vanilla overlay) with the image
-/// `make image` built; secret, configmap (discovered through the ARM test server, which the
-/// node's pods reach), SSH key; KataConfig until Completed with `kata-remote` installed in the
-/// node's containerd by the node installer pod (restarting it through the systemd stand-in);
-/// limit 2; a 3-replica `kata-remote` Deployment: two pods admitted by the webhook (registered
-/// by Service, reached through kube-proxy) and scheduled with `kata.peerpods.io/vm`, one
-/// Pending. No shim for `kata-remote` exists on this node yet (the node has kata's path with a
-/// placeholder that exits at once), so the two pods' sandboxes cannot start: asserted as
-/// such. `ctl doctor` and `ctl status` run against it. Uninstall leaves the containerd
-/// configuration byte for byte as it was.
-async fn seed_workflow(env: Env) -> Result<()> {
-    let node = env.node();
-    let client = env.admin().await?;
-    let original = node.read_file("/etc/containerd/config.toml")?;
-    let open = node.open(&client).await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let result = seed_workflow_on(&env, node, &client, stop.clone()).await;
-    stop.cancel();
-    // Uninstall, whatever happened: the KataConfig first (the installer restores the node),
-    // then the operator.
-    if result.is_err() {
-        print_pod_logs(&client, NS).await;
-    }
-    let cleanup = uninstall(&env, node, &client, &original).await;
-    open.close().await?;
-    match (result, cleanup) {
-        (Err(r), Err(c)) => Err(r.context(format!("and the uninstall failed too: {c:#}"))),
-        (r, c) => r.and(c),
-    }
-}
-
 /// Every pod in `ns` with its node, the namespace's last events, and the last lines of each
 /// container's log (for a failure's diagnosis).
 async fn print_pod_logs(client: &Client, ns: &str) {
@@ -497,325 +476,6 @@ async fn print_pod_logs(client: &Client, ns: &str) {
             .unwrap_or_default();
         eprintln!("--- {ns}/{name} ({} on {on:?})\n{logs}", phase(&p));
     }
-}
-
-async fn seed_workflow_on(
-    env: &Env,
-    node: &'static TestNode,
-    client: &Client,
-    stop: tokio_util::sync::CancellationToken,
-) -> Result<()> {
-    let image = image(node)?;
-    // The ARM test server on the control plane's bridge: the node's pods reach it there.
-    let (addr, arm, _task) = armtest::serve(
-        (node.net.host_ip, 0).into(),
-        armtest::Config::default(),
-        stop,
-    )
-    .await?;
-    let (_, _, image_id) = arm.seed_peer_pods(SUB, "rg", "eastus");
-    let arm_url = format!("http://{addr}/");
-
-    // The ARM test server is a development endpoint: a flag on the operator's command line,
-    // which the operator hands on to the CAA and the image Jobs (never the ConfigMap).
-    ctl_ok(
-        env,
-        &[
-            "install",
-            "--vanilla",
-            "--image",
-            &image,
-            "--wait",
-            "--timeout",
-            "180",
-            "--dev-arm-endpoint",
-            &arm_url,
-        ],
-    )
-    .await
-    .context("installing the operator from deploy/")?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let operator = deployments.get("sandboxd-operator").await?;
-    ensure!(
-        operator
-            .status
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0)
-            >= 1,
-        "the operator Deployment is not available"
-    );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let running_on_node = |p: &Pod| {
-        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name.as_str())
-            && phase(p) == "Running"
-    };
-    let ops = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=sandboxd-operator"))
-        .await?;
-    ensure!(
-        ops.items.iter().any(running_on_node),
-        "no operator pod Running on the node"
-    );
-
-    let secret_env = [("AZURE_CLIENT_SECRET", "node-test-secret")];
-    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
-        .args([
-            "ctl",
-            "--kubeconfig",
-            &kubeconfig,
-            "azure",
-            "secret",
-            "--client-id",
-            "aaaaaaaa-0000-0000-0000-000000000001",
-            "--tenant-id",
-            "aaaaaaaa-0000-0000-0000-000000000002",
-            "--subscription-id",
-            SUB,
-        ])
-        .envs(secret_env)
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "azure secret: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ctl_ok(
-        env,
-        &[
-            "azure",
-            "configmap",
-            "--subscription",
-            SUB,
-            "--resource-group",
-            "rg",
-            // Fake nodes of other tests carry other regions.
-            "--region",
-            "eastus",
-            "--dev-arm-endpoint",
-            &arm_url,
-            "--image-id",
-            &image_id,
-        ],
-    )
-    .await?;
-    ctl_ok(env, &["ssh-key"]).await?;
-    let selector = format!("{REAL_NODE_LABEL}=true");
-    ctl_ok(
-        env,
-        &[
-            "kataconfig",
-            "create",
-            "--name",
-            KATA_CONFIG,
-            "--peer-pods",
-            "--selector",
-            &selector,
-        ],
-    )
-    .await?;
-    let status = ctl_ok(env, &["status", "--watch", "--timeout", "240"])
-        .await
-        .with_context(|| {
-            format!(
-                "KataConfig never completed; node logs in {}",
-                node.logs().display()
-            )
-        })?;
-    eprintln!("ctl status:\n{status}");
-
-    // The node installer edited the node's containerd configuration and restarted it through
-    // the systemd stand-in: the CRI now reports the kata-remote handler.
-    let config = String::from_utf8(node.read_file("/etc/containerd/config.toml")?)?;
-    ensure!(
-        config.contains("50-sandboxd-kata-remote.toml"),
-        "the node's containerd config does not import sandboxd's drop-in:\n{config}"
-    );
-    let nodes: Api<Node> = Api::all(client.clone());
-    eventually(
-        "the CRI reporting the kata-remote handler",
-        Duration::from_secs(60),
-        || async {
-            let n = nodes.get(&node.name).await?;
-            let handlers: Vec<String> = n
-                .status
-                .and_then(|s| s.runtime_handlers)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|h| h.name)
-                .collect();
-            Ok(handlers.iter().any(|h| h == "kata-remote").then_some(()))
-        },
-    )
-    .await?;
-    let containerd_log =
-        std::fs::read_to_string(node.logs().join("containerd.log")).unwrap_or_default();
-    ensure!(
-        containerd_log.matches("starting containerd").count() >= 2,
-        "containerd was not restarted by the node installer"
-    );
-
-    // The webhook Deployment (registered by Service) and the CAA DaemonSet run on the node.
-    eventually(
-        "the webhook Deployment available",
-        Duration::from_secs(120),
-        || async {
-            let d = deployments.get_opt("peer-pods-webhook").await?;
-            Ok(d.and_then(|d| d.status)
-                .and_then(|s| s.available_replicas)
-                .filter(|n| *n >= 1)
-                .map(|_| ()))
-        },
-    )
-    .await?;
-    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
-    let caa = daemonsets
-        .get("peerpodconfig-ctrl-caa-daemon")
-        .await
-        .context("the CAA DaemonSet")?;
-    let ready = caa.status.as_ref().map(|s| s.number_ready).unwrap_or(0);
-    if ready == 0 {
-        // Not asserted here: what the deployed CAA needs on a real node is its own issue.
-        let caa_pods = pods
-            .list(&ListParams::default().labels("app=peerpodconfig-ctrl-caa-daemon"))
-            .await?;
-        for p in caa_pods.items {
-            let lp = kube::api::LogParams {
-                tail_lines: Some(8),
-                ..Default::default()
-            };
-            let logs = pods.logs(&p.name_any(), &lp).await.unwrap_or_default();
-            eprintln!(
-                "CAA pod {} not ready ({}); its log ends:\n{logs}",
-                p.name_any(),
-                phase(&p)
-            );
-        }
-    }
-
-    // limit 2: the node advertises two peer pod VMs.
-    ctl_ok(env, &["limit", "set", "2"]).await?;
-    eventually(
-        "kata.peerpods.io/vm = 2 on the node",
-        Duration::from_secs(60),
-        || async {
-            let n = nodes.get(&node.name).await?;
-            let cap = n
-                .status
-                .and_then(|s| s.capacity)
-                .and_then(|c| c.get("kata.peerpods.io/vm").map(|q| q.0.clone()));
-            Ok((cap.as_deref() == Some("2")).then_some(()))
-        },
-    )
-    .await?;
-
-    // Three kata-remote replicas: two admitted and scheduled, one Pending.
-    let app: Api<Deployment> = Api::namespaced(client.clone(), &env.ns);
-    let d: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "hello"},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": {"app": "hello"}},
-            "template": {
-                "metadata": {"labels": {"app": "hello"}},
-                "spec": {
-                    "runtimeClassName": "kata-remote",
-                    "containers": [{"name": "hello", "image": image, "args": ["version"],
-                                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}],
-                },
-            },
-        },
-    }))?;
-    app.create(&PostParams::default(), &d).await?;
-    let app_pods: Api<Pod> = Api::namespaced(client.clone(), &env.ns);
-    let (scheduled, pending) = eventually(
-        "two pods scheduled and one Pending",
-        Duration::from_secs(90),
-        || async {
-            let list = app_pods
-                .list(&ListParams::default().labels("app=hello"))
-                .await?;
-            let scheduled: Vec<Pod> = list
-                .items
-                .iter()
-                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some())
-                .cloned()
-                .collect();
-            let pending: Vec<Pod> = list
-                .items
-                .iter()
-                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_none())
-                .cloned()
-                .collect();
-            Ok(
-                (list.items.len() == 3 && scheduled.len() == 2 && pending.len() == 1)
-                    .then_some((scheduled, pending)),
-            )
-        },
-    )
-    .await?;
-    for p in &scheduled {
-        let c = &p.spec.as_ref().context("pod spec")?.containers[0];
-        let limits: BTreeMap<String, String> = c
-            .resources
-            .as_ref()
-            .and_then(|r| r.limits.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        ensure!(
-            limits.get("kata.peerpods.io/vm").map(String::as_str) == Some("1"),
-            "pod {} was not mutated by the webhook: limits {limits:?}",
-            p.name_any()
-        );
-    }
-    let pending_name = pending[0].name_any();
-    eventually(
-        "the third pod refused for kata.peerpods.io/vm",
-        Duration::from_secs(60),
-        || async {
-            let ev = pod_events(client, &env.ns, &pending_name).await?;
-            Ok(ev
-                .iter()
-                .any(|e| e.starts_with("FailedScheduling") && e.contains("kata.peerpods.io/vm"))
-                .then_some(()))
-        },
-    )
-    .await?;
-    // No kata-remote shim exists on this node: the sandboxes cannot start. (The shim issue
-    // turns this into Running.)
-    for p in &scheduled {
-        let name = p.name_any();
-        let ev = eventually(
-            "the sandbox failing to start",
-            Duration::from_secs(90),
-            || async {
-                let ev = pod_events(client, &env.ns, &name).await?;
-                Ok(ev
-                    .iter()
-                    .find(|e| e.starts_with("FailedCreatePodSandBox"))
-                    .cloned())
-            },
-        )
-        .await?;
-        ensure!(ev.contains("shim"), "unexpected sandbox failure: {ev}");
-        let now = app_pods.get(&name).await?;
-        ensure!(phase(&now) == "Pending", "pod {name} is {}", phase(&now));
-    }
-
-    // ctl doctor and ctl status against the real node.
-    let (_, doctor) = sandboxd(env, &["doctor"]).await?;
-    eprintln!("ctl doctor:\n{doctor}");
-    ensure!(
-        doctor.contains(&node.name),
-        "doctor does not mention the node:\n{doctor}"
-    );
-    let status = ctl_ok(env, &["status"]).await?;
-    ensure!(status.contains(KATA_CONFIG), "status:\n{status}");
-    app.delete("hello", &DeleteParams::default()).await?;
-    Ok(())
 }
 
 async fn uninstall(env: &Env, node: &TestNode, client: &Client, original: &[u8]) -> Result<()> {

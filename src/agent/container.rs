@@ -56,6 +56,20 @@ fn strip_nulls(v: &mut Value) {
     }
 }
 
+/// The `PATH` a process gets when neither its spec nor its image names one (Docker's and
+/// containerd's default): libcontainer refuses to start a process without `PATH`, where
+/// runc and kata's agent start one whose command is an absolute path.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `env` with [`DEFAULT_PATH`] added when it has no `PATH`.
+pub fn env_with_path(env: &[String]) -> Vec<String> {
+    let mut out = env.to_vec();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        out.push(DEFAULT_PATH.into());
+    }
+    out
+}
+
 /// The OCI `process` object of a kata `Process`.
 pub(crate) fn process_json(p: &oci::Process) -> Value {
     let user = p.User.as_ref();
@@ -70,7 +84,7 @@ pub(crate) fn process_json(p: &oci::Process) -> Value {
             "additionalGids": user.map(|u| u.AdditionalGids.clone()).filter(|g| !g.is_empty()),
         },
         "args": p.Args,
-        "env": p.Env,
+        "env": env_with_path(&p.Env),
         "cwd": if p.Cwd.is_empty() { "/" } else { p.Cwd.as_str() },
         "capabilities": caps.map(|c| json!({
             "bounding": c.Bounding, "effective": c.Effective, "inheritable": c.Inheritable,
@@ -465,6 +479,16 @@ pub(crate) fn receive_console(
 mod tests {
     use super::*;
     use crate::protocol::oci::{LinuxMemory, LinuxNamespace, LinuxResources, Process, Spec};
+
+    #[test]
+    fn a_process_without_path_gets_the_default_one_and_a_given_path_is_kept() {
+        let mut p = Process::new();
+        p.Args = vec!["/pause".into()];
+        let env = process_json(&p)["env"].clone();
+        assert_eq!(env, json!([DEFAULT_PATH]));
+        p.Env = vec!["A=1".into(), "PATH=/bin".into()];
+        assert_eq!(process_json(&p)["env"], json!(["A=1", "PATH=/bin"]));
+    }
 
     #[test]
     fn zero_limits_are_unset_and_namespaces_are_the_sandboxs() {

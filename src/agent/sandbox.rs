@@ -677,10 +677,9 @@ impl Agent {
             }
         }
         if is_sandbox {
-            let p = spec.Process.mut_or_insert_default();
-            if p.Args.is_empty() {
-                p.Args = vec![super::pause::PATH.into()];
-            }
+            // The agent's own pause, whatever the pause image's entrypoint names (the rootfs
+            // is the agent's pause rootfs, not that image).
+            spec.Process.mut_or_insert_default().Args = vec![super::pause::PATH.into()];
         }
         let place = Placement {
             rootfs,

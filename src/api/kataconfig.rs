@@ -38,6 +38,10 @@ fn default_log_level() -> String {
     "info".to_string()
 }
 
+fn default_shim() -> String {
+    "auto".to_string()
+}
+
 /// Installs the `kata-remote` runtime class on the selected worker nodes. Only one
 /// KataConfig may exist in a cluster.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -77,6 +81,16 @@ pub struct KataConfigSpec {
     /// Run pods of the runtime class in their own cloud VMs (peer pods).
     #[serde(default)]
     pub enable_peer_pods: bool,
+    /// Which containerd shim serves the runtime class on the nodes: `auto` (the default)
+    /// uses kata's shim (`containerd-shim-kata-v2`) where the node has one, as on OpenShift
+    /// or after kata-deploy, and sandboxd's own shim elsewhere; `kata` requires kata's shim
+    /// (a node without it reports the install failed); `sandboxd` always uses sandboxd's
+    /// shim (`containerd-shim-sandboxd-v2`, a copy of the sandboxd binary the node installer
+    /// puts in `/opt/sandboxd/bin` and removes on uninstall). Changing it re-installs the
+    /// nodes; running pods keep the shim they started with.
+    #[serde(default = "default_shim", skip_serializing_if = "String::is_empty")]
+    #[schemars(extend("enum" = ["auto", "kata", "sandboxd"]))]
+    pub shim: String,
 }
 
 /// What the operator observed, rebuilt on every reconcile.

@@ -133,6 +133,8 @@ pub mod annotations {
     pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
     /// GPUs of the pod VM, an integer ("0" when unset).
     pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
+    /// Confidential-computing init data ("" when unset).
+    pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
     /// GPU model of the pod VM (matched in the instance size name, e.g. `A100`, `T4`).
     pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
 }

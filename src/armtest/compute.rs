@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use super::arm_error;
 use super::store::{Inner, Op, Store, Vm, rfc3339};
-use crate::cloud::Provider;
 
 /// API versions of `Microsoft.Compute/virtualMachines` this server understands.
 const VM_API_VERSIONS: &[&str] = &["2023-09-01", "2024-03-01", "2024-07-01", "2024-11-01"];
@@ -93,7 +92,7 @@ pub(crate) async fn route(
 /// Starts the local VM backing `name` from the base64 `userData` of a VM PUT body; returns
 /// its address.
 async fn start_local_vm(
-    local: &crate::cloud::local::LocalProvider,
+    local: &Arc<dyn crate::cloud::Provider>,
     name: &str,
     body: &Bytes,
 ) -> Result<String, Response> {

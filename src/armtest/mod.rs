@@ -9,9 +9,11 @@
 //! the REST API specification examples.
 
 mod compute;
+mod dhcp;
 mod faults;
 mod images;
 mod network;
+pub mod qemu;
 mod storage;
 mod store;
 
@@ -115,6 +117,8 @@ pub struct LocalVms {
     pub subnet: std::net::Ipv4Addr,
     /// The `sandboxd` executable started as `<exe> forwarder ...` for each VM.
     pub exe: std::path::PathBuf,
+    /// Boot each VM from the pod VM image under qemu instead ([`qemu`]).
+    pub qemu: Option<qemu::QemuVms>,
 }
 
 impl Default for Config {
@@ -322,7 +326,6 @@ impl Handle {
         let Some(local) = self.store.local.clone() else {
             return;
         };
-        use crate::cloud::Provider;
         let all = local
             .list_owned(&std::collections::BTreeMap::new())
             .await
@@ -394,6 +397,21 @@ pub struct Args {
     /// First address of the /16 local VM links are taken from.
     #[arg(long, default_value = "10.250.0.0")]
     pub local_vm_subnet: std::net::Ipv4Addr,
+    /// Boot each local VM from this pod VM disk (`sandboxd image build`'s qcow2, raw or VHD)
+    /// under qemu with OVMF, its NIC a tap in the node's network namespace, instead of a
+    /// `sandboxd forwarder` in namespaces. Needs qemu-system-x86_64 and OVMF.
+    #[arg(long, requires = "local_vms")]
+    pub local_vm_image: Option<std::path::PathBuf>,
+    /// Memory of each qemu VM (MiB).
+    #[arg(long, default_value_t = 1024)]
+    pub local_vm_memory: u32,
+    /// vCPUs of each qemu VM.
+    #[arg(long, default_value_t = 1)]
+    pub local_vm_cpus: u32,
+    /// qemu's accelerator: `tcg`, or `kvm` where it boots the kernel (nested KVM often
+    /// does not).
+    #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    pub local_vm_accel: String,
 }
 
 /// Runs the ARM test server until a signal arrives.
@@ -407,6 +425,12 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
                 dir: dir.clone(),
                 subnet: args.local_vm_subnet,
                 exe: std::env::current_exe()?,
+                qemu: args.local_vm_image.as_ref().map(|image| qemu::QemuVms {
+                    image: image.clone(),
+                    memory_mib: args.local_vm_memory,
+                    cpus: args.local_vm_cpus,
+                    accel: args.local_vm_accel.clone(),
+                }),
             }),
             None => None,
         },

@@ -156,20 +156,30 @@ impl Inner {
 pub(crate) struct Store {
     pub inner: Mutex<Inner>,
     /// Local pod VMs backing created VMs, when configured.
-    pub local: Option<Arc<crate::cloud::local::LocalProvider>>,
+    pub local: Option<Arc<dyn crate::cloud::Provider>>,
     /// When the server started (the origin of [`RequestLog::at_micros`]).
     pub started: Instant,
 }
 
 impl Store {
     pub fn new(config: Config) -> Self {
-        let local = config.local_vms.as_ref().map(|l| {
-            Arc::new(crate::cloud::local::LocalProvider::new(
-                l.dir.clone(),
-                l.subnet,
-                l.exe.clone(),
-            ))
-        });
+        let local = config
+            .local_vms
+            .as_ref()
+            .map(|l| -> Arc<dyn crate::cloud::Provider> {
+                match &l.qemu {
+                    Some(q) => Arc::new(super::qemu::QemuProvider::new(
+                        l.dir.clone(),
+                        l.subnet,
+                        q.clone(),
+                    )),
+                    None => Arc::new(crate::cloud::local::LocalProvider::new(
+                        l.dir.clone(),
+                        l.subnet,
+                        l.exe.clone(),
+                    )),
+                }
+            });
         Self {
             local,
             inner: Mutex::new(Inner {

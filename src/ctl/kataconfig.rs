@@ -61,6 +61,10 @@ pub(crate) struct CreateArgs {
     /// Only nodes Node Feature Discovery marked able to run Kata.
     #[arg(long)]
     pub check_node_eligibility: bool,
+    /// Which containerd shim serves the runtime class on the nodes (`spec.shim`): kata's
+    /// where the node has one, else sandboxd's (`auto`); `kata`; or `sandboxd`.
+    #[arg(long, value_parser = ["auto", "kata", "sandboxd"], default_value = "auto")]
+    pub shim: String,
 }
 
 /// The KataConfig these flags describe.
@@ -87,6 +91,7 @@ pub(crate) fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
             check_node_eligibility: args.check_node_eligibility,
             log_level: args.log_level.clone(),
             enable_peer_pods: args.peer_pods,
+            shim: args.shim.clone(),
         },
     ))
 }
@@ -136,6 +141,7 @@ mod tests {
             selector: selector.iter().map(|s| s.to_string()).collect(),
             log_level: level.into(),
             check_node_eligibility: false,
+            shim: "auto".into(),
         }
     }
 

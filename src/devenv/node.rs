@@ -66,8 +66,9 @@ pub const MNTNS_FILE: &str = "node.mntns";
 pub const HOLDER_FILE: &str = "holder.pid";
 /// Written when the node is Ready: the node's name.
 pub const READY_FILE: &str = "ready";
-/// The kata shim path the node installer looks for first.
-pub const KATA_SHIM: &str = "/opt/kata/bin/containerd-shim-kata-v2";
+/// Registry hosts of the node's containerd (`<host:port>/hosts.toml`): tests put the test
+/// registry's plain-HTTP address there.
+pub const REGISTRY_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 /// Flags of `dev node`.
 #[derive(Debug, clap::Args)]
@@ -117,9 +118,14 @@ pub struct Plan {
 
 /// The containerd configuration the node starts with (the node's `/etc/containerd/config.toml`).
 pub fn containerd_config(pause_image: &str) -> String {
+    let hosts = REGISTRY_HOSTS_DIR;
     format!(
         r#"# The test node's containerd (sandboxd dev node).
 version = 3
+
+[plugins.'io.containerd.cri.v1.images'.registry]
+  # Registries on the test network are described here (plain HTTP); nothing else resolves.
+  config_path = '{hosts}'
 
 [plugins.'io.containerd.cri.v1.images'.pinned_images]
   # Imported before the kubelet starts; never pulled.
@@ -207,6 +213,8 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+# ConfigMap and Secret volumes follow changes within seconds (the default is a minute).
+syncFrequency: 10s
 rotateCertificates: false
 serverTLSBootstrap: false
 {taints}"#,
@@ -269,26 +277,8 @@ conntrack:
             "# sandboxd test node: no name server, nothing resolves off this machine.\n".into(),
             0o644,
         ),
-        (
-            format!(
-                "opt.upper/{}",
-                KATA_SHIM.trim_start_matches("/opt/")
-            ),
-            "#!/bin/sh\n# PLACEHOLDER for kata's shim on the sandboxd test node: no shim runs here.\n\
-             echo 'containerd-shim-kata-v2: placeholder on the sandboxd test node, not a shim' >&2\nexit 1\n"
-                .into(),
-            0o755,
-        ),
-        (
-            "config/kubelet.yaml".into(),
-            kubelet_config,
-            0o644,
-        ),
-        (
-            "config/kube-proxy.yaml".into(),
-            proxy_config,
-            0o644,
-        ),
+        ("config/kubelet.yaml".into(), kubelet_config, 0o644),
+        ("config/kube-proxy.yaml".into(), proxy_config, 0o644),
         ("config/kubelet.crt".into(), kubelet_serving.cert_pem, 0o644),
         ("config/kubelet.key".into(), kubelet_serving.key_pem, 0o600),
         (

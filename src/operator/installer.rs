@@ -18,6 +18,8 @@ pub struct InstallerSpec<'a> {
     pub image: &'a str,
     /// The KataConfig's `logLevel`.
     pub log_level: &'a str,
+    /// The KataConfig's `shim`.
+    pub shim: &'a str,
 }
 
 /// The DaemonSet, hash-stamped so an unchanged one is never re-applied.
@@ -56,6 +58,7 @@ pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             {"name": "KATA_LOG_LEVEL", "value": spec.log_level},
+                            {"name": "KATA_SHIM", "value": spec.shim},
                         ],
                         // root: the image's user (65532) gets no capabilities from
                         // `privileged` and cannot write the host's /etc.
@@ -64,7 +67,8 @@ pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
                                       "limits": {"memory": "64Mi"}},
                         "volumeMounts": [
                             {"name": "host-etc", "mountPath": "/host/etc"},
-                            {"name": "host-opt", "mountPath": "/host/opt", "readOnly": true},
+                            // Writable: sandboxd's shim goes to /opt/sandboxd/bin.
+                            {"name": "host-opt", "mountPath": "/host/opt"},
                             {"name": "host-usr", "mountPath": "/host/usr", "readOnly": true},
                             {"name": "host-dbus", "mountPath": "/host/run/dbus"},
                         ],
@@ -95,6 +99,7 @@ mod tests {
             namespace: "ns",
             image: "sandboxd:latest",
             log_level: "info",
+            shim: "auto",
         };
         let a = desired(&kc, &spec);
         let c = &a
@@ -123,6 +128,23 @@ mod tests {
         assert_ne!(
             a.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION],
             b.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION]
+        );
+        // The shim choice reaches the installer, and its change rolls it out.
+        let env = c.env.as_ref().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "KATA_SHIM" && e.value.as_deref() == Some("auto"))
+        );
+        let s = desired(
+            &kc,
+            &InstallerSpec {
+                shim: "sandboxd",
+                ..spec.clone()
+            },
+        );
+        assert_ne!(
+            a.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION],
+            s.metadata.annotations.as_ref().unwrap()[crate::k8s::apply::HASH_ANNOTATION]
         );
         assert!(crate::k8s::apply::hash_matches(
             Some(&desired(&kc, &spec)),

@@ -70,9 +70,29 @@ impl Registry {
         port: u16,
         tls: Option<(String, String, String)>,
     ) -> Result<Self> {
+        Self::start_full(name, netns, auth, format!("127.0.0.1:{port}"), tls)
+    }
+
+    /// A registry without auth listening on `addr` (`ip:port`) in `netns`, serving TLS with
+    /// `tls` (CA PEM, certificate PEM, key PEM) when given.
+    pub fn start_on(
+        name: &str,
+        netns: Option<&Path>,
+        addr: &str,
+        tls: Option<(String, String, String)>,
+    ) -> Result<Self> {
+        Self::start_full(name, netns, None, addr.to_string(), tls)
+    }
+
+    fn start_full(
+        name: &str,
+        netns: Option<&Path>,
+        auth: Option<(&str, &str)>,
+        addr: String,
+        tls: Option<(String, String, String)>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let storage = dir.path().join("storage");
-        let addr = format!("127.0.0.1:{port}");
         let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             storage.display()

@@ -212,6 +212,40 @@ impl TestNode {
         std::fs::read(&path).with_context(|| format!("reading {node_path} on the node"))
     }
 
+    /// The node's network namespace (`/proc/<holder>/ns/net`).
+    pub fn netns(&self) -> Result<PathBuf> {
+        let holder = std::fs::read_to_string(self.dir.join(dev::HOLDER_FILE))?;
+        Ok(PathBuf::from(format!("/proc/{}/ns/net", holder.trim())))
+    }
+
+    /// The host path of `node_path` as the node sees it (through its namespaces' holder).
+    pub fn host_path(&self, node_path: &str) -> Result<PathBuf> {
+        let holder = std::fs::read_to_string(self.dir.join(dev::HOLDER_FILE))?;
+        Ok(PathBuf::from(format!(
+            "/proc/{}/root{node_path}",
+            holder.trim()
+        )))
+    }
+
+    /// The names in a directory as the node sees it.
+    pub fn list_dir(&self, node_path: &str) -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(self.host_path(node_path)?)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    }
+
+    /// Writes a file as the node sees it (through its namespaces' holder), creating its
+    /// directories, e.g. under the node's `/etc` (an overlay of the host's).
+    pub fn write_file(&self, node_path: &str, content: &[u8]) -> Result<()> {
+        let holder = std::fs::read_to_string(self.dir.join(dev::HOLDER_FILE))?;
+        let path = PathBuf::from(format!("/proc/{}/root{node_path}", holder.trim()));
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&path, content).with_context(|| format!("writing {node_path} on the node"))
+    }
+
     /// The node's logs directory (one file per daemon).
     pub fn logs(&self) -> PathBuf {
         self.dir.join("logs")

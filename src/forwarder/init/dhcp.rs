@@ -6,8 +6,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
-const BOOTREQUEST: u8 = 1;
-const BOOTREPLY: u8 = 2;
+/// `op` of a client's message.
+pub(crate) const BOOTREQUEST: u8 = 1;
+/// `op` of a server's message.
+pub(crate) const BOOTREPLY: u8 = 2;
 const FLAG_BROADCAST: u16 = 0x8000;
 
 /// DHCP message types (option 53).

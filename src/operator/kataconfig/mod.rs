@@ -27,7 +27,7 @@ use super::controller::{Failure, Shared, Watches, reconcile_loop, synced};
 use super::installer::{self, InstallerSpec};
 use super::machineconfig::{self as mco, PoolView};
 use super::metrics::OperatorMetrics;
-use super::node_install::InstallConfig;
+use super::node_install::{InstallConfig, ShimChoice};
 use super::nodes::{Flavor, Selection};
 use super::runtimeclass;
 use crate::api::kataconfig::{CONDITION_IN_PROGRESS, FINALIZER, KataConfig, KataConfigStatus};
@@ -279,7 +279,10 @@ async fn delete_dynamic(ctx: &Ctx, ar: &ApiResource, name: &str) -> Result<(), E
 
 /// OpenShift: the MachineConfig and the pool, applied only when their hash differs.
 async fn ensure_machine_config(ctx: &Ctx, m: &McoStores, kc: &KataConfig) -> Result<(), Error> {
-    let mc = mco::desired_machine_config(kc, &InstallConfig::new(&kc.spec.log_level));
+    let mc = mco::desired_machine_config(
+        kc,
+        &InstallConfig::new(&kc.spec.log_level).with_shim(ShimChoice::from_spec(&kc.spec.shim)),
+    );
     if !hash_matches(m.mcs.state().first().map(|o| o.as_ref()), &mc) {
         apply_dynamic(ctx, &mco::machine_config_resource(), &mc).await?;
     }
@@ -292,7 +295,9 @@ async fn ensure_machine_config(ctx: &Ctx, m: &McoStores, kc: &KataConfig) -> Res
 
 async fn reconcile_active(ctx: &Ctx, kc: &KataConfig) -> Result<Option<Duration>, Error> {
     let api: Api<KataConfig> = Api::all(ctx.client.clone());
-    let config_hash = InstallConfig::new(&kc.spec.log_level).hash();
+    let config_hash = InstallConfig::new(&kc.spec.log_level)
+        .with_shim(ShimChoice::from_spec(&kc.spec.shim))
+        .hash();
     if kc.metadata.deletion_timestamp.is_some() {
         if !kc.finalizers().iter().any(|f| f == FINALIZER) {
             return Ok(None);
@@ -369,6 +374,7 @@ async fn ensure_installer(ctx: &Ctx, kc: &KataConfig) -> Result<(), Error> {
             namespace: &ctx.namespace,
             image: &ctx.image,
             log_level: &kc.spec.log_level,
+            shim: ShimChoice::from_spec(&kc.spec.shim).as_str(),
         },
     );
     let observed = ctx.dss.state().into_iter().next();

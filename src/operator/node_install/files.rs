@@ -85,6 +85,39 @@ pub fn remove_owned(path: &Path) -> Result<bool, Error> {
     }
 }
 
+/// Copies the executable `src` to `path` (mode 0755, atomically: a running copy keeps its
+/// old file) unless `path` already holds the same bytes. Returns (changed, directories
+/// created).
+pub fn copy_executable(src: &Path, path: &Path) -> Result<(bool, Vec<PathBuf>), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| Error::Io { path: p, source }
+    };
+    let want = std::fs::read(src).map_err(io(src))?;
+    if std::fs::read(path).is_ok_and(|have| have == want) {
+        return Ok((false, Vec::new()));
+    }
+    let mut created = Vec::new();
+    if let Some(parent) = path.parent() {
+        let mut p = parent;
+        while !p.exists() {
+            created.push(p.to_path_buf());
+            match p.parent() {
+                Some(pp) => p = pp,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        created.reverse();
+    }
+    let tmp = path.with_extension("sandboxd-tmp");
+    std::fs::write(&tmp, &want).map_err(io(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok((true, created))
+}
+
 /// Removes directories (innermost first) if they are empty.
 pub fn remove_empty_dirs(dirs: &[PathBuf]) {
     for d in dirs.iter().rev() {

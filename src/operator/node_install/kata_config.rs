@@ -18,6 +18,9 @@ pub const SHIM_CANDIDATES: [&str; 3] = [
     "/usr/bin/containerd-shim-kata-v2",
 ];
 
+/// Where the node installer puts sandboxd's own shim (a copy of the sandboxd binary).
+pub const SANDBOXD_SHIM: &str = "/opt/sandboxd/bin/containerd-shim-sandboxd-v2";
+
 /// The host path of the kata shim, if installed under `root`.
 pub fn find_shim(root: &Path) -> Option<&'static str> {
     SHIM_CANDIDATES

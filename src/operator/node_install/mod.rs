@@ -35,10 +35,11 @@ const RETRY: Duration = Duration::from_secs(30);
 /// Errors of the node installer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The kata shim is not installed on the node (a documented prerequisite).
+    /// The KataConfig asks for kata's shim and the node has none.
     #[error(
         "kata shim containerd-shim-kata-v2 not found in /opt/kata/bin, /usr/local/bin or /usr/bin: \
-         install Kata Containers (kata-deploy or the distribution package) first"
+         install Kata Containers (kata-deploy or the distribution package) first, or set the \
+         KataConfig's spec.shim to `sandboxd` (or `auto`)"
     )]
     ShimMissing,
     /// The node runs a container runtime the installer does not configure.
@@ -106,6 +107,40 @@ impl Error {
     }
 }
 
+/// Which containerd shim serves `kata-remote` on a node (the KataConfig's `spec.shim`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ShimChoice {
+    /// kata's shim where the node has one (OpenShift, kata-deploy), else sandboxd's.
+    #[default]
+    Auto,
+    /// kata's shim; a node without it fails to install with the reason.
+    Kata,
+    /// sandboxd's shim (`containerd-shim-sandboxd-v2`), copied onto the node.
+    Sandboxd,
+}
+
+impl ShimChoice {
+    /// From the KataConfig's `spec.shim` (an unknown value is `auto`; the CRD's enum
+    /// rejects it first).
+    pub fn from_spec(s: &str) -> Self {
+        match s {
+            "kata" => ShimChoice::Kata,
+            "sandboxd" => ShimChoice::Sandboxd,
+            _ => ShimChoice::Auto,
+        }
+    }
+
+    /// As `spec.shim` and `KATA_SHIM` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShimChoice::Auto => "auto",
+            ShimChoice::Kata => "kata",
+            ShimChoice::Sandboxd => "sandboxd",
+        }
+    }
+}
+
 /// Everything that decides what the installer writes. Its hash is reported in
 /// [`ANN_CONFIG`], so the operator knows when a node runs an older configuration.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -118,6 +153,11 @@ pub struct InstallConfig {
     pub runtime_class: String,
     /// The remote hypervisor socket.
     pub hypervisor_socket: String,
+    /// Which shim serves the handler.
+    pub shim: ShimChoice,
+    /// The binary copied as sandboxd's shim (default: this running executable).
+    #[serde(skip)]
+    pub shim_source: Option<PathBuf>,
 }
 
 impl InstallConfig {
@@ -129,7 +169,15 @@ impl InstallConfig {
             log_level: log_level.to_string(),
             runtime_class: RUNTIME_CLASS.to_string(),
             hypervisor_socket: HYPERVISOR_SOCKET.to_string(),
+            shim: ShimChoice::Auto,
+            shim_source: None,
         }
+    }
+
+    /// The same with another shim choice.
+    pub fn with_shim(mut self, shim: ShimChoice) -> Self {
+        self.shim = shim;
+        self
     }
 
     /// The content hash reported in [`ANN_CONFIG`].
@@ -177,6 +225,9 @@ struct State {
     /// The shim link sandboxd made ([`containerd::SHIM_LINK`]) and its target.
     #[serde(default)]
     shim_link: Option<String>,
+    /// sandboxd's shim was copied to [`kata_config::SANDBOXD_SHIM`].
+    #[serde(default)]
+    sandboxd_shim: bool,
 }
 
 fn load_state(root: &Path) -> Result<State, Error> {
@@ -198,17 +249,50 @@ pub async fn install(
     cfg: &InstallConfig,
     services: &impl ServiceManager,
 ) -> Result<bool, Error> {
-    let shim = kata_config::find_shim(root).ok_or(Error::ShimMissing)?;
+    let kata = kata_config::find_shim(root);
+    let shim = match (cfg.shim, kata, runtime) {
+        (ShimChoice::Kata | ShimChoice::Auto, Some(k), _) => k,
+        // sandboxd's shim serves containerd's CRI (its annotations, its FIFOs).
+        (ShimChoice::Sandboxd, _, Runtime::Crio) => {
+            return Err(Error::UnsupportedRuntime(
+                "cri-o with sandboxd's shim (it serves containerd; use kata's shim)".into(),
+            ));
+        }
+        (ShimChoice::Kata, None, _) | (ShimChoice::Auto, None, Runtime::Crio) => {
+            return Err(Error::ShimMissing);
+        }
+        (ShimChoice::Sandboxd, _, _) | (ShimChoice::Auto, None, _) => kata_config::SANDBOXD_SHIM,
+    };
     let mut state = load_state(root)?;
     let mut created: Vec<PathBuf> = Vec::new();
+    let mut changed = false;
+    if shim == kata_config::SANDBOXD_SHIM {
+        let src = match &cfg.shim_source {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|source| Error::Io {
+                path: "/proc/self/exe".into(),
+                source,
+            })?,
+        };
+        let (c, dirs) = files::copy_executable(&src, &host_path(root, shim))?;
+        changed |= c;
+        created.extend(dirs);
+        state.sandboxd_shim = true;
+    } else if state.sandboxd_shim {
+        // The choice moved to kata's shim: sandboxd's copy goes.
+        let _ = std::fs::remove_file(host_path(root, kata_config::SANDBOXD_SHIM));
+        state.sandboxd_shim = false;
+        changed = true;
+    }
     let pull = match runtime {
         Runtime::Containerd(_) => kata_config::GuestPull::Kata,
         Runtime::Crio => kata_config::GuestPull::Runtime,
     };
-    let (mut changed, dirs) = write_owned(
+    let (c, dirs) = write_owned(
         &host_path(root, kata_config::KATA_CONFIG),
         &kata_config::render(cfg, pull),
     )?;
+    changed |= c;
     created.extend(dirs);
     match runtime {
         Runtime::Containerd(version) => {
@@ -294,6 +378,14 @@ pub async fn uninstall(
     if let Some(target) = &state.shim_link {
         changed |= files::unlink(&host_path(root, containerd::SHIM_LINK), target)?;
     }
+    if state.sandboxd_shim {
+        let p = host_path(root, kata_config::SANDBOXD_SHIM);
+        match std::fs::remove_file(&p) {
+            Ok(()) => changed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Io { path: p, source }),
+        }
+    }
     let main_path = host_path(root, containerd::MAIN_CONFIG);
     if let Some(current) = read_opt(&main_path)? {
         match &state.containerd_main {
@@ -352,6 +444,9 @@ pub struct Args {
     /// The KataConfig's logLevel (the operator sets it).
     #[arg(long, env = "KATA_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Which shim serves `kata-remote` (the KataConfig's `spec.shim`; the operator sets it).
+    #[arg(long, env = "KATA_SHIM", value_enum, default_value = "auto")]
+    pub shim: ShimChoice,
     /// The host's D-Bus system bus socket, relative to the host root.
     #[arg(long, default_value = "/run/dbus/system_bus_socket")]
     pub dbus_socket: String,
@@ -498,7 +593,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let services = systemd::SystemdDbus {
         socket: host_path(&root, &args.dbus_socket),
     };
-    let cfg = InstallConfig::new(&args.log_level);
+    let cfg = InstallConfig::new(&args.log_level).with_shim(args.shim);
     follow(client, &args.node_name, &root, &cfg, &services, shutdown).await?;
     Ok(())
 }

@@ -228,9 +228,8 @@ async fn missing_shim_is_the_failure_reason_and_nothing_is_written() {
     let before = snapshot(dir.path());
     let sm = Recorded::default();
     let rt = Runtime::Containerd("containerd://1.7.0".into());
-    let err = install(dir.path(), &rt, &InstallConfig::new("info"), &sm)
-        .await
-        .unwrap_err();
+    let kata_only = InstallConfig::new("info").with_shim(ShimChoice::Kata);
+    let err = install(dir.path(), &rt, &kata_only, &sm).await.unwrap_err();
     assert_eq!(err.metric_label(), "shim_missing");
     assert!(err.to_string().contains("kata-deploy"), "{err}");
     assert_eq!(snapshot(dir.path()), before);
@@ -427,4 +426,90 @@ async fn crio_nodes_pull_images_in_the_guest_through_crio() {
     );
     assert_eq!(kata["runtime"]["disable_new_netns"].as_bool(), Some(true));
     assert!(link_target(root).is_none(), "CRI-O needs no shim link");
+}
+
+/// A stand-in for the sandboxd binary the installer copies.
+fn fake_sandboxd(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("sandboxd-binary");
+    std::fs::write(&p, b"\x7fELF sandboxd").unwrap();
+    p
+}
+
+#[tokio::test]
+async fn without_kata_the_node_gets_sandboxds_shim_and_loses_it_on_uninstall() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    std::fs::create_dir_all(&root).unwrap();
+    put(&root, containerd::MAIN_CONFIG, CONTAINERD_2X);
+    let before = snapshot(&root);
+    let rt = Runtime::Containerd("containerd://2.4.2".into());
+    let sm = Recorded::default();
+    let mut cfg = InstallConfig::new("info");
+    cfg.shim_source = Some(fake_sandboxd(dir.path()));
+    assert!(install(&root, &rt, &cfg, &sm).await.unwrap());
+    let shim = files::host_path(&root, kata_config::SANDBOXD_SHIM);
+    assert_eq!(std::fs::read(&shim).unwrap(), b"\x7fELF sandboxd");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&shim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+    let dropin = std::fs::read_to_string(files::host_path(&root, containerd::DROPIN)).unwrap();
+    assert!(
+        dropin.contains(&format!(
+            "runtime_path = \"{}\"",
+            kata_config::SANDBOXD_SHIM
+        )),
+        "{dropin}"
+    );
+    // Idempotent: the same binary is not copied again, nothing restarts.
+    assert!(!install(&root, &rt, &cfg, &sm).await.unwrap());
+    assert_eq!(restarts(&sm).len(), 1);
+    // A new sandboxd (an operator upgrade) replaces the copy.
+    std::fs::write(cfg.shim_source.as_ref().unwrap(), b"\x7fELF sandboxd 2").unwrap();
+    assert!(install(&root, &rt, &cfg, &sm).await.unwrap());
+    assert_eq!(std::fs::read(&shim).unwrap(), b"\x7fELF sandboxd 2");
+    uninstall(&root, &rt, &sm).await.unwrap();
+    assert_eq!(snapshot(&root), before, "uninstall left the host different");
+}
+
+#[tokio::test]
+async fn the_shim_choice_picks_kata_or_sandboxd_and_switching_removes_sandboxds_copy() {
+    let host = host_with_shim();
+    let root = host.path();
+    let src = fake_sandboxd(root);
+    put(root, containerd::MAIN_CONFIG, CONTAINERD_2X);
+    let rt = Runtime::Containerd("containerd://2.4.2".into());
+    let sm = Recorded::default();
+    let dropin = || std::fs::read_to_string(files::host_path(root, containerd::DROPIN)).unwrap();
+    // auto with kata's shim on the node: kata's.
+    install(root, &rt, &InstallConfig::new("info"), &sm)
+        .await
+        .unwrap();
+    assert!(dropin().contains("/opt/kata/bin/containerd-shim-kata-v2"));
+    assert!(!files::host_path(root, kata_config::SANDBOXD_SHIM).exists());
+    // sandboxd chosen: sandboxd's, even where kata's exists.
+    let mut sbx = InstallConfig::new("info").with_shim(ShimChoice::Sandboxd);
+    sbx.shim_source = Some(src.clone());
+    assert_ne!(sbx.hash(), InstallConfig::new("info").hash());
+    assert!(install(root, &rt, &sbx, &sm).await.unwrap());
+    assert!(dropin().contains(kata_config::SANDBOXD_SHIM));
+    assert!(files::host_path(root, kata_config::SANDBOXD_SHIM).exists());
+    // Back to kata: the copy goes.
+    let kata = InstallConfig::new("info").with_shim(ShimChoice::Kata);
+    assert!(install(root, &rt, &kata, &sm).await.unwrap());
+    assert!(dropin().contains("/opt/kata/bin/containerd-shim-kata-v2"));
+    assert!(!files::host_path(root, kata_config::SANDBOXD_SHIM).exists());
+    // CRI-O: sandboxd's shim serves containerd only.
+    let err = install(root, &Runtime::Crio, &sbx, &sm).await.unwrap_err();
+    assert_eq!(err.metric_label(), "unsupported_runtime");
+    uninstall(root, &rt, &sm).await.unwrap();
+}
+
+#[test]
+fn the_shim_choice_reads_the_kataconfig_spelling() {
+    for c in [ShimChoice::Auto, ShimChoice::Kata, ShimChoice::Sandboxd] {
+        assert_eq!(ShimChoice::from_spec(c.as_str()), c);
+    }
+    assert_eq!(ShimChoice::from_spec(""), ShimChoice::Auto);
 }
