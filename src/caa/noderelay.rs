@@ -265,21 +265,28 @@ async fn serve_control(
     pods_dir: PathBuf,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = listener.accept() => c,
-        };
-        let Ok((conn, _)) = conn else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+    while let Some(conn) = next_conn(&listener, &shutdown).await {
         let (node, pods_dir) = (node.clone(), pods_dir.clone());
         tokio::spawn(async move {
             if let Err(e) = control_conn(conn, &node, &pods_dir).await {
                 tracing::warn!(error = %e, "control connection ended");
             }
         });
+    }
+}
+
+/// The next accepted connection, or `None` once `shutdown` fires (a failed accept is retried
+/// after a short pause: a full descriptor table must not spin).
+async fn next_conn(listener: &UnixListener, shutdown: &CancellationToken) -> Option<UnixStream> {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((conn, _)) => return Some(conn),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -318,15 +325,7 @@ async fn serve_front(
     wait: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = listener.accept() => c,
-        };
-        let Ok((conn, _)) = conn else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+    while let Some(conn) = next_conn(&listener, &shutdown).await {
         let caa = caa.clone();
         tokio::spawn(async move {
             let up = match dial_caa(&caa, wait).await {

@@ -989,9 +989,10 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
     );
 
     // ctl doctor and ctl status with pods running.
-    // Its Azure checks against the ARM test server (nothing the tests start leaves this
-    // machine).
-    let (_, doctor) = sandboxd(env, &["doctor", "--dev-arm-endpoint", &world.arm.url()]).await?;
+    // Azure's checks against the ARM test server (and its token endpoint): nothing leaves
+    // the machine, not even a name lookup of the public authority.
+    let arm_url = world.arm.url();
+    let (_, doctor) = sandboxd(env, &["doctor", "--dev-arm-endpoint", &arm_url]).await?;
     eprintln!("ctl doctor:\n{doctor}");
     ensure!(
         doctor.contains(&node.name) && !doctor.contains("[fail"),
