@@ -23,15 +23,15 @@
 //! - [`stdio`]: containerd's FIFOs to and from the agent's streams.
 //! - [`events`]: task events published to containerd.
 
-pub mod boot;
-pub mod config;
-pub mod events;
-pub mod pod;
-pub mod share;
-pub mod spec;
-pub mod stdio;
-pub mod task;
-pub mod vm;
+pub(crate) mod boot;
+pub(crate) mod config;
+pub(crate) mod events;
+pub(crate) mod pod;
+pub(crate) mod share;
+pub(crate) mod spec;
+pub(crate) mod stdio;
+pub(crate) mod task;
+pub(crate) mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -185,7 +185,6 @@ pub struct Sandbox {
 
 /// The pod one shim serves.
 pub struct Pod {
-    namespace: String,
     publisher: Publisher,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -242,10 +241,9 @@ pub fn rootfs_in_vm(cid: &str) -> String {
 }
 
 impl Pod {
-    /// A pod publishing events in `namespace` through `publisher`.
-    pub fn new(namespace: String, publisher: Publisher) -> Arc<Self> {
+    /// A pod publishing its events through `publisher` (which knows containerd's namespace).
+    pub fn new(publisher: Publisher) -> Arc<Self> {
         Arc::new(Self {
-            namespace,
             publisher,
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
@@ -265,11 +263,6 @@ impl Pod {
         lock(&self.sandbox)
             .clone()
             .ok_or_else(|| Error::FailedPrecondition("the pod's sandbox is not running".into()))
-    }
-
-    /// The namespace events go to.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
     }
 
     // --- create ------------------------------------------------------------------------

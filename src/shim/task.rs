@@ -150,7 +150,7 @@ impl Task for Shim {
 /// the socket; a sandbox still there is torn down (its VM deleted) first.
 pub async fn serve(flags: Flags, socket: PathBuf) -> Result<(), Error> {
     let publisher = Publisher::start(ttrpc_address(&flags.address), flags.namespace.clone());
-    let pod = Pod::new(flags.namespace.clone(), publisher);
+    let pod = Pod::new(publisher);
     if let Some(d) = socket.parent() {
         std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
     }

@@ -126,7 +126,7 @@ impl ArmWithVms {
 
     /// The VMs ARM holds.
     async fn arm_vms(&self) -> Result<Vec<serde_json::Value>> {
-        let body = reqwest_get(&format!("http://{}/armtest/vms", self.addr)).await?;
+        let body = curl_get(&format!("http://{}/armtest/vms", self.addr)).await?;
         let v: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
@@ -160,7 +160,7 @@ impl ArmWithVms {
 }
 
 /// GET `url` with curl (the test's own HTTP client is for the API server).
-async fn reqwest_get(url: &str) -> Result<String> {
+async fn curl_get(url: &str) -> Result<String> {
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "-m", "5", url])
         .output()
@@ -529,26 +529,53 @@ async fn kubectl(
     ))
 }
 
-/// What the node holds that a peer pod's life adds (the pod's network namespace, shim
-/// sockets, task bundles, CAA's pod directories), to compare before and after.
-#[derive(Debug, PartialEq)]
-struct NodeFiles(BTreeSet<String>);
+/// containerd's task bundles on the node.
+const TASKS: &str = "/run/containerd/io.containerd.runtime.v2.task/k8s.io";
+/// Shim sockets on the node.
+const SHIM_SOCKETS: &str = "/run/containerd/s";
+/// CAA's per-pod directories on the node.
+const CAA_PODS: &str = "/run/peerpod/pods";
+
+/// What the node held before the test's peer pods (other pods' containers come and go).
+struct NodeFiles {
+    sockets: BTreeSet<String>,
+    caa: BTreeSet<String>,
+}
 
 impl NodeFiles {
     fn read(node: &TestNode) -> Self {
-        let mut out = BTreeSet::new();
-        for dir in [
-            "/run/netns",
-            "/run/containerd/s",
-            "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
-            "/run/peerpod/pods",
-        ] {
-            for e in node.list_dir(dir).unwrap_or_default() {
-                out.insert(format!("{dir}/{e}"));
+        let set = |d: &str| node.list_dir(d).unwrap_or_default().into_iter().collect();
+        Self {
+            sockets: set(SHIM_SOCKETS),
+            caa: set(CAA_PODS),
+        }
+    }
+}
+
+/// The task bundles (and the pods' network namespaces) of the containers of namespace `ns`
+/// on the node, read from each bundle's OCI spec.
+fn bundles_of(node: &TestNode, ns: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut bundles, mut netns) = (BTreeSet::new(), BTreeSet::new());
+    for id in node.list_dir(TASKS).unwrap_or_default() {
+        let Ok(text) = node.read_file(&format!("{TASKS}/{id}/config.json")) else {
+            continue;
+        };
+        let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        if spec["annotations"]["io.kubernetes.cri.sandbox-namespace"] != ns {
+            continue;
+        }
+        bundles.insert(id);
+        for n in spec["linux"]["namespaces"].as_array().into_iter().flatten() {
+            if n["type"] == "network"
+                && let Some(p) = n["path"].as_str()
+            {
+                netns.insert(p.to_string());
             }
         }
-        Self(out)
     }
+    (bundles, netns)
 }
 
 /// Processes whose command line contains `needle` (the whole machine: the node's
@@ -575,13 +602,16 @@ fn processes_with(needle: &str) -> Vec<String> {
 }
 
 /// Deleted peer pods left nothing: no VM in ARM, no qemu VM or process, no PeerPod, no
-/// shim process, no network namespace, socket, bundle or CAA directory beyond `before`.
+/// shim process, no task bundle of the test's namespace, none of its pods' network
+/// namespaces (`netns`, read while they ran), no CAA pod directory and no shim socket
+/// nobody serves beyond `before`.
 async fn nothing_left(
     client: &Client,
     env: &Env,
     node: &TestNode,
     world: &World,
     before: &NodeFiles,
+    netns: &BTreeSet<String>,
 ) -> Result<()> {
     let peerpods: Api<sandboxd::api::peerpod::PeerPod> = Api::namespaced(client.clone(), &env.ns);
     eventually(
@@ -614,16 +644,38 @@ async fn nothing_left(
         },
     )
     .await?;
+    ensure!(!netns.is_empty(), "no pod network namespace was seen");
     eventually(
-        "no netns, shim socket, bundle or CAA directory left",
+        "no bundle, netns, CAA directory or dead shim socket left",
         Duration::from_secs(60),
         || async {
             let now = NodeFiles::read(node);
-            let extra: Vec<&String> = now.0.difference(&before.0).collect();
-            if extra.is_empty() {
+            let mut left: Vec<String> = bundles_of(node, &env.ns)
+                .0
+                .into_iter()
+                .map(|b| format!("{TASKS}/{b}"))
+                .collect();
+            left.extend(
+                netns
+                    .iter()
+                    .filter(|p| node.host_path(p).is_ok_and(|h| h.exists()))
+                    .cloned(),
+            );
+            left.extend(
+                now.caa
+                    .difference(&before.caa)
+                    .map(|d| format!("{CAA_PODS}/{d}")),
+            );
+            for s in now.sockets.difference(&before.sockets) {
+                let path = node.host_path(&format!("{SHIM_SOCKETS}/{s}"))?;
+                if std::os::unix::net::UnixStream::connect(&path).is_err() {
+                    left.push(format!("{SHIM_SOCKETS}/{s}"));
+                }
+            }
+            if left.is_empty() {
                 Ok(Some(()))
             } else {
-                Err(anyhow::anyhow!("left on the node: {extra:?}"))
+                Err(anyhow::anyhow!("left on the node: {left:?}"))
             }
         },
     )
@@ -808,6 +860,7 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
         "a PeerPod per pod VM"
     );
     let web = running[0].name_any();
+    let (_, netns) = bundles_of(node, &env.ns);
 
     // kubectl logs: the container's output, read back through the shim.
     let logs = eventually(
@@ -942,8 +995,8 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
     let (_, doctor) = sandboxd(env, &["doctor", "--dev-arm-endpoint", &arm_url]).await?;
     eprintln!("ctl doctor:\n{doctor}");
     ensure!(
-        doctor.contains(&node.name),
-        "doctor does not mention the node:\n{doctor}"
+        doctor.contains(&node.name) && !doctor.contains("[fail"),
+        "doctor failed a check or does not mention the node:\n{doctor}"
     );
     let status = ctl_ok(env, &["status"]).await?;
     ensure!(status.contains(KATA_CONFIG), "status:\n{status}");
@@ -955,7 +1008,7 @@ async fn web(env: &Env, node: &'static TestNode, client: &Client, world: &World)
         Ok(left.items.is_empty().then_some(()))
     })
     .await?;
-    nothing_left(client, env, node, world, &before).await?;
+    nothing_left(client, env, node, world, &before, &netns).await?;
     svcs.delete("web", &DeleteParams::default()).await?;
     Ok(())
 }
@@ -1019,6 +1072,7 @@ async fn crash_and_oom(
     )
     .await
     .with_context(|| format!("VM consoles:\n{}", world.arm.consoles()))?;
+    let (_, netns) = bundles_of(node, &env.ns);
     let last = crash
         .last_state
         .and_then(|s| s.terminated)
@@ -1060,7 +1114,7 @@ async fn crash_and_oom(
         Ok(pods.get_opt("crash").await?.is_none().then_some(()))
     })
     .await?;
-    nothing_left(client, env, node, world, &before).await
+    nothing_left(client, env, node, world, &before, &netns).await
 }
 
 /// Seconds from the pod's create (`kubectl apply`) to its Ready condition.
