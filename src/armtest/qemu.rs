@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::dhcp;
-use crate::cloud::local::start_time;
+use crate::cloud::local::store::{self, start_time};
 use crate::cloud::net::Netlink;
 use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 
@@ -111,25 +111,11 @@ impl QemuProvider {
     }
 
     fn read(&self, name: &str) -> Option<Record> {
-        let text = std::fs::read_to_string(self.dir.join(name).join("vm.json")).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn all(&self) -> Vec<(String, Record)> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                self.read(&name).map(|r| (name, r))
-            })
-            .collect()
+        store::read(&self.dir, name)
     }
 
     fn vm_of(name: &str, r: &Record) -> Vm {
-        let alive = start_time(r.pid) == Some(r.start_time);
+        let alive = store::alive(r.pid, r.start_time);
         Vm {
             name: name.to_string(),
             id: format!("qemu://{name}"),
@@ -206,12 +192,13 @@ impl QemuProvider {
         std::fs::write(dir.join("seed.img"), seed).map_err(|e| err("writing the seed", e))?;
         std::fs::copy(OVMF_VARS, dir.join("OVMF_VARS.fd"))
             .map_err(|e| err(&format!("copying {OVMF_VARS} (Debian ovmf)"), e))?;
-        let used: Vec<u32> = self.all().into_iter().map(|(_, r)| r.index).collect();
-        let index = (0..16000u32)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| Error::Quota("no free VM slots".into()))?;
-        let base = u32::from(self.subnet) + index * 4;
-        let (node_ip, vm_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let used: Vec<u32> = store::all::<Record>(&self.dir)
+            .into_iter()
+            .map(|(_, r)| r.index)
+            .collect();
+        let index =
+            store::free_slot(&used).ok_or_else(|| Error::Quota("no free VM slots".into()))?;
+        let (node_ip, vm_ip) = store::link_addresses(self.subnet, index);
         let tap = format!("sbxq{index}");
         let mac = format!("52:54:00:5b:{:02x}:{:02x}", index >> 8, index & 0xff);
         let log =
@@ -255,11 +242,7 @@ impl QemuProvider {
             tap: tap.clone(),
             tags: spec.tags.clone(),
         };
-        std::fs::write(
-            dir.join("vm.json"),
-            serde_json::to_vec(&rec).expect("serialises"),
-        )
-        .map_err(|e| err("writing vm.json", e))?;
+        store::write(&dir, &rec).map_err(|e| err("writing vm.json", e))?;
         // The tap exists once qemu has opened it.
         let node = Netlink::node().await.map_err(|e| err("netlink", e))?;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -314,28 +297,13 @@ impl QemuProvider {
             t.abort();
         }
         let child = lock(&self.children).remove(name);
-        if let Some(r) = self.read(name)
-            && start_time(r.pid) == Some(r.start_time)
-        {
-            use nix::sys::signal::{Signal, kill};
-            let pid = nix::unistd::Pid::from_raw(r.pid);
-            let _ = kill(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while start_time(r.pid) == Some(r.start_time) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if start_time(r.pid) == Some(r.start_time) {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
+        if let Some(r) = self.read(name) {
+            store::terminate(r.pid, r.start_time, Duration::from_secs(5)).await;
         }
         if let Some(mut c) = child {
             let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
         }
-        match std::fs::remove_dir_all(self.dir.join(name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(err("removing its directory", e)),
-        }
+        store::remove(&self.dir.join(name)).map_err(|e| err("removing its directory", e))
     }
 }
 
@@ -360,7 +328,7 @@ impl Provider for QemuProvider {
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
         let _g = self.alloc.lock().await;
         if let Some(r) = self.read(&spec.name)
-            && start_time(r.pid) == Some(r.start_time)
+            && store::alive(r.pid, r.start_time)
         {
             return Ok(Self::vm_of(&spec.name, &r));
         }
@@ -382,10 +350,9 @@ impl Provider for QemuProvider {
     }
 
     async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error> {
-        Ok(self
-            .all()
+        Ok(store::all::<Record>(&self.dir)
             .into_iter()
-            .filter(|(_, r)| tags.iter().all(|(k, v)| r.tags.get(k) == Some(v)))
+            .filter(|(_, r)| store::has_tags(&r.tags, tags))
             .map(|(n, r)| Self::vm_of(&n, &r))
             .collect())
     }

@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod store;
+
+pub use store::start_time;
+
 use super::net::Netlink;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 
@@ -58,18 +62,6 @@ pub struct LocalProvider {
 
 fn err(op: &str, e: impl std::fmt::Display) -> Error {
     Error::Permanent(format!("local VM: {op}: {e}"))
-}
-
-/// The start time of a process (field 22 of `/proc/<pid>/stat`), if it runs (zombies
-/// count as gone).
-pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
 }
 
 impl LocalProvider {
@@ -116,30 +108,11 @@ impl LocalProvider {
     }
 
     fn read(&self, name: &str) -> Option<LocalVm> {
-        let text = std::fs::read_to_string(self.vm_dir(name).join("vm.json")).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn all(&self) -> Vec<(String, LocalVm)> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                self.read(&name).map(|v| (name, v))
-            })
-            .collect()
-    }
-
-    fn addresses(&self, index: u32) -> (Ipv4Addr, Ipv4Addr) {
-        let base = u32::from(self.subnet) + index * 4;
-        (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+        store::read(&self.dir, name)
     }
 
     fn vm_of(name: &str, v: &LocalVm) -> Vm {
-        let alive = start_time(v.pid) == Some(v.start_time);
+        let alive = store::alive(v.pid, v.start_time);
         Vm {
             name: name.to_string(),
             id: format!("local://{name}"),
@@ -174,11 +147,13 @@ impl LocalProvider {
             .map_err(|e| err("creating its seed directory", e))?;
         std::fs::write(dir.join("run").join(SEED), user_data)
             .map_err(|e| err("writing user-data", e))?;
-        let used: Vec<u32> = self.all().into_iter().map(|(_, v)| v.index).collect();
-        let index = (0..16000u32)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| Error::Quota("no free local VM slots".into()))?;
-        let (node_ip, vm_ip) = self.addresses(index);
+        let used: Vec<u32> = store::all::<LocalVm>(&self.dir)
+            .into_iter()
+            .map(|(_, v)| v.index)
+            .collect();
+        let index =
+            store::free_slot(&used).ok_or_else(|| Error::Quota("no free local VM slots".into()))?;
+        let (node_ip, vm_ip) = store::link_addresses(self.subnet, index);
         let log =
             File::create(dir.join("forwarder.log")).map_err(|e| err("creating the log", e))?;
         let log2 = log.try_clone().map_err(|e| err("creating the log", e))?;
@@ -225,8 +200,8 @@ impl LocalProvider {
                 }
             }
         }
-        let st =
-            start_time(pid).ok_or_else(|| err("starting the forwarder", "it exited at once"))?;
+        let st = store::start_time(pid)
+            .ok_or_else(|| err("starting the forwarder", "it exited at once"))?;
         let node_link = format!("sbxl{index}");
         let peer = format!("sbxp{index}");
         let node = Netlink::node().await.map_err(|e| err("netlink", e))?;
@@ -244,11 +219,7 @@ impl LocalProvider {
             tags: spec.tags.clone(),
         };
         // Recorded before the links exist, so a failure below is cleaned up by delete.
-        std::fs::write(
-            dir.join("vm.json"),
-            serde_json::to_vec(&rec).expect("serialises"),
-        )
-        .map_err(|e| err("writing vm.json", e))?;
+        store::write(&dir, &rec).map_err(|e| err("writing vm.json", e))?;
         let li = node
             .add_veth(&node_link, &peer)
             .await
@@ -297,25 +268,11 @@ impl LocalProvider {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         if let Some(v) = self.read(name) {
-            if start_time(v.pid) == Some(v.start_time) {
-                use nix::sys::signal::{Signal, kill};
-                let pid = nix::unistd::Pid::from_raw(v.pid);
-                let _ = kill(pid, Signal::SIGTERM);
-                let deadline = Instant::now() + Duration::from_secs(3);
-                while start_time(v.pid) == Some(v.start_time) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                if start_time(v.pid) == Some(v.start_time) {
-                    let _ = kill(pid, Signal::SIGKILL);
-                }
-            }
+            store::terminate(v.pid, v.start_time, Duration::from_secs(3)).await;
             if let Some(mut c) = child {
                 let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
             }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while start_time(v.pid) == Some(v.start_time) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            store::wait_gone(v.pid, v.start_time, Duration::from_secs(5)).await;
             // The veth pair dies with the VM's namespace; remove a leftover node end.
             if let Ok(node) = Netlink::node().await
                 && let Ok(Some(i)) = node.index_of(&v.node_link).await
@@ -323,12 +280,7 @@ impl LocalProvider {
                 let _ = node.delete(i).await;
             }
         }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err("removing its directory", e)),
-        }
-        Ok(())
+        store::remove(&dir).map_err(|e| err("removing its directory", e))
     }
 }
 
@@ -353,7 +305,7 @@ impl Provider for LocalProvider {
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
         let _g = self.alloc.lock().await;
         if let Some(v) = self.read(&spec.name)
-            && start_time(v.pid) == Some(v.start_time)
+            && store::alive(v.pid, v.start_time)
         {
             return Ok(Self::vm_of(&spec.name, &v));
         }
@@ -375,10 +327,9 @@ impl Provider for LocalProvider {
     }
 
     async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error> {
-        Ok(self
-            .all()
+        Ok(store::all::<LocalVm>(&self.dir)
             .into_iter()
-            .filter(|(_, v)| tags.iter().all(|(k, val)| v.tags.get(k) == Some(val)))
+            .filter(|(_, v)| store::has_tags(&v.tags, tags))
             .map(|(n, v)| Self::vm_of(&n, &v))
             .collect())
     }
