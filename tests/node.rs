@@ -166,37 +166,9 @@ async fn image_job_on(
         ],
     )
     .await?;
-    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
-        .args(["ctl", "--kubeconfig", &kubeconfig, "azure", "secret"])
-        .args(["--client-id", "aaaaaaaa-0000-0000-0000-000000000001"])
-        .args(["--tenant-id", "aaaaaaaa-0000-0000-0000-000000000002"])
-        .args(["--subscription-id", SUB])
-        .env("AZURE_CLIENT_SECRET", "node-test-secret")
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "azure secret: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    azure_secret(env).await?;
     // No --image-id: the image Job makes one.
-    ctl_ok(
-        env,
-        &[
-            "azure",
-            "configmap",
-            "--subscription",
-            SUB,
-            "--resource-group",
-            "rg",
-            "--region",
-            "eastus",
-            "--dev-arm-endpoint",
-            &arm_url,
-        ],
-    )
-    .await?;
+    azure_configmap(env, &arm_url, None).await?;
     // The Job's storage account (an optional peer-pods-cm key the Job reads).
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), NS);
     cms.patch(
@@ -280,6 +252,46 @@ async fn sandboxd(env: &Env, args: &[&str]) -> Result<(bool, String)> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok((out.status.success(), text))
+}
+
+/// `ctl azure secret` as the guide has it, the client secret from the environment.
+async fn azure_secret(env: &Env) -> Result<()> {
+    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .args(["ctl", "--kubeconfig", &kubeconfig, "azure", "secret"])
+        .args(["--client-id", "aaaaaaaa-0000-0000-0000-000000000001"])
+        .args(["--tenant-id", "aaaaaaaa-0000-0000-0000-000000000002"])
+        .args(["--subscription-id", SUB])
+        .env("AZURE_CLIENT_SECRET", "node-test-secret")
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "azure secret: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `ctl azure configmap` against the ARM test server at `arm_url`, in eastus (fake nodes of
+/// other tests carry other regions), with `image_id` or without (the image Job makes one).
+async fn azure_configmap(env: &Env, arm_url: &str, image_id: Option<&str>) -> Result<()> {
+    let mut args = vec![
+        "azure",
+        "configmap",
+        "--subscription",
+        SUB,
+        "--resource-group",
+        "rg",
+        "--region",
+        "eastus",
+        "--dev-arm-endpoint",
+        arm_url,
+    ];
+    if let Some(id) = image_id {
+        args.extend(["--image-id", id]);
+    }
+    ctl_ok(env, &args).await.map(drop)
 }
 
 async fn ctl_ok(env: &Env, args: &[&str]) -> Result<String> {

@@ -21,7 +21,10 @@ use kube::{Client, ResourceExt};
 use sandboxd::pki::{Ca, Usage};
 use serde_json::json;
 
-use super::{KATA_CONFIG, NS, SUB, ctl_ok, image, phase, pod_events, print_pod_logs, sandboxd};
+use super::{
+    KATA_CONFIG, NS, SUB, azure_configmap, azure_secret, ctl_ok, image, phase, pod_events,
+    print_pod_logs, sandboxd,
+};
 use crate::agent::registry::Registry;
 use crate::harness::node::{REAL_NODE_LABEL, TestNode};
 use crate::harness::process::{Process, free_port};
@@ -363,39 +366,8 @@ async fn install(env: &Env, node: &'static TestNode, client: &Client, world: &Wo
         }),
         "no operator pod Running on the node"
     );
-    let kubeconfig = env.cp().kubeconfig_path.display().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
-        .args(["ctl", "--kubeconfig", &kubeconfig, "azure", "secret"])
-        .args(["--client-id", "aaaaaaaa-0000-0000-0000-000000000001"])
-        .args(["--tenant-id", "aaaaaaaa-0000-0000-0000-000000000002"])
-        .args(["--subscription-id", SUB])
-        .env("AZURE_CLIENT_SECRET", "node-test-secret")
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "azure secret: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ctl_ok(
-        env,
-        &[
-            "azure",
-            "configmap",
-            "--subscription",
-            SUB,
-            "--resource-group",
-            "rg",
-            // Fake nodes of other tests carry other regions.
-            "--region",
-            "eastus",
-            "--dev-arm-endpoint",
-            &arm_url,
-            "--image-id",
-            &world.arm.image_id,
-        ],
-    )
-    .await?;
+    azure_secret(env).await?;
+    azure_configmap(env, &arm_url, Some(&world.arm.image_id)).await?;
     ctl_ok(env, &["ssh-key"]).await?;
     let selector = format!("{REAL_NODE_LABEL}=true");
     // No --shim: `auto` picks sandboxd's shim on a node without kata's.
