@@ -423,29 +423,11 @@ async fn pulls() -> Result<()> {
             a.process.log_tail(40)
         );
     }
-    let _: Empty = w
-        .ok(
-            "/grpc.AgentService/StartContainer",
-            &StartContainerRequest {
-                container_id: "private".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let r: ReadStreamResponse = w
-        .ok(
-            "/grpc.AgentService/ReadStdout",
-            &ReadStreamRequest {
-                container_id: "private".into(),
-                len: 100,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let marker = super::sequence::start_and_read_first(&mut w, "private", 100).await?;
     ensure!(
-        r.data == b"closed",
+        marker == b"closed",
         "the private image's marker: {:?}",
-        String::from_utf8_lossy(&r.data)
+        String::from_utf8_lossy(&marker)
     );
     let _: Empty = w
         .ok(

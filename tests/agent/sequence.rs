@@ -248,6 +248,35 @@ async fn read_all<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Starts container `cid` and reads its first stdout (at most `len` bytes): what the
+/// private-image cases check for their marker.
+pub async fn start_and_read_first<S: AsyncRead + AsyncWrite + Unpin>(
+    w: &mut Wire<S>,
+    cid: &str,
+    len: u32,
+) -> Result<Vec<u8>> {
+    let _: Empty = w
+        .ok(
+            &format!("{A}/StartContainer"),
+            &StartContainerRequest {
+                container_id: cid.into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let r: ReadStreamResponse = w
+        .ok(
+            &format!("{A}/ReadStdout"),
+            &ReadStreamRequest {
+                container_id: cid.into(),
+                len,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(r.data)
+}
+
 /// Runs the sequence; `connect` opens a new connection to the agent (one per concurrent
 /// long poll, as the shim holds them).
 pub async fn run<S, F, Fut>(setup: &Setup, connect: F) -> Result<()>

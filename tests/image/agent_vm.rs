@@ -325,29 +325,11 @@ async fn run() -> Result<()> {
         )
         .await
         .with_context(|| format!("console:\n{}", boot::tail(&vm.console_text(), 40)))?;
-    let _: Empty = w
-        .ok(
-            "/grpc.AgentService/StartContainer",
-            &StartContainerRequest {
-                container_id: "private".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let out: ReadStreamResponse = w
-        .ok(
-            "/grpc.AgentService/ReadStdout",
-            &ReadStreamRequest {
-                container_id: "private".into(),
-                len: 64,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let marker = sequence::start_and_read_first(&mut w, "private", 64).await?;
     ensure!(
-        out.data == b"closed",
+        marker == b"closed",
         "private image marker {:?}",
-        String::from_utf8_lossy(&out.data)
+        String::from_utf8_lossy(&marker)
     );
     let _: Empty = w
         .ok(
