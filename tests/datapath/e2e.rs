@@ -673,6 +673,37 @@ async fn start_with_agent(
     Ok((server, log))
 }
 
+/// StartVM of `vm` with `sandboxd agent` started inside it (as `name`) as soon as the VM's
+/// process is recorded: with readiness `agent`, StartVM answers only once the agent does.
+async fn start_vm_with_agent(
+    hv: &hypervisor_ttrpc::HypervisorClient,
+    vm: &PodVm,
+    name: &'static str,
+) -> Result<crate::agent::host::HostAgent> {
+    let dir = vm.vm_dir.clone();
+    let starting = tokio::spawn(async move {
+        let rec = dir.join(sandboxd::cloud::local::store::RECORD);
+        harness::eventually("the VM", Duration::from_secs(60), || {
+            let rec = rec.clone();
+            async move { Ok(rec.exists().then_some(())) }
+        })
+        .await?;
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
+        let pid = v["pid"].as_i64().context("pid")? as i32;
+        crate::agent::host::HostAgent::start_in(
+            name,
+            &[],
+            Some((pid, dir.join("run/kata-containers/agent.sock"))),
+        )
+        .await
+    });
+    if let Err(e) = start_vm(hv, &vm.id).await {
+        starting.abort();
+        return Err(e);
+    }
+    starting.await?
+}
+
 async fn start_vm(hv: &hypervisor_ttrpc::HypervisorClient, id: &str) -> Result<()> {
     let mut start = hypervisor::StartVMRequest::new();
     start.id = id.to_string();
@@ -844,34 +875,13 @@ async fn agent_through_relay(env: Env) -> Result<()> {
 }
 
 async fn agent_through_relay_on(env: &Env, caa: &CaaProc, n: &Net) -> Result<()> {
-    use crate::agent::host::{HostAgent, busybox_rootfs};
+    use crate::agent::host::busybox_rootfs;
     use crate::agent::sequence::{self, Rootfs, Setup};
     let hv = caa.hypervisor().await?;
     let vm = create_vm(env, caa, &hv, "app", "a1b2c3d4e5f60718", &pod_netns(0)).await?;
     // Readiness `agent`: StartVM answers once the agent in the VM does, so `sandboxd agent`
     // starts inside the VM as soon as the VM exists.
-    let dir = vm.vm_dir.clone();
-    let starting = tokio::spawn(async move {
-        let rec = dir.join("vm.json");
-        harness::eventually("the VM", Duration::from_secs(60), || {
-            let rec = rec.clone();
-            async move { Ok(rec.exists().then_some(())) }
-        })
-        .await?;
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
-        let pid = v["pid"].as_i64().context("pid")? as i32;
-        HostAgent::start_in(
-            "dp-agent",
-            &[],
-            Some((pid, dir.join("run/kata-containers/agent.sock"))),
-        )
-        .await
-    });
-    if let Err(e) = start_vm(&hv, &vm.id).await {
-        starting.abort();
-        return Err(e);
-    }
-    let agent = starting.await??;
+    let agent = start_vm_with_agent(&hv, &vm, "dp-agent").await?;
     let pid = vm.pid()?;
     let rootfs = agent.root.join("busybox-rootfs");
     busybox_rootfs(&rootfs)?;

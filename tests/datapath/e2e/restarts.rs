@@ -13,7 +13,7 @@ use sandboxd::protocol::{frame, oci, podvminfo};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::agent::host::{HostAgent, busybox_rootfs};
+use crate::agent::host::busybox_rootfs;
 use crate::agent::sequence::{self, Rootfs, Setup};
 use crate::harness::ttrpc_wire;
 
@@ -324,28 +324,7 @@ async fn survive_on(env: &Env, caa: &mut CaaProc) -> Result<()> {
     let hv = caa.hypervisor().await?;
     // The pod that streams and execs: sandboxd agent in its VM.
     let vm = create_vm(env, caa, &hv, "stream", "5eed5eed5eed5eed", &pod_netns(0)).await?;
-    let dir = vm.vm_dir.clone();
-    let starting = tokio::spawn(async move {
-        let rec = dir.join("vm.json");
-        harness::eventually("the VM", Duration::from_secs(60), || {
-            let rec = rec.clone();
-            async move { Ok(rec.exists().then_some(())) }
-        })
-        .await?;
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec)?)?;
-        let pid = v["pid"].as_i64().context("pid")? as i32;
-        HostAgent::start_in(
-            "dp-survive-agent",
-            &[],
-            Some((pid, dir.join("run/kata-containers/agent.sock"))),
-        )
-        .await
-    });
-    if let Err(e) = start_vm(&hv, &vm.id).await {
-        starting.abort();
-        return Err(e);
-    }
-    let agent = starting.await??;
+    let agent = start_vm_with_agent(&hv, &vm, "dp-survive-agent").await?;
     let vm_pid = vm.pid()?;
     // Two pods deleted while CAA is rolled: the test agent answers in their VMs.
     let gone = [
