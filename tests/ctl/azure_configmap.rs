@@ -115,13 +115,25 @@ async fn vm_console(env: Env) -> Result<()> {
             tags: Default::default(),
         })
         .await?;
-    // Its PeerPod, owned by pod `web`.
+    // Pod `web` (held unscheduled by a gate) and its PeerPod. The owner must exist: the
+    // controller-manager's garbage collector deletes a PeerPod whose owner uid is unknown.
+    let pod: k8s_openapi::api::core::v1::Pod = Api::namespaced(admin.clone(), &env.ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {"schedulingGates": [{"name": "sandboxd.test/hold"}],
+                         "containers": [{"name": "c", "image": "registry.invalid/none"}]},
+            }))?,
+        )
+        .await?;
+    let uid = pod.metadata.uid.context("pod uid")?;
     let pp: sandboxd::api::peerpod::PeerPod = serde_json::from_value(json!({
         "apiVersion": "confidentialcontainers.org/v1alpha1", "kind": "PeerPod",
         "metadata": {"name": vm, "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "web",
-                     "uid": "00000000-0000-0000-0000-000000000001"}]},
+                     "uid": uid}]},
         "spec": {"cloudProvider": "azure", "instanceID": "", "vmName": vm, "nodeName": "n1",
-                 "podUID": "00000000-0000-0000-0000-000000000001", "sandboxId": "0a1b2c3d"},
+                 "podUID": uid, "sandboxId": "0a1b2c3d"},
     }))?;
     Api::<sandboxd::api::peerpod::PeerPod>::namespaced(admin.clone(), &env.ns)
         .create(&PostParams::default(), &pp)
