@@ -10,20 +10,20 @@ use serde::{Deserialize, Serialize};
 /// The API group of `PeerPod`.
 pub const GROUP: &str = "confidentialcontainers.org";
 /// Keeps a `PeerPod` until its VM is deleted.
-pub const FINALIZER: &str = "peer.pod/finalizer";
+pub(crate) const FINALIZER: &str = "peer.pod/finalizer";
 
 /// Phases of a pod VM.
 pub mod phases {
     /// Recorded; the VM may not exist yet.
-    pub const PENDING: &str = "Pending";
+    pub(crate) const PENDING: &str = "Pending";
     /// The create call is running.
-    pub const CREATING: &str = "Creating";
+    pub(crate) const CREATING: &str = "Creating";
     /// The VM is provisioned and has an IP.
-    pub const RUNNING: &str = "Running";
+    pub(crate) const RUNNING: &str = "Running";
     /// The VM is being deleted.
-    pub const DELETING: &str = "Deleting";
+    pub(crate) const DELETING: &str = "Deleting";
     /// Creating the VM failed; it will be deleted.
-    pub const FAILED: &str = "Failed";
+    pub(crate) const FAILED: &str = "Failed";
 }
 
 /// One pod VM: which cloud, which VM, for which pod on which node.
@@ -83,7 +83,7 @@ pub struct PeerPodStatus {
 }
 
 /// The CRDs of this module.
-pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+pub(crate) fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![super::crd_of::<PeerPod>(
         "peerpods.confidentialcontainers.org.yaml",
     )]

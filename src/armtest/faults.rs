@@ -40,7 +40,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Label for the request log.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             FaultKind::Status { status, .. } => format!("status_{status}"),
             FaultKind::Drop { apply } => format!("drop{}", if *apply { "_applied" } else { "" }),

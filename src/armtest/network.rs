@@ -41,21 +41,21 @@ pub struct VnetSeed {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct RuleSeed {
     /// Rule name.
-    pub name: String,
+    pub(crate) name: String,
     /// 100-4096.
-    pub priority: u32,
+    pub(crate) priority: u32,
     /// `Inbound` or `Outbound`.
-    pub direction: String,
+    pub(crate) direction: String,
     /// `Allow` or `Deny`.
-    pub access: String,
+    pub(crate) access: String,
     /// `Tcp`, `Udp`, `Icmp` or `*`.
-    pub protocol: String,
+    pub(crate) protocol: String,
     /// Source address prefix (CIDR, service tag or `*`).
-    pub source: String,
+    pub(crate) source: String,
     /// Destination address prefix.
-    pub destination: String,
+    pub(crate) destination: String,
     /// Destination port or range (`9000`, `8000-9999`, `*`).
-    pub ports: String,
+    pub(crate) ports: String,
 }
 
 impl RuleSeed {
@@ -124,10 +124,10 @@ fn offered_key(subscription: &str, region: &str) -> String {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct NsgSeed {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Custom rules.
     #[serde(default)]
-    pub rules: Vec<RuleSeed>,
+    pub(crate) rules: Vec<RuleSeed>,
 }
 
 /// A whole network scenario, as `POST /armtest/network` takes it (JSON, camelCase):
@@ -139,20 +139,20 @@ pub struct NsgSeed {
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSeed {
     /// Subscription id.
-    pub subscription: String,
+    pub(crate) subscription: String,
     /// Resource group (created in `location`).
-    pub resource_group: String,
+    pub(crate) resource_group: String,
     /// Region of the group and its resources.
-    pub location: String,
+    pub(crate) location: String,
     /// Virtual networks.
     #[serde(default)]
-    pub vnets: Vec<VnetSeed>,
+    pub(crate) vnets: Vec<VnetSeed>,
     /// Network security groups.
     #[serde(default)]
-    pub nsgs: Vec<NsgSeed>,
+    pub(crate) nsgs: Vec<NsgSeed>,
     /// Regions offering only some sizes.
     #[serde(default)]
-    pub offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
+    pub(crate) offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Seeds `seed` into the store (`POST /armtest/network`).
@@ -276,7 +276,7 @@ fn offer_sizes(store: &Store, subscription: &str, region: &str, sizes: &[&str]) 
 
 impl Handle {
     /// Seeds a whole scenario (see [`NetworkSeed`]).
-    pub fn seed_network(&self, seed: &NetworkSeed) {
+    pub(crate) fn seed_network(&self, seed: &NetworkSeed) {
         seed_network(&self.store, seed)
     }
 

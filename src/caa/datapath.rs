@@ -61,7 +61,11 @@ impl Datapath {
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
     /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]). With `relay` (the
     /// node agent relay's control socket) the agent sockets are served by it.
-    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr, relay: Option<PathBuf>) -> Self {
+    pub(crate) async fn new(
+        client: &kube::Client,
+        node_ip: Ipv4Addr,
+        relay: Option<PathBuf>,
+    ) -> Self {
         let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| names::DEFAULT_NAMESPACE.into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| names::CAA_TLS_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {

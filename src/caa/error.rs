@@ -2,7 +2,7 @@
 
 /// Errors of CAA.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The request lacks something the shim always sends.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -183,13 +183,13 @@ fn client_config_of(
 /// CAA's client side of the mTLS to the forwarders, without the CA's key: what the node
 /// agent relay needs to dial them (handed over a root-only unix socket, kept in memory).
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClientIdentity {
+pub(crate) struct ClientIdentity {
     /// The current CA certificate (trusted for the VMs' server certificates).
-    pub ca_pem: String,
+    pub(crate) ca_pem: String,
     /// The client certificate and key the current CA signed.
-    pub client: CertKey,
+    pub(crate) client: CertKey,
     /// During a CA rotation: the previous CA and its client certificate.
-    pub previous: Option<(String, CertKey)>,
+    pub(crate) previous: Option<(String, CertKey)>,
 }
 
 impl std::fmt::Debug for ClientIdentity {
@@ -200,7 +200,7 @@ impl std::fmt::Debug for ClientIdentity {
 
 impl ClientIdentity {
     /// The TLS client configuration of this identity (as [`Pki::client_config`]).
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    pub(crate) fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, PkiError> {
         client_config_of(
             &self.ca_pem,
             &self.client,
@@ -474,7 +474,7 @@ impl Pki {
     }
 
     /// The client identity alone (no CA key), for the node agent relay.
-    pub fn client_identity(&self) -> ClientIdentity {
+    pub(crate) fn client_identity(&self) -> ClientIdentity {
         let m = self.current();
         ClientIdentity {
             ca_pem: m.ca_pem.clone(),

@@ -44,11 +44,11 @@ impl NodePods {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SandboxOf {
     /// The pod's name.
-    pub name: String,
+    pub(crate) name: String,
     /// The pod's namespace, when the sandbox name carries it (CRI-O).
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// The pod's uid, when the sandbox name carries it (CRI-O).
-    pub uid: Option<String>,
+    pub(crate) uid: Option<String>,
 }
 
 /// Reads the sandbox name the shim sends: containerd's is the pod name; CRI-O's (kata copies

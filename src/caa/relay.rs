@@ -234,7 +234,7 @@ struct Served {
 
 /// Where each new connection takes its TLS client configuration from (the identity may
 /// rotate while a socket is served).
-pub type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+pub(crate) type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
 
 /// The agent sockets CAA (or the node agent relay) serves.
 #[derive(Default)]
@@ -264,7 +264,7 @@ impl AgentSockets {
     }
 
     /// The sandboxes served.
-    pub fn ids(&self) -> Vec<String> {
+    pub(crate) fn ids(&self) -> Vec<String> {
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -274,7 +274,7 @@ impl AgentSockets {
     }
 
     /// [`AgentSockets::serve`] with the client configuration read per connection.
-    pub fn serve_with(
+    pub(crate) fn serve_with(
         &self,
         id: &str,
         path: &Path,

@@ -890,7 +890,7 @@ impl ttrpc::r#async::MethodHandler for StopVm {
 }
 
 /// Serves both services on `socket` (stale socket removed, mode 0600).
-pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
+pub(crate) async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
     use std::os::unix::fs::PermissionsExt;
     let err = |e: &dyn std::fmt::Display| Error::Socket(format!("{}: {e}", socket.display()));
     if let Some(dir) = socket.parent() {

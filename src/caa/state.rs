@@ -31,19 +31,19 @@ pub(crate) fn sandbox_label(id: &str) -> String {
 #[derive(Clone, Debug)]
 pub(crate) struct Record {
     /// Pod namespace (the record's namespace).
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Pod name.
-    pub pod_name: String,
+    pub(crate) pod_name: String,
     /// Pod uid.
-    pub pod_uid: String,
+    pub(crate) pod_uid: String,
     /// VM name (the record's name).
-    pub vm_name: String,
+    pub(crate) vm_name: String,
     /// Sandbox id.
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// Chosen instance size.
-    pub size: String,
+    pub(crate) size: String,
     /// The image the pod asked for; empty: the configured one.
-    pub image: String,
+    pub(crate) image: String,
 }
 
 impl Record {

@@ -21,9 +21,9 @@ pub(crate) const FIRST_VNI: u32 = 555000;
 #[derive(Clone, Debug)]
 pub(crate) struct PodIface {
     /// The interface.
-    pub iface: Iface,
+    pub(crate) iface: Iface,
     /// Routes through it.
-    pub routes: Vec<Route>,
+    pub(crate) routes: Vec<Route>,
 }
 
 fn nerr(op: &str, d: impl std::fmt::Display) -> NetError {

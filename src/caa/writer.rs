@@ -35,9 +35,9 @@ const ATTEMPTS: u32 = 30;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
     /// Namespace.
-    pub ns: String,
+    pub(crate) ns: String,
     /// Name (the VM name).
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl Key {

@@ -18,22 +18,22 @@ use super::VmSize;
 
 /// What a pod asks for, from the shim's annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SizeRequest {
+pub(crate) struct SizeRequest {
     /// `machine_type`, if set.
-    pub machine_type: Option<String>,
+    pub(crate) machine_type: Option<String>,
     /// `default_vcpus`; 0 when unset.
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     /// `default_memory` in MiB; 0 when unset.
-    pub memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// GPUs (`default_gpus`); 0: none asked.
-    pub gpus: u32,
+    pub(crate) gpus: u32,
     /// GPU model (`default_gpu_model`), matched in the size name.
-    pub gpu_model: Option<String>,
+    pub(crate) gpu_model: Option<String>,
 }
 
 /// Why no size could be chosen.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     /// The requested `machine_type` is not an allowed size.
     #[error("instance size {requested:?} is not allowed; allowed sizes: {}", .allowed.join(", "))]
     NotAllowed {
@@ -66,7 +66,7 @@ pub enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::NotAllowed { .. } => "size_not_allowed",
             Error::NoneFits { .. } => "no_size_fits",
@@ -77,7 +77,7 @@ impl Error {
 
 impl SizeRequest {
     /// Reads the request from the shim's annotation values ("0" or missing = unset).
-    pub fn from_annotations(
+    pub(crate) fn from_annotations(
         machine_type: Option<&str>,
         vcpus: Option<&str>,
         memory_mib: Option<&str>,
@@ -95,7 +95,7 @@ impl SizeRequest {
     }
 
     /// The same request with the `default_gpus` and `default_gpu_model` annotation values.
-    pub fn with_gpus(mut self, gpus: Option<&str>, model: Option<&str>) -> Self {
+    pub(crate) fn with_gpus(mut self, gpus: Option<&str>, model: Option<&str>) -> Self {
         self.gpus = gpus.and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(0);
         self.gpu_model = model
             .map(str::trim)
@@ -106,7 +106,11 @@ impl SizeRequest {
 }
 
 /// Chooses the instance size for `req` among `allowed` (which contains `default`).
-pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<String, Error> {
+pub(crate) fn select(
+    req: &SizeRequest,
+    default: &str,
+    allowed: &[VmSize],
+) -> Result<String, Error> {
     if let Some(mt) = &req.machine_type {
         return allowed
             .iter()

@@ -168,28 +168,28 @@ pub(crate) fn secret_map(s: &Secret) -> BTreeMap<String, String> {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub(crate) struct Subnet {
     /// ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Subnet name.
-    pub name: String,
+    pub(crate) name: String,
     /// Name of its virtual network.
-    pub vnet: String,
+    pub(crate) vnet: String,
     /// Address prefixes (`addressPrefix` or `addressPrefixes`).
-    pub prefixes: Vec<String>,
+    pub(crate) prefixes: Vec<String>,
     /// The NSG attached to the subnet, if any.
-    pub nsg_id: Option<String>,
+    pub(crate) nsg_id: Option<String>,
 }
 
 /// A virtual network.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Vnet {
     /// ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Address space.
-    pub prefixes: Vec<String>,
+    pub(crate) prefixes: Vec<String>,
     /// Its subnets.
-    pub subnets: Vec<Subnet>,
+    pub(crate) subnets: Vec<Subnet>,
 }
 
 /// Rule direction.
@@ -205,41 +205,41 @@ pub(crate) enum Direction {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Rule {
     /// Rule name.
-    pub name: String,
+    pub(crate) name: String,
     /// Lower is evaluated first.
-    pub priority: u32,
+    pub(crate) priority: u32,
     /// Direction.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// `true` for Allow.
-    pub allow: bool,
+    pub(crate) allow: bool,
     /// `Tcp`, `Udp`, `*`, ...
-    pub protocol: String,
+    pub(crate) protocol: String,
     /// Source prefixes or service tags.
-    pub sources: Vec<String>,
+    pub(crate) sources: Vec<String>,
     /// Destination prefixes or service tags.
-    pub destinations: Vec<String>,
+    pub(crate) destinations: Vec<String>,
     /// Destination ports or ranges.
-    pub ports: Vec<String>,
+    pub(crate) ports: Vec<String>,
 }
 
 /// A network security group.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Nsg {
     /// ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Custom and default rules.
-    pub rules: Vec<Rule>,
+    pub(crate) rules: Vec<Rule>,
 }
 
 /// The parts of an ARM id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ArmId {
     /// Subscription id.
-    pub subscription: String,
+    pub(crate) subscription: String,
     /// Resource group.
-    pub resource_group: String,
+    pub(crate) resource_group: String,
 }
 
 /// Subscription and resource group of an ARM id (or an `azure://` provider id).
@@ -341,7 +341,7 @@ fn nsg_of(v: &Value) -> Nsg {
 pub(crate) struct Azure {
     client: Arm,
     /// The subscription.
-    pub subscription: String,
+    pub(crate) subscription: String,
 }
 
 impl Azure {

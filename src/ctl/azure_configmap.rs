@@ -39,7 +39,7 @@ pub(crate) const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub(crate) struct Args {
     /// The flags.
     #[command(flatten)]
-    pub flags: Box<Flags>,
+    pub(crate) flags: Box<Flags>,
 }
 
 /// The flags of `ctl azure configmap`.
@@ -47,48 +47,48 @@ pub(crate) struct Args {
 pub(crate) struct Flags {
     /// Subscription id; default: from the nodes' providerID, else the credentials'.
     #[arg(long)]
-    pub subscription: Option<String>,
+    pub(crate) subscription: Option<String>,
     /// Resource group holding the cluster's network; default: from the nodes' providerID.
     #[arg(long)]
-    pub resource_group: Option<String>,
+    pub(crate) resource_group: Option<String>,
     /// Azure region; default: the nodes' topology.kubernetes.io/region label, else the
     /// resource group's location.
     #[arg(long)]
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
     /// Only consider subnets of this virtual network.
     #[arg(long)]
-    pub vnet: Option<String>,
+    pub(crate) vnet: Option<String>,
     /// The subnet for pod VMs: a name, `<vnet>/<name>`, or a full subnet id.
     #[arg(long)]
-    pub subnet: Option<String>,
+    pub(crate) subnet: Option<String>,
     /// The NSG for pod VMs: a name (in the resource group) or a full id.
     #[arg(long)]
-    pub nsg: Option<String>,
+    pub(crate) nsg: Option<String>,
     /// Default instance size (AZURE_INSTANCE_SIZE).
     #[arg(long)]
-    pub instance_size: Option<String>,
+    pub(crate) instance_size: Option<String>,
     /// Comma-separated allowed instance sizes (AZURE_INSTANCE_SIZES).
     #[arg(long)]
-    pub instance_sizes: Option<String>,
+    pub(crate) instance_sizes: Option<String>,
     /// VXLAN port (VXLAN_PORT).
     #[arg(long)]
-    pub vxlan_port: Option<u16>,
+    pub(crate) vxlan_port: Option<u16>,
     /// Pod VM image id (AZURE_IMAGE_ID); default: keep the current one (the image job fills
     /// it when empty).
     #[arg(long)]
-    pub image_id: Option<String>,
+    pub(crate) image_id: Option<String>,
     /// Create Confidential VMs (DISABLECVM=false).
     #[arg(long)]
-    pub confidential: bool,
+    pub(crate) confidential: bool,
     /// Label selector of the nodes whose providerID and region are read (default: all).
     #[arg(long, default_value = "")]
-    pub node_selector: String,
+    pub(crate) node_selector: String,
     /// Print the ConfigMap instead of writing it.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// ARM and Entra ID endpoints.
     #[command(flatten)]
-    pub endpoints: EndpointArgs,
+    pub(crate) endpoints: EndpointArgs,
 }
 
 /// Why the configmap cannot be written.
@@ -185,9 +185,9 @@ fn describe_subnet(s: &Subnet) -> String {
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct NodeFacts {
     /// `(subscription, resource group)` from `azure://` provider ids.
-    pub groups: Vec<(String, String)>,
+    pub(crate) groups: Vec<(String, String)>,
     /// Region labels.
-    pub regions: Vec<String>,
+    pub(crate) regions: Vec<String>,
 }
 
 /// Reads the facts of `nodes`.
@@ -369,11 +369,11 @@ fn pick(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Location {
     /// `AZURE_RESOURCE_GROUP`.
-    pub resource_group: (String, Source),
+    pub(crate) resource_group: (String, Source),
     /// The subscription to read: the flag, else the nodes'; `None`: the credentials'.
-    pub subscription: Option<String>,
+    pub(crate) subscription: Option<String>,
     /// `AZURE_REGION` when known without ARM; `None`: the resource group's location.
-    pub region: Option<(String, Source)>,
+    pub(crate) region: Option<(String, Source)>,
 }
 
 /// Decides the location: a flag, then `peer-pods-cm`, then the nodes (whose
@@ -440,24 +440,24 @@ pub(crate) fn locate(
 #[derive(Clone, Debug)]
 pub(crate) struct Found {
     /// `AZURE_REGION`.
-    pub region: (String, Source),
+    pub(crate) region: (String, Source),
     /// The subnet of `AZURE_SUBNET_ID`.
-    pub subnet: (Subnet, Source),
+    pub(crate) subnet: (Subnet, Source),
     /// `AZURE_NSG_ID`, if any.
-    pub nsg: Option<(String, Source)>,
+    pub(crate) nsg: Option<(String, Source)>,
     /// The sizes the region offers.
-    pub offered_sizes: Vec<String>,
+    pub(crate) offered_sizes: Vec<String>,
     /// The cloud the endpoints point at.
-    pub cloud: AzureCloud,
+    pub(crate) cloud: AzureCloud,
 }
 
 /// The configmap to write: every key, and where each value came from.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Planned {
     /// The data of `peer-pods-cm`.
-    pub data: BTreeMap<String, String>,
+    pub(crate) data: BTreeMap<String, String>,
     /// Where each value of [`Self::data`] came from (keys absent here were kept as they were).
-    pub sources: BTreeMap<String, Source>,
+    pub(crate) sources: BTreeMap<String, Source>,
 }
 
 /// The configmap for `found` at `resource_group`: every key of `current` kept, flags

@@ -72,15 +72,15 @@ impl Protocol {
 #[derive(Clone, Debug)]
 pub(crate) struct Flow {
     /// Which rules apply.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// Protocol.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// Source range.
-    pub source: Prefix,
+    pub(crate) source: Prefix,
     /// Destination range.
-    pub destination: Prefix,
+    pub(crate) destination: Prefix,
     /// Destination port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 /// What the NSG does with a flow.

@@ -30,20 +30,20 @@ use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 pub(crate) struct Args {
     /// Name of the operator Deployment in the namespace.
     #[arg(long, default_value = crate::api::names::OPERATOR)]
-    pub operator_deployment: String,
+    pub(crate) operator_deployment: String,
     /// Namespace of the dry-run `kata-remote` pod that probes the webhook (never stored).
     #[arg(long, default_value = "default")]
-    pub probe_namespace: String,
+    pub(crate) probe_namespace: String,
     /// Label selector of the nodes that should run peer pods (default: the nodes labelled
     /// node-role.kubernetes.io/kata-oc).
     #[arg(long)]
-    pub node_selector: Option<String>,
+    pub(crate) node_selector: Option<String>,
     /// Skip the checks that need Azure (NSG rules, image existence).
     #[arg(long)]
-    pub no_azure: bool,
+    pub(crate) no_azure: bool,
     /// ARM and Entra ID endpoints.
     #[command(flatten)]
-    pub endpoints: EndpointArgs,
+    pub(crate) endpoints: EndpointArgs,
 }
 
 /// The outcome of one check.
@@ -63,14 +63,14 @@ pub(crate) enum Status {
 pub(crate) struct Finding {
     /// Which check (`operator`, `crds`, `secret`, `configmap`, `image`, `runtimeclass`,
     /// `nodes`, `webhook`, `caa`, `nsg`).
-    pub check: &'static str,
+    pub(crate) check: &'static str,
     /// Outcome.
-    pub status: Status,
+    pub(crate) status: Status,
     /// What was found.
-    pub message: String,
+    pub(crate) message: String,
     /// How to fix it, when not ok.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
+    pub(crate) fix: Option<String>,
 }
 
 fn ok(check: &'static str, message: impl Into<String>) -> Finding {

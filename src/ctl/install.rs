@@ -104,26 +104,26 @@ pub enum Platform {
 pub(crate) struct InstallArgs {
     /// Install for OpenShift (default: detected from the `machineconfiguration.openshift.io` API).
     #[arg(long, conflicts_with = "vanilla")]
-    pub openshift: bool,
+    pub(crate) openshift: bool,
     /// Install for plain Kubernetes.
     #[arg(long)]
-    pub vanilla: bool,
+    pub(crate) vanilla: bool,
     /// Print what would be applied (`-o yaml` for the manifests) and change nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Wait until the operator Deployment is available.
     #[arg(long)]
-    pub wait: bool,
+    pub(crate) wait: bool,
     /// How long `--wait` waits, in seconds.
     #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     /// The sandboxd image the operator runs (default: the manifest's).
     #[arg(long)]
-    pub image: Option<String>,
+    pub(crate) image: Option<String>,
     /// Azure flags added to the operator's command line, which hands them on to the CAA
     /// DaemonSet and the image Jobs (the development endpoints exist only as flags).
     #[command(flatten)]
-    pub azure: crate::cloud::azure::EndpointArgs,
+    pub(crate) azure: crate::cloud::azure::EndpointArgs,
 }
 
 /// Flags of `uninstall`.
@@ -131,10 +131,10 @@ pub(crate) struct InstallArgs {
 pub(crate) struct UninstallArgs {
     /// Keep the CRDs (and with them every KataConfig, PeerPodConfig and PeerPod record).
     #[arg(long)]
-    pub keep_crds: bool,
+    pub(crate) keep_crds: bool,
     /// Keep the namespace (and with it `peer-pods-secret`, `peer-pods-cm`, `ssh-key-secret`).
     #[arg(long)]
-    pub keep_namespace: bool,
+    pub(crate) keep_namespace: bool,
 }
 
 fn parse_docs(text: &str) -> Result<Vec<Value>, Error> {

@@ -48,23 +48,23 @@ pub(crate) enum Command {
 pub(crate) struct CreateArgs {
     /// Its name.
     #[arg(long, default_value = DEFAULT_NAME)]
-    pub name: String,
+    pub(crate) name: String,
     /// Run pods of the runtime class in their own cloud VMs (`enablePeerPods`).
     #[arg(long)]
-    pub peer_pods: bool,
+    pub(crate) peer_pods: bool,
     /// Only nodes with this label (`key=value`; repeat for several, all must match).
     #[arg(long = "selector", value_name = "KEY=VALUE")]
-    pub selector: Vec<String>,
+    pub(crate) selector: Vec<String>,
     /// Log level of the runtime on the nodes.
     #[arg(long, default_value = "info")]
-    pub log_level: String,
+    pub(crate) log_level: String,
     /// Only nodes Node Feature Discovery marked able to run Kata.
     #[arg(long)]
-    pub check_node_eligibility: bool,
+    pub(crate) check_node_eligibility: bool,
     /// Which containerd shim serves the runtime class on the nodes (`spec.shim`): kata's
     /// where the node has one, else sandboxd's (`auto`); `kata`; or `sandboxd`.
     #[arg(long, value_parser = ["auto", "kata", "sandboxd"], default_value = "auto")]
-    pub shim: String,
+    pub(crate) shim: String,
 }
 
 /// The KataConfig these flags describe.

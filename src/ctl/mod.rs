@@ -101,11 +101,11 @@ pub(crate) enum AzureCommand {
 #[derive(Clone, Debug)]
 pub(crate) struct Ctx {
     /// Kubeconfig and context.
-    pub kube: KubeArgs,
+    pub(crate) kube: KubeArgs,
     /// The operator / configuration namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Output format.
-    pub output: Output,
+    pub(crate) output: Output,
 }
 
 impl Ctx {

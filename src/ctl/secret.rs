@@ -46,13 +46,13 @@ pub(crate) enum Error {
 pub(crate) struct Args {
     /// The service principal's application (client) id.
     #[arg(long, env = "AZURE_CLIENT_ID")]
-    pub client_id: Option<String>,
+    pub(crate) client_id: Option<String>,
     /// The tenant id.
     #[arg(long, env = "AZURE_TENANT_ID")]
-    pub tenant_id: Option<String>,
+    pub(crate) tenant_id: Option<String>,
     /// The subscription id.
     #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
-    pub subscription_id: Option<String>,
+    pub(crate) subscription_id: Option<String>,
 }
 
 /// The secret's keys from the flags, before the client secret is asked for.

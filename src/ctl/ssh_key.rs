@@ -49,10 +49,10 @@ pub(crate) enum Error {
 pub(crate) struct Args {
     /// Also write the private key (OpenSSH format, mode 0600) to this new file.
     #[arg(long)]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// The key's comment.
     #[arg(long, default_value = "sandboxd-peer-pods")]
-    pub comment: String,
+    pub(crate) comment: String,
 }
 
 /// An Ed25519 key pair held in memory.

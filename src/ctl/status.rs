@@ -47,22 +47,22 @@ pub(crate) enum Error {
 pub(crate) struct Args {
     /// Refresh until the KataConfig is no longer in progress (or something fails).
     #[arg(long, short = 'w')]
-    pub watch: bool,
+    pub(crate) watch: bool,
     /// Seconds between refreshes with `--watch`.
     #[arg(long, default_value_t = 2)]
-    pub interval: u64,
+    pub(crate) interval: u64,
     /// Give up watching after this many seconds.
     #[arg(long)]
-    pub timeout: Option<u64>,
+    pub(crate) timeout: Option<u64>,
 }
 
 /// Ready replicas of a workload.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub(crate) struct Readiness {
     /// Ready.
-    pub ready: i32,
+    pub(crate) ready: i32,
     /// Wanted.
-    pub want: i32,
+    pub(crate) want: i32,
 }
 
 /// One node of the KataConfig.
@@ -70,9 +70,9 @@ pub(crate) struct Readiness {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct NodeState {
     /// Node name.
-    pub name: String,
+    pub(crate) name: String,
     /// `installed`, `installing`, `waitingToInstall`, `failedToInstall`, ...
-    pub state: String,
+    pub(crate) state: String,
 }
 
 /// One condition, without timestamps.
@@ -80,13 +80,13 @@ pub(crate) struct NodeState {
 pub(crate) struct ConditionLine {
     /// Type.
     #[serde(rename = "type")]
-    pub type_: String,
+    pub(crate) type_: String,
     /// `True`, `False`, `Unknown`.
-    pub status: String,
+    pub(crate) status: String,
     /// Reason.
-    pub reason: String,
+    pub(crate) reason: String,
     /// Message.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// The KataConfig part of the report.
@@ -94,30 +94,30 @@ pub(crate) struct ConditionLine {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct KataConfigReport {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `enablePeerPods`.
-    pub peer_pods: bool,
+    pub(crate) peer_pods: bool,
     /// Nodes with the runtime installed.
-    pub ready_node_count: i64,
+    pub(crate) ready_node_count: i64,
     /// Nodes selected.
-    pub node_count: i64,
+    pub(crate) node_count: i64,
     /// Each node's state.
-    pub nodes: Vec<NodeState>,
+    pub(crate) nodes: Vec<NodeState>,
     /// Conditions.
-    pub conditions: Vec<ConditionLine>,
+    pub(crate) conditions: Vec<ConditionLine>,
     /// Whether an install, update or uninstall runs.
-    pub in_progress: bool,
+    pub(crate) in_progress: bool,
 }
 
 /// Peer-pod VMs on one node.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub(crate) struct NodeVms {
     /// Node name.
-    pub node: String,
+    pub(crate) node: String,
     /// PeerPod records on it.
-    pub used: usize,
+    pub(crate) used: usize,
     /// Its `kata.peerpods.io/vm` capacity, if set.
-    pub limit: Option<String>,
+    pub(crate) limit: Option<String>,
 }
 
 /// Everything `status` shows.
@@ -125,25 +125,25 @@ pub(crate) struct NodeVms {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Report {
     /// The namespace looked at.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The operator Deployment, if installed.
-    pub operator: Option<Readiness>,
+    pub(crate) operator: Option<Readiness>,
     /// The KataConfig, if any.
-    pub kataconfig: Option<KataConfigReport>,
+    pub(crate) kataconfig: Option<KataConfigReport>,
     /// The PeerPodConfig limit, if any.
-    pub limit: Option<String>,
+    pub(crate) limit: Option<String>,
     /// PeerPodConfig conditions.
-    pub peer_pod_config: Vec<ConditionLine>,
+    pub(crate) peer_pod_config: Vec<ConditionLine>,
     /// The image Job: `Running`, `Succeeded` or `Failed`.
-    pub image_job: Option<String>,
+    pub(crate) image_job: Option<String>,
     /// The CAA DaemonSet.
-    pub caa: Option<Readiness>,
+    pub(crate) caa: Option<Readiness>,
     /// The webhook Deployment.
-    pub webhook: Option<Readiness>,
+    pub(crate) webhook: Option<Readiness>,
     /// Peer-pod VMs per node.
-    pub vms: Vec<NodeVms>,
+    pub(crate) vms: Vec<NodeVms>,
     /// What failed, each with what to do.
-    pub failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 impl Report {

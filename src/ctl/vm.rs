@@ -64,15 +64,15 @@ pub(crate) enum Command {
 
 /// Flags of `ctl vm console`.
 #[derive(Debug, clap::Args)]
-pub struct ConsoleArgs {
+pub(crate) struct ConsoleArgs {
     /// The pod, as `NAME` (in `--pod-namespace`) or `NAMESPACE/NAME`.
-    pub pod: String,
+    pub(crate) pod: String,
     /// Namespace of the pod when `POD` has none.
     #[arg(long, default_value = "default")]
-    pub pod_namespace: String,
+    pub(crate) pod_namespace: String,
     /// Azure endpoints.
     #[command(flatten)]
-    pub endpoints: super::azure_arm::EndpointArgs,
+    pub(crate) endpoints: super::azure_arm::EndpointArgs,
 }
 
 /// Flags of `ctl vm create`.
@@ -80,28 +80,28 @@ pub struct ConsoleArgs {
 pub(crate) struct CreateArgs {
     /// The pod the VM is for, as `NAMESPACE/NAME` (it must exist: CAA records its uid).
     #[arg(long)]
-    pub pod: String,
+    pub(crate) pod: String,
     /// The sandbox id (the shim uses the pod sandbox's container id).
     #[arg(long)]
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// vCPUs for the automatic instance size (`default_vcpus` annotation).
     #[arg(long)]
-    pub vcpus: Option<u32>,
+    pub(crate) vcpus: Option<u32>,
     /// Memory in MiB for the automatic instance size (`default_memory` annotation).
     #[arg(long)]
-    pub memory: Option<u32>,
+    pub(crate) memory: Option<u32>,
     /// Instance size (`machine_type` annotation); must be one of `AZURE_INSTANCE_SIZES`.
     #[arg(long)]
-    pub machine_type: Option<String>,
+    pub(crate) machine_type: Option<String>,
     /// The pod's network namespace (as CNI made it); empty: no pod network is tunnelled.
     #[arg(long)]
-    pub netns: Option<PathBuf>,
+    pub(crate) netns: Option<PathBuf>,
     /// Seconds to wait for StartVM.
     #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// Flags of `ctl vm delete`.
@@ -109,13 +109,13 @@ pub(crate) struct CreateArgs {
 pub(crate) struct DeleteArgs {
     /// The sandbox id given to `vm create` (or by the shim).
     #[arg(long)]
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Seconds to wait for StopVM.
     #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// The CreateVM request the kata shim would send for these flags.
@@ -185,13 +185,13 @@ fn call_err(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Created {
     /// The sandbox id.
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The cloud VM name.
-    pub vm: String,
+    pub(crate) vm: String,
     /// The VM's private IP, when the PeerPod record could be read.
-    pub ip: Option<String>,
+    pub(crate) ip: Option<String>,
     /// The agent socket CAA serves for this sandbox.
-    pub agent_socket: String,
+    pub(crate) agent_socket: String,
 }
 
 /// CreateVM + StartVM through `socket`; returns the VM name and agent socket.
@@ -253,19 +253,19 @@ async fn recorded_ip(ctx: &Ctx, namespace: &str, vm: &str) -> Option<String> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct VmRow {
     /// Namespace of the pod.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The pod the VM serves (the PeerPod's owner; else the record's name).
-    pub pod: String,
+    pub(crate) pod: String,
     /// Cloud VM name.
-    pub vm: String,
+    pub(crate) vm: String,
     /// Worker node.
-    pub node: String,
+    pub(crate) node: String,
     /// VM private IP.
-    pub ip: String,
+    pub(crate) ip: String,
     /// Age.
-    pub age: String,
+    pub(crate) age: String,
     /// Phase.
-    pub phase: String,
+    pub(crate) phase: String,
 }
 
 /// The rows for these records, sorted by namespace and pod.

@@ -46,7 +46,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Binaries(_) => "binaries",
             Error::Process { .. } => "process",

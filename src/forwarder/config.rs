@@ -74,26 +74,26 @@ pub struct PodNetwork {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Route {
     /// Destination with prefix length (`0.0.0.0/0` for the default route).
-    pub dst: String,
+    pub(crate) dst: String,
     /// Gateway, empty for on-link routes.
     #[serde(default)]
-    pub gw: String,
+    pub(crate) gw: String,
     /// Device name.
     #[serde(default)]
-    pub dev: String,
+    pub(crate) dev: String,
 }
 
 /// One permanent neighbour entry.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Neighbor {
     /// IP address.
-    pub ip: String,
+    pub(crate) ip: String,
     /// MAC address.
     #[serde(rename = "hw-addr")]
-    pub hw_addr: String,
+    pub(crate) hw_addr: String,
     /// Device name.
     #[serde(default)]
-    pub dev: String,
+    pub(crate) dev: String,
 }
 
 #[derive(Deserialize)]

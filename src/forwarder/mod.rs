@@ -26,7 +26,7 @@ use crate::cloud::net;
 
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The configuration is missing or invalid.
     #[error("forwarder config: {0}")]
     Config(String),
@@ -59,29 +59,29 @@ pub enum Error {
 pub struct Args {
     /// Read `apf.json` (or a `#cloud-config` carrying it) from this file.
     #[arg(long)]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// NoCloud seed user data, used when it exists and `--config` is not given.
     #[arg(long, default_value = "/media/cidata/user-data")]
-    pub seed: PathBuf,
+    pub(crate) seed: PathBuf,
     /// Azure IMDS userData endpoint, used when neither file is there.
     #[arg(
         long,
         env = "FORWARDER_IMDS_URL",
         default_value = "http://169.254.169.254/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
     )]
-    pub imds_url: url::Url,
+    pub(crate) imds_url: url::Url,
     /// Address of the mTLS listener.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::FORWARDER_PORT)))]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// kata-agent's socket.
     #[arg(long, default_value = names::AGENT_SOCKET)]
-    pub agent_socket: PathBuf,
+    pub(crate) agent_socket: PathBuf,
     /// The pod network namespace to create.
     #[arg(long, default_value = names::POD_NETNS)]
-    pub pod_netns: PathBuf,
+    pub(crate) pod_netns: PathBuf,
     /// Seconds a connection waits for the agent socket.
     #[arg(long, default_value_t = 150)]
-    pub agent_wait_seconds: u64,
+    pub(crate) agent_wait_seconds: u64,
     /// Start in a new network namespace (local pod VMs; done before the runtime starts).
     #[arg(long, hide = true)]
     pub unshare_net: bool,
@@ -141,7 +141,7 @@ mod reqwest_like {
     pub(crate) struct Client;
 
     impl Client {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self
         }
 

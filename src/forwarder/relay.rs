@@ -128,7 +128,11 @@ const ROUTE_PREFIX: usize = 256;
 
 /// Relays frames between `client` and `upstream` until either side ends. With `netns`,
 /// requests from the client are rewritten on the way; everything else passes unchanged.
-pub async fn relay<C, U>(client: C, upstream: U, netns: Option<&str>) -> Result<(), FrameError>
+pub(crate) async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    netns: Option<&str>,
+) -> Result<(), FrameError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,

@@ -57,14 +57,14 @@ pub(crate) async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
 
 /// How a component finds its API server; flattened into every subcommand that talks to one.
 #[derive(Clone, Debug, Default, clap::Args)]
-pub struct KubeArgs {
+pub(crate) struct KubeArgs {
     /// Path to a kubeconfig. Without it: the in-cluster service account, then `KUBECONFIG`,
     /// then `~/.kube/config`.
     #[arg(long, global = true)]
-    pub kubeconfig: Option<PathBuf>,
+    pub(crate) kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use instead of its current context.
     #[arg(long, global = true)]
-    pub context: Option<String>,
+    pub(crate) context: Option<String>,
 }
 
 impl KubeArgs {

@@ -12,23 +12,23 @@ pub mod frame;
 /// generated servers and clients, and CAA registers its services under these.
 pub mod methods {
     /// The remote hypervisor service.
-    pub const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
+    pub(crate) const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
     /// The pod VM info service.
-    pub const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
+    pub(crate) const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
     /// Methods of [`HYPERVISOR_SERVICE`].
-    pub const HYPERVISOR_METHODS: [&str; 4] = ["CreateVM", "StartVM", "StopVM", "Version"];
+    pub(crate) const HYPERVISOR_METHODS: [&str; 4] = ["CreateVM", "StartVM", "StopVM", "Version"];
     /// Methods of [`PODVMINFO_SERVICE`].
-    pub const PODVMINFO_METHODS: [&str; 1] = ["GetInfo"];
+    pub(crate) const PODVMINFO_METHODS: [&str; 1] = ["GetInfo"];
     /// `/hypervisor.Hypervisor/CreateVM`.
-    pub const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
+    pub(crate) const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
     /// `/hypervisor.Hypervisor/StartVM`.
-    pub const START_VM: &str = "/hypervisor.Hypervisor/StartVM";
+    pub(crate) const START_VM: &str = "/hypervisor.Hypervisor/StartVM";
     /// `/hypervisor.Hypervisor/StopVM`.
-    pub const STOP_VM: &str = "/hypervisor.Hypervisor/StopVM";
+    pub(crate) const STOP_VM: &str = "/hypervisor.Hypervisor/StopVM";
     /// `/hypervisor.Hypervisor/Version`.
-    pub const VERSION: &str = "/hypervisor.Hypervisor/Version";
+    pub(crate) const VERSION: &str = "/hypervisor.Hypervisor/Version";
     /// `/podvminfo.PodVMInfo/GetInfo`.
-    pub const GET_INFO: &str = "/podvminfo.PodVMInfo/GetInfo";
+    pub(crate) const GET_INFO: &str = "/podvminfo.PodVMInfo/GetInfo";
 }
 
 /// kata's health service (`grpc.Health`, health.proto) as CAA calls it through the forwarder
@@ -36,15 +36,15 @@ pub mod methods {
 /// that handles raw frames (the generated messages are in [`health`]).
 pub mod health_wire {
     /// The service.
-    pub const SERVICE: &str = "grpc.Health";
+    pub(crate) const SERVICE: &str = "grpc.Health";
     /// Its check method.
-    pub const CHECK: &str = "Check";
+    pub(crate) const CHECK: &str = "Check";
     /// `HealthCheckResponse.ServingStatus.SERVING`.
-    pub const SERVING: u64 = 1;
+    pub(crate) const SERVING: u64 = 1;
 
     /// The `status` (field 1, varint) of a `HealthCheckResponse` payload; 0 (UNKNOWN) when
     /// absent, `None` when the payload is not protobuf.
-    pub fn status(payload: &[u8]) -> Option<u64> {
+    pub(crate) fn status(payload: &[u8]) -> Option<u64> {
         let mut is = protobuf::CodedInputStream::from_bytes(payload);
         let mut status = 0;
         while !is.eof().ok()? {

@@ -47,7 +47,7 @@ pub enum Error {
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
@@ -60,11 +60,11 @@ pub enum LogFormat {
 pub struct LogArgs {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SANDBOXD_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
     /// `sandboxd=debug,kube=info`. Defaults to `RUST_LOG`, then `info`.
     #[arg(long, global = true, env = "SANDBOXD_LOG_LEVEL")]
-    pub log_level: Option<String>,
+    pub(crate) log_level: Option<String>,
 }
 
 /// The directive added to every filter that does not name rustls (see [`LogArgs::filter`]).

@@ -139,7 +139,7 @@ pub(crate) fn redact(line: &str) -> Cow<'_, str> {
 /// A [`MakeWriter`] whose writers redact each write (the formatter writes one whole event
 /// per call) before it reaches `inner`.
 #[derive(Clone, Debug)]
-pub(crate) struct RedactingMakeWriter<M>(pub M);
+pub(crate) struct RedactingMakeWriter<M>(pub(crate) M);
 
 impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMakeWriter<M> {
     type Writer = RedactingWriter<M::Writer>;

@@ -50,35 +50,35 @@ pub struct Args {
         env = "CERT_DIR",
         default_value = "/tmp/k8s-webhook-server/serving-certs"
     )]
-    pub cert_dir: PathBuf,
+    pub(crate) cert_dir: PathBuf,
     /// HTTPS port.
     #[arg(long, env = "WEBHOOK_PORT", default_value_t = 9443)]
-    pub port: u16,
+    pub(crate) port: u16,
     /// Address to listen on (default: all IPv4 interfaces).
     #[arg(long, default_value = "0.0.0.0")]
-    pub bind_address: IpAddr,
+    pub(crate) bind_address: IpAddr,
     /// Runtime class of peer pods. Also read from `TARGET_RUNTIME_CLASS` (the OpenShift
     /// spelling). Default `kata-remote`.
     #[arg(long, env = "TARGET_RUNTIMECLASS")]
-    pub target_runtime_class: Option<String>,
+    pub(crate) target_runtime_class: Option<String>,
     /// Extended resource that counts pod VMs per node.
     #[arg(
         long,
         env = "POD_VM_EXTENDED_RESOURCE",
         default_value = crate::api::names::VM_RESOURCE
     )]
-    pub pod_vm_extended_resource: String,
+    pub(crate) pod_vm_extended_resource: String,
     /// The operator's namespace: peer pods there are refused.
     #[arg(
         long,
         env = "OPERATOR_NAMESPACE",
         default_value = crate::api::names::DEFAULT_NAMESPACE
     )]
-    pub operator_namespace: String,
+    pub(crate) operator_namespace: String,
     /// If set, peer pods are refused outside these namespaces (comma list; `prefix-*`
     /// patterns allowed).
     #[arg(long, env = "PEERPODS_ALLOWED_NAMESPACES", value_delimiter = ',')]
-    pub allowed_namespaces: Vec<String>,
+    pub(crate) allowed_namespaces: Vec<String>,
     /// Namespaces whose pods are never mutated, whatever the webhook configuration sends
     /// (comma list; `prefix-*` patterns allowed).
     #[arg(
@@ -87,19 +87,19 @@ pub struct Args {
         value_delimiter = ',',
         default_values_t = policy::DEFAULT_NEVER_MUTATE.iter().map(|s| s.to_string())
     )]
-    pub never_mutate_namespaces: Vec<String>,
+    pub(crate) never_mutate_namespaces: Vec<String>,
     /// Minimum TLS version: `VersionTLS12` (default) or `VersionTLS13`.
     #[arg(long, env = "TLS_MIN_VERSION")]
-    pub tls_min_version: Option<String>,
+    pub(crate) tls_min_version: Option<String>,
     /// Allowed cipher suites by IANA (Go) name, comma separated.
     #[arg(long, env = "TLS_CIPHER_SUITES", value_delimiter = ',')]
-    pub tls_cipher_suites: Vec<String>,
+    pub(crate) tls_cipher_suites: Vec<String>,
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// How often the certificate files are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
-    pub cert_reload_interval_ms: u64,
+    pub(crate) cert_reload_interval_ms: u64,
 }
 
 impl Args {

@@ -50,25 +50,25 @@ impl Error {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PodSize {
     /// vCPUs, rounded up; `None` when the pod asks for no CPU.
-    pub vcpus: Option<u64>,
+    pub(crate) vcpus: Option<u64>,
     /// Memory in MiB, rounded up; `None` when the pod asks for no memory.
-    pub memory_mib: Option<u64>,
+    pub(crate) memory_mib: Option<u64>,
     /// GPUs; `None` when the pod asks for none.
-    pub gpus: Option<u64>,
+    pub(crate) gpus: Option<u64>,
     /// Resources the pod asked for that a pod VM size cannot carry (hugepages, storage,
     /// other extended resources), sorted.
-    pub dropped: BTreeSet<String>,
+    pub(crate) dropped: BTreeSet<String>,
 }
 
 /// The outcome of mutating one peer pod.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Mutation {
     /// RFC 6902 operations turning the submitted pod into the peer pod, as JSON text.
-    pub patch: String,
+    pub(crate) patch: String,
     /// Messages for the user (admission warnings).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// The size written to the annotations (before user-set annotations win).
-    pub size: PodSize,
+    pub(crate) size: PodSize,
 }
 
 type Amounts<'a> = BTreeMap<&'a str, i128>;

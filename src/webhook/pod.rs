@@ -21,7 +21,7 @@ use crate::api::names::annotations;
 
 /// A JSON string, borrowed from the body unless it holds escapes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Str<'a>(pub Cow<'a, str>);
+pub(crate) struct Str<'a>(pub(crate) Cow<'a, str>);
 
 impl Str<'_> {
     pub(crate) fn as_str(&self) -> &str {
@@ -53,7 +53,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 
 /// `T` read only from a JSON object, or `None` from `null`: serde's derived structs would
 /// also take an array, which no Kubernetes object is.
-pub(crate) struct Obj<T>(pub Option<T>);
+pub(crate) struct Obj<T>(pub(crate) Option<T>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -89,17 +89,17 @@ fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option
 #[derive(Deserialize, Default)]
 pub(crate) struct PodIn<'a> {
     #[serde(default, borrow)]
-    pub metadata: Option<&'a RawValue>,
+    pub(crate) metadata: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub spec: Option<SpecIn<'a>>,
+    pub(crate) spec: Option<SpecIn<'a>>,
 }
 
 /// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
 pub(crate) struct PeerPod<'a> {
-    pub meta: Meta<'a>,
-    pub containers: Vec<Container<'a>>,
-    pub init_containers: Vec<Container<'a>>,
-    pub resources: Option<Resources<'a>>,
+    pub(crate) meta: Meta<'a>,
+    pub(crate) containers: Vec<Container<'a>>,
+    pub(crate) init_containers: Vec<Container<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 impl<'a> PeerPod<'a> {
@@ -120,9 +120,9 @@ impl<'a> PeerPod<'a> {
 #[derive(Deserialize, Default)]
 pub(crate) struct PodFull<'a> {
     #[serde(default, borrow, deserialize_with = "object")]
-    pub metadata: Option<Meta<'a>>,
+    pub(crate) metadata: Option<Meta<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub spec: Option<SpecFull<'a>>,
+    pub(crate) spec: Option<SpecFull<'a>>,
 }
 
 /// `spec` of a [`PodFull`].
@@ -130,13 +130,13 @@ pub(crate) struct PodFull<'a> {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SpecFull<'a> {
     #[serde(default, borrow)]
-    pub runtime_class_name: Option<Str<'a>>,
+    pub(crate) runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub containers: Option<Vec<Obj<Container<'a>>>>,
+    pub(crate) containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow)]
-    pub init_containers: Option<Vec<Obj<Container<'a>>>>,
+    pub(crate) init_containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub resources: Option<Resources<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 /// A pod as read so far: whole ([`PodFull`]) or scanned ([`PodIn`]).
@@ -194,20 +194,20 @@ fn null_container(list: &str, i: usize) -> FieldError {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SpecIn<'a> {
     #[serde(default, borrow)]
-    pub runtime_class_name: Option<Str<'a>>,
+    pub(crate) runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub containers: Option<&'a RawValue>,
+    pub(crate) containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub init_containers: Option<&'a RawValue>,
+    pub(crate) init_containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub resources: Option<&'a RawValue>,
+    pub(crate) resources: Option<&'a RawValue>,
 }
 
 /// Why a peer pod's fields could not be read; names the field.
 #[derive(Debug)]
 pub(crate) struct FieldError {
-    pub field: String,
-    pub source: serde_json::Error,
+    pub(crate) field: String,
+    pub(crate) source: serde_json::Error,
 }
 
 impl fmt::Display for FieldError {
@@ -232,17 +232,17 @@ fn parse<'a, T: Deserialize<'a>>(
 pub(crate) struct Meta<'a> {
     /// Whether `metadata` is an object (not absent or `null`).
     #[serde(skip)]
-    pub present: bool,
+    pub(crate) present: bool,
     #[serde(default, borrow)]
-    pub namespace: Option<Str<'a>>,
+    pub(crate) namespace: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub generate_name: Option<Str<'a>>,
+    pub(crate) generate_name: Option<Str<'a>>,
     /// `Some` when `labels` is an object.
     #[serde(default)]
-    pub labels: Option<AnyObject>,
+    pub(crate) labels: Option<AnyObject>,
     /// `Some` when `annotations` is an object.
     #[serde(default)]
-    pub annotations: Option<SizeAnnotations>,
+    pub(crate) annotations: Option<SizeAnnotations>,
 }
 
 impl<'a> Meta<'a> {
@@ -285,9 +285,9 @@ impl<'de> Deserialize<'de> for AnyObject {
 /// Which of the VM size annotations an `annotations` object already holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SizeAnnotations {
-    pub vcpus: bool,
-    pub memory: bool,
-    pub gpus: bool,
+    pub(crate) vcpus: bool,
+    pub(crate) memory: bool,
+    pub(crate) gpus: bool,
 }
 
 impl SizeAnnotations {
@@ -333,11 +333,11 @@ impl<'de> Deserialize<'de> for SizeAnnotations {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Container<'a> {
     #[serde(default, borrow)]
-    pub name: Str<'a>,
+    pub(crate) name: Str<'a>,
     #[serde(default, borrow)]
-    pub restart_policy: Option<Str<'a>>,
+    pub(crate) restart_policy: Option<Str<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub resources: Option<Resources<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 /// Reads a container list (`spec.containers` or `spec.initContainers`); absent or `null` is
@@ -377,12 +377,12 @@ pub(crate) fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'
 #[derive(Deserialize, Default, Debug)]
 pub(crate) struct Resources<'a> {
     #[serde(default, borrow)]
-    pub requests: Option<Amounts<'a>>,
+    pub(crate) requests: Option<Amounts<'a>>,
     #[serde(default, borrow)]
-    pub limits: Option<Amounts<'a>>,
+    pub(crate) limits: Option<Amounts<'a>>,
     /// How many resource claims are listed.
     #[serde(default, deserialize_with = "count")]
-    pub claims: usize,
+    pub(crate) claims: usize,
 }
 
 impl Resources<'_> {
@@ -396,7 +396,7 @@ impl Resources<'_> {
 
 /// A resource list (`{"cpu": "500m", ...}`) in document order.
 #[derive(Debug, Default)]
-pub(crate) struct Amounts<'a>(pub Vec<(Str<'a>, Str<'a>)>);
+pub(crate) struct Amounts<'a>(pub(crate) Vec<(Str<'a>, Str<'a>)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Amounts<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

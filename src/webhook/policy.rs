@@ -59,11 +59,11 @@ impl NamespacePattern {
 #[derive(Debug, Clone)]
 pub(crate) struct NamespacePolicy {
     /// The operator's namespace: peer pods there are refused.
-    pub operator_namespace: String,
+    pub(crate) operator_namespace: String,
     /// When non-empty, peer pods are refused outside these namespaces.
-    pub allowed: Vec<NamespacePattern>,
+    pub(crate) allowed: Vec<NamespacePattern>,
     /// Namespaces whose pods are admitted unchanged.
-    pub never_mutate: Vec<NamespacePattern>,
+    pub(crate) never_mutate: Vec<NamespacePattern>,
 }
 
 impl Default for NamespacePolicy {

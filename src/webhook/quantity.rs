@@ -9,9 +9,9 @@
 #[error("invalid quantity {value:?}: {reason}")]
 pub(crate) struct QuantityError {
     /// The text given.
-    pub value: String,
+    pub(crate) value: String,
     /// What is wrong with it.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// Nano-units per base unit.

@@ -128,11 +128,11 @@ impl<'a> PodObject<'a> for &'a RawValue {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ReviewOut {
     /// Always [`API_VERSION`].
-    pub api_version: String,
+    pub(crate) api_version: String,
     /// Always `AdmissionReview`.
-    pub kind: String,
+    pub(crate) kind: String,
     /// The answer.
-    pub response: Response,
+    pub(crate) response: Response,
 }
 
 /// The `response` of an AdmissionReview.
@@ -140,41 +140,41 @@ pub(crate) struct ReviewOut {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Response {
     /// The request's uid.
-    pub uid: String,
+    pub(crate) uid: String,
     /// Whether the pod is admitted.
-    pub allowed: bool,
+    pub(crate) allowed: bool,
     /// Why not, when refused.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
+    pub(crate) status: Option<Status>,
     /// Base64 of the JSON patch, when mutated.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch: Option<String>,
+    pub(crate) patch: Option<String>,
     /// `JSONPatch` when there is a patch.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch_type: Option<String>,
+    pub(crate) patch_type: Option<String>,
     /// Messages for the requesting client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// The status of a refusal.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub(crate) struct Status {
     /// HTTP-like code (403 refused by policy, 400 invalid pod).
-    pub code: u16,
+    pub(crate) code: u16,
     /// Shown to the user.
-    pub message: String,
+    pub(crate) message: String,
     /// `Forbidden` or `BadRequest`.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// What the webhook does to peer pods.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     /// Pods with this `spec.runtimeClassName` are peer pods.
-    pub target_runtime_class: String,
+    pub(crate) target_runtime_class: String,
     /// The per-node VM extended resource put on the first container.
-    pub extended_resource: String,
+    pub(crate) extended_resource: String,
 }
 
 impl Default for Settings {

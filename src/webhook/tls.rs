@@ -79,11 +79,11 @@ impl Error {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct TlsOptions {
     /// `VersionTLS12` (default) or `VersionTLS13` (`1.2` / `1.3` also accepted).
-    pub min_version: Option<String>,
+    pub(crate) min_version: Option<String>,
     /// IANA (Go) names of the allowed suites. TLS 1.2 suites are limited to the listed ones;
     /// TLS 1.3 suites too when any is listed (Go does not let TLS 1.3 suites be chosen, so
     /// a Go-style list keeps all of them).
-    pub cipher_suites: Vec<String>,
+    pub(crate) cipher_suites: Vec<String>,
 }
 
 /// The name Go and IANA use for a suite (rustls prefixes TLS 1.3 suites with `TLS13_`).

@@ -25,12 +25,11 @@ use futures::StreamExt;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
-pub use http::HttpSettings;
-pub use id::ResourceId;
-pub use policy::Manners;
-pub use settings::{
-    AzureConfig, AzureCredentials, OS_DISK_CACHING, OS_DISK_TYPES, TAG_NAME_FORBIDDEN,
-};
+pub(crate) use http::HttpSettings;
+pub(crate) use id::ResourceId;
+pub(crate) use policy::Manners;
+pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
+pub(crate) use settings::{OS_DISK_CACHING, OS_DISK_TYPES};
 
 /// The Azure provider.
 pub struct AzureProvider {
@@ -191,7 +190,7 @@ impl AzureProvider {
     }
 
     /// [`AzureProvider::new`] sending through `http` instead of the process's settings.
-    pub fn with_http(
+    pub(crate) fn with_http(
         subscription: &str,
         credentials: &AzureCredentials,
         config: AzureConfig,
@@ -218,12 +217,12 @@ impl AzureProvider {
     }
 
     /// What the retry policy did so far.
-    pub fn counters(&self) -> Arc<policy::Counters> {
+    pub(crate) fn counters(&self) -> Arc<policy::Counters> {
         self.arm.counters()
     }
 
     /// The serial console log of VM `name` (boot diagnostics).
-    pub async fn serial_log(&self, name: &str) -> Result<String, Error> {
+    pub(crate) async fn serial_log(&self, name: &str) -> Result<String, Error> {
         let id = format!(
             "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
             self.subscription, self.config.resource_group
@@ -232,7 +231,7 @@ impl AzureProvider {
     }
 
     /// The settings this provider creates VMs with.
-    pub fn config(&self) -> &AzureConfig {
+    pub(crate) fn config(&self) -> &AzureConfig {
         &self.config
     }
 

@@ -39,28 +39,28 @@ pub(crate) struct Limits {
     /// Stop collecting after this long (e.g. 90s, 5m); what was collected is written and
     /// the rest is listed in the manifest as skipped.
     #[arg(long, default_value = "5m", value_parser = parse_timeout)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Largest total size of the collected files in MiB (before compression); files past it
     /// are skipped and listed in the manifest.
     #[arg(long, default_value_t = 256)]
-    pub max_size_mib: u64,
+    pub(crate) max_size_mib: u64,
     /// Lines kept from the end of each container log.
     #[arg(long, default_value_t = 10_000)]
-    pub log_lines: i64,
+    pub(crate) log_lines: i64,
     /// Largest size of one container log in MiB.
     #[arg(long, default_value_t = 16)]
-    pub max_log_mib: i64,
+    pub(crate) max_log_mib: i64,
     /// Only log lines of the last DURATION (e.g. 2h; `oc adm must-gather --since` passes it
     /// as MUST_GATHER_SINCE).
     #[arg(long, env = "MUST_GATHER_SINCE", value_parser = parse_timeout)]
-    pub since: Option<Duration>,
+    pub(crate) since: Option<Duration>,
     /// Only log lines after this time (RFC 3339; `oc adm must-gather --since-time` passes it
     /// as MUST_GATHER_SINCE_TIME).
     #[arg(long, env = "MUST_GATHER_SINCE_TIME", value_parser = parse_time, conflicts_with = "since")]
-    pub since_time: Option<time::OffsetDateTime>,
+    pub(crate) since_time: Option<time::OffsetDateTime>,
     /// The doctor's flags (its node selector also selects the nodes described here).
     #[command(flatten)]
-    pub doctor: doctor::Args,
+    pub(crate) doctor: doctor::Args,
 }
 
 /// Flags of `ctl support-bundle`.
@@ -69,10 +69,10 @@ pub(crate) struct BundleArgs {
     /// The archive to write (default: `sandboxd-support-<UTC time>.tar.gz` in the current
     /// directory).
     #[arg(long, short = 'f')]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Bounds and selections.
     #[command(flatten)]
-    pub limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 /// Flags of `ctl must-gather` (also what the binary runs when invoked as `gather`).
@@ -81,10 +81,10 @@ pub(crate) struct MustGatherArgs {
     /// The directory `oc adm must-gather` copies off the pod (must-gather scripts' own
     /// `BASE_COLLECTION_PATH` moves it too).
     #[arg(long, env = "BASE_COLLECTION_PATH", default_value = "/must-gather")]
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Bounds and selections.
     #[command(flatten)]
-    pub limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -116,48 +116,48 @@ impl Limits {
 #[derive(Debug, Serialize)]
 pub(crate) struct Missing {
     /// What was asked for.
-    pub what: String,
+    pub(crate) what: String,
     /// The HTTP status, when the API server answered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// Why.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// One collected file.
 #[derive(Debug, Serialize)]
 pub(crate) struct Collected {
     /// Path inside the bundle.
-    pub path: String,
+    pub(crate) path: String,
     /// Size in bytes.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
 }
 
 /// `manifest.json`: what the bundle holds and what it does not.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct Manifest {
     /// The tool and its version.
-    pub tool: String,
+    pub(crate) tool: String,
     /// The operator namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// When collection started and ended (RFC 3339, UTC).
-    pub started: String,
+    pub(crate) started: String,
     /// See `started`.
-    pub finished: String,
+    pub(crate) finished: String,
     /// The bounds in force.
-    pub limits: Value,
+    pub(crate) limits: Value,
     /// Files in the bundle.
-    pub collected: Vec<Collected>,
+    pub(crate) collected: Vec<Collected>,
     /// Requests the API server refused (403: the caller's RBAC).
-    pub refused: Vec<Missing>,
+    pub(crate) refused: Vec<Missing>,
     /// Objects or APIs that do not exist on this cluster (404).
-    pub absent: Vec<Missing>,
+    pub(crate) absent: Vec<Missing>,
     /// Requests that failed otherwise (e.g. logs of a node without a reachable kubelet).
-    pub errors: Vec<Missing>,
+    pub(crate) errors: Vec<Missing>,
     /// What was not collected because the size or time bound was reached.
-    pub skipped: Vec<Missing>,
+    pub(crate) skipped: Vec<Missing>,
     /// How redaction worked.
-    pub redaction: String,
+    pub(crate) redaction: String,
 }
 
 /// A resource to collect.

@@ -47,38 +47,38 @@ impl MessageType {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Message {
     /// BOOTREQUEST (1) or BOOTREPLY (2).
-    pub op: u8,
+    pub(crate) op: u8,
     /// Transaction id.
-    pub xid: u32,
+    pub(crate) xid: u32,
     /// Flags (broadcast bit).
-    pub flags: u16,
+    pub(crate) flags: u16,
     /// "Your" address: the address offered.
-    pub yiaddr: Ipv4Addr,
+    pub(crate) yiaddr: Ipv4Addr,
     /// Client hardware address.
-    pub chaddr: [u8; 6],
+    pub(crate) chaddr: [u8; 6],
     /// Options as (code, value), in order.
-    pub options: Vec<(u8, Vec<u8>)>,
+    pub(crate) options: Vec<(u8, Vec<u8>)>,
 }
 
 /// A lease: what the interface gets configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Lease {
     /// The address.
-    pub address: Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
     /// Prefix length from the subnet mask.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// Default gateway (option 3).
-    pub router: Option<Ipv4Addr>,
+    pub(crate) router: Option<Ipv4Addr>,
     /// DNS servers (option 6).
-    pub dns: Vec<Ipv4Addr>,
+    pub(crate) dns: Vec<Ipv4Addr>,
     /// Domain name (option 15).
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Classless static routes (option 121): destination, prefix, gateway.
-    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
+    pub(crate) routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
     /// The server that granted it (option 54).
-    pub server: Ipv4Addr,
+    pub(crate) server: Ipv4Addr,
     /// Lease time in seconds (option 51).
-    pub lease_seconds: u32,
+    pub(crate) lease_seconds: u32,
 }
 
 impl Message {

@@ -16,11 +16,11 @@ const VERSION: &str = "2012-11-30";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct GoalState {
     /// `Incarnation`.
-    pub incarnation: String,
+    pub(crate) incarnation: String,
     /// `Container/ContainerId`.
-    pub container_id: String,
+    pub(crate) container_id: String,
     /// `Container/RoleInstanceList/RoleInstance/InstanceId`.
-    pub instance_id: String,
+    pub(crate) instance_id: String,
 }
 
 /// Errors of the report.

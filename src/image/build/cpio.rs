@@ -19,13 +19,13 @@ pub(crate) mod mode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// Path without a leading `/` (`init`, `lib/modules/vxlan.ko`).
-    pub path: String,
+    pub(crate) path: String,
     /// Type and permission bits (`mode::FILE | 0o755`).
-    pub mode: u32,
+    pub(crate) mode: u32,
     /// Device number (major, minor) of a device node.
-    pub rdev: (u32, u32),
+    pub(crate) rdev: (u32, u32),
     /// File contents, or the target of a symbolic link.
-    pub data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Entry {

@@ -58,24 +58,24 @@ pub struct Partition {
     /// Type GUID.
     pub type_guid: Guid,
     /// Unique GUID.
-    pub guid: Guid,
+    pub(crate) guid: Guid,
     /// First sector.
     pub first_lba: u64,
     /// Last sector (inclusive).
     pub last_lba: u64,
     /// Name (UTF-16 on disk, at most 36 code units).
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// A parsed table (see [`parse`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     /// The disk GUID.
-    pub disk_guid: Guid,
+    pub(crate) disk_guid: Guid,
     /// First usable sector.
-    pub first_usable: u64,
+    pub(crate) first_usable: u64,
     /// Last usable sector.
-    pub last_usable: u64,
+    pub(crate) last_usable: u64,
     /// Used entries.
     pub partitions: Vec<Partition>,
 }

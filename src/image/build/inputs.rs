@@ -40,11 +40,11 @@ pub struct Inputs {
 #[derive(Clone, Debug)]
 pub(crate) struct Staged {
     /// The inputs at their new places.
-    pub inputs: Inputs,
+    pub(crate) inputs: Inputs,
     /// The modules copied, in load order.
-    pub modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// Bytes written.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
@@ -167,20 +167,20 @@ pub(crate) fn choose(
 pub struct StageArgs {
     /// The kernel (see `sandboxd image build --kernel`).
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// The kernel's module tree (`lib/modules/<version>`).
     #[arg(long)]
-    pub modules_dir: PathBuf,
+    pub(crate) modules_dir: PathBuf,
     /// systemd-boot's EFI binary.
     #[arg(long)]
-    pub systemd_boot: PathBuf,
+    pub(crate) systemd_boot: PathBuf,
     /// Modules the image loads (their dependencies are added); the build's default.
     #[arg(long, value_delimiter = ',', default_values_t = modules::DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
-    pub modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// Directory to lay the inputs out in (the image carries them at
     /// `/usr/share/sandboxd/podvm`).
     #[arg(long)]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Lay out the inputs; prints a summary on stderr and the three paths on stdout

@@ -28,7 +28,7 @@ pub(crate) const MODULES_DIR: &str = "lib/modules";
 /// kata-agent's path in the initramfs.
 pub(crate) const KATA_AGENT: &str = "usr/bin/kata-agent";
 /// kata-agent's command line in the initramfs (from `--kata-agent-arg`): one argument a line.
-pub const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
+pub(crate) const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
 /// The allow-all policy an upstream kata-agent (built with agent-policy) needs to start.
 pub(crate) const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
 /// The pause bundle an upstream kata-agent runs the sandbox container from.
@@ -69,13 +69,13 @@ impl Format {
 pub struct Args {
     /// The kernel (`vmlinuz` with the EFI stub), e.g. from Debian's linux-image-cloud-amd64.
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// The kernel's module tree (`lib/modules/<version>`).
     #[arg(long)]
-    pub modules_dir: PathBuf,
+    pub(crate) modules_dir: PathBuf,
     /// systemd-boot's EFI binary (`systemd-bootx64.efi` from systemd-boot-efi).
     #[arg(long)]
-    pub systemd_boot: PathBuf,
+    pub(crate) systemd_boot: PathBuf,
     /// An upstream kata-agent (static) to run instead of `sandboxd agent`; the image then
     /// also carries an allow-all policy, the pause bundle and the overlay module it needs.
     #[arg(long)]
@@ -83,7 +83,7 @@ pub struct Args {
     /// confidential-data-hub (static) for an upstream kata-agent, which pulls images
     /// through it: started before the agent (needs `--kata-agent`).
     #[arg(long)]
-    pub confidential_data_hub: Option<PathBuf>,
+    pub(crate) confidential_data_hub: Option<PathBuf>,
     /// An argument kata-agent starts with, instead of `--config <file written by init>`;
     /// repeatable, in order (needs `--kata-agent`).
     #[arg(
@@ -97,19 +97,19 @@ pub struct Args {
     pub sandboxd: Option<PathBuf>,
     /// Directory to write `podvm.<format>` into.
     #[arg(long)]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Formats to write.
     #[arg(long, value_delimiter = ',', default_value = "raw,qcow2,vhd")]
     pub format: Vec<Format>,
     /// Kernel modules to load at boot (their dependencies are added).
     #[arg(long, value_delimiter = ',', default_values_t = modules::DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
-    pub modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// CA certificate bundle to include (skipped when the default is absent).
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     pub ca_certs: PathBuf,
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    pub(crate) cmdline: String,
     /// Extra file for the initramfs, `SOURCE:DEST` (DEST absolute in the VM); repeatable.
     #[arg(long = "add-file", value_name = "SOURCE:DEST")]
     pub add_files: Vec<String>,
@@ -178,9 +178,9 @@ pub struct Built {
     /// Size of the compressed initramfs.
     pub initramfs_size: u64,
     /// Modules in load order.
-    pub modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// Whether kata-agent is in the image.
-    pub kata_agent: bool,
+    pub(crate) kata_agent: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {

@@ -35,9 +35,9 @@ pub struct Module {
     /// Name with `_` (as `depends=` spells it).
     pub name: String,
     /// Its `.ko` file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The modules it depends on (not built in).
-    pub depends: Vec<String>,
+    pub(crate) depends: Vec<String>,
 }
 
 /// Canonical module name of a file name: `virtio-net.ko` → `virtio_net`.

@@ -12,17 +12,17 @@ const FIXED: u32 = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Footer {
     /// Creator application (4 ASCII bytes).
-    pub creator_app: [u8; 4],
+    pub(crate) creator_app: [u8; 4],
     /// Size of the disk in bytes (original and current).
     pub size: u64,
     /// Cylinders, heads, sectors per track.
-    pub geometry: (u16, u8, u8),
+    pub(crate) geometry: (u16, u8, u8),
     /// Disk type (2 = fixed).
-    pub disk_type: u32,
+    pub(crate) disk_type: u32,
     /// Unique id.
-    pub unique_id: [u8; 16],
+    pub(crate) unique_id: [u8; 16],
     /// Seconds since 2000-01-01.
-    pub timestamp: u32,
+    pub(crate) timestamp: u32,
 }
 
 /// The CHS geometry the specification derives from a size.

@@ -66,7 +66,7 @@ pub struct BlobProperties {
     /// `Content-Length`.
     pub length: u64,
     /// `x-ms-meta-*`, names lower-case without the prefix.
-    pub metadata: BTreeMap<String, String>,
+    pub(crate) metadata: BTreeMap<String, String>,
 }
 
 /// A client for the blobs of one account.

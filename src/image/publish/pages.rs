@@ -21,7 +21,7 @@ pub(crate) const MIB: u64 = 1 << 20;
 
 /// Problems with the VHD file.
 #[derive(Debug, thiserror::Error)]
-pub enum VhdError {
+pub(crate) enum VhdError {
     /// Reading it failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -44,11 +44,11 @@ pub enum VhdError {
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
     /// File size (virtual size + footer), the page blob's size.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Ranges to write, page-aligned, each at most [`MAX_PUT`], in order.
-    pub ranges: Vec<Range<u64>>,
+    pub(crate) ranges: Vec<Range<u64>>,
     /// SHA-256 of the whole file, hex: identifies the content of a half-uploaded blob.
-    pub sha256: String,
+    pub(crate) sha256: String,
 }
 
 impl Plan {

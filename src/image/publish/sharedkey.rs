@@ -8,11 +8,11 @@ use base64::Engine;
 #[derive(Clone, Debug)]
 pub(crate) struct Signed<'a> {
     /// HTTP method, upper-case.
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// The request URL (path and query are signed; host is not).
-    pub url: &'a url::Url,
+    pub(crate) url: &'a url::Url,
     /// Every request header; only the standard ones and `x-ms-*` take part.
-    pub headers: &'a [(String, String)],
+    pub(crate) headers: &'a [(String, String)],
 }
 
 /// An account name with its key.

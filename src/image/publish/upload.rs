@@ -23,20 +23,20 @@ pub(crate) const META_CREATED_BY: &str = "createdby";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Report {
     /// Bytes sent in this run.
-    pub sent_bytes: u64,
+    pub(crate) sent_bytes: u64,
     /// Put Page requests in this run.
-    pub sent_ranges: usize,
+    pub(crate) sent_ranges: usize,
     /// Bytes that an earlier run had already written.
-    pub present_bytes: u64,
+    pub(crate) present_bytes: u64,
     /// Zero bytes never sent.
-    pub skipped_zero_bytes: u64,
+    pub(crate) skipped_zero_bytes: u64,
     /// Whether an earlier partial upload was resumed.
-    pub resumed: bool,
+    pub(crate) resumed: bool,
 }
 
 /// Upload failures.
 #[derive(Debug, thiserror::Error)]
-pub enum UploadError {
+pub(crate) enum UploadError {
     /// The Blob service refused or failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
