@@ -215,6 +215,7 @@ impl Validity {
 
 /// A fresh key pair (ECDSA P-256) as `(PKCS#8 private key PEM, SubjectPublicKeyInfo PEM)`,
 /// e.g. for signing service-account tokens.
+#[cfg(feature = "dev")]
 pub(crate) fn key_pair_pem() -> Result<(String, String), Error> {
     KeyPair::generate()
         .map(|k| (k.serialize_pem(), k.public_key_pem()))

@@ -121,8 +121,6 @@ pub mod annotations {
     pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
     /// The pod's namespace.
     pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
-    /// The pod's uid.
-    pub(crate) const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
     /// An explicit instance size chosen by the user (the webhook never touches it).
     pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
     /// Requested image.

@@ -14,14 +14,10 @@ pub(crate) const FINALIZER: &str = "peer.pod/finalizer";
 
 /// Phases of a pod VM.
 pub mod phases {
-    /// Recorded; the VM may not exist yet.
-    pub(crate) const PENDING: &str = "Pending";
     /// The create call is running.
     pub(crate) const CREATING: &str = "Creating";
     /// The VM is provisioned and has an IP.
     pub(crate) const RUNNING: &str = "Running";
-    /// The VM is being deleted.
-    pub(crate) const DELETING: &str = "Deleting";
     /// Creating the VM failed; it will be deleted.
     pub(crate) const FAILED: &str = "Failed";
 }

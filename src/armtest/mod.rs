@@ -26,7 +26,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 
 pub use faults::{Fault, FaultKind};
 pub use network::{NetworkSeed, NsgSeed, RuleSeed, SubnetSeed, VnetSeed};
@@ -43,12 +43,7 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub(crate) fn metric_label(&self) -> &'static str {
-        "io"
-    }
-}
+impl Error {}
 
 /// Behaviour of the server.
 #[derive(Clone, Debug)]
@@ -176,17 +171,20 @@ impl Handle {
     }
 
     /// The `scope` of every token request, in order (the audience tokens were asked for).
+    #[cfg(test)]
     pub(crate) fn token_scopes(&self) -> Vec<String> {
         self.store.token_scopes()
     }
 
     /// Who each issued token was for, in order: `app:{client id}` (client credentials),
     /// `msi:system` or `msi:{client id}` (managed identity).
+    #[cfg(test)]
     pub(crate) fn token_subjects(&self) -> Vec<String> {
         self.store.token_subjects()
     }
 
     /// Every federated assertion presented to the token endpoint, in order.
+    #[cfg(test)]
     pub(crate) fn assertions(&self) -> Vec<String> {
         self.store.assertions()
     }
@@ -338,7 +336,8 @@ impl Handle {
     }
 
     /// The request body last sent for the VM `name`, as ARM received it.
-    pub(crate) fn vm_request(&self, name: &str) -> Option<Value> {
+    #[cfg(test)]
+    pub(crate) fn vm_request(&self, name: &str) -> Option<serde_json::Value> {
         self.store.vm_request(name)
     }
 }

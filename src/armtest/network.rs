@@ -275,11 +275,6 @@ fn offer_sizes(store: &Store, subscription: &str, region: &str, sizes: &[&str]) 
 }
 
 impl Handle {
-    /// Seeds a whole scenario (see [`NetworkSeed`]).
-    pub(crate) fn seed_network(&self, seed: &NetworkSeed) {
-        seed_network(&self.store, seed)
-    }
-
     /// Creates (or replaces) resource group `rg` in `location`; returns its id.
     pub fn seed_resource_group(&self, subscription: &str, rg: &str, location: &str) -> String {
         seed_resource_group(&self.store, subscription, rg, location)

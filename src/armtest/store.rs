@@ -233,6 +233,7 @@ impl Store {
             .collect()
     }
 
+    #[cfg(test)]
     pub(crate) fn vm_request(&self, name: &str) -> Option<Value> {
         let g = self.lock();
         g.vms
@@ -249,6 +250,7 @@ impl Store {
         self.lock().log.clone()
     }
 
+    #[cfg(test)]
     pub(crate) fn token_scopes(&self) -> Vec<String> {
         self.lock().token_scopes.clone()
     }
@@ -257,10 +259,12 @@ impl Store {
         self.lock().tokens.keys().cloned().collect()
     }
 
+    #[cfg(test)]
     pub(crate) fn token_subjects(&self) -> Vec<String> {
         self.lock().token_subjects.clone()
     }
 
+    #[cfg(test)]
     pub(crate) fn assertions(&self) -> Vec<String> {
         self.lock().assertions.clone()
     }

@@ -19,7 +19,9 @@ pub use crate::cloud::SecretString;
 use crate::cloud::azure::ResourceId;
 pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
 pub(crate) use duration::parse_duration;
-pub(crate) use secret::{AUTH_METHOD_KEY, CloudSecret, is_guid};
+#[cfg(test)]
+pub(crate) use secret::is_guid;
+pub(crate) use secret::{AUTH_METHOD_KEY, CloudSecret};
 
 /// Upstream default of `VXLAN_PORT` (collides with Calico; the seed uses 9000).
 pub(crate) const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -99,6 +101,7 @@ impl Error {
     }
 
     /// The keys with problems.
+    #[cfg(test)]
     pub(crate) fn keys(&self) -> Vec<&'static str> {
         match self {
             Error::Invalid { problems, .. } => problems.iter().map(|p| p.key).collect(),
@@ -381,6 +384,7 @@ impl PeerPodsConfig {
 
     /// The per-node VM limit: `PeerPodConfig.spec.limit` when set, else
     /// `PEERPODS_LIMIT_PER_NODE`.
+    #[cfg(test)]
     pub(crate) fn effective_limit(&self, peerpodconfig_limit: Option<&str>) -> Result<u32, Error> {
         match peerpodconfig_limit.map(str::trim).filter(|s| !s.is_empty()) {
             None => Ok(self.limit_per_node),

@@ -46,6 +46,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
+    #[cfg(test)]
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Binaries(_) => "binaries",

@@ -73,11 +73,6 @@ impl FrameError {
             FrameError::Io(_) => "io",
         }
     }
-
-    /// Whether the peer sent something that is not ttrpc.
-    pub(crate) fn is_malformed(&self) -> bool {
-        !matches!(self, FrameError::Io(_))
-    }
 }
 
 /// Parses a header: (payload length, stream id, type, flags), checking length and type.
@@ -304,6 +299,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
 
 /// Copies frames from `r` to `w` until `r` ends, passing each through `rewrite`; returns the
 /// number of frames copied. The writer is shut down when the reader ends.
+#[cfg(test)]
 pub(crate) async fn pump<R, W, F>(r: &mut R, w: &mut W, mut rewrite: F) -> Result<u64, FrameError>
 where
     R: AsyncRead + Unpin,

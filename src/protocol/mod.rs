@@ -15,19 +15,20 @@ pub mod methods {
     pub(crate) const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
     /// The pod VM info service.
     pub(crate) const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
-    /// Methods of [`HYPERVISOR_SERVICE`].
-    pub(crate) const HYPERVISOR_METHODS: [&str; 4] = ["CreateVM", "StartVM", "StopVM", "Version"];
-    /// Methods of [`PODVMINFO_SERVICE`].
-    pub(crate) const PODVMINFO_METHODS: [&str; 1] = ["GetInfo"];
     /// `/hypervisor.Hypervisor/CreateVM`.
+    #[cfg(test)]
     pub(crate) const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
     /// `/hypervisor.Hypervisor/StartVM`.
+    #[cfg(test)]
     pub(crate) const START_VM: &str = "/hypervisor.Hypervisor/StartVM";
     /// `/hypervisor.Hypervisor/StopVM`.
+    #[cfg(test)]
     pub(crate) const STOP_VM: &str = "/hypervisor.Hypervisor/StopVM";
     /// `/hypervisor.Hypervisor/Version`.
+    #[cfg(test)]
     pub(crate) const VERSION: &str = "/hypervisor.Hypervisor/Version";
     /// `/podvminfo.PodVMInfo/GetInfo`.
+    #[cfg(test)]
     pub(crate) const GET_INFO: &str = "/podvminfo.PodVMInfo/GetInfo";
 }
 

@@ -116,21 +116,6 @@ impl Error {
         }
     }
 
-    /// Low-cardinality label for metrics and logs.
-    pub(crate) fn metric_label(&self) -> &'static str {
-        match self {
-            Error::InvalidArgument(_) => "invalid_argument",
-            Error::NotFound(_) => "not_found",
-            Error::AlreadyExists(_) => "already_exists",
-            Error::FailedPrecondition(_) => "failed_precondition",
-            Error::Unimplemented(_) => "unimplemented",
-            Error::Hypervisor { .. } => "hypervisor",
-            Error::Agent { .. } => "agent",
-            Error::Config { .. } => "config",
-            Error::Io { .. } => "io",
-        }
-    }
-
     /// The ttrpc error answered for this error.
     pub(crate) fn to_ttrpc(&self) -> ttrpc::Error {
         ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))

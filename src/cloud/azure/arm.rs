@@ -540,11 +540,6 @@ impl Arm {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// The private IP of the NIC `nic_id` (its primary IP configuration).
-    pub(crate) async fn nic_private_ip(&self, nic_id: &str) -> Result<Option<IpAddr>, ArmError> {
-        Ok(self.nic_addresses(nic_id, false).await?.0)
-    }
-
     /// The private IP of the NIC `nic_id` (its primary IP configuration) and, with
     /// `public`, the address of the public IP attached to it (one more read).
     pub(crate) async fn nic_addresses(

@@ -32,6 +32,7 @@ pub enum AzureCloud {
 
 impl AzureCloud {
     /// Every cloud, in the order documented.
+    #[cfg(test)]
     pub(crate) const ALL: [AzureCloud; 3] = [Self::Public, Self::UsGovernment, Self::China];
     /// What [`CLOUD_KEY`] may hold.
     pub(crate) const EXPECTED: &'static str = "one of AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud (or public, usgov, china)";
@@ -148,6 +149,7 @@ impl Endpoints {
     }
 
     /// Whether a development flag replaced the cloud's endpoints.
+    #[cfg(test)]
     pub(crate) fn is_development(&self) -> bool {
         self.development
     }

@@ -44,6 +44,7 @@ impl<'a> ResourceId<'a> {
     }
 
     /// The last segment: the resource's own name (or a trailing type).
+    #[cfg(test)]
     pub(crate) fn name(&self) -> &'a str {
         self.segments[self.segments.len() - 1]
     }

@@ -222,6 +222,7 @@ impl AzureProvider {
     }
 
     /// The serial console log of VM `name` (boot diagnostics).
+    #[cfg(all(test, feature = "dev"))]
     pub(crate) async fn serial_log(&self, name: &str) -> Result<String, Error> {
         let id = format!(
             "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
@@ -231,6 +232,7 @@ impl AzureProvider {
     }
 
     /// The settings this provider creates VMs with.
+    #[cfg(all(test, feature = "dev"))]
     pub(crate) fn config(&self) -> &AzureConfig {
         &self.config
     }

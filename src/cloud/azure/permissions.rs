@@ -309,6 +309,7 @@ pub fn ungranted<'a>(
 
 /// The actions of the built-in roles named in [`PERMISSIONS`] that sandboxd relies on
 /// (from Azure's built-in role definitions; only the entries that matter here).
+#[cfg(test)]
 pub(crate) fn role_actions(role: &str) -> &'static [&'static str] {
     match role {
         "Virtual Machine Contributor" => &[

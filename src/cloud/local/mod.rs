@@ -102,11 +102,6 @@ impl LocalProvider {
         self.dir.join(name)
     }
 
-    /// The state directory of a VM (its `/run` is `<dir>/run`).
-    pub(crate) fn dir_of(&self, name: &str) -> PathBuf {
-        self.vm_dir(name)
-    }
-
     fn read(&self, name: &str) -> Option<LocalVm> {
         store::read(&self.dir, name)
     }
@@ -333,9 +328,4 @@ impl Provider for LocalProvider {
             .map(|(n, v)| Self::vm_of(&n, &v))
             .collect())
     }
-}
-
-/// The path of a local VM's `/run` as seen from the node.
-pub(crate) fn run_dir(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name).join("run")
 }

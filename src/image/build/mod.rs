@@ -177,8 +177,6 @@ pub struct Built {
     pub disk_size: u64,
     /// Size of the compressed initramfs.
     pub initramfs_size: u64,
-    /// Modules in load order.
-    pub(crate) modules: Vec<String>,
     /// Whether kata-agent is in the image.
     pub(crate) kata_agent: bool,
 }
@@ -572,7 +570,6 @@ pub(crate) fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
         outputs: Vec::new(),
         disk_size,
         initramfs_size: files[4].1.len() as u64,
-        modules: names,
         kata_agent: has_agent,
     };
     let _ = p.start;

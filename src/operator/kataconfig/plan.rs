@@ -2,7 +2,7 @@
 //! selection and the pods that use the runtime, what to change on each node and which
 //! state bucket it is in.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::api::kataconfig::KataNodesStatus;
 use crate::api::names::*;
@@ -188,11 +188,6 @@ pub(crate) fn plan(
     }
     k.ready_node_count = k.installed.len() as i64;
     p
-}
-
-/// The node names of a status bucket as a set (test and message helper).
-pub(crate) fn names(list: &[String]) -> BTreeSet<&str> {
-    list.iter().map(String::as_str).collect()
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub(crate) const SHIM_LINK: &str = "/usr/local/bin/containerd-shim-kata-remote-v
 
 /// The shim binary containerd derives from a `runtime_type` (`io.containerd.<name>.<v>` →
 /// `containerd-shim-<name>-<v>`), as containerd 1.6 resolves it.
+#[cfg(test)]
 pub(crate) fn shim_binary_of(runtime_type: &str) -> Option<String> {
     let parts: Vec<&str> = runtime_type.split('.').collect();
     match parts.as_slice() {

@@ -93,6 +93,7 @@ impl From<apply::Error> for Error {
 
 impl Error {
     /// A short, stable label for metrics.
+    #[cfg(test)]
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::ShimMissing => "shim_missing",

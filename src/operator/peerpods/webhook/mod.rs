@@ -101,12 +101,7 @@ pub(crate) struct Targets {
     pub(crate) singleton_for: Option<String>,
 }
 
-impl Targets {
-    /// Whether the webhook is needed at all.
-    pub(crate) fn any(&self) -> bool {
-        self.mutate || self.singleton_for.is_some()
-    }
-}
+impl Targets {}
 
 /// Errors of the webhook rollout.
 #[derive(Debug, thiserror::Error)]
