@@ -23,7 +23,7 @@ fn json_response(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-pub(crate) async fn route(
+pub async fn route(
     store: &Arc<Store>,
     base: &str,
     method: &Method,

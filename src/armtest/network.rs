@@ -41,21 +41,21 @@ pub struct VnetSeed {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct RuleSeed {
     /// Rule name.
-    pub(crate) name: String,
+    name: String,
     /// 100-4096.
-    pub(crate) priority: u32,
+    priority: u32,
     /// `Inbound` or `Outbound`.
-    pub(crate) direction: String,
+    direction: String,
     /// `Allow` or `Deny`.
-    pub(crate) access: String,
+    access: String,
     /// `Tcp`, `Udp`, `Icmp` or `*`.
-    pub(crate) protocol: String,
+    protocol: String,
     /// Source address prefix (CIDR, service tag or `*`).
-    pub(crate) source: String,
+    source: String,
     /// Destination address prefix.
-    pub(crate) destination: String,
+    destination: String,
     /// Destination port or range (`9000`, `8000-9999`, `*`).
-    pub(crate) ports: String,
+    ports: String,
 }
 
 impl RuleSeed {
@@ -124,10 +124,10 @@ fn offered_key(subscription: &str, region: &str) -> String {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct NsgSeed {
     /// Name.
-    pub(crate) name: String,
+    name: String,
     /// Custom rules.
     #[serde(default)]
-    pub(crate) rules: Vec<RuleSeed>,
+    rules: Vec<RuleSeed>,
 }
 
 /// A whole network scenario, as `POST /armtest/network` takes it (JSON, camelCase):
@@ -139,24 +139,24 @@ pub struct NsgSeed {
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSeed {
     /// Subscription id.
-    pub(crate) subscription: String,
+    subscription: String,
     /// Resource group (created in `location`).
-    pub(crate) resource_group: String,
+    resource_group: String,
     /// Region of the group and its resources.
-    pub(crate) location: String,
+    location: String,
     /// Virtual networks.
     #[serde(default)]
-    pub(crate) vnets: Vec<VnetSeed>,
+    vnets: Vec<VnetSeed>,
     /// Network security groups.
     #[serde(default)]
-    pub(crate) nsgs: Vec<NsgSeed>,
+    nsgs: Vec<NsgSeed>,
     /// Regions offering only some sizes.
     #[serde(default)]
-    pub(crate) offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
+    offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Seeds `seed` into the store (`POST /armtest/network`).
-pub(crate) fn seed(store: &Store, body: &[u8]) -> Response {
+pub fn seed(store: &Store, body: &[u8]) -> Response {
     let seed: NetworkSeed = match serde_json::from_slice(body) {
         Ok(s) => s,
         Err(e) => return arm_error(StatusCode::BAD_REQUEST, "InvalidSeed", e.to_string()),
@@ -446,7 +446,7 @@ fn not_found(ty: &str, name: &str, rg: &str) -> Response {
 /// The sizes offered in `region` as (name, vCPUs, memory MiB).
 /// Whether a size takes Premium SSD disks: Azure names those with an `s` among the
 /// letters after the vCPU count (`D4as_v5`, `F4s_v2`; not `A1_v2`).
-pub(crate) fn premium_io(size: &str) -> bool {
+pub fn premium_io(size: &str) -> bool {
     let part = size
         .trim_start_matches("Standard_")
         .split('_')
@@ -476,7 +476,7 @@ fn offered(g: &Inner, subscription: &str, region: &str) -> Vec<(String, u32, u64
 }
 
 /// Serves the reads this module owns; `None` leaves the request to the other handlers.
-pub(crate) fn route(
+pub fn route(
     store: &Store,
     method: &Method,
     segs: &[String],

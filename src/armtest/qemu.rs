@@ -26,25 +26,25 @@ use crate::cloud::net::Netlink;
 use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 
 /// OVMF's code (read-only) and the template of its variable store (Debian `ovmf`).
-pub(crate) const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// See [`OVMF_CODE`].
-pub(crate) const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The qemu binary.
-pub(crate) const QEMU: &str = "qemu-system-x86_64";
+const QEMU: &str = "qemu-system-x86_64";
 /// How long the server answers a VM's DHCP after it started.
 const DHCP_WINDOW: Duration = Duration::from_secs(600);
 
 /// How VMs boot (see the module documentation).
 #[derive(Clone, Debug)]
-pub(crate) struct QemuVms {
+pub struct QemuVms {
     /// The pod VM disk: `image build`'s qcow2, raw or VHD output.
-    pub(crate) image: PathBuf,
+    pub image: PathBuf,
     /// Memory of each VM in MiB (whatever size the request names: this machine is small).
-    pub(crate) memory_mib: u32,
+    pub memory_mib: u32,
     /// vCPUs of each VM.
-    pub(crate) cpus: u32,
+    pub cpus: u32,
     /// qemu's accelerator: `tcg`, or `kvm` where it runs.
-    pub(crate) accel: String,
+    pub accel: String,
 }
 
 /// What `vm.json` records.
@@ -59,7 +59,7 @@ struct Record {
 }
 
 /// VMs booted under qemu.
-pub(crate) struct QemuProvider {
+pub struct QemuProvider {
     dir: PathBuf,
     subnet: Ipv4Addr,
     config: QemuVms,
@@ -99,7 +99,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 impl QemuProvider {
     /// VMs kept in `dir`, their links taken as /30s from `subnet` (a /16).
-    pub(crate) fn new(dir: PathBuf, subnet: Ipv4Addr, config: QemuVms) -> Self {
+    pub fn new(dir: PathBuf, subnet: Ipv4Addr, config: QemuVms) -> Self {
         Self {
             dir,
             subnet,

@@ -21,13 +21,13 @@ use crate::config::PeerPodsConfig;
 use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
-pub(crate) struct Caa {
-    pub(crate) client: Client,
-    pub(crate) provider: Arc<dyn Provider>,
-    pub(crate) config: PeerPodsConfig,
-    pub(crate) args: Args,
+pub struct Caa {
+    pub client: Client,
+    pub provider: Arc<dyn Provider>,
+    pub config: PeerPodsConfig,
+    pub args: Args,
     ssh_key: Option<String>,
-    pub(crate) cluster_id: String,
+    cluster_id: String,
     sizes: Vec<VmSize>,
     default_size: String,
     image_id: String,
@@ -43,12 +43,12 @@ pub(crate) struct Caa {
     writer: Writer,
     /// The pods of this node, as a watch sees them.
     pods: super::pods::NodePods,
-    pub(crate) datapath: super::datapath::Datapath,
+    pub datapath: super::datapath::Datapath,
 }
 
 impl Caa {
     /// Reads the cluster id and the allowed sizes, and reconciles the node's records.
-    pub(crate) async fn start(
+    pub async fn start(
         client: Client,
         provider: Arc<dyn Provider>,
         config: PeerPodsConfig,
@@ -151,7 +151,7 @@ impl Caa {
     }
 
     /// The tags every VM of this CAA carries.
-    pub(crate) fn owner_tags(&self) -> BTreeMap<String, String> {
+    pub fn owner_tags(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (tags::CLUSTER.to_string(), self.cluster_id.clone()),
             (tags::NODE.to_string(), self.node().to_string()),
@@ -162,10 +162,7 @@ impl Caa {
     /// socket path. Nothing is written yet: the record that guards the VM is written by
     /// StartVM, before any cloud call, so a shim that gives up between CreateVM and StartVM
     /// (and never calls StopVM) leaves nothing behind.
-    pub(crate) async fn do_create_vm(
-        &self,
-        req: &hypervisor::CreateVMRequest,
-    ) -> Result<String, Error> {
+    async fn do_create_vm(&self, req: &hypervisor::CreateVMRequest) -> Result<String, Error> {
         if req.id.is_empty() {
             return Err(Error::InvalidRequest(
                 "CreateVM without a sandbox id".into(),
@@ -310,7 +307,7 @@ impl Caa {
     /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
     /// the instance id, IP and Running phase are written in the background once the VM is
     /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
-    pub(crate) async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
+    async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         let r = match self.remembered(id) {
@@ -462,7 +459,7 @@ impl Caa {
 
     /// StopVM: delete the VM; the record is released in the background. Succeeds when the VM
     /// is gone.
-    pub(crate) async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
+    async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         if self
@@ -485,7 +482,7 @@ impl Caa {
 
     /// StopVM bounded by `within`: the delete runs as its own task and goes on to completion
     /// when the bound passes first; the answer then says so (`Ok(Some(note))`).
-    pub(crate) async fn do_stop_vm_within(
+    async fn do_stop_vm_within(
         self: &Arc<Self>,
         id: &str,
         within: Option<Duration>,
@@ -540,7 +537,7 @@ impl Caa {
 
     /// Deletes the VM and releases the record of a sandbox whose pod is gone, serialised with
     /// the shim's calls for it.
-    pub(crate) async fn forget(&self, r: &Record) -> Result<(), Error> {
+    pub async fn forget(&self, r: &Record) -> Result<(), Error> {
         let lock = self.lock_of(&r.sandbox_id);
         let _g = lock.lock().await;
         self.delete_vm_and_record(r).await?;
@@ -550,7 +547,7 @@ impl Caa {
 
     /// Whether this CAA is working on the record now (a call holds its sandbox, or a
     /// background write for it is pending): the sweep leaves it to that work.
-    pub(crate) fn handling(&self, r: &Record) -> bool {
+    pub fn handling(&self, r: &Record) -> bool {
         self.writer.holds(&Key::of(r))
             || self
                 .locks
@@ -566,7 +563,7 @@ impl Caa {
     /// record released) by whoever sees it next (a retried StopVM, the start-up reconcile,
     /// the sweep, the operator's collector), and a record released only after the cloud said
     /// its VM is gone.
-    pub(crate) async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
+    async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
         self.datapath.stop(r).await;
         crashpoint::reached(crashpoint::STOP_BEFORE_DELETE).await;
         let (marked, deleted) = tokio::join!(
@@ -623,10 +620,7 @@ impl Caa {
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
-    pub(crate) async fn do_get_info(
-        &self,
-        req: &podvminfo::GetInfoRequest,
-    ) -> Result<String, Error> {
+    async fn do_get_info(&self, req: &podvminfo::GetInfoRequest) -> Result<String, Error> {
         // Answered from memory when this CAA started the VM.
         let known = {
             let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
@@ -660,7 +654,7 @@ impl Caa {
     }
 
     /// Start-up reconcile: records whose pod is gone lose their VM; others are resumed.
-    pub(crate) async fn reconcile(&self) -> Result<(), Error> {
+    async fn reconcile(&self) -> Result<(), Error> {
         for mut p in state::of_node(&self.client, self.node()).await? {
             let r = Record::from_peerpod(&p);
             if p.metadata.deletion_timestamp.is_some() {
@@ -890,7 +884,7 @@ impl ttrpc::r#async::MethodHandler for StopVm {
 }
 
 /// Serves both services on `socket` (stale socket removed, mode 0600).
-pub(crate) async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
+pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
     use std::os::unix::fs::PermissionsExt;
     let err = |e: &dyn std::fmt::Display| Error::Socket(format!("{}: {e}", socket.display()));
     if let Some(dir) = socket.parent() {

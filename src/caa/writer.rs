@@ -33,16 +33,16 @@ const ATTEMPTS: u32 = 30;
 
 /// A record: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Key {
+pub struct Key {
     /// Namespace.
-    pub(crate) ns: String,
+    ns: String,
     /// Name (the VM name).
-    pub(crate) name: String,
+    name: String,
 }
 
 impl Key {
     /// The key of a record.
-    pub(crate) fn of(r: &state::Record) -> Self {
+    pub fn of(r: &state::Record) -> Self {
         Self {
             ns: r.namespace.clone(),
             name: r.vm_name.clone(),
@@ -52,7 +52,7 @@ impl Key {
 
 /// What is still to be written to one record.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct Pending {
+pub struct Pending {
     /// `spec.instanceID`.
     instance_id: Option<String>,
     /// Fields of the status (merged).
@@ -63,7 +63,7 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// The VM is running: its id, IP and phase.
-    pub(crate) fn running(instance_id: String, ip: Option<String>) -> Self {
+    pub fn running(instance_id: String, ip: Option<String>) -> Self {
         Self {
             instance_id: Some(instance_id),
             status: Some(PeerPodStatus {
@@ -76,7 +76,7 @@ impl Pending {
     }
 
     /// Status fields.
-    pub(crate) fn status(st: PeerPodStatus) -> Self {
+    pub fn status(st: PeerPodStatus) -> Self {
         Self {
             status: Some(st),
             ..Default::default()
@@ -85,7 +85,7 @@ impl Pending {
 
     /// Release the record once its VM is gone; `current` is the answer of its deletion
     /// (`None`: delete it first).
-    pub(crate) fn release(current: Option<PeerPod>) -> Self {
+    pub fn release(current: Option<PeerPod>) -> Self {
         Self {
             release: Some(current.map(Box::new)),
             ..Default::default()
@@ -185,11 +185,11 @@ struct Inner {
 
 /// The background writer of one CAA.
 #[derive(Clone)]
-pub(crate) struct Writer(Arc<Inner>);
+pub struct Writer(Arc<Inner>);
 
 impl Writer {
     /// Starts the workers.
-    pub(crate) fn start(client: Client) -> Self {
+    pub fn start(client: Client) -> Self {
         let w = Self(Arc::new(Inner {
             client,
             queue: Mutex::new(Queue::default()),
@@ -207,19 +207,19 @@ impl Writer {
     }
 
     /// Queues `p` for the record `key`.
-    pub(crate) fn push(&self, key: Key, p: Pending) {
+    pub fn push(&self, key: Key, p: Pending) {
         if self.queue().push(key, p) {
             self.0.work.notify_one();
         }
     }
 
     /// Whether something is pending or being written for `key`.
-    pub(crate) fn holds(&self, key: &Key) -> bool {
+    pub fn holds(&self, key: &Key) -> bool {
         self.queue().holds(key)
     }
 
     /// Waits until nothing is pending for `key` (at most `timeout`); answers whether so.
-    pub(crate) async fn flush(&self, key: &Key, timeout: Duration) -> bool {
+    pub async fn flush(&self, key: &Key, timeout: Duration) -> bool {
         let wait = async {
             loop {
                 let idle = self.0.idle.notified();

@@ -25,7 +25,7 @@ use crate::k8s::KubeArgs;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Output {
+pub enum Output {
     /// Human-readable columns.
     #[default]
     Table,
@@ -40,21 +40,21 @@ pub(crate) enum Output {
 pub struct Args {
     /// How to reach the API server (`--kubeconfig`, `--context`).
     #[command(flatten)]
-    pub(crate) kube: KubeArgs,
+    kube: KubeArgs,
     /// The namespace of the operator and the peer-pods configuration.
     #[arg(short = 'n', long, global = true, default_value = crate::api::names::DEFAULT_NAMESPACE)]
     pub(crate) namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
-    pub(crate) output: Output,
+    output: Output,
     /// The command.
     #[command(subcommand)]
-    pub(crate) command: CtlCommand,
+    pub command: CtlCommand,
 }
 
 /// Commands of `sandboxd ctl`.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum CtlCommand {
+pub enum CtlCommand {
     /// Install the CRDs, namespace, RBAC and operator Deployment (server-side apply).
     Install(install::InstallArgs),
     /// Remove what `install` added (refused while a KataConfig exists).
@@ -90,7 +90,7 @@ pub(crate) enum CtlCommand {
 
 /// `sandboxd ctl azure ...`.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum AzureCommand {
+pub enum AzureCommand {
     /// Create `peer-pods-secret` from flags, `AZURE_*` environment or a prompt.
     Secret(secret::Args),
     /// Discover the Azure network and write `peer-pods-cm`.
@@ -99,18 +99,18 @@ pub(crate) enum AzureCommand {
 
 /// What every command gets: how to reach the cluster, the namespace and output format.
 #[derive(Clone, Debug)]
-pub(crate) struct Ctx {
+pub struct Ctx {
     /// Kubeconfig and context.
-    pub(crate) kube: KubeArgs,
+    kube: KubeArgs,
     /// The operator / configuration namespace.
-    pub(crate) namespace: String,
+    namespace: String,
     /// Output format.
-    pub(crate) output: Output,
+    output: Output,
 }
 
 impl Ctx {
     /// A client for the selected cluster.
-    pub(crate) async fn client(&self) -> anyhow::Result<kube::Client> {
+    async fn client(&self) -> anyhow::Result<kube::Client> {
         Ok(self.kube.client().await?)
     }
 }

@@ -25,7 +25,7 @@ use crate::k8s::apply::is_not_found;
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
+enum Error {
     /// The API server refused a read.
     #[error("reading {what}: {source}")]
     Api {
@@ -44,111 +44,111 @@ pub(crate) enum Error {
 
 /// Flags of `ctl status`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {
+pub struct Args {
     /// Refresh until the KataConfig is no longer in progress (or something fails).
     #[arg(long, short = 'w')]
-    pub(crate) watch: bool,
+    watch: bool,
     /// Seconds between refreshes with `--watch`.
     #[arg(long, default_value_t = 2)]
-    pub(crate) interval: u64,
+    interval: u64,
     /// Give up watching after this many seconds.
     #[arg(long)]
-    pub(crate) timeout: Option<u64>,
+    timeout: Option<u64>,
 }
 
 /// Ready replicas of a workload.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub(crate) struct Readiness {
+struct Readiness {
     /// Ready.
-    pub(crate) ready: i32,
+    ready: i32,
     /// Wanted.
-    pub(crate) want: i32,
+    want: i32,
 }
 
 /// One node of the KataConfig.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct NodeState {
+struct NodeState {
     /// Node name.
-    pub(crate) name: String,
+    name: String,
     /// `installed`, `installing`, `waitingToInstall`, `failedToInstall`, ...
-    pub(crate) state: String,
+    state: String,
 }
 
 /// One condition, without timestamps.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub(crate) struct ConditionLine {
+struct ConditionLine {
     /// Type.
     #[serde(rename = "type")]
-    pub(crate) type_: String,
+    type_: String,
     /// `True`, `False`, `Unknown`.
-    pub(crate) status: String,
+    status: String,
     /// Reason.
-    pub(crate) reason: String,
+    reason: String,
     /// Message.
-    pub(crate) message: String,
+    message: String,
 }
 
 /// The KataConfig part of the report.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct KataConfigReport {
+struct KataConfigReport {
     /// Name.
-    pub(crate) name: String,
+    name: String,
     /// `enablePeerPods`.
-    pub(crate) peer_pods: bool,
+    peer_pods: bool,
     /// Nodes with the runtime installed.
-    pub(crate) ready_node_count: i64,
+    ready_node_count: i64,
     /// Nodes selected.
-    pub(crate) node_count: i64,
+    node_count: i64,
     /// Each node's state.
-    pub(crate) nodes: Vec<NodeState>,
+    nodes: Vec<NodeState>,
     /// Conditions.
-    pub(crate) conditions: Vec<ConditionLine>,
+    conditions: Vec<ConditionLine>,
     /// Whether an install, update or uninstall runs.
-    pub(crate) in_progress: bool,
+    in_progress: bool,
 }
 
 /// Peer-pod VMs on one node.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub(crate) struct NodeVms {
+struct NodeVms {
     /// Node name.
-    pub(crate) node: String,
+    node: String,
     /// PeerPod records on it.
-    pub(crate) used: usize,
+    used: usize,
     /// Its `kata.peerpods.io/vm` capacity, if set.
-    pub(crate) limit: Option<String>,
+    limit: Option<String>,
 }
 
 /// Everything `status` shows.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct Report {
+struct Report {
     /// The namespace looked at.
-    pub(crate) namespace: String,
+    namespace: String,
     /// The operator Deployment, if installed.
-    pub(crate) operator: Option<Readiness>,
+    operator: Option<Readiness>,
     /// The KataConfig, if any.
-    pub(crate) kataconfig: Option<KataConfigReport>,
+    kataconfig: Option<KataConfigReport>,
     /// The PeerPodConfig limit, if any.
-    pub(crate) limit: Option<String>,
+    limit: Option<String>,
     /// PeerPodConfig conditions.
-    pub(crate) peer_pod_config: Vec<ConditionLine>,
+    peer_pod_config: Vec<ConditionLine>,
     /// The image Job: `Running`, `Succeeded` or `Failed`.
-    pub(crate) image_job: Option<String>,
+    image_job: Option<String>,
     /// The CAA DaemonSet.
-    pub(crate) caa: Option<Readiness>,
+    caa: Option<Readiness>,
     /// The webhook Deployment.
-    pub(crate) webhook: Option<Readiness>,
+    webhook: Option<Readiness>,
     /// Peer-pod VMs per node.
-    pub(crate) vms: Vec<NodeVms>,
+    vms: Vec<NodeVms>,
     /// What failed, each with what to do.
-    pub(crate) failures: Vec<String>,
+    failures: Vec<String>,
 }
 
 impl Report {
     /// Whether there is nothing left to wait for.
-    pub(crate) fn settled(&self) -> bool {
+    fn settled(&self) -> bool {
         !self.failures.is_empty() || self.kataconfig.as_ref().is_some_and(|k| !k.in_progress)
     }
 }
@@ -179,7 +179,7 @@ fn conditions(
 }
 
 /// The KataConfig part of the report, and its failures.
-pub(crate) fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
+fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
     let status = kc.status.clone().unwrap_or_default();
     let kn = status.kata_nodes.unwrap_or_default();
     let mut nodes = Vec::new();
@@ -245,7 +245,7 @@ fn deployment_readiness(d: &Deployment) -> Readiness {
 }
 
 /// Reads everything once.
-pub(crate) async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
+async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
     let mut report = Report {
         namespace: namespace.to_string(),
         ..Default::default()
@@ -385,7 +385,7 @@ fn readiness(r: &Option<Readiness>, missing: &str) -> String {
 }
 
 /// The report as text.
-pub(crate) fn render(r: &Report) -> String {
+fn render(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("namespace {}\n", r.namespace));
     s.push_str(&format!(
@@ -456,7 +456,7 @@ pub(crate) fn render(r: &Report) -> String {
 }
 
 /// Run `ctl status`.
-pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let start = std::time::Instant::now();
     let clear = args.watch && ctx.output == Output::Table && std::io::stdout().is_terminal();

@@ -18,7 +18,7 @@ use crate::protocol::{hypervisor, hypervisor_ttrpc};
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
+pub enum Error {
     /// The PeerPod API is missing.
     #[error("the PeerPod API is not installed: run `sandboxd ctl install` first")]
     NotInstalled,
@@ -50,7 +50,7 @@ pub(crate) enum Error {
 
 /// `ctl vm ...`.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum Command {
+pub enum Command {
     /// List peer-pod VMs in every namespace.
     List,
     /// Create and start the VM of a pod through this node's CAA socket (as the kata shim).
@@ -64,62 +64,62 @@ pub(crate) enum Command {
 
 /// Flags of `ctl vm console`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ConsoleArgs {
+pub struct ConsoleArgs {
     /// The pod, as `NAME` (in `--pod-namespace`) or `NAMESPACE/NAME`.
-    pub(crate) pod: String,
+    pod: String,
     /// Namespace of the pod when `POD` has none.
     #[arg(long, default_value = "default")]
-    pub(crate) pod_namespace: String,
+    pod_namespace: String,
     /// Azure endpoints.
     #[command(flatten)]
-    pub(crate) endpoints: super::azure_arm::EndpointArgs,
+    pub endpoints: super::azure_arm::EndpointArgs,
 }
 
 /// Flags of `ctl vm create`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct CreateArgs {
+pub struct CreateArgs {
     /// The pod the VM is for, as `NAMESPACE/NAME` (it must exist: CAA records its uid).
     #[arg(long)]
-    pub(crate) pod: String,
+    pub pod: String,
     /// The sandbox id (the shim uses the pod sandbox's container id).
     #[arg(long)]
-    pub(crate) sandbox_id: String,
+    pub sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub(crate) socket: PathBuf,
+    pub socket: PathBuf,
     /// vCPUs for the automatic instance size (`default_vcpus` annotation).
     #[arg(long)]
-    pub(crate) vcpus: Option<u32>,
+    pub vcpus: Option<u32>,
     /// Memory in MiB for the automatic instance size (`default_memory` annotation).
     #[arg(long)]
-    pub(crate) memory: Option<u32>,
+    pub memory: Option<u32>,
     /// Instance size (`machine_type` annotation); must be one of `AZURE_INSTANCE_SIZES`.
     #[arg(long)]
-    pub(crate) machine_type: Option<String>,
+    pub machine_type: Option<String>,
     /// The pod's network namespace (as CNI made it); empty: no pod network is tunnelled.
     #[arg(long)]
-    pub(crate) netns: Option<PathBuf>,
+    pub netns: Option<PathBuf>,
     /// Seconds to wait for StartVM.
     #[arg(long, default_value_t = 300)]
-    pub(crate) timeout: u64,
+    pub timeout: u64,
 }
 
 /// Flags of `ctl vm delete`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DeleteArgs {
+pub struct DeleteArgs {
     /// The sandbox id given to `vm create` (or by the shim).
     #[arg(long)]
-    pub(crate) sandbox_id: String,
+    pub sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub(crate) socket: PathBuf,
+    pub socket: PathBuf,
     /// Seconds to wait for StopVM.
     #[arg(long, default_value_t = 300)]
-    pub(crate) timeout: u64,
+    pub timeout: u64,
 }
 
 /// The CreateVM request the kata shim would send for these flags.
-pub(crate) fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
+fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
     let (ns, name) = a
         .pod
         .split_once('/')
@@ -155,7 +155,7 @@ fn call_ctx(timeout: u64) -> ttrpc::context::Context {
 }
 
 /// A hypervisor client on `socket`: one connection per command, as the shim does.
-pub(crate) async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
+async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
     let err = |reason: String| Error::Connect {
         socket: socket.display().to_string(),
         reason,
@@ -183,19 +183,19 @@ fn call_err(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
 /// What `vm create` reports.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct Created {
+pub struct Created {
     /// The sandbox id.
-    pub(crate) sandbox_id: String,
+    sandbox_id: String,
     /// The cloud VM name.
-    pub(crate) vm: String,
+    pub vm: String,
     /// The VM's private IP, when the PeerPod record could be read.
-    pub(crate) ip: Option<String>,
+    ip: Option<String>,
     /// The agent socket CAA serves for this sandbox.
-    pub(crate) agent_socket: String,
+    agent_socket: String,
 }
 
 /// CreateVM + StartVM through `socket`; returns the VM name and agent socket.
-pub(crate) async fn create(a: &CreateArgs) -> Result<Created, Error> {
+pub async fn create(a: &CreateArgs) -> Result<Created, Error> {
     let req = create_request(a)?;
     let hv = connect(&a.socket).await?;
     let created = hv
@@ -217,7 +217,7 @@ pub(crate) async fn create(a: &CreateArgs) -> Result<Created, Error> {
 }
 
 /// StopVM through `socket`.
-pub(crate) async fn delete(a: &DeleteArgs) -> Result<(), Error> {
+pub async fn delete(a: &DeleteArgs) -> Result<(), Error> {
     let hv = connect(&a.socket).await?;
     let mut stop = hypervisor::StopVMRequest::new();
     stop.id = a.sandbox_id.clone();
@@ -251,25 +251,25 @@ async fn recorded_ip(ctx: &Ctx, namespace: &str, vm: &str) -> Option<String> {
 /// One row of `vm list`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct VmRow {
+struct VmRow {
     /// Namespace of the pod.
-    pub(crate) namespace: String,
+    namespace: String,
     /// The pod the VM serves (the PeerPod's owner; else the record's name).
-    pub(crate) pod: String,
+    pod: String,
     /// Cloud VM name.
-    pub(crate) vm: String,
+    vm: String,
     /// Worker node.
-    pub(crate) node: String,
+    node: String,
     /// VM private IP.
-    pub(crate) ip: String,
+    ip: String,
     /// Age.
-    pub(crate) age: String,
+    age: String,
     /// Phase.
-    pub(crate) phase: String,
+    phase: String,
 }
 
 /// The rows for these records, sorted by namespace and pod.
-pub(crate) fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
+fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
     let mut rows: Vec<VmRow> = pods
         .iter()
         .map(|p| {
@@ -295,7 +295,7 @@ pub(crate) fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
 }
 
 /// Run `ctl vm ...`.
-pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::List => list(ctx).await,
         Command::Create(a) => {

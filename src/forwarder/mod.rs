@@ -19,14 +19,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub(crate) use config::Config;
+pub use config::Config;
 
 use crate::api::names;
 use crate::cloud::net;
 
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
+pub enum Error {
     /// The configuration is missing or invalid.
     #[error("forwarder config: {0}")]
     Config(String),
@@ -59,29 +59,29 @@ pub(crate) enum Error {
 pub struct Args {
     /// Read `apf.json` (or a `#cloud-config` carrying it) from this file.
     #[arg(long)]
-    pub(crate) config: Option<PathBuf>,
+    config: Option<PathBuf>,
     /// NoCloud seed user data, used when it exists and `--config` is not given.
     #[arg(long, default_value = "/media/cidata/user-data")]
-    pub(crate) seed: PathBuf,
+    seed: PathBuf,
     /// Azure IMDS userData endpoint, used when neither file is there.
     #[arg(
         long,
         env = "FORWARDER_IMDS_URL",
         default_value = "http://169.254.169.254/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
     )]
-    pub(crate) imds_url: url::Url,
+    imds_url: url::Url,
     /// Address of the mTLS listener.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::FORWARDER_PORT)))]
-    pub(crate) listen: SocketAddr,
+    listen: SocketAddr,
     /// kata-agent's socket.
     #[arg(long, default_value = names::AGENT_SOCKET)]
-    pub(crate) agent_socket: PathBuf,
+    agent_socket: PathBuf,
     /// The pod network namespace to create.
     #[arg(long, default_value = names::POD_NETNS)]
-    pub(crate) pod_netns: PathBuf,
+    pod_netns: PathBuf,
     /// Seconds a connection waits for the agent socket.
     #[arg(long, default_value_t = 150)]
-    pub(crate) agent_wait_seconds: u64,
+    agent_wait_seconds: u64,
     /// Start in a new network namespace (local pod VMs; done before the runtime starts).
     #[arg(long, hide = true)]
     pub unshare_net: bool,
@@ -92,7 +92,7 @@ pub struct Args {
 }
 
 /// Loads the configuration from the first source available.
-pub(crate) async fn load_config(args: &Args) -> Result<Config, Error> {
+async fn load_config(args: &Args) -> Result<Config, Error> {
     let read = |p: &PathBuf, name: &str| {
         std::fs::read_to_string(p).map_err(|e| Error::Source {
             source_name: format!("{name} {}", p.display()),
@@ -110,7 +110,7 @@ pub(crate) async fn load_config(args: &Args) -> Result<Config, Error> {
 }
 
 /// Fetches userData from IMDS (header `Metadata: true`), retrying until `wait` passes.
-pub(crate) async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
+async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
     use base64::Engine;
     let src = |detail: String| Error::Source {
         source_name: format!("IMDS {url}"),
@@ -138,14 +138,14 @@ pub(crate) async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<Str
 mod reqwest_like {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    pub(crate) struct Client;
+    pub struct Client;
 
     impl Client {
-        pub(crate) fn new() -> Self {
+        pub fn new() -> Self {
             Self
         }
 
-        pub(crate) async fn get(&self, url: &url::Url) -> Result<String, String> {
+        pub async fn get(&self, url: &url::Url) -> Result<String, String> {
             let host = url.host_str().ok_or("no host")?;
             let port = url.port_or_known_default().unwrap_or(80);
             let mut s = tokio::net::TcpStream::connect((host, port))

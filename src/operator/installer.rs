@@ -11,19 +11,19 @@ use crate::k8s::apply::stamp_hash;
 
 /// What the DaemonSet needs besides its owner.
 #[derive(Clone, Debug)]
-pub(crate) struct InstallerSpec<'a> {
+pub struct InstallerSpec<'a> {
     /// The operator namespace.
-    pub(crate) namespace: &'a str,
+    pub namespace: &'a str,
     /// The sandboxd image.
-    pub(crate) image: &'a str,
+    pub image: &'a str,
     /// The KataConfig's `logLevel`.
-    pub(crate) log_level: &'a str,
+    pub log_level: &'a str,
     /// The KataConfig's `shim`.
-    pub(crate) shim: &'a str,
+    pub shim: &'a str,
 }
 
 /// The DaemonSet, hash-stamped so an unchanged one is never re-applied.
-pub(crate) fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
+pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
     let owner_ref = owner.controller_owner_ref(&());
     let app = json!({"app.kubernetes.io/name": INSTALLER_DAEMONSET});
     let host = |name: &str, path: &str| json!({"name": name, "hostPath": {"path": path, "type": "Directory"}});

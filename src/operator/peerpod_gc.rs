@@ -29,7 +29,7 @@ use crate::k8s::apply;
 
 /// Errors of one pass.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
+enum Error {
     /// The API server failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
@@ -43,7 +43,7 @@ pub(crate) enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub(crate) fn metric_label(&self) -> &'static str {
+    fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Config(e) => e.metric_label(),
@@ -72,7 +72,7 @@ pub struct Options {
 
 impl Options {
     /// Production settings for `namespace`: 2 min grace, a pass every 30 s.
-    pub(crate) fn new(namespace: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
             grace: Duration::from_secs(120),
@@ -86,15 +86,15 @@ impl Options {
 
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Report {
+struct Report {
     /// PeerPods (`namespace/name`) whose VM was deleted and finalizer removed.
-    pub(crate) released: Vec<String>,
+    released: Vec<String>,
     /// VMs deleted because their node no longer exists.
-    pub(crate) node_vms_deleted: Vec<String>,
+    node_vms_deleted: Vec<String>,
 }
 
 /// The collector's state between passes.
-pub(crate) struct Collector {
+struct Collector {
     client: Client,
     opts: Options,
     provider: Option<(u64, Arc<dyn Provider>)>,
@@ -112,7 +112,7 @@ fn fingerprint(map: &BTreeMap<String, String>) -> u64 {
 
 /// Builds the provider `map` (ConfigMap and Secret keys) describes; `None` for clouds the
 /// collector cannot drive.
-pub(crate) fn provider_from_map(
+fn provider_from_map(
     map: &BTreeMap<String, String>,
     azure: &crate::cloud::azure::EndpointArgs,
     min_poll: Duration,
@@ -144,7 +144,7 @@ pub(crate) fn provider_from_map(
 
 impl Collector {
     /// A collector acting with `client`.
-    pub(crate) fn new(client: Client, opts: Options) -> Self {
+    fn new(client: Client, opts: Options) -> Self {
         Self {
             client,
             opts,
@@ -194,7 +194,7 @@ impl Collector {
     }
 
     /// One pass over deleted PeerPods and VMs of missing nodes.
-    pub(crate) async fn pass(&mut self) -> Result<Report, Error> {
+    async fn pass(&mut self) -> Result<Report, Error> {
         let Some(provider) = self.provider().await? else {
             self.deleting_since.clear();
             self.orphan_since.clear();

@@ -41,9 +41,9 @@ use super::{Error, io};
 use crate::protocol::{agent, oci};
 
 /// The annotation naming an app container's image.
-pub(crate) const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 /// The image the sandbox (pause) container asks for; the agent provides the pause itself.
-pub(crate) const PAUSE_IMAGE: &str = "pause";
+const PAUSE_IMAGE: &str = "pause";
 /// How long a process's output may keep coming after it exited before the exit is
 /// reported (kata drains for about half a second; a background child holding the pipe
 /// must not hold the exit back).
@@ -54,7 +54,7 @@ const OOM_KILLED_STATUS: u32 = 128 + 9;
 const OOM_WAIT: Duration = Duration::from_secs(1);
 
 /// Now as a protobuf timestamp.
-pub(crate) fn now() -> Timestamp {
+pub fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -66,19 +66,19 @@ pub(crate) fn now() -> Timestamp {
 
 /// How a process ended.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Exit {
+struct Exit {
     /// Its exit status (128 + signal when killed).
-    pub(crate) status: u32,
+    status: u32,
     /// When.
-    pub(crate) at: Timestamp,
+    at: Timestamp,
 }
 
 /// A process: a container's init or an exec.
-pub(crate) struct Process {
+struct Process {
     /// The container.
-    pub(crate) cid: String,
+    cid: String,
     /// containerd's exec id ("" for the init).
-    pub(crate) exec_id: String,
+    exec_id: String,
     stdio: Paths,
     /// An exec's process spec (sent at Start).
     exec_spec: Option<oci::Process>,
@@ -138,12 +138,12 @@ impl Process {
 }
 
 /// A container of the pod.
-pub(crate) struct Container {
+struct Container {
     /// Its id.
-    pub(crate) id: String,
+    id: String,
     bundle: String,
     /// The sandbox (pause) container.
-    pub(crate) is_sandbox: bool,
+    is_sandbox: bool,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     watcher: Mutex<Option<JoinHandle<()>>>,
@@ -169,13 +169,13 @@ impl Container {
 }
 
 /// The pod's sandbox: the VM and the agent in it.
-pub(crate) struct Sandbox {
+struct Sandbox {
     /// The sandbox id (the pause container's id).
-    pub(crate) id: String,
+    id: String,
     /// The kata configuration.
-    pub(crate) config: Config,
+    config: Config,
     /// The agent connection.
-    pub(crate) agent: AgentClient,
+    agent: AgentClient,
     hypervisor: PathBuf,
     bundle: PathBuf,
     oom: Mutex<Option<JoinHandle<()>>>,
@@ -184,12 +184,12 @@ pub(crate) struct Sandbox {
 }
 
 /// The pod one shim serves.
-pub(crate) struct Pod {
+pub struct Pod {
     publisher: Publisher,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Cancelled when containerd shuts the shim down.
-    pub(crate) shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
     /// Serialises sandbox creation and teardown.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -219,7 +219,7 @@ fn network_namespace(spec: &serde_json::Value) -> String {
 }
 
 /// The storage that pulls `image` in the VM and mounts it as the container's root.
-pub(crate) fn guest_pull_storage(
+fn guest_pull_storage(
     cid: &str,
     image: &str,
     annotations: &HashMap<String, String>,
@@ -236,13 +236,13 @@ pub(crate) fn guest_pull_storage(
 }
 
 /// A container's root in the VM.
-pub(crate) fn rootfs_in_vm(cid: &str) -> String {
+fn rootfs_in_vm(cid: &str) -> String {
     format!("/run/kata-containers/{cid}/rootfs")
 }
 
 impl Pod {
     /// A pod publishing its events through `publisher` (which knows containerd's namespace).
-    pub(crate) fn new(publisher: Publisher) -> Arc<Self> {
+    pub fn new(publisher: Publisher) -> Arc<Self> {
         Arc::new(Self {
             publisher,
             sandbox: Mutex::new(None),
@@ -268,7 +268,7 @@ impl Pod {
     // --- create ------------------------------------------------------------------------
 
     /// `Create`: the sandbox's VM and pause container, or an app container in it.
-    pub(crate) async fn do_create(
+    pub async fn do_create(
         &self,
         req: api::CreateTaskRequest,
     ) -> Result<api::CreateTaskResponse, Error> {
@@ -488,10 +488,7 @@ impl Pod {
     // --- start, exec ---------------------------------------------------------------------
 
     /// `Start` of a container's init or of an exec.
-    pub(crate) async fn do_start(
-        &self,
-        req: api::StartRequest,
-    ) -> Result<api::StartResponse, Error> {
+    pub async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if *lock(&p.started) {
@@ -679,7 +676,7 @@ impl Pod {
     }
 
     /// `Exec`: records the process; the agent runs it at Start.
-    pub(crate) async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<(), Error> {
+    pub async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         if c.init.exited().is_some() {
             return Err(Error::FailedPrecondition(format!(
@@ -729,10 +726,7 @@ impl Pod {
     // --- state, wait, kill -----------------------------------------------------------------
 
     /// `State`.
-    pub(crate) async fn do_state(
-        &self,
-        req: api::StateRequest,
-    ) -> Result<api::StateResponse, Error> {
+    pub async fn do_state(&self, req: api::StateRequest) -> Result<api::StateResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exited();
@@ -753,7 +747,7 @@ impl Pod {
     }
 
     /// `Wait`: until the process exits.
-    pub(crate) async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse, Error> {
+    pub async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let mut rx = p.exit.subscribe();
@@ -772,7 +766,7 @@ impl Pod {
 
     /// `Kill` → SignalProcess. A process that has exited answers NOT_FOUND, as containerd's
     /// own shims do (CRI treats it as done).
-    pub(crate) async fn do_kill(&self, req: api::KillRequest) -> Result<(), Error> {
+    pub async fn do_kill(&self, req: api::KillRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if p.exited().is_some() {
@@ -807,7 +801,7 @@ impl Pod {
     }
 
     /// `Pids`: the processes containerd may know of (the VM's are not the node's).
-    pub(crate) async fn do_pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse, Error> {
+    pub async fn do_pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse, Error> {
         self.container(&req.id)?;
         Ok(api::PidsResponse {
             processes: vec![ProcessInfo {
@@ -819,7 +813,7 @@ impl Pod {
     }
 
     /// `ResizePty` → TtyWinResize.
-    pub(crate) async fn do_resize_pty(&self, req: api::ResizePtyRequest) -> Result<(), Error> {
+    pub async fn do_resize_pty(&self, req: api::ResizePtyRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let sandbox = self.sandbox()?;
@@ -842,7 +836,7 @@ impl Pod {
     }
 
     /// `CloseIO`: stdin ends once what containerd wrote is sent.
-    pub(crate) async fn do_close_io(&self, req: api::CloseIORequest) -> Result<(), Error> {
+    pub async fn do_close_io(&self, req: api::CloseIORequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if req.stdin {
@@ -852,7 +846,7 @@ impl Pod {
     }
 
     /// `Update` → UpdateContainer (the resources, runtime-spec JSON).
-    pub(crate) async fn do_update(&self, req: api::UpdateTaskRequest) -> Result<(), Error> {
+    pub async fn do_update(&self, req: api::UpdateTaskRequest) -> Result<(), Error> {
         self.container(&req.id)?;
         let sandbox = self.sandbox()?;
         let json: serde_json::Value = req
@@ -883,10 +877,7 @@ impl Pod {
     }
 
     /// `Stats` → StatsContainer, as containerd's cgroup v1 metrics.
-    pub(crate) async fn do_stats(
-        &self,
-        req: api::StatsRequest,
-    ) -> Result<api::StatsResponse, Error> {
+    pub async fn do_stats(&self, req: api::StatsRequest) -> Result<api::StatsResponse, Error> {
         self.container(&req.id)?;
         let sandbox = self.sandbox()?;
         let r = sandbox
@@ -917,10 +908,7 @@ impl Pod {
 
     /// `Delete` of an exec (forgotten) or a container (removed from the VM; the sandbox's
     /// removal destroys the sandbox and deletes the VM).
-    pub(crate) async fn do_delete(
-        &self,
-        req: api::DeleteRequest,
-    ) -> Result<api::DeleteResponse, Error> {
+    pub async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse, Error> {
         let c = self.container(&req.id)?;
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
@@ -1044,7 +1032,7 @@ impl Pod {
     }
 
     /// `Connect`.
-    pub(crate) async fn do_connect(
+    pub async fn do_connect(
         &self,
         _req: api::ConnectRequest,
     ) -> Result<api::ConnectResponse, Error> {
@@ -1057,7 +1045,7 @@ impl Pod {
     }
 
     /// `Shutdown`: the shim exits once it serves no container.
-    pub(crate) async fn do_shutdown(&self, _req: api::ShutdownRequest) -> Result<(), Error> {
+    pub async fn do_shutdown(&self, _req: api::ShutdownRequest) -> Result<(), Error> {
         if !lock(&self.containers).is_empty() {
             return Ok(());
         }
@@ -1071,7 +1059,7 @@ impl Pod {
     }
 
     /// Deletes the VM if the sandbox is still there (the shim is being stopped).
-    pub(crate) async fn teardown(&self) {
+    pub async fn teardown(&self) {
         let s = lock(&self.sandbox).take();
         if let Some(s) = s {
             self.stop_sandbox(&s).await;
@@ -1090,9 +1078,7 @@ fn delete_response(p: &Process) -> api::DeleteResponse {
 }
 
 /// The agent's cgroup statistics as containerd's cgroup v1 `Metrics`.
-pub(crate) fn metrics(
-    r: &agent::StatsContainerResponse,
-) -> containerd_shim_protos::cgroups::metrics::Metrics {
+fn metrics(r: &agent::StatsContainerResponse) -> containerd_shim_protos::cgroups::metrics::Metrics {
     use containerd_shim_protos::cgroups::metrics as m;
     let mut out = m::Metrics::new();
     let Some(cg) = r.cgroup_stats.as_ref() else {

@@ -25,23 +25,23 @@ type Check = (String, Arc<AtomicBool>);
 
 /// One readiness check, flipped by the component that owns it.
 #[derive(Clone)]
-pub(crate) struct ReadyFlag(Arc<AtomicBool>);
+pub struct ReadyFlag(Arc<AtomicBool>);
 
 impl ReadyFlag {
     /// Marks the check ready (`true`) or not.
-    pub(crate) fn set(&self, ready: bool) {
+    pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
     }
 }
 
 impl Readiness {
     /// An empty set of checks (ready until a check is registered).
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self::default()
     }
 
     /// Registers a check, initially not ready.
-    pub(crate) fn register(&self, name: &str) -> ReadyFlag {
+    pub fn register(&self, name: &str) -> ReadyFlag {
         let flag = Arc::new(AtomicBool::new(false));
         self.checks
             .lock()
@@ -51,7 +51,7 @@ impl Readiness {
     }
 
     /// Whether every check is ready, and a line per check as the API server prints them.
-    pub(crate) fn report(&self) -> (bool, String) {
+    fn report(&self) -> (bool, String) {
         let checks = self.checks.lock().expect("readiness lock");
         let mut ok = true;
         let mut text = String::new();
@@ -118,14 +118,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Binds the server's address (separate from [`serve`] so callers learn the port of `:0`).
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })
 }
 
 /// Serves `router` until `shutdown` is cancelled, then finishes in-flight requests.
-pub(crate) async fn serve(
+pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,

@@ -24,7 +24,7 @@ use crate::api::names::annotations;
 pub(crate) struct Str<'a>(pub(crate) Cow<'a, str>);
 
 impl Str<'_> {
-    pub(crate) fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -53,7 +53,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 
 /// `T` read only from a JSON object, or `None` from `null`: serde's derived structs would
 /// also take an array, which no Kubernetes object is.
-pub(crate) struct Obj<T>(pub(crate) Option<T>);
+pub struct Obj<T>(pub Option<T>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -87,24 +87,24 @@ fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option
 /// The pod object, scanned once: only `spec.runtimeClassName` is read; `metadata` and the
 /// resource-bearing fields are kept as raw text for a peer pod.
 #[derive(Deserialize, Default)]
-pub(crate) struct PodIn<'a> {
+pub struct PodIn<'a> {
     #[serde(default, borrow)]
-    pub(crate) metadata: Option<&'a RawValue>,
+    metadata: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub(crate) spec: Option<SpecIn<'a>>,
+    spec: Option<SpecIn<'a>>,
 }
 
 /// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
-pub(crate) struct PeerPod<'a> {
-    pub(crate) meta: Meta<'a>,
-    pub(crate) containers: Vec<Container<'a>>,
-    pub(crate) init_containers: Vec<Container<'a>>,
-    pub(crate) resources: Option<Resources<'a>>,
+pub struct PeerPod<'a> {
+    pub meta: Meta<'a>,
+    pub containers: Vec<Container<'a>>,
+    pub init_containers: Vec<Container<'a>>,
+    pub resources: Option<Resources<'a>>,
 }
 
 impl<'a> PeerPod<'a> {
     /// Parses what the mutation needs; errors name the field.
-    pub(crate) fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
+    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
         let spec = pod.spec.as_ref();
         Ok(Self {
             meta: Meta::parse(pod.metadata)?,
@@ -118,36 +118,36 @@ impl<'a> PeerPod<'a> {
 /// The whole pod read in one pass: what [`PodIn`] and then [`PeerPod`] read, typed at once.
 /// Tried first; a body it cannot read goes through [`PodIn`] for a precise answer.
 #[derive(Deserialize, Default)]
-pub(crate) struct PodFull<'a> {
+pub struct PodFull<'a> {
     #[serde(default, borrow, deserialize_with = "object")]
-    pub(crate) metadata: Option<Meta<'a>>,
+    metadata: Option<Meta<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub(crate) spec: Option<SpecFull<'a>>,
+    spec: Option<SpecFull<'a>>,
 }
 
 /// `spec` of a [`PodFull`].
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct SpecFull<'a> {
+struct SpecFull<'a> {
     #[serde(default, borrow)]
-    pub(crate) runtime_class_name: Option<Str<'a>>,
+    runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub(crate) containers: Option<Vec<Obj<Container<'a>>>>,
+    containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow)]
-    pub(crate) init_containers: Option<Vec<Obj<Container<'a>>>>,
+    init_containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub(crate) resources: Option<Resources<'a>>,
+    resources: Option<Resources<'a>>,
 }
 
 /// A pod as read so far: whole ([`PodFull`]) or scanned ([`PodIn`]).
-pub(crate) enum PodParts<'a> {
+pub enum PodParts<'a> {
     Full(PodFull<'a>),
     Scanned(PodIn<'a>),
 }
 
 impl<'a> PodParts<'a> {
     /// `spec.runtimeClassName`.
-    pub(crate) fn runtime_class(&self) -> Option<&str> {
+    pub fn runtime_class(&self) -> Option<&str> {
         match self {
             PodParts::Full(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
             PodParts::Scanned(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
@@ -156,7 +156,7 @@ impl<'a> PodParts<'a> {
     }
 
     /// The parts the mutation reads; errors name the field.
-    pub(crate) fn peer(self) -> Result<PeerPod<'a>, FieldError> {
+    pub fn peer(self) -> Result<PeerPod<'a>, FieldError> {
         let full = match self {
             PodParts::Scanned(p) => return PeerPod::parse(&p),
             PodParts::Full(full) => full,
@@ -192,22 +192,22 @@ fn null_container(list: &str, i: usize) -> FieldError {
 /// `spec`, as far as the webhook reads it.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct SpecIn<'a> {
+struct SpecIn<'a> {
     #[serde(default, borrow)]
-    pub(crate) runtime_class_name: Option<Str<'a>>,
+    runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub(crate) containers: Option<&'a RawValue>,
+    containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub(crate) init_containers: Option<&'a RawValue>,
+    init_containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub(crate) resources: Option<&'a RawValue>,
+    resources: Option<&'a RawValue>,
 }
 
 /// Why a peer pod's fields could not be read; names the field.
 #[derive(Debug)]
-pub(crate) struct FieldError {
-    pub(crate) field: String,
-    pub(crate) source: serde_json::Error,
+pub struct FieldError {
+    field: String,
+    source: serde_json::Error,
 }
 
 impl fmt::Display for FieldError {
@@ -229,25 +229,25 @@ fn parse<'a, T: Deserialize<'a>>(
 /// `metadata`: where the pod is, and which labels/annotations the mutation must respect.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct Meta<'a> {
+pub struct Meta<'a> {
     /// Whether `metadata` is an object (not absent or `null`).
     #[serde(skip)]
-    pub(crate) present: bool,
+    pub present: bool,
     #[serde(default, borrow)]
-    pub(crate) namespace: Option<Str<'a>>,
+    pub namespace: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub(crate) generate_name: Option<Str<'a>>,
+    pub generate_name: Option<Str<'a>>,
     /// `Some` when `labels` is an object.
     #[serde(default)]
-    pub(crate) labels: Option<AnyObject>,
+    pub labels: Option<AnyObject>,
     /// `Some` when `annotations` is an object.
     #[serde(default)]
-    pub(crate) annotations: Option<SizeAnnotations>,
+    pub annotations: Option<SizeAnnotations>,
 }
 
 impl<'a> Meta<'a> {
     /// Reads `metadata` (absent or `null` is an empty one).
-    pub(crate) fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
+    fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
         match raw {
             Some(raw) => Ok(match parse::<Obj<Meta>>(raw, || "metadata".into())?.0 {
                 Some(meta) => Self {
@@ -263,7 +263,7 @@ impl<'a> Meta<'a> {
 
 /// A JSON object whose members are not read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct AnyObject;
+pub struct AnyObject;
 
 impl<'de> Deserialize<'de> for AnyObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -284,15 +284,15 @@ impl<'de> Deserialize<'de> for AnyObject {
 
 /// Which of the VM size annotations an `annotations` object already holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct SizeAnnotations {
-    pub(crate) vcpus: bool,
-    pub(crate) memory: bool,
-    pub(crate) gpus: bool,
+pub struct SizeAnnotations {
+    vcpus: bool,
+    memory: bool,
+    gpus: bool,
 }
 
 impl SizeAnnotations {
     /// Whether the annotation `key` (one of the size annotations) is set.
-    pub(crate) fn has(&self, key: &str) -> bool {
+    pub fn has(&self, key: &str) -> bool {
         match key {
             annotations::DEFAULT_VCPUS => self.vcpus,
             annotations::DEFAULT_MEMORY => self.memory,
@@ -331,18 +331,18 @@ impl<'de> Deserialize<'de> for SizeAnnotations {
 /// A container or init container, as far as sizing reads it.
 #[derive(Deserialize, Default, Debug)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct Container<'a> {
+pub struct Container<'a> {
     #[serde(default, borrow)]
-    pub(crate) name: Str<'a>,
+    pub name: Str<'a>,
     #[serde(default, borrow)]
-    pub(crate) restart_policy: Option<Str<'a>>,
+    pub restart_policy: Option<Str<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub(crate) resources: Option<Resources<'a>>,
+    pub resources: Option<Resources<'a>>,
 }
 
 /// Reads a container list (`spec.containers` or `spec.initContainers`); absent or `null` is
 /// empty. Errors name the list and the index.
-pub(crate) fn containers<'a>(
+fn containers<'a>(
     raw: Option<&'a RawValue>,
     list: &'static str,
 ) -> Result<Vec<Container<'a>>, FieldError> {
@@ -367,7 +367,7 @@ pub(crate) fn containers<'a>(
 }
 
 /// Reads pod-level `spec.resources` (absent or `null` is none).
-pub(crate) fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'_>>, FieldError> {
+fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'_>>, FieldError> {
     raw.map_or(Ok(None), |raw| {
         parse::<Obj<Resources>>(raw, || "spec.resources".into()).map(|o| o.0)
     })
@@ -375,19 +375,19 @@ pub(crate) fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'
 
 /// `resources` of a container or of the pod: quantities as text.
 #[derive(Deserialize, Default, Debug)]
-pub(crate) struct Resources<'a> {
+pub struct Resources<'a> {
     #[serde(default, borrow)]
-    pub(crate) requests: Option<Amounts<'a>>,
+    pub requests: Option<Amounts<'a>>,
     #[serde(default, borrow)]
-    pub(crate) limits: Option<Amounts<'a>>,
+    pub limits: Option<Amounts<'a>>,
     /// How many resource claims are listed.
     #[serde(default, deserialize_with = "count")]
-    pub(crate) claims: usize,
+    claims: usize,
 }
 
 impl Resources<'_> {
     /// Whether any request, limit or claim is set.
-    pub(crate) fn has_amounts(&self) -> bool {
+    pub fn has_amounts(&self) -> bool {
         self.requests.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.limits.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.claims > 0

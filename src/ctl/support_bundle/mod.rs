@@ -35,56 +35,56 @@ use super::doctor;
 
 /// Bounds and selections shared by `support-bundle` and `must-gather`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Limits {
+struct Limits {
     /// Stop collecting after this long (e.g. 90s, 5m); what was collected is written and
     /// the rest is listed in the manifest as skipped.
     #[arg(long, default_value = "5m", value_parser = parse_timeout)]
-    pub(crate) timeout: Duration,
+    timeout: Duration,
     /// Largest total size of the collected files in MiB (before compression); files past it
     /// are skipped and listed in the manifest.
     #[arg(long, default_value_t = 256)]
-    pub(crate) max_size_mib: u64,
+    max_size_mib: u64,
     /// Lines kept from the end of each container log.
     #[arg(long, default_value_t = 10_000)]
-    pub(crate) log_lines: i64,
+    log_lines: i64,
     /// Largest size of one container log in MiB.
     #[arg(long, default_value_t = 16)]
-    pub(crate) max_log_mib: i64,
+    max_log_mib: i64,
     /// Only log lines of the last DURATION (e.g. 2h; `oc adm must-gather --since` passes it
     /// as MUST_GATHER_SINCE).
     #[arg(long, env = "MUST_GATHER_SINCE", value_parser = parse_timeout)]
-    pub(crate) since: Option<Duration>,
+    since: Option<Duration>,
     /// Only log lines after this time (RFC 3339; `oc adm must-gather --since-time` passes it
     /// as MUST_GATHER_SINCE_TIME).
     #[arg(long, env = "MUST_GATHER_SINCE_TIME", value_parser = parse_time, conflicts_with = "since")]
-    pub(crate) since_time: Option<time::OffsetDateTime>,
+    since_time: Option<time::OffsetDateTime>,
     /// The doctor's flags (its node selector also selects the nodes described here).
     #[command(flatten)]
-    pub(crate) doctor: doctor::Args,
+    pub doctor: doctor::Args,
 }
 
 /// Flags of `ctl support-bundle`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct BundleArgs {
+pub struct BundleArgs {
     /// The archive to write (default: `sandboxd-support-<UTC time>.tar.gz` in the current
     /// directory).
     #[arg(long, short = 'f')]
-    pub(crate) file: Option<PathBuf>,
+    file: Option<PathBuf>,
     /// Bounds and selections.
     #[command(flatten)]
-    pub(crate) limits: Limits,
+    limits: Limits,
 }
 
 /// Flags of `ctl must-gather` (also what the binary runs when invoked as `gather`).
 #[derive(Debug, clap::Args)]
-pub(crate) struct MustGatherArgs {
+pub struct MustGatherArgs {
     /// The directory `oc adm must-gather` copies off the pod (must-gather scripts' own
     /// `BASE_COLLECTION_PATH` moves it too).
     #[arg(long, env = "BASE_COLLECTION_PATH", default_value = "/must-gather")]
-    pub(crate) dir: PathBuf,
+    dir: PathBuf,
     /// Bounds and selections.
     #[command(flatten)]
-    pub(crate) limits: Limits,
+    limits: Limits,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -114,50 +114,50 @@ impl Limits {
 
 /// One thing the bundle could not collect.
 #[derive(Debug, Serialize)]
-pub(crate) struct Missing {
+struct Missing {
     /// What was asked for.
-    pub(crate) what: String,
+    what: String,
     /// The HTTP status, when the API server answered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) status: Option<u16>,
+    status: Option<u16>,
     /// Why.
-    pub(crate) reason: String,
+    reason: String,
 }
 
 /// One collected file.
 #[derive(Debug, Serialize)]
-pub(crate) struct Collected {
+struct Collected {
     /// Path inside the bundle.
-    pub(crate) path: String,
+    path: String,
     /// Size in bytes.
-    pub(crate) bytes: usize,
+    bytes: usize,
 }
 
 /// `manifest.json`: what the bundle holds and what it does not.
 #[derive(Debug, Default, Serialize)]
-pub(crate) struct Manifest {
+struct Manifest {
     /// The tool and its version.
-    pub(crate) tool: String,
+    tool: String,
     /// The operator namespace.
-    pub(crate) namespace: String,
+    namespace: String,
     /// When collection started and ended (RFC 3339, UTC).
-    pub(crate) started: String,
+    started: String,
     /// See `started`.
-    pub(crate) finished: String,
+    finished: String,
     /// The bounds in force.
-    pub(crate) limits: Value,
+    limits: Value,
     /// Files in the bundle.
-    pub(crate) collected: Vec<Collected>,
+    collected: Vec<Collected>,
     /// Requests the API server refused (403: the caller's RBAC).
-    pub(crate) refused: Vec<Missing>,
+    refused: Vec<Missing>,
     /// Objects or APIs that do not exist on this cluster (404).
-    pub(crate) absent: Vec<Missing>,
+    absent: Vec<Missing>,
     /// Requests that failed otherwise (e.g. logs of a node without a reachable kubelet).
-    pub(crate) errors: Vec<Missing>,
+    errors: Vec<Missing>,
     /// What was not collected because the size or time bound was reached.
-    pub(crate) skipped: Vec<Missing>,
+    skipped: Vec<Missing>,
     /// How redaction worked.
-    pub(crate) redaction: String,
+    redaction: String,
 }
 
 /// A resource to collect.
@@ -340,7 +340,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DOCTOR_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Collects a bundle into `sink`. Progress goes to stderr.
-pub(crate) struct Collector<'a> {
+struct Collector<'a> {
     client: Client,
     ns: String,
     sink: &'a mut dyn Sink,
@@ -360,12 +360,7 @@ enum Failure {
 
 impl<'a> Collector<'a> {
     /// A collector for the cluster of `client`, the operator namespace `ns`.
-    pub(crate) fn new(
-        client: Client,
-        ns: &str,
-        sink: &'a mut dyn Sink,
-        limits: &'a Limits,
-    ) -> Self {
+    fn new(client: Client, ns: &str, sink: &'a mut dyn Sink, limits: &'a Limits) -> Self {
         let now = time::OffsetDateTime::now_utc();
         Self {
             client,
@@ -552,7 +547,7 @@ impl<'a> Collector<'a> {
     }
 
     /// Collects everything and writes the manifest; returns it.
-    pub(crate) async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
+    async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
         const STEPS: usize = 8;
         let ns = self.ns.clone();
 
@@ -917,7 +912,7 @@ fn summary(m: &Manifest, dest: &str) -> String {
 }
 
 /// `ctl support-bundle`.
-pub(crate) async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
+pub async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let now = time::OffsetDateTime::now_utc();
     let name = bundle_name(now);
@@ -995,7 +990,7 @@ async fn operator_namespace(client: &Client, ns: &str) -> String {
 }
 
 /// `ctl must-gather`: the bundle as files under `--dir`, with must-gather's `version` file.
-pub(crate) async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
+pub async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let ctx = &Ctx {
         namespace: operator_namespace(&client, &ctx.namespace).await,

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 /// `op` of a client's message.
-pub(crate) const BOOTREQUEST: u8 = 1;
+pub const BOOTREQUEST: u8 = 1;
 /// `op` of a server's message.
-pub(crate) const BOOTREPLY: u8 = 2;
+pub const BOOTREPLY: u8 = 2;
 const FLAG_BROADCAST: u16 = 0x8000;
 
 /// DHCP message types (option 53).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MessageType {
+pub enum MessageType {
     /// Client looks for servers.
     Discover = 1,
     /// Server offers an address.
@@ -45,50 +45,45 @@ impl MessageType {
 
 /// One DHCP message (the fields this client uses).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Message {
+pub struct Message {
     /// BOOTREQUEST (1) or BOOTREPLY (2).
-    pub(crate) op: u8,
+    pub op: u8,
     /// Transaction id.
-    pub(crate) xid: u32,
+    pub xid: u32,
     /// Flags (broadcast bit).
-    pub(crate) flags: u16,
+    pub flags: u16,
     /// "Your" address: the address offered.
     pub(crate) yiaddr: Ipv4Addr,
     /// Client hardware address.
-    pub(crate) chaddr: [u8; 6],
+    pub chaddr: [u8; 6],
     /// Options as (code, value), in order.
-    pub(crate) options: Vec<(u8, Vec<u8>)>,
+    pub options: Vec<(u8, Vec<u8>)>,
 }
 
 /// A lease: what the interface gets configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Lease {
+pub struct Lease {
     /// The address.
-    pub(crate) address: Ipv4Addr,
+    pub address: Ipv4Addr,
     /// Prefix length from the subnet mask.
-    pub(crate) prefix: u8,
+    pub prefix: u8,
     /// Default gateway (option 3).
-    pub(crate) router: Option<Ipv4Addr>,
+    pub router: Option<Ipv4Addr>,
     /// DNS servers (option 6).
-    pub(crate) dns: Vec<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
     /// Domain name (option 15).
-    pub(crate) domain: Option<String>,
+    pub domain: Option<String>,
     /// Classless static routes (option 121): destination, prefix, gateway.
-    pub(crate) routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
+    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
     /// The server that granted it (option 54).
-    pub(crate) server: Ipv4Addr,
+    pub server: Ipv4Addr,
     /// Lease time in seconds (option 51).
-    pub(crate) lease_seconds: u32,
+    pub lease_seconds: u32,
 }
 
 impl Message {
     /// A client request of `kind` from `mac`.
-    pub(crate) fn request(
-        kind: MessageType,
-        xid: u32,
-        mac: [u8; 6],
-        extra: Vec<(u8, Vec<u8>)>,
-    ) -> Self {
+    pub fn request(kind: MessageType, xid: u32, mac: [u8; 6], extra: Vec<(u8, Vec<u8>)>) -> Self {
         let mut options = vec![(53, vec![kind as u8])];
         let mut client_id = vec![1u8];
         client_id.extend_from_slice(&mac);
@@ -107,7 +102,7 @@ impl Message {
     }
 
     /// The wire form (at least 300 bytes, as BOOTP relays expect).
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; 236];
         b[0] = self.op;
         b[1] = 1; // Ethernet
@@ -130,7 +125,7 @@ impl Message {
     }
 
     /// Parses a message; `None` when it is not DHCP.
-    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
+    pub fn decode(b: &[u8]) -> Option<Self> {
         if b.len() < 240 || b[236..240] != MAGIC || b[1] != 1 || b[2] != 6 {
             return None;
         }
@@ -158,7 +153,7 @@ impl Message {
     }
 
     /// The value of option `code`.
-    pub(crate) fn option(&self, code: u8) -> Option<&[u8]> {
+    pub fn option(&self, code: u8) -> Option<&[u8]> {
         self.options
             .iter()
             .find(|(c, _)| *c == code)
@@ -166,7 +161,7 @@ impl Message {
     }
 
     /// The message type (option 53).
-    pub(crate) fn kind(&self) -> Option<MessageType> {
+    pub fn kind(&self) -> Option<MessageType> {
         MessageType::from_u8(*self.option(53)?.first()?)
     }
 
@@ -176,7 +171,7 @@ impl Message {
     }
 
     /// The lease an ACK grants.
-    pub(crate) fn lease(&self) -> Option<Lease> {
+    pub fn lease(&self) -> Option<Lease> {
         let mask = self.ip(1).map(u32::from).unwrap_or(0xffff_ff00);
         let dns = self
             .option(6)
@@ -205,7 +200,7 @@ impl Message {
 }
 
 /// Decodes option 121 (RFC 3442): width, significant destination octets, gateway.
-pub(crate) fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
+fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -234,7 +229,7 @@ pub(crate) fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
 
 /// Errors of the DHCP exchange.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum DhcpError {
+pub enum DhcpError {
     /// The socket cannot be set up.
     #[error("DHCP socket on {iface}: {detail}")]
     Socket {
@@ -296,11 +291,7 @@ async fn exchange(
 }
 
 /// Obtains a lease on `iface` (which must be up), retrying until `total` passes.
-pub(crate) async fn acquire(
-    iface: &str,
-    mac: [u8; 6],
-    total: Duration,
-) -> Result<Lease, DhcpError> {
+pub async fn acquire(iface: &str, mac: [u8; 6], total: Duration) -> Result<Lease, DhcpError> {
     let sock = socket(iface)?;
     let deadline = tokio::time::Instant::now() + total;
     let mut wait = Duration::from_secs(1);

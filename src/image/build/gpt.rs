@@ -2,7 +2,7 @@
 //! and entry arrays around the partitions.
 
 /// Sector size of the image.
-pub(crate) const SECTOR: u64 = 512;
+pub const SECTOR: u64 = 512;
 /// Partition entries in each array (the minimum the spec requires room for).
 const ENTRIES: u64 = 128;
 /// Size of one entry.
@@ -11,7 +11,7 @@ const ENTRY_SIZE: u64 = 128;
 const ARRAY_SECTORS: u64 = ENTRIES * ENTRY_SIZE / SECTOR;
 
 /// A GUID in its on-disk byte order (first three fields little-endian).
-pub(crate) type Guid = [u8; 16];
+type Guid = [u8; 16];
 
 /// Type GUID of an EFI system partition, C12A7328-F81F-11D2-BA4B-00A0C93EC93B.
 pub const ESP_TYPE: Guid = guid(
@@ -22,7 +22,7 @@ pub const ESP_TYPE: Guid = guid(
 );
 
 /// Builds a GUID from its textual fields.
-pub(crate) const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
+const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
     let a = a.to_le_bytes();
     let b = b.to_le_bytes();
     let c = c.to_le_bytes();
@@ -34,7 +34,7 @@ pub(crate) const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
 
 /// A random-looking (version 4, RFC 4122 variant) GUID taken from 16 bytes of a digest, so
 /// the same inputs give the same disk.
-pub(crate) fn guid_from_digest(bytes: &[u8]) -> Guid {
+pub fn guid_from_digest(bytes: &[u8]) -> Guid {
     let mut g: Guid = bytes[..16].try_into().expect("16 bytes");
     g[7] = (g[7] & 0x0f) | 0x40;
     g[8] = (g[8] & 0x3f) | 0x80;
@@ -43,7 +43,7 @@ pub(crate) fn guid_from_digest(bytes: &[u8]) -> Guid {
 
 /// Formats a GUID in its textual form.
 #[cfg(test)]
-pub(crate) fn guid_string(g: &Guid) -> String {
+fn guid_string(g: &Guid) -> String {
     let a = u32::from_le_bytes(g[0..4].try_into().unwrap());
     let b = u16::from_le_bytes(g[4..6].try_into().unwrap());
     let c = u16::from_le_bytes(g[6..8].try_into().unwrap());
@@ -58,24 +58,24 @@ pub struct Partition {
     /// Type GUID.
     pub type_guid: Guid,
     /// Unique GUID.
-    pub(crate) guid: Guid,
+    pub guid: Guid,
     /// First sector.
     pub first_lba: u64,
     /// Last sector (inclusive).
     pub last_lba: u64,
     /// Name (UTF-16 on disk, at most 36 code units).
-    pub(crate) name: String,
+    pub name: String,
 }
 
 /// A parsed table (see [`parse`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     /// The disk GUID.
-    pub(crate) disk_guid: Guid,
+    disk_guid: Guid,
     /// First usable sector.
-    pub(crate) first_usable: u64,
+    first_usable: u64,
     /// Last usable sector.
-    pub(crate) last_usable: u64,
+    last_usable: u64,
     /// Used entries.
     pub partitions: Vec<Partition>,
 }
@@ -128,13 +128,13 @@ fn header(
 }
 
 /// The first and last usable sector of a disk of `sectors` sectors.
-pub(crate) fn usable(sectors: u64) -> (u64, u64) {
+fn usable(sectors: u64) -> (u64, u64) {
     (2 + ARRAY_SECTORS, sectors - 2 - ARRAY_SECTORS)
 }
 
 /// Writes the protective MBR, both headers and both entry arrays into `disk` (whose length,
 /// a multiple of 512, is the disk size); partition contents are the caller's.
-pub(crate) fn write_table(disk: &mut [u8], disk_guid: &Guid, parts: &[Partition]) {
+pub fn write_table(disk: &mut [u8], disk_guid: &Guid, parts: &[Partition]) {
     let sectors = disk.len() as u64 / SECTOR;
     let (first, last) = usable(sectors);
     // Protective MBR: one partition of type 0xEE covering the disk.

@@ -38,13 +38,13 @@ pub struct Inputs {
 
 /// What [`stage`] wrote.
 #[derive(Clone, Debug)]
-pub(crate) struct Staged {
+struct Staged {
     /// The inputs at their new places.
-    pub(crate) inputs: Inputs,
+    inputs: Inputs,
     /// The modules copied, in load order.
-    pub(crate) modules: Vec<String>,
+    modules: Vec<String>,
     /// Bytes written.
-    pub(crate) bytes: u64,
+    bytes: u64,
 }
 
 fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
@@ -63,7 +63,7 @@ fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
 /// Copies the inputs into the layout under `out`: the kernel, systemd-boot, and of the module
 /// tree only `wanted` with their dependencies (what `sandboxd image build` puts in the
 /// initramfs) and `modules.builtin`.
-pub(crate) fn stage(
+fn stage(
     kernel: &Path,
     modules_dir: &Path,
     systemd_boot: &Path,
@@ -138,7 +138,7 @@ pub fn find(root: &Path) -> Option<Inputs> {
 
 /// The inputs to build from: each one given wins; the rest come from the layout under
 /// `root`. `None` when something is still missing.
-pub(crate) fn choose(
+pub fn choose(
     kernel: Option<&Path>,
     modules_dir: Option<&Path>,
     systemd_boot: Option<&Path>,
@@ -167,25 +167,25 @@ pub(crate) fn choose(
 pub struct StageArgs {
     /// The kernel (see `sandboxd image build --kernel`).
     #[arg(long)]
-    pub(crate) kernel: PathBuf,
+    kernel: PathBuf,
     /// The kernel's module tree (`lib/modules/<version>`).
     #[arg(long)]
-    pub(crate) modules_dir: PathBuf,
+    modules_dir: PathBuf,
     /// systemd-boot's EFI binary.
     #[arg(long)]
-    pub(crate) systemd_boot: PathBuf,
+    systemd_boot: PathBuf,
     /// Modules the image loads (their dependencies are added); the build's default.
     #[arg(long, value_delimiter = ',', default_values_t = modules::DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
-    pub(crate) modules: Vec<String>,
+    modules: Vec<String>,
     /// Directory to lay the inputs out in (the image carries them at
     /// `/usr/share/sandboxd/podvm`).
     #[arg(long)]
-    pub(crate) out: PathBuf,
+    out: PathBuf,
 }
 
 /// Lay out the inputs; prints a summary on stderr and the three paths on stdout
 /// (`KERNEL=`, `MODULES_DIR=`, `SYSTEMD_BOOT=`).
-pub(crate) async fn run(args: StageArgs) -> anyhow::Result<()> {
+pub async fn run(args: StageArgs) -> anyhow::Result<()> {
     let staged = tokio::task::spawn_blocking(move || {
         stage(
             &args.kernel,

@@ -15,28 +15,28 @@ use super::blob::{BlobClient, BlobError};
 use super::pages::Plan;
 
 /// Metadata key of the content hash on the blob.
-pub(crate) const META_SHA256: &str = "sandboxdsha256";
+const META_SHA256: &str = "sandboxdsha256";
 /// Metadata key marking a blob sandboxd created.
-pub(crate) const META_CREATED_BY: &str = "createdby";
+pub const META_CREATED_BY: &str = "createdby";
 
 /// What an upload did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Report {
+pub struct Report {
     /// Bytes sent in this run.
-    pub(crate) sent_bytes: u64,
+    pub sent_bytes: u64,
     /// Put Page requests in this run.
-    pub(crate) sent_ranges: usize,
+    pub sent_ranges: usize,
     /// Bytes that an earlier run had already written.
-    pub(crate) present_bytes: u64,
+    pub present_bytes: u64,
     /// Zero bytes never sent.
-    pub(crate) skipped_zero_bytes: u64,
+    pub skipped_zero_bytes: u64,
     /// Whether an earlier partial upload was resumed.
-    pub(crate) resumed: bool,
+    pub resumed: bool,
 }
 
 /// Upload failures.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum UploadError {
+pub enum UploadError {
     /// The Blob service refused or failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
@@ -46,7 +46,7 @@ pub(crate) enum UploadError {
 }
 
 /// Uploads `file` (scanned as `plan`) to `container/blob`.
-pub(crate) async fn upload(
+pub async fn upload(
     client: &BlobClient,
     container: &str,
     blob: &str,
@@ -163,6 +163,6 @@ async fn report_progress(sent: Arc<AtomicU64>, total: u64, present: u64) {
 }
 
 /// Bytes as MiB.
-pub(crate) fn mib(b: u64) -> f64 {
+pub fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }

@@ -62,7 +62,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub(crate) fn metric_label(&self) -> &'static str {
+    fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Api { .. } => "api",
@@ -73,11 +73,11 @@ impl Error {
 
 /// What the controller needs to know beyond the API.
 #[derive(Clone, Debug)]
-pub(crate) struct Options {
+pub struct Options {
     /// Which worker default applies to an empty selector.
-    pub(crate) flavor: Flavor,
+    pub flavor: Flavor,
     /// How the one-KataConfig rule is kept (`None`: not by this operator).
-    pub(crate) rule: Option<super::admission::Mechanism>,
+    pub rule: Option<super::admission::Mechanism>,
 }
 
 struct Ctx {
@@ -108,11 +108,7 @@ struct McoStores {
 }
 
 /// Runs the controller until `shutdown`.
-pub(crate) async fn run(
-    shared: Shared,
-    opts: Options,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
+pub async fn run(shared: Shared, opts: Options, shutdown: CancellationToken) -> Result<(), Error> {
     let client = &shared.client;
     let watches = Watches::new(&shutdown);
     let wc = watcher::Config::default();
@@ -523,7 +519,7 @@ async fn apply_node_action(
 
 /// Every unfinished pod that uses the runtime: `runtimeClassName: kata-remote` or the
 /// webhook's peer-pod label. One paged list; only names and nodes are kept.
-pub(crate) async fn list_kata_pods(client: &Client) -> Result<Vec<PodRef>, Error> {
+async fn list_kata_pods(client: &Client) -> Result<Vec<PodRef>, Error> {
     let api: Api<Pod> = Api::all(client.clone());
     let mut lp = ListParams::default().limit(500);
     let mut out = Vec::new();

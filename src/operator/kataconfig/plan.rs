@@ -10,13 +10,13 @@ use crate::operator::nodes::Selection;
 
 /// What the plan needs of a node.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct NodeView {
+pub struct NodeView {
     /// Node name.
-    pub(crate) name: String,
+    pub name: String,
     /// Its labels.
-    pub(crate) labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     /// Its annotations.
-    pub(crate) annotations: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl NodeView {
@@ -27,7 +27,7 @@ impl NodeView {
         self.annotations.get(k).map(String::as_str)
     }
     /// Whether the operator or installer left anything of theirs on this node.
-    pub(crate) fn has_ours(&self) -> bool {
+    fn has_ours(&self) -> bool {
         self.labels.contains_key(LABEL_NODE_INSTALL)
             || self.labels.contains_key(LABEL_KATA)
             || self.annotations.contains_key(ANN_STATE)
@@ -36,13 +36,13 @@ impl NodeView {
 
 /// A pod that uses the runtime (not finished).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct PodRef {
+pub struct PodRef {
     /// Namespace.
-    pub(crate) namespace: String,
+    pub namespace: String,
     /// Name.
-    pub(crate) name: String,
+    pub name: String,
     /// The node it is bound to, if any.
-    pub(crate) node: Option<String>,
+    pub node: Option<String>,
 }
 
 impl std::fmt::Display for PodRef {
@@ -53,7 +53,7 @@ impl std::fmt::Display for PodRef {
 
 /// A change to one node's labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum NodeAction {
+pub enum NodeAction {
     /// Set the kata label and `node-install=install`.
     Install,
     /// Drop the kata label, set `node-install=uninstall`.
@@ -64,33 +64,33 @@ pub(crate) enum NodeAction {
 
 /// The plan for one reconcile.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Plan {
+pub struct Plan {
     /// Label changes, by node name.
-    pub(crate) actions: Vec<(String, NodeAction)>,
+    pub actions: Vec<(String, NodeAction)>,
     /// Nodes by state.
-    pub(crate) nodes: KataNodesStatus,
+    pub nodes: KataNodesStatus,
     /// Failed nodes with their reasons.
-    pub(crate) failures: Vec<(String, String)>,
+    pub failures: Vec<(String, String)>,
     /// Deselected nodes that keep the runtime while peer pods run on them.
-    pub(crate) held_by_pods: Vec<(String, Vec<PodRef>)>,
+    pub held_by_pods: Vec<(String, Vec<PodRef>)>,
     /// Some node's fate depends on its pods, and none were given: list them and plan again.
-    pub(crate) needs_pods: bool,
+    pub needs_pods: bool,
     /// Nodes that still carry something of ours once the actions are done (not counting
     /// those the plan cleans).
-    pub(crate) remaining: usize,
+    pub remaining: usize,
     /// Some node already had the runtime (so a change is an update, not a first install).
-    pub(crate) had_installed: bool,
+    pub had_installed: bool,
     /// What else the install waits on besides the nodes (OpenShift: the machine-config
     /// pool's rollout). Non-empty keeps `InProgress` true.
-    pub(crate) pending: Vec<String>,
+    pub pending: Vec<String>,
     /// Peer pods: the pod VM image Job's `InProgress` (status, reason, message), shown once
     /// the nodes are done.
-    pub(crate) pod_vm_image: Option<(bool, &'static str, String)>,
+    pub pod_vm_image: Option<(bool, &'static str, String)>,
 }
 
 /// Plans every node. `selection` is `None` while the KataConfig is being deleted (no node
 /// is selected). `pods` are the pods using the runtime, when listed.
-pub(crate) fn plan(
+pub fn plan(
     nodes: &[NodeView],
     selection: Option<&Selection>,
     desired_config: &str,

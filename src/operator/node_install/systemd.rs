@@ -12,9 +12,9 @@ pub trait ServiceManager: Send + Sync {
 
 /// systemd on the host's system bus socket.
 #[derive(Clone, Debug)]
-pub(crate) struct SystemdDbus {
+pub struct SystemdDbus {
     /// The bus socket (the host's `/run/dbus/system_bus_socket`, mounted in).
-    pub(crate) socket: PathBuf,
+    pub socket: PathBuf,
 }
 
 impl ServiceManager for SystemdDbus {

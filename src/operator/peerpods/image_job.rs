@@ -40,41 +40,41 @@ pub const SERVICE_ACCOUNT: &str = "sandboxd-podvm-image";
 /// image as built by sandboxd only when this manager owns that key.
 pub const IMAGE_JOB_FIELD_MANAGER: &str = "sandboxd-podvm-image";
 /// Environment of the Jobs: the namespace of the configmap to update.
-pub(crate) const ENV_NAMESPACE: &str = "POD_NAMESPACE";
+const ENV_NAMESPACE: &str = "POD_NAMESPACE";
 /// Environment of the Jobs: the name of the configmap to update.
-pub(crate) const ENV_CONFIGMAP: &str = "PEER_PODS_CM";
+const ENV_CONFIGMAP: &str = "PEER_PODS_CM";
 /// KataConfig annotation: the id of the pod VM image sandboxd built (deleted on uninstall).
 pub const ANN_BUILT_IMAGE: &str = "peerpods.sandboxd.io/built-image-id";
 /// KataConfig finalizer held while an image sandboxd built must be deleted on uninstall.
 pub const FINALIZER: &str = "peerpods.sandboxd.io/podvm-image";
 /// Label on both Jobs (the operator watches Jobs by it).
-pub(crate) const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Value of [`LABEL_COMPONENT`].
-pub(crate) const COMPONENT: &str = "podvm-image";
+const COMPONENT: &str = "podvm-image";
 /// The configmap key holding the image id.
-pub(crate) const IMAGE_ID_KEY: &str = "AZURE_IMAGE_ID";
+const IMAGE_ID_KEY: &str = "AZURE_IMAGE_ID";
 
 /// Reasons of `PodVMImageReady`.
 pub mod reasons {
     /// `AZURE_IMAGE_ID` is set and sandboxd did not build it.
-    pub(crate) const IMAGE_PROVIDED: &str = "ImageProvided";
+    pub const IMAGE_PROVIDED: &str = "ImageProvided";
     /// `AZURE_IMAGE_ID` is the image the creation Job built.
-    pub(crate) const IMAGE_BUILT: &str = "ImageBuilt";
+    pub const IMAGE_BUILT: &str = "ImageBuilt";
     /// The cloud provider needs no pod VM image.
-    pub(crate) const NOT_REQUIRED: &str = "NotRequired";
+    pub const NOT_REQUIRED: &str = "NotRequired";
     /// The creation Job is running (or starting).
-    pub(crate) const JOB_RUNNING: &str = "ImageJobRunning";
+    pub const JOB_RUNNING: &str = "ImageJobRunning";
     /// The creation Job failed; the message carries its failure.
-    pub(crate) const JOB_FAILED: &str = "ImageJobFailed";
+    pub const JOB_FAILED: &str = "ImageJobFailed";
     /// The creation Job completed but `AZURE_IMAGE_ID` is empty.
-    pub(crate) const IMAGE_MISSING: &str = "ImageMissing";
+    pub const IMAGE_MISSING: &str = "ImageMissing";
     /// The Job waits for a valid configuration (`ConfigValid`).
-    pub(crate) const WAITING_FOR_CONFIG: &str = "WaitingForConfig";
+    pub const WAITING_FOR_CONFIG: &str = "WaitingForConfig";
 }
 
 /// Errors of the image Jobs.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
+pub enum Error {
     /// A write failed.
     #[error(transparent)]
     Apply(#[from] apply::Error),
@@ -91,7 +91,7 @@ pub(crate) enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub(crate) fn metric_label(&self) -> &'static str {
+    pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Read { .. } => "read",
@@ -131,7 +131,7 @@ impl Default for Settings {
 
 /// Where a Job is.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum JobState {
+enum JobState {
     /// Not finished (pending or running pods).
     Running,
     /// Finished successfully.
@@ -141,7 +141,7 @@ pub(crate) enum JobState {
 }
 
 /// The state of a Job from its conditions.
-pub(crate) fn job_state(job: &Job) -> JobState {
+fn job_state(job: &Job) -> JobState {
     let conds = job
         .status
         .as_ref()
@@ -166,36 +166,36 @@ pub(crate) fn job_state(job: &Job) -> JobState {
 
 /// What the plan reads.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Inputs<'a> {
+struct Inputs<'a> {
     /// The configuration is valid (`ConfigValid`), the image aside.
-    pub(crate) config_ok: bool,
+    config_ok: bool,
     /// The provider is known to need no image (a valid configuration that is not Azure).
-    pub(crate) no_image_needed: bool,
+    no_image_needed: bool,
     /// `AZURE_IMAGE_ID`, when not empty.
-    pub(crate) image_id: Option<&'a str>,
+    image_id: Option<&'a str>,
     /// The creation Job: its state and whether it is being deleted.
-    pub(crate) job: Option<(JobState, bool)>,
+    job: Option<(JobState, bool)>,
     /// The creation Job's field manager owns `AZURE_IMAGE_ID` in the configmap.
-    pub(crate) written_by_job: bool,
+    written_by_job: bool,
     /// The image recorded as built by sandboxd.
-    pub(crate) built: Option<&'a str>,
+    built: Option<&'a str>,
 }
 
 /// What to do about the pod VM image, and what to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Plan {
+struct Plan {
     /// `PodVMImageReady` status: the image is known (the CAA may run).
-    pub(crate) ready: bool,
+    ready: bool,
     /// Its reason.
-    pub(crate) reason: &'static str,
+    reason: &'static str,
     /// Its message.
-    pub(crate) message: String,
+    message: String,
     /// Create the creation Job.
-    pub(crate) create: bool,
+    create: bool,
     /// Delete the running creation Job (the user provided an image meanwhile).
-    pub(crate) delete_running: bool,
+    delete_running: bool,
     /// Record this id as built by sandboxd.
-    pub(crate) record: Option<String>,
+    record: Option<String>,
 }
 
 impl Plan {
@@ -213,7 +213,7 @@ impl Plan {
 
 /// The pure decision: the configmap's image id wins; otherwise the Job's state is shown, and
 /// a Job is started only when none exists and the configuration is otherwise valid.
-pub(crate) fn plan(i: &Inputs<'_>) -> Plan {
+fn plan(i: &Inputs<'_>) -> Plan {
     let state = i.job.as_ref().map(|(s, _)| s);
     if let Some(id) = i.image_id {
         let built_now = state == Some(&JobState::Complete) && i.written_by_job;
@@ -296,9 +296,7 @@ pub(crate) fn plan(i: &Inputs<'_>) -> Plan {
 /// `PodVMImageReady` condition, once its nodes are done (DESIGN: `PodVMImageJobRunning`,
 /// `PodVMImageJobCompleted`, `PodVMImageJobFailed`). `None` when the image says nothing
 /// (provided by the user, not needed, or no condition).
-pub(crate) fn kataconfig_progress(
-    ppc_conditions: &[Condition],
-) -> Option<(bool, &'static str, String)> {
+pub fn kataconfig_progress(ppc_conditions: &[Condition]) -> Option<(bool, &'static str, String)> {
     let c = conditions::find(ppc_conditions, CONDITION_POD_VM_IMAGE_READY)?;
     let (running, reason) = match c.reason.as_str() {
         reasons::JOB_RUNNING => (true, kataconfig::reasons::POD_VM_IMAGE_JOB_RUNNING),
@@ -314,7 +312,7 @@ pub(crate) fn kataconfig_progress(
 /// Whether the configmap's `AZURE_IMAGE_ID` was written by the image tooling: the
 /// annotation `sandboxd image` puts beside it names the same id, or the field is owned by
 /// [`IMAGE_JOB_FIELD_MANAGER`].
-pub(crate) fn written_by_job(cm: &ConfigMap) -> bool {
+fn written_by_job(cm: &ConfigMap) -> bool {
     let id = cm.data.as_ref().and_then(|d| d.get(IMAGE_ID_KEY));
     let annotated = cm
         .metadata
@@ -801,7 +799,7 @@ async fn uninstall_status(ctx: &Ctx, kc: &KataConfig, message: String) -> Result
 }
 
 /// The labels the Job watch selects.
-pub(crate) fn watch_selector() -> String {
+pub fn watch_selector() -> String {
     format!("{LABEL_COMPONENT}={COMPONENT}")
 }
 

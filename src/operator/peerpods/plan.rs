@@ -9,22 +9,22 @@ use crate::config::{CloudSecret, Error as ConfigError, PeerPodsConfig, Problem};
 
 /// What the controller knows of one node.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct NodeView {
+pub struct NodeView {
     /// The node name.
-    pub(crate) name: String,
+    pub name: String,
     /// Its labels.
-    pub(crate) labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     /// `status.capacity[kata.peerpods.io/vm]`.
-    pub(crate) capacity: Option<String>,
+    pub capacity: Option<String>,
     /// `status.allocatable[kata.peerpods.io/vm]`.
-    pub(crate) allocatable: Option<String>,
+    pub allocatable: Option<String>,
     /// Whether `status.capacity` / `status.allocatable` exist at all.
-    pub(crate) has_maps: (bool, bool),
+    pub has_maps: (bool, bool),
 }
 
 /// A change to one node's advertised VM resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum NodeAction {
+pub enum NodeAction {
     /// Advertise this many VMs in capacity and allocatable.
     Set(u32),
     /// Stop advertising the resource.
@@ -33,20 +33,14 @@ pub(crate) enum NodeAction {
 
 /// Whether `labels` carry every pair of `selector` (an empty selector selects nothing, so a
 /// PeerPodConfig emptied by mistake never spreads the resource over the whole cluster).
-pub(crate) fn selects(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The limit in force: `PeerPodConfig.spec.limit` when set, else the configmap's
 /// `PEERPODS_LIMIT_PER_NODE`, else the default. A limit that is not a non-negative integer
 /// is refused, naming the key and the value.
-pub(crate) fn effective_limit(
-    spec_limit: &str,
-    configmap_limit: Option<u32>,
-) -> Result<u32, Problem> {
+pub fn effective_limit(spec_limit: &str, configmap_limit: Option<u32>) -> Result<u32, Problem> {
     let v = spec_limit.trim();
     if v.is_empty() {
         return Ok(configmap_limit.unwrap_or(crate::config::DEFAULT_LIMIT_PER_NODE));
@@ -60,7 +54,7 @@ pub(crate) fn effective_limit(
 
 /// The node changes: with `limit` Some, selected nodes advertise it and the others lose it;
 /// with None (peer pods off), every node loses it. Sorted by node name.
-pub(crate) fn node_actions(
+pub fn node_actions(
     nodes: &[NodeView],
     selector: &BTreeMap<String, String>,
     limit: Option<u32>,
@@ -92,7 +86,7 @@ fn pointer(map: &str) -> String {
 }
 
 /// The JSON patch (RFC 6902) for `nodes/<name>/status` carrying out `action` on `node`.
-pub(crate) fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Value {
+pub fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Value {
     let mut ops = Vec::new();
     for (map, present, exists) in [
         ("capacity", node.capacity.is_some(), node.has_maps.0),
@@ -116,18 +110,18 @@ pub(crate) fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Va
 
 /// What the controller read for the config verdict: `None` when the object does not exist.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct ConfigInputs {
+pub struct ConfigInputs {
     /// Name and data of the cloud secret.
-    pub(crate) secret: (String, Option<BTreeMap<String, String>>),
+    pub secret: (String, Option<BTreeMap<String, String>>),
     /// Name and data of the configmap.
-    pub(crate) configmap: (String, Option<BTreeMap<String, String>>),
+    pub configmap: (String, Option<BTreeMap<String, String>>),
     /// Data of `ssh-key-secret`.
-    pub(crate) ssh: Option<BTreeMap<String, String>>,
+    pub ssh: Option<BTreeMap<String, String>>,
 }
 
 /// The verdict on the user's configuration: `Ok(configmap)` or every problem, each naming
 /// the object, the key and the expectation (never a secret value).
-pub(crate) fn config_verdict(inputs: &ConfigInputs) -> Result<PeerPodsConfig, Vec<String>> {
+pub fn config_verdict(inputs: &ConfigInputs) -> Result<PeerPodsConfig, Vec<String>> {
     let mut problems = Vec::new();
     let cfg = match &inputs.configmap {
         (name, None) => {
