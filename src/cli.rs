@@ -101,7 +101,7 @@ pub fn parse() -> Cli {
 }
 
 /// [`parse`] over the given arguments (the first is the program name).
-pub fn parse_from<I, T>(args: I) -> Cli
+pub(crate) fn parse_from<I, T>(args: I) -> Cli
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,

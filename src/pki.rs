@@ -31,7 +31,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Issue { .. } => "issue",
             Error::Parse { .. } => "parse",
@@ -104,7 +104,7 @@ impl Ca {
     }
 
     /// Loads a CA from its PEM certificate and key (e.g. from a Secret).
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+    pub(crate) fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
         let key = KeyPair::from_pem(key_pem).map_err(|source| Error::Parse {
             what: "CA private key",
             source,
@@ -126,7 +126,7 @@ impl Ca {
     }
 
     /// The CA certificate and key.
-    pub fn cert_key(&self) -> CertKey {
+    pub(crate) fn cert_key(&self) -> CertKey {
         CertKey {
             cert_pem: self.cert_pem(),
             key_pem: self.key_pem.clone(),
@@ -184,16 +184,16 @@ impl Ca {
 
 /// When a certificate is valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Validity {
+pub(crate) struct Validity {
     /// Not valid before.
-    pub not_before: OffsetDateTime,
+    pub(crate) not_before: OffsetDateTime,
     /// Not valid after.
-    pub not_after: OffsetDateTime,
+    pub(crate) not_after: OffsetDateTime,
 }
 
 impl Validity {
     /// The validity of the first certificate in `pem`, `None` when it is not a certificate.
-    pub fn of(pem: &str) -> Option<Self> {
+    pub(crate) fn of(pem: &str) -> Option<Self> {
         use rustls_pki_types::pem::PemObject;
         let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
@@ -207,7 +207,7 @@ impl Validity {
     /// When a certificate issued for `configured` is renewed: once less than a third of its
     /// life is left, that life counted as at most `configured` (so the back-dated start of
     /// what this module issues does not make it renew early).
-    pub fn renew_at(&self, configured: Duration) -> OffsetDateTime {
+    pub(crate) fn renew_at(&self, configured: Duration) -> OffsetDateTime {
         let span = (self.not_after - self.not_before).min(configured);
         self.not_after - span / 3
     }
@@ -216,7 +216,7 @@ impl Validity {
 /// A fresh key pair (ECDSA P-256) as `(PKCS#8 private key PEM, SubjectPublicKeyInfo PEM)`,
 /// e.g. for signing service-account tokens.
 #[cfg(feature = "dev")]
-pub fn key_pair_pem() -> Result<(String, String), Error> {
+pub(crate) fn key_pair_pem() -> Result<(String, String), Error> {
     KeyPair::generate()
         .map(|k| (k.serialize_pem(), k.public_key_pem()))
         .map_err(|source| Error::Issue {

@@ -40,7 +40,7 @@ pub(crate) const CONTAINER_BASE: &str = "/run/kata-containers";
 /// Where the shim's files land (`CopyFile`), under [`CONTAINER_BASE`].
 pub(crate) const SHARE_DIR: &str = "/run/kata-containers/shared/containers";
 /// Registry credentials CAA writes into the VM (a container `auth.json`).
-pub const AUTH_FILE: &str = crate::forwarder::config::AUTH_PATH;
+pub(crate) const AUTH_FILE: &str = crate::forwarder::config::AUTH_PATH;
 /// The image store inside the VM (a tmpfs sized from the VM's memory; never the initramfs).
 pub(crate) const IMAGE_STORE: &str = "/run/sandboxd/images";
 /// libcontainer's state directory.

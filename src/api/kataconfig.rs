@@ -10,28 +10,28 @@ use serde::{Deserialize, Serialize};
 /// The API group of `KataConfig`.
 pub const GROUP: &str = "kataconfiguration.openshift.io";
 /// The only condition type of `KataConfig`: is an install, update or uninstall running?
-pub const CONDITION_IN_PROGRESS: &str = "InProgress";
+pub(crate) const CONDITION_IN_PROGRESS: &str = "InProgress";
 /// The finalizer that keeps a deleted `KataConfig` until its uninstall finished.
 pub const FINALIZER: &str = "kataconfiguration.openshift.io/finalizer";
 
 /// Reasons of the `InProgress` condition.
 pub mod reasons {
     /// Nodes are getting the runtime for the first time.
-    pub const INSTALLING: &str = "Installing";
+    pub(crate) const INSTALLING: &str = "Installing";
     /// The set of nodes or the runtime configuration changed; nodes are following.
-    pub const UPDATING: &str = "Updating";
+    pub(crate) const UPDATING: &str = "Updating";
     /// The `KataConfig` was deleted; nodes are being cleaned.
-    pub const UNINSTALLING: &str = "Uninstalling";
+    pub(crate) const UNINSTALLING: &str = "Uninstalling";
     /// Something failed; the message names what and where.
-    pub const FAILED: &str = "Failed";
+    pub(crate) const FAILED: &str = "Failed";
     /// Uninstall waits for pods that still use the runtime; the message names them.
-    pub const BLOCKED_BY_EXISTING_KATA_PODS: &str = "BlockedByExistingKataPods";
+    pub(crate) const BLOCKED_BY_EXISTING_KATA_PODS: &str = "BlockedByExistingKataPods";
     /// The pod VM image Job runs.
-    pub const POD_VM_IMAGE_JOB_RUNNING: &str = "PodVMImageJobRunning";
+    pub(crate) const POD_VM_IMAGE_JOB_RUNNING: &str = "PodVMImageJobRunning";
     /// The pod VM image Job finished.
-    pub const POD_VM_IMAGE_JOB_COMPLETED: &str = "PodVMImageJobCompleted";
+    pub(crate) const POD_VM_IMAGE_JOB_COMPLETED: &str = "PodVMImageJobCompleted";
     /// The pod VM image Job failed.
-    pub const POD_VM_IMAGE_JOB_FAILED: &str = "PodVMImageJobFailed";
+    pub(crate) const POD_VM_IMAGE_JOB_FAILED: &str = "PodVMImageJobFailed";
 }
 
 fn default_log_level() -> String {
@@ -143,11 +143,11 @@ pub struct KataNodesStatus {
     pub waiting_to_uninstall: Vec<String>,
     /// Nodes whose uninstall failed; the `InProgress` message names each reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub failed_to_uninstall: Vec<String>,
+    pub(crate) failed_to_uninstall: Vec<String>,
 }
 
 /// The CRDs of this module.
-pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+pub(crate) fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![super::crd_of::<KataConfig>(
         "kataconfigs.kataconfiguration.openshift.io.yaml",
     )]

@@ -11,7 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 /// Every CRD sandboxd owns, as `(file name under deploy/crds/, definition)`.
-pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+pub(crate) fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     let mut crds = Vec::new();
     crds.extend(kataconfig::crds());
     crds.extend(peerpod::crds());
@@ -20,7 +20,7 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 }
 
 /// The YAML of one CRD as checked in under `deploy/crds/`.
-pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
+pub(crate) fn crd_yaml(crd: &CustomResourceDefinition) -> String {
     let body = serde_saphyr::to_string(crd).expect("a CRD always serialises");
     // One document, the comment inside it: a leading `---` after the comment would make an
     // empty first document, and OLM's bundle loader reads only the first one.
@@ -28,7 +28,9 @@ pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
 }
 
 /// Helper for the `crds()` functions of the submodules.
-fn crd_of<K: CustomResourceExt>(file: &'static str) -> (&'static str, CustomResourceDefinition) {
+pub(crate) fn crd_of<K: CustomResourceExt>(
+    file: &'static str,
+) -> (&'static str, CustomResourceDefinition) {
     (file, K::crd())
 }
 

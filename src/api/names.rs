@@ -15,22 +15,22 @@ pub const DEFAULT_NAMESPACE: &str = "openshift-sandboxed-containers-operator";
 /// its Events.
 pub const OPERATOR: &str = "sandboxd-operator";
 /// The label on everything the operator creates.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub(crate) const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// The value of [`LABEL_MANAGED_BY`].
-pub const MANAGED_BY: &str = "sandboxd";
+pub(crate) const MANAGED_BY: &str = "sandboxd";
 /// The runtime class (and CRI handler) of peer pods.
 pub const RUNTIME_CLASS: &str = "kata-remote";
 /// The PeerPodConfig the operator creates in its namespace.
 pub const PEER_POD_CONFIG: &str = "peerpodconfig-openshift";
 /// The ConfigMap holding the peer-pods settings (`PeerPodConfig.spec.configMapName`).
-pub const CONFIG_MAP: &str = "peer-pods-cm";
+pub(crate) const CONFIG_MAP: &str = "peer-pods-cm";
 /// The Secret holding the cloud credentials (`PeerPodConfig.spec.cloudSecretName`).
-pub const CLOUD_SECRET: &str = "peer-pods-secret";
+pub(crate) const CLOUD_SECRET: &str = "peer-pods-secret";
 /// The Secret holding the SSH public key given to the pod VMs.
-pub const SSH_KEY_SECRET: &str = "ssh-key-secret";
+pub(crate) const SSH_KEY_SECRET: &str = "ssh-key-secret";
 /// The key of [`SSH_KEY_SECRET`] holding the public key (the seed's name, whatever the
 /// algorithm).
-pub const SSH_PUBLIC_KEY: &str = "id_rsa.pub";
+pub(crate) const SSH_PUBLIC_KEY: &str = "id_rsa.pub";
 /// The cloud-api-adaptor DaemonSet.
 pub const CAA_DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
 /// The node agent relay DaemonSet: serves the pods' agent sockets and holds the hypervisor
@@ -38,11 +38,11 @@ pub const CAA_DAEMONSET: &str = "peerpodconfig-ctrl-caa-daemon";
 pub const RELAY_DAEMONSET: &str = "peerpodconfig-ctrl-caa-relay";
 /// The node agent relay pods' ServiceAccount: no API access (its pods mount no token); it
 /// exists for OpenShift's SecurityContextConstraints.
-pub const RELAY_SERVICE_ACCOUNT: &str = "sandboxd-caa-relay";
+pub(crate) const RELAY_SERVICE_ACCOUNT: &str = "sandboxd-caa-relay";
 /// The CAA pods' ServiceAccount (RBAC in `deploy/caa/rbac.yaml`).
-pub const CAA_SERVICE_ACCOUNT: &str = "sandboxd-caa";
+pub(crate) const CAA_SERVICE_ACCOUNT: &str = "sandboxd-caa";
 /// The Secret holding CAA's CA and client certificate for the mTLS to the pod VMs.
-pub const CAA_TLS_SECRET: &str = "peerpod-caa-tls";
+pub(crate) const CAA_TLS_SECRET: &str = "peerpod-caa-tls";
 /// The peer pods webhook: its Deployment, ServiceAccount, PodDisruptionBudget and
 /// MutatingWebhookConfiguration.
 pub const WEBHOOK: &str = "peer-pods-webhook";
@@ -65,7 +65,7 @@ pub const ANNOTATION_BUILT_IMAGE_ID: &str = "sandboxd.io/built-image-id";
 /// The node label that marks nodes with the runtime (RuntimeClass scheduling, CAA).
 pub const LABEL_KATA: &str = "node-role.kubernetes.io/kata-oc";
 /// Node Feature Discovery's label for nodes able to run Kata (`checkNodeEligibility`).
-pub const LABEL_KATA_ELIGIBLE: &str = "feature.node.kubernetes.io/runtime.kata";
+pub(crate) const LABEL_KATA_ELIGIBLE: &str = "feature.node.kubernetes.io/runtime.kata";
 /// The extended resource every selected node advertises: one unit per peer-pod VM (also
 /// the webhook's default `POD_VM_EXTENDED_RESOURCE`).
 pub const VM_RESOURCE: &str = "kata.peerpods.io/vm";
@@ -124,7 +124,7 @@ pub mod annotations {
     /// An explicit instance size chosen by the user (the webhook never touches it).
     pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
     /// Requested image.
-    pub const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
+    pub(crate) const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
     /// vCPUs of the pod VM, an integer ("0" when unset).
     pub const DEFAULT_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
     /// Memory of the pod VM in MiB, an integer ("0" when unset).
@@ -132,30 +132,31 @@ pub mod annotations {
     /// GPUs of the pod VM, an integer ("0" when unset).
     pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
     /// Confidential-computing init data ("" when unset).
-    pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
+    pub(crate) const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
     /// GPU model of the pod VM (matched in the instance size name, e.g. `A100`, `T4`).
-    pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
+    pub(crate) const DEFAULT_GPU_MODEL: &str =
+        "io.katacontainers.config.hypervisor.default_gpu_model";
 }
 
 /// The node directory CAA shares with the kata shim (a hostPath of the CAA DaemonSet).
-pub const PEERPOD_DIR: &str = "/run/peerpod";
+pub(crate) const PEERPOD_DIR: &str = "/run/peerpod";
 /// The remote hypervisor socket CAA serves on every kata node (in [`PEERPOD_DIR`]).
-pub const HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
+pub(crate) const HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
 /// Where CAA itself serves the hypervisor API when the node agent relay holds
 /// [`HYPERVISOR_SOCKET`] in front of it (in [`PEERPOD_DIR`]).
-pub const CAA_SOCKET: &str = "/run/peerpod/caa/hypervisor.sock";
+pub(crate) const CAA_SOCKET: &str = "/run/peerpod/caa/hypervisor.sock";
 /// The node agent relay's control socket: CAA tells it which agent sockets to serve and
 /// gives it the mTLS client identity, in memory (in [`PEERPOD_DIR`], mode 0600).
-pub const RELAY_CONTROL_SOCKET: &str = "/run/peerpod/relay/control.sock";
+pub(crate) const RELAY_CONTROL_SOCKET: &str = "/run/peerpod/relay/control.sock";
 /// The directory of CAA's per-pod agent sockets (in [`PEERPOD_DIR`]):
 /// `<PODS_DIR>/<sandbox id>/`[`AGENT_SOCKET_FILE`].
-pub const PODS_DIR: &str = "/run/peerpod/pods";
+pub(crate) const PODS_DIR: &str = "/run/peerpod/pods";
 /// The file name of a pod's agent socket, as `CreateVMResponse.agentSocketPath` names it.
-pub const AGENT_SOCKET_FILE: &str = "agent.ttrpc";
+pub(crate) const AGENT_SOCKET_FILE: &str = "agent.ttrpc";
 /// The port the forwarder in each pod VM listens on (mTLS, from CAA).
-pub const FORWARDER_PORT: u16 = 15150;
+pub(crate) const FORWARDER_PORT: u16 = 15150;
 /// The kata agent's socket in the pod VM.
-pub const AGENT_SOCKET: &str = "/run/kata-containers/agent.sock";
+pub(crate) const AGENT_SOCKET: &str = "/run/kata-containers/agent.sock";
 /// The pod network namespace in the pod VM.
 pub const POD_NETNS: &str = "/run/netns/podns";
 

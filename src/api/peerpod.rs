@@ -10,16 +10,16 @@ use serde::{Deserialize, Serialize};
 /// The API group of `PeerPod`.
 pub const GROUP: &str = "confidentialcontainers.org";
 /// Keeps a `PeerPod` until its VM is deleted.
-pub const FINALIZER: &str = "peer.pod/finalizer";
+pub(crate) const FINALIZER: &str = "peer.pod/finalizer";
 
 /// Phases of a pod VM.
 pub mod phases {
     /// The create call is running.
-    pub const CREATING: &str = "Creating";
+    pub(crate) const CREATING: &str = "Creating";
     /// The VM is provisioned and has an IP.
-    pub const RUNNING: &str = "Running";
+    pub(crate) const RUNNING: &str = "Running";
     /// Creating the VM failed; it will be deleted.
-    pub const FAILED: &str = "Failed";
+    pub(crate) const FAILED: &str = "Failed";
 }
 
 /// One pod VM: which cloud, which VM, for which pod on which node.
@@ -79,7 +79,7 @@ pub struct PeerPodStatus {
 }
 
 /// The CRDs of this module.
-pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+pub(crate) fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![super::crd_of::<PeerPod>(
         "peerpods.confidentialcontainers.org.yaml",
     )]

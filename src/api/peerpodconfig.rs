@@ -92,11 +92,11 @@ pub struct PeerPodConfigStatus {
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
+    pub(crate) observed_generation: Option<i64>,
 }
 
 /// The CRDs of this module.
-pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+pub(crate) fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![super::crd_of::<PeerPodConfig>(
         "peerpodconfigs.confidentialcontainers.org.yaml",
     )]

@@ -23,7 +23,7 @@ fn json_response(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-pub async fn route(
+pub(crate) async fn route(
     store: &Arc<Store>,
     base: &str,
     method: &Method,

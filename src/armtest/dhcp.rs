@@ -9,21 +9,21 @@ use crate::forwarder::init::dhcp::{BOOTREPLY, BOOTREQUEST, DhcpError, Message, M
 
 /// What a server grants the one client of its link (see [`serve`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The client's address.
-    pub address: Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
     /// Its prefix length.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// Its default gateway.
-    pub router: Option<Ipv4Addr>,
+    pub(crate) router: Option<Ipv4Addr>,
     /// The server's own address (option 54).
-    pub server: Ipv4Addr,
+    pub(crate) server: Ipv4Addr,
     /// Lease time in seconds.
-    pub lease_seconds: u32,
+    pub(crate) lease_seconds: u32,
 }
 
 /// The server's answer of `kind` to `request`, granting `grant` (a NAK grants nothing).
-fn reply(request: &Message, kind: MessageType, grant: &Grant) -> Message {
+pub(crate) fn reply(request: &Message, kind: MessageType, grant: &Grant) -> Message {
     let mut options = vec![(53, vec![kind as u8]), (54, grant.server.octets().to_vec())];
     if kind != MessageType::Nak {
         let mask = u32::MAX
@@ -52,7 +52,7 @@ fn reply(request: &Message, kind: MessageType, grant: &Grant) -> Message {
 /// A server's answer to `request` on a link whose one client gets `grant`: an OFFER to a
 /// DISCOVER, an ACK to a REQUEST for the granted address (a NAK to one for another), nothing
 /// to the rest (a REQUEST selecting another server included).
-fn answer(request: &Message, grant: &Grant) -> Option<Message> {
+pub(crate) fn answer(request: &Message, grant: &Grant) -> Option<Message> {
     if request.op != BOOTREQUEST {
         return None;
     }
@@ -82,7 +82,10 @@ fn answer(request: &Message, grant: &Grant) -> Option<Message> {
 
 /// A server socket (port 67, broadcast allowed) bound to `iface` in the network namespace
 /// `netns` (a `/proc/<pid>/ns/net` or a bind mount; `None`: the calling thread's).
-pub fn server_socket(iface: &str, netns: Option<&Path>) -> Result<std::net::UdpSocket, DhcpError> {
+pub(crate) fn server_socket(
+    iface: &str,
+    netns: Option<&Path>,
+) -> Result<std::net::UdpSocket, DhcpError> {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
     use std::os::fd::AsRawFd;
     let err = |d: &dyn std::fmt::Display| DhcpError::Socket {
@@ -123,7 +126,7 @@ pub fn server_socket(iface: &str, netns: Option<&Path>) -> Result<std::net::UdpS
 
 /// Serves `grant` on `sock` (see [`server_socket`]) until the client holds it: returns
 /// once an ACK is sent.
-pub async fn serve(sock: tokio::net::UdpSocket, grant: Grant) -> Result<(), DhcpError> {
+pub(crate) async fn serve(sock: tokio::net::UdpSocket, grant: Grant) -> Result<(), DhcpError> {
     let io = |e: std::io::Error| DhcpError::Socket {
         iface: "server".into(),
         detail: e.to_string(),

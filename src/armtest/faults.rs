@@ -40,7 +40,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Label for the request log.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             FaultKind::Status { status, .. } => format!("status_{status}"),
             FaultKind::Drop { apply } => format!("drop{}", if *apply { "_applied" } else { "" }),
@@ -83,7 +83,7 @@ impl Fault {
     }
 
     /// Whether this rule applies to the request.
-    pub fn matches(&self, method: &str, path: &str) -> bool {
+    pub(crate) fn matches(&self, method: &str, path: &str) -> bool {
         self.method
             .as_deref()
             .is_none_or(|m| m.eq_ignore_ascii_case(method))
@@ -96,7 +96,7 @@ impl Fault {
 }
 
 /// `YYYY-MM-DD` or `YYYY-MM-DD-preview`.
-pub fn valid_api_version(v: &str) -> bool {
+pub(crate) fn valid_api_version(v: &str) -> bool {
     let date = v.strip_suffix("-preview").unwrap_or(v);
     let b = date.as_bytes();
     b.len() == 10

@@ -56,7 +56,7 @@ impl Ctx<'_> {
 /// to the community (`/CommunityGalleries/…`) is read: `GET /subscriptions/{sub}/providers/
 /// Microsoft.Compute/locations/{location}/{sharedGalleries|communityGalleries}/{gallery}/
 /// images/{image}` (read only; 404 where the image is not offered in that location).
-pub fn route_shared(
+pub(crate) fn route_shared(
     store: &Store,
     method: &Method,
     segs: &[String],
@@ -99,7 +99,7 @@ pub fn route_shared(
     }
 }
 
-pub fn route(
+pub(crate) fn route(
     store: &Store,
     base: &str,
     method: &Method,

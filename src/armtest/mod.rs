@@ -89,9 +89,9 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct ManagedIdentities {
     /// Whether the VM has a system-assigned identity.
-    system_assigned: bool,
+    pub(crate) system_assigned: bool,
     /// Client ids of its user-assigned identities.
-    user_assigned: Vec<String>,
+    pub(crate) user_assigned: Vec<String>,
 }
 
 impl Default for ManagedIdentities {
@@ -107,13 +107,13 @@ impl Default for ManagedIdentities {
 #[derive(Clone, Debug)]
 pub struct LocalVms {
     /// State directory of the local VMs.
-    dir: std::path::PathBuf,
+    pub(crate) dir: std::path::PathBuf,
     /// First address of the /16 the VM links are taken from.
-    subnet: std::net::Ipv4Addr,
+    pub(crate) subnet: std::net::Ipv4Addr,
     /// The `sandboxd` executable started as `<exe> forwarder ...` for each VM.
-    exe: std::path::PathBuf,
+    pub(crate) exe: std::path::PathBuf,
     /// Boot each VM from the pod VM image under qemu instead ([`qemu`]).
-    pub qemu: Option<qemu::QemuVms>,
+    pub(crate) qemu: Option<qemu::QemuVms>,
 }
 
 impl Default for Config {
@@ -172,20 +172,20 @@ impl Handle {
 
     /// The `scope` of every token request, in order (the audience tokens were asked for).
     #[cfg(test)]
-    fn token_scopes(&self) -> Vec<String> {
+    pub(crate) fn token_scopes(&self) -> Vec<String> {
         self.store.token_scopes()
     }
 
     /// Who each issued token was for, in order: `app:{client id}` (client credentials),
     /// `msi:system` or `msi:{client id}` (managed identity).
     #[cfg(test)]
-    fn token_subjects(&self) -> Vec<String> {
+    pub(crate) fn token_subjects(&self) -> Vec<String> {
         self.store.token_subjects()
     }
 
     /// Every federated assertion presented to the token endpoint, in order.
     #[cfg(test)]
-    fn assertions(&self) -> Vec<String> {
+    pub(crate) fn assertions(&self) -> Vec<String> {
         self.store.assertions()
     }
 
@@ -259,7 +259,7 @@ impl Handle {
     /// only). Returns the version's id as VMs name it (`/SharedGalleries/{gallery}/Images/
     /// {image}/Versions/1.0.0`, or `/CommunityGalleries/…`).
     #[cfg(test)]
-    fn seed_shared_gallery_image(
+    pub(crate) fn seed_shared_gallery_image(
         &self,
         subscription: &str,
         community: bool,
@@ -367,7 +367,7 @@ impl Handle {
     }
 
     /// Deletes every local pod VM the server started (see [`Config::local_vms`]).
-    async fn delete_local_vms(&self) {
+    pub(crate) async fn delete_local_vms(&self) {
         let Some(local) = self.store.local.clone() else {
             return;
         };
@@ -384,13 +384,13 @@ impl Handle {
 
     /// The request body last sent for the VM `name`, as ARM received it.
     #[cfg(test)]
-    fn vm_request(&self, name: &str) -> Option<serde_json::Value> {
+    pub(crate) fn vm_request(&self, name: &str) -> Option<serde_json::Value> {
         self.store.vm_request(name)
     }
 }
 
 /// The router and a handle on its state.
-fn router(config: Config) -> (Router, Handle) {
+pub(crate) fn router(config: Config) -> (Router, Handle) {
     let store = Arc::new(Store::new(config));
     let router = Router::new().fallback(dispatch).with_state(store.clone());
     (router, Handle { store })
@@ -418,46 +418,46 @@ pub async fn serve(
 pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8443")]
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Milliseconds a VM create or delete takes.
     #[arg(long, default_value_t = 2000)]
-    lro_ms: u64,
+    pub(crate) lro_ms: u64,
     /// Milliseconds added to every request.
     #[arg(long, default_value_t = 0)]
-    latency_ms: u64,
+    pub(crate) latency_ms: u64,
     /// Seed a peer-pods setup in this subscription (resource group, VNet with subnet
     /// `worker`, NSG, gallery image); its ids are printed as `peer-pods-cm` keys.
     #[arg(long)]
-    seed_subscription: Option<String>,
+    pub(crate) seed_subscription: Option<String>,
     /// Resource group of the seeded setup.
     #[arg(long, default_value = "rg")]
-    seed_resource_group: String,
+    pub(crate) seed_resource_group: String,
     /// Region of the seeded setup.
     #[arg(long, default_value = "eastus")]
-    seed_region: String,
+    pub(crate) seed_region: String,
     /// Back each created VM with a local pod VM (a `sandboxd forwarder` in its own network
     /// namespace, as `CLOUD_PROVIDER=local` runs them) kept in this state directory; the
     /// VM's NIC gets the local VM's address. Needs root. Deleted with the VM and on exit.
     #[arg(long)]
-    local_vms: Option<std::path::PathBuf>,
+    pub(crate) local_vms: Option<std::path::PathBuf>,
     /// First address of the /16 local VM links are taken from.
     #[arg(long, default_value = "10.250.0.0")]
-    local_vm_subnet: std::net::Ipv4Addr,
+    pub(crate) local_vm_subnet: std::net::Ipv4Addr,
     /// Boot each local VM from this pod VM disk (`sandboxd image build`'s qcow2, raw or VHD)
     /// under qemu with OVMF, its NIC a tap in the node's network namespace, instead of a
     /// `sandboxd forwarder` in namespaces. Needs qemu-system-x86_64 and OVMF.
     #[arg(long, requires = "local_vms")]
-    local_vm_image: Option<std::path::PathBuf>,
+    pub(crate) local_vm_image: Option<std::path::PathBuf>,
     /// Memory of each qemu VM (MiB).
     #[arg(long, default_value_t = 1024)]
-    local_vm_memory: u32,
+    pub(crate) local_vm_memory: u32,
     /// vCPUs of each qemu VM.
     #[arg(long, default_value_t = 1)]
-    local_vm_cpus: u32,
+    pub(crate) local_vm_cpus: u32,
     /// qemu's accelerator: `tcg`, or `kvm` where it boots the kernel (nested KVM often
     /// does not).
     #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
-    local_vm_accel: String,
+    pub(crate) local_vm_accel: String,
 }
 
 /// Runs the ARM test server until a signal arrives.
@@ -504,7 +504,7 @@ pub async fn run(args: Args, shutdown: tokio_util::sync::CancellationToken) -> R
 }
 
 /// An ARM error response.
-fn arm_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn arm_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         axum::Json(json!({"error": {"code": code, "message": message.into()}})),

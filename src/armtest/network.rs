@@ -41,21 +41,21 @@ pub struct VnetSeed {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct RuleSeed {
     /// Rule name.
-    name: String,
+    pub(crate) name: String,
     /// 100-4096.
-    priority: u32,
+    pub(crate) priority: u32,
     /// `Inbound` or `Outbound`.
-    direction: String,
+    pub(crate) direction: String,
     /// `Allow` or `Deny`.
-    access: String,
+    pub(crate) access: String,
     /// `Tcp`, `Udp`, `Icmp` or `*`.
-    protocol: String,
+    pub(crate) protocol: String,
     /// Source address prefix (CIDR, service tag or `*`).
-    source: String,
+    pub(crate) source: String,
     /// Destination address prefix.
-    destination: String,
+    pub(crate) destination: String,
     /// Destination port or range (`9000`, `8000-9999`, `*`).
-    ports: String,
+    pub(crate) ports: String,
 }
 
 impl RuleSeed {
@@ -124,10 +124,10 @@ fn offered_key(subscription: &str, region: &str) -> String {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct NsgSeed {
     /// Name.
-    name: String,
+    pub(crate) name: String,
     /// Custom rules.
     #[serde(default)]
-    rules: Vec<RuleSeed>,
+    pub(crate) rules: Vec<RuleSeed>,
 }
 
 /// A whole network scenario, as `POST /armtest/network` takes it (JSON, camelCase):
@@ -139,24 +139,24 @@ pub struct NsgSeed {
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSeed {
     /// Subscription id.
-    subscription: String,
+    pub(crate) subscription: String,
     /// Resource group (created in `location`).
-    resource_group: String,
+    pub(crate) resource_group: String,
     /// Region of the group and its resources.
-    location: String,
+    pub(crate) location: String,
     /// Virtual networks.
     #[serde(default)]
-    vnets: Vec<VnetSeed>,
+    pub(crate) vnets: Vec<VnetSeed>,
     /// Network security groups.
     #[serde(default)]
-    nsgs: Vec<NsgSeed>,
+    pub(crate) nsgs: Vec<NsgSeed>,
     /// Regions offering only some sizes.
     #[serde(default)]
-    offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
+    pub(crate) offered_sizes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Seeds `seed` into the store (`POST /armtest/network`).
-pub fn seed(store: &Store, body: &[u8]) -> Response {
+pub(crate) fn seed(store: &Store, body: &[u8]) -> Response {
     let seed: NetworkSeed = match serde_json::from_slice(body) {
         Ok(s) => s,
         Err(e) => return arm_error(StatusCode::BAD_REQUEST, "InvalidSeed", e.to_string()),
@@ -446,7 +446,7 @@ fn not_found(ty: &str, name: &str, rg: &str) -> Response {
 /// The sizes offered in `region` as (name, vCPUs, memory MiB).
 /// Whether a size takes Premium SSD disks: Azure names those with an `s` among the
 /// letters after the vCPU count (`D4as_v5`, `F4s_v2`; not `A1_v2`).
-pub fn premium_io(size: &str) -> bool {
+pub(crate) fn premium_io(size: &str) -> bool {
     let part = size
         .trim_start_matches("Standard_")
         .split('_')
@@ -476,7 +476,7 @@ fn offered(g: &Inner, subscription: &str, region: &str) -> Vec<(String, u32, u64
 }
 
 /// Serves the reads this module owns; `None` leaves the request to the other handlers.
-pub fn route(
+pub(crate) fn route(
     store: &Store,
     method: &Method,
     segs: &[String],

@@ -26,25 +26,25 @@ use crate::cloud::net::Netlink;
 use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 
 /// OVMF's code (read-only) and the template of its variable store (Debian `ovmf`).
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub(crate) const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// See [`OVMF_CODE`].
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub(crate) const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The qemu binary.
-const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
 /// How long the server answers a VM's DHCP after it started.
 const DHCP_WINDOW: Duration = Duration::from_secs(600);
 
 /// How VMs boot (see the module documentation).
 #[derive(Clone, Debug)]
-pub struct QemuVms {
+pub(crate) struct QemuVms {
     /// The pod VM disk: `image build`'s qcow2, raw or VHD output.
-    pub image: PathBuf,
+    pub(crate) image: PathBuf,
     /// Memory of each VM in MiB (whatever size the request names: this machine is small).
-    pub memory_mib: u32,
+    pub(crate) memory_mib: u32,
     /// vCPUs of each VM.
-    pub cpus: u32,
+    pub(crate) cpus: u32,
     /// qemu's accelerator: `tcg`, or `kvm` where it runs.
-    pub accel: String,
+    pub(crate) accel: String,
 }
 
 /// What `vm.json` records.
@@ -59,7 +59,7 @@ struct Record {
 }
 
 /// VMs booted under qemu.
-pub struct QemuProvider {
+pub(crate) struct QemuProvider {
     dir: PathBuf,
     subnet: Ipv4Addr,
     config: QemuVms,
@@ -99,7 +99,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 impl QemuProvider {
     /// VMs kept in `dir`, their links taken as /30s from `subnet` (a /16).
-    pub fn new(dir: PathBuf, subnet: Ipv4Addr, config: QemuVms) -> Self {
+    pub(crate) fn new(dir: PathBuf, subnet: Ipv4Addr, config: QemuVms) -> Self {
         Self {
             dir,
             subnet,

@@ -44,15 +44,15 @@ fn key_of(name: &str, n: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode(d.as_ref())
 }
 
-pub fn json_response(status: StatusCode, body: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-pub fn bad(code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn bad(code: &str, message: impl Into<String>) -> Response {
     arm_error(StatusCode::BAD_REQUEST, code, message)
 }
 
-pub fn parse_body(body: &Bytes) -> Result<Value, Response> {
+pub(crate) fn parse_body(body: &Bytes) -> Result<Value, Response> {
     match serde_json::from_slice::<Value>(body) {
         Ok(v @ Value::Object(_)) => Ok(v),
         _ => Err(bad(
@@ -62,7 +62,7 @@ pub fn parse_body(body: &Bytes) -> Result<Value, Response> {
     }
 }
 
-pub fn not_found(ty: &str, name: &str, rg: &str) -> Response {
+pub(crate) fn not_found(ty: &str, name: &str, rg: &str) -> Response {
     arm_error(
         StatusCode::NOT_FOUND,
         "ResourceNotFound",
@@ -70,7 +70,7 @@ pub fn not_found(ty: &str, name: &str, rg: &str) -> Response {
     )
 }
 
-pub fn unsupported_api(api: &str, ty: &str, supported: &[&str]) -> Response {
+pub(crate) fn unsupported_api(api: &str, ty: &str, supported: &[&str]) -> Response {
     bad(
         "NoRegisteredProviderFound",
         format!(
@@ -81,7 +81,7 @@ pub fn unsupported_api(api: &str, ty: &str, supported: &[&str]) -> Response {
 }
 
 /// ARM refuses tag names with these characters.
-pub fn check_tags(req: &Value) -> Result<(), Response> {
+pub(crate) fn check_tags(req: &Value) -> Result<(), Response> {
     if let Some(tags) = req["tags"].as_object() {
         for (k, v) in tags {
             if k.is_empty() || k.len() > 512 || k.chars().any(|c| "<>%&\\?/".contains(c)) {
@@ -104,7 +104,7 @@ pub fn check_tags(req: &Value) -> Result<(), Response> {
 }
 
 /// Region names as ARM normalises them for operation URLs (`West US` → `westus`).
-pub fn region_key(location: &str) -> String {
+pub(crate) fn region_key(location: &str) -> String {
     location
         .chars()
         .filter(|c| !c.is_whitespace())
@@ -113,7 +113,7 @@ pub fn region_key(location: &str) -> String {
 }
 
 /// Starts an operation of the configured duration; returns its id.
-pub fn start_op(g: &mut Inner) -> String {
+pub(crate) fn start_op(g: &mut Inner) -> String {
     let op = g.next_id();
     let until = Instant::now() + g.config.lro_duration;
     g.ops.insert(
@@ -128,7 +128,7 @@ pub fn start_op(g: &mut Inner) -> String {
 }
 
 /// Whether the operation recorded in a stored resource (`__op`) is still running.
-fn running(g: &Inner, v: &Value, now: Instant) -> bool {
+pub(crate) fn running(g: &Inner, v: &Value, now: Instant) -> bool {
     v["__op"]
         .as_str()
         .and_then(|op| g.ops.get(op))
@@ -136,7 +136,7 @@ fn running(g: &Inner, v: &Value, now: Instant) -> bool {
 }
 
 /// Drops resources whose delete operation is over (with their children).
-pub fn sweep(g: &mut Inner) {
+pub(crate) fn sweep(g: &mut Inner) {
     let now = Instant::now();
     let done: Vec<String> = g
         .resources
@@ -153,7 +153,7 @@ pub fn sweep(g: &mut Inner) {
 
 /// A stored resource as ARM shows it: provisioning state from its operation, private
 /// fields removed.
-pub fn present(g: &Inner, v: &Value) -> Value {
+pub(crate) fn present(g: &Inner, v: &Value) -> Value {
     let now = Instant::now();
     let mut out = v.clone();
     let state = if v["__deleting"].as_bool() == Some(true) {
@@ -177,7 +177,7 @@ pub fn present(g: &Inner, v: &Value) -> Value {
 
 /// Marks `key` deleting; answers 202 with the operation headers (`async_url` builds the
 /// status URL from the operation id), or 204 when it does not exist.
-pub fn start_delete(
+pub(crate) fn start_delete(
     g: &mut Inner,
     key: &str,
     async_url: impl Fn(&str) -> String,
@@ -210,7 +210,7 @@ pub fn start_delete(
     resp
 }
 
-pub fn route(
+pub(crate) fn route(
     store: &Store,
     base: &str,
     method: &Method,

@@ -36,11 +36,11 @@ pub struct RequestLog {
 #[serde(rename_all = "camelCase")]
 pub struct VmView {
     /// ARM id.
-    id: String,
+    pub(crate) id: String,
     /// Name.
     pub name: String,
     /// Resource group.
-    resource_group: String,
+    pub(crate) resource_group: String,
     /// Size.
     pub size: String,
     /// `Creating`, `Succeeded`, `Failed` or `Deleting`.
@@ -51,30 +51,30 @@ pub struct VmView {
     pub private_ip: String,
 }
 
-pub struct Vm {
-    pub id: String,
-    pub name: String,
-    pub rg: String,
-    pub location: String,
-    pub size: String,
-    pub vcpus: u32,
-    pub request: Value,
-    pub response: Value,
-    pub created_until: Instant,
-    pub failure: Option<String>,
-    pub create_op: String,
-    pub deleting: Option<(Instant, String)>,
-    pub nic_id: String,
-    pub disk_id: String,
-    pub delete_nic: bool,
-    pub delete_disk: bool,
-    pub private_ip: String,
+pub(crate) struct Vm {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) rg: String,
+    pub(crate) location: String,
+    pub(crate) size: String,
+    pub(crate) vcpus: u32,
+    pub(crate) request: Value,
+    pub(crate) response: Value,
+    pub(crate) created_until: Instant,
+    pub(crate) failure: Option<String>,
+    pub(crate) create_op: String,
+    pub(crate) deleting: Option<(Instant, String)>,
+    pub(crate) nic_id: String,
+    pub(crate) disk_id: String,
+    pub(crate) delete_nic: bool,
+    pub(crate) delete_disk: bool,
+    pub(crate) private_ip: String,
     /// The public IP created from the NIC's configuration, and whether it goes with the VM.
-    pub public_ip: Option<(String, bool)>,
+    pub(crate) public_ip: Option<(String, bool)>,
 }
 
 impl Vm {
-    pub fn state(&self, now: Instant) -> &'static str {
+    pub(crate) fn state(&self, now: Instant) -> &'static str {
         if self.deleting.is_some() {
             "Deleting"
         } else if now < self.created_until {
@@ -87,37 +87,37 @@ impl Vm {
     }
 }
 
-pub struct Op {
-    pub until: Instant,
-    pub failure: Option<String>,
-    pub start: String,
+pub(crate) struct Op {
+    pub(crate) until: Instant,
+    pub(crate) failure: Option<String>,
+    pub(crate) start: String,
 }
 
-pub struct Inner {
-    pub config: Config,
+pub(crate) struct Inner {
+    pub(crate) config: Config,
     /// Issued access tokens and when each expires.
-    tokens: HashMap<String, SystemTime>,
+    pub(crate) tokens: HashMap<String, SystemTime>,
     /// The `scope` of every token request, in order.
-    token_scopes: Vec<String>,
+    pub(crate) token_scopes: Vec<String>,
     /// Who each issued token was for, in order (`app:{client id}`, `msi:system`,
     /// `msi:{client id}`).
-    token_subjects: Vec<String>,
+    pub(crate) token_subjects: Vec<String>,
     /// Every federated assertion presented, in order.
-    assertions: Vec<String>,
-    pub resources: BTreeMap<String, Value>,
-    pub vms: BTreeMap<String, Vm>,
-    pub ops: HashMap<String, Op>,
-    faults: Vec<Fault>,
-    log: Vec<RequestLog>,
-    windows: HashMap<(String, bool), VecDeque<Instant>>,
-    pub fail_next: Option<String>,
-    pub next_ip: HashMap<String, u32>,
-    counter: u64,
+    pub(crate) assertions: Vec<String>,
+    pub(crate) resources: BTreeMap<String, Value>,
+    pub(crate) vms: BTreeMap<String, Vm>,
+    pub(crate) ops: HashMap<String, Op>,
+    pub(crate) faults: Vec<Fault>,
+    pub(crate) log: Vec<RequestLog>,
+    pub(crate) windows: HashMap<(String, bool), VecDeque<Instant>>,
+    pub(crate) fail_next: Option<String>,
+    pub(crate) next_ip: HashMap<String, u32>,
+    pub(crate) counter: u64,
 }
 
 impl Inner {
     /// Applies time: finishes deletes whose operation is over.
-    fn advance(&mut self, now: Instant) {
+    pub(crate) fn advance(&mut self, now: Instant) {
         let done: Vec<String> = self
             .vms
             .iter()
@@ -139,7 +139,7 @@ impl Inner {
         }
     }
 
-    pub fn next_id(&mut self) -> String {
+    pub(crate) fn next_id(&mut self) -> String {
         self.counter += 1;
         let r = fastrand::u64(..);
         format!(
@@ -153,16 +153,16 @@ impl Inner {
     }
 }
 
-pub struct Store {
-    inner: Mutex<Inner>,
+pub(crate) struct Store {
+    pub(crate) inner: Mutex<Inner>,
     /// Local pod VMs backing created VMs, when configured.
-    pub local: Option<Arc<dyn crate::cloud::Provider>>,
+    pub(crate) local: Option<Arc<dyn crate::cloud::Provider>>,
     /// When the server started (the origin of [`RequestLog::at_micros`]).
-    pub started: Instant,
+    pub(crate) started: Instant,
 }
 
 impl Store {
-    pub fn new(config: Config) -> Self {
+    pub(crate) fn new(config: Config) -> Self {
         let local = config
             .local_vms
             .as_ref()
@@ -202,21 +202,21 @@ impl Store {
         }
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.advance(Instant::now());
         g
     }
 
-    pub fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         self.lock().config.clone()
     }
 
-    pub fn set_config(&self, f: impl FnOnce(&mut Config)) {
+    pub(crate) fn set_config(&self, f: impl FnOnce(&mut Config)) {
         f(&mut self.lock().config);
     }
 
-    pub fn vms(&self) -> Vec<VmView> {
+    pub(crate) fn vms(&self) -> Vec<VmView> {
         let g = self.lock();
         let now = Instant::now();
         g.vms
@@ -242,11 +242,11 @@ impl Store {
             .map(|v| v.request.clone())
     }
 
-    pub fn resource_ids(&self) -> Vec<String> {
+    pub(crate) fn resource_ids(&self) -> Vec<String> {
         self.lock().resources.keys().cloned().collect()
     }
 
-    pub fn requests(&self) -> Vec<RequestLog> {
+    pub(crate) fn requests(&self) -> Vec<RequestLog> {
         self.lock().log.clone()
     }
 
@@ -255,7 +255,7 @@ impl Store {
         self.lock().token_scopes.clone()
     }
 
-    pub fn issued_tokens(&self) -> Vec<String> {
+    pub(crate) fn issued_tokens(&self) -> Vec<String> {
         self.lock().tokens.keys().cloned().collect()
     }
 
@@ -269,24 +269,24 @@ impl Store {
         self.lock().assertions.clone()
     }
 
-    pub fn log(&self, entry: RequestLog) {
+    pub(crate) fn log(&self, entry: RequestLog) {
         self.lock().log.push(entry);
     }
 
-    pub fn inject(&self, fault: Fault) {
+    pub(crate) fn inject(&self, fault: Fault) {
         self.lock().faults.push(fault);
     }
 
-    pub fn clear_faults(&self) {
+    pub(crate) fn clear_faults(&self) {
         self.lock().faults.clear();
     }
 
-    pub fn fail_next_provisioning(&self, code: String) {
+    pub(crate) fn fail_next_provisioning(&self, code: String) {
         self.lock().fail_next = Some(code);
     }
 
     /// The first matching fault rule that fires for this request, if any.
-    pub fn take_fault(&self, method: &Method, path: &str) -> Option<FaultKind> {
+    pub(crate) fn take_fault(&self, method: &Method, path: &str) -> Option<FaultKind> {
         let mut g = self.lock();
         for f in g.faults.iter_mut() {
             if !f.matches(method.as_str(), path) {
@@ -306,7 +306,7 @@ impl Store {
     }
 
     /// 429 when the subscription's read or write budget of the last second is spent.
-    pub fn rate_limited(&self, segs: &[String], write: bool) -> Option<Response> {
+    pub(crate) fn rate_limited(&self, segs: &[String], write: bool) -> Option<Response> {
         let mut g = self.lock();
         let limit = if write {
             g.config.writes_per_second
@@ -346,7 +346,7 @@ impl Store {
     /// Client-credential (secret or federated assertion) token endpoint, as Entra ID's v2
     /// endpoint answers it. A federated assertion must be a JWT within its validity
     /// (`exp`), as Entra ID checks (AADSTS700024).
-    pub fn token(&self, tenant: &str, body: &Bytes) -> Response {
+    pub(crate) fn token(&self, tenant: &str, body: &Bytes) -> Response {
         let form: HashMap<String, String> = url::form_urlencoded::parse(body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
@@ -436,7 +436,11 @@ impl Store {
     /// The managed identity endpoint of IMDS: `GET /metadata/identity/oauth2/token` with
     /// `Metadata: true`, `api-version`, `resource`, and `client_id` for a user-assigned
     /// identity (required when the VM has several and no system-assigned one).
-    pub fn imds_token(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> Response {
+    pub(crate) fn imds_token(
+        &self,
+        headers: &HeaderMap,
+        query: &HashMap<String, String>,
+    ) -> Response {
         let refuse = |status: StatusCode, error: &str, description: &str| {
             (
                 status,
@@ -509,7 +513,7 @@ impl Store {
 
     /// `None` when the request carries a token this server issued and that is still
     /// valid; else ARM's answer (`ExpiredAuthenticationToken` once it expired).
-    pub fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
+    pub(crate) fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -542,7 +546,7 @@ fn jwt_exp(jwt: &str) -> Option<SystemTime> {
 }
 
 /// RFC 3339 UTC time for response bodies.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -25,19 +25,19 @@ pub const STEPS: &[&str] = &[
 ];
 
 /// StartVM: before the PeerPod is written.
-pub const START_BEFORE_RECORD: &str = "start-vm:before-record";
+pub(crate) const START_BEFORE_RECORD: &str = "start-vm:before-record";
 /// StartVM: PeerPod written, before the VM's user data and the cloud create.
-pub const START_RECORDED: &str = "start-vm:recorded";
+pub(crate) const START_RECORDED: &str = "start-vm:recorded";
 /// StartVM: before the cloud create call (phase Creating is written alongside it).
-pub const START_BEFORE_CREATE: &str = "start-vm:before-create";
+pub(crate) const START_BEFORE_CREATE: &str = "start-vm:before-create";
 /// StartVM: the VM is ready, before its instance id, IP and phase are queued and the answer.
-pub const START_CREATED: &str = "start-vm:created";
+pub(crate) const START_CREATED: &str = "start-vm:created";
 /// StartVM answered; the background write of instance id, IP and phase Running has not run.
 pub const START_ANSWERED: &str = "start-vm:answered-before-status";
 /// StopVM: before the cloud delete call (the record is marked deleted alongside it).
-pub const STOP_BEFORE_DELETE: &str = "stop-vm:before-delete";
+pub(crate) const STOP_BEFORE_DELETE: &str = "stop-vm:before-delete";
 /// StopVM: the VM is gone and the record marked deleted, before the answer.
-pub const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
+pub(crate) const STOP_VM_DELETED: &str = "stop-vm:vm-deleted";
 /// StopVM answered; the background release of the record has not run.
 pub const STOP_ANSWERED: &str = "stop-vm:answered-before-release";
 
@@ -50,7 +50,7 @@ fn configured() -> Option<&'static str> {
 
 /// Pauses this call forever when `step` is the configured crash point.
 #[cfg(feature = "dev")]
-pub async fn reached(step: &'static str) {
+pub(crate) async fn reached(step: &'static str) {
     if configured() == Some(step) {
         tracing::warn!(step, "paused at crash point {step}");
         std::future::pending::<()>().await;
@@ -59,7 +59,7 @@ pub async fn reached(step: &'static str) {
 
 /// Crash points are not built in: nothing to do.
 #[cfg(not(feature = "dev"))]
-pub async fn reached(_step: &'static str) {}
+pub(crate) async fn reached(_step: &'static str) {}
 
 #[cfg(test)]
 mod tests {

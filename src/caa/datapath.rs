@@ -27,7 +27,7 @@ use crate::cloud::Vm;
 use crate::forwarder::Config;
 
 /// Annotation on the PeerPod with the pod's network namespace on the worker.
-const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
+pub(crate) const ANNOTATION_NETNS: &str = "sandboxd.io/pod-netns";
 
 #[derive(Clone, Debug)]
 struct Path_ {
@@ -44,7 +44,7 @@ enum Sockets {
 }
 
 /// Data path state of one CAA.
-pub struct Datapath {
+pub(crate) struct Datapath {
     pki: Pki,
     sockets: Sockets,
     sandboxes: Mutex<HashMap<String, Path_>>,
@@ -61,7 +61,11 @@ impl Datapath {
     /// `POD_NAMESPACE`; without access to it, certificates are kept in memory only.
     /// `node_ip` is the worker's end of every pod tunnel ([`node_ip`]). With `relay` (the
     /// node agent relay's control socket) the agent sockets are served by it.
-    pub async fn new(client: &kube::Client, node_ip: Ipv4Addr, relay: Option<PathBuf>) -> Self {
+    pub(crate) async fn new(
+        client: &kube::Client,
+        node_ip: Ipv4Addr,
+        relay: Option<PathBuf>,
+    ) -> Self {
         let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| names::DEFAULT_NAMESPACE.into());
         let name = std::env::var("CAA_TLS_SECRET").unwrap_or_else(|_| names::CAA_TLS_SECRET.into());
         let pki = match Pki::load_or_create(client, &ns, &name).await {
@@ -105,7 +109,7 @@ impl Datapath {
     /// to `/run` on every current distribution, and the DaemonSet mounts the host's
     /// `/run/netns` (the image has no `/var`), so `/var/run/...` is read as `/run/...`.
     /// Empty: no pod network (no data path).
-    pub fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
+    pub(crate) fn resolve_netns(&self, path: &str) -> Result<Option<PathBuf>, Error> {
         if path.is_empty() {
             return Ok(None);
         }
@@ -148,7 +152,7 @@ impl Datapath {
     }
 
     /// CreateVM: remembers the pod's network namespace.
-    pub fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
+    pub(crate) fn remember_netns(&self, id: &str, netns: Option<PathBuf>) {
         if let Some(netns) = netns {
             self.put(
                 id,
@@ -161,7 +165,7 @@ impl Datapath {
     }
 
     /// Forgets a sandbox that never started (nothing of its data path exists).
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         self.sandboxes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -170,7 +174,7 @@ impl Datapath {
 
     /// StartVM, before the create call: the user data carrying the forwarder config (a VNI
     /// no live VM of this node holds, recorded on the PeerPod first).
-    pub async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
+    pub(crate) async fn user_data(&self, caa: &Caa, r: &Record) -> Result<Option<String>, Error> {
         let Some(mut p) = self.get(&r.sandbox_id) else {
             return Ok(None);
         };
@@ -235,7 +239,7 @@ impl Datapath {
 
     /// StartVM, once the VM has an IP: readiness `agent`, the worker end of the tunnel and
     /// the agent socket.
-    pub async fn ready(
+    pub(crate) async fn ready(
         &self,
         caa: &Caa,
         r: &Record,
@@ -294,7 +298,7 @@ impl Datapath {
 
     /// After the start-up reconcile: the node agent relay stops serving sandboxes this CAA
     /// does not know (their VMs went while no CAA ran).
-    pub async fn retain(&self) {
+    pub(crate) async fn retain(&self) {
         if let Sockets::Node(c) = &self.sockets
             && let Err(e) = c.retain().await
         {
@@ -304,7 +308,7 @@ impl Datapath {
 
     /// After a CAA restart: serves the agent socket of a running VM again (the tunnel lives
     /// in the kernel and stayed).
-    pub async fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
+    pub(crate) async fn resume(&self, caa: &Caa, r: &Record, pp: &PeerPod) {
         let netns = pp
             .metadata
             .annotations
@@ -329,7 +333,7 @@ impl Datapath {
 
     /// Before the VM is deleted: stops the agent socket and removes the worker end of the
     /// tunnel.
-    pub async fn stop(&self, r: &Record) {
+    pub(crate) async fn stop(&self, r: &Record) {
         match &self.sockets {
             Sockets::InProcess(s) => s.stop(&r.sandbox_id),
             Sockets::Node(c) => c.stop(&r.sandbox_id).await,
@@ -351,14 +355,14 @@ impl Datapath {
 }
 
 /// `<pods dir>/<id>/agent.ttrpc`.
-pub fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
+pub(crate) fn socket_path(pods_dir: &Path, id: &str) -> PathBuf {
     pods_dir.join(id).join(names::AGENT_SOCKET_FILE)
 }
 
 /// The worker's end of every pod tunnel, from what the DaemonSet gives CAA through the
 /// downward API: the first IPv4 address of `NODE_IPS` (`status.hostIPs`, dual-stack nodes),
 /// else `NODE_IP` (`status.hostIP`). The tunnel is VXLAN over IPv4.
-pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
+pub(crate) fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr, String> {
     let node_ip = node_ip.map(str::trim).filter(|s| !s.is_empty());
     let node_ips = node_ips.map(str::trim).filter(|s| !s.is_empty());
     if node_ip.is_none() && node_ips.is_none() {
@@ -399,7 +403,7 @@ pub fn node_ip(node_ip: Option<&str>, node_ips: Option<&str>) -> Result<Ipv4Addr
 
 /// Fails unless `ip` is an address of an interface in the node's network namespace (CAA runs
 /// with the host's network): the VXLAN devices of every pod tunnel are bound to it.
-pub async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
+pub(crate) async fn check_node_ip(ip: Ipv4Addr) -> Result<(), String> {
     let nl = crate::cloud::net::Netlink::node()
         .await
         .map_err(|e| format!("reading the node's interfaces: {e}"))?;

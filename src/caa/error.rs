@@ -2,7 +2,7 @@
 
 /// Errors of CAA.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The request lacks something the shim always sends.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -37,7 +37,7 @@ pub enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::InvalidRequest(_) => "invalid_request",
             Error::UnknownSandbox(_) => "unknown_sandbox",
@@ -53,7 +53,7 @@ impl Error {
     }
 
     /// The ttrpc status the shim sees.
-    pub fn to_ttrpc(&self) -> ttrpc::Error {
+    pub(crate) fn to_ttrpc(&self) -> ttrpc::Error {
         use ttrpc::Code;
         let code = match self {
             Error::InvalidRequest(_) | Error::Size(_) => Code::INVALID_ARGUMENT,
@@ -76,7 +76,7 @@ impl Error {
 
 /// A Kubernetes client error as a sentence (kube's own text appends a debug dump of the API
 /// server's Status).
-fn kube_sentence(e: &kube::Error) -> String {
+pub(crate) fn kube_sentence(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => {
             let reason = if s.reason.is_empty() {

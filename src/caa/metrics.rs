@@ -25,7 +25,7 @@ struct ResultLabels {
 }
 
 /// The metrics of one CAA process.
-pub struct CaaMetrics {
+pub(crate) struct CaaMetrics {
     creates: Family<ResultLabels, Counter>,
     deletes: Family<ResultLabels, Counter>,
     create_duration: Histogram,
@@ -58,11 +58,11 @@ impl Default for CaaMetrics {
 
 /// The process's CAA metrics (one CAA per process; the relay's connection tasks and the
 /// sweep reach them without plumbing).
-pub static METRICS: LazyLock<CaaMetrics> = LazyLock::new(CaaMetrics::default);
+pub(crate) static METRICS: LazyLock<CaaMetrics> = LazyLock::new(CaaMetrics::default);
 
 impl CaaMetrics {
     /// Registers the metrics (as `sandboxd_caa_*`) and, for Azure, ARM's counters.
-    pub fn register(&self, registry: &mut Registry, arm: Option<Arc<Counters>>) {
+    pub(crate) fn register(&self, registry: &mut Registry, arm: Option<Arc<Counters>>) {
         // Successes exist from the start (a rate of 0, not "no data"); each failure kind
         // appears with its first occurrence.
         inc_by(&self.creates, None, 0);
@@ -124,7 +124,7 @@ impl CaaMetrics {
     }
 
     /// Records a StartVM's create: its result and, when it succeeded, how long it took.
-    pub fn create(&self, took: Duration, error: Option<&str>) {
+    pub(crate) fn create(&self, took: Duration, error: Option<&str>) {
         if error.is_none() {
             self.create_duration.observe(took.as_secs_f64());
         }
@@ -132,7 +132,7 @@ impl CaaMetrics {
     }
 
     /// Records a delete: its result and, when it succeeded, how long it took.
-    pub fn delete(&self, took: Duration, error: Option<&str>) {
+    pub(crate) fn delete(&self, took: Duration, error: Option<&str>) {
         if error.is_none() {
             self.delete_duration.observe(took.as_secs_f64());
         }
@@ -140,25 +140,25 @@ impl CaaMetrics {
     }
 
     /// Sets the number of peer pod sandboxes (VM slots in use) of this node.
-    pub fn set_pod_vms(&self, n: usize) {
+    pub(crate) fn set_pod_vms(&self, n: usize) {
         self.pod_vms.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Records a sweep and the VMs it deleted.
-    pub fn swept(&self, deleted: usize) {
+    pub(crate) fn swept(&self, deleted: usize) {
         self.sweeps.inc();
         self.swept.inc_by(deleted as u64);
     }
 
     /// Records a relayed connection starting; the guard counts it active until dropped.
-    pub fn relay_started(&'static self) -> RelayGuard {
+    pub(crate) fn relay_started(&'static self) -> RelayGuard {
         self.relay_connections.inc();
         self.relay_active.inc();
         RelayGuard(self)
     }
 
     /// Records a relayed connection that failed or ended with an error.
-    pub fn relay_error(&self) {
+    pub(crate) fn relay_error(&self) {
         self.relay_errors.inc();
     }
 }
@@ -176,7 +176,7 @@ fn inc_by(family: &Family<ResultLabels, Counter>, error: Option<&str>, n: u64) {
 }
 
 /// Counts one relayed connection as active while it lives.
-pub struct RelayGuard(&'static CaaMetrics);
+pub(crate) struct RelayGuard(&'static CaaMetrics);
 
 impl Drop for RelayGuard {
     fn drop(&mut self) {

@@ -27,12 +27,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::Error;
-pub use service::Caa;
+pub(crate) use error::Error;
+pub(crate) use service::Caa;
 
 /// Readiness modes of StartVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Readiness {
+pub(crate) enum Readiness {
     /// ARM says Succeeded and the VM has an IP.
     Provisioned,
     /// Provisioned, and the kata agent in the VM answers a health check through its
@@ -46,55 +46,55 @@ enum Readiness {
 pub struct Args {
     /// Kubernetes client flags.
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
     /// Unix socket of the remote hypervisor service.
     #[arg(long, env = "CAA_SOCKET", default_value = crate::api::names::HYPERVISOR_SOCKET)]
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// The node agent relay's control socket (`sandboxd caa-relay`, its own DaemonSet):
     /// when set, the relay serves the pods' agent sockets and the hypervisor socket in
     /// front of `--socket`, so they outlive this process; unset, CAA serves them itself.
     #[arg(long, env = "CAA_RELAY_SOCKET")]
-    relay_socket: Option<PathBuf>,
+    pub(crate) relay_socket: Option<PathBuf>,
     /// Directory of per-pod agent sockets.
     #[arg(long, env = "CAA_PODS_DIR", default_value = crate::api::names::PODS_DIR)]
-    pods_dir: PathBuf,
+    pub(crate) pods_dir: PathBuf,
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    pub(crate) node_name: String,
     /// This node's IP (downward API `status.hostIP`): the worker end of every pod tunnel.
     #[arg(long, env = "NODE_IP")]
-    node_ip: Option<String>,
+    pub(crate) node_ip: Option<String>,
     /// This node's IPs, comma-separated (downward API `status.hostIPs`, dual stack): the
     /// first IPv4 one is used.
     #[arg(long, env = "NODE_IPS")]
-    node_ips: Option<String>,
+    pub(crate) node_ips: Option<String>,
     /// When StartVM returns.
     #[arg(long, env = "CAA_READINESS", value_enum, default_value = "agent")]
-    readiness: Readiness,
+    pub(crate) readiness: Readiness,
     /// SSH public key file put on every VM.
     #[arg(
         long,
         env = "CAA_SSH_PUBLIC_KEY",
         default_value = "/etc/sandboxd/ssh-key/id_rsa.pub"
     )]
-    ssh_public_key: PathBuf,
+    pub(crate) ssh_public_key: PathBuf,
     /// The Azure cloud and the development endpoint flags (command line only).
     #[command(flatten)]
-    azure: crate::cloud::azure::EndpointArgs,
+    pub(crate) azure: crate::cloud::azure::EndpointArgs,
     /// Address of `/healthz`, `/readyz` and `/metrics` (on the node's network: CAA runs
     /// with hostNetwork). `off` serves none; an address already in use is a warning, as
     /// pods do not depend on it.
     #[arg(long, env = "CAA_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    metrics_addr: String,
+    pub(crate) metrics_addr: String,
     /// Seconds between sweeps for VMs no PeerPod references.
     #[arg(long, env = "CAA_SWEEP_SECONDS", default_value_t = 300)]
-    sweep_seconds: u64,
+    pub(crate) sweep_seconds: u64,
     /// Seconds an unreferenced VM is left alone before the sweep deletes it.
     #[arg(long, env = "CAA_SWEEP_GRACE_SECONDS", default_value_t = 600)]
-    sweep_grace_seconds: u64,
+    pub(crate) sweep_grace_seconds: u64,
     /// Fastest LRO polling interval in milliseconds (tests lower it).
     #[arg(long, env = "CAA_MIN_POLL_MS", default_value_t = 1000, hide = true)]
-    min_poll_ms: u64,
+    pub(crate) min_poll_ms: u64,
     /// ARM reads per second per subscription the client-side token bucket refills (ARM: 25).
     #[arg(
         long,
@@ -102,10 +102,10 @@ pub struct Args {
         default_value_t = 25.0,
         hide = true
     )]
-    arm_reads_per_second: f64,
+    pub(crate) arm_reads_per_second: f64,
     /// Burst of ARM reads per subscription (ARM: 250).
     #[arg(long, env = "CAA_ARM_READ_BURST", default_value_t = 250.0, hide = true)]
-    arm_read_burst: f64,
+    pub(crate) arm_read_burst: f64,
     /// ARM writes per second per subscription the client-side token bucket refills (ARM: 10).
     #[arg(
         long,
@@ -113,7 +113,7 @@ pub struct Args {
         default_value_t = 10.0,
         hide = true
     )]
-    arm_writes_per_second: f64,
+    pub(crate) arm_writes_per_second: f64,
     /// Burst of ARM writes per subscription (ARM: 200).
     #[arg(
         long,
@@ -121,14 +121,14 @@ pub struct Args {
         default_value_t = 200.0,
         hide = true
     )]
-    arm_write_burst: f64,
+    pub(crate) arm_write_burst: f64,
 }
 
 /// The port of CAA's `/metrics`: the `metrics` port of the DaemonSet the operator writes.
-pub const METRICS_PORT: u16 = 8092;
+pub(crate) const METRICS_PORT: u16 = 8092;
 /// Where CAA serves its metrics by default (on [`METRICS_PORT`]; a unit test keeps them
 /// equal).
-const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
+pub(crate) const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:8092";
 
 /// Runs `sandboxd caa` until a signal arrives.
 pub async fn run(args: Args) -> anyhow::Result<()> {

@@ -35,41 +35,41 @@ use crate::api::names;
 pub struct Args {
     /// The control socket CAA talks to.
     #[arg(long, env = "RELAY_CONTROL_SOCKET", default_value = names::RELAY_CONTROL_SOCKET)]
-    control_socket: PathBuf,
+    pub(crate) control_socket: PathBuf,
     /// The remote hypervisor socket kata's shim dials.
     #[arg(long, env = "RELAY_HYPERVISOR_SOCKET", default_value = names::HYPERVISOR_SOCKET)]
-    hypervisor_socket: PathBuf,
+    pub(crate) hypervisor_socket: PathBuf,
     /// CAA's own hypervisor socket, where each call is passed on.
     #[arg(long, env = "RELAY_CAA_SOCKET", default_value = names::CAA_SOCKET)]
-    caa_socket: PathBuf,
+    pub(crate) caa_socket: PathBuf,
     /// The directory of the pods' agent sockets (no socket is served elsewhere).
     #[arg(long, env = "RELAY_PODS_DIR", default_value = names::PODS_DIR)]
-    pods_dir: PathBuf,
+    pub(crate) pods_dir: PathBuf,
     /// Seconds a hypervisor call waits for CAA to be back (kata's shim gives StartVM 600).
     #[arg(long, env = "RELAY_CALL_WAIT_SECONDS", default_value_t = 600)]
-    call_wait_seconds: u64,
+    pub(crate) call_wait_seconds: u64,
 }
 
 /// One agent socket, as CAA asks for it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Serve {
+pub(crate) struct Serve {
     /// The sandbox.
-    pub id: String,
+    pub(crate) id: String,
     /// The socket (under the pods directory).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The forwarder of the VM.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The VM's name (its server certificate's name).
-    pub vm: String,
+    pub(crate) vm: String,
     /// How long a new connection retries its dial (`PROXY_TIMEOUT`).
-    pub timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
 }
 
 /// What CAA says on the control socket, one JSON object a line; each is answered with one
 /// [`Answer`] line.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Request {
+pub(crate) enum Request {
     /// The mTLS client identity new agent connections use from now on.
     Identity {
         /// The identity.
@@ -91,10 +91,10 @@ enum Request {
 
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Answer {
+pub(crate) struct Answer {
     /// What failed, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// Longest control line read (an identity is a few KiB).
@@ -378,7 +378,7 @@ async fn dial_caa(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
 
 /// CAA's side of the control socket: what it asked to be served is kept, so a relay that
 /// restarted is told again on the next connection.
-pub struct Client {
+pub(crate) struct Client {
     path: PathBuf,
     pki: Pki,
     conn: tokio::sync::Mutex<Option<BufReader<UnixStream>>>,
@@ -393,7 +393,7 @@ const CONNECT_WAIT: Duration = Duration::from_secs(60);
 
 impl Client {
     /// A client of the relay's control socket at `path`, giving it `pki`'s client identity.
-    pub fn new(path: PathBuf, pki: Pki) -> Arc<Self> {
+    pub(crate) fn new(path: PathBuf, pki: Pki) -> Arc<Self> {
         Arc::new(Self {
             path,
             pki,
@@ -405,7 +405,7 @@ impl Client {
 
     /// Re-sends the identity every `every` (a rotated CA reaches the relay; a restarted
     /// relay is told what to serve) until `stop`.
-    pub async fn keep_fresh(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+    pub(crate) async fn keep_fresh(self: Arc<Self>, every: Duration, stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -528,7 +528,7 @@ impl Client {
     }
 
     /// Serves an agent socket through the relay.
-    pub async fn serve(&self, s: Serve) -> Result<(), RelayError> {
+    pub(crate) async fn serve(&self, s: Serve) -> Result<(), RelayError> {
         self.desired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -545,7 +545,7 @@ impl Client {
     }
 
     /// Stops serving a sandbox's socket.
-    pub async fn stop(&self, id: &str) {
+    pub(crate) async fn stop(&self, id: &str) {
         self.desired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -556,7 +556,7 @@ impl Client {
     }
 
     /// Tells the relay that only what this CAA asked for is wanted.
-    pub async fn retain(&self) -> Result<(), RelayError> {
+    pub(crate) async fn retain(&self) -> Result<(), RelayError> {
         let ids = self
             .desired
             .lock()

@@ -60,11 +60,11 @@ impl std::fmt::Debug for Pki {
 
 /// Validity of CAA's CA. It is renewed at 2/3 of its life; the old CA stays trusted (and
 /// its client certificate presented to the VMs that trust it) until it expires.
-const CA_VALIDITY: time::Duration = time::Duration::days(365);
+pub(crate) const CA_VALIDITY: time::Duration = time::Duration::days(365);
 /// Validity of a pod VM's server certificate (never beyond its CA's): CAA checks it when it
 /// dials the forwarder, at StartVM and for each agent connection of the sandbox (kata's
 /// shim keeps one for the sandbox's life).
-const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
+pub(crate) const VM_CERT_VALIDITY: time::Duration = time::Duration::days(30);
 const PREVIOUS_CA_CERT: &str = "previous-ca.crt";
 const PREVIOUS_CLIENT_CERT: &str = "previous-tls.crt";
 const PREVIOUS_CLIENT_KEY: &str = "previous-tls.key";
@@ -99,7 +99,7 @@ fn subject_forms(pem: &str) -> Vec<Vec<u8>> {
 }
 
 /// When a CA with `validity` is renewed: once a third of its life is left.
-fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
+pub(crate) fn ca_renew_at(validity: &Validity) -> OffsetDateTime {
     validity.renew_at(CA_VALIDITY)
 }
 
@@ -183,13 +183,13 @@ fn client_config_of(
 /// CAA's client side of the mTLS to the forwarders, without the CA's key: what the node
 /// agent relay needs to dial them (handed over a root-only unix socket, kept in memory).
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClientIdentity {
+pub(crate) struct ClientIdentity {
     /// The current CA certificate (trusted for the VMs' server certificates).
-    ca_pem: String,
+    pub(crate) ca_pem: String,
     /// The client certificate and key the current CA signed.
-    client: CertKey,
+    pub(crate) client: CertKey,
     /// During a CA rotation: the previous CA and its client certificate.
-    previous: Option<(String, CertKey)>,
+    pub(crate) previous: Option<(String, CertKey)>,
 }
 
 impl std::fmt::Debug for ClientIdentity {
@@ -200,7 +200,7 @@ impl std::fmt::Debug for ClientIdentity {
 
 impl ClientIdentity {
     /// The TLS client configuration of this identity (as [`Pki::client_config`]).
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    pub(crate) fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, PkiError> {
         client_config_of(
             &self.ca_pem,
             &self.client,
@@ -345,7 +345,11 @@ impl Pki {
     /// Reads the Secret `ns/name`, creating it with fresh material when absent and rotating
     /// the CA when it is due (the previous one kept while it is valid). Concurrent CAAs
     /// agree through the Secret's resourceVersion.
-    pub async fn load_or_create(client: &Client, ns: &str, name: &str) -> Result<Self, PkiError> {
+    pub(crate) async fn load_or_create(
+        client: &Client,
+        ns: &str,
+        name: &str,
+    ) -> Result<Self, PkiError> {
         Self::load_at(client, ns, name, OffsetDateTime::now_utc())
             .await
             .map(Self::wrap)
@@ -413,7 +417,7 @@ impl Pki {
 
     /// Re-reads (and when due rotates) the Secret before the CA's renewal time, for as long
     /// as `stop` is not cancelled; each pass swaps in the material of all CAAs' agreement.
-    pub async fn keep_fresh(
+    pub(crate) async fn keep_fresh(
         self,
         client: Client,
         ns: String,
@@ -470,7 +474,7 @@ impl Pki {
     }
 
     /// The client identity alone (no CA key), for the node agent relay.
-    pub fn client_identity(&self) -> ClientIdentity {
+    pub(crate) fn client_identity(&self) -> ClientIdentity {
         let m = self.current();
         ClientIdentity {
             ca_pem: m.ca_pem.clone(),

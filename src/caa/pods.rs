@@ -9,11 +9,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
 /// Metadata of the pods bound to this node.
-pub struct NodePods(Store<PartialObjectMeta<Pod>>);
+pub(crate) struct NodePods(Store<PartialObjectMeta<Pod>>);
 
 impl NodePods {
     /// Starts watching the pods whose `spec.nodeName` is `node`.
-    pub fn watch(client: &Client, node: &str) -> Self {
+    pub(crate) fn watch(client: &Client, node: &str) -> Self {
         let api: Api<PartialObjectMeta<Pod>> = Api::all(client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let (store, writer) = reflector::store();
@@ -31,7 +31,7 @@ impl NodePods {
     }
 
     /// The uid of pod `ns/name` if the watch shows it and it is not being deleted.
-    pub fn uid_of(&self, ns: &str, name: &str) -> Option<String> {
+    pub(crate) fn uid_of(&self, ns: &str, name: &str) -> Option<String> {
         let p = self.0.get(&ObjectRef::new(name).within(ns))?;
         if p.metadata.deletion_timestamp.is_some() {
             return None;
@@ -42,20 +42,20 @@ impl NodePods {
 
 /// The pod a sandbox belongs to, read from the shim's `io.kubernetes.cri.sandbox-name`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SandboxOf {
+pub(crate) struct SandboxOf {
     /// The pod's name.
-    pub name: String,
+    pub(crate) name: String,
     /// The pod's namespace, when the sandbox name carries it (CRI-O).
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// The pod's uid, when the sandbox name carries it (CRI-O).
-    pub uid: Option<String>,
+    pub(crate) uid: Option<String>,
 }
 
 /// Reads the sandbox name the shim sends: containerd's is the pod name; CRI-O's (kata copies
 /// `io.kubernetes.cri-o.SandboxName` over the cri key) is `k8s_<pod>_<namespace>_<uid>_<attempt>`.
 /// Pod names, namespaces and uids never contain `_`, so the two forms cannot be confused; a
 /// name with `_` that is not CRI-O's form is refused (it names no pod).
-pub fn parse_sandbox_name(s: &str) -> Result<SandboxOf, String> {
+pub(crate) fn parse_sandbox_name(s: &str) -> Result<SandboxOf, String> {
     let s = s.trim();
     if !s.contains('_') {
         return if s.is_empty() {

@@ -141,7 +141,7 @@ pub async fn handshake(
 /// `timeout` passes. The kata shim's first agent call is this check with a fixed 30 s
 /// deadline: answering StartVM only once it passes keeps a slowly booting agent from
 /// failing the pod.
-pub async fn agent_health(
+pub(crate) async fn agent_health(
     cfg: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     vm_name: &str,
@@ -234,7 +234,7 @@ struct Served {
 
 /// Where each new connection takes its TLS client configuration from (the identity may
 /// rotate while a socket is served).
-type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+pub(crate) type ClientSource = Arc<dyn Fn() -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
 
 /// The agent sockets CAA (or the node agent relay) serves.
 #[derive(Default)]
@@ -264,7 +264,7 @@ impl AgentSockets {
     }
 
     /// The sandboxes served.
-    pub fn ids(&self) -> Vec<String> {
+    pub(crate) fn ids(&self) -> Vec<String> {
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -274,7 +274,7 @@ impl AgentSockets {
     }
 
     /// [`AgentSockets::serve`] with the client configuration read per connection.
-    pub fn serve_with(
+    pub(crate) fn serve_with(
         &self,
         id: &str,
         path: &Path,
@@ -350,7 +350,7 @@ impl AgentSockets {
     }
 
     /// Stops serving sandbox `id` and removes its socket and directory.
-    pub fn stop(&self, id: &str) {
+    pub(crate) fn stop(&self, id: &str) {
         if let Some(s) = self
             .served
             .lock()

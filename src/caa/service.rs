@@ -21,13 +21,13 @@ use crate::config::PeerPodsConfig;
 use crate::protocol::{hypervisor, hypervisor_ttrpc, methods, podvminfo, podvminfo_ttrpc};
 
 /// The CAA of one node.
-pub struct Caa {
-    pub client: Client,
-    pub provider: Arc<dyn Provider>,
-    pub config: PeerPodsConfig,
-    pub args: Args,
+pub(crate) struct Caa {
+    pub(crate) client: Client,
+    pub(crate) provider: Arc<dyn Provider>,
+    pub(crate) config: PeerPodsConfig,
+    pub(crate) args: Args,
     ssh_key: Option<String>,
-    cluster_id: String,
+    pub(crate) cluster_id: String,
     sizes: Vec<VmSize>,
     default_size: String,
     image_id: String,
@@ -43,12 +43,12 @@ pub struct Caa {
     writer: Writer,
     /// The pods of this node, as a watch sees them.
     pods: super::pods::NodePods,
-    pub datapath: super::datapath::Datapath,
+    pub(crate) datapath: super::datapath::Datapath,
 }
 
 impl Caa {
     /// Reads the cluster id and the allowed sizes, and reconciles the node's records.
-    pub async fn start(
+    pub(crate) async fn start(
         client: Client,
         provider: Arc<dyn Provider>,
         config: PeerPodsConfig,
@@ -151,7 +151,7 @@ impl Caa {
     }
 
     /// The tags every VM of this CAA carries.
-    pub fn owner_tags(&self) -> BTreeMap<String, String> {
+    pub(crate) fn owner_tags(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (tags::CLUSTER.to_string(), self.cluster_id.clone()),
             (tags::NODE.to_string(), self.node().to_string()),
@@ -162,7 +162,10 @@ impl Caa {
     /// socket path. Nothing is written yet: the record that guards the VM is written by
     /// StartVM, before any cloud call, so a shim that gives up between CreateVM and StartVM
     /// (and never calls StopVM) leaves nothing behind.
-    async fn do_create_vm(&self, req: &hypervisor::CreateVMRequest) -> Result<String, Error> {
+    pub(crate) async fn do_create_vm(
+        &self,
+        req: &hypervisor::CreateVMRequest,
+    ) -> Result<String, Error> {
         if req.id.is_empty() {
             return Err(Error::InvalidRequest(
                 "CreateVM without a sandbox id".into(),
@@ -307,7 +310,7 @@ impl Caa {
     /// longer than [`CREATING_AFTER`] runs (its answer says whether the record still stands);
     /// the instance id, IP and Running phase are written in the background once the VM is
     /// ready (a restart rebuilds them from the cloud, as the VM name is deterministic).
-    async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_start_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         let r = match self.remembered(id) {
@@ -459,7 +462,7 @@ impl Caa {
 
     /// StopVM: delete the VM; the record is released in the background. Succeeds when the VM
     /// is gone.
-    async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn do_stop_vm(&self, id: &str) -> Result<(), Error> {
         let lock = self.lock_of(id);
         let _g = lock.lock().await;
         if self
@@ -482,7 +485,7 @@ impl Caa {
 
     /// StopVM bounded by `within`: the delete runs as its own task and goes on to completion
     /// when the bound passes first; the answer then says so (`Ok(Some(note))`).
-    async fn do_stop_vm_within(
+    pub(crate) async fn do_stop_vm_within(
         self: &Arc<Self>,
         id: &str,
         within: Option<Duration>,
@@ -537,7 +540,7 @@ impl Caa {
 
     /// Deletes the VM and releases the record of a sandbox whose pod is gone, serialised with
     /// the shim's calls for it.
-    pub async fn forget(&self, r: &Record) -> Result<(), Error> {
+    pub(crate) async fn forget(&self, r: &Record) -> Result<(), Error> {
         let lock = self.lock_of(&r.sandbox_id);
         let _g = lock.lock().await;
         self.delete_vm_and_record(r).await?;
@@ -547,7 +550,7 @@ impl Caa {
 
     /// Whether this CAA is working on the record now (a call holds its sandbox, or a
     /// background write for it is pending): the sweep leaves it to that work.
-    pub fn handling(&self, r: &Record) -> bool {
+    pub(crate) fn handling(&self, r: &Record) -> bool {
         self.writer.holds(&Key::of(r))
             || self
                 .locks
@@ -563,7 +566,7 @@ impl Caa {
     /// record released) by whoever sees it next (a retried StopVM, the start-up reconcile,
     /// the sweep, the operator's collector), and a record released only after the cloud said
     /// its VM is gone.
-    async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
+    pub(crate) async fn delete_vm_and_record(&self, r: &Record) -> Result<(), Error> {
         self.datapath.stop(r).await;
         crashpoint::reached(crashpoint::STOP_BEFORE_DELETE).await;
         let (marked, deleted) = tokio::join!(
@@ -620,7 +623,10 @@ impl Caa {
     }
 
     /// GetInfo: the VM id of a pod; with `wait`, until it is known.
-    async fn do_get_info(&self, req: &podvminfo::GetInfoRequest) -> Result<String, Error> {
+    pub(crate) async fn do_get_info(
+        &self,
+        req: &podvminfo::GetInfoRequest,
+    ) -> Result<String, Error> {
         // Answered from memory when this CAA started the VM.
         let known = {
             let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
@@ -654,7 +660,7 @@ impl Caa {
     }
 
     /// Start-up reconcile: records whose pod is gone lose their VM; others are resumed.
-    async fn reconcile(&self) -> Result<(), Error> {
+    pub(crate) async fn reconcile(&self) -> Result<(), Error> {
         for mut p in state::of_node(&self.client, self.node()).await? {
             let r = Record::from_peerpod(&p);
             if p.metadata.deletion_timestamp.is_some() {
@@ -884,7 +890,7 @@ impl ttrpc::r#async::MethodHandler for StopVm {
 }
 
 /// Serves both services on `socket` (stale socket removed, mode 0600).
-pub async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
+pub(crate) async fn serve(caa: Arc<Caa>, socket: &Path) -> Result<ttrpc::r#async::Server, Error> {
     use std::os::unix::fs::PermissionsExt;
     let err = |e: &dyn std::fmt::Display| Error::Socket(format!("{}: {e}", socket.display()));
     if let Some(dir) = socket.parent() {

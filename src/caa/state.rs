@@ -11,16 +11,16 @@ use crate::api::peerpod::{FINALIZER, PeerPod, PeerPodSpec, PeerPodStatus};
 use crate::k8s::{FIELD_MANAGER, apply};
 
 /// Label with the node whose CAA owns the record.
-const LABEL_NODE: &str = "sandboxd.io/node";
+pub(crate) const LABEL_NODE: &str = "sandboxd.io/node";
 /// Label with (the first 32 characters of) the sandbox id.
-const LABEL_SANDBOX: &str = "sandboxd.io/sandbox-id";
+pub(crate) const LABEL_SANDBOX: &str = "sandboxd.io/sandbox-id";
 /// Annotation with the instance size chosen at CreateVM.
-const ANNOTATION_SIZE: &str = "sandboxd.io/instance-size";
+pub(crate) const ANNOTATION_SIZE: &str = "sandboxd.io/instance-size";
 /// Annotation with the image a pod asked for at CreateVM (absent: `AZURE_IMAGE_ID`).
-const ANNOTATION_IMAGE: &str = "sandboxd.io/image";
+pub(crate) const ANNOTATION_IMAGE: &str = "sandboxd.io/image";
 
 /// The label value of a sandbox id.
-fn sandbox_label(id: &str) -> String {
+pub(crate) fn sandbox_label(id: &str) -> String {
     id.chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .take(32)
@@ -29,26 +29,26 @@ fn sandbox_label(id: &str) -> String {
 
 /// What a record says.
 #[derive(Clone, Debug)]
-pub struct Record {
+pub(crate) struct Record {
     /// Pod namespace (the record's namespace).
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Pod name.
-    pub pod_name: String,
+    pub(crate) pod_name: String,
     /// Pod uid.
-    pub pod_uid: String,
+    pub(crate) pod_uid: String,
     /// VM name (the record's name).
-    pub vm_name: String,
+    pub(crate) vm_name: String,
     /// Sandbox id.
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// Chosen instance size.
-    pub size: String,
+    pub(crate) size: String,
     /// The image the pod asked for; empty: the configured one.
-    pub image: String,
+    pub(crate) image: String,
 }
 
 impl Record {
     /// Reads a record back from a PeerPod.
-    pub fn from_peerpod(p: &PeerPod) -> Self {
+    pub(crate) fn from_peerpod(p: &PeerPod) -> Self {
         Self {
             namespace: p.namespace().unwrap_or_default(),
             pod_name: p
@@ -74,7 +74,7 @@ impl Record {
 }
 
 /// Writes (or re-asserts) the PeerPod of `r`: idempotent.
-pub async fn record(
+pub(crate) async fn record(
     client: &Client,
     r: &Record,
     node: &str,
@@ -142,7 +142,7 @@ pub async fn record(
 }
 
 /// Sets the instance id (spec) of a record.
-pub async fn set_instance_id(
+pub(crate) async fn set_instance_id(
     client: &Client,
     ns: &str,
     name: &str,
@@ -160,7 +160,7 @@ pub async fn set_instance_id(
 
 /// Merges `status` into the record's status; answers the record (with its deletion
 /// timestamp, so a write doubles as the check that the record still stands).
-pub async fn set_status(
+pub(crate) async fn set_status(
     client: &Client,
     ns: &str,
     name: &str,
@@ -176,7 +176,7 @@ pub async fn set_status(
 }
 
 /// Deletes the record and removes the finalizer; succeeds when it is already gone.
-pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+pub(crate) async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
     match mark_deleted(client, ns, name).await? {
         Some(current) => remove_finalizer(client, &current).await,
         None => Ok(()),
@@ -187,7 +187,7 @@ pub async fn release(client: &Client, ns: &str, name: &str) -> Result<(), kube::
 /// deleted says "delete the VM, then release me" to whoever sees it (StopVM, the start-up
 /// reconcile, the sweep, the operator's collector), so it may be marked before the VM is gone.
 /// Answers the record while the finalizer holds it, `None` when it is gone.
-pub async fn mark_deleted(
+pub(crate) async fn mark_deleted(
     client: &Client,
     ns: &str,
     name: &str,
@@ -203,7 +203,10 @@ pub async fn mark_deleted(
 
 /// Removes the finalizer of a record being deleted, `current` being its last known state
 /// ([`apply::remove_finalizer`]).
-pub async fn remove_finalizer(client: &Client, current: &PeerPod) -> Result<(), kube::Error> {
+pub(crate) async fn remove_finalizer(
+    client: &Client,
+    current: &PeerPod,
+) -> Result<(), kube::Error> {
     let api: Api<PeerPod> =
         Api::namespaced(client.clone(), &current.namespace().unwrap_or_default());
     apply::remove_finalizer(&api, current, FINALIZER).await?;
@@ -211,7 +214,7 @@ pub async fn remove_finalizer(client: &Client, current: &PeerPod) -> Result<(), 
 }
 
 /// Every record of `node`, in every namespace.
-pub async fn of_node(client: &Client, node: &str) -> Result<Vec<PeerPod>, kube::Error> {
+pub(crate) async fn of_node(client: &Client, node: &str) -> Result<Vec<PeerPod>, kube::Error> {
     let api: Api<PeerPod> = Api::all(client.clone());
     Ok(api
         .list(&ListParams::default().labels(&format!("{LABEL_NODE}={node}")))
@@ -220,7 +223,7 @@ pub async fn of_node(client: &Client, node: &str) -> Result<Vec<PeerPod>, kube::
 }
 
 /// The record of a sandbox id, if any.
-pub async fn of_sandbox(
+pub(crate) async fn of_sandbox(
     client: &Client,
     node: &str,
     id: &str,

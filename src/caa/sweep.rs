@@ -12,7 +12,7 @@ use super::state;
 
 /// One sweep; `seen` remembers since when each unreferenced VM was seen. Returns the VMs
 /// deleted.
-async fn sweep_once(
+pub(crate) async fn sweep_once(
     caa: &Caa,
     grace: Duration,
     seen: &mut HashMap<String, Instant>,
@@ -73,7 +73,7 @@ async fn sweep_once(
 }
 
 /// Sweeps every `every` until cancelled.
-pub async fn run(caa: Arc<Caa>, every: Duration, grace: Duration, stop: CancellationToken) {
+pub(crate) async fn run(caa: Arc<Caa>, every: Duration, grace: Duration, stop: CancellationToken) {
     let mut seen = HashMap::new();
     loop {
         tokio::select! {

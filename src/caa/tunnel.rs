@@ -13,17 +13,17 @@ use crate::cloud::net::{self, Iface, NetError, Netlink};
 use crate::forwarder::config::{PodNetwork, Route};
 
 /// Name of the tunnel device inside the pod namespace.
-const POD_VXLAN: &str = "vxlan0";
+pub(crate) const POD_VXLAN: &str = "vxlan0";
 /// First VNI handed out (as upstream).
-const FIRST_VNI: u32 = 555000;
+pub(crate) const FIRST_VNI: u32 = 555000;
 
 /// The pod interface CNI configured.
 #[derive(Clone, Debug)]
-pub struct PodIface {
+pub(crate) struct PodIface {
     /// The interface.
-    iface: Iface,
+    pub(crate) iface: Iface,
     /// Routes through it.
-    routes: Vec<Route>,
+    pub(crate) routes: Vec<Route>,
 }
 
 fn nerr(op: &str, d: impl std::fmt::Display) -> NetError {
@@ -34,7 +34,7 @@ fn nerr(op: &str, d: impl std::fmt::Display) -> NetError {
 }
 
 /// Reads the pod interface (the one with an IPv4 address that is not loopback or the tunnel).
-pub async fn inspect(netns: &Path) -> Result<PodIface, NetError> {
+pub(crate) async fn inspect(netns: &Path) -> Result<PodIface, NetError> {
     let nl = Netlink::in_netns(netns).await?;
     let iface = nl
         .interfaces()
@@ -62,7 +62,7 @@ pub async fn inspect(netns: &Path) -> Result<PodIface, NetError> {
 }
 
 /// The VM's view of the pod network for `pod`.
-pub fn pod_network(pod: &PodIface, worker: Ipv4Addr, vni: u32, port: u16) -> PodNetwork {
+pub(crate) fn pod_network(pod: &PodIface, worker: Ipv4Addr, vni: u32, port: u16) -> PodNetwork {
     let (ip, prefix) = pod.iface.addrs[0];
     PodNetwork {
         podip: format!("{ip}/{prefix}"),
@@ -79,7 +79,7 @@ pub fn pod_network(pod: &PodIface, worker: Ipv4Addr, vni: u32, port: u16) -> Pod
 }
 
 /// Creates the worker end of the tunnel for the pod in `netns` towards `vm`.
-pub async fn setup(
+pub(crate) async fn setup(
     netns: &Path,
     vni: u32,
     vm: Ipv4Addr,
@@ -113,7 +113,7 @@ pub async fn setup(
 }
 
 /// Removes the worker end of the tunnel; nothing to do when it is gone.
-pub async fn teardown(netns: &Path, vni: u32) -> Result<(), NetError> {
+pub(crate) async fn teardown(netns: &Path, vni: u32) -> Result<(), NetError> {
     let node = Netlink::node().await?;
     if let Some(i) = node.index_of(&format!("sbxv{vni}")).await? {
         node.delete(i).await?;
@@ -139,7 +139,7 @@ pub async fn teardown(netns: &Path, vni: u32) -> Result<(), NetError> {
 }
 
 /// The smallest VNI from [`FIRST_VNI`] that none of `held` is.
-pub fn next_vni(held: &[u32]) -> u32 {
+pub(crate) fn next_vni(held: &[u32]) -> u32 {
     (FIRST_VNI..)
         .find(|v| !held.contains(v))
         .expect("VNIs left")

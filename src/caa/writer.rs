@@ -33,16 +33,16 @@ const ATTEMPTS: u32 = 30;
 
 /// A record: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
+pub(crate) struct Key {
     /// Namespace.
-    ns: String,
+    pub(crate) ns: String,
     /// Name (the VM name).
-    name: String,
+    pub(crate) name: String,
 }
 
 impl Key {
     /// The key of a record.
-    pub fn of(r: &state::Record) -> Self {
+    pub(crate) fn of(r: &state::Record) -> Self {
         Self {
             ns: r.namespace.clone(),
             name: r.vm_name.clone(),
@@ -52,7 +52,7 @@ impl Key {
 
 /// What is still to be written to one record.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// `spec.instanceID`.
     instance_id: Option<String>,
     /// Fields of the status (merged).
@@ -63,7 +63,7 @@ pub struct Pending {
 
 impl Pending {
     /// The VM is running: its id, IP and phase.
-    pub fn running(instance_id: String, ip: Option<String>) -> Self {
+    pub(crate) fn running(instance_id: String, ip: Option<String>) -> Self {
         Self {
             instance_id: Some(instance_id),
             status: Some(PeerPodStatus {
@@ -76,7 +76,7 @@ impl Pending {
     }
 
     /// Status fields.
-    pub fn status(st: PeerPodStatus) -> Self {
+    pub(crate) fn status(st: PeerPodStatus) -> Self {
         Self {
             status: Some(st),
             ..Default::default()
@@ -85,7 +85,7 @@ impl Pending {
 
     /// Release the record once its VM is gone; `current` is the answer of its deletion
     /// (`None`: delete it first).
-    pub fn release(current: Option<PeerPod>) -> Self {
+    pub(crate) fn release(current: Option<PeerPod>) -> Self {
         Self {
             release: Some(current.map(Box::new)),
             ..Default::default()
@@ -185,11 +185,11 @@ struct Inner {
 
 /// The background writer of one CAA.
 #[derive(Clone)]
-pub struct Writer(Arc<Inner>);
+pub(crate) struct Writer(Arc<Inner>);
 
 impl Writer {
     /// Starts the workers.
-    pub fn start(client: Client) -> Self {
+    pub(crate) fn start(client: Client) -> Self {
         let w = Self(Arc::new(Inner {
             client,
             queue: Mutex::new(Queue::default()),
@@ -207,19 +207,19 @@ impl Writer {
     }
 
     /// Queues `p` for the record `key`.
-    pub fn push(&self, key: Key, p: Pending) {
+    pub(crate) fn push(&self, key: Key, p: Pending) {
         if self.queue().push(key, p) {
             self.0.work.notify_one();
         }
     }
 
     /// Whether something is pending or being written for `key`.
-    pub fn holds(&self, key: &Key) -> bool {
+    pub(crate) fn holds(&self, key: &Key) -> bool {
         self.queue().holds(key)
     }
 
     /// Waits until nothing is pending for `key` (at most `timeout`); answers whether so.
-    pub async fn flush(&self, key: &Key, timeout: Duration) -> bool {
+    pub(crate) async fn flush(&self, key: &Key, timeout: Duration) -> bool {
         let wait = async {
             loop {
                 let idle = self.0.idle.notified();

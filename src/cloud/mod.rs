@@ -36,7 +36,7 @@ pub struct VmSpec {
 
 /// Provisioning state of a VM as the cloud reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmState {
+pub(crate) enum VmState {
     /// Being created or updated.
     Creating,
     /// Created and running.
@@ -53,23 +53,23 @@ pub enum VmState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vm {
     /// The VM name.
-    pub name: String,
+    pub(crate) name: String,
     /// The cloud's id (ARM resource id on Azure).
-    pub id: String,
+    pub(crate) id: String,
     /// Provisioning state.
-    pub state: VmState,
+    pub(crate) state: VmState,
     /// Private IP of the primary NIC, once known.
     pub private_ip: Option<IpAddr>,
     /// Public IP, when the VM has one (`USE_PUBLIC_IP`).
-    pub public_ip: Option<IpAddr>,
+    pub(crate) public_ip: Option<IpAddr>,
     /// Tags.
-    pub tags: BTreeMap<String, String>,
+    pub(crate) tags: BTreeMap<String, String>,
 }
 
 impl Vm {
     /// The address the tunnel and the agent relay use: the public IP when the VM has one,
     /// else the private one.
-    pub fn address(&self) -> Option<IpAddr> {
+    pub(crate) fn address(&self) -> Option<IpAddr> {
         self.public_ip.or(self.private_ip)
     }
 }
@@ -78,11 +78,11 @@ impl Vm {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSize {
     /// Name, e.g. `Standard_D2as_v5`.
-    pub name: String,
+    pub(crate) name: String,
     /// vCPUs.
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     /// Memory in MiB.
-    pub memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// GPUs (0: none).
     pub(crate) gpus: u32,
 }
@@ -121,7 +121,7 @@ fn retry_hint(after: &Option<Duration>) -> String {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::NotFound(_) => "not_found",
             Error::Throttled { .. } => "throttled",
@@ -132,7 +132,7 @@ impl Error {
     }
 
     /// Whether the same call may succeed later.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, Error::Throttled { .. } | Error::Transient(_))
     }
 }
@@ -166,17 +166,17 @@ pub trait Provider: Send + Sync + 'static {
 /// prefix here.
 pub mod tags {
     /// The `kube-system` namespace UID: one value per cluster.
-    pub const CLUSTER: &str = "sandboxd-cluster";
+    pub(crate) const CLUSTER: &str = "sandboxd-cluster";
     /// The worker node whose CAA owns the VM.
-    pub const NODE: &str = "sandboxd-node";
+    pub(crate) const NODE: &str = "sandboxd-node";
     /// Pod namespace.
-    pub const POD_NAMESPACE: &str = "sandboxd-pod-namespace";
+    pub(crate) const POD_NAMESPACE: &str = "sandboxd-pod-namespace";
     /// Pod name.
-    pub const POD_NAME: &str = "sandboxd-pod-name";
+    pub(crate) const POD_NAME: &str = "sandboxd-pod-name";
     /// Pod uid.
-    pub const POD_UID: &str = "sandboxd-pod-uid";
+    pub(crate) const POD_UID: &str = "sandboxd-pod-uid";
     /// Sandbox id the shim gave.
-    pub const SANDBOX: &str = "sandboxd-sandbox-id";
+    pub(crate) const SANDBOX: &str = "sandboxd-sandbox-id";
 }
 
 /// The VM name of a pod sandbox: `podvm-<pod name, sanitized>-<first 8 of sandbox id>`, at

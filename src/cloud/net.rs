@@ -23,9 +23,9 @@ use rtnetlink::{Handle, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 #[error("{op}: {detail}")]
 pub struct NetError {
     /// What was attempted.
-    pub op: String,
+    pub(crate) op: String,
     /// Why it failed.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl NetError {
@@ -47,7 +47,7 @@ const fn libc_eexist() -> i32 {
 }
 
 /// Parses `a.b.c.d/len`.
-pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+pub(crate) fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (ip, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
     (len <= 32).then_some(())?;
@@ -55,7 +55,7 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
         return None;
@@ -68,7 +68,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 /// Formats a MAC address.
-pub fn format_mac(mac: &[u8]) -> String {
+pub(crate) fn format_mac(mac: &[u8]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -79,28 +79,28 @@ pub fn format_mac(mac: &[u8]) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Iface {
     /// Interface index.
-    pub index: u32,
+    pub(crate) index: u32,
     /// Name.
     pub name: String,
     /// MAC address.
-    pub mac: Vec<u8>,
+    pub(crate) mac: Vec<u8>,
     /// MTU.
-    pub mtu: u32,
+    pub(crate) mtu: u32,
     /// IPv4 addresses with prefix lengths.
-    pub addrs: Vec<(Ipv4Addr, u8)>,
+    pub(crate) addrs: Vec<(Ipv4Addr, u8)>,
 }
 
 /// One IPv4 route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route4 {
+pub(crate) struct Route4 {
     /// Destination.
-    pub dst: Ipv4Addr,
+    pub(crate) dst: Ipv4Addr,
     /// Prefix length.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// Gateway, if any.
-    pub gw: Option<Ipv4Addr>,
+    pub(crate) gw: Option<Ipv4Addr>,
     /// Output interface index.
-    pub oif: Option<u32>,
+    pub(crate) oif: Option<u32>,
 }
 
 /// A netlink connection bound to one network namespace.
@@ -111,7 +111,7 @@ pub struct Netlink {
 
 impl Netlink {
     /// A connection in the calling thread's network namespace (inside a tokio runtime).
-    pub fn here() -> Result<Self, NetError> {
+    pub(crate) fn here() -> Result<Self, NetError> {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| NetError::new("opening netlink", e))?;
         tokio::spawn(conn);
@@ -120,7 +120,7 @@ impl Netlink {
 
     /// A connection in the node's network namespace: `SANDBOXD_NODE_NETNS` when set (tests
     /// run a whole node inside a namespace), else the calling thread's.
-    pub async fn node() -> Result<Self, NetError> {
+    pub(crate) async fn node() -> Result<Self, NetError> {
         match std::env::var_os("SANDBOXD_NODE_NETNS") {
             Some(p) => Self::in_netns(Path::new(&p)).await,
             None => Self::here(),
@@ -210,7 +210,7 @@ impl Netlink {
     }
 
     /// IPv4 routes of the main table.
-    pub async fn routes(&self) -> Result<Vec<Route4>, NetError> {
+    pub(crate) async fn routes(&self) -> Result<Vec<Route4>, NetError> {
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -290,7 +290,7 @@ impl Netlink {
     }
 
     /// Deletes a link.
-    pub async fn delete(&self, index: u32) -> Result<(), NetError> {
+    pub(crate) async fn delete(&self, index: u32) -> Result<(), NetError> {
         self.handle
             .link()
             .del(index)
@@ -334,7 +334,7 @@ impl Netlink {
     }
 
     /// Adds a permanent neighbour entry.
-    pub async fn add_neighbor(
+    pub(crate) async fn add_neighbor(
         &self,
         index: u32,
         ip: Ipv4Addr,
@@ -352,7 +352,7 @@ impl Netlink {
     }
 
     /// Creates a VXLAN device; returns its index.
-    pub async fn add_vxlan(
+    pub(crate) async fn add_vxlan(
         &self,
         name: &str,
         vni: u32,
@@ -390,7 +390,7 @@ impl Netlink {
 
     /// Redirects every frame arriving on `from` out of `to` (ingress qdisc + u32 match-all
     /// filter with a mirred egress redirect), like `tc ... action mirred egress redirect`.
-    pub async fn redirect(&self, from: u32, to: u32) -> Result<(), NetError> {
+    pub(crate) async fn redirect(&self, from: u32, to: u32) -> Result<(), NetError> {
         let op = format!("redirecting link {from} to {to}");
         match self
             .handle
@@ -418,7 +418,7 @@ impl Netlink {
 
 impl Netlink {
     /// Removes the ingress qdisc of a link (and with it its filters); no error when absent.
-    pub async fn del_ingress(&self, index: u32) {
+    pub(crate) async fn del_ingress(&self, index: u32) {
         use rtnetlink::packet_route::tc::TcHandle;
         let mut req = self.handle.qdisc().del(index as i32);
         let m = req.message_mut();
@@ -429,7 +429,7 @@ impl Netlink {
 }
 
 /// Connects to `addr` from the node's network namespace (see [`Netlink::node`]).
-pub async fn connect_from_node(
+pub(crate) async fn connect_from_node(
     addr: std::net::SocketAddr,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let Some(ns) = std::env::var_os("SANDBOXD_NODE_NETNS") else {

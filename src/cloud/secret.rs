@@ -12,7 +12,7 @@ fn registry() -> &'static Mutex<Vec<String>> {
 /// Every secret value wrapped in a [`SecretString`] so far in this process: the log writer
 /// cuts them from every line, whatever printed them (a dependency's debug dump of a
 /// request included).
-pub fn known_secrets() -> Vec<String> {
+pub(crate) fn known_secrets() -> Vec<String> {
     registry().lock().map(|v| v.clone()).unwrap_or_default()
 }
 
@@ -34,7 +34,7 @@ impl SecretString {
     }
 
     /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -20,22 +20,22 @@ use super::VmSize;
 
 /// What a pod asks for, from the shim's annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SizeRequest {
+pub(crate) struct SizeRequest {
     /// `machine_type`, if set.
-    pub machine_type: Option<String>,
+    pub(crate) machine_type: Option<String>,
     /// `default_vcpus`; 0 when unset.
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     /// `default_memory` in MiB; 0 when unset.
-    pub memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// GPUs (`default_gpus`); 0: none asked.
-    gpus: u32,
+    pub(crate) gpus: u32,
     /// GPU model (`default_gpu_model`), matched in the size name.
-    gpu_model: Option<String>,
+    pub(crate) gpu_model: Option<String>,
 }
 
 /// Why no size could be chosen.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     /// The requested `machine_type` is not an allowed size.
     #[error("instance size {requested:?} is not allowed; allowed sizes: {}", .allowed.join(", "))]
     NotAllowed {
@@ -68,7 +68,7 @@ pub enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::NotAllowed { .. } => "size_not_allowed",
             Error::NoneFits { .. } => "no_size_fits",
@@ -79,7 +79,7 @@ impl Error {
 
 impl SizeRequest {
     /// Reads the request from the shim's annotation values ("0" or missing = unset).
-    pub fn from_annotations(
+    pub(crate) fn from_annotations(
         machine_type: Option<&str>,
         vcpus: Option<&str>,
         memory_mib: Option<&str>,
@@ -97,7 +97,7 @@ impl SizeRequest {
     }
 
     /// The same request with the `default_gpus` and `default_gpu_model` annotation values.
-    pub fn with_gpus(mut self, gpus: Option<&str>, model: Option<&str>) -> Self {
+    pub(crate) fn with_gpus(mut self, gpus: Option<&str>, model: Option<&str>) -> Self {
         self.gpus = gpus.and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(0);
         self.gpu_model = model
             .map(str::trim)
@@ -108,7 +108,11 @@ impl SizeRequest {
 }
 
 /// Chooses the instance size for `req` among `allowed` (which contains `default`).
-pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<String, Error> {
+pub(crate) fn select(
+    req: &SizeRequest,
+    default: &str,
+    allowed: &[VmSize],
+) -> Result<String, Error> {
     if let Some(mt) = &req.machine_type {
         return allowed
             .iter()
@@ -170,7 +174,7 @@ const MODELS_IN_NAMES: &[&str] = &[
 /// The GPU model of an Azure size, by its name: a model written as a part of the name
 /// (`Standard_NC24ads_A100_v4` → A100; "A10" never matches "A100"), else the series the
 /// name belongs to (`Standard_NC6s_v3` → V100). `None` for a size without a known GPU.
-fn gpu_model(size: &str) -> Option<&'static str> {
+pub(crate) fn gpu_model(size: &str) -> Option<&'static str> {
     let upper = size.to_ascii_uppercase();
     let parts: Vec<&str> = upper.split('_').collect();
     if let Some(m) = MODELS_IN_NAMES.iter().find(|m| parts.contains(m)) {

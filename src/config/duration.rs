@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// Parses a Go-style duration: one or more `<number><unit>` with units `ns`, `us`, `ms`,
 /// `s`, `m`, `h`; fractions allowed (`1.5h`). `None` when it is not one.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s == "0" {
         return Some(Duration::ZERO);

@@ -18,25 +18,25 @@ use crate::api::names::CONFIG_MAP;
 pub use crate::cloud::SecretString;
 use crate::cloud::azure::ResourceId;
 pub use crate::cloud::azure::{AzureCloud, AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
-pub use duration::parse_duration;
+pub(crate) use duration::parse_duration;
 #[cfg(test)]
 pub(crate) use secret::is_guid;
-pub use secret::{AUTH_METHOD_KEY, CloudSecret};
+pub(crate) use secret::{AUTH_METHOD_KEY, CloudSecret};
 
 /// Upstream default of `VXLAN_PORT` (collides with Calico; the seed uses 9000).
-const DEFAULT_VXLAN_PORT: u16 = 4789;
+pub(crate) const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// Upstream default of `AZURE_INSTANCE_SIZE`.
-const DEFAULT_INSTANCE_SIZE: &str = "Standard_DC2as_v5";
+pub(crate) const DEFAULT_INSTANCE_SIZE: &str = "Standard_DC2as_v5";
 /// Upstream default of `SSH_USERNAME`.
-const DEFAULT_SSH_USERNAME: &str = "peerpod";
+pub(crate) const DEFAULT_SSH_USERNAME: &str = "peerpod";
 /// Upstream default of `PROXY_TIMEOUT`.
-const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Upstream default of `PEERPODS_LIMIT_PER_NODE` (and of `PeerPodConfig.spec.limit`).
-pub const DEFAULT_LIMIT_PER_NODE: u32 = 10;
+pub(crate) const DEFAULT_LIMIT_PER_NODE: u32 = 10;
 
 /// The cloud behind the peer pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloudProvider {
+pub(crate) enum CloudProvider {
     /// Microsoft Azure through ARM.
     Azure,
     /// Local "VMs" (namespaces on the worker), for development and tests.
@@ -45,7 +45,7 @@ pub enum CloudProvider {
 
 impl CloudProvider {
     /// The value as written in `CLOUD_PROVIDER`.
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloudProvider::Azure => "azure",
             CloudProvider::Local => "local",
@@ -65,7 +65,7 @@ pub struct Problem {
     /// The key, e.g. `VXLAN_PORT`.
     pub(crate) key: &'static str,
     /// What the key must hold.
-    pub expected: String,
+    pub(crate) expected: String,
     /// The value found, or `None` when the key is missing or its value is secret.
     pub(crate) found: Option<String>,
 }
@@ -94,7 +94,7 @@ pub enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Invalid { .. } => "invalid_config",
         }
@@ -102,7 +102,7 @@ impl Error {
 
     /// The keys with problems.
     #[cfg(test)]
-    fn keys(&self) -> Vec<&'static str> {
+    pub(crate) fn keys(&self) -> Vec<&'static str> {
         match self {
             Error::Invalid { problems, .. } => problems.iter().map(|p| p.key).collect(),
         }
@@ -121,19 +121,19 @@ fn join(problems: &[Problem]) -> String {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerPodsConfig {
     /// `CLOUD_PROVIDER`.
-    pub cloud_provider: CloudProvider,
+    pub(crate) cloud_provider: CloudProvider,
     /// `VXLAN_PORT`.
-    pub vxlan_port: u16,
+    pub(crate) vxlan_port: u16,
     /// `PROXY_TIMEOUT`.
-    pub proxy_timeout: Duration,
+    pub(crate) proxy_timeout: Duration,
     /// `PEERPODS_LIMIT_PER_NODE`.
-    limit_per_node: u32,
+    pub(crate) limit_per_node: u32,
     /// `TAGS`, in the order written.
-    pub tags: Vec<(String, String)>,
+    pub(crate) tags: Vec<(String, String)>,
     /// Azure settings, present when `cloud_provider` is Azure.
     pub azure: Option<AzureConfig>,
     /// `AZURE_CLOUD`: which Azure cloud (endpoints, authority and token audience together).
-    pub azure_cloud: AzureCloud,
+    pub(crate) azure_cloud: AzureCloud,
 }
 
 /// Reads keys of one source and collects every problem.
@@ -385,7 +385,7 @@ impl PeerPodsConfig {
     /// The per-node VM limit: `PeerPodConfig.spec.limit` when set, else
     /// `PEERPODS_LIMIT_PER_NODE`.
     #[cfg(test)]
-    fn effective_limit(&self, peerpodconfig_limit: Option<&str>) -> Result<u32, Error> {
+    pub(crate) fn effective_limit(&self, peerpodconfig_limit: Option<&str>) -> Result<u32, Error> {
         match peerpodconfig_limit.map(str::trim).filter(|s| !s.is_empty()) {
             None => Ok(self.limit_per_node),
             Some(v) => v.parse::<u32>().map_err(|_| Error::Invalid {
@@ -549,7 +549,7 @@ fn azure_config(r: &mut Reader<'_>) -> AzureConfig {
 /// Whether `id` names an image Azure can boot a VM from: a managed image, a gallery image or
 /// image version, a community gallery image, or a gallery image shared with the subscription
 /// (`/SharedGalleries/…`).
-fn is_image_id(id: &str) -> bool {
+pub(crate) fn is_image_id(id: &str) -> bool {
     let lower = id.to_ascii_lowercase();
     if lower.starts_with("/communitygalleries/") || lower.starts_with("/sharedgalleries/") {
         return lower.contains("/images/");
@@ -558,7 +558,7 @@ fn is_image_id(id: &str) -> bool {
 }
 
 /// The process environment as a map, for components that get the keys through `envFrom`.
-pub fn env_map() -> BTreeMap<String, String> {
+pub(crate) fn env_map() -> BTreeMap<String, String> {
     std::env::vars().collect()
 }
 

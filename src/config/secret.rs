@@ -9,11 +9,11 @@ use crate::api::names::CLOUD_SECRET;
 
 /// Validated `peer-pods-secret`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CloudSecret {
+pub(crate) struct CloudSecret {
     /// `AZURE_SUBSCRIPTION_ID`.
-    pub subscription_id: String,
+    pub(crate) subscription_id: String,
     /// The credential to use.
-    pub credentials: AzureCredentials,
+    pub(crate) credentials: AzureCredentials,
 }
 
 impl CloudSecret {
@@ -26,7 +26,7 @@ impl CloudSecret {
     /// managed identity, which must be chosen with `AZURE_AUTH_METHOD=managed-identity`.
     /// Client and tenant ids must be GUIDs (the guide's `<azure_client_id>` placeholder is
     /// refused, quoted: ids are not secret).
-    pub fn from_map(map: &BTreeMap<String, String>) -> Result<Self, Error> {
+    pub(crate) fn from_map(map: &BTreeMap<String, String>) -> Result<Self, Error> {
         let mut r = Reader::new(map);
         let subscription_id = r.required("AZURE_SUBSCRIPTION_ID", "a subscription id (GUID)");
         guid(&mut r, "AZURE_SUBSCRIPTION_ID", &subscription_id);
@@ -135,7 +135,7 @@ impl CloudSecret {
 }
 
 /// The `peer-pods-secret` key that chooses how sandboxd authenticates to Azure.
-pub const AUTH_METHOD_KEY: &str = "AZURE_AUTH_METHOD";
+pub(crate) const AUTH_METHOD_KEY: &str = "AZURE_AUTH_METHOD";
 
 /// The values of [`AUTH_METHOD_KEY`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,7 +31,7 @@ const CREDENTIAL_KEYS: [&str; 5] = [
 
 /// Errors talking to Azure.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// An ARM call failed.
     #[error("Azure: {0}")]
     Arm(#[from] ArmError),
@@ -65,12 +65,12 @@ pub enum Error {
     },
 }
 
-pub use crate::cloud::azure::EndpointArgs;
+pub(crate) use crate::cloud::azure::EndpointArgs;
 
 /// The endpoints `args` and `peer-pods-cm` (`cm`) give: the flag's cloud, else
 /// `AZURE_CLOUD` of the configmap, else the public cloud; only the development flags move
 /// them. A configmap that names an endpoint is refused, never followed.
-pub fn resolve_endpoints(
+pub(crate) fn resolve_endpoints(
     args: &EndpointArgs,
     cm: &BTreeMap<String, String>,
 ) -> Result<Endpoints, Error> {
@@ -102,7 +102,7 @@ pub fn resolve_endpoints(
 
 /// The credential map: `peer-pods-secret` in `namespace` (if present) overlaid with the
 /// `AZURE_*` environment; `subscription` fills `AZURE_SUBSCRIPTION_ID` when neither has it.
-pub async fn credentials(
+pub(crate) async fn credentials(
     client: &kube::Client,
     namespace: &str,
     subscription: Option<&str>,
@@ -151,7 +151,7 @@ pub async fn credentials(
 }
 
 /// The data of a Secret as strings (`stringData` included, for objects not yet stored).
-pub fn secret_map(s: &Secret) -> BTreeMap<String, String> {
+pub(crate) fn secret_map(s: &Secret) -> BTreeMap<String, String> {
     let mut map: BTreeMap<String, String> = s
         .data
         .iter()
@@ -166,35 +166,35 @@ pub fn secret_map(s: &Secret) -> BTreeMap<String, String> {
 
 /// A subnet of a virtual network.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Subnet {
+pub(crate) struct Subnet {
     /// ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Subnet name.
-    pub name: String,
+    pub(crate) name: String,
     /// Name of its virtual network.
-    pub vnet: String,
+    pub(crate) vnet: String,
     /// Address prefixes (`addressPrefix` or `addressPrefixes`).
-    pub prefixes: Vec<String>,
+    pub(crate) prefixes: Vec<String>,
     /// The NSG attached to the subnet, if any.
-    pub nsg_id: Option<String>,
+    pub(crate) nsg_id: Option<String>,
 }
 
 /// A virtual network.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Vnet {
+pub(crate) struct Vnet {
     /// ARM id.
     pub(crate) id: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Address space.
-    pub prefixes: Vec<String>,
+    pub(crate) prefixes: Vec<String>,
     /// Its subnets.
-    pub subnets: Vec<Subnet>,
+    pub(crate) subnets: Vec<Subnet>,
 }
 
 /// Rule direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// Traffic into the NIC or subnet.
     Inbound,
     /// Traffic out of it.
@@ -203,47 +203,47 @@ pub enum Direction {
 
 /// One NSG security rule (custom or default).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Rule name.
-    pub name: String,
+    pub(crate) name: String,
     /// Lower is evaluated first.
-    pub priority: u32,
+    pub(crate) priority: u32,
     /// Direction.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// `true` for Allow.
-    pub allow: bool,
+    pub(crate) allow: bool,
     /// `Tcp`, `Udp`, `*`, ...
-    pub protocol: String,
+    pub(crate) protocol: String,
     /// Source prefixes or service tags.
-    pub sources: Vec<String>,
+    pub(crate) sources: Vec<String>,
     /// Destination prefixes or service tags.
-    pub destinations: Vec<String>,
+    pub(crate) destinations: Vec<String>,
     /// Destination ports or ranges.
-    pub ports: Vec<String>,
+    pub(crate) ports: Vec<String>,
 }
 
 /// A network security group.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Nsg {
+pub(crate) struct Nsg {
     /// ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Custom and default rules.
-    pub rules: Vec<Rule>,
+    pub(crate) rules: Vec<Rule>,
 }
 
 /// The parts of an ARM id.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ArmId {
+pub(crate) struct ArmId {
     /// Subscription id.
-    pub subscription: String,
+    pub(crate) subscription: String,
     /// Resource group.
-    pub resource_group: String,
+    pub(crate) resource_group: String,
 }
 
 /// Subscription and resource group of an ARM id (or an `azure://` provider id).
-pub fn parse_arm_id(id: &str) -> Option<ArmId> {
+pub(crate) fn parse_arm_id(id: &str) -> Option<ArmId> {
     let id = ResourceId::parse(id.strip_prefix("azure://").unwrap_or(id))?;
     Some(ArmId {
         subscription: id.subscription().to_string(),
@@ -338,15 +338,15 @@ fn nsg_of(v: &Value) -> Nsg {
 }
 
 /// ARM reads for one subscription.
-pub struct Azure {
+pub(crate) struct Azure {
     client: Arm,
     /// The subscription.
-    subscription: String,
+    pub(crate) subscription: String,
 }
 
 impl Azure {
     /// A reader authenticated with `secret` at `endpoints`.
-    pub fn new(secret: &CloudSecret, endpoints: &Endpoints) -> Result<Self, Error> {
+    pub(crate) fn new(secret: &CloudSecret, endpoints: &Endpoints) -> Result<Self, Error> {
         let manners = Manners {
             // An interactive tool: give up within a minute rather than five.
             max_total: std::time::Duration::from_secs(60),
@@ -363,7 +363,7 @@ impl Azure {
     }
 
     /// The location of resource group `rg` (the seed's `az group show`).
-    pub async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
+    pub(crate) async fn resource_group_location(&self, rg: &str) -> Result<String, Error> {
         let path = format!(
             "/subscriptions/{}/resourceGroups/{rg}?api-version={RESOURCES_API}",
             self.subscription
@@ -379,7 +379,7 @@ impl Azure {
     }
 
     /// The virtual networks of `rg` with their subnets (the seed's `az network vnet list`).
-    pub async fn vnets(&self, rg: &str) -> Result<Vec<Vnet>, Error> {
+    pub(crate) async fn vnets(&self, rg: &str) -> Result<Vec<Vnet>, Error> {
         Ok(self
             .list(&format!(
                 "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks?api-version={NETWORK_API}",
@@ -392,7 +392,7 @@ impl Azure {
     }
 
     /// The NSGs of `rg` (the seed's `az network nsg list`).
-    pub async fn nsgs(&self, rg: &str) -> Result<Vec<Nsg>, Error> {
+    pub(crate) async fn nsgs(&self, rg: &str) -> Result<Vec<Nsg>, Error> {
         Ok(self
             .list(&format!(
                 "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/networkSecurityGroups?api-version={NETWORK_API}",
@@ -405,7 +405,7 @@ impl Azure {
     }
 
     /// One NSG by id; `None` when it does not exist.
-    pub async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
+    pub(crate) async fn nsg(&self, id: &str) -> Result<Option<Nsg>, Error> {
         let nsg = self
             .client
             .get(&format!("{id}?api-version={NETWORK_API}"))
@@ -415,7 +415,7 @@ impl Azure {
 
     /// The virtual network holding subnet `subnet_id`, with every subnet; `None` when the
     /// VNet does not exist.
-    pub async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
+    pub(crate) async fn vnet_of_subnet(&self, subnet_id: &str) -> Result<Option<Vnet>, Error> {
         let Some(vnet) = ResourceId::parse(subnet_id)
             .filter(|id| id.is_exactly("Microsoft.Network/virtualNetworks/subnets"))
             .and_then(|id| id.ancestor(1))
@@ -431,7 +431,7 @@ impl Azure {
 
     /// Whether the image `id` (managed image or gallery image/version) exists; `None` for
     /// ids that are not ARM paths (community gallery images).
-    pub async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
+    pub(crate) async fn image_exists(&self, id: &str) -> Result<Option<bool>, Error> {
         let api = match ResourceId::parse(id) {
             Some(r) if r.is("Microsoft.Compute/galleries") => GALLERY_API,
             Some(r) if r.is("Microsoft.Compute/images") => COMPUTE_API,
@@ -442,7 +442,7 @@ impl Azure {
     }
 
     /// The serial console log of VM `vm` in resource group `rg` (boot diagnostics).
-    pub async fn serial_log(&self, rg: &str, vm: &str) -> Result<String, Error> {
+    pub(crate) async fn serial_log(&self, rg: &str, vm: &str) -> Result<String, Error> {
         Ok(self
             .client
             .serial_log(&format!(
@@ -454,7 +454,7 @@ impl Azure {
 
     /// Names of the VM sizes `region` offers this subscription (Resource SKUs; a size
     /// restricted for the subscription in the region is not offered).
-    pub async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
+    pub(crate) async fn sizes(&self, region: &str) -> Result<Vec<String>, Error> {
         use crate::cloud::azure::skus;
         let filter: String =
             url::form_urlencoded::byte_serialize(format!("location eq '{region}'").as_bytes())

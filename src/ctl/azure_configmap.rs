@@ -23,77 +23,77 @@ use crate::cloud::azure::cloud::CLOUD_KEY;
 use crate::config::PeerPodsConfig;
 
 /// The seed's default instance size.
-const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
+pub(crate) const SEED_INSTANCE_SIZE: &str = "Standard_B2als_v2";
 /// The seed's allowed instance sizes.
-const SEED_INSTANCE_SIZES: &str =
+pub(crate) const SEED_INSTANCE_SIZES: &str =
     "Standard_B2als_v2,Standard_D2as_v5,Standard_D4as_v5,Standard_D2ads_v5";
 /// The seed's VXLAN port (the upstream 4789 collides with Calico).
-const SEED_VXLAN_PORT: &str = "9000";
+pub(crate) const SEED_VXLAN_PORT: &str = "9000";
 /// The seed's proxy timeout.
-const SEED_PROXY_TIMEOUT: &str = "5m";
+pub(crate) const SEED_PROXY_TIMEOUT: &str = "5m";
 /// Node label holding the region.
-const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub(crate) const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
 /// Flags of `ctl azure configmap` (boxed: they are many, and the command enum stays small).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The flags.
     #[command(flatten)]
-    flags: Box<Flags>,
+    pub(crate) flags: Box<Flags>,
 }
 
 /// The flags of `ctl azure configmap`.
 #[derive(Debug, clap::Args)]
-struct Flags {
+pub(crate) struct Flags {
     /// Subscription id; default: from the nodes' providerID, else the credentials'.
     #[arg(long)]
-    subscription: Option<String>,
+    pub(crate) subscription: Option<String>,
     /// Resource group holding the cluster's network; default: from the nodes' providerID.
     #[arg(long)]
-    resource_group: Option<String>,
+    pub(crate) resource_group: Option<String>,
     /// Azure region; default: the nodes' topology.kubernetes.io/region label, else the
     /// resource group's location.
     #[arg(long)]
-    region: Option<String>,
+    pub(crate) region: Option<String>,
     /// Only consider subnets of this virtual network.
     #[arg(long)]
-    vnet: Option<String>,
+    pub(crate) vnet: Option<String>,
     /// The subnet for pod VMs: a name, `<vnet>/<name>`, or a full subnet id.
     #[arg(long)]
-    subnet: Option<String>,
+    pub(crate) subnet: Option<String>,
     /// The NSG for pod VMs: a name (in the resource group) or a full id.
     #[arg(long)]
-    nsg: Option<String>,
+    pub(crate) nsg: Option<String>,
     /// Default instance size (AZURE_INSTANCE_SIZE).
     #[arg(long)]
-    instance_size: Option<String>,
+    pub(crate) instance_size: Option<String>,
     /// Comma-separated allowed instance sizes (AZURE_INSTANCE_SIZES).
     #[arg(long)]
-    instance_sizes: Option<String>,
+    pub(crate) instance_sizes: Option<String>,
     /// VXLAN port (VXLAN_PORT).
     #[arg(long)]
-    vxlan_port: Option<u16>,
+    pub(crate) vxlan_port: Option<u16>,
     /// Pod VM image id (AZURE_IMAGE_ID); default: keep the current one (the image job fills
     /// it when empty).
     #[arg(long)]
-    image_id: Option<String>,
+    pub(crate) image_id: Option<String>,
     /// Create Confidential VMs (DISABLECVM=false).
     #[arg(long)]
-    confidential: bool,
+    pub(crate) confidential: bool,
     /// Label selector of the nodes whose providerID and region are read (default: all).
     #[arg(long, default_value = "")]
-    node_selector: String,
+    pub(crate) node_selector: String,
     /// Print the ConfigMap instead of writing it.
     #[arg(long)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// ARM and Entra ID endpoints.
     #[command(flatten)]
-    endpoints: EndpointArgs,
+    pub(crate) endpoints: EndpointArgs,
 }
 
 /// Why the configmap cannot be written.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// Nodes or flags do not tell the subscription/resource group.
     #[error("cannot tell the resource group: {0}; pass --resource-group (and --subscription)")]
     ResourceGroupUnknown(String),
@@ -183,15 +183,15 @@ fn describe_subnet(s: &Subnet) -> String {
 
 /// What the nodes tell: distinct (subscription, resource group) pairs and regions.
 #[derive(Debug, Default, PartialEq)]
-struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `(subscription, resource group)` from `azure://` provider ids.
-    groups: Vec<(String, String)>,
+    pub(crate) groups: Vec<(String, String)>,
     /// Region labels.
-    regions: Vec<String>,
+    pub(crate) regions: Vec<String>,
 }
 
 /// Reads the facts of `nodes`.
-fn node_facts(nodes: &[Node]) -> NodeFacts {
+pub(crate) fn node_facts(nodes: &[Node]) -> NodeFacts {
     let mut f = NodeFacts::default();
     for n in nodes {
         if let Some(id) = n
@@ -220,7 +220,7 @@ fn node_facts(nodes: &[Node]) -> NodeFacts {
 
 /// Picks the subnet: `wanted` (name, `vnet/name` or id) when given, else the only subnet
 /// named like `worker`.
-fn choose_subnet(
+pub(crate) fn choose_subnet(
     vnets: &[Vnet],
     wanted: Option<&str>,
     only_vnet: Option<&str>,
@@ -285,7 +285,7 @@ fn choose_subnet(
 
 /// Picks the NSG: `wanted` (name or id), else the subnet's own, else the only one in the
 /// resource group; `None` when there is none.
-fn choose_nsg(
+pub(crate) fn choose_nsg(
     nsgs: &[(String, String)],
     wanted: Option<&str>,
     subnet: &Subnet,
@@ -326,7 +326,7 @@ fn choose_nsg(
 
 /// Where a value came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     /// A flag.
     Flag,
     /// Already in `peer-pods-cm`.
@@ -367,18 +367,18 @@ fn pick(
 
 /// Where the cluster runs, as the flags, `peer-pods-cm` and the nodes tell it (no ARM).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Location {
+pub(crate) struct Location {
     /// `AZURE_RESOURCE_GROUP`.
-    resource_group: (String, Source),
+    pub(crate) resource_group: (String, Source),
     /// The subscription to read: the flag, else the nodes'; `None`: the credentials'.
-    subscription: Option<String>,
+    pub(crate) subscription: Option<String>,
     /// `AZURE_REGION` when known without ARM; `None`: the resource group's location.
-    region: Option<(String, Source)>,
+    pub(crate) region: Option<(String, Source)>,
 }
 
 /// Decides the location: a flag, then `peer-pods-cm`, then the nodes (whose
 /// `providerID`s and region labels must agree unless a flag settles it).
-fn locate(
+pub(crate) fn locate(
     flags: &Flags,
     current: &BTreeMap<String, String>,
     facts: &NodeFacts,
@@ -438,32 +438,32 @@ fn locate(
 
 /// What ARM told about the network and the region.
 #[derive(Clone, Debug)]
-struct Found {
+pub(crate) struct Found {
     /// `AZURE_REGION`.
-    region: (String, Source),
+    pub(crate) region: (String, Source),
     /// The subnet of `AZURE_SUBNET_ID`.
-    subnet: (Subnet, Source),
+    pub(crate) subnet: (Subnet, Source),
     /// `AZURE_NSG_ID`, if any.
-    nsg: Option<(String, Source)>,
+    pub(crate) nsg: Option<(String, Source)>,
     /// The sizes the region offers.
-    offered_sizes: Vec<String>,
+    pub(crate) offered_sizes: Vec<String>,
     /// The cloud the endpoints point at.
-    cloud: AzureCloud,
+    pub(crate) cloud: AzureCloud,
 }
 
 /// The configmap to write: every key, and where each value came from.
 #[derive(Clone, Debug, PartialEq)]
-struct Planned {
+pub(crate) struct Planned {
     /// The data of `peer-pods-cm`.
-    data: BTreeMap<String, String>,
+    pub(crate) data: BTreeMap<String, String>,
     /// Where each value of [`Self::data`] came from (keys absent here were kept as they were).
-    sources: BTreeMap<String, Source>,
+    pub(crate) sources: BTreeMap<String, Source>,
 }
 
 /// The configmap for `found` at `resource_group`: every key of `current` kept, flags
 /// override, the seed's values fill the rest. Fails on an instance size the region does not
 /// offer and on a map the shared validator refuses.
-fn plan(
+pub(crate) fn plan(
     flags: &Flags,
     current: &BTreeMap<String, String>,
     resource_group: (String, Source),
@@ -556,7 +556,7 @@ fn plan(
 }
 
 /// Run the command: read the cluster and ARM, [`plan`], write (or print) the configmap.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let args = *args.flags;
     let client = ctx.client().await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.namespace);

@@ -10,14 +10,14 @@ use super::azure_arm::{Direction, Nsg, Rule};
 
 /// An IPv4 prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefix {
+pub(crate) struct Prefix {
     base: u32,
     len: u8,
 }
 
 impl Prefix {
     /// Parses `10.0.1.0/24` or a single address.
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         let (addr, len) = match s.trim().split_once('/') {
             Some((a, l)) => (a, l.parse::<u8>().ok().filter(|l| *l <= 32)?),
             None => (s.trim(), 32),
@@ -35,12 +35,12 @@ impl Prefix {
     }
 
     /// Whether `other` lies entirely inside this prefix.
-    fn covers(&self, other: &Prefix) -> bool {
+    pub(crate) fn covers(&self, other: &Prefix) -> bool {
         self.len <= other.len && (other.base & mask(self.len)) == self.base
     }
 
     /// Whether the two prefixes share an address.
-    fn overlaps(&self, other: &Prefix) -> bool {
+    pub(crate) fn overlaps(&self, other: &Prefix) -> bool {
         self.base <= other.last() && other.base <= self.last()
     }
 }
@@ -51,7 +51,7 @@ fn mask(len: u8) -> u32 {
 
 /// Transport protocol of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// TCP.
     Tcp,
     /// UDP.
@@ -60,7 +60,7 @@ pub enum Protocol {
 
 impl Protocol {
     /// As NSG rules and `az` spell it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "Tcp",
             Protocol::Udp => "Udp",
@@ -70,22 +70,22 @@ impl Protocol {
 
 /// A flow to check.
 #[derive(Clone, Debug)]
-pub struct Flow {
+pub(crate) struct Flow {
     /// Which rules apply.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// Protocol.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// Source range.
-    pub source: Prefix,
+    pub(crate) source: Prefix,
     /// Destination range.
-    pub destination: Prefix,
+    pub(crate) destination: Prefix,
     /// Destination port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 /// What the NSG does with a flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Allowed by this rule.
     Allowed {
         /// Rule name.
@@ -151,7 +151,7 @@ fn rule_matches(r: &Rule, flow: &Flow, vnet: &[Prefix]) -> bool {
 }
 
 /// Evaluates `flow` against `nsg`; `vnet` is the address space `VirtualNetwork` stands for.
-pub fn evaluate(nsg: &Nsg, flow: &Flow, vnet: &[Prefix]) -> Verdict {
+pub(crate) fn evaluate(nsg: &Nsg, flow: &Flow, vnet: &[Prefix]) -> Verdict {
     let mut rules: Vec<&Rule> = nsg
         .rules
         .iter()
@@ -179,7 +179,7 @@ pub fn evaluate(nsg: &Nsg, flow: &Flow, vnet: &[Prefix]) -> Verdict {
 }
 
 /// A free custom priority just below `deny_priority` (custom rules use 100-4096).
-pub fn free_priority_below(nsg: &Nsg, deny_priority: u32) -> u32 {
+pub(crate) fn free_priority_below(nsg: &Nsg, deny_priority: u32) -> u32 {
     let top = deny_priority.saturating_sub(1).clamp(100, 4096);
     (100..=top)
         .rev()

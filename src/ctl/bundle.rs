@@ -11,19 +11,19 @@ use super::install::{Error, Platform, render};
 use crate::api::names::DEFAULT_NAMESPACE;
 
 /// The OLM package name.
-const PACKAGE: &str = "sandboxd";
+pub(crate) const PACKAGE: &str = "sandboxd";
 /// The channel.
-const CHANNEL: &str = "stable";
+pub(crate) const CHANNEL: &str = "stable";
 
 /// The CSV name of this version.
-fn csv_name() -> String {
+pub(crate) fn csv_name() -> String {
     format!("{PACKAGE}.v{}", crate::VERSION)
 }
 
 /// The oldest Kubernetes the operator supports: 1.28 (OpenShift 4.15). Before 1.30 there is
 /// no ValidatingAdmissionPolicy and the operator keeps the one-KataConfig rule with its
 /// webhook; webhook `matchConditions` (beta, on by default) exist since 1.28.
-const MIN_KUBE_VERSION: &str = "1.28.0";
+pub(crate) const MIN_KUBE_VERSION: &str = "1.28.0";
 
 /// The operator's icon (`deploy/olm/icon.svg`).
 const ICON_SVG: &str = include_str!("../../deploy/olm/icon.svg");
@@ -214,7 +214,7 @@ fn permissions(docs: &[Value], role_kind: &str, binding_kind: &str) -> Vec<Value
 }
 
 /// The ClusterServiceVersion.
-fn csv() -> Result<Value, Error> {
+pub(crate) fn csv() -> Result<Value, Error> {
     let docs = render(Platform::Openshift, DEFAULT_NAMESPACE, None)?;
     let crds: Vec<Value> = docs
         .iter()
@@ -291,7 +291,7 @@ fn csv() -> Result<Value, Error> {
 }
 
 /// Every generated file of the bundle, as (path under `deploy/olm/bundle/`, content).
-fn files() -> Result<Vec<(String, String)>, Error> {
+pub(crate) fn files() -> Result<Vec<(String, String)>, Error> {
     let header = "# Generated from deploy/ by `src/ctl/bundle.rs`; do not edit \
                   (SANDBOXD_UPDATE_GENERATED=1 cargo test --lib ctl::bundle).\n";
     let csv = serde_saphyr::to_string(&csv()?).map_err(|e| Error::Manifest(e.to_string()))?;

@@ -11,13 +11,13 @@ use crate::api::names::CAA_DAEMONSET;
 use crate::k8s::apply::is_not_found;
 
 /// The variable the seed sets.
-const REBOOT_ENV: &str = "REBOOT";
+pub(crate) const REBOOT_ENV: &str = "REBOOT";
 /// The field manager of the restart (not the operator's, so its apply keeps the variable).
-const RESTART_MANAGER: &str = "sandboxd-ctl-restart";
+pub(crate) const RESTART_MANAGER: &str = "sandboxd-ctl-restart";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// No DaemonSet.
     #[error(
         "no DaemonSet {CAA_DAEMONSET} in namespace {0}: the operator creates it once a KataConfig \
@@ -31,13 +31,13 @@ enum Error {
 
 /// `ctl caa ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Restart the cloud-api-adaptor pods (new pods read the secret and configmap again).
     Restart,
 }
 
 /// The strategic merge patch that sets `REBOOT=value` on the named containers.
-fn restart_patch(containers: &[String], value: &str) -> serde_json::Value {
+pub(crate) fn restart_patch(containers: &[String], value: &str) -> serde_json::Value {
     let containers: Vec<_> = containers
         .iter()
         .map(|c| json!({"name": c, "env": [{"name": REBOOT_ENV, "value": value}]}))
@@ -46,7 +46,7 @@ fn restart_patch(containers: &[String], value: &str) -> serde_json::Value {
 }
 
 /// Run `ctl caa ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     let Command::Restart = cmd;
     let client = ctx.client().await?;
     let api: Api<DaemonSet> = Api::namespaced(client, &ctx.namespace);

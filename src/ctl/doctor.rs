@@ -27,29 +27,29 @@ use crate::config::{CloudProvider, CloudSecret, PeerPodsConfig};
 
 /// Flags of `ctl doctor`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Name of the operator Deployment in the namespace.
     #[arg(long, default_value = crate::api::names::OPERATOR)]
-    operator_deployment: String,
+    pub(crate) operator_deployment: String,
     /// Namespace of the dry-run `kata-remote` pod that probes the webhook (never stored).
     #[arg(long, default_value = "default")]
-    probe_namespace: String,
+    pub(crate) probe_namespace: String,
     /// Label selector of the nodes that should run peer pods (default: the nodes labelled
     /// node-role.kubernetes.io/kata-oc).
     #[arg(long)]
-    pub node_selector: Option<String>,
+    pub(crate) node_selector: Option<String>,
     /// Skip the checks that need Azure (NSG rules, image existence).
     #[arg(long)]
-    no_azure: bool,
+    pub(crate) no_azure: bool,
     /// ARM and Entra ID endpoints.
     #[command(flatten)]
-    endpoints: EndpointArgs,
+    pub(crate) endpoints: EndpointArgs,
 }
 
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Status {
+pub(crate) enum Status {
     /// Fine.
     Ok,
     /// Works, but worth a look.
@@ -60,17 +60,17 @@ enum Status {
 
 /// One finding.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Finding {
+pub(crate) struct Finding {
     /// Which check (`operator`, `crds`, `secret`, `configmap`, `image`, `runtimeclass`,
     /// `nodes`, `webhook`, `caa`, `nsg`).
-    check: &'static str,
+    pub(crate) check: &'static str,
     /// Outcome.
-    status: Status,
+    pub(crate) status: Status,
     /// What was found.
-    message: String,
+    pub(crate) message: String,
     /// How to fix it, when not ok.
     #[serde(skip_serializing_if = "Option::is_none")]
-    fix: Option<String>,
+    pub(crate) fix: Option<String>,
 }
 
 fn ok(check: &'static str, message: impl Into<String>) -> Finding {
@@ -102,7 +102,7 @@ fn warn(check: &'static str, message: impl Into<String>, fix: impl Into<String>)
 
 /// Errors of the doctor itself (a failed check is a finding, not an error).
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// Some checks failed.
     #[error("{0} check(s) failed")]
     Failed(usize),
@@ -116,7 +116,7 @@ struct Config {
 }
 
 /// Runs every check against the cluster (and ARM).
-pub async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
+pub(crate) async fn findings(ctx: &Ctx, args: &Args, client: &Client) -> Vec<Finding> {
     let ns = ctx.namespace.as_str();
     let mut out = Vec::new();
     out.push(check_operator(client, ns, &args.operator_deployment).await);
@@ -839,7 +839,7 @@ async fn check_azure(client: &Client, ns: &str, args: &Args, cfg: &Config) -> Ve
 }
 
 /// The findings as the table `ctl doctor` prints: one line each, its fix below.
-pub fn render(found: &[Finding]) -> String {
+pub(crate) fn render(found: &[Finding]) -> String {
     let mut out = String::new();
     for f in found {
         let status = match f.status {
@@ -856,7 +856,7 @@ pub fn render(found: &[Finding]) -> String {
 }
 
 /// Run the command.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let found = findings(ctx, &args, &client).await;
     match ctx.output {

@@ -101,40 +101,40 @@ pub enum Platform {
 
 /// Flags of `install`.
 #[derive(Debug, clap::Args)]
-pub struct InstallArgs {
+pub(crate) struct InstallArgs {
     /// Install for OpenShift (default: detected from the `machineconfiguration.openshift.io` API).
     #[arg(long, conflicts_with = "vanilla")]
-    openshift: bool,
+    pub(crate) openshift: bool,
     /// Install for plain Kubernetes.
     #[arg(long)]
-    vanilla: bool,
+    pub(crate) vanilla: bool,
     /// Print what would be applied (`-o yaml` for the manifests) and change nothing.
     #[arg(long)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Wait until the operator Deployment is available.
     #[arg(long)]
-    wait: bool,
+    pub(crate) wait: bool,
     /// How long `--wait` waits, in seconds.
     #[arg(long, default_value_t = 300)]
-    timeout: u64,
+    pub(crate) timeout: u64,
     /// The sandboxd image the operator runs (default: the manifest's).
     #[arg(long)]
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// Azure flags added to the operator's command line, which hands them on to the CAA
     /// DaemonSet and the image Jobs (the development endpoints exist only as flags).
     #[command(flatten)]
-    azure: crate::cloud::azure::EndpointArgs,
+    pub(crate) azure: crate::cloud::azure::EndpointArgs,
 }
 
 /// Flags of `uninstall`.
 #[derive(Debug, clap::Args)]
-pub struct UninstallArgs {
+pub(crate) struct UninstallArgs {
     /// Keep the CRDs (and with them every KataConfig, PeerPodConfig and PeerPod record).
     #[arg(long)]
-    keep_crds: bool,
+    pub(crate) keep_crds: bool,
     /// Keep the namespace (and with it `peer-pods-secret`, `peer-pods-cm`, `ssh-key-secret`).
     #[arg(long)]
-    keep_namespace: bool,
+    pub(crate) keep_namespace: bool,
 }
 
 fn parse_docs(text: &str) -> Result<Vec<Value>, Error> {
@@ -145,7 +145,7 @@ fn parse_docs(text: &str) -> Result<Vec<Value>, Error> {
 
 /// A strategic merge as kustomize does it for these manifests: maps merge, lists of maps
 /// with a `name` merge by name, anything else is replaced.
-fn strategic_merge(base: &mut Value, patch: &Value) {
+pub(crate) fn strategic_merge(base: &mut Value, patch: &Value) {
     match (base, patch) {
         (Value::Object(b), Value::Object(p)) => {
             for (k, v) in p {
@@ -342,7 +342,7 @@ async fn list_or_empty(api: &Api<DynamicObject>, what: &str) -> Result<Vec<Dynam
 
 /// Finds an OLM-managed installation of the same API groups: a Subscription or CSV of the
 /// sandboxed containers operator, or one of our CRDs owned by OLM.
-async fn find_olm_install(client: &Client) -> Result<Vec<String>, Error> {
+pub(crate) async fn find_olm_install(client: &Client) -> Result<Vec<String>, Error> {
     let mut found = Vec::new();
     let subs = list_or_empty(
         &olm_api(client, "Subscription", "subscriptions"),
@@ -415,7 +415,7 @@ fn existing_install_message(found: &[String]) -> String {
 }
 
 /// `sandboxd ctl install`.
-pub async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
+pub(crate) async fn install(ctx: &Ctx, args: InstallArgs) -> anyhow::Result<()> {
     let explicit = if args.openshift {
         Some(Platform::Openshift)
     } else if args.vanilla {
@@ -486,7 +486,7 @@ async fn detect(client: &Client) -> Result<Platform, Error> {
 }
 
 /// The manifests as multi-document YAML or a JSON `List`.
-fn manifests_text(output: Output, docs: &[Value]) -> anyhow::Result<String> {
+pub(crate) fn manifests_text(output: Output, docs: &[Value]) -> anyhow::Result<String> {
     Ok(match output {
         Output::Json => {
             serde_json::to_string_pretty(
@@ -527,7 +527,11 @@ async fn wait_established(client: &Client, name: &str) -> Result<(), Error> {
 }
 
 /// Waits until the operator Deployment is available, printing progress as it changes.
-async fn wait_available(client: &Client, namespace: &str, timeout: Duration) -> Result<(), Error> {
+pub(crate) async fn wait_available(
+    client: &Client,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let start = std::time::Instant::now();
     let mut last = None;
@@ -577,7 +581,7 @@ async fn wait_available(client: &Client, namespace: &str, timeout: Duration) -> 
 }
 
 /// `sandboxd ctl uninstall`.
-pub async fn uninstall(ctx: &Ctx, args: UninstallArgs) -> anyhow::Result<()> {
+pub(crate) async fn uninstall(ctx: &Ctx, args: UninstallArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let kataconfigs: Api<KataConfig> = Api::all(client.clone());
     match kataconfigs.list(&ListParams::default()).await {

@@ -11,11 +11,11 @@ use crate::api::kataconfig::{KataConfig, KataConfigSpec};
 use crate::k8s::apply::is_not_found;
 
 /// The name the seed gives its KataConfig.
-const DEFAULT_NAME: &str = "cluster-kataconfig";
+pub(crate) const DEFAULT_NAME: &str = "cluster-kataconfig";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// A `--selector` is not `key=value`.
     #[error("--selector {0:?}: expected key=value (value may be empty: key=)")]
     Selector(String),
@@ -38,37 +38,37 @@ enum Error {
 
 /// `ctl kataconfig ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create the KataConfig: installs the `kata-remote` runtime class on the selected nodes.
     Create(CreateArgs),
 }
 
 /// Flags of `kataconfig create`.
 #[derive(Debug, clap::Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Its name.
     #[arg(long, default_value = DEFAULT_NAME)]
-    name: String,
+    pub(crate) name: String,
     /// Run pods of the runtime class in their own cloud VMs (`enablePeerPods`).
     #[arg(long)]
-    peer_pods: bool,
+    pub(crate) peer_pods: bool,
     /// Only nodes with this label (`key=value`; repeat for several, all must match).
     #[arg(long = "selector", value_name = "KEY=VALUE")]
-    selector: Vec<String>,
+    pub(crate) selector: Vec<String>,
     /// Log level of the runtime on the nodes.
     #[arg(long, default_value = "info")]
-    log_level: String,
+    pub(crate) log_level: String,
     /// Only nodes Node Feature Discovery marked able to run Kata.
     #[arg(long)]
-    check_node_eligibility: bool,
+    pub(crate) check_node_eligibility: bool,
     /// Which containerd shim serves the runtime class on the nodes (`spec.shim`): kata's
     /// where the node has one, else sandboxd's (`auto`); `kata`; or `sandboxd`.
     #[arg(long, value_parser = ["auto", "kata", "sandboxd"], default_value = "auto")]
-    shim: String,
+    pub(crate) shim: String,
 }
 
 /// The KataConfig these flags describe.
-fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
+pub(crate) fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
     if !["trace", "debug", "info", "warn", "error"].contains(&args.log_level.as_str()) {
         return Err(Error::LogLevel(args.log_level.clone()));
     }
@@ -97,7 +97,7 @@ fn build(args: &CreateArgs) -> Result<KataConfig, Error> {
 }
 
 /// Run `ctl kataconfig ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     let Command::Create(args) = cmd;
     let kc = build(&args)?;
     let client = ctx.client().await?;

@@ -12,7 +12,7 @@ use crate::k8s::apply::is_not_found;
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// No PeerPodConfig yet.
     #[error(
         "no PeerPodConfig {PEER_POD_CONFIG} in namespace {0}: the operator creates it for a \
@@ -26,7 +26,7 @@ enum Error {
 
 /// `ctl limit ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Print the current limit.
     Get,
     /// Set the limit (peer-pod VMs per node).
@@ -37,7 +37,7 @@ pub enum Command {
 }
 
 /// Run `ctl limit ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let api: Api<PeerPodConfig> = Api::namespaced(client, &ctx.namespace);
     let missing = |e: kube::Error| {

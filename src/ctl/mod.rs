@@ -25,7 +25,7 @@ use crate::k8s::KubeArgs;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
+pub(crate) enum Output {
     /// Human-readable columns.
     #[default]
     Table,
@@ -40,21 +40,21 @@ pub enum Output {
 pub struct Args {
     /// How to reach the API server (`--kubeconfig`, `--context`).
     #[command(flatten)]
-    kube: KubeArgs,
+    pub(crate) kube: KubeArgs,
     /// The namespace of the operator and the peer-pods configuration.
     #[arg(short = 'n', long, global = true, default_value = crate::api::names::DEFAULT_NAMESPACE)]
     pub(crate) namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub(crate) output: Output,
     /// The command.
     #[command(subcommand)]
-    pub command: CtlCommand,
+    pub(crate) command: CtlCommand,
 }
 
 /// Commands of `sandboxd ctl`.
 #[derive(Debug, clap::Subcommand)]
-pub enum CtlCommand {
+pub(crate) enum CtlCommand {
     /// Install the CRDs, namespace, RBAC and operator Deployment (server-side apply).
     Install(install::InstallArgs),
     /// Remove what `install` added (refused while a KataConfig exists).
@@ -90,7 +90,7 @@ pub enum CtlCommand {
 
 /// `sandboxd ctl azure ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum AzureCommand {
+pub(crate) enum AzureCommand {
     /// Create `peer-pods-secret` from flags, `AZURE_*` environment or a prompt.
     Secret(secret::Args),
     /// Discover the Azure network and write `peer-pods-cm`.
@@ -99,18 +99,18 @@ pub enum AzureCommand {
 
 /// What every command gets: how to reach the cluster, the namespace and output format.
 #[derive(Clone, Debug)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// Kubeconfig and context.
-    kube: KubeArgs,
+    pub(crate) kube: KubeArgs,
     /// The operator / configuration namespace.
-    namespace: String,
+    pub(crate) namespace: String,
     /// Output format.
-    output: Output,
+    pub(crate) output: Output,
 }
 
 impl Ctx {
     /// A client for the selected cluster.
-    async fn client(&self) -> anyhow::Result<kube::Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<kube::Client> {
         Ok(self.kube.client().await?)
     }
 }

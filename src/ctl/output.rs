@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::Output;
 
 /// Renders rows as left-aligned columns separated by three spaces (kubectl style).
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -33,7 +33,10 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// Serialises `value` as YAML or JSON; `None` for [`Output::Table`].
-pub fn structured<T: Serialize>(output: Output, value: &T) -> anyhow::Result<Option<String>> {
+pub(crate) fn structured<T: Serialize>(
+    output: Output,
+    value: &T,
+) -> anyhow::Result<Option<String>> {
     Ok(match output {
         Output::Table => None,
         Output::Json => Some(serde_json::to_string_pretty(value)? + "\n"),
@@ -42,7 +45,7 @@ pub fn structured<T: Serialize>(output: Output, value: &T) -> anyhow::Result<Opt
 }
 
 /// A text progress bar: `[#####-----] 1/2`.
-pub fn progress_bar(done: i64, total: i64, width: usize) -> String {
+pub(crate) fn progress_bar(done: i64, total: i64, width: usize) -> String {
     let filled = if total <= 0 {
         0
     } else {
@@ -56,7 +59,7 @@ pub fn progress_bar(done: i64, total: i64, width: usize) -> String {
 }
 
 /// A short age like kubectl's (`45s`, `3m`, `2h`, `5d`).
-pub fn age(since: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
+pub(crate) fn age(since: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
     let Some(t) = since else {
         return "<unknown>".into();
     };

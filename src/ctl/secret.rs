@@ -16,11 +16,11 @@ use crate::k8s::FIELD_MANAGER;
 use crate::k8s::apply::is_not_found;
 
 /// The environment variable (and secret key) of the client secret.
-const CLIENT_SECRET: &str = "AZURE_CLIENT_SECRET";
+pub(crate) const CLIENT_SECRET: &str = "AZURE_CLIENT_SECRET";
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// Required values are missing.
     #[error("missing {}", .0.join(", "))]
     Missing(Vec<String>),
@@ -43,16 +43,16 @@ enum Error {
 /// Flags of `ctl azure secret`. The client secret has no flag (a flag would land in shell
 /// history and the process list): set `AZURE_CLIENT_SECRET` or type it at the prompt.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The service principal's application (client) id.
     #[arg(long, env = "AZURE_CLIENT_ID")]
-    client_id: Option<String>,
+    pub(crate) client_id: Option<String>,
     /// The tenant id.
     #[arg(long, env = "AZURE_TENANT_ID")]
-    tenant_id: Option<String>,
+    pub(crate) tenant_id: Option<String>,
     /// The subscription id.
     #[arg(long, env = "AZURE_SUBSCRIPTION_ID")]
-    subscription_id: Option<String>,
+    pub(crate) subscription_id: Option<String>,
 }
 
 /// The secret's keys from the flags, before the client secret is asked for.
@@ -114,7 +114,7 @@ fn read_client_secret() -> Result<String, Error> {
 }
 
 /// The Secret object for `data` in `namespace`.
-fn secret_object(namespace: &str, data: &BTreeMap<String, String>) -> Secret {
+pub(crate) fn secret_object(namespace: &str, data: &BTreeMap<String, String>) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(CLOUD_SECRET.to_string()),
@@ -132,7 +132,7 @@ fn secret_object(namespace: &str, data: &BTreeMap<String, String>) -> Secret {
 }
 
 /// `sandboxd ctl azure secret`.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let mut data = collect(&args)?;
     let client = ctx.client().await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());

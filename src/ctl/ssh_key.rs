@@ -22,7 +22,7 @@ use crate::k8s::apply::is_not_found;
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// Key generation failed.
     #[error("generating the key: {0}")]
     Generate(String),
@@ -46,24 +46,24 @@ enum Error {
 
 /// Flags of `ctl ssh-key`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Also write the private key (OpenSSH format, mode 0600) to this new file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// The key's comment.
     #[arg(long, default_value = "sandboxd-peer-pods")]
-    comment: String,
+    pub(crate) comment: String,
 }
 
 /// An Ed25519 key pair held in memory.
-struct SshKey {
+pub(crate) struct SshKey {
     seed: [u8; 32],
     public: [u8; 32],
 }
 
 impl SshKey {
     /// Generates a key pair.
-    fn generate() -> Result<Self, Error> {
+    pub(crate) fn generate() -> Result<Self, Error> {
         let rng = SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| Error::Generate("no randomness".into()))?;
@@ -93,7 +93,7 @@ impl SshKey {
     }
 
     /// The public key line: `ssh-ed25519 AAAA... comment`.
-    fn public_openssh(&self, comment: &str) -> String {
+    pub(crate) fn public_openssh(&self, comment: &str) -> String {
         format!(
             "ssh-ed25519 {} {comment}",
             STANDARD.encode(self.public_blob())
@@ -101,7 +101,7 @@ impl SshKey {
     }
 
     /// The private key in the OpenSSH format (unencrypted).
-    fn private_openssh(&self, comment: &str) -> Result<String, Error> {
+    pub(crate) fn private_openssh(&self, comment: &str) -> Result<String, Error> {
         let mut check = [0u8; 4];
         SystemRandom::new()
             .fill(&mut check)
@@ -144,7 +144,7 @@ fn put_string(b: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// `sandboxd ctl ssh-key`.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let key = SshKey::generate()?;
     let public = key.public_openssh(&args.comment);
     let client = ctx.client().await?;

@@ -25,7 +25,7 @@ use crate::k8s::apply::is_not_found;
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// The API server refused a read.
     #[error("reading {what}: {source}")]
     Api {
@@ -44,111 +44,111 @@ enum Error {
 
 /// Flags of `ctl status`.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Refresh until the KataConfig is no longer in progress (or something fails).
     #[arg(long, short = 'w')]
-    watch: bool,
+    pub(crate) watch: bool,
     /// Seconds between refreshes with `--watch`.
     #[arg(long, default_value_t = 2)]
-    interval: u64,
+    pub(crate) interval: u64,
     /// Give up watching after this many seconds.
     #[arg(long)]
-    timeout: Option<u64>,
+    pub(crate) timeout: Option<u64>,
 }
 
 /// Ready replicas of a workload.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
-struct Readiness {
+pub(crate) struct Readiness {
     /// Ready.
-    ready: i32,
+    pub(crate) ready: i32,
     /// Wanted.
-    want: i32,
+    pub(crate) want: i32,
 }
 
 /// One node of the KataConfig.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct NodeState {
+pub(crate) struct NodeState {
     /// Node name.
-    name: String,
+    pub(crate) name: String,
     /// `installed`, `installing`, `waitingToInstall`, `failedToInstall`, ...
-    state: String,
+    pub(crate) state: String,
 }
 
 /// One condition, without timestamps.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-struct ConditionLine {
+pub(crate) struct ConditionLine {
     /// Type.
     #[serde(rename = "type")]
-    type_: String,
+    pub(crate) type_: String,
     /// `True`, `False`, `Unknown`.
-    status: String,
+    pub(crate) status: String,
     /// Reason.
-    reason: String,
+    pub(crate) reason: String,
     /// Message.
-    message: String,
+    pub(crate) message: String,
 }
 
 /// The KataConfig part of the report.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct KataConfigReport {
+pub(crate) struct KataConfigReport {
     /// Name.
-    name: String,
+    pub(crate) name: String,
     /// `enablePeerPods`.
-    peer_pods: bool,
+    pub(crate) peer_pods: bool,
     /// Nodes with the runtime installed.
-    ready_node_count: i64,
+    pub(crate) ready_node_count: i64,
     /// Nodes selected.
-    node_count: i64,
+    pub(crate) node_count: i64,
     /// Each node's state.
-    nodes: Vec<NodeState>,
+    pub(crate) nodes: Vec<NodeState>,
     /// Conditions.
-    conditions: Vec<ConditionLine>,
+    pub(crate) conditions: Vec<ConditionLine>,
     /// Whether an install, update or uninstall runs.
-    in_progress: bool,
+    pub(crate) in_progress: bool,
 }
 
 /// Peer-pod VMs on one node.
 #[derive(Clone, Debug, Serialize, PartialEq)]
-struct NodeVms {
+pub(crate) struct NodeVms {
     /// Node name.
-    node: String,
+    pub(crate) node: String,
     /// PeerPod records on it.
-    used: usize,
+    pub(crate) used: usize,
     /// Its `kata.peerpods.io/vm` capacity, if set.
-    limit: Option<String>,
+    pub(crate) limit: Option<String>,
 }
 
 /// Everything `status` shows.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct Report {
+pub(crate) struct Report {
     /// The namespace looked at.
-    namespace: String,
+    pub(crate) namespace: String,
     /// The operator Deployment, if installed.
-    operator: Option<Readiness>,
+    pub(crate) operator: Option<Readiness>,
     /// The KataConfig, if any.
-    kataconfig: Option<KataConfigReport>,
+    pub(crate) kataconfig: Option<KataConfigReport>,
     /// The PeerPodConfig limit, if any.
-    limit: Option<String>,
+    pub(crate) limit: Option<String>,
     /// PeerPodConfig conditions.
-    peer_pod_config: Vec<ConditionLine>,
+    pub(crate) peer_pod_config: Vec<ConditionLine>,
     /// The image Job: `Running`, `Succeeded` or `Failed`.
-    image_job: Option<String>,
+    pub(crate) image_job: Option<String>,
     /// The CAA DaemonSet.
-    caa: Option<Readiness>,
+    pub(crate) caa: Option<Readiness>,
     /// The webhook Deployment.
-    webhook: Option<Readiness>,
+    pub(crate) webhook: Option<Readiness>,
     /// Peer-pod VMs per node.
-    vms: Vec<NodeVms>,
+    pub(crate) vms: Vec<NodeVms>,
     /// What failed, each with what to do.
-    failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 impl Report {
     /// Whether there is nothing left to wait for.
-    fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         !self.failures.is_empty() || self.kataconfig.as_ref().is_some_and(|k| !k.in_progress)
     }
 }
@@ -179,7 +179,7 @@ fn conditions(
 }
 
 /// The KataConfig part of the report, and its failures.
-fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
+pub(crate) fn kataconfig_report(kc: &KataConfig, failures: &mut Vec<String>) -> KataConfigReport {
     let status = kc.status.clone().unwrap_or_default();
     let kn = status.kata_nodes.unwrap_or_default();
     let mut nodes = Vec::new();
@@ -245,7 +245,7 @@ fn deployment_readiness(d: &Deployment) -> Readiness {
 }
 
 /// Reads everything once.
-async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
+pub(crate) async fn collect(client: &Client, namespace: &str) -> Result<Report, Error> {
     let mut report = Report {
         namespace: namespace.to_string(),
         ..Default::default()
@@ -385,7 +385,7 @@ fn readiness(r: &Option<Readiness>, missing: &str) -> String {
 }
 
 /// The report as text.
-fn render(r: &Report) -> String {
+pub(crate) fn render(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("namespace {}\n", r.namespace));
     s.push_str(&format!(
@@ -456,7 +456,7 @@ fn render(r: &Report) -> String {
 }
 
 /// Run `ctl status`.
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let start = std::time::Instant::now();
     let clear = args.watch && ctx.output == Output::Table && std::io::stdout().is_terminal();

@@ -18,7 +18,7 @@ use crate::protocol::{hypervisor, hypervisor_ttrpc};
 
 /// Errors of this command.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The PeerPod API is missing.
     #[error("the PeerPod API is not installed: run `sandboxd ctl install` first")]
     NotInstalled,
@@ -50,7 +50,7 @@ pub enum Error {
 
 /// `ctl vm ...`.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// List peer-pod VMs in every namespace.
     List,
     /// Create and start the VM of a pod through this node's CAA socket (as the kata shim).
@@ -64,62 +64,62 @@ pub enum Command {
 
 /// Flags of `ctl vm console`.
 #[derive(Debug, clap::Args)]
-pub struct ConsoleArgs {
+pub(crate) struct ConsoleArgs {
     /// The pod, as `NAME` (in `--pod-namespace`) or `NAMESPACE/NAME`.
-    pod: String,
+    pub(crate) pod: String,
     /// Namespace of the pod when `POD` has none.
     #[arg(long, default_value = "default")]
-    pod_namespace: String,
+    pub(crate) pod_namespace: String,
     /// Azure endpoints.
     #[command(flatten)]
-    pub endpoints: super::azure_arm::EndpointArgs,
+    pub(crate) endpoints: super::azure_arm::EndpointArgs,
 }
 
 /// Flags of `ctl vm create`.
 #[derive(Debug, clap::Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// The pod the VM is for, as `NAMESPACE/NAME` (it must exist: CAA records its uid).
     #[arg(long)]
-    pub pod: String,
+    pub(crate) pod: String,
     /// The sandbox id (the shim uses the pod sandbox's container id).
     #[arg(long)]
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// vCPUs for the automatic instance size (`default_vcpus` annotation).
     #[arg(long)]
-    pub vcpus: Option<u32>,
+    pub(crate) vcpus: Option<u32>,
     /// Memory in MiB for the automatic instance size (`default_memory` annotation).
     #[arg(long)]
-    pub memory: Option<u32>,
+    pub(crate) memory: Option<u32>,
     /// Instance size (`machine_type` annotation); must be one of `AZURE_INSTANCE_SIZES`.
     #[arg(long)]
-    pub machine_type: Option<String>,
+    pub(crate) machine_type: Option<String>,
     /// The pod's network namespace (as CNI made it); empty: no pod network is tunnelled.
     #[arg(long)]
-    pub netns: Option<PathBuf>,
+    pub(crate) netns: Option<PathBuf>,
     /// Seconds to wait for StartVM.
     #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// Flags of `ctl vm delete`.
 #[derive(Debug, clap::Args)]
-pub struct DeleteArgs {
+pub(crate) struct DeleteArgs {
     /// The sandbox id given to `vm create` (or by the shim).
     #[arg(long)]
-    pub sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = HYPERVISOR_SOCKET)]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Seconds to wait for StopVM.
     #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// The CreateVM request the kata shim would send for these flags.
-fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
+pub(crate) fn create_request(a: &CreateArgs) -> Result<hypervisor::CreateVMRequest, Error> {
     let (ns, name) = a
         .pod
         .split_once('/')
@@ -155,7 +155,7 @@ fn call_ctx(timeout: u64) -> ttrpc::context::Context {
 }
 
 /// A hypervisor client on `socket`: one connection per command, as the shim does.
-async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
+pub(crate) async fn connect(socket: &Path) -> Result<hypervisor_ttrpc::HypervisorClient, Error> {
     let err = |reason: String| Error::Connect {
         socket: socket.display().to_string(),
         reason,
@@ -183,19 +183,19 @@ fn call_err(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
 /// What `vm create` reports.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Created {
+pub(crate) struct Created {
     /// The sandbox id.
-    sandbox_id: String,
+    pub(crate) sandbox_id: String,
     /// The cloud VM name.
-    pub vm: String,
+    pub(crate) vm: String,
     /// The VM's private IP, when the PeerPod record could be read.
-    ip: Option<String>,
+    pub(crate) ip: Option<String>,
     /// The agent socket CAA serves for this sandbox.
-    agent_socket: String,
+    pub(crate) agent_socket: String,
 }
 
 /// CreateVM + StartVM through `socket`; returns the VM name and agent socket.
-pub async fn create(a: &CreateArgs) -> Result<Created, Error> {
+pub(crate) async fn create(a: &CreateArgs) -> Result<Created, Error> {
     let req = create_request(a)?;
     let hv = connect(&a.socket).await?;
     let created = hv
@@ -217,7 +217,7 @@ pub async fn create(a: &CreateArgs) -> Result<Created, Error> {
 }
 
 /// StopVM through `socket`.
-pub async fn delete(a: &DeleteArgs) -> Result<(), Error> {
+pub(crate) async fn delete(a: &DeleteArgs) -> Result<(), Error> {
     let hv = connect(&a.socket).await?;
     let mut stop = hypervisor::StopVMRequest::new();
     stop.id = a.sandbox_id.clone();
@@ -251,25 +251,25 @@ async fn recorded_ip(ctx: &Ctx, namespace: &str, vm: &str) -> Option<String> {
 /// One row of `vm list`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct VmRow {
+pub(crate) struct VmRow {
     /// Namespace of the pod.
-    namespace: String,
+    pub(crate) namespace: String,
     /// The pod the VM serves (the PeerPod's owner; else the record's name).
-    pod: String,
+    pub(crate) pod: String,
     /// Cloud VM name.
-    vm: String,
+    pub(crate) vm: String,
     /// Worker node.
-    node: String,
+    pub(crate) node: String,
     /// VM private IP.
-    ip: String,
+    pub(crate) ip: String,
     /// Age.
-    age: String,
+    pub(crate) age: String,
     /// Phase.
-    phase: String,
+    pub(crate) phase: String,
 }
 
 /// The rows for these records, sorted by namespace and pod.
-fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
+pub(crate) fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
     let mut rows: Vec<VmRow> = pods
         .iter()
         .map(|p| {
@@ -295,7 +295,7 @@ fn rows(pods: &[PeerPod]) -> Vec<VmRow> {
 }
 
 /// Run `ctl vm ...`.
-pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::List => list(ctx).await,
         Command::Create(a) => {

@@ -18,12 +18,12 @@ use super::Error;
 pub type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// The agent service.
-const AGENT_SERVICE: &str = "grpc.AgentService";
+pub(crate) const AGENT_SERVICE: &str = "grpc.AgentService";
 /// kata's health service.
 pub const HEALTH_SERVICE: &str = crate::protocol::health_wire::SERVICE;
 
 /// `grpc.AgentService` methods the stand-in answers.
-const METHODS: &[&str] = &[
+pub(crate) const METHODS: &[&str] = &[
     "CreateSandbox",
     "CreateContainer",
     "StartContainer",
@@ -36,7 +36,7 @@ const METHODS: &[&str] = &[
 pub const SERVING: u64 = crate::protocol::health_wire::SERVING;
 
 /// The `grpc.Health/Check` answer: `HealthCheckResponse{status = SERVING}` (field 1, varint).
-const HEALTH_SERVING: &[u8] = &[0x08, SERVING as u8];
+pub(crate) const HEALTH_SERVING: &[u8] = &[0x08, SERVING as u8];
 
 /// The answer payload of an agent method (distinct per method, so replies can be checked):
 /// field 1 as bytes holding the method name.
@@ -138,7 +138,7 @@ pub async fn start(socket: &Path) -> Result<(Server, Log), Error> {
 }
 
 /// Sends `payload` to `service`/`method` over `client`; returns the answer payload.
-async fn call_service(
+pub(crate) async fn call_service(
     client: &ttrpc::r#async::Client,
     service: &str,
     method: &str,
@@ -177,7 +177,7 @@ pub struct Args {
     /// The unix socket to serve ttrpc on (kata-agent's is
     /// `/run/kata-containers/agent.sock`).
     #[arg(long)]
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 /// Runs the stand-in until `shutdown`.

@@ -20,15 +20,15 @@ use crate::pki::{Ca, CertKey, Usage};
 pub struct Args {
     /// Working directory: certificates, etcd data, logs and `admin.kubeconfig`.
     #[arg(long)]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Directory with etcd, kube-apiserver, kube-controller-manager and kube-scheduler
     /// (default: the newest under `$SANDBOXD_CACHE/control-plane/*/bin`).
     #[arg(long, env = "SANDBOXD_CONTROL_PLANE_BIN")]
-    bin: Option<PathBuf>,
+    pub(crate) bin: Option<PathBuf>,
 }
 
 /// The cached binaries directory.
-fn find_binaries(given: Option<&Path>) -> Result<PathBuf, Error> {
+pub(crate) fn find_binaries(given: Option<&Path>) -> Result<PathBuf, Error> {
     let ok = |d: &Path| {
         [
             "etcd",
@@ -60,7 +60,7 @@ fn find_binaries(given: Option<&Path>) -> Result<PathBuf, Error> {
 }
 
 /// A free TCP port on loopback (bound and released; the caller binds it soon after).
-fn free_port() -> Result<u16, Error> {
+pub(crate) fn free_port() -> Result<u16, Error> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| io("free port", e))?;
     Ok(l.local_addr().map_err(|e| io("free port", e))?.port())
 }
@@ -99,15 +99,15 @@ pub fn kubeconfig_yaml(server: &str, ca_pem: &str, user: UserAuth<'_>) -> String
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     /// etcd clients.
-    etcd: u16,
+    pub(crate) etcd: u16,
     /// etcd peers.
-    etcd_peer: u16,
+    pub(crate) etcd_peer: u16,
     /// kube-apiserver (HTTPS).
-    apiserver: u16,
+    pub(crate) apiserver: u16,
     /// kube-controller-manager's secure port.
-    controller_manager: u16,
+    pub(crate) controller_manager: u16,
     /// kube-scheduler's secure port.
-    scheduler: u16,
+    pub(crate) scheduler: u16,
 }
 
 impl Ports {
@@ -150,10 +150,10 @@ pub struct Plan {
 pub const NETWORK_SLOT: &str = "network.slot";
 
 /// The cluster CA's private key in the control plane directory (for the node's certificates).
-pub const CA_KEY: &str = "ca.key";
+pub(crate) const CA_KEY: &str = "ca.key";
 
 /// The kubeconfig file the controller manager and scheduler read (an admin kubeconfig).
-pub const COMPONENTS_KUBECONFIG: &str = "components.kubeconfig";
+pub(crate) const COMPONENTS_KUBECONFIG: &str = "components.kubeconfig";
 
 /// Plans a control plane in `dir` on `ports`, with a fresh in-memory CA called `ca_name`.
 /// etcd runs without fsync (throw-away data), API priority and fairness is off and the

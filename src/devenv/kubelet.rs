@@ -38,26 +38,26 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub struct Args {
     /// The node to register and serve.
     #[arg(long)]
-    node: String,
+    pub(crate) node: String,
     /// The CAA hypervisor socket of this node.
     #[arg(long, default_value = crate::api::names::HYPERVISOR_SOCKET)]
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Scratch state: the installer's host root and the pod network namespaces.
     #[arg(long)]
-    state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// The node's network namespace with bridge `br0` at 10.77.0.1/24 (pod IPs come from
     /// 10.77.0.0/24); without it pods get no network and CreateVM no namespace.
     #[arg(long)]
-    node_netns: Option<PathBuf>,
+    pub(crate) node_netns: Option<PathBuf>,
     /// The local provider's VM directory: the HTTP "container" is started in each VM.
     #[arg(long)]
-    local_vm_dir: Option<PathBuf>,
+    pub(crate) local_vm_dir: Option<PathBuf>,
     /// Labels put on the Node (`k=v`, repeatable).
     #[arg(long = "label", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
+    pub(crate) labels: Vec<(String, String)>,
     /// How to reach the API server.
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -47,7 +47,7 @@ pub enum Error {
 impl Error {
     /// A short, stable label for metrics.
     #[cfg(test)]
-    fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Binaries(_) => "binaries",
             Error::Process { .. } => "process",
@@ -61,6 +61,6 @@ impl Error {
     }
 }
 
-fn io(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn io(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Io(format!("{what}: {e}"))
 }

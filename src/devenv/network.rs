@@ -35,22 +35,22 @@ pub struct HostNetwork {
     /// The slot (0..64).
     pub slot: u8,
     /// The port-less bridge (`sbxcp<slot>`).
-    pub bridge: String,
+    pub(crate) bridge: String,
     /// The API server's address on the bridge.
     pub host_ip: Ipv4Addr,
     /// The node's address (its end of the veth on the bridge).
     pub node_ip: Ipv4Addr,
     /// The Service CIDR of this control plane.
-    pub service_cidr: String,
+    pub(crate) service_cidr: String,
     /// The first Service IP (the `kubernetes` Service).
-    pub first_service_ip: Ipv4Addr,
+    pub(crate) first_service_ip: Ipv4Addr,
     /// The pod CIDR of the node.
     pub pod_cidr: String,
 }
 
 impl HostNetwork {
     /// The addresses of `slot` (pure; nothing is created).
-    pub fn for_slot(slot: u8) -> Self {
+    pub(crate) fn for_slot(slot: u8) -> Self {
         let (a, b) = (96 + slot / 16, (slot % 16) * 16);
         Self {
             slot,
@@ -101,13 +101,13 @@ impl HostNetwork {
 
     /// Routes the Service CIDR into the bridge (a dead end: nothing on it answers for a
     /// Service IP) and drops the pod CIDR route.
-    pub fn route_into_dead_end(&self) -> Result<(), Error> {
+    pub(crate) fn route_into_dead_end(&self) -> Result<(), Error> {
         let _ = ip(&["route", "del", &self.pod_cidr]);
         ip(&["route", "replace", &self.service_cidr, "dev", &self.bridge])
     }
 
     /// Routes the Service CIDR and the pod CIDR via the node (its kube-proxy answers).
-    pub fn route_via_node(&self) -> Result<(), Error> {
+    pub(crate) fn route_via_node(&self) -> Result<(), Error> {
         let via = self.node_ip.to_string();
         ip(&[
             "route",
@@ -165,12 +165,12 @@ fn forward_drop(bridge: &str, op: &str) -> Result<(), Error> {
 }
 
 /// Runs `ip ARGS`, failing with its error output.
-pub fn ip(args: &[&str]) -> Result<(), Error> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), Error> {
     run("ip", args).map(|_| ())
 }
 
 /// Runs a command, returning its stdout; fails with its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String, Error> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, Error> {
     let out = Command::new(program)
         .args(args)
         .output()

@@ -46,7 +46,7 @@ use super::{Error, io};
 use crate::pki::{Ca, Usage};
 
 /// The unit the systemd stand-in restarts.
-const CONTAINERD_UNIT: &str = "containerd.service";
+pub(crate) const CONTAINERD_UNIT: &str = "containerd.service";
 /// The taint `dev node --idle-taint` registers the node with.
 pub const IDLE_TAINT_KEY: &str = "sandboxd.dev/idle-node";
 /// The kernel settings the kubelet changes (restored when the node stops).
@@ -59,9 +59,9 @@ const KUBELET_SYSCTLS: [&str; 6] = [
     "kernel/keys/root_maxbytes",
 ];
 /// The file in the node directory that records the kernel settings before the node.
-const SYSCTLS_FILE: &str = "sysctls.orig";
+pub(crate) const SYSCTLS_FILE: &str = "sysctls.orig";
 /// The file in the node directory that holds the node's mount namespace (`mnt:[inode]`).
-const MNTNS_FILE: &str = "node.mntns";
+pub(crate) const MNTNS_FILE: &str = "node.mntns";
 /// The file in the node directory that holds the pid of the namespaces' holder.
 pub const HOLDER_FILE: &str = "holder.pid";
 /// Written when the node is Ready: the node's name.
@@ -76,48 +76,48 @@ pub struct Args {
     /// The control plane's directory (`ca.crt`, `ca.key`, `network.slot`,
     /// `components.kubeconfig`), as `dev control-plane --dir` or the test harness wrote it.
     #[arg(long)]
-    control_plane_dir: PathBuf,
+    pub(crate) control_plane_dir: PathBuf,
     /// The node's directory: configuration, logs and the node's `/etc` and `/opt` changes,
     /// `/run`, `/var/lib` and `/var/log`.
     #[arg(long)]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The directory `scripts/node.sh` printed (kubelet, kube-proxy, containerd, ...).
     #[arg(long, env = "SANDBOXD_NODE_BIN")]
-    bin: PathBuf,
+    pub(crate) bin: PathBuf,
     /// An image to import before the kubelet starts: `BASE=ARCHIVE` (an oci-archive; its
     /// reference names become `BASE:<name>`). Repeatable.
     #[arg(long = "image")]
-    images: Vec<String>,
+    pub(crate) images: Vec<String>,
     /// Register the node with the `sandboxd.dev/idle-node=true:NoSchedule` taint (tests:
     /// only the tests that use the node remove it).
     #[arg(long)]
-    idle_taint: bool,
+    pub(crate) idle_taint: bool,
     /// Labels the kubelet registers the node with (`KEY=VALUE`, repeatable).
     #[arg(long = "label")]
-    labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
 }
 
 /// Everything the node writes before it starts (pure).
 #[derive(Debug)]
-struct Plan {
+pub(crate) struct Plan {
     /// The node's name and IP.
-    name: String,
+    pub(crate) name: String,
     /// Files to write: (path relative to the node directory, content, mode).
     pub files: Vec<(String, String, u32)>,
     /// containerd's arguments.
-    containerd: Vec<String>,
+    pub(crate) containerd: Vec<String>,
     /// kubelet's arguments.
-    kubelet: Vec<String>,
+    pub(crate) kubelet: Vec<String>,
     /// kube-proxy's arguments.
-    kube_proxy: Vec<String>,
+    pub(crate) kube_proxy: Vec<String>,
     /// dbus-daemon's arguments.
-    dbus: Vec<String>,
+    pub(crate) dbus: Vec<String>,
     /// The kubelet's cgroup root (under every cgroup v1 controller).
-    cgroup_root: String,
+    pub(crate) cgroup_root: String,
 }
 
 /// The containerd configuration the node starts with (the node's `/etc/containerd/config.toml`).
-fn containerd_config(pause_image: &str) -> String {
+pub(crate) fn containerd_config(pause_image: &str) -> String {
     let hosts = REGISTRY_HOSTS_DIR;
     format!(
         r#"# The test node's containerd (sandboxd dev node).
@@ -144,7 +144,7 @@ version = 3
 
 /// Plans the node of `net` for the control plane at `server` with CA `ca`.
 #[allow(clippy::too_many_arguments)]
-fn plan(
+pub(crate) fn plan(
     dir: &Path,
     cp_dir: &Path,
     server: &str,
@@ -951,7 +951,7 @@ fn is_ready(n: &Node) -> bool {
 }
 
 /// Removes `node.kubernetes.io/not-ready` (what the node lifecycle controller would do).
-async fn remove_not_ready_taint(nodes: &Api<Node>, name: &str) -> Result<(), Error> {
+pub(crate) async fn remove_not_ready_taint(nodes: &Api<Node>, name: &str) -> Result<(), Error> {
     for _ in 0..20 {
         let n = nodes.get(name).await?;
         let taints = n

@@ -17,14 +17,14 @@ use zbus::zvariant::OwnedObjectPath;
 use super::Error;
 
 /// The bus name systemd owns.
-const BUS_NAME: &str = "org.freedesktop.systemd1";
+pub(crate) const BUS_NAME: &str = "org.freedesktop.systemd1";
 /// The Manager object.
-const OBJECT_PATH: &str = "/org/freedesktop/systemd1";
+pub(crate) const OBJECT_PATH: &str = "/org/freedesktop/systemd1";
 
 /// The Manager errors systemd returns, under systemd's error names.
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.freedesktop.systemd1")]
-enum ManagerError {
+pub(crate) enum ManagerError {
     /// A D-Bus failure.
     #[zbus(error)]
     ZBus(zbus::Error),
@@ -35,7 +35,7 @@ enum ManagerError {
 }
 
 /// `org.freedesktop.systemd1.Manager`, for the units in `units`.
-struct Manager {
+pub(crate) struct Manager {
     units: BTreeSet<String>,
     restarts: UnboundedSender<String>,
     next_job: AtomicU32,
@@ -72,7 +72,7 @@ impl Manager {
 
 /// Connects to the bus at `address`, owns [`BUS_NAME`] and serves the Manager for `units`;
 /// each accepted restart is sent on `restarts`. Keep the connection to keep serving.
-pub async fn serve(
+pub(crate) async fn serve(
     address: &str,
     units: &[&str],
     restarts: UnboundedSender<String>,
@@ -96,7 +96,7 @@ pub async fn serve(
 
 /// The configuration of the node's system bus (Debian's `dbus-daemon --config-file`):
 /// listening on `socket`, EXTERNAL authentication, root may own and call anything.
-pub fn bus_config(socket: &str) -> String {
+pub(crate) fn bus_config(socket: &str) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">

@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 use super::Error;
 
 /// Where the config file lands in the VM, as named in the cloud-config.
-const APF_PATH: &str = "/run/peerpod/apf.json";
+pub(crate) const APF_PATH: &str = "/run/peerpod/apf.json";
 /// Largest user data Azure accepts.
 #[cfg(test)]
-const MAX_USER_DATA: usize = 64 * 1024;
+pub(crate) const MAX_USER_DATA: usize = 64 * 1024;
 /// Largest MTU of the pod interface in the VM (VXLAN overhead on a 1500 underlay).
-pub const MAX_MTU: u32 = 1450;
+pub(crate) const MAX_MTU: u32 = 1450;
 
 /// `apf.json`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -74,26 +74,26 @@ pub struct PodNetwork {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Route {
     /// Destination with prefix length (`0.0.0.0/0` for the default route).
-    pub dst: String,
+    pub(crate) dst: String,
     /// Gateway, empty for on-link routes.
     #[serde(default)]
-    pub gw: String,
+    pub(crate) gw: String,
     /// Device name.
     #[serde(default)]
-    pub dev: String,
+    pub(crate) dev: String,
 }
 
 /// One permanent neighbour entry.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Neighbor {
     /// IP address.
-    pub ip: String,
+    pub(crate) ip: String,
     /// MAC address.
     #[serde(rename = "hw-addr")]
-    pub hw_addr: String,
+    pub(crate) hw_addr: String,
     /// Device name.
     #[serde(default)]
-    dev: String,
+    pub(crate) dev: String,
 }
 
 #[derive(Deserialize)]
@@ -113,11 +113,11 @@ struct WriteFile {
 
 /// Registry credentials in the VM (a container `auth.json`), as CAA writes them from the
 /// pod's pull secrets; `sandboxd agent` reads them at each pull.
-pub const AUTH_PATH: &str = "/run/peerpod/auth.json";
+pub(crate) const AUTH_PATH: &str = "/run/peerpod/auth.json";
 
 /// The files of a `#cloud-config` for the VM besides `apf.json`: those init writes for the
 /// agent ([`AUTH_PATH`]). Anything else is ignored.
-pub fn extra_files(text: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+pub(crate) fn extra_files(text: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
     let t = text.trim_start();
     if !t.starts_with("#cloud-config") {
         return Ok(Vec::new());
@@ -155,7 +155,7 @@ impl Config {
     }
 
     /// Parses JSON or a `#cloud-config` document carrying `apf.json`.
-    pub fn from_user_data(text: &str) -> Result<Self, Error> {
+    pub(crate) fn from_user_data(text: &str) -> Result<Self, Error> {
         let bad = |m: String| Error::Config(m);
         let t = text.trim_start();
         let json = if t.starts_with('{') {
@@ -202,7 +202,7 @@ impl Config {
     }
 
     /// Checks what the forwarder relies on.
-    fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         let n = &self.pod_network;
         let mut problems = Vec::new();
         if n.tunnel_type != "vxlan" {
@@ -258,7 +258,7 @@ impl Config {
     }
 
     /// The MTU the pod interface gets: the configured one, at most 1450.
-    pub fn mtu(&self) -> u32 {
+    pub(crate) fn mtu(&self) -> u32 {
         match self.pod_network.mtu {
             0 => MAX_MTU,
             m => m.min(MAX_MTU),
@@ -270,7 +270,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn sample() -> Config {
+    pub(crate) fn sample() -> Config {
         Config {
             pod_network: PodNetwork {
                 podip: "10.244.1.5/24".into(),

@@ -19,14 +19,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use config::Config;
+pub(crate) use config::Config;
 
 use crate::api::names;
 use crate::cloud::net;
 
 /// Errors of the forwarder.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The configuration is missing or invalid.
     #[error("forwarder config: {0}")]
     Config(String),
@@ -59,29 +59,29 @@ pub enum Error {
 pub struct Args {
     /// Read `apf.json` (or a `#cloud-config` carrying it) from this file.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// NoCloud seed user data, used when it exists and `--config` is not given.
     #[arg(long, default_value = "/media/cidata/user-data")]
-    seed: PathBuf,
+    pub(crate) seed: PathBuf,
     /// Azure IMDS userData endpoint, used when neither file is there.
     #[arg(
         long,
         env = "FORWARDER_IMDS_URL",
         default_value = "http://169.254.169.254/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
     )]
-    imds_url: url::Url,
+    pub(crate) imds_url: url::Url,
     /// Address of the mTLS listener.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::FORWARDER_PORT)))]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// kata-agent's socket.
     #[arg(long, default_value = names::AGENT_SOCKET)]
-    agent_socket: PathBuf,
+    pub(crate) agent_socket: PathBuf,
     /// The pod network namespace to create.
     #[arg(long, default_value = names::POD_NETNS)]
-    pod_netns: PathBuf,
+    pub(crate) pod_netns: PathBuf,
     /// Seconds a connection waits for the agent socket.
     #[arg(long, default_value_t = 150)]
-    agent_wait_seconds: u64,
+    pub(crate) agent_wait_seconds: u64,
     /// Start in a new network namespace (local pod VMs; done before the runtime starts).
     #[arg(long, hide = true)]
     pub unshare_net: bool,
@@ -92,7 +92,7 @@ pub struct Args {
 }
 
 /// Loads the configuration from the first source available.
-async fn load_config(args: &Args) -> Result<Config, Error> {
+pub(crate) async fn load_config(args: &Args) -> Result<Config, Error> {
     let read = |p: &PathBuf, name: &str| {
         std::fs::read_to_string(p).map_err(|e| Error::Source {
             source_name: format!("{name} {}", p.display()),
@@ -110,7 +110,7 @@ async fn load_config(args: &Args) -> Result<Config, Error> {
 }
 
 /// Fetches userData from IMDS (header `Metadata: true`), retrying until `wait` passes.
-async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
+pub(crate) async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error> {
     use base64::Engine;
     let src = |detail: String| Error::Source {
         source_name: format!("IMDS {url}"),
@@ -138,14 +138,14 @@ async fn imds_user_data(url: &url::Url, wait: Duration) -> Result<String, Error>
 mod reqwest_like {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    pub struct Client;
+    pub(crate) struct Client;
 
     impl Client {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self
         }
 
-        pub async fn get(&self, url: &url::Url) -> Result<String, String> {
+        pub(crate) async fn get(&self, url: &url::Url) -> Result<String, String> {
             let host = url.host_str().ok_or("no host")?;
             let port = url.port_or_known_default().unwrap_or(80);
             let mut s = tokio::net::TcpStream::connect((host, port))

@@ -14,7 +14,7 @@ use crate::cloud::net::{self, NetError, Netlink};
 const STAGING_NAME: &str = "sbx-podvx";
 
 /// Creates the pod namespace at `path` and its interface from `cfg`.
-pub async fn setup(cfg: &Config, path: &Path) -> Result<(), NetError> {
+pub(crate) async fn setup(cfg: &Config, path: &Path) -> Result<(), NetError> {
     let n = &cfg.pod_network;
     let err = |op: &str, d: &dyn std::fmt::Display| NetError {
         op: op.to_string(),

@@ -79,7 +79,7 @@ pub async fn serve(
 }
 
 /// Connects to the agent socket, retrying until it accepts or `wait` passes.
-async fn dial_agent(
+pub(crate) async fn dial_agent(
     path: &Path,
     wait: Duration,
     shutdown: &CancellationToken,
@@ -113,7 +113,7 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 
 /// Enlarges the send buffer of a unix socket a relay writes frames to (best effort: the
 /// default only costs more wake-ups).
-pub fn enlarge_send_buffer(s: &UnixStream) {
+pub(crate) fn enlarge_send_buffer(s: &UnixStream) {
     let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &UNIX_SEND_BUFFER);
 }
 
@@ -128,7 +128,11 @@ const ROUTE_PREFIX: usize = 256;
 
 /// Relays frames between `client` and `upstream` until either side ends. With `netns`,
 /// requests from the client are rewritten on the way; everything else passes unchanged.
-pub async fn relay<C, U>(client: C, upstream: U, netns: Option<&str>) -> Result<(), FrameError>
+pub(crate) async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    netns: Option<&str>,
+) -> Result<(), FrameError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,

@@ -12,13 +12,13 @@ use crate::protocol::frame::{Frame, TYPE_REQUEST};
 use crate::protocol::oci::{Linux, LinuxNamespace, Spec};
 
 /// The agent service name in `ttrpc.Request.service`.
-pub const AGENT_SERVICE: &str = "grpc.AgentService";
+pub(crate) const AGENT_SERVICE: &str = "grpc.AgentService";
 /// The agent methods [`rewrite`] changes; every other request passes byte for byte.
-pub const REWRITTEN: &[&str] = &["CreateSandbox", "CreateContainer"];
+pub(crate) const REWRITTEN: &[&str] = &["CreateSandbox", "CreateContainer"];
 
 /// Why a request could not be rewritten.
 #[derive(Debug, thiserror::Error)]
-pub enum RewriteError {
+pub(crate) enum RewriteError {
     /// The ttrpc request envelope is not valid protobuf.
     #[error("malformed ttrpc request on stream {stream_id}: {source}")]
     Envelope {
@@ -41,7 +41,7 @@ pub enum RewriteError {
 
 /// Rewrites `f` when it is a CreateSandbox or CreateContainer request; `Ok(None)` when the
 /// frame passes unchanged.
-pub fn rewrite(f: &Frame, netns: &str) -> Result<Option<Frame>, RewriteError> {
+pub(crate) fn rewrite(f: &Frame, netns: &str) -> Result<Option<Frame>, RewriteError> {
     if f.kind != TYPE_REQUEST {
         return Ok(None);
     }

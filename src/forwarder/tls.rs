@@ -11,14 +11,14 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Bytes read from the TCP connection at once beneath TLS. rustls reads at most 4 KiB per
 /// call, so without a buffer underneath every 4 KiB of a large message costs a system call.
-const TCP_READ_BUFFER: usize = 64 << 10;
+pub(crate) const TCP_READ_BUFFER: usize = 64 << 10;
 
 /// The TCP connection as TLS runs over it: reads buffered by [`TCP_READ_BUFFER`], writes
 /// passed straight through.
-pub type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+pub(crate) type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
 
 /// Wraps a connected TCP stream for TLS (see [`Transport`]).
-pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
+pub(crate) fn transport(tcp: tokio::net::TcpStream) -> Transport {
     tokio::io::BufReader::with_capacity(TCP_READ_BUFFER, tcp)
 }
 

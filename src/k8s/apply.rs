@@ -14,7 +14,7 @@ use serde_json::json;
 use super::FIELD_MANAGER;
 
 /// The annotation holding the hash of what sandboxd last applied to an object.
-pub const HASH_ANNOTATION: &str = "sandboxd.io/applied-hash";
+pub(crate) const HASH_ANNOTATION: &str = "sandboxd.io/applied-hash";
 
 /// Errors of apply and finalizer helpers.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Api { source, .. } if is_conflict(source) => "conflict",
             Error::Api { .. } => "api",
@@ -59,12 +59,12 @@ fn is_conflict(e: &kube::Error) -> bool {
 }
 
 /// Whether a kube error is a 404.
-pub fn is_not_found(e: &kube::Error) -> bool {
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
 /// SHA-256 (hex, first 16 bytes) of a value's JSON: a stable content hash.
-pub fn content_hash<T: Serialize>(value: &T) -> String {
+pub(crate) fn content_hash<T: Serialize>(value: &T) -> String {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     digest.as_ref()[..16]
@@ -74,7 +74,7 @@ pub fn content_hash<T: Serialize>(value: &T) -> String {
 }
 
 /// Sets [`HASH_ANNOTATION`] on `obj` to the hash of its content (without that annotation).
-pub fn stamp_hash<K: Resource + Serialize>(obj: &mut K) -> String {
+pub(crate) fn stamp_hash<K: Resource + Serialize>(obj: &mut K) -> String {
     obj.annotations_mut().remove(HASH_ANNOTATION);
     let hash = content_hash(obj);
     obj.annotations_mut()
@@ -84,7 +84,7 @@ pub fn stamp_hash<K: Resource + Serialize>(obj: &mut K) -> String {
 
 /// Whether an observed object carries the hash `desired` was stamped with (so applying it
 /// again would change nothing sandboxd owns).
-pub fn hash_matches<K: Resource>(observed: Option<&K>, desired: &K) -> bool {
+pub(crate) fn hash_matches<K: Resource>(observed: Option<&K>, desired: &K) -> bool {
     match (observed, desired.annotations().get(HASH_ANNOTATION)) {
         (Some(o), Some(h)) => o.annotations().get(HASH_ANNOTATION) == Some(h),
         _ => false,
@@ -92,7 +92,7 @@ pub fn hash_matches<K: Resource>(observed: Option<&K>, desired: &K) -> bool {
 }
 
 /// Server-side applies `obj` (forcing ownership of its fields) under [`FIELD_MANAGER`].
-pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+pub(crate) async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
     K::DynamicType: Default,
@@ -101,7 +101,7 @@ where
 }
 
 /// [`apply`] for an object of a kind known at run time (`ar`).
-pub async fn apply_dynamic(
+pub(crate) async fn apply_dynamic(
     api: &Api<DynamicObject>,
     ar: &ApiResource,
     obj: &DynamicObject,
@@ -130,7 +130,7 @@ where
 
 /// Server-side applies a partial object given as JSON (must carry apiVersion, kind and
 /// metadata.name) under `manager`.
-pub async fn apply_json<K>(
+pub(crate) async fn apply_json<K>(
     api: &Api<K>,
     name: &str,
     manager: &str,
@@ -156,7 +156,11 @@ where
 
 /// Server-side applies the status of `name` (a JSON object with apiVersion, kind and
 /// status) through the status subresource under [`FIELD_MANAGER`].
-pub async fn apply_status<K>(api: &Api<K>, name: &str, body: serde_json::Value) -> Result<K, Error>
+pub(crate) async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    body: serde_json::Value,
+) -> Result<K, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
@@ -176,7 +180,7 @@ where
 }
 
 /// Deletes an object; an object already gone is success.
-pub async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+pub(crate) async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<(), Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
@@ -185,7 +189,7 @@ where
 }
 
 /// [`delete_if_exists`] for an object of a kind known at run time (`ar`).
-pub async fn delete_dynamic(
+pub(crate) async fn delete_dynamic(
     api: &Api<DynamicObject>,
     ar: &ApiResource,
     name: &str,
@@ -232,7 +236,7 @@ where
 }
 
 /// Adds `finalizer` to `obj` unless present. Returns whether it wrote.
-pub async fn add_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
+pub(crate) async fn add_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,
@@ -252,7 +256,11 @@ where
 /// The finalizer is removed by position with a JSON patch that first tests it is still
 /// there: one call and no read in the common case, and another writer's finalizer is never
 /// dropped. When the list changed meanwhile, it is read again and the removal retried.
-pub async fn remove_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<bool, Error>
+pub(crate) async fn remove_finalizer<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizer: &str,
+) -> Result<bool, Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     K::DynamicType: Default,

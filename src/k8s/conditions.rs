@@ -6,13 +6,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 /// The current time as a Kubernetes timestamp (whole seconds, as the API server keeps it).
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     let ts = Timestamp::now();
     Time(ts.round(k8s_openapi::jiff::Unit::Second).unwrap_or(ts))
 }
 
 /// A condition with the current time as its transition time.
-pub fn new(
+pub(crate) fn new(
     type_: &str,
     status: bool,
     reason: &str,
@@ -30,7 +30,7 @@ pub fn new(
 }
 
 /// Whether two conditions say the same thing, timestamps aside.
-fn same_ignoring_time(a: &Condition, b: &Condition) -> bool {
+pub(crate) fn same_ignoring_time(a: &Condition, b: &Condition) -> bool {
     a.type_ == b.type_
         && a.status == b.status
         && a.reason == b.reason
@@ -41,7 +41,7 @@ fn same_ignoring_time(a: &Condition, b: &Condition) -> bool {
 /// Puts `new` into `conditions` (replacing the condition of the same type). The old
 /// `lastTransitionTime` is kept unless the status changed. Returns whether anything other
 /// than timestamps changed.
-pub fn merge(conditions: &mut Vec<Condition>, mut new: Condition) -> bool {
+pub(crate) fn merge(conditions: &mut Vec<Condition>, mut new: Condition) -> bool {
     match conditions.iter_mut().find(|c| c.type_ == new.type_) {
         Some(old) => {
             if old.status == new.status {
@@ -59,12 +59,12 @@ pub fn merge(conditions: &mut Vec<Condition>, mut new: Condition) -> bool {
 }
 
 /// The condition of `type_`, if present.
-pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+pub(crate) fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Whether two condition lists say the same thing, timestamps aside (order ignored).
-pub fn lists_equal_ignoring_time(a: &[Condition], b: &[Condition]) -> bool {
+pub(crate) fn lists_equal_ignoring_time(a: &[Condition], b: &[Condition]) -> bool {
     a.len() == b.len()
         && a.iter().all(|x| {
             b.iter()

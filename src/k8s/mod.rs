@@ -10,11 +10,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
 /// The server-side apply field manager of every sandboxd write.
-pub const FIELD_MANAGER: &str = "sandboxd";
+pub(crate) const FIELD_MANAGER: &str = "sandboxd";
 
 /// Errors building a Kubernetes client.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The kubeconfig named by `--kubeconfig` could not be read.
     #[error("reading kubeconfig {path}: {source}")]
     ReadKubeconfig {
@@ -45,7 +45,7 @@ pub enum Error {
 /// The cluster's identity: the uid of the `kube-system` namespace, which lives as long as
 /// the cluster. CAA tags every VM with it ([`crate::cloud::tags::CLUSTER`]); the operator's
 /// collector finds this cluster's VMs by it.
-pub async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
+pub(crate) async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
     let ns: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
     Ok(ns
         .get("kube-system")
@@ -57,19 +57,19 @@ pub async fn cluster_id(client: &Client) -> Result<String, kube::Error> {
 
 /// How a component finds its API server; flattened into every subcommand that talks to one.
 #[derive(Clone, Debug, Default, clap::Args)]
-pub struct KubeArgs {
+pub(crate) struct KubeArgs {
     /// Path to a kubeconfig. Without it: the in-cluster service account, then `KUBECONFIG`,
     /// then `~/.kube/config`.
     #[arg(long, global = true)]
-    kubeconfig: Option<PathBuf>,
+    pub(crate) kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use instead of its current context.
     #[arg(long, global = true)]
-    context: Option<String>,
+    pub(crate) context: Option<String>,
 }
 
 impl KubeArgs {
     /// The client configuration these flags select.
-    async fn config(&self) -> Result<Config, Error> {
+    pub(crate) async fn config(&self) -> Result<Config, Error> {
         let options = KubeConfigOptions {
             context: self.context.clone(),
             ..Default::default()
@@ -97,7 +97,7 @@ impl KubeArgs {
     }
 
     /// A client for the configuration these flags select.
-    pub async fn client(&self) -> Result<Client, Error> {
+    pub(crate) async fn client(&self) -> Result<Client, Error> {
         let config = self.config().await?;
         Client::try_from(config).map_err(Error::Client)
     }

@@ -15,7 +15,7 @@ use crate::api::names::{KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::k8s::apply::{self, hash_matches, stamp_hash};
 
 /// The policy (hash-stamped).
-fn policy() -> ValidatingAdmissionPolicy {
+pub(crate) fn policy() -> ValidatingAdmissionPolicy {
     let mut p: ValidatingAdmissionPolicy = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -42,7 +42,7 @@ fn policy() -> ValidatingAdmissionPolicy {
 }
 
 /// The binding: every KataConfig is a param; none at all allows the create.
-fn binding() -> ValidatingAdmissionPolicyBinding {
+pub(crate) fn binding() -> ValidatingAdmissionPolicyBinding {
     let mut b: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
@@ -60,7 +60,7 @@ fn binding() -> ValidatingAdmissionPolicyBinding {
 
 /// How the one-KataConfig rule is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mechanism {
+pub(crate) enum Mechanism {
     /// The ValidatingAdmissionPolicy [`KATACONFIG_SINGLETON`] (Kubernetes ≥ 1.30).
     ValidatingAdmissionPolicy,
     /// The peer pods webhook, through the ValidatingWebhookConfiguration
@@ -69,11 +69,11 @@ pub enum Mechanism {
 }
 
 /// The condition type on the KataConfig that says how the rule is kept.
-pub const CONDITION: &str = "SingleKataConfig";
+pub(crate) const CONDITION: &str = "SingleKataConfig";
 
 impl Mechanism {
     /// The condition reason (and log field).
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Mechanism::ValidatingAdmissionPolicy => "ValidatingAdmissionPolicy",
             Mechanism::Webhook => "Webhook",
@@ -81,7 +81,7 @@ impl Mechanism {
     }
 
     /// What the log and the condition say.
-    pub fn message(self) -> String {
+    pub(crate) fn message(self) -> String {
         match self {
             Mechanism::ValidatingAdmissionPolicy => format!(
                 "only one KataConfig may exist: enforced by ValidatingAdmissionPolicy {KATACONFIG_SINGLETON}"
@@ -98,7 +98,7 @@ impl Mechanism {
 
 /// Whether the API server serves `admissionregistration.k8s.io/v1`
 /// `validatingadmissionpolicies` (discovery).
-pub async fn detect(client: &kube::Client) -> Result<Mechanism, kube::Error> {
+pub(crate) async fn detect(client: &kube::Client) -> Result<Mechanism, kube::Error> {
     let list = client
         .list_api_group_resources("admissionregistration.k8s.io/v1")
         .await?;
@@ -116,14 +116,14 @@ pub async fn detect(client: &kube::Client) -> Result<Mechanism, kube::Error> {
 }
 
 /// The policy (and binding) that lets a node installer change only its own Node.
-const INSTALLER_POLICY_NAME: &str = "sandboxd-node-installer-own-node";
+pub(crate) const INSTALLER_POLICY_NAME: &str = "sandboxd-node-installer-own-node";
 
 /// The node installer may change only the Node it runs on: its ServiceAccount token is bound
 /// to its pod, so the API server puts the pod's node in the token's
 /// `authentication.kubernetes.io/node-name` extra (Kubernetes ≥ 1.30). RBAC cannot say "its
 /// own Node"; this policy refuses an update of any other Node (or from a token that names
 /// no node) by a `sandboxd-node-installer` ServiceAccount of any namespace.
-fn installer_policy() -> ValidatingAdmissionPolicy {
+pub(crate) fn installer_policy() -> ValidatingAdmissionPolicy {
     let mut p: ValidatingAdmissionPolicy = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -159,7 +159,7 @@ fn installer_policy() -> ValidatingAdmissionPolicy {
 }
 
 /// The binding of [`installer_policy`].
-fn installer_binding() -> ValidatingAdmissionPolicyBinding {
+pub(crate) fn installer_binding() -> ValidatingAdmissionPolicyBinding {
     let mut b: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",

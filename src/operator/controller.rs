@@ -24,22 +24,22 @@ use crate::api::names::OPERATOR;
 
 /// What every controller of the operator shares.
 #[derive(Clone)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// The client of every read and write.
-    pub client: Client,
+    pub(crate) client: Client,
     /// The operator namespace, where the controllers deploy what they run.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The sandboxd image the node installer, CAA, the webhook and the image Jobs run.
-    pub image: String,
+    pub(crate) image: String,
     /// This replica, as the reporter of Events.
-    pub instance: String,
+    pub(crate) instance: String,
     /// The operator's metrics.
-    pub metrics: Arc<OperatorMetrics>,
+    pub(crate) metrics: Arc<OperatorMetrics>,
 }
 
 impl Shared {
     /// Publishes Events as the operator (this replica).
-    pub fn recorder(&self) -> Recorder {
+    pub(crate) fn recorder(&self) -> Recorder {
         Recorder::new(
             self.client.clone(),
             Reporter {
@@ -59,19 +59,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The watches of one controller: each keeps its store (or only wakes the controller) and
 /// retries with backoff until `shutdown`.
-pub struct Watches {
+pub(crate) struct Watches {
     notify: Arc<Notify>,
     shutdown: CancellationToken,
 }
 
 /// A store's first list, for [`Watches::ready`].
-type Synced<'a> = (
+pub(crate) type Synced<'a> = (
     &'static str,
     Pin<Box<dyn Future<Output = Result<(), WriterDropped>> + Send + 'a>>,
 );
 
 /// The first list of `store` (named `what` in errors).
-pub fn synced<'a, K>(what: &'static str, store: &'a Store<K>) -> Synced<'a>
+pub(crate) fn synced<'a, K>(what: &'static str, store: &'a Store<K>) -> Synced<'a>
 where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
@@ -81,7 +81,7 @@ where
 
 impl Watches {
     /// Watches that stop with `shutdown`.
-    pub fn new(shutdown: &CancellationToken) -> Self {
+    pub(crate) fn new(shutdown: &CancellationToken) -> Self {
         Self {
             notify: Arc::new(Notify::new()),
             shutdown: shutdown.clone(),
@@ -89,7 +89,7 @@ impl Watches {
     }
 
     /// The store of what `api` lists under `cfg`.
-    pub fn store<K>(&self, api: Api<K>, cfg: watcher::Config) -> Store<K>
+    pub(crate) fn store<K>(&self, api: Api<K>, cfg: watcher::Config) -> Store<K>
     where
         K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -99,7 +99,7 @@ impl Watches {
 
     /// The store of what `api` lists under `cfg`, each object trimmed before it is kept
     /// (what a controller never reads need not stay in memory).
-    pub fn store_trimmed<K>(
+    pub(crate) fn store_trimmed<K>(
         &self,
         api: Api<K>,
         cfg: watcher::Config,
@@ -115,7 +115,12 @@ impl Watches {
     }
 
     /// The store of the one object `name` of the dynamic resource `ar`.
-    pub fn dynamic(&self, client: &Client, ar: &ApiResource, name: &str) -> Store<DynamicObject> {
+    pub(crate) fn dynamic(
+        &self,
+        client: &Client,
+        ar: &ApiResource,
+        name: &str,
+    ) -> Store<DynamicObject> {
         let writer = reflector::store::Writer::new(ar.clone());
         let store = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), ar);
@@ -125,7 +130,7 @@ impl Watches {
     }
 
     /// A watch that only wakes the controller: a trigger, never a cache.
-    pub fn trigger<K>(&self, api: Api<K>, cfg: watcher::Config)
+    pub(crate) fn trigger<K>(&self, api: Api<K>, cfg: watcher::Config)
     where
         K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     {
@@ -134,7 +139,7 @@ impl Watches {
 
     /// Waits for the first list of every store: `Ok(false)` when shutdown came first,
     /// `Err(what)` when the watch of `what` stopped before its first list.
-    pub async fn ready(&self, stores: Vec<Synced<'_>>) -> Result<bool, &'static str> {
+    pub(crate) async fn ready(&self, stores: Vec<Synced<'_>>) -> Result<bool, &'static str> {
         for (what, first_list) in stores {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(false),
@@ -167,7 +172,7 @@ impl Watches {
 }
 
 /// A failed pass, logged before it is retried.
-pub trait Failure: std::fmt::Display {
+pub(crate) trait Failure: std::fmt::Display {
     /// Whether the pass only lost an optimistic-concurrency race (retried without a
     /// warning).
     fn is_conflict(&self) -> bool {
@@ -178,8 +183,11 @@ pub trait Failure: std::fmt::Display {
 /// Runs `pass` whenever a watch of `watches` wakes it, when the wait the last pass asked
 /// for runs out, or after a failure when the backoff runs out, until shutdown. A failure
 /// backs off from 0.5 s, doubling to 30 s; a success resets it.
-pub async fn reconcile_loop<F, Fut, E>(controller: &'static str, watches: &Watches, mut pass: F)
-where
+pub(crate) async fn reconcile_loop<F, Fut, E>(
+    controller: &'static str,
+    watches: &Watches,
+    mut pass: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Duration, E>>,
     E: Failure,

@@ -11,19 +11,19 @@ use crate::k8s::apply::stamp_hash;
 
 /// What the DaemonSet needs besides its owner.
 #[derive(Clone, Debug)]
-pub struct InstallerSpec<'a> {
+pub(crate) struct InstallerSpec<'a> {
     /// The operator namespace.
-    pub namespace: &'a str,
+    pub(crate) namespace: &'a str,
     /// The sandboxd image.
-    pub image: &'a str,
+    pub(crate) image: &'a str,
     /// The KataConfig's `logLevel`.
-    pub log_level: &'a str,
+    pub(crate) log_level: &'a str,
     /// The KataConfig's `shim`.
-    pub shim: &'a str,
+    pub(crate) shim: &'a str,
 }
 
 /// The DaemonSet, hash-stamped so an unchanged one is never re-applied.
-pub fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
+pub(crate) fn desired(owner: &KataConfig, spec: &InstallerSpec<'_>) -> DaemonSet {
     let owner_ref = owner.controller_owner_ref(&());
     let app = json!({"app.kubernetes.io/name": INSTALLER_DAEMONSET});
     let host = |name: &str, path: &str| json!({"name": name, "hostPath": {"path": path, "type": "Directory"}});

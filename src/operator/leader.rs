@@ -113,7 +113,7 @@ async fn release(api: &Api<Lease>, cfg: &LeaderConfig) {
 
 /// Waits for leadership, then runs `work` with a token that is cancelled when leadership is
 /// lost or `shutdown` fires; renews meanwhile and releases the Lease on the way out.
-pub async fn run_as_leader<F, Fut, E>(
+pub(crate) async fn run_as_leader<F, Fut, E>(
     client: kube::Client,
     cfg: LeaderConfig,
     shutdown: CancellationToken,

@@ -38,7 +38,7 @@ pub const ANN_MCO_STATE: &str = "machineconfiguration.openshift.io/state";
 /// MCO node annotation: why the node is degraded.
 pub const ANN_MCO_REASON: &str = "machineconfiguration.openshift.io/reason";
 /// Where the RHCOS `sandboxed-containers` extension installs the kata shim.
-const SHIM: &str = "/usr/bin/containerd-shim-kata-v2";
+pub(crate) const SHIM: &str = "/usr/bin/containerd-shim-kata-v2";
 /// The RHCOS extension that installs Kata Containers.
 pub const EXTENSION: &str = "sandboxed-containers";
 /// The prefix of the kata pool's rendered configs.
@@ -78,7 +78,7 @@ fn owned(owner: &KataConfig, mut v: serde_json::Value) -> DynamicObject {
 /// The MachineConfig for the `kata-oc` pool: the CRI-O drop-in for the `kata-remote`
 /// handler, the kata configuration (debug follows `logLevel`), and the extension that
 /// installs the shim (hash-stamped).
-pub fn desired_machine_config(owner: &KataConfig, cfg: &InstallConfig) -> DynamicObject {
+pub(crate) fn desired_machine_config(owner: &KataConfig, cfg: &InstallConfig) -> DynamicObject {
     let file = |path: &str, content: String| {
         json!({"path": path, "mode": 420, "overwrite": true,
                "contents": {"source": data_url(&content)}})
@@ -108,7 +108,7 @@ pub fn desired_machine_config(owner: &KataConfig, cfg: &InstallConfig) -> Dynami
 
 /// The MachineConfigPool `kata-oc`: the worker configs plus ours, on the kata nodes
 /// (hash-stamped).
-pub fn desired_pool(owner: &KataConfig) -> DynamicObject {
+pub(crate) fn desired_pool(owner: &KataConfig) -> DynamicObject {
     owned(
         owner,
         json!({
@@ -128,26 +128,26 @@ pub fn desired_pool(owner: &KataConfig) -> DynamicObject {
 
 /// What the plan needs of the pool's status (written by the MCO).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PoolView {
+pub(crate) struct PoolView {
     /// The rendered config the pool targets.
-    rendered: Option<String>,
+    pub(crate) rendered: Option<String>,
     /// Whether that rendered config includes [`MACHINE_CONFIG`].
-    includes_ours: bool,
+    pub(crate) includes_ours: bool,
     /// `machineCount`.
-    pub machines: i64,
+    pub(crate) machines: i64,
     /// `updatedMachineCount`.
-    updated: i64,
+    pub(crate) updated: i64,
     /// `readyMachineCount`.
-    ready: i64,
+    pub(crate) ready: i64,
     /// `degradedMachineCount`.
-    degraded: i64,
+    pub(crate) degraded: i64,
     /// The message of the pool's `Degraded`/`NodeDegraded` condition, when true.
-    degraded_message: Option<String>,
+    pub(crate) degraded_message: Option<String>,
 }
 
 impl PoolView {
     /// Reads the pool's status.
-    pub fn from_object(pool: &DynamicObject) -> Self {
+    pub(crate) fn from_object(pool: &DynamicObject) -> Self {
         let s = &pool.data["status"];
         let count = |k: &str| s[k].as_i64().unwrap_or(0);
         let includes_ours = s["configuration"]["source"]
@@ -175,7 +175,7 @@ impl PoolView {
     /// What the install still waits on according to the pool, if anything: its rendered
     /// config must include ours and every machine (`selected` of them) be updated and
     /// ready, none degraded.
-    pub fn pending(&self, selected: usize) -> Option<String> {
+    pub(crate) fn pending(&self, selected: usize) -> Option<String> {
         if selected == 0 {
             return None;
         }
@@ -206,7 +206,7 @@ impl PoolView {
 /// the kata label is the install instruction, the MCO's state and rendered configs are the
 /// installer's report. A node without the kata label that still runs a rendered config of
 /// the kata pool is being moved back to the worker pool (uninstalling).
-pub fn translate(node: &NodeView, pool: Option<&PoolView>, desired_hash: &str) -> NodeView {
+pub(crate) fn translate(node: &NodeView, pool: Option<&PoolView>, desired_hash: &str) -> NodeView {
     let mut out = NodeView {
         name: node.name.clone(),
         labels: node.labels.clone(),

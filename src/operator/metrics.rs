@@ -10,16 +10,16 @@ use prometheus_client::registry::Registry;
 
 /// Labels of the reconcile counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
+pub(crate) struct ResultLabels {
     /// `ok` or an error's metric label.
-    result: String,
+    pub(crate) result: String,
 }
 
 /// Labels of the write counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WriteLabels {
+pub(crate) struct WriteLabels {
     /// What was written.
-    kind: String,
+    pub(crate) kind: String,
 }
 
 /// The operator's metrics.
@@ -65,7 +65,7 @@ impl OperatorMetrics {
     }
 
     /// Records one reconcile pass.
-    pub fn observe(&self, took: Duration, error: Option<&str>) {
+    pub(crate) fn observe(&self, took: Duration, error: Option<&str>) {
         self.duration.observe(took.as_secs_f64());
         self.reconciles
             .get_or_create(&ResultLabels {
@@ -81,17 +81,17 @@ impl OperatorMetrics {
     }
 
     /// Records a node label write.
-    pub fn node_write(&self) {
+    pub(crate) fn node_write(&self) {
         self.write("node");
     }
 
     /// Records a write of an object the operator owns (RuntimeClass, DaemonSet, ...).
-    pub fn object_write(&self, kind: &str) {
+    pub(crate) fn object_write(&self, kind: &str) {
         self.write(kind);
     }
 
     /// Records a status write.
-    pub fn status_write(&self) {
+    pub(crate) fn status_write(&self) {
         self.write("status");
     }
 

@@ -85,54 +85,54 @@ pub struct Options {
 pub struct Args {
     /// A tool instead of the controllers.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
     /// The operator namespace.
     #[arg(long, env = "SANDBOXD_NAMESPACE", default_value = names::DEFAULT_NAMESPACE)]
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The sandboxd image the node installer DaemonSet runs.
     #[arg(long, env = "SANDBOXD_IMAGE", default_value = "sandboxd:latest")]
-    image: String,
+    pub(crate) image: String,
     /// The platform (decides the workers of an empty selector).
     #[arg(long, value_enum, default_value_t = Platform::Auto)]
-    platform: Platform,
+    pub(crate) platform: Platform,
     /// This replica's identity for leader election.
     #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// Run without leader election (one replica only).
     #[arg(long)]
-    no_leader_election: bool,
+    pub(crate) no_leader_election: bool,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
-    metrics_addr: SocketAddr,
+    pub(crate) metrics_addr: SocketAddr,
     /// Development only: `https://IP:PORT` of a peer pods webhook running outside the
     /// cluster. The webhook configuration then uses `clientConfig.url` and the serving
     /// certificate gets that IP as SAN; the Deployment and Service are still applied.
     #[arg(long, value_parser = peerpods::webhook::check_url)]
-    webhook_url: Option<String>,
+    pub(crate) webhook_url: Option<String>,
     /// Validity of the webhook's serving certificate (Go duration; renewed at 2/3).
     #[arg(long, default_value = "8760h", value_parser = parse_validity)]
-    webhook_cert_validity: Duration,
+    pub(crate) webhook_cert_validity: Duration,
     /// Validity of the webhook's CA (Go duration; renewed at 2/3 with overlap).
     #[arg(long, default_value = "87600h", value_parser = parse_validity)]
-    webhook_ca_validity: Duration,
+    pub(crate) webhook_ca_validity: Duration,
     /// Who provides the webhook's serving certificate: `operator` (its own CA) or
     /// `service-ca` (OpenShift's service CA).
     #[arg(long, value_enum, default_value_t = peerpods::webhook::TlsSource::Operator)]
-    webhook_tls: peerpods::webhook::TlsSource,
+    pub(crate) webhook_tls: peerpods::webhook::TlsSource,
     /// Arguments of the pod VM image creation Job's container, space-separated (default
     /// `image job`: the operator image builds, publishes and records the image).
     #[arg(long, env = "SANDBOXD_IMAGE_JOB_ARGS")]
-    image_job_args: Option<String>,
+    pub(crate) image_job_args: Option<String>,
     /// `backoffLimit` of the pod VM image Jobs.
     #[arg(long, default_value_t = 2)]
-    image_job_backoff_limit: i32,
+    pub(crate) image_job_backoff_limit: i32,
     /// The PeerPod collector's Azure cloud and development endpoint flags (command line
     /// only: `peer-pods-cm` names at most the cloud).
     #[command(flatten)]
-    azure: crate::cloud::azure::EndpointArgs,
+    pub(crate) azure: crate::cloud::azure::EndpointArgs,
     /// How to reach the API server.
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
 }
 
 fn parse_validity(s: &str) -> Result<Duration, String> {
@@ -143,7 +143,7 @@ fn parse_validity(s: &str) -> Result<Duration, String> {
 
 /// Tools of `sandboxd operator`.
 #[derive(Clone, Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Print every CRD sandboxd owns (YAML).
     Crd,
     /// Run the privileged per-node installer (in the node installer DaemonSet).
@@ -151,7 +151,7 @@ pub enum Command {
 }
 
 /// Every CRD as one multi-document YAML stream.
-fn crds_yaml() -> String {
+pub(crate) fn crds_yaml() -> String {
     crate::api::all_crds()
         .iter()
         .map(|(_, crd)| format!("---\n{}", crate::api::crd_yaml(crd)))
@@ -179,23 +179,23 @@ async fn detect_flavor(client: &Client, platform: Platform) -> Result<Flavor, Er
 }
 
 /// The controllers the operator runs, with what each needs beyond [`Shared`].
-struct Controllers {
+pub(crate) struct Controllers {
     /// The KataConfig controller: nodes, the RuntimeClass, the node installer, status,
     /// uninstall.
-    pub kataconfig: kataconfig::Options,
+    pub(crate) kataconfig: kataconfig::Options,
     /// The peer-pods controller: how it rolls out the webhook ...
-    webhook: peerpods::webhook::Settings,
+    pub(crate) webhook: peerpods::webhook::Settings,
     /// ... and runs the pod VM image Jobs.
-    image_job: peerpods::image_job::Settings,
+    pub(crate) image_job: peerpods::image_job::Settings,
     /// The PeerPod collector, the backstop for VMs no CAA releases.
-    collector: peerpod_gc::Options,
+    pub(crate) collector: peerpod_gc::Options,
 }
 
 impl Controllers {
     /// Runs every controller on `shared` until `shutdown`, or until the KataConfig
     /// controller fails. The peer-pods controller and the PeerPod collector run beside it
     /// and never stop the operator: they retry their own failures.
-    async fn run(
+    pub(crate) async fn run(
         self,
         shared: Shared,
         shutdown: CancellationToken,

@@ -16,7 +16,7 @@ const WORKER_ROLE: &str = "node-role.kubernetes.io/worker";
 
 /// Errors of node selection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     /// A matchExpressions entry uses an operator Kubernetes does not define.
     #[error(
         "kataConfigPoolSelector: unknown operator {0:?} (expected In, NotIn, Exists, DoesNotExist)"
@@ -36,7 +36,7 @@ pub enum Error {
 
 /// Which platform defaults apply to an empty selector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flavor {
+pub(crate) enum Flavor {
     /// Plain Kubernetes: workers are nodes without a control-plane role.
     Kubernetes,
     /// OpenShift: workers carry `node-role.kubernetes.io/worker`.
@@ -45,7 +45,7 @@ pub enum Flavor {
 
 /// A compiled `kataConfigPoolSelector` plus `checkNodeEligibility`.
 #[derive(Clone, Debug)]
-pub struct Selection {
+pub(crate) struct Selection {
     selector: Option<LabelSelector>,
     check_eligibility: bool,
     flavor: Flavor,
@@ -53,7 +53,7 @@ pub struct Selection {
 
 impl Selection {
     /// Validates the selector.
-    pub fn new(
+    pub(crate) fn new(
         selector: Option<&LabelSelector>,
         check_eligibility: bool,
         flavor: Flavor,
@@ -93,7 +93,7 @@ impl Selection {
     }
 
     /// Whether a node with these labels is selected.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         if self.check_eligibility
             && labels.get(LABEL_KATA_ELIGIBLE).map(String::as_str) != Some("true")
         {

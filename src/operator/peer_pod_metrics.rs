@@ -40,7 +40,7 @@ struct ResultLabels {
 
 /// The gauges (one set per process).
 #[derive(Default)]
-pub struct PeerPodGauges {
+pub(crate) struct PeerPodGauges {
     phases: Family<PhaseLabels, Gauge>,
     unschedulable: Gauge,
     limit: Gauge,
@@ -50,11 +50,11 @@ pub struct PeerPodGauges {
 }
 
 /// The operator's peer pod gauges.
-pub static GAUGES: LazyLock<PeerPodGauges> = LazyLock::new(PeerPodGauges::default);
+pub(crate) static GAUGES: LazyLock<PeerPodGauges> = LazyLock::new(PeerPodGauges::default);
 
 impl PeerPodGauges {
     /// Registers the gauges as `sandboxd_operator_*`.
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         for p in PHASES {
             let _ = self.phases.get_or_create(&PhaseLabels { phase: p.into() });
         }
@@ -94,22 +94,22 @@ impl PeerPodGauges {
     }
 
     /// The limit every selected node advertises.
-    pub fn set_limit(&self, limit: u32) {
+    pub(crate) fn set_limit(&self, limit: u32) {
         self.limit.set(i64::from(limit));
     }
 
     /// Whether the pod VM image is ready.
-    pub fn set_image_ready(&self, ready: bool) {
+    pub(crate) fn set_image_ready(&self, ready: bool) {
         self.image_ready.set(i64::from(ready));
     }
 
     /// Whether the webhook is registered (always with `failurePolicy: Fail`).
-    pub fn set_webhook_fail_closed(&self, registered: bool) {
+    pub(crate) fn set_webhook_fail_closed(&self, registered: bool) {
         self.webhook_fail_closed.set(i64::from(registered));
     }
 
     /// Records one peer pods reconcile pass (`None`: it succeeded).
-    pub fn reconciled(&self, error: Option<&str>) {
+    pub(crate) fn reconciled(&self, error: Option<&str>) {
         self.reconciles
             .get_or_create(&ResultLabels {
                 result: error.unwrap_or("ok").into(),
@@ -171,7 +171,7 @@ fn trim(pod: &mut Pod) {
 }
 
 /// Watches peer pods and keeps the phase gauges current until `shutdown`.
-pub fn watch(client: Client, shutdown: CancellationToken) {
+pub(crate) fn watch(client: Client, shutdown: CancellationToken) {
     let (store, writer): (Store<Pod>, _) = reflector::store();
     let stream = reflector::reflector(
         writer,

@@ -29,7 +29,7 @@ use crate::k8s::apply;
 
 /// Errors of one pass.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// The API server failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
@@ -43,7 +43,7 @@ enum Error {
 
 impl Error {
     /// Low-cardinality label for metrics.
-    fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Config(e) => e.metric_label(),
@@ -72,7 +72,7 @@ pub struct Options {
 
 impl Options {
     /// Production settings for `namespace`: 2 min grace, a pass every 30 s.
-    pub fn new(namespace: impl Into<String>) -> Self {
+    pub(crate) fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
             grace: Duration::from_secs(120),
@@ -86,15 +86,15 @@ impl Options {
 
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Report {
+pub(crate) struct Report {
     /// PeerPods (`namespace/name`) whose VM was deleted and finalizer removed.
-    released: Vec<String>,
+    pub(crate) released: Vec<String>,
     /// VMs deleted because their node no longer exists.
-    node_vms_deleted: Vec<String>,
+    pub(crate) node_vms_deleted: Vec<String>,
 }
 
 /// The collector's state between passes.
-struct Collector {
+pub(crate) struct Collector {
     client: Client,
     opts: Options,
     provider: Option<(u64, Arc<dyn Provider>)>,
@@ -112,7 +112,7 @@ fn fingerprint(map: &BTreeMap<String, String>) -> u64 {
 
 /// Builds the provider `map` (ConfigMap and Secret keys) describes; `None` for clouds the
 /// collector cannot drive.
-fn provider_from_map(
+pub(crate) fn provider_from_map(
     map: &BTreeMap<String, String>,
     azure: &crate::cloud::azure::EndpointArgs,
     min_poll: Duration,
@@ -144,7 +144,7 @@ fn provider_from_map(
 
 impl Collector {
     /// A collector acting with `client`.
-    fn new(client: Client, opts: Options) -> Self {
+    pub(crate) fn new(client: Client, opts: Options) -> Self {
         Self {
             client,
             opts,
@@ -194,7 +194,7 @@ impl Collector {
     }
 
     /// One pass over deleted PeerPods and VMs of missing nodes.
-    async fn pass(&mut self) -> Result<Report, Error> {
+    pub(crate) async fn pass(&mut self) -> Result<Report, Error> {
         let Some(provider) = self.provider().await? else {
             self.deleting_since.clear();
             self.orphan_since.clear();

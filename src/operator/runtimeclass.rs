@@ -10,7 +10,7 @@ use kube::Resource;
 
 /// The RuntimeClass: handler `kata-remote`, pod overhead 250m CPU / 350Mi memory,
 /// scheduled onto nodes with the kata label, owned by the KataConfig (hash-stamped).
-pub fn desired(owner: &KataConfig) -> RuntimeClass {
+pub(crate) fn desired(owner: &KataConfig) -> RuntimeClass {
     let owner_ref = owner.controller_owner_ref(&());
     let mut rc: RuntimeClass = serde_json::from_value(json!({
         "apiVersion": "node.k8s.io/v1",

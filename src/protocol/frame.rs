@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Length of a frame header.
 pub(crate) const HEADER_LEN: usize = 10;
 /// Largest payload ttrpc allows.
-const MAX_PAYLOAD: usize = 4 << 20;
+pub(crate) const MAX_PAYLOAD: usize = 4 << 20;
 /// Frame type of a request.
 pub const TYPE_REQUEST: u8 = 1;
 /// Frame type of a response.
@@ -65,7 +65,7 @@ pub enum FrameError {
 
 impl FrameError {
     /// Low-cardinality label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             FrameError::TooLarge { .. } => "frame_too_large",
             FrameError::UnknownType { .. } => "frame_unknown_type",
@@ -76,7 +76,7 @@ impl FrameError {
 }
 
 /// Parses a header: (payload length, stream id, type, flags), checking length and type.
-fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(usize, u32, u8, u8), FrameError> {
+pub(crate) fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(usize, u32, u8, u8), FrameError> {
     let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let stream_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
     let (kind, flags) = (h[8], h[9]);
@@ -91,7 +91,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(usize, u32, u8, u8), FrameError
 
 impl Frame {
     /// The header of this frame.
-    fn header(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn header(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&(self.payload.len() as u32).to_be_bytes());
         h[4..8].copy_from_slice(&self.stream_id.to_be_bytes());
@@ -123,7 +123,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 }
 
 /// Reads one frame header; `Ok(None)` when the connection ends cleanly between frames.
-pub async fn read_header<R: AsyncRead + Unpin>(
+pub(crate) async fn read_header<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(usize, u32, u8, u8, [u8; HEADER_LEN])>, FrameError> {
     let mut h = [0u8; HEADER_LEN];
@@ -149,7 +149,7 @@ pub async fn read_header<R: AsyncRead + Unpin>(
 /// already read) goes out with the first chunk, then the rest of the payload is copied as it
 /// arrives (`rest` bytes) — cut-through, so a large frame crosses a relay without waiting
 /// for its last byte. `buf` is the reusable chunk buffer.
-pub async fn forward_rest<R, W>(
+pub(crate) async fn forward_rest<R, W>(
     r: &mut R,
     w: &mut W,
     mut head: Vec<u8>,
@@ -197,7 +197,10 @@ where
 /// (at most 16 KiB) per read: gathering what is already there before writing it on makes one
 /// write of up to a chunk instead of one per record, and wakes the reader behind the next
 /// hop once instead of per record.
-async fn read_available<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) async fn read_available<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
     use std::pin::Pin;
     use std::task::Poll;
     let mut filled = 0;
@@ -220,7 +223,7 @@ async fn read_available<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std:
 }
 
 /// Reads exactly `len` payload bytes after a header; for the frames a relay must decode.
-pub async fn read_payload<R: AsyncRead + Unpin>(
+pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     prefix: Vec<u8>,
     len: usize,
@@ -243,7 +246,7 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
 
 /// The `service` and `method` of a ttrpc `Request` from the first bytes of its payload
 /// (fields 1 and 2, which encoders write first); `None` when the prefix does not show both.
-pub fn request_route(prefix: &[u8]) -> Option<(&str, &str)> {
+pub(crate) fn request_route(prefix: &[u8]) -> Option<(&str, &str)> {
     fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -297,7 +300,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
 /// Copies frames from `r` to `w` until `r` ends, passing each through `rewrite`; returns the
 /// number of frames copied. The writer is shut down when the reader ends.
 #[cfg(test)]
-async fn pump<R, W, F>(r: &mut R, w: &mut W, mut rewrite: F) -> Result<u64, FrameError>
+pub(crate) async fn pump<R, W, F>(r: &mut R, w: &mut W, mut rewrite: F) -> Result<u64, FrameError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

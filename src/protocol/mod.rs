@@ -12,9 +12,9 @@ pub mod frame;
 /// generated servers and clients, and CAA registers its services under these.
 pub mod methods {
     /// The remote hypervisor service.
-    pub const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
+    pub(crate) const HYPERVISOR_SERVICE: &str = "hypervisor.Hypervisor";
     /// The pod VM info service.
-    pub const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
+    pub(crate) const PODVMINFO_SERVICE: &str = "podvminfo.PodVMInfo";
     /// `/hypervisor.Hypervisor/CreateVM`.
     #[cfg(test)]
     pub(crate) const CREATE_VM: &str = "/hypervisor.Hypervisor/CreateVM";
@@ -37,15 +37,15 @@ pub mod methods {
 /// that handles raw frames (the generated messages are in [`health`]).
 pub mod health_wire {
     /// The service.
-    pub const SERVICE: &str = "grpc.Health";
+    pub(crate) const SERVICE: &str = "grpc.Health";
     /// Its check method.
-    pub const CHECK: &str = "Check";
+    pub(crate) const CHECK: &str = "Check";
     /// `HealthCheckResponse.ServingStatus.SERVING`.
-    pub const SERVING: u64 = 1;
+    pub(crate) const SERVING: u64 = 1;
 
     /// The `status` (field 1, varint) of a `HealthCheckResponse` payload; 0 (UNKNOWN) when
     /// absent, `None` when the payload is not protobuf.
-    pub fn status(payload: &[u8]) -> Option<u64> {
+    pub(crate) fn status(payload: &[u8]) -> Option<u64> {
         let mut is = protobuf::CodedInputStream::from_bytes(payload);
         let mut status = 0;
         while !is.eof().ok()? {

@@ -19,43 +19,43 @@ use protobuf::Message;
 use super::{Error, io};
 
 /// containerd's state directory for shim sockets (the runc shim's too).
-const SOCKET_DIR: &str = "/run/containerd/s";
+pub(crate) const SOCKET_DIR: &str = "/run/containerd/s";
 /// The file in a sandbox's bundle that records the CAA socket the VM was created through
 /// (read by `delete` when the daemon is gone).
-pub const VM_RECORD: &str = "sandboxd-shim.json";
+pub(crate) const VM_RECORD: &str = "sandboxd-shim.json";
 /// The annotation naming a container's kind (`sandbox` or `container`).
-pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub(crate) const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// The annotation naming a container's pod sandbox.
-const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub(crate) const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
 /// containerd's arguments.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Flags {
+pub(crate) struct Flags {
     /// containerd namespace (`k8s.io` for CRI).
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// containerd's gRPC socket (its ttrpc socket is this plus `.ttrpc`).
-    pub address: String,
+    pub(crate) address: String,
     /// The containerd binary (for `publish`; events go over ttrpc instead).
-    publish_binary: String,
+    pub(crate) publish_binary: String,
     /// The container id.
-    pub id: String,
+    pub(crate) id: String,
     /// The bundle (`delete` gets it as a flag; `start` runs in it).
-    bundle: Option<PathBuf>,
+    pub(crate) bundle: Option<PathBuf>,
     /// Debug logging.
-    debug: bool,
+    pub(crate) debug: bool,
     /// The socket the daemon serves (sandboxd's own flag between `start` and the daemon).
-    socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
     /// `start`, `delete`, or none (the daemon).
-    action: Option<String>,
+    pub(crate) action: Option<String>,
     /// `-v`: print the version.
-    version: bool,
+    pub(crate) version: bool,
     /// `-info`: containerd's `RuntimeInfo` on stdout.
-    info: bool,
+    pub(crate) info: bool,
 }
 
 impl Flags {
     /// Parses containerd's arguments.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
+    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
         let mut f = Flags::default();
         let mut it = args.iter().peekable();
         while let Some(a) = it.next() {
@@ -103,7 +103,7 @@ impl Flags {
     }
 
     /// The arguments that start the daemon for `socket` (the same flags, no action).
-    fn daemon_args(&self, socket: &Path) -> Vec<String> {
+    pub(crate) fn daemon_args(&self, socket: &Path) -> Vec<String> {
         let mut v = vec![
             "-namespace".to_string(),
             self.namespace.clone(),
@@ -126,7 +126,7 @@ impl Flags {
 /// The socket of the shim serving `group` (the pod's sandbox id) in `namespace` of the
 /// containerd at `address`: a digest of the three under [`SOCKET_DIR`], as containerd's own
 /// shims name theirs (a unix socket path must stay short).
-fn socket_path(address: &str, namespace: &str, group: &str) -> PathBuf {
+pub(crate) fn socket_path(address: &str, namespace: &str, group: &str) -> PathBuf {
     let joined = Path::new(address).join(namespace).join(group);
     let d = ring::digest::digest(&ring::digest::SHA256, joined.as_os_str().as_encoded_bytes());
     let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
@@ -135,7 +135,7 @@ fn socket_path(address: &str, namespace: &str, group: &str) -> PathBuf {
 
 /// The pod a container belongs to: its sandbox id for an app container, its own id for
 /// the sandbox container (and for anything without CRI annotations).
-fn group_of(id: &str, spec: &serde_json::Value) -> String {
+pub(crate) fn group_of(id: &str, spec: &serde_json::Value) -> String {
     let ann = &spec["annotations"];
     let kind = ann[CONTAINER_TYPE].as_str().unwrap_or("");
     match ann[SANDBOX_ID].as_str() {
@@ -145,7 +145,7 @@ fn group_of(id: &str, spec: &serde_json::Value) -> String {
 }
 
 /// Reads a bundle's `config.json`.
-pub fn read_spec(bundle: &Path) -> Result<serde_json::Value, Error> {
+pub(crate) fn read_spec(bundle: &Path) -> Result<serde_json::Value, Error> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
     serde_json::from_slice(&text)
@@ -153,7 +153,7 @@ pub fn read_spec(bundle: &Path) -> Result<serde_json::Value, Error> {
 }
 
 /// Runs the form `flags` ask for.
-pub fn run(flags: Flags) -> ExitCode {
+pub(crate) fn run(flags: Flags) -> ExitCode {
     if flags.version {
         println!("{}: sandboxd {}", super::BINARY_NAME, crate::VERSION);
         return ExitCode::SUCCESS;
@@ -187,12 +187,12 @@ pub fn run(flags: Flags) -> ExitCode {
 }
 
 /// The runtime name `-info` reports (containerd's shims report `io.containerd.<name>.v2`).
-const RUNTIME_NAME: &str = "io.containerd.sandboxd.v2";
+pub(crate) const RUNTIME_NAME: &str = "io.containerd.sandboxd.v2";
 
 /// `-info`'s answer: containerd's `RuntimeInfo` (`api/types/introspection.proto`: 1 `name`,
 /// 2 `version` = `RuntimeVersion{1 version, 2 revision}`), encoded by hand: no options, no
 /// OCI features (the VM's agent, not this shim, runs the containers), no annotations.
-fn runtime_info() -> Vec<u8> {
+pub(crate) fn runtime_info() -> Vec<u8> {
     let mut version = Vec::new();
     let mut info = Vec::new();
     {
@@ -221,7 +221,7 @@ fn connectable(socket: &Path) -> bool {
 }
 
 /// `start`: the address of the pod's shim daemon, started if none runs.
-fn start(flags: &Flags) -> Result<String, Error> {
+pub(crate) fn start(flags: &Flags) -> Result<String, Error> {
     let bundle = std::env::current_dir().map_err(io("reading the working directory"))?;
     // containerd writes the runtime options on stdin; the daemon gets them again in Create.
     drain_stdin();
@@ -308,14 +308,14 @@ fn spawn_daemon(flags: &Flags, bundle: &Path, socket: &Path) -> Result<(), Error
 
 /// What a sandbox's bundle records about its VM (for `delete` after a crash).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VmRecord {
+pub(crate) struct VmRecord {
     /// CAA's hypervisor socket.
-    pub hypervisor_socket: String,
+    pub(crate) hypervisor_socket: String,
 }
 
 /// `delete`: the response containerd expects from a shim that is gone, after deleting the
 /// sandbox's VM through CAA (a VM must never outlive its shim's pod).
-fn delete(flags: &Flags) -> Result<Vec<u8>, Error> {
+pub(crate) fn delete(flags: &Flags) -> Result<Vec<u8>, Error> {
     let bundle = match &flags.bundle {
         Some(b) => b.clone(),
         None => std::env::current_dir().map_err(io("reading the working directory"))?,

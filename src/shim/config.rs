@@ -10,30 +10,30 @@ use toml_edit::DocumentMut;
 use super::Error;
 
 /// Where the node installer writes the configuration (used when containerd passes none).
-const DEFAULT_PATH: &str = crate::operator::node_install::kata_config::KATA_CONFIG;
+pub(crate) const DEFAULT_PATH: &str = crate::operator::node_install::kata_config::KATA_CONFIG;
 /// kata's remote hypervisor socket default.
-const DEFAULT_HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
+pub(crate) const DEFAULT_HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
 
 /// What the shim takes from the configuration.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Config {
+pub(crate) struct Config {
     /// `hypervisor.remote.remote_hypervisor_socket`.
-    pub hypervisor_socket: String,
+    pub(crate) hypervisor_socket: String,
     /// `hypervisor.remote.remote_hypervisor_timeout` (s); StartVM gets max(this, 600 s).
-    pub hypervisor_timeout: Duration,
+    pub(crate) hypervisor_timeout: Duration,
     /// `hypervisor.remote.enable_annotations`: which pod annotations reach CreateVM.
     pub(crate) enable_annotations: Vec<String>,
     /// `agent.kata.dial_timeout` (s): how long the agent may take to answer its first check.
-    pub dial_timeout: Duration,
+    pub(crate) dial_timeout: Duration,
     /// `runtime.create_container_timeout` (s): CreateContainer's deadline (includes the
     /// image pull in the VM).
-    pub create_container_timeout: Duration,
+    pub(crate) create_container_timeout: Duration,
     /// `runtime.disable_guest_seccomp`: the spec's seccomp profile is not sent.
-    pub disable_guest_seccomp: bool,
+    pub(crate) disable_guest_seccomp: bool,
     /// `runtime.sandbox_bind_mounts`-free remote VMs copy files; this is the period at which
     /// copied directories are checked for changes (sandboxd's own key
     /// `runtime.sandboxd_watch_interval_ms`, default 1000).
-    pub watch_interval: Duration,
+    pub(crate) watch_interval: Duration,
 }
 
 impl Default for Config {
@@ -52,7 +52,7 @@ impl Default for Config {
 
 impl Config {
     /// Parses the configuration text (`path` names it in errors).
-    fn parse(path: &str, text: &str) -> Result<Self, Error> {
+    pub(crate) fn parse(path: &str, text: &str) -> Result<Self, Error> {
         let doc: DocumentMut = text.parse().map_err(|e| Error::Config {
             path: path.into(),
             detail: format!("{e}"),
@@ -101,7 +101,7 @@ impl Config {
     }
 
     /// Reads the configuration at `path`.
-    pub fn load(path: &Path) -> Result<Self, Error> {
+    pub(crate) fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             path: path.display().to_string(),
             detail: e.to_string(),
@@ -110,12 +110,12 @@ impl Config {
     }
 
     /// StartVM's deadline: kata gives it max(remote_hypervisor_timeout, 600 s).
-    pub fn start_vm_timeout(&self) -> Duration {
+    pub(crate) fn start_vm_timeout(&self) -> Duration {
         self.hypervisor_timeout.max(Duration::from_secs(600))
     }
 
     /// Whether the pod annotation `io.katacontainers.config.hypervisor.<key>` may be used.
-    pub fn annotation_enabled(&self, key: &str) -> bool {
+    pub(crate) fn annotation_enabled(&self, key: &str) -> bool {
         self.enable_annotations.iter().any(|a| a == key)
     }
 }
@@ -123,7 +123,7 @@ impl Config {
 /// The configuration file named by the runtime options containerd passes in Create
 /// (`runtimeoptions.v1.Options`: field 1 `type_url`, field 2 `config_path`), else
 /// `KATA_CONF_FILE`, else [`DEFAULT_PATH`].
-pub fn path_from_options(options: Option<&protobuf::well_known_types::any::Any>) -> String {
+pub(crate) fn path_from_options(options: Option<&protobuf::well_known_types::any::Any>) -> String {
     if let Some(any) = options
         && let Some(p) = config_path_field(&any.value)
         && !p.is_empty()

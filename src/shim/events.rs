@@ -17,15 +17,15 @@ use protobuf::{Message, MessageDyn, MessageField};
 use tokio::sync::mpsc;
 
 /// One event to publish.
-struct Event {
+pub(crate) struct Event {
     /// Its topic (`/tasks/exit`, ...).
-    topic: &'static str,
+    pub(crate) topic: &'static str,
     /// The event.
-    message: Box<dyn MessageDyn>,
+    pub(crate) message: Box<dyn MessageDyn>,
 }
 
 /// The topic of each task event.
-pub trait Topic: Message {
+pub(crate) trait Topic: Message {
     /// `/tasks/...`.
     const TOPIC: &'static str;
 }
@@ -54,21 +54,21 @@ impl Topic for TaskExecStarted {
 
 /// The publishing side the pod holds.
 #[derive(Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     tx: mpsc::UnboundedSender<Event>,
 }
 
 impl Publisher {
     /// A publisher to containerd's ttrpc socket `address` for `namespace`; `None` drops
     /// events (tests without containerd).
-    pub fn start(address: Option<String>, namespace: String) -> Self {
+    pub(crate) fn start(address: Option<String>, namespace: String) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(send_loop(address, namespace, rx));
         Self { tx }
     }
 
     /// Queues `event`.
-    pub fn publish<E: Topic + MessageDyn>(&self, event: E) {
+    pub(crate) fn publish<E: Topic + MessageDyn>(&self, event: E) {
         tracing::debug!(topic = E::TOPIC, "event");
         let _ = self.tx.send(Event {
             topic: E::TOPIC,
@@ -78,7 +78,7 @@ impl Publisher {
 }
 
 /// The envelope of `event` for `namespace`.
-fn envelope(namespace: &str, event: &Event) -> Result<Envelope, protobuf::Error> {
+pub(crate) fn envelope(namespace: &str, event: &Event) -> Result<Envelope, protobuf::Error> {
     let mut any = protobuf::well_known_types::any::Any::new();
     any.type_url = event.message.descriptor_dyn().full_name().to_string();
     any.value = event.message.write_to_bytes_dyn()?;
@@ -137,7 +137,7 @@ async fn send_loop(
 
 /// containerd's ttrpc address: `TTRPC_ADDRESS`, which containerd sets for its shims, else
 /// its gRPC address plus `.ttrpc`.
-pub fn ttrpc_address(grpc_address: &str) -> Option<String> {
+pub(crate) fn ttrpc_address(grpc_address: &str) -> Option<String> {
     match std::env::var("TTRPC_ADDRESS") {
         Ok(a) if !a.is_empty() => Some(a.trim_start_matches("unix://").to_string()),
         _ if !grpc_address.is_empty() => Some(format!("{grpc_address}.ttrpc")),

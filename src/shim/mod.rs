@@ -42,7 +42,7 @@ pub const BINARY_NAME: &str = "containerd-shim-sandboxd-v2";
 
 /// Errors of the shim; each maps to one ttrpc code ([`Error::code`]).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// containerd sent something the shim cannot use (a missing field, a bad spec).
     #[error("{0}")]
     InvalidArgument(String),
@@ -100,7 +100,7 @@ impl Error {
     /// The ttrpc status code containerd sees for this error: the one mapping of the shim.
     /// containerd turns NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION and UNIMPLEMENTED
     /// into its own error kinds (errdefs), so they must be these codes.
-    fn code(&self) -> ttrpc::Code {
+    pub(crate) fn code(&self) -> ttrpc::Code {
         match self {
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::NotFound(_) => ttrpc::Code::NOT_FOUND,
@@ -117,13 +117,13 @@ impl Error {
     }
 
     /// The ttrpc error answered for this error.
-    fn to_ttrpc(&self) -> ttrpc::Error {
+    pub(crate) fn to_ttrpc(&self) -> ttrpc::Error {
         ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))
     }
 }
 
 /// An [`Error::Io`] for `what`.
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }

@@ -41,9 +41,9 @@ use super::{Error, io};
 use crate::protocol::{agent, oci};
 
 /// The annotation naming an app container's image.
-const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+pub(crate) const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 /// The image the sandbox (pause) container asks for; the agent provides the pause itself.
-const PAUSE_IMAGE: &str = "pause";
+pub(crate) const PAUSE_IMAGE: &str = "pause";
 /// How long a process's output may keep coming after it exited before the exit is
 /// reported (kata drains for about half a second; a background child holding the pipe
 /// must not hold the exit back).
@@ -54,7 +54,7 @@ const OOM_KILLED_STATUS: u32 = 128 + 9;
 const OOM_WAIT: Duration = Duration::from_secs(1);
 
 /// Now as a protobuf timestamp.
-pub fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -66,19 +66,19 @@ pub fn now() -> Timestamp {
 
 /// How a process ended.
 #[derive(Clone, Debug, PartialEq)]
-struct Exit {
+pub(crate) struct Exit {
     /// Its exit status (128 + signal when killed).
-    status: u32,
+    pub(crate) status: u32,
     /// When.
-    at: Timestamp,
+    pub(crate) at: Timestamp,
 }
 
 /// A process: a container's init or an exec.
-struct Process {
+pub(crate) struct Process {
     /// The container.
-    cid: String,
+    pub(crate) cid: String,
     /// containerd's exec id ("" for the init).
-    exec_id: String,
+    pub(crate) exec_id: String,
     stdio: Paths,
     /// An exec's process spec (sent at Start).
     exec_spec: Option<oci::Process>,
@@ -138,12 +138,12 @@ impl Process {
 }
 
 /// A container of the pod.
-struct Container {
+pub(crate) struct Container {
     /// Its id.
-    id: String,
+    pub(crate) id: String,
     bundle: String,
     /// The sandbox (pause) container.
-    is_sandbox: bool,
+    pub(crate) is_sandbox: bool,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     watcher: Mutex<Option<JoinHandle<()>>>,
@@ -169,13 +169,13 @@ impl Container {
 }
 
 /// The pod's sandbox: the VM and the agent in it.
-struct Sandbox {
+pub(crate) struct Sandbox {
     /// The sandbox id (the pause container's id).
-    id: String,
+    pub(crate) id: String,
     /// The kata configuration.
-    config: Config,
+    pub(crate) config: Config,
     /// The agent connection.
-    agent: AgentClient,
+    pub(crate) agent: AgentClient,
     hypervisor: PathBuf,
     bundle: PathBuf,
     oom: Mutex<Option<JoinHandle<()>>>,
@@ -184,12 +184,12 @@ struct Sandbox {
 }
 
 /// The pod one shim serves.
-pub struct Pod {
+pub(crate) struct Pod {
     publisher: Publisher,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Cancelled when containerd shuts the shim down.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Serialises sandbox creation and teardown.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -219,7 +219,7 @@ fn network_namespace(spec: &serde_json::Value) -> String {
 }
 
 /// The storage that pulls `image` in the VM and mounts it as the container's root.
-fn guest_pull_storage(
+pub(crate) fn guest_pull_storage(
     cid: &str,
     image: &str,
     annotations: &HashMap<String, String>,
@@ -236,13 +236,13 @@ fn guest_pull_storage(
 }
 
 /// A container's root in the VM.
-fn rootfs_in_vm(cid: &str) -> String {
+pub(crate) fn rootfs_in_vm(cid: &str) -> String {
     format!("/run/kata-containers/{cid}/rootfs")
 }
 
 impl Pod {
     /// A pod publishing its events through `publisher` (which knows containerd's namespace).
-    pub fn new(publisher: Publisher) -> Arc<Self> {
+    pub(crate) fn new(publisher: Publisher) -> Arc<Self> {
         Arc::new(Self {
             publisher,
             sandbox: Mutex::new(None),
@@ -268,7 +268,7 @@ impl Pod {
     // --- create ------------------------------------------------------------------------
 
     /// `Create`: the sandbox's VM and pause container, or an app container in it.
-    pub async fn do_create(
+    pub(crate) async fn do_create(
         &self,
         req: api::CreateTaskRequest,
     ) -> Result<api::CreateTaskResponse, Error> {
@@ -488,7 +488,10 @@ impl Pod {
     // --- start, exec ---------------------------------------------------------------------
 
     /// `Start` of a container's init or of an exec.
-    pub async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse, Error> {
+    pub(crate) async fn do_start(
+        &self,
+        req: api::StartRequest,
+    ) -> Result<api::StartResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if *lock(&p.started) {
@@ -676,7 +679,7 @@ impl Pod {
     }
 
     /// `Exec`: records the process; the agent runs it at Start.
-    pub async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<(), Error> {
+    pub(crate) async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         if c.init.exited().is_some() {
             return Err(Error::FailedPrecondition(format!(
@@ -726,7 +729,10 @@ impl Pod {
     // --- state, wait, kill -----------------------------------------------------------------
 
     /// `State`.
-    pub async fn do_state(&self, req: api::StateRequest) -> Result<api::StateResponse, Error> {
+    pub(crate) async fn do_state(
+        &self,
+        req: api::StateRequest,
+    ) -> Result<api::StateResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exited();
@@ -747,7 +753,7 @@ impl Pod {
     }
 
     /// `Wait`: until the process exits.
-    pub async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse, Error> {
+    pub(crate) async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse, Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let mut rx = p.exit.subscribe();
@@ -766,7 +772,7 @@ impl Pod {
 
     /// `Kill` → SignalProcess. A process that has exited answers NOT_FOUND, as containerd's
     /// own shims do (CRI treats it as done).
-    pub async fn do_kill(&self, req: api::KillRequest) -> Result<(), Error> {
+    pub(crate) async fn do_kill(&self, req: api::KillRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if p.exited().is_some() {
@@ -801,7 +807,7 @@ impl Pod {
     }
 
     /// `Pids`: the processes containerd may know of (the VM's are not the node's).
-    pub async fn do_pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse, Error> {
+    pub(crate) async fn do_pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse, Error> {
         self.container(&req.id)?;
         Ok(api::PidsResponse {
             processes: vec![ProcessInfo {
@@ -813,7 +819,7 @@ impl Pod {
     }
 
     /// `ResizePty` → TtyWinResize.
-    pub async fn do_resize_pty(&self, req: api::ResizePtyRequest) -> Result<(), Error> {
+    pub(crate) async fn do_resize_pty(&self, req: api::ResizePtyRequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let sandbox = self.sandbox()?;
@@ -836,7 +842,7 @@ impl Pod {
     }
 
     /// `CloseIO`: stdin ends once what containerd wrote is sent.
-    pub async fn do_close_io(&self, req: api::CloseIORequest) -> Result<(), Error> {
+    pub(crate) async fn do_close_io(&self, req: api::CloseIORequest) -> Result<(), Error> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if req.stdin {
@@ -846,7 +852,7 @@ impl Pod {
     }
 
     /// `Update` → UpdateContainer (the resources, runtime-spec JSON).
-    pub async fn do_update(&self, req: api::UpdateTaskRequest) -> Result<(), Error> {
+    pub(crate) async fn do_update(&self, req: api::UpdateTaskRequest) -> Result<(), Error> {
         self.container(&req.id)?;
         let sandbox = self.sandbox()?;
         let json: serde_json::Value = req
@@ -877,7 +883,10 @@ impl Pod {
     }
 
     /// `Stats` → StatsContainer, as containerd's cgroup v1 metrics.
-    pub async fn do_stats(&self, req: api::StatsRequest) -> Result<api::StatsResponse, Error> {
+    pub(crate) async fn do_stats(
+        &self,
+        req: api::StatsRequest,
+    ) -> Result<api::StatsResponse, Error> {
         self.container(&req.id)?;
         let sandbox = self.sandbox()?;
         let r = sandbox
@@ -908,7 +917,10 @@ impl Pod {
 
     /// `Delete` of an exec (forgotten) or a container (removed from the VM; the sandbox's
     /// removal destroys the sandbox and deletes the VM).
-    pub async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse, Error> {
+    pub(crate) async fn do_delete(
+        &self,
+        req: api::DeleteRequest,
+    ) -> Result<api::DeleteResponse, Error> {
         let c = self.container(&req.id)?;
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
@@ -1032,7 +1044,7 @@ impl Pod {
     }
 
     /// `Connect`.
-    pub async fn do_connect(
+    pub(crate) async fn do_connect(
         &self,
         _req: api::ConnectRequest,
     ) -> Result<api::ConnectResponse, Error> {
@@ -1045,7 +1057,7 @@ impl Pod {
     }
 
     /// `Shutdown`: the shim exits once it serves no container.
-    pub async fn do_shutdown(&self, _req: api::ShutdownRequest) -> Result<(), Error> {
+    pub(crate) async fn do_shutdown(&self, _req: api::ShutdownRequest) -> Result<(), Error> {
         if !lock(&self.containers).is_empty() {
             return Ok(());
         }
@@ -1059,7 +1071,7 @@ impl Pod {
     }
 
     /// Deletes the VM if the sandbox is still there (the shim is being stopped).
-    pub async fn teardown(&self) {
+    pub(crate) async fn teardown(&self) {
         let s = lock(&self.sandbox).take();
         if let Some(s) = s {
             self.stop_sandbox(&s).await;
@@ -1078,7 +1090,9 @@ fn delete_response(p: &Process) -> api::DeleteResponse {
 }
 
 /// The agent's cgroup statistics as containerd's cgroup v1 `Metrics`.
-fn metrics(r: &agent::StatsContainerResponse) -> containerd_shim_protos::cgroups::metrics::Metrics {
+pub(crate) fn metrics(
+    r: &agent::StatsContainerResponse,
+) -> containerd_shim_protos::cgroups::metrics::Metrics {
     use containerd_shim_protos::cgroups::metrics as m;
     let mut out = m::Metrics::new();
     let Some(cg) = r.cgroup_stats.as_ref() else {

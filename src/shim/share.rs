@@ -25,17 +25,17 @@ use crate::protocol::agent::{CopyFileRequest, Storage};
 use crate::protocol::oci;
 
 /// Where copied files land in the VM.
-const GUEST_SHARED: &str = "/run/kata-containers/shared/containers";
+pub(crate) const GUEST_SHARED: &str = "/run/kata-containers/shared/containers";
 /// The sandbox's shm in the VM (CreateSandbox's `ephemeral` storage).
-const SANDBOX_SHM: &str = "/run/kata-containers/sandbox/shm";
+pub(crate) const SANDBOX_SHM: &str = "/run/kata-containers/sandbox/shm";
 /// Where disk-backed emptyDirs live in the VM.
-const LOCAL_BASE: &str = "/run/kata-containers/sandbox/local";
+pub(crate) const LOCAL_BASE: &str = "/run/kata-containers/sandbox/local";
 /// Largest `CopyFile` payload.
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 /// Go's `os.ModeDir`.
 const GO_MODE_DIR: u32 = 1 << 31;
 /// The parents' mode kata sends (`ModeDir | 0750`).
-const DIR_MODE: u32 = GO_MODE_DIR | 0o750;
+pub(crate) const DIR_MODE: u32 = GO_MODE_DIR | 0o750;
 
 /// Volume kinds whose content Kubernetes updates in place.
 const WATCHED: [&str; 4] = [
@@ -47,22 +47,22 @@ const WATCHED: [&str; 4] = [
 
 /// A host file or directory copied into the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Copy {
+pub(crate) struct Copy {
     /// On the node.
-    host: PathBuf,
+    pub(crate) host: PathBuf,
     /// In the VM.
-    pub guest: String,
+    pub(crate) guest: String,
     /// Kubernetes may change it: watch it.
-    watch: bool,
+    pub(crate) watch: bool,
 }
 
 /// What a container's mounts need.
 #[derive(Debug, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Storages for CreateContainer.
-    pub storages: Vec<Storage>,
+    pub(crate) storages: Vec<Storage>,
     /// Files to copy before CreateContainer.
-    pub copies: Vec<Copy>,
+    pub(crate) copies: Vec<Copy>,
 }
 
 fn is_bind(m: &oci::Mount) -> bool {
@@ -74,7 +74,7 @@ fn under(p: &str, dir: &str) -> bool {
 }
 
 /// The sandbox's shm storage for CreateSandbox (`size` bytes).
-pub fn shm_storage(size: u64) -> Storage {
+pub(crate) fn shm_storage(size: u64) -> Storage {
     Storage {
         driver: "ephemeral".into(),
         source: "shm".into(),
@@ -92,7 +92,7 @@ pub fn shm_storage(size: u64) -> Storage {
 }
 
 /// The size of the sandbox's `/dev/shm` from its spec (containerd's default 64 MiB).
-pub fn shm_size(spec: &oci::Spec) -> u64 {
+pub(crate) fn shm_size(spec: &oci::Spec) -> u64 {
     spec.Mounts
         .iter()
         .find(|m| m.destination == "/dev/shm")
@@ -117,7 +117,11 @@ fn parse_size(s: &str) -> Option<u64> {
 
 /// Rewrites `mounts` of container `cid` for the VM and says what to copy and mount first.
 /// `token` makes each copied name unique (kata: 8 random bytes in hex).
-pub fn plan(cid: &str, mounts: &mut [oci::Mount], mut token: impl FnMut() -> String) -> Plan {
+pub(crate) fn plan(
+    cid: &str,
+    mounts: &mut [oci::Mount],
+    mut token: impl FnMut() -> String,
+) -> Plan {
     let mut plan = Plan::default();
     for m in mounts.iter_mut() {
         if !is_bind(m) {
@@ -278,7 +282,7 @@ async fn send(agent: &AgentClient, host: &Path, guest: &str) -> Result<(), Error
 
 /// Copies `c` into the VM (a whole tree for a directory); returns what was sent, for
 /// [`resend_changes`].
-pub async fn copy(agent: &AgentClient, c: &Copy) -> Result<CopyState, Error> {
+pub(crate) async fn copy(agent: &AgentClient, c: &Copy) -> Result<CopyState, Error> {
     let snap = snapshot(&c.host);
     if snap.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -297,15 +301,18 @@ pub async fn copy(agent: &AgentClient, c: &Copy) -> Result<CopyState, Error> {
 
 /// A copied tree and what was sent of it.
 #[derive(Clone, Debug)]
-pub struct CopyState {
+pub(crate) struct CopyState {
     /// The copy.
-    copy: Copy,
+    pub(crate) copy: Copy,
     seen: BTreeMap<PathBuf, Seen>,
 }
 
 /// Sends what changed under `state`'s host path since the last time (new or changed files,
 /// directories and links; parents before children). Returns how many entries were sent.
-async fn resend_changes(agent: &AgentClient, state: &mut CopyState) -> Result<usize, Error> {
+pub(crate) async fn resend_changes(
+    agent: &AgentClient,
+    state: &mut CopyState,
+) -> Result<usize, Error> {
     let now = snapshot(&state.copy.host);
     let mut sent = 0;
     for (rel, seen) in &now {
@@ -326,7 +333,7 @@ async fn resend_changes(agent: &AgentClient, state: &mut CopyState) -> Result<us
 
 /// Watches the copies of a container until the task is aborted: every `interval`, what
 /// changed is copied again.
-pub fn watch(
+pub(crate) fn watch(
     agent: AgentClient,
     cid: String,
     mut states: Vec<CopyState>,

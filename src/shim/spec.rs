@@ -62,7 +62,7 @@ fn some<T: Default>(v: &Value, f: impl FnOnce(&Value) -> T) -> MessageField<T> {
 }
 
 /// A runtime-spec `process`.
-pub fn process(p: &Value) -> oci::Process {
+pub(crate) fn process(p: &Value) -> oci::Process {
     oci::Process {
         Terminal: p["terminal"].as_bool().unwrap_or(false),
         ConsoleSize: some(&p["consoleSize"], |b| oci::Box {
@@ -103,7 +103,7 @@ pub fn process(p: &Value) -> oci::Process {
 }
 
 /// A runtime-spec `linux.resources`.
-pub fn resources(r: &Value) -> oci::LinuxResources {
+pub(crate) fn resources(r: &Value) -> oci::LinuxResources {
     let throttle = |v: &Value| {
         each(v, |t| oci::LinuxThrottleDevice {
             Major: i64_(&t["major"]),
@@ -243,7 +243,7 @@ fn linux(l: &Value) -> oci::Linux {
 }
 
 /// A whole runtime spec.
-pub fn spec(v: &Value) -> oci::Spec {
+pub(crate) fn spec(v: &Value) -> oci::Spec {
     oci::Spec {
         Version: s(&v["ociVersion"]),
         Process: some(&v["process"], process),
@@ -269,7 +269,7 @@ pub fn spec(v: &Value) -> oci::Spec {
 /// Whether the container joins its sandbox's PID namespace (the pod shares its process
 /// namespace: CRI gives the pid namespace the pause's path). kata then removes the entry
 /// and asks the agent for the sandbox's namespace.
-pub fn shares_sandbox_pidns(s: &oci::Spec) -> bool {
+pub(crate) fn shares_sandbox_pidns(s: &oci::Spec) -> bool {
     s.Linux.as_ref().is_some_and(|l| {
         l.Namespaces
             .iter()
@@ -282,7 +282,7 @@ pub fn shares_sandbox_pidns(s: &oci::Spec) -> bool {
 /// resources (without cpuset), no network or cgroup namespace (the VM's own network is the
 /// pod's; the agent makes the cgroup namespace), every other namespace without a path (no
 /// host path means anything in the VM), and no host devices.
-pub fn constrain(s: &mut oci::Spec, pass_seccomp: bool) {
+pub(crate) fn constrain(s: &mut oci::Spec, pass_seccomp: bool) {
     s.Hooks = MessageField::none();
     if let Some(l) = s.Linux.as_mut() {
         if !pass_seccomp {

@@ -17,19 +17,19 @@ use super::vm::{AgentClient, ctx};
 use crate::protocol::agent::{CloseStdinRequest, ReadStreamRequest, WriteStreamRequest};
 
 /// How much one read asks the agent for (what kata asks).
-const READ_LEN: u32 = 32768;
+pub(crate) const READ_LEN: u32 = 32768;
 
 /// The paths containerd gave for a process.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Paths {
+pub(crate) struct Paths {
     /// stdin FIFO ("" = none).
-    pub stdin: String,
+    pub(crate) stdin: String,
     /// stdout FIFO.
-    pub stdout: String,
+    pub(crate) stdout: String,
     /// stderr FIFO ("" with a terminal).
-    pub stderr: String,
+    pub(crate) stderr: String,
     /// A terminal.
-    pub terminal: bool,
+    pub(crate) terminal: bool,
 }
 
 fn check(path: &str) -> Result<(), super::Error> {
@@ -48,7 +48,7 @@ fn check(path: &str) -> Result<(), super::Error> {
 
 impl Paths {
     /// Rejects URIs the shim does not serve (`binary://`, `file://`).
-    pub fn validate(&self) -> Result<(), super::Error> {
+    pub(crate) fn validate(&self) -> Result<(), super::Error> {
         check(&self.stdin)?;
         check(&self.stdout)?;
         check(&self.stderr)
@@ -60,7 +60,7 @@ fn fifo(path: &str) -> &Path {
 }
 
 /// Copies the agent's stdout (or stderr) of `cid`/`eid` into the FIFO at `path` until EOF.
-pub fn copy_out(
+pub(crate) fn copy_out(
     agent: AgentClient,
     cid: String,
     eid: String,
@@ -113,7 +113,7 @@ pub fn copy_out(
 
 /// The stdin side: copies the FIFO to `WriteStdin` until `close` fires (containerd's
 /// `CloseIO`), then sends what is left and `CloseStdin`.
-pub fn copy_in(
+pub(crate) fn copy_in(
     agent: AgentClient,
     cid: String,
     eid: String,

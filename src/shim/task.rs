@@ -18,10 +18,10 @@ use super::pod::Pod;
 use super::{Error, io};
 
 /// The task service names containerd dials.
-const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
+pub(crate) const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
 
 /// The task service over `pod`, under both names.
-fn services(pod: Arc<Pod>) -> HashMap<String, ttrpc::r#async::Service> {
+pub(crate) fn services(pod: Arc<Pod>) -> HashMap<String, ttrpc::r#async::Service> {
     let mut out = HashMap::new();
     for name in SERVICES {
         let svc = create_task(Arc::new(Shim(pod.clone())));
@@ -33,7 +33,7 @@ fn services(pod: Arc<Pod>) -> HashMap<String, ttrpc::r#async::Service> {
 }
 
 /// The ttrpc face of the pod.
-struct Shim(Arc<Pod>);
+pub(crate) struct Shim(pub(crate) Arc<Pod>);
 
 fn answer<T>(method: &'static str, r: Result<T, Error>) -> ttrpc::Result<T> {
     r.map_err(|e| {
@@ -148,7 +148,7 @@ impl Task for Shim {
 
 /// Serves the task API on `socket` until containerd's Shutdown (or SIGTERM), then removes
 /// the socket; a sandbox still there is torn down (its VM deleted) first.
-pub async fn serve(flags: Flags, socket: PathBuf) -> Result<(), Error> {
+pub(crate) async fn serve(flags: Flags, socket: PathBuf) -> Result<(), Error> {
     let publisher = Publisher::start(ttrpc_address(&flags.address), flags.namespace.clone());
     let pod = Pod::new(publisher);
     if let Some(d) = socket.parent() {

@@ -17,7 +17,7 @@ use crate::protocol::hypervisor_ttrpc;
 use crate::protocol::{agent, agent_ttrpc, health, health_ttrpc, hypervisor};
 
 /// A ttrpc context with `timeout` (zero: no deadline, for long polls).
-pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+pub(crate) fn ctx(timeout: Duration) -> ttrpc::context::Context {
     let mut c = ttrpc::context::with_timeout(timeout.as_nanos() as i64);
     if timeout.is_zero() {
         c.timeout_nano = 0;
@@ -54,7 +54,7 @@ fn hv_err(call: &'static str, socket: &Path) -> impl Fn(ttrpc::Error) -> Error +
 /// The annotations kata's shim sends in CreateVM: always these nine keys; a pod's
 /// `io.katacontainers.config.hypervisor.*` value only where the configuration enables it,
 /// else `"0"` for numbers and `""` for the rest.
-pub fn create_vm_annotations(
+pub(crate) fn create_vm_annotations(
     spec_annotations: &HashMap<String, String>,
     config: &Config,
 ) -> HashMap<String, String> {
@@ -89,7 +89,7 @@ pub fn create_vm_annotations(
 }
 
 /// `CreateVM`: the agent socket CAA serves for the VM.
-pub async fn create_vm(
+pub(crate) async fn create_vm(
     socket: &Path,
     id: &str,
     annotations: HashMap<String, String>,
@@ -120,7 +120,7 @@ pub async fn create_vm(
 }
 
 /// `StartVM` (may take minutes: a cloud VM boots and CAA waits for its agent).
-pub async fn start_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), Error> {
+pub(crate) async fn start_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), Error> {
     let c = hypervisor(socket, "StartVM").await?;
     let mut req = hypervisor::StartVMRequest::new();
     req.id = id.to_string();
@@ -131,7 +131,7 @@ pub async fn start_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), 
 }
 
 /// `StopVM`: CAA deletes the VM.
-pub async fn stop_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), Error> {
+pub(crate) async fn stop_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), Error> {
     let c = hypervisor(socket, "StopVM").await?;
     let mut req = hypervisor::StopVMRequest::new();
     req.id = id.to_string();
@@ -143,7 +143,7 @@ pub async fn stop_vm(socket: &Path, id: &str, timeout: Duration) -> Result<(), E
 
 /// The agent API over one connection.
 #[derive(Clone)]
-pub struct AgentClient {
+pub(crate) struct AgentClient {
     agent: agent_ttrpc::AgentServiceClient,
     health: health_ttrpc::HealthClient,
 }
@@ -165,7 +165,7 @@ fn agent_err(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
 
 impl AgentClient {
     /// Over an established ttrpc client.
-    fn new(c: ttrpc::r#async::Client) -> Self {
+    pub(crate) fn new(c: ttrpc::r#async::Client) -> Self {
         Self {
             agent: agent_ttrpc::AgentServiceClient::new(c.clone()),
             health: health_ttrpc::HealthClient::new(c),
@@ -174,7 +174,7 @@ impl AgentClient {
 
     /// Dials the unix socket CAA returned and waits until the agent answers its health
     /// check (every 500 ms, for at most `dial_timeout`), as kata's shim checks it.
-    pub async fn connect(socket: &str, dial_timeout: Duration) -> Result<Self, Error> {
+    pub(crate) async fn connect(socket: &str, dial_timeout: Duration) -> Result<Self, Error> {
         let deadline = Instant::now() + dial_timeout;
         loop {
             let last = match ttrpc::r#async::Client::connect(&format!("unix://{socket}")).await {
@@ -199,7 +199,7 @@ impl AgentClient {
     }
 
     /// `grpc.Health/Check`.
-    async fn check(&self, timeout: Duration) -> Result<(), Error> {
+    pub(crate) async fn check(&self, timeout: Duration) -> Result<(), Error> {
         let r = self
             .health
             .check(ctx(timeout), &health::CheckRequest::new())
@@ -216,18 +216,18 @@ impl AgentClient {
     }
 
     /// The generated client of `grpc.AgentService`.
-    pub fn api(&self) -> &agent_ttrpc::AgentServiceClient {
+    pub(crate) fn api(&self) -> &agent_ttrpc::AgentServiceClient {
         &self.agent
     }
 }
 
 /// Maps a ttrpc error of agent method `call`.
-pub fn agent_error(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
+pub(crate) fn agent_error(call: &'static str) -> impl Fn(ttrpc::Error) -> Error {
     agent_err(call)
 }
 
 /// `GetGuestDetails` as kata asks it.
-pub fn guest_details_request() -> agent::GuestDetailsRequest {
+pub(crate) fn guest_details_request() -> agent::GuestDetailsRequest {
     agent::GuestDetailsRequest {
         mem_block_size: true,
         mem_hotplug_probe: true,

@@ -4,7 +4,7 @@ pub(crate) mod redact;
 mod server;
 
 pub use server::{Readiness, router};
-pub use server::{ReadyFlag, bind, serve};
+pub(crate) use server::{ReadyFlag, bind, serve};
 
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ pub enum Error {
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
@@ -60,7 +60,7 @@ pub enum LogFormat {
 pub struct LogArgs {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SANDBOXD_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
     /// `sandboxd=debug,kube=info`. Defaults to `RUST_LOG`, then `info`.
     #[arg(long, global = true, env = "SANDBOXD_LOG_LEVEL")]
@@ -74,7 +74,7 @@ const QUIET_RUSTLS_SNI: &str = "rustls::msgs::handshake=error";
 /// filter, which costs little per event and little code at start; span and field directives
 /// (`sandboxd[admission]=debug`) need an [`EnvFilter`].
 #[derive(Debug)]
-enum LogFilter {
+pub(crate) enum LogFilter {
     /// Levels and per-module directives.
     Targets(Box<Targets>),
     /// Anything else `RUST_LOG` accepts.
@@ -83,7 +83,7 @@ enum LogFilter {
 
 impl LogArgs {
     /// The filter in force: `--log-level`, else `RUST_LOG`, else `info`.
-    fn filter(&self) -> Result<LogFilter, Error> {
+    pub(crate) fn filter(&self) -> Result<LogFilter, Error> {
         let value = self
             .log_level
             .clone()
@@ -184,7 +184,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A registry holding `sandboxd_build_info{version, component}`.
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::for_component("sandboxd")
     }
 

@@ -17,7 +17,7 @@ use std::io::Write;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// What replaces a secret.
-const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 const FIELD_PREFIXES: [&str; 5] = [
     "client_secret=",
@@ -34,7 +34,7 @@ fn is_token_char(c: u8) -> bool {
 }
 
 /// `line` with every secret this module recognises replaced by [`REDACTED`].
-fn redact(line: &str) -> Cow<'_, str> {
+pub(crate) fn redact(line: &str) -> Cow<'_, str> {
     let mut out = Cow::Borrowed(line);
     for secret in crate::cloud::secret::known_secrets() {
         if secret.len() < 4 {
@@ -139,7 +139,7 @@ fn redact(line: &str) -> Cow<'_, str> {
 /// A [`MakeWriter`] whose writers redact each write (the formatter writes one whole event
 /// per call) before it reaches `inner`.
 #[derive(Clone, Debug)]
-pub struct RedactingMakeWriter<M>(pub M);
+pub(crate) struct RedactingMakeWriter<M>(pub(crate) M);
 
 impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMakeWriter<M> {
     type Writer = RedactingWriter<M::Writer>;
@@ -151,7 +151,7 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMakeWriter<M> {
 
 /// See [`RedactingMakeWriter`].
 #[derive(Debug)]
-pub struct RedactingWriter<W>(W);
+pub(crate) struct RedactingWriter<W>(W);
 
 impl<W: Write> Write for RedactingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

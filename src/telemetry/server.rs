@@ -25,23 +25,23 @@ type Check = (String, Arc<AtomicBool>);
 
 /// One readiness check, flipped by the component that owns it.
 #[derive(Clone)]
-pub struct ReadyFlag(Arc<AtomicBool>);
+pub(crate) struct ReadyFlag(Arc<AtomicBool>);
 
 impl ReadyFlag {
     /// Marks the check ready (`true`) or not.
-    pub fn set(&self, ready: bool) {
+    pub(crate) fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
     }
 }
 
 impl Readiness {
     /// An empty set of checks (ready until a check is registered).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Registers a check, initially not ready.
-    pub fn register(&self, name: &str) -> ReadyFlag {
+    pub(crate) fn register(&self, name: &str) -> ReadyFlag {
         let flag = Arc::new(AtomicBool::new(false));
         self.checks
             .lock()
@@ -51,7 +51,7 @@ impl Readiness {
     }
 
     /// Whether every check is ready, and a line per check as the API server prints them.
-    fn report(&self) -> (bool, String) {
+    pub(crate) fn report(&self) -> (bool, String) {
         let checks = self.checks.lock().expect("readiness lock");
         let mut ok = true;
         let mut text = String::new();
@@ -118,14 +118,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Binds the server's address (separate from [`serve`] so callers learn the port of `:0`).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })
 }
 
 /// Serves `router` until `shutdown` is cancelled, then finishes in-flight requests.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,

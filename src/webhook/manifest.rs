@@ -19,14 +19,14 @@ use super::policy::DEFAULT_NEVER_MUTATE;
 use crate::api::names::{DEFAULT_NAMESPACE, RUNTIME_CLASS, WEBHOOK, WEBHOOK_SERVICE};
 
 /// The webhook's name inside the configuration.
-const WEBHOOK_NAME: &str = "mwebhook.peerpods.io";
+pub(crate) const WEBHOOK_NAME: &str = "mwebhook.peerpods.io";
 /// OpenShift's service CA: the annotation asking it to inject the caBundle.
-pub const SERVICE_CA_INJECT_ANNOTATION: &str = "service.beta.openshift.io/inject-cabundle";
+pub(crate) const SERVICE_CA_INJECT_ANNOTATION: &str = "service.beta.openshift.io/inject-cabundle";
 /// The HTTP path of the mutation endpoint.
 pub const MUTATE_PATH: &str = "/mutate-v1-pod";
 /// The checked-in file, relative to the repository root.
 #[cfg(test)]
-const CHECKED_IN_PATH: &str = "deploy/webhook/mutating-webhook-configuration.yaml";
+pub(crate) const CHECKED_IN_PATH: &str = "deploy/webhook/mutating-webhook-configuration.yaml";
 
 /// How the configuration reaches the webhook and what it skips.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ impl Default for Options {
 impl Endpoint {
     /// How the API server reaches the webhook's `path` here (the Service's port 443, or the
     /// development URL's host), trusting `ca_bundle`.
-    pub fn client_config(&self, path: &str, ca_bundle: Option<&str>) -> WebhookClientConfig {
+    pub(crate) fn client_config(&self, path: &str, ca_bundle: Option<&str>) -> WebhookClientConfig {
         WebhookClientConfig {
             ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
             service: match self {
@@ -92,7 +92,7 @@ impl Endpoint {
 }
 
 /// `s` as a CEL string literal.
-pub fn cel_string(s: &str) -> String {
+pub(crate) fn cel_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
@@ -175,7 +175,7 @@ pub fn webhook_configuration(options: &Options) -> MutatingWebhookConfiguration 
 
 /// The YAML checked in at [`CHECKED_IN_PATH`].
 #[cfg(test)]
-fn checked_in_yaml() -> String {
+pub(crate) fn checked_in_yaml() -> String {
     let body = serde_saphyr::to_string(&webhook_configuration(&Options::default()))
         .expect("a webhook configuration always serialises");
     format!(

@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 
 /// How an admission request ended.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A peer pod was mutated.
     Mutated,
     /// Admitted unchanged (not a peer pod, not a pod creation, or a never-mutate namespace).
@@ -23,7 +23,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in declaration order (`outcome as usize` indexes it).
-    const ALL: [Outcome; 4] = [
+    pub(crate) const ALL: [Outcome; 4] = [
         Outcome::Mutated,
         Outcome::Ignored,
         Outcome::Denied,
@@ -31,7 +31,7 @@ impl Outcome {
     ];
 
     /// The metric label value.
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Mutated => "mutated",
             Outcome::Ignored => "ignored",
@@ -59,7 +59,7 @@ struct ReasonLabels {
 
 /// Counters and the latency histogram of the webhook (cheap to clone; clones share values).
 #[derive(Clone)]
-pub struct WebhookMetrics {
+pub(crate) struct WebhookMetrics {
     admissions: Family<OutcomeLabels, Counter>,
     /// The counters of `admissions`, one per [`Outcome`] in [`Outcome::ALL`] order, looked
     /// up once so that counting an admission is one atomic add.
@@ -89,7 +89,7 @@ impl Default for WebhookMetrics {
 
 impl WebhookMetrics {
     /// Metrics registered in `registry` (under its `sandboxd` prefix, as `webhook_*`).
-    pub fn register(registry: &mut Registry) -> Self {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("webhook");
         r.register(
@@ -117,18 +117,18 @@ impl WebhookMetrics {
     }
 
     /// Records one answered request.
-    pub fn observe(&self, outcome: Outcome, took: Duration) {
+    pub(crate) fn observe(&self, outcome: Outcome, took: Duration) {
         self.by_outcome[outcome as usize].inc();
         self.duration.observe(took.as_secs_f64());
     }
 
     /// Counts a mutated pod.
-    pub fn mutated(&self) {
+    pub(crate) fn mutated(&self) {
         self.mutations.inc();
     }
 
     /// Counts an error by its metric label.
-    pub fn error(&self, reason: &str) {
+    pub(crate) fn error(&self, reason: &str) {
         self.errors
             .get_or_create(&ReasonLabels {
                 reason: reason.to_string(),
@@ -137,7 +137,7 @@ impl WebhookMetrics {
     }
 
     /// Counts a certificate reload (`ok` or an error label).
-    pub fn reload(&self, result: &str) {
+    pub(crate) fn reload(&self, result: &str) {
         self.reloads
             .get_or_create(&ReasonLabels {
                 reason: result.to_string(),

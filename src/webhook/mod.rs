@@ -31,14 +31,14 @@ use axum::routing::post;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-pub use metrics::WebhookMetrics;
-pub use policy::{NamespacePattern, NamespacePolicy};
-pub use review::{Settings, Webhook};
+pub(crate) use metrics::WebhookMetrics;
+pub(crate) use policy::{NamespacePattern, NamespacePolicy};
+pub(crate) use review::{Settings, Webhook};
 
 use crate::telemetry::{Metrics, Readiness};
 
 /// The default request body limit: a pod object is at most ~1.5 MiB in etcd.
-const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Flags of `sandboxd webhook` (names follow the Go webhook's conventions).
 #[derive(Clone, Debug, clap::Args)]
@@ -50,35 +50,35 @@ pub struct Args {
         env = "CERT_DIR",
         default_value = "/tmp/k8s-webhook-server/serving-certs"
     )]
-    cert_dir: PathBuf,
+    pub(crate) cert_dir: PathBuf,
     /// HTTPS port.
     #[arg(long, env = "WEBHOOK_PORT", default_value_t = 9443)]
-    port: u16,
+    pub(crate) port: u16,
     /// Address to listen on (default: all IPv4 interfaces).
     #[arg(long, default_value = "0.0.0.0")]
-    bind_address: IpAddr,
+    pub(crate) bind_address: IpAddr,
     /// Runtime class of peer pods. Also read from `TARGET_RUNTIME_CLASS` (the OpenShift
     /// spelling). Default `kata-remote`.
     #[arg(long, env = "TARGET_RUNTIMECLASS")]
-    target_runtime_class: Option<String>,
+    pub(crate) target_runtime_class: Option<String>,
     /// Extended resource that counts pod VMs per node.
     #[arg(
         long,
         env = "POD_VM_EXTENDED_RESOURCE",
         default_value = crate::api::names::VM_RESOURCE
     )]
-    pod_vm_extended_resource: String,
+    pub(crate) pod_vm_extended_resource: String,
     /// The operator's namespace: peer pods there are refused.
     #[arg(
         long,
         env = "OPERATOR_NAMESPACE",
         default_value = crate::api::names::DEFAULT_NAMESPACE
     )]
-    operator_namespace: String,
+    pub(crate) operator_namespace: String,
     /// If set, peer pods are refused outside these namespaces (comma list; `prefix-*`
     /// patterns allowed).
     #[arg(long, env = "PEERPODS_ALLOWED_NAMESPACES", value_delimiter = ',')]
-    allowed_namespaces: Vec<String>,
+    pub(crate) allowed_namespaces: Vec<String>,
     /// Namespaces whose pods are never mutated, whatever the webhook configuration sends
     /// (comma list; `prefix-*` patterns allowed).
     #[arg(
@@ -87,25 +87,25 @@ pub struct Args {
         value_delimiter = ',',
         default_values_t = policy::DEFAULT_NEVER_MUTATE.iter().map(|s| s.to_string())
     )]
-    never_mutate_namespaces: Vec<String>,
+    pub(crate) never_mutate_namespaces: Vec<String>,
     /// Minimum TLS version: `VersionTLS12` (default) or `VersionTLS13`.
     #[arg(long, env = "TLS_MIN_VERSION")]
-    tls_min_version: Option<String>,
+    pub(crate) tls_min_version: Option<String>,
     /// Allowed cipher suites by IANA (Go) name, comma separated.
     #[arg(long, env = "TLS_CIPHER_SUITES", value_delimiter = ',')]
-    tls_cipher_suites: Vec<String>,
+    pub(crate) tls_cipher_suites: Vec<String>,
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES)]
-    max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// How often the certificate files are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
-    cert_reload_interval_ms: u64,
+    pub(crate) cert_reload_interval_ms: u64,
 }
 
 impl Args {
     /// The target runtime class: the flag / `TARGET_RUNTIMECLASS`, else
     /// `TARGET_RUNTIME_CLASS`, else `kata-remote`.
-    fn target_runtime_class(&self) -> String {
+    pub(crate) fn target_runtime_class(&self) -> String {
         self.target_runtime_class
             .clone()
             .filter(|s| !s.is_empty())
@@ -118,7 +118,7 @@ impl Args {
     }
 
     /// The mutation settings.
-    fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             target_runtime_class: self.target_runtime_class(),
             extended_resource: self.pod_vm_extended_resource.clone(),
@@ -126,7 +126,7 @@ impl Args {
     }
 
     /// The namespace policy.
-    fn policy(&self) -> NamespacePolicy {
+    pub(crate) fn policy(&self) -> NamespacePolicy {
         let patterns = |list: &[String]| {
             list.iter()
                 .filter(|s| !s.trim().is_empty())
@@ -141,7 +141,7 @@ impl Args {
     }
 
     /// The TLS options.
-    pub fn tls(&self) -> tls::TlsOptions {
+    pub(crate) fn tls(&self) -> tls::TlsOptions {
         tls::TlsOptions {
             min_version: self.tls_min_version.clone(),
             cipher_suites: self.tls_cipher_suites.clone(),
@@ -156,7 +156,7 @@ struct AppState {
 
 /// The webhook's routes (`POST /mutate-v1-pod`, `POST /validate-kataconfig/{name}`) merged with `/healthz`, `/livez`,
 /// `/readyz` and `/metrics`. Tests call it directly with JSON bodies.
-fn router(
+pub(crate) fn router(
     webhook: Webhook,
     registry: Arc<Registry>,
     readiness: Readiness,
@@ -211,7 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Serves the webhook until `shutdown` is cancelled (for callers that own the shutdown).
-async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = args.settings();
     let certs = tls::CertReloader::load(&args.cert_dir).with_context(|| {
         format!(

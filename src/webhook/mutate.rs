@@ -14,13 +14,13 @@ use super::quantity::{self, NANO, QuantityError, div_ceil};
 use crate::api::names::{PEER_POD_LABEL, annotations};
 
 /// The resource that sizes `default_gpus`.
-const GPU_RESOURCE: &str = "nvidia.com/gpu";
+pub(crate) const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 const MIB_NANOS: i128 = NANO << 20;
 
 /// Errors computing a pod's mutation.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A resource quantity in the pod does not parse.
     #[error("{place}: resource {resource:?}: {source}")]
     Quantity {
@@ -38,7 +38,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Quantity { .. } => "invalid_quantity",
             Error::NoContainers => "no_containers",
@@ -48,27 +48,27 @@ impl Error {
 
 /// The size of the pod VM, in the units of the kata annotations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodSize {
+pub(crate) struct PodSize {
     /// vCPUs, rounded up; `None` when the pod asks for no CPU.
-    pub vcpus: Option<u64>,
+    pub(crate) vcpus: Option<u64>,
     /// Memory in MiB, rounded up; `None` when the pod asks for no memory.
-    pub memory_mib: Option<u64>,
+    pub(crate) memory_mib: Option<u64>,
     /// GPUs; `None` when the pod asks for none.
-    pub gpus: Option<u64>,
+    pub(crate) gpus: Option<u64>,
     /// Resources the pod asked for that a pod VM size cannot carry (hugepages, storage,
     /// other extended resources), sorted.
-    dropped: BTreeSet<String>,
+    pub(crate) dropped: BTreeSet<String>,
 }
 
 /// The outcome of mutating one peer pod.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Mutation {
+pub(crate) struct Mutation {
     /// RFC 6902 operations turning the submitted pod into the peer pod, as JSON text.
-    pub patch: String,
+    pub(crate) patch: String,
     /// Messages for the user (admission warnings).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// The size written to the annotations (before user-set annotations win).
-    pub size: PodSize,
+    pub(crate) size: PodSize,
 }
 
 type Amounts<'a> = BTreeMap<&'a str, i128>;
@@ -185,7 +185,7 @@ fn effective<'a>(pod: &'a PeerPod<'_>) -> Result<Both<'a>, Error> {
 /// `spec.resources` win where set). The limit is used when the request is non-zero and the
 /// limit is at least the request, otherwise the request; values round up to whole vCPUs,
 /// MiB and GPUs.
-fn pod_size(pod: &PeerPod<'_>, extended_resource: &str) -> Result<PodSize, Error> {
+pub(crate) fn pod_size(pod: &PeerPod<'_>, extended_resource: &str) -> Result<PodSize, Error> {
     let Both {
         mut requests,
         mut limits,
@@ -222,7 +222,7 @@ fn pod_size(pod: &PeerPod<'_>, extended_resource: &str) -> Result<PodSize, Error
 /// The patch removes pod-level and every container's `resources`, sets the first
 /// container's to one unit of `extended_resource`, adds the peer pod label, and adds the size
 /// annotations the user did not set. `labels` and `annotations` exist afterwards.
-pub fn mutate(pod: &PeerPod<'_>, extended_resource: &str) -> Result<Mutation, Error> {
+pub(crate) fn mutate(pod: &PeerPod<'_>, extended_resource: &str) -> Result<Mutation, Error> {
     if pod.containers.is_empty() {
         return Err(Error::NoContainers);
     }

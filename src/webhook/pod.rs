@@ -24,7 +24,7 @@ use crate::api::names::annotations;
 pub(crate) struct Str<'a>(pub(crate) Cow<'a, str>);
 
 impl Str<'_> {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -53,7 +53,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 
 /// `T` read only from a JSON object, or `None` from `null`: serde's derived structs would
 /// also take an array, which no Kubernetes object is.
-pub struct Obj<T>(pub Option<T>);
+pub(crate) struct Obj<T>(pub(crate) Option<T>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -87,24 +87,24 @@ fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option
 /// The pod object, scanned once: only `spec.runtimeClassName` is read; `metadata` and the
 /// resource-bearing fields are kept as raw text for a peer pod.
 #[derive(Deserialize, Default)]
-pub struct PodIn<'a> {
+pub(crate) struct PodIn<'a> {
     #[serde(default, borrow)]
-    metadata: Option<&'a RawValue>,
+    pub(crate) metadata: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "object")]
-    spec: Option<SpecIn<'a>>,
+    pub(crate) spec: Option<SpecIn<'a>>,
 }
 
 /// The parts of a peer pod the mutation reads, parsed from a [`PodIn`].
-pub struct PeerPod<'a> {
-    pub meta: Meta<'a>,
-    pub containers: Vec<Container<'a>>,
-    pub init_containers: Vec<Container<'a>>,
-    pub resources: Option<Resources<'a>>,
+pub(crate) struct PeerPod<'a> {
+    pub(crate) meta: Meta<'a>,
+    pub(crate) containers: Vec<Container<'a>>,
+    pub(crate) init_containers: Vec<Container<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 impl<'a> PeerPod<'a> {
     /// Parses what the mutation needs; errors name the field.
-    pub fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
+    pub(crate) fn parse(pod: &PodIn<'a>) -> Result<Self, FieldError> {
         let spec = pod.spec.as_ref();
         Ok(Self {
             meta: Meta::parse(pod.metadata)?,
@@ -118,36 +118,36 @@ impl<'a> PeerPod<'a> {
 /// The whole pod read in one pass: what [`PodIn`] and then [`PeerPod`] read, typed at once.
 /// Tried first; a body it cannot read goes through [`PodIn`] for a precise answer.
 #[derive(Deserialize, Default)]
-pub struct PodFull<'a> {
+pub(crate) struct PodFull<'a> {
     #[serde(default, borrow, deserialize_with = "object")]
-    metadata: Option<Meta<'a>>,
+    pub(crate) metadata: Option<Meta<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    spec: Option<SpecFull<'a>>,
+    pub(crate) spec: Option<SpecFull<'a>>,
 }
 
 /// `spec` of a [`PodFull`].
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct SpecFull<'a> {
+pub(crate) struct SpecFull<'a> {
     #[serde(default, borrow)]
-    runtime_class_name: Option<Str<'a>>,
+    pub(crate) runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    containers: Option<Vec<Obj<Container<'a>>>>,
+    pub(crate) containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow)]
-    init_containers: Option<Vec<Obj<Container<'a>>>>,
+    pub(crate) init_containers: Option<Vec<Obj<Container<'a>>>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    resources: Option<Resources<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 /// A pod as read so far: whole ([`PodFull`]) or scanned ([`PodIn`]).
-pub enum PodParts<'a> {
+pub(crate) enum PodParts<'a> {
     Full(PodFull<'a>),
     Scanned(PodIn<'a>),
 }
 
 impl<'a> PodParts<'a> {
     /// `spec.runtimeClassName`.
-    pub fn runtime_class(&self) -> Option<&str> {
+    pub(crate) fn runtime_class(&self) -> Option<&str> {
         match self {
             PodParts::Full(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
             PodParts::Scanned(p) => p.spec.as_ref()?.runtime_class_name.as_ref(),
@@ -156,7 +156,7 @@ impl<'a> PodParts<'a> {
     }
 
     /// The parts the mutation reads; errors name the field.
-    pub fn peer(self) -> Result<PeerPod<'a>, FieldError> {
+    pub(crate) fn peer(self) -> Result<PeerPod<'a>, FieldError> {
         let full = match self {
             PodParts::Scanned(p) => return PeerPod::parse(&p),
             PodParts::Full(full) => full,
@@ -192,22 +192,22 @@ fn null_container(list: &str, i: usize) -> FieldError {
 /// `spec`, as far as the webhook reads it.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct SpecIn<'a> {
+pub(crate) struct SpecIn<'a> {
     #[serde(default, borrow)]
-    runtime_class_name: Option<Str<'a>>,
+    pub(crate) runtime_class_name: Option<Str<'a>>,
     #[serde(default, borrow)]
-    containers: Option<&'a RawValue>,
+    pub(crate) containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    init_containers: Option<&'a RawValue>,
+    pub(crate) init_containers: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    resources: Option<&'a RawValue>,
+    pub(crate) resources: Option<&'a RawValue>,
 }
 
 /// Why a peer pod's fields could not be read; names the field.
 #[derive(Debug)]
-pub struct FieldError {
-    field: String,
-    source: serde_json::Error,
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) source: serde_json::Error,
 }
 
 impl fmt::Display for FieldError {
@@ -229,25 +229,25 @@ fn parse<'a, T: Deserialize<'a>>(
 /// `metadata`: where the pod is, and which labels/annotations the mutation must respect.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct Meta<'a> {
+pub(crate) struct Meta<'a> {
     /// Whether `metadata` is an object (not absent or `null`).
     #[serde(skip)]
-    pub present: bool,
+    pub(crate) present: bool,
     #[serde(default, borrow)]
-    pub namespace: Option<Str<'a>>,
+    pub(crate) namespace: Option<Str<'a>>,
     #[serde(default, borrow)]
-    pub generate_name: Option<Str<'a>>,
+    pub(crate) generate_name: Option<Str<'a>>,
     /// `Some` when `labels` is an object.
     #[serde(default)]
-    pub labels: Option<AnyObject>,
+    pub(crate) labels: Option<AnyObject>,
     /// `Some` when `annotations` is an object.
     #[serde(default)]
-    pub annotations: Option<SizeAnnotations>,
+    pub(crate) annotations: Option<SizeAnnotations>,
 }
 
 impl<'a> Meta<'a> {
     /// Reads `metadata` (absent or `null` is an empty one).
-    fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: Option<&'a RawValue>) -> Result<Self, FieldError> {
         match raw {
             Some(raw) => Ok(match parse::<Obj<Meta>>(raw, || "metadata".into())?.0 {
                 Some(meta) => Self {
@@ -263,7 +263,7 @@ impl<'a> Meta<'a> {
 
 /// A JSON object whose members are not read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AnyObject;
+pub(crate) struct AnyObject;
 
 impl<'de> Deserialize<'de> for AnyObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -284,15 +284,15 @@ impl<'de> Deserialize<'de> for AnyObject {
 
 /// Which of the VM size annotations an `annotations` object already holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SizeAnnotations {
-    vcpus: bool,
-    memory: bool,
-    gpus: bool,
+pub(crate) struct SizeAnnotations {
+    pub(crate) vcpus: bool,
+    pub(crate) memory: bool,
+    pub(crate) gpus: bool,
 }
 
 impl SizeAnnotations {
     /// Whether the annotation `key` (one of the size annotations) is set.
-    pub fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         match key {
             annotations::DEFAULT_VCPUS => self.vcpus,
             annotations::DEFAULT_MEMORY => self.memory,
@@ -331,18 +331,18 @@ impl<'de> Deserialize<'de> for SizeAnnotations {
 /// A container or init container, as far as sizing reads it.
 #[derive(Deserialize, Default, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct Container<'a> {
+pub(crate) struct Container<'a> {
     #[serde(default, borrow)]
-    pub name: Str<'a>,
+    pub(crate) name: Str<'a>,
     #[serde(default, borrow)]
-    pub restart_policy: Option<Str<'a>>,
+    pub(crate) restart_policy: Option<Str<'a>>,
     #[serde(default, borrow, deserialize_with = "object")]
-    pub resources: Option<Resources<'a>>,
+    pub(crate) resources: Option<Resources<'a>>,
 }
 
 /// Reads a container list (`spec.containers` or `spec.initContainers`); absent or `null` is
 /// empty. Errors name the list and the index.
-fn containers<'a>(
+pub(crate) fn containers<'a>(
     raw: Option<&'a RawValue>,
     list: &'static str,
 ) -> Result<Vec<Container<'a>>, FieldError> {
@@ -367,7 +367,7 @@ fn containers<'a>(
 }
 
 /// Reads pod-level `spec.resources` (absent or `null` is none).
-fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'_>>, FieldError> {
+pub(crate) fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'_>>, FieldError> {
     raw.map_or(Ok(None), |raw| {
         parse::<Obj<Resources>>(raw, || "spec.resources".into()).map(|o| o.0)
     })
@@ -375,19 +375,19 @@ fn pod_resources(raw: Option<&RawValue>) -> Result<Option<Resources<'_>>, FieldE
 
 /// `resources` of a container or of the pod: quantities as text.
 #[derive(Deserialize, Default, Debug)]
-pub struct Resources<'a> {
+pub(crate) struct Resources<'a> {
     #[serde(default, borrow)]
-    pub requests: Option<Amounts<'a>>,
+    pub(crate) requests: Option<Amounts<'a>>,
     #[serde(default, borrow)]
-    pub limits: Option<Amounts<'a>>,
+    pub(crate) limits: Option<Amounts<'a>>,
     /// How many resource claims are listed.
     #[serde(default, deserialize_with = "count")]
-    claims: usize,
+    pub(crate) claims: usize,
 }
 
 impl Resources<'_> {
     /// Whether any request, limit or claim is set.
-    pub fn has_amounts(&self) -> bool {
+    pub(crate) fn has_amounts(&self) -> bool {
         self.requests.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.limits.as_ref().is_some_and(|m| !m.0.is_empty())
             || self.claims > 0

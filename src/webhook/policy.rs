@@ -6,7 +6,7 @@
 use crate::api::names::DEFAULT_NAMESPACE;
 
 /// Namespaces never mutated, even when the webhook configuration sends their pods here.
-pub const DEFAULT_NEVER_MUTATE: &[&str] = &[
+pub(crate) const DEFAULT_NEVER_MUTATE: &[&str] = &[
     "kube-system",
     "kube-public",
     "kube-node-lease",
@@ -15,7 +15,7 @@ pub const DEFAULT_NEVER_MUTATE: &[&str] = &[
 
 /// What to do with a peer pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Turn it into a peer pod.
     Mutate,
     /// Admit it unchanged; the reason is for logs.
@@ -25,23 +25,23 @@ pub enum Decision {
 }
 
 /// Decides, per namespace, what happens to a peer pod.
-pub trait AdmissionPolicy: Send + Sync {
+pub(crate) trait AdmissionPolicy: Send + Sync {
     /// The decision for a peer pod created in `namespace`.
     fn decide(&self, namespace: &str) -> Decision;
 }
 
 /// A namespace name, or a prefix when it ends with `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NamespacePattern(String);
+pub(crate) struct NamespacePattern(String);
 
 impl NamespacePattern {
     /// A pattern from its text (`kube-system`, `openshift-*`).
-    pub fn new(text: &str) -> Self {
+    pub(crate) fn new(text: &str) -> Self {
         Self(text.trim().to_string())
     }
 
     /// Whether `namespace` matches.
-    fn matches(&self, namespace: &str) -> bool {
+    pub(crate) fn matches(&self, namespace: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => namespace.starts_with(prefix),
             None => namespace == self.0,
@@ -49,7 +49,7 @@ impl NamespacePattern {
     }
 
     /// The text of the pattern.
-    fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -57,13 +57,13 @@ impl NamespacePattern {
 /// The namespace policy from the seed's advice: no peer pods in the operator's namespace,
 /// optionally only in an allow-list, and never touch system namespaces.
 #[derive(Debug, Clone)]
-pub struct NamespacePolicy {
+pub(crate) struct NamespacePolicy {
     /// The operator's namespace: peer pods there are refused.
-    pub operator_namespace: String,
+    pub(crate) operator_namespace: String,
     /// When non-empty, peer pods are refused outside these namespaces.
-    pub allowed: Vec<NamespacePattern>,
+    pub(crate) allowed: Vec<NamespacePattern>,
     /// Namespaces whose pods are admitted unchanged.
-    pub never_mutate: Vec<NamespacePattern>,
+    pub(crate) never_mutate: Vec<NamespacePattern>,
 }
 
 impl Default for NamespacePolicy {

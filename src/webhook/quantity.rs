@@ -7,18 +7,18 @@
 /// Why a quantity string could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid quantity {value:?}: {reason}")]
-pub struct QuantityError {
+pub(crate) struct QuantityError {
     /// The text given.
-    value: String,
+    pub(crate) value: String,
     /// What is wrong with it.
-    reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// Nano-units per base unit.
-pub const NANO: i128 = 1_000_000_000;
+pub(crate) const NANO: i128 = 1_000_000_000;
 
 /// Parses a Kubernetes quantity into nano-units, rounding finer fractions up.
-pub fn parse_nanos(text: &str) -> Result<i128, QuantityError> {
+pub(crate) fn parse_nanos(text: &str) -> Result<i128, QuantityError> {
     let err = |reason| QuantityError {
         value: text.to_string(),
         reason,
@@ -110,7 +110,7 @@ fn suffix_exponents(suffix: &str) -> Option<(i32, u32)> {
 }
 
 /// `a / b` rounded towards positive infinity, for `b > 0`.
-pub fn div_ceil(a: i128, b: i128) -> i128 {
+pub(crate) fn div_ceil(a: i128, b: i128) -> i128 {
     let q = a / b;
     if a % b > 0 { q + 1 } else { q }
 }

@@ -17,11 +17,11 @@ use super::policy::{AdmissionPolicy, Decision};
 use crate::api::names;
 
 /// The AdmissionReview API version this webhook speaks.
-const API_VERSION: &str = "admission.k8s.io/v1";
+pub(crate) const API_VERSION: &str = "admission.k8s.io/v1";
 
 /// Why a body could not be answered with an AdmissionReview (answered with HTTP 400).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The body is not JSON of an AdmissionReview.
     #[error("malformed AdmissionReview: {0}")]
     Malformed(#[source] serde_json::Error),
@@ -45,7 +45,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Malformed(_) => "malformed",
             Error::WrongType { .. } => "wrong_type",
@@ -126,55 +126,55 @@ impl<'a> PodObject<'a> for &'a RawValue {
 /// An AdmissionReview answer.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewOut {
+pub(crate) struct ReviewOut {
     /// Always [`API_VERSION`].
     pub(crate) api_version: String,
     /// Always `AdmissionReview`.
     pub(crate) kind: String,
     /// The answer.
-    pub response: Response,
+    pub(crate) response: Response,
 }
 
 /// The `response` of an AdmissionReview.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct Response {
+pub(crate) struct Response {
     /// The request's uid.
-    pub uid: String,
+    pub(crate) uid: String,
     /// Whether the pod is admitted.
-    pub allowed: bool,
+    pub(crate) allowed: bool,
     /// Why not, when refused.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
+    pub(crate) status: Option<Status>,
     /// Base64 of the JSON patch, when mutated.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch: Option<String>,
+    pub(crate) patch: Option<String>,
     /// `JSONPatch` when there is a patch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) patch_type: Option<String>,
     /// Messages for the requesting client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// The status of a refusal.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Status {
+pub(crate) struct Status {
     /// HTTP-like code (403 refused by policy, 400 invalid pod).
-    pub code: u16,
+    pub(crate) code: u16,
     /// Shown to the user.
-    pub message: String,
+    pub(crate) message: String,
     /// `Forbidden` or `BadRequest`.
     pub(crate) reason: String,
 }
 
 /// What the webhook does to peer pods.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Pods with this `spec.runtimeClassName` are peer pods.
-    pub target_runtime_class: String,
+    pub(crate) target_runtime_class: String,
     /// The per-node VM extended resource put on the first container.
-    pub extended_resource: String,
+    pub(crate) extended_resource: String,
 }
 
 impl Default for Settings {
@@ -188,7 +188,7 @@ impl Default for Settings {
 
 /// The admission logic: settings, a namespace policy and metrics.
 #[derive(Clone)]
-pub struct Webhook {
+pub(crate) struct Webhook {
     settings: Arc<Settings>,
     policy: Arc<dyn AdmissionPolicy>,
     metrics: WebhookMetrics,
@@ -196,7 +196,7 @@ pub struct Webhook {
 
 impl Webhook {
     /// A webhook with `settings` and `policy`, counting into `metrics`.
-    pub fn new(
+    pub(crate) fn new(
         settings: Settings,
         policy: Arc<dyn AdmissionPolicy>,
         metrics: WebhookMetrics,
@@ -209,12 +209,12 @@ impl Webhook {
     }
 
     /// The metrics this webhook counts into.
-    pub fn metrics(&self) -> &WebhookMetrics {
+    pub(crate) fn metrics(&self) -> &WebhookMetrics {
         &self.metrics
     }
 
     /// Answers one AdmissionReview body.
-    pub fn review(&self, body: &[u8]) -> Result<ReviewOut, Error> {
+    pub(crate) fn review(&self, body: &[u8]) -> Result<ReviewOut, Error> {
         let start = std::time::Instant::now();
         let result = self.review_inner(body);
         let outcome = match &result {

@@ -17,13 +17,13 @@ use super::manifest::{Endpoint, cel_string};
 use crate::api::names::{KATACONFIG_SINGLETON, LABEL_MANAGED_BY, MANAGED_BY};
 
 /// The path prefix; the KataConfig in force follows it.
-pub const PATH_PREFIX: &str = "/validate-kataconfig";
+pub(crate) const PATH_PREFIX: &str = "/validate-kataconfig";
 /// The webhook's name in it.
-const WEBHOOK_NAME: &str = "kataconfig-singleton.sandboxd.io";
+pub(crate) const WEBHOOK_NAME: &str = "kataconfig-singleton.sandboxd.io";
 
 /// Why a review could not be answered.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The body is not an `admission.k8s.io/v1` AdmissionReview with a request and a uid.
     #[error("not an admission.k8s.io/v1 AdmissionReview request: {0}")]
     Malformed(String),
@@ -31,18 +31,18 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         "malformed"
     }
 }
 
 /// The message of a refusal.
-fn refusal(active: &str, name: &str) -> String {
+pub(crate) fn refusal(active: &str, name: &str) -> String {
     format!("only one KataConfig may exist: {active} already does (refused {name})")
 }
 
 /// Answers the AdmissionReview `body` for a cluster whose KataConfig in force is `active`.
-pub fn review(active: &str, body: &[u8]) -> Result<Value, Error> {
+pub(crate) fn review(active: &str, body: &[u8]) -> Result<Value, Error> {
     let review: Value =
         serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))?;
     if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
@@ -75,7 +75,7 @@ pub fn review(active: &str, body: &[u8]) -> Result<Value, Error> {
 
 /// The configuration refusing every KataConfig CREATE but `active`'s, sent to the webhook at
 /// `endpoint` (the peer pods webhook's Service, or its development URL).
-pub fn configuration(
+pub(crate) fn configuration(
     active: &str,
     endpoint: &Endpoint,
     ca_bundle: Option<String>,

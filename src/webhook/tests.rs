@@ -15,7 +15,7 @@ use super::*;
 use crate::api::names::{self, PEER_POD_LABEL, annotations};
 
 /// A realistic peer pod from a Deployment: three containers and an init container.
-const KATA_POD_REVIEW: &str = include_str!("fixtures/kata-remote-pod.json");
+pub(crate) const KATA_POD_REVIEW: &str = include_str!("fixtures/kata-remote-pod.json");
 
 fn fixture() -> Value {
     serde_json::from_str(KATA_POD_REVIEW).unwrap()

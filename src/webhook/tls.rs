@@ -16,13 +16,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
 /// Certificate file name inside the certificate directory.
-const CERT_FILE: &str = "tls.crt";
+pub(crate) const CERT_FILE: &str = "tls.crt";
 /// Key file name inside the certificate directory.
-const KEY_FILE: &str = "tls.key";
+pub(crate) const KEY_FILE: &str = "tls.key";
 
 /// Errors of the TLS setup and certificate loading.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A certificate or key file could not be read.
     #[error("reading {path}: {source}")]
     Read {
@@ -63,7 +63,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Read { .. } => "read",
             Error::Certificate { .. } => "certificate",
@@ -77,13 +77,13 @@ impl Error {
 
 /// Protocol versions and cipher suites, as `TLS_MIN_VERSION` / `TLS_CIPHER_SUITES` give them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsOptions {
+pub(crate) struct TlsOptions {
     /// `VersionTLS12` (default) or `VersionTLS13` (`1.2` / `1.3` also accepted).
-    pub min_version: Option<String>,
+    pub(crate) min_version: Option<String>,
     /// IANA (Go) names of the allowed suites. TLS 1.2 suites are limited to the listed ones;
     /// TLS 1.3 suites too when any is listed (Go does not let TLS 1.3 suites be chosen, so
     /// a Go-style list keeps all of them).
-    pub cipher_suites: Vec<String>,
+    pub(crate) cipher_suites: Vec<String>,
 }
 
 /// The name Go and IANA use for a suite (rustls prefixes TLS 1.3 suites with `TLS13_`).
@@ -110,7 +110,7 @@ impl TlsOptions {
     }
 
     /// The ring provider restricted to the allowed suites, and the protocol versions.
-    fn provider(
+    pub(crate) fn provider(
         &self,
     ) -> Result<
         (
@@ -173,7 +173,7 @@ impl TlsOptions {
     }
 
     /// A server configuration serving whatever certificate `certs` holds at handshake time.
-    pub fn server_config(&self, certs: Arc<CertReloader>) -> Result<ServerConfig, Error> {
+    pub(crate) fn server_config(&self, certs: Arc<CertReloader>) -> Result<ServerConfig, Error> {
         let (provider, versions) = self.provider()?;
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)?
@@ -186,7 +186,7 @@ impl TlsOptions {
 
 /// The serving certificate, re-read from its directory when the files change.
 #[derive(Debug)]
-pub struct CertReloader {
+pub(crate) struct CertReloader {
     dir: PathBuf,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
@@ -210,7 +210,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 
 impl CertReloader {
     /// Loads `tls.crt` and `tls.key` from `dir`; fails if they are missing or do not match.
-    pub fn load(dir: &Path) -> Result<Arc<Self>, Error> {
+    pub(crate) fn load(dir: &Path) -> Result<Arc<Self>, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert = read(&dir.join(CERT_FILE))?;
         let key = read(&dir.join(KEY_FILE))?;
@@ -228,14 +228,14 @@ impl CertReloader {
     }
 
     /// The certificate currently served (leaf first).
-    fn current(&self) -> Arc<CertifiedKey> {
+    pub(crate) fn current(&self) -> Arc<CertifiedKey> {
         self.current.read().expect("certificate lock").clone()
     }
 
     /// Re-reads the files; swaps the certificate in when they changed and are valid.
     /// Returns whether the served certificate changed. While the files are invalid (e.g. a
     /// rotation wrote the certificate but not yet the key) the old certificate stays.
-    fn reload_if_changed(&self) -> Result<bool, Error> {
+    pub(crate) fn reload_if_changed(&self) -> Result<bool, Error> {
         let cert = read(&self.dir.join(CERT_FILE))?;
         let key = read(&self.dir.join(KEY_FILE))?;
         let mut seen = self.seen.lock().expect("certificate lock");
@@ -268,7 +268,7 @@ impl CertReloader {
     }
 
     /// Polls the files every `interval` until `shutdown`, logging each reload.
-    pub async fn watch(
+    pub(crate) async fn watch(
         self: Arc<Self>,
         interval: Duration,
         shutdown: CancellationToken,

@@ -104,7 +104,7 @@ pub enum ArmError {
 
 impl ArmError {
     /// The HTTP status of an ARM error answer.
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         match self {
             ArmError::Status { status, .. } => Some(*status),
             _ => None,
@@ -152,7 +152,7 @@ impl From<ArmError> for Error {
 }
 
 /// Whether an ARM error code means quota or capacity.
-pub fn is_quota_code(code: &str, message: &str) -> bool {
+pub(crate) fn is_quota_code(code: &str, message: &str) -> bool {
     matches!(
         code,
         "QuotaExceeded"
@@ -165,13 +165,13 @@ pub fn is_quota_code(code: &str, message: &str) -> bool {
 
 /// One ARM answer.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The status (a success: errors are [`ArmError::Status`]).
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// The headers (`Azure-AsyncOperation`, `Location`, `Retry-After`).
-    pub headers: Headers,
+    pub(crate) headers: Headers,
     /// The JSON body; `null` when empty.
-    pub body: Value,
+    pub(crate) body: Value,
 }
 
 /// The client: cheap to clone, every clone shares the token cache and the rate buckets.
@@ -202,7 +202,7 @@ impl Arm {
     }
 
     /// [`Arm::new`] sending through `http` (proxy, CA bundles) instead of the process's.
-    pub fn with_http(
+    pub(crate) fn with_http(
         credentials: &AzureCredentials,
         endpoints: &Endpoints,
         manners: Manners,
@@ -251,12 +251,12 @@ impl Arm {
     }
 
     /// What the retry policy did so far.
-    pub fn counters(&self) -> Arc<Counters> {
+    pub(crate) fn counters(&self) -> Arc<Counters> {
         self.policy.counters.clone()
     }
 
     /// The compute SDK's client on this client's pipeline policy, credential and endpoint.
-    pub fn compute(&self) -> compute::Client {
+    pub(crate) fn compute(&self) -> compute::Client {
         compute::Client::new(
             self.endpoint.clone(),
             self.credential.clone(),
@@ -276,7 +276,7 @@ impl Arm {
 
     /// Sends one request (an absolute URL, or an ARM path with its query) and reads the
     /// answer; an error status is [`ArmError::Status`].
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         url_or_path: &str,
@@ -365,7 +365,7 @@ impl Arm {
     }
 
     /// Every item of a list, following `nextLink`.
-    pub async fn list(&self, path: &str) -> Result<Vec<Value>, ArmError> {
+    pub(crate) async fn list(&self, path: &str) -> Result<Vec<Value>, ArmError> {
         let mut out = Vec::new();
         let mut next = Some(path.to_string());
         while let Some(url) = next.take() {
@@ -382,7 +382,7 @@ impl Arm {
     }
 
     /// POST (actions such as `listKeys`).
-    pub async fn post(&self, path: &str) -> Result<Value, ArmError> {
+    pub(crate) async fn post(&self, path: &str) -> Result<Value, ArmError> {
         Ok(self
             .send(Method::Post, path, Some(&Value::Null))
             .await?
@@ -391,7 +391,12 @@ impl Arm {
 
     /// PUT, then follows the operation to its end; returns the resource as a final GET
     /// shows it.
-    pub async fn put(&self, what: &str, path: &str, body: &Value) -> Result<Value, ArmError> {
+    pub(crate) async fn put(
+        &self,
+        what: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, ArmError> {
         let answer = self.send(Method::Put, path, Some(body)).await?;
         self.wait(what, &answer, None).await?;
         match self.get(path).await? {
@@ -405,7 +410,7 @@ impl Arm {
 
     /// DELETE, then follows the operation to its end. A resource already gone is fine:
     /// answers whether there was one to delete.
-    pub async fn delete(&self, what: &str, path: &str) -> Result<bool, ArmError> {
+    pub(crate) async fn delete(&self, what: &str, path: &str) -> Result<bool, ArmError> {
         match self.send(Method::Delete, path, None).await {
             Ok(a) if a.status == StatusCode::NoContent => Ok(false),
             Ok(a) => {
@@ -422,7 +427,7 @@ impl Arm {
     /// The first poll waits `first_wait` when given (else what the answer asks); later
     /// ones what each answer asks ([`Polling`]). Answers how many polls it took, `None`
     /// when the answer started no operation to follow.
-    pub async fn wait(
+    pub(crate) async fn wait(
         &self,
         what: &str,
         answer: &Answer,
@@ -497,7 +502,7 @@ impl Arm {
 
     /// The serial console log of VM `vm_id` from its boot diagnostics: ARM's
     /// `retrieveBootDiagnosticsData` gives a short-lived SAS URI, read without the token.
-    pub async fn serial_log(&self, vm_id: &str) -> Result<String, ArmError> {
+    pub(crate) async fn serial_log(&self, vm_id: &str) -> Result<String, ArmError> {
         let uris = self
             .send(
                 Method::Post,
@@ -537,7 +542,7 @@ impl Arm {
 
     /// The private IP of the NIC `nic_id` (its primary IP configuration) and, with
     /// `public`, the address of the public IP attached to it (one more read).
-    pub async fn nic_addresses(
+    pub(crate) async fn nic_addresses(
         &self,
         nic_id: &str,
         public: bool,

@@ -12,7 +12,7 @@ use crate::cloud::VmSpec;
 /// A fresh SSH public key (`ssh-ed25519`) whose private half is dropped at once: for a CAA
 /// given no key, so that `disablePasswordAuthentication` always carries one (ARM refuses
 /// it without) and nobody can log in. Nothing is written anywhere.
-pub fn throwaway_ssh_key() -> String {
+pub(crate) fn throwaway_ssh_key() -> String {
     use ring::signature::KeyPair;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
@@ -33,7 +33,7 @@ pub fn throwaway_ssh_key() -> String {
 /// The `SecurityType` a gallery image definition declares in its `features`: which VM
 /// security types ARM lets a VM from it have.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ImageSecurity {
+pub(crate) enum ImageSecurity {
     /// No `SecurityType` (managed images, definitions without it): standard VMs only.
     #[default]
     Standard,
@@ -51,7 +51,7 @@ pub enum ImageSecurity {
 
 impl ImageSecurity {
     /// The value of a `SecurityType` feature.
-    fn from_feature(v: &str) -> Self {
+    pub(crate) fn from_feature(v: &str) -> Self {
         match v.to_ascii_lowercase().as_str() {
             "trustedlaunchsupported" => Self::TrustedLaunchSupported,
             "trustedlaunch" => Self::TrustedLaunch,
@@ -65,7 +65,7 @@ impl ImageSecurity {
     }
 
     /// What a gallery image definition (as ARM answers it) declares.
-    pub fn of_definition(def: &serde_json::Value) -> Self {
+    pub(crate) fn of_definition(def: &serde_json::Value) -> Self {
         def["properties"]["features"]
             .as_array()
             .into_iter()
@@ -77,7 +77,7 @@ impl ImageSecurity {
     }
 
     /// Whether a Trusted Launch VM may boot from it.
-    pub fn allows_trusted_launch(self) -> bool {
+    pub(crate) fn allows_trusted_launch(self) -> bool {
         matches!(
             self,
             Self::TrustedLaunch
@@ -88,11 +88,11 @@ impl ImageSecurity {
 }
 
 /// Azure's limit on `userData`, counted on its base64 text.
-const USER_DATA_MAX: usize = 64 * 1024;
+pub(crate) const USER_DATA_MAX: usize = 64 * 1024;
 
 /// Refuses userData that ARM would refuse, before anything is created: its base64 text
 /// must fit in [`USER_DATA_MAX`].
-pub fn check_user_data(spec: &VmSpec) -> Result<(), String> {
+pub(crate) fn check_user_data(spec: &VmSpec) -> Result<(), String> {
     let Some(ud) = &spec.user_data else {
         return Ok(());
     };
@@ -111,7 +111,7 @@ pub fn check_user_data(spec: &VmSpec) -> Result<(), String> {
 /// no key; `image` is what the image declares. A plain VM carries a security profile only
 /// when the image declares Trusted Launch (as upstream, nothing otherwise): Trusted Launch
 /// when the image requires it or secure boot is asked of an image that supports it.
-pub fn vm_model(
+pub(crate) fn vm_model(
     spec: &VmSpec,
     cfg: &AzureConfig,
     fallback_ssh_key: &str,
@@ -254,12 +254,12 @@ pub fn vm_model(
 
 /// The name of a pod VM's NIC configuration. ARM names the NIC it creates from it as it
 /// likes: the NIC is found through the VM's `networkProfile.networkInterfaces`.
-fn nic_name(vm: &str) -> String {
+pub(crate) fn nic_name(vm: &str) -> String {
     format!("{vm}-nic")
 }
 
 /// The name of a pod VM's OS disk (given explicitly: the VM's name says whose it is).
-fn os_disk_name(vm: &str) -> String {
+pub(crate) fn os_disk_name(vm: &str) -> String {
     format!("{vm}-osdisk")
 }
 
@@ -268,7 +268,11 @@ fn os_disk_name(vm: &str) -> String {
 /// a gallery shared with the subscription (`/SharedGalleries/{g}/Images/{i}/…`) or of a
 /// community gallery (`/CommunityGalleries/{g}/Images/{i}/…`) as offered in `region`.
 /// `None` for managed images.
-pub fn gallery_definition(image_id: &str, subscription: &str, region: &str) -> Option<String> {
+pub(crate) fn gallery_definition(
+    image_id: &str,
+    subscription: &str,
+    region: &str,
+) -> Option<String> {
     let segs: Vec<&str> = image_id.split('/').collect();
     let lower = image_id.to_ascii_lowercase();
     for (prefix, kind) in [

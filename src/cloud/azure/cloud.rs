@@ -11,11 +11,11 @@ use std::str::FromStr;
 use azure_core::Url;
 
 /// The `peer-pods-cm` key (and `--azure-cloud` environment variable) naming the cloud.
-pub const CLOUD_KEY: &str = "AZURE_CLOUD";
+pub(crate) const CLOUD_KEY: &str = "AZURE_CLOUD";
 
 /// Keys that once pointed ARM and Entra ID elsewhere. They are refused, never read: a
 /// ConfigMap edit must not send the cloud credentials to another host.
-pub const REFUSED_ENDPOINT_KEYS: [&str; 2] =
+pub(crate) const REFUSED_ENDPOINT_KEYS: [&str; 2] =
     ["AZURE_RESOURCE_MANAGER_ENDPOINT", "AZURE_AUTHORITY_HOST"];
 
 /// The Azure clouds sandboxd may talk to.
@@ -33,12 +33,12 @@ pub enum AzureCloud {
 impl AzureCloud {
     /// Every cloud, in the order documented.
     #[cfg(test)]
-    const ALL: [AzureCloud; 3] = [Self::Public, Self::UsGovernment, Self::China];
+    pub(crate) const ALL: [AzureCloud; 3] = [Self::Public, Self::UsGovernment, Self::China];
     /// What [`CLOUD_KEY`] may hold.
-    pub const EXPECTED: &'static str = "one of AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud (or public, usgov, china)";
+    pub(crate) const EXPECTED: &'static str = "one of AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud (or public, usgov, china)";
 
     /// The canonical name (the Azure SDKs' and `az cloud list` names).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Public => "AzurePublicCloud",
             Self::UsGovernment => "AzureUSGovernmentCloud",
@@ -47,7 +47,7 @@ impl AzureCloud {
     }
 
     /// The ARM endpoint.
-    fn arm_endpoint(self) -> &'static str {
+    pub(crate) fn arm_endpoint(self) -> &'static str {
         match self {
             Self::Public => "https://management.azure.com/",
             Self::UsGovernment => "https://management.usgovcloudapi.net/",
@@ -56,7 +56,7 @@ impl AzureCloud {
     }
 
     /// The Entra ID authority host.
-    fn authority_host(self) -> &'static str {
+    pub(crate) fn authority_host(self) -> &'static str {
         match self {
             Self::Public => "https://login.microsoftonline.com/",
             Self::UsGovernment => "https://login.microsoftonline.us/",
@@ -65,7 +65,7 @@ impl AzureCloud {
     }
 
     /// The ARM token audience (a token's scope is this plus `/.default`).
-    fn arm_audience(self) -> &'static str {
+    pub(crate) fn arm_audience(self) -> &'static str {
         match self {
             Self::Public => "https://management.azure.com",
             Self::UsGovernment => "https://management.core.usgovcloudapi.net",
@@ -113,7 +113,7 @@ impl Default for Endpoints {
 
 impl Endpoints {
     /// The endpoints of `cloud` (all `https`).
-    fn cloud(cloud: AzureCloud) -> Self {
+    pub(crate) fn cloud(cloud: AzureCloud) -> Self {
         Self {
             arm: Url::parse(cloud.arm_endpoint()).expect("static URL"),
             authority: Url::parse(cloud.authority_host()).expect("static URL"),
@@ -134,29 +134,29 @@ impl Endpoints {
     }
 
     /// The ARM endpoint.
-    pub fn arm(&self) -> &Url {
+    pub(crate) fn arm(&self) -> &Url {
         &self.arm
     }
 
     /// The Entra ID authority host.
-    pub fn authority(&self) -> &Url {
+    pub(crate) fn authority(&self) -> &Url {
         &self.authority
     }
 
     /// The cloud the audience comes from.
-    pub fn azure_cloud(&self) -> AzureCloud {
+    pub(crate) fn azure_cloud(&self) -> AzureCloud {
         self.cloud
     }
 
     /// Whether a development flag replaced the cloud's endpoints.
     #[cfg(test)]
-    fn is_development(&self) -> bool {
+    pub(crate) fn is_development(&self) -> bool {
         self.development
     }
 
     /// The managed identity token endpoint: the VM's IMDS; with development endpoints,
     /// the same path on the development ARM endpoint (the ARM test server serves it).
-    pub fn imds_token_url(&self) -> Url {
+    pub(crate) fn imds_token_url(&self) -> Url {
         if self.development {
             self.arm
                 .join(super::identity::IMDS_TOKEN_PATH)
@@ -167,7 +167,7 @@ impl Endpoints {
     }
 
     /// The token scope of ARM calls: the cloud's ARM audience + `/.default`.
-    pub fn arm_scope(&self) -> String {
+    pub(crate) fn arm_scope(&self) -> String {
         format!("{}/.default", self.cloud.arm_audience())
     }
 }
@@ -180,18 +180,18 @@ pub struct EndpointArgs {
     /// Azure cloud (AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud); default:
     /// `AZURE_CLOUD` of `peer-pods-cm`, else the public cloud.
     #[arg(long = "azure-cloud", value_name = "CLOUD")]
-    pub cloud: Option<AzureCloud>,
+    pub(crate) cloud: Option<AzureCloud>,
     /// Development only: send ARM calls (and the cloud credentials) to this URL instead of
     /// the cloud's ARM endpoint, e.g. the ARM test server over loopback. Command line only.
     #[arg(long = "dev-arm-endpoint", value_name = "URL")]
-    dev_arm_endpoint: Option<Url>,
+    pub(crate) dev_arm_endpoint: Option<Url>,
     /// Development only: the Entra ID authority host (default: `--dev-arm-endpoint`).
     #[arg(
         long = "dev-authority-host",
         value_name = "URL",
         requires = "dev_arm_endpoint"
     )]
-    dev_authority_host: Option<Url>,
+    pub(crate) dev_authority_host: Option<Url>,
 }
 
 impl EndpointArgs {
@@ -206,7 +206,7 @@ impl EndpointArgs {
 
     /// The endpoints: the flag's cloud, else `configured` (from `peer-pods-cm`), else the
     /// public cloud; the development flags replace its URLs.
-    pub fn resolve(&self, configured: Option<AzureCloud>) -> Endpoints {
+    pub(crate) fn resolve(&self, configured: Option<AzureCloud>) -> Endpoints {
         let cloud = self.cloud.or(configured).unwrap_or_default();
         match &self.dev_arm_endpoint {
             Some(arm) => {
@@ -217,7 +217,7 @@ impl EndpointArgs {
     }
 
     /// The flags as command-line arguments (for a child process the caller starts).
-    pub fn to_args(&self) -> Vec<String> {
+    pub(crate) fn to_args(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(c) = self.cloud {
             out.extend(["--azure-cloud".to_string(), c.name().to_string()]);

@@ -13,7 +13,7 @@ use azure_core::HttpClient;
 
 /// Where Linux distributions keep the system CA bundle (Debian/Ubuntu, RHEL/Fedora
 /// (OpenShift's injected trusted CA bundle), SUSE, Alpine): the first that exists is read.
-const SYSTEM_CA_BUNDLES: &[&str] = &[
+pub(crate) const SYSTEM_CA_BUNDLES: &[&str] = &[
     "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/ssl/certs/ca-certificates.crt",
@@ -23,15 +23,15 @@ const SYSTEM_CA_BUNDLES: &[&str] = &[
 
 /// How Azure HTTPS calls leave the machine.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HttpSettings {
+pub(crate) struct HttpSettings {
     /// Proxy for `https` URLs (`HTTPS_PROXY`).
-    pub https_proxy: Option<String>,
+    pub(crate) https_proxy: Option<String>,
     /// Proxy for `http` URLs (`HTTP_PROXY`).
-    pub http_proxy: Option<String>,
+    pub(crate) http_proxy: Option<String>,
     /// Hosts, domains and CIDRs reached directly (`NO_PROXY`).
-    pub no_proxy: Option<String>,
+    pub(crate) no_proxy: Option<String>,
     /// PEM bundles trusted in addition to the built-in roots.
-    pub ca_bundles: Vec<PathBuf>,
+    pub(crate) ca_bundles: Vec<PathBuf>,
 }
 
 fn env(names: [&str; 2]) -> Option<String> {
@@ -45,7 +45,7 @@ fn env(names: [&str; 2]) -> Option<String> {
 impl HttpSettings {
     /// The process environment's proxy variables (upper or lower case) and the first
     /// system CA bundle that exists.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         Self {
             https_proxy: env(["HTTPS_PROXY", "https_proxy"]),
             http_proxy: env(["HTTP_PROXY", "http_proxy"]),
@@ -60,7 +60,7 @@ impl HttpSettings {
     }
 
     /// The client for ARM, Entra ID and storage.
-    pub fn client(&self) -> Result<Arc<dyn HttpClient>, String> {
+    pub(crate) fn client(&self) -> Result<Arc<dyn HttpClient>, String> {
         // No idle pooling, as azure_core's own client (a hyper hang with pooled
         // connections it works around).
         let mut b = reqwest::ClientBuilder::new()
@@ -110,7 +110,7 @@ impl HttpSettings {
     }
 
     /// The client for the managed identity endpoint: direct, never through a proxy.
-    pub fn imds_client(&self) -> Result<Arc<dyn HttpClient>, String> {
+    pub(crate) fn imds_client(&self) -> Result<Arc<dyn HttpClient>, String> {
         let client = reqwest::ClientBuilder::new()
             .pool_max_idle_per_host(0)
             .no_proxy()

@@ -4,7 +4,7 @@
 
 /// A parsed resource id, borrowing the text it was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResourceId<'a> {
+pub(crate) struct ResourceId<'a> {
     /// The id as given.
     id: &'a str,
     /// The segments after the leading `/`.
@@ -17,7 +17,7 @@ const PREFIX: usize = 5;
 impl<'a> ResourceId<'a> {
     /// Reads `id`. `None` unless it names a subscription, a resource group, a resource
     /// provider namespace and at least one resource type and name, with no empty segment.
-    pub fn parse(id: &'a str) -> Option<Self> {
+    pub(crate) fn parse(id: &'a str) -> Option<Self> {
         let segments: Vec<&str> = id.strip_prefix('/')?.split('/').collect();
         let fixed = |i: usize, name: &str| segments[i].eq_ignore_ascii_case(name);
         (segments.len() >= PREFIX + 3
@@ -29,23 +29,23 @@ impl<'a> ResourceId<'a> {
     }
 
     /// The subscription id.
-    pub fn subscription(&self) -> &'a str {
+    pub(crate) fn subscription(&self) -> &'a str {
         self.segments[1]
     }
 
     /// The resource group.
-    pub fn resource_group(&self) -> &'a str {
+    pub(crate) fn resource_group(&self) -> &'a str {
         self.segments[3]
     }
 
     /// The types and names after the namespace: `[type, name, type, name, ...]`.
-    fn path(&self) -> &[&'a str] {
+    pub(crate) fn path(&self) -> &[&'a str] {
         &self.segments[PREFIX + 1..]
     }
 
     /// The last segment: the resource's own name (or a trailing type).
     #[cfg(test)]
-    fn name(&self) -> &'a str {
+    pub(crate) fn name(&self) -> &'a str {
         self.segments[self.segments.len() - 1]
     }
 
@@ -53,7 +53,7 @@ impl<'a> ResourceId<'a> {
     /// `Microsoft.Network/virtualNetworks` or `Microsoft.Compute/galleries/images/versions`:
     /// the namespace, then each type at its place with a name after it. An id of a child
     /// resource is also of its parent's kind (a subnet is of `.../virtualNetworks`).
-    pub fn is(&self, kind: &str) -> bool {
+    pub(crate) fn is(&self, kind: &str) -> bool {
         let mut parts = kind.split('/');
         let Some(namespace) = parts.next() else {
             return false;
@@ -69,12 +69,12 @@ impl<'a> ResourceId<'a> {
     }
 
     /// Whether the id is exactly a resource of `kind` (no child resource, no trailing type).
-    pub fn is_exactly(&self, kind: &str) -> bool {
+    pub(crate) fn is_exactly(&self, kind: &str) -> bool {
         self.is(kind) && self.path().len() == 2 * (kind.split('/').count() - 1)
     }
 
     /// The id of the resource `levels` up the chain of types (0: this one), as written.
-    pub fn ancestor(&self, levels: usize) -> Option<&'a str> {
+    pub(crate) fn ancestor(&self, levels: usize) -> Option<&'a str> {
         let keep = self.segments.len().checked_sub(2 * levels)?;
         if keep < PREFIX + 3 {
             return None;

@@ -23,11 +23,11 @@ use super::{AzureCredentials, Endpoints};
 use crate::cloud::SecretString;
 
 /// The IMDS token endpoint of an Azure VM (link-local, never through a proxy).
-pub const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+pub(crate) const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 /// The IMDS API version of the token request.
-const IMDS_API_VERSION: &str = "2018-02-01";
+pub(crate) const IMDS_API_VERSION: &str = "2018-02-01";
 /// The path of the IMDS token endpoint, also served by the ARM test server.
-pub const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+pub(crate) const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 
 /// How a token is obtained.
 enum Source {
@@ -56,7 +56,7 @@ struct Cached {
 }
 
 /// sandboxd's token credential (see the module documentation).
-pub struct Credential {
+pub(crate) struct Credential {
     source: Source,
     policy: Arc<ArmPolicy>,
     transport: Arc<dyn Policy>,
@@ -127,7 +127,7 @@ fn error_text(body: &[u8]) -> String {
 impl Credential {
     /// The credential `credentials` describe, against `endpoints` (Entra ID authority; IMDS,
     /// moved only by the development flags), sending through `policy`.
-    pub fn new(
+    pub(crate) fn new(
         credentials: &AzureCredentials,
         endpoints: &Endpoints,
         policy: Arc<ArmPolicy>,

@@ -25,11 +25,11 @@ use futures::StreamExt;
 use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
 pub use arm::{Arm, ArmError, Polling};
 pub use cloud::{AzureCloud, EndpointArgs, Endpoints};
-pub use http::HttpSettings;
-pub use id::ResourceId;
-pub use policy::Manners;
+pub(crate) use http::HttpSettings;
+pub(crate) use id::ResourceId;
+pub(crate) use policy::Manners;
 pub use settings::{AzureConfig, AzureCredentials, TAG_NAME_FORBIDDEN};
-pub use settings::{OS_DISK_CACHING, OS_DISK_TYPES};
+pub(crate) use settings::{OS_DISK_CACHING, OS_DISK_TYPES};
 
 /// The Azure provider.
 pub struct AzureProvider {
@@ -104,7 +104,7 @@ impl Learned {
 
 /// An `azure_core` error as a sentence: the SDK's own text of an HTTP error is a dump of
 /// the status, body and headers, which the shim (and `kubectl describe pod`) would show.
-fn sentence(e: &azure_core::Error) -> String {
+pub(crate) fn sentence(e: &azure_core::Error) -> String {
     use azure_core::error::HttpError;
     fn http(h: &HttpError) -> String {
         let status = u16::from(h.status());
@@ -143,7 +143,7 @@ fn sentence(e: &azure_core::Error) -> String {
 }
 
 /// Maps an `azure_core` error to the typed cloud error.
-fn map_error(e: azure_core::Error) -> Error {
+pub(crate) fn map_error(e: azure_core::Error) -> Error {
     use azure_core::error::ErrorKind;
     let detail = sentence(&e);
     match e.kind() {
@@ -217,13 +217,13 @@ impl AzureProvider {
     }
 
     /// What the retry policy did so far.
-    pub fn counters(&self) -> Arc<policy::Counters> {
+    pub(crate) fn counters(&self) -> Arc<policy::Counters> {
         self.arm.counters()
     }
 
     /// The serial console log of VM `name` (boot diagnostics).
     #[cfg(all(test, feature = "dev"))]
-    pub async fn serial_log(&self, name: &str) -> Result<String, Error> {
+    pub(crate) async fn serial_log(&self, name: &str) -> Result<String, Error> {
         let id = format!(
             "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
             self.subscription, self.config.resource_group
@@ -233,7 +233,7 @@ impl AzureProvider {
 
     /// The settings this provider creates VMs with.
     #[cfg(all(test, feature = "dev"))]
-    pub fn config(&self) -> &AzureConfig {
+    pub(crate) fn config(&self) -> &AzureConfig {
         &self.config
     }
 

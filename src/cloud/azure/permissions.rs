@@ -6,13 +6,13 @@
 
 /// One ARM action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Permission {
+pub(crate) struct Permission {
     /// The ARM action (`Microsoft.Compute/virtualMachines/write`).
-    action: &'static str,
+    pub(crate) action: &'static str,
     /// What in sandboxd needs it.
-    used_by: &'static str,
+    pub(crate) used_by: &'static str,
     /// The built-in role that grants it (for a service principal made by hand).
-    role: &'static str,
+    pub(crate) role: &'static str,
 }
 
 const VMC: &str = "Virtual Machine Contributor";
@@ -22,7 +22,7 @@ const READER: &str = "Reader";
 const CONTRIB: &str = "Contributor";
 
 /// Every ARM action sandboxd performs.
-const PERMISSIONS: &[Permission] = &[
+pub(crate) const PERMISSIONS: &[Permission] = &[
     Permission {
         action: "Microsoft.Compute/virtualMachines/read",
         used_by: "CAA (VM state, sweep), operator PeerPod GC, ctl vm list",
@@ -242,7 +242,7 @@ pub fn actions() -> Vec<&'static str> {
 
 /// The ARM action that authorises `method path` (a path as sent to ARM, query allowed), or
 /// `None` for a path that is not an ARM resource path (token endpoint, blob data plane).
-fn action_of(method: &str, path: &str) -> Option<String> {
+pub(crate) fn action_of(method: &str, path: &str) -> Option<String> {
     let path = path.split('?').next().unwrap_or_default();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if !segs.first()?.eq_ignore_ascii_case("subscriptions") || segs.len() < 2 {
@@ -320,7 +320,7 @@ pub fn ungranted<'a>(
 /// The actions of the built-in roles named in [`PERMISSIONS`] that sandboxd relies on
 /// (from Azure's built-in role definitions; only the entries that matter here).
 #[cfg(test)]
-fn role_actions(role: &str) -> &'static [&'static str] {
+pub(crate) fn role_actions(role: &str) -> &'static [&'static str] {
     match role {
         "Virtual Machine Contributor" => &[
             "Microsoft.Compute/virtualMachines/*",

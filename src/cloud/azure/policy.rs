@@ -13,21 +13,21 @@ use azure_core::{Context, Method, Policy, PolicyResult, Request, Response, Statu
 #[derive(Clone, Debug)]
 pub struct Manners {
     /// Burst of reads per subscription (ARM: 250).
-    pub read_burst: f64,
+    pub(crate) read_burst: f64,
     /// Reads per second refilled (ARM: 25).
-    pub reads_per_second: f64,
+    pub(crate) reads_per_second: f64,
     /// Burst of writes/deletes per subscription (ARM: 200).
-    pub write_burst: f64,
+    pub(crate) write_burst: f64,
     /// Writes per second refilled (ARM: 10).
-    pub writes_per_second: f64,
+    pub(crate) writes_per_second: f64,
     /// First backoff on 5xx/timeouts; doubles per attempt, with full jitter.
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
     /// Largest single backoff.
-    pub max_backoff: Duration,
+    pub(crate) max_backoff: Duration,
     /// Timeout of one attempt.
-    pub attempt_timeout: Duration,
+    pub(crate) attempt_timeout: Duration,
     /// Bound on the total time of one call, retries included.
-    pub max_total: Duration,
+    pub(crate) max_total: Duration,
 }
 
 impl Default for Manners {
@@ -53,27 +53,27 @@ struct Bucket {
 
 /// Counters of what the policy did, for metrics and tests.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Requests sent (attempts).
-    pub attempts: std::sync::atomic::AtomicU64,
+    pub(crate) attempts: std::sync::atomic::AtomicU64,
     /// 429 answers received.
-    pub throttled: std::sync::atomic::AtomicU64,
+    pub(crate) throttled: std::sync::atomic::AtomicU64,
     /// Retries after 5xx, timeouts or transport errors.
-    pub transient_retries: std::sync::atomic::AtomicU64,
+    pub(crate) transient_retries: std::sync::atomic::AtomicU64,
 }
 
 /// The policy.
 #[derive(Debug)]
-pub struct ArmPolicy {
+pub(crate) struct ArmPolicy {
     manners: Manners,
     buckets: Mutex<HashMap<(String, bool), Bucket>>,
     /// What it did.
-    pub counters: Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl ArmPolicy {
     /// A policy with these settings.
-    pub fn new(manners: Manners) -> Self {
+    pub(crate) fn new(manners: Manners) -> Self {
         Self {
             manners,
             buckets: Mutex::new(HashMap::new()),
@@ -123,7 +123,7 @@ impl ArmPolicy {
 
 /// The wait a 429 asks for: `retry-after-ms`, then `x-ms-retry-after-ms`, then `Retry-After`
 /// seconds.
-pub fn retry_after(headers: &azure_core::headers::Headers) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &azure_core::headers::Headers) -> Option<Duration> {
     for h in ["retry-after-ms", "x-ms-retry-after-ms"] {
         if let Some(ms) = headers
             .get_optional_str(&azure_core::headers::HeaderName::from_static(h))

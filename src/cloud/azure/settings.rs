@@ -50,7 +50,7 @@ pub struct AzureConfig {
 
 /// The OS disk storage types a pod VM may use; the first is the default (Standard disks
 /// made pod VMs boot in 1 to 4 minutes, Premium in under one).
-pub const OS_DISK_TYPES: &[&str] = &[
+pub(crate) const OS_DISK_TYPES: &[&str] = &[
     "Premium_LRS",
     "Premium_ZRS",
     "StandardSSD_LRS",
@@ -59,7 +59,7 @@ pub const OS_DISK_TYPES: &[&str] = &[
 ];
 
 /// OS disk host caching modes; the first is the default.
-pub const OS_DISK_CACHING: &[&str] = &["ReadWrite", "ReadOnly", "None"];
+pub(crate) const OS_DISK_CACHING: &[&str] = &["ReadWrite", "ReadOnly", "None"];
 
 /// How sandboxd authenticates to Azure.
 #[derive(Clone, Debug, PartialEq, Eq)]

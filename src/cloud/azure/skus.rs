@@ -7,31 +7,31 @@
 use serde_json::Value;
 
 /// The api-version of the Resource SKUs list.
-pub const SKUS_API: &str = "2021-07-01";
+pub(crate) const SKUS_API: &str = "2021-07-01";
 
 /// A VM size as the Resource SKUs list describes it for one region.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Sku {
+pub(crate) struct Sku {
     /// `Standard_D2as_v5`.
-    pub name: String,
+    pub(crate) name: String,
     /// `vCPUs`.
-    pub vcpus: u32,
+    pub(crate) vcpus: u32,
     /// `MemoryGB`, in MiB.
-    pub memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// `GPUs` (0 when absent).
-    pub gpus: u32,
+    pub(crate) gpus: u32,
     /// `PremiumIO`: whether Premium SSD disks may be attached.
-    premium_io: bool,
+    pub(crate) premium_io: bool,
     /// Zones the size is offered in, in the region.
-    zones: Vec<String>,
+    pub(crate) zones: Vec<String>,
     /// Why the size is unusable in the whole region, if it is (`reasonCode`).
-    pub location_restriction: Option<String>,
+    pub(crate) location_restriction: Option<String>,
     /// Zones where it is unusable.
-    restricted_zones: Vec<String>,
+    pub(crate) restricted_zones: Vec<String>,
 }
 
 /// One entry of the list, if it is a VM size offered in `region`.
-pub fn parse(v: &Value, region: &str) -> Option<Sku> {
+pub(crate) fn parse(v: &Value, region: &str) -> Option<Sku> {
     if !v["resourceType"]
         .as_str()
         .is_some_and(|t| t.eq_ignore_ascii_case("virtualMachines"))
@@ -99,7 +99,7 @@ pub fn parse(v: &Value, region: &str) -> Option<Sku> {
 impl Sku {
     /// The zones among `wanted` this size can be created in (empty `wanted`: no zones), or
     /// why it cannot be used at all in `region` with an OS disk of `os_disk_type`.
-    pub fn usable_zones(
+    pub(crate) fn usable_zones(
         &self,
         region: &str,
         wanted: &[String],

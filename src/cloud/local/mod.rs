@@ -32,27 +32,27 @@ pub const DEFAULT_DIR: &str = "/run/peerpod/local";
 /// The NoCloud seed, relative to the VM's `/run`.
 const SEED: &str = "cidata/user-data";
 /// Default address range of VM links (one /30 per VM).
-const DEFAULT_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 0);
+pub(crate) const DEFAULT_SUBNET: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 0);
 
 /// What `vm.json` records.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct LocalVm {
     /// Slot of the VM's /30.
-    index: u32,
+    pub(crate) index: u32,
     /// The forwarder's pid.
     pub pid: i32,
     /// Its start time (clock ticks since boot), to never signal a recycled pid.
     pub start_time: u64,
     /// The VM's address.
-    ip: Ipv4Addr,
+    pub(crate) ip: Ipv4Addr,
     /// The node end of the veth pair.
-    node_link: String,
+    pub(crate) node_link: String,
     /// Tags of the VM.
-    tags: BTreeMap<String, String>,
+    pub(crate) tags: BTreeMap<String, String>,
 }
 
 /// The local provider.
-pub struct LocalProvider {
+pub(crate) struct LocalProvider {
     dir: PathBuf,
     exe: PathBuf,
     subnet: Ipv4Addr,
@@ -67,7 +67,7 @@ fn err(op: &str, e: impl std::fmt::Display) -> Error {
 impl LocalProvider {
     /// A provider keeping state in `dir`, giving VMs /30s from `subnet` (a /16), starting
     /// `exe forwarder` as VMs.
-    pub fn new(dir: PathBuf, subnet: Ipv4Addr, exe: PathBuf) -> Self {
+    pub(crate) fn new(dir: PathBuf, subnet: Ipv4Addr, exe: PathBuf) -> Self {
         Self {
             dir,
             exe,
@@ -80,7 +80,7 @@ impl LocalProvider {
     /// From `LOCAL_VM_DIR` and `LOCAL_VM_SUBNET` (the first address of a /16), running this
     /// executable (or `LOCAL_VM_FORWARDER`, another build of it, started as
     /// `<exe> forwarder ...`) as each VM.
-    pub fn from_env() -> Result<Self, Error> {
+    pub(crate) fn from_env() -> Result<Self, Error> {
         let dir = std::env::var("LOCAL_VM_DIR").unwrap_or_else(|_| DEFAULT_DIR.into());
         let subnet = match std::env::var("LOCAL_VM_SUBNET") {
             Ok(s) => s

@@ -26,18 +26,18 @@ pub fn start_time(pid: i32) -> Option<u64> {
 }
 
 /// Whether the process `pid` that started at `started` still runs.
-pub fn alive(pid: i32, started: u64) -> bool {
+pub(crate) fn alive(pid: i32, started: u64) -> bool {
     start_time(pid) == Some(started)
 }
 
 /// The record of VM `name`, if it has a readable one.
-pub fn read<T: DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
+pub(crate) fn read<T: DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
     let text = std::fs::read_to_string(dir.join(name).join(RECORD)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// Writes the record of the VM whose directory is `vm_dir`.
-pub fn write<T: Serialize>(vm_dir: &Path, record: &T) -> std::io::Result<()> {
+pub(crate) fn write<T: Serialize>(vm_dir: &Path, record: &T) -> std::io::Result<()> {
     std::fs::write(
         vm_dir.join(RECORD),
         serde_json::to_vec(record).expect("serialises"),
@@ -45,7 +45,7 @@ pub fn write<T: Serialize>(vm_dir: &Path, record: &T) -> std::io::Result<()> {
 }
 
 /// Every VM under `dir` with a readable record, by name.
-pub fn all<T: DeserializeOwned>(dir: &Path) -> Vec<(String, T)> {
+pub(crate) fn all<T: DeserializeOwned>(dir: &Path) -> Vec<(String, T)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -62,23 +62,23 @@ pub fn all<T: DeserializeOwned>(dir: &Path) -> Vec<(String, T)> {
 const SLOTS: u32 = 16000;
 
 /// The lowest slot no VM holds.
-pub fn free_slot(used: &[u32]) -> Option<u32> {
+pub(crate) fn free_slot(used: &[u32]) -> Option<u32> {
     (0..SLOTS).find(|i| !used.contains(i))
 }
 
 /// The node's and the VM's address of slot `index`'s /30 in `subnet` (a /16).
-pub fn link_addresses(subnet: Ipv4Addr, index: u32) -> (Ipv4Addr, Ipv4Addr) {
+pub(crate) fn link_addresses(subnet: Ipv4Addr, index: u32) -> (Ipv4Addr, Ipv4Addr) {
     let base = u32::from(subnet) + index * 4;
     (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
 }
 
 /// Whether a VM's tags hold every one of `wanted`.
-pub fn has_tags(tags: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
+pub(crate) fn has_tags(tags: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
     wanted.iter().all(|(k, v)| tags.get(k) == Some(v))
 }
 
 /// Waits until the process is gone or `timeout` passed.
-pub async fn wait_gone(pid: i32, started: u64, timeout: Duration) {
+pub(crate) async fn wait_gone(pid: i32, started: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while alive(pid, started) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -86,7 +86,7 @@ pub async fn wait_gone(pid: i32, started: u64, timeout: Duration) {
 }
 
 /// SIGTERM, `grace` to exit, then SIGKILL; nothing when the process is already gone.
-pub async fn terminate(pid: i32, started: u64, grace: Duration) {
+pub(crate) async fn terminate(pid: i32, started: u64, grace: Duration) {
     use nix::sys::signal::{Signal, kill};
     if !alive(pid, started) {
         return;
@@ -100,7 +100,7 @@ pub async fn terminate(pid: i32, started: u64, grace: Duration) {
 }
 
 /// Removes a VM's directory; one already gone is fine.
-pub fn remove(vm_dir: &Path) -> std::io::Result<()> {
+pub(crate) fn remove(vm_dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(vm_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

@@ -8,7 +8,7 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 
 /// A destination for the bundle's files (paths relative to the bundle's root, `/`-separated).
-pub trait Sink {
+pub(crate) trait Sink {
     /// Adds one file.
     fn add(&mut self, path: &str, data: &[u8]) -> io::Result<()>;
     /// Finishes the destination (the archive's trailer, the compressor's flush).
@@ -17,24 +17,24 @@ pub trait Sink {
 
 /// A tar archive (gzip-compressed for a support bundle), its entries under one top
 /// directory (or at its root when `top` is empty).
-pub struct Tar<W: Write> {
+pub(crate) struct Tar<W: Write> {
     out: Option<W>,
     top: String,
     mtime: u64,
 }
 
 /// A `.tar.gz`.
-pub type TarGz<W> = Tar<GzEncoder<W>>;
+pub(crate) type TarGz<W> = Tar<GzEncoder<W>>;
 
 impl<W: Write> Tar<GzEncoder<W>> {
     /// A gzip-compressed archive written to `w`, every entry under `top/`, dated `mtime`
     /// (Unix seconds).
-    pub fn new(w: W, top: &str, mtime: u64) -> Self {
+    pub(crate) fn new(w: W, top: &str, mtime: u64) -> Self {
         Self::plain(GzEncoder::new(w, Compression::default()), top, mtime)
     }
 
     /// The underlying writer, once finished.
-    pub fn into_inner(mut self) -> io::Result<W> {
+    pub(crate) fn into_inner(mut self) -> io::Result<W> {
         let gz = self
             .out
             .take()
@@ -45,7 +45,7 @@ impl<W: Write> Tar<GzEncoder<W>> {
 
 impl<W: Write> Tar<W> {
     /// An uncompressed archive written to `w`.
-    pub fn plain(w: W, top: &str, mtime: u64) -> Self {
+    pub(crate) fn plain(w: W, top: &str, mtime: u64) -> Self {
         Self {
             out: Some(w),
             top: top.trim_matches('/').to_string(),
@@ -63,7 +63,7 @@ impl<W: Write> Tar<W> {
     }
 
     /// Adds a directory entry.
-    pub fn add_dir(&mut self, path: &str) -> io::Result<()> {
+    pub(crate) fn add_dir(&mut self, path: &str) -> io::Result<()> {
         let name = format!("{}/", self.name(path).trim_end_matches('/'));
         let header = ustar_header(&name, 0, self.mtime, Entry::Dir)?;
         self.out
@@ -156,13 +156,13 @@ fn octal(field: &mut [u8], value: u64) {
 }
 
 /// Files under a directory (created as needed).
-pub struct Dir {
+pub(crate) struct Dir {
     root: PathBuf,
 }
 
 impl Dir {
     /// Files written under `root`.
-    pub fn new(root: &Path) -> Self {
+    pub(crate) fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
         }
@@ -193,7 +193,7 @@ impl Sink for Dir {
 }
 
 /// A path component made safe: `/`, NUL and leading dots cannot escape the bundle's tree.
-pub fn component(s: &str) -> String {
+pub(crate) fn component(s: &str) -> String {
     let cleaned: String = s
         .chars()
         .map(|c| {

@@ -35,56 +35,56 @@ use super::doctor;
 
 /// Bounds and selections shared by `support-bundle` and `must-gather`.
 #[derive(Debug, clap::Args)]
-struct Limits {
+pub(crate) struct Limits {
     /// Stop collecting after this long (e.g. 90s, 5m); what was collected is written and
     /// the rest is listed in the manifest as skipped.
     #[arg(long, default_value = "5m", value_parser = parse_timeout)]
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Largest total size of the collected files in MiB (before compression); files past it
     /// are skipped and listed in the manifest.
     #[arg(long, default_value_t = 256)]
-    max_size_mib: u64,
+    pub(crate) max_size_mib: u64,
     /// Lines kept from the end of each container log.
     #[arg(long, default_value_t = 10_000)]
-    log_lines: i64,
+    pub(crate) log_lines: i64,
     /// Largest size of one container log in MiB.
     #[arg(long, default_value_t = 16)]
-    max_log_mib: i64,
+    pub(crate) max_log_mib: i64,
     /// Only log lines of the last DURATION (e.g. 2h; `oc adm must-gather --since` passes it
     /// as MUST_GATHER_SINCE).
     #[arg(long, env = "MUST_GATHER_SINCE", value_parser = parse_timeout)]
-    since: Option<Duration>,
+    pub(crate) since: Option<Duration>,
     /// Only log lines after this time (RFC 3339; `oc adm must-gather --since-time` passes it
     /// as MUST_GATHER_SINCE_TIME).
     #[arg(long, env = "MUST_GATHER_SINCE_TIME", value_parser = parse_time, conflicts_with = "since")]
-    since_time: Option<time::OffsetDateTime>,
+    pub(crate) since_time: Option<time::OffsetDateTime>,
     /// The doctor's flags (its node selector also selects the nodes described here).
     #[command(flatten)]
-    pub doctor: doctor::Args,
+    pub(crate) doctor: doctor::Args,
 }
 
 /// Flags of `ctl support-bundle`.
 #[derive(Debug, clap::Args)]
-pub struct BundleArgs {
+pub(crate) struct BundleArgs {
     /// The archive to write (default: `sandboxd-support-<UTC time>.tar.gz` in the current
     /// directory).
     #[arg(long, short = 'f')]
-    file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Bounds and selections.
     #[command(flatten)]
-    limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 /// Flags of `ctl must-gather` (also what the binary runs when invoked as `gather`).
 #[derive(Debug, clap::Args)]
-pub struct MustGatherArgs {
+pub(crate) struct MustGatherArgs {
     /// The directory `oc adm must-gather` copies off the pod (must-gather scripts' own
     /// `BASE_COLLECTION_PATH` moves it too).
     #[arg(long, env = "BASE_COLLECTION_PATH", default_value = "/must-gather")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Bounds and selections.
     #[command(flatten)]
-    limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -114,50 +114,50 @@ impl Limits {
 
 /// One thing the bundle could not collect.
 #[derive(Debug, Serialize)]
-struct Missing {
+pub(crate) struct Missing {
     /// What was asked for.
-    what: String,
+    pub(crate) what: String,
     /// The HTTP status, when the API server answered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// Why.
-    reason: String,
+    pub(crate) reason: String,
 }
 
 /// One collected file.
 #[derive(Debug, Serialize)]
-struct Collected {
+pub(crate) struct Collected {
     /// Path inside the bundle.
-    path: String,
+    pub(crate) path: String,
     /// Size in bytes.
-    bytes: usize,
+    pub(crate) bytes: usize,
 }
 
 /// `manifest.json`: what the bundle holds and what it does not.
 #[derive(Debug, Default, Serialize)]
-struct Manifest {
+pub(crate) struct Manifest {
     /// The tool and its version.
-    tool: String,
+    pub(crate) tool: String,
     /// The operator namespace.
-    namespace: String,
+    pub(crate) namespace: String,
     /// When collection started and ended (RFC 3339, UTC).
-    started: String,
+    pub(crate) started: String,
     /// See `started`.
-    finished: String,
+    pub(crate) finished: String,
     /// The bounds in force.
-    limits: Value,
+    pub(crate) limits: Value,
     /// Files in the bundle.
-    collected: Vec<Collected>,
+    pub(crate) collected: Vec<Collected>,
     /// Requests the API server refused (403: the caller's RBAC).
-    refused: Vec<Missing>,
+    pub(crate) refused: Vec<Missing>,
     /// Objects or APIs that do not exist on this cluster (404).
-    absent: Vec<Missing>,
+    pub(crate) absent: Vec<Missing>,
     /// Requests that failed otherwise (e.g. logs of a node without a reachable kubelet).
-    errors: Vec<Missing>,
+    pub(crate) errors: Vec<Missing>,
     /// What was not collected because the size or time bound was reached.
-    skipped: Vec<Missing>,
+    pub(crate) skipped: Vec<Missing>,
     /// How redaction worked.
-    redaction: String,
+    pub(crate) redaction: String,
 }
 
 /// A resource to collect.
@@ -340,7 +340,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DOCTOR_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Collects a bundle into `sink`. Progress goes to stderr.
-struct Collector<'a> {
+pub(crate) struct Collector<'a> {
     client: Client,
     ns: String,
     sink: &'a mut dyn Sink,
@@ -360,7 +360,12 @@ enum Failure {
 
 impl<'a> Collector<'a> {
     /// A collector for the cluster of `client`, the operator namespace `ns`.
-    fn new(client: Client, ns: &str, sink: &'a mut dyn Sink, limits: &'a Limits) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        ns: &str,
+        sink: &'a mut dyn Sink,
+        limits: &'a Limits,
+    ) -> Self {
         let now = time::OffsetDateTime::now_utc();
         Self {
             client,
@@ -547,7 +552,7 @@ impl<'a> Collector<'a> {
     }
 
     /// Collects everything and writes the manifest; returns it.
-    async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
+    pub(crate) async fn run(mut self, ctx: &Ctx) -> anyhow::Result<Manifest> {
         const STEPS: usize = 8;
         let ns = self.ns.clone();
 
@@ -912,7 +917,7 @@ fn summary(m: &Manifest, dest: &str) -> String {
 }
 
 /// `ctl support-bundle`.
-pub async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: &Ctx, args: BundleArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let now = time::OffsetDateTime::now_utc();
     let name = bundle_name(now);
@@ -990,7 +995,7 @@ async fn operator_namespace(client: &Client, ns: &str) -> String {
 }
 
 /// `ctl must-gather`: the bundle as files under `--dir`, with must-gather's `version` file.
-pub async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
+pub(crate) async fn must_gather(ctx: &Ctx, args: MustGatherArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let ctx = &Ctx {
         namespace: operator_namespace(&client, &ctx.namespace).await,

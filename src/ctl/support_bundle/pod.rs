@@ -25,12 +25,12 @@ use super::archive::{Sink, Tar};
 pub struct Args {
     /// As what the binary was run.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The programs of a must-gather pod the binary stands in for.
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// `bash -c SCRIPT` as oc's must-gather pod runs it.
     Shell {
         /// The shell's arguments (`-c SCRIPT`).
@@ -47,7 +47,7 @@ pub enum Command {
 
 /// What a `bash -c` script of the must-gather pod asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum Script {
+pub(crate) enum Script {
     /// The `copy` container: wait until terminated.
     Wait,
     /// The `gather` container: collect into `/must-gather`.
@@ -55,7 +55,7 @@ enum Script {
 }
 
 /// Reads a script of the must-gather pod; `None` for anything else.
-fn classify(script: &str) -> Option<Script> {
+pub(crate) fn classify(script: &str) -> Option<Script> {
     let words: Vec<&str> = script
         .split(|c: char| c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')'))
         .filter(|w| !w.is_empty())

@@ -21,7 +21,7 @@ use regex::{Captures, Regex};
 use serde_json::Value;
 
 /// What replaces a secret.
-const REDACTED: &str = "[REDACTED]";
+pub(crate) const REDACTED: &str = "[REDACTED]";
 
 /// Values shorter than this are not learnt (they would blank out ordinary words).
 const MIN_LEARNT: usize = 8;
@@ -53,7 +53,7 @@ static NAMED: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Whether a name (ConfigMap key, environment variable, header) says its value is a
 /// credential.
-fn credential_name(name: &str) -> bool {
+pub(crate) fn credential_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     let compact: String = lower
         .chars()
@@ -86,20 +86,20 @@ fn credential_name(name: &str) -> bool {
 
 /// The redaction of one bundle: the patterns, and the Secret values it learnt.
 #[derive(Debug, Default)]
-pub struct Redactor {
+pub(crate) struct Redactor {
     /// Learnt values and their encoded forms, longest first.
     known: Vec<String>,
 }
 
 impl Redactor {
     /// A redactor that knows no value yet.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Learns a secret value: it is replaced wherever it appears, as is its base64 and URL
     /// encoding. Multi-line values are learnt line by line too.
-    pub fn learn(&mut self, value: &str) {
+    pub(crate) fn learn(&mut self, value: &str) {
         let mut forms = vec![value.trim().to_string()];
         forms.extend(value.lines().map(|l| l.trim().to_string()));
         let mut all = Vec::new();
@@ -120,7 +120,7 @@ impl Redactor {
     }
 
     /// `text` with every secret this redactor recognises replaced.
-    pub fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
+    pub(crate) fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
         for k in &self.known {
             if out.contains(k.as_str()) {
@@ -177,7 +177,7 @@ impl Redactor {
     /// Redacts a Kubernetes object (as JSON) in place: Secret values, credential-named
     /// ConfigMap values and environment variables, `last-applied-configuration` of Secrets,
     /// managed fields, and every string through [`Redactor::text`].
-    pub fn object(&self, obj: &mut Value) {
+    pub(crate) fn object(&self, obj: &mut Value) {
         let kind = obj
             .get("kind")
             .and_then(Value::as_str)

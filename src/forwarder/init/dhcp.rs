@@ -7,14 +7,14 @@ use std::time::Duration;
 
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 /// `op` of a client's message.
-pub const BOOTREQUEST: u8 = 1;
+pub(crate) const BOOTREQUEST: u8 = 1;
 /// `op` of a server's message.
-pub const BOOTREPLY: u8 = 2;
+pub(crate) const BOOTREPLY: u8 = 2;
 const FLAG_BROADCAST: u16 = 0x8000;
 
 /// DHCP message types (option 53).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageType {
+pub(crate) enum MessageType {
     /// Client looks for servers.
     Discover = 1,
     /// Server offers an address.
@@ -45,45 +45,50 @@ impl MessageType {
 
 /// One DHCP message (the fields this client uses).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     /// BOOTREQUEST (1) or BOOTREPLY (2).
-    pub op: u8,
+    pub(crate) op: u8,
     /// Transaction id.
-    pub xid: u32,
+    pub(crate) xid: u32,
     /// Flags (broadcast bit).
-    pub flags: u16,
+    pub(crate) flags: u16,
     /// "Your" address: the address offered.
     pub(crate) yiaddr: Ipv4Addr,
     /// Client hardware address.
-    pub chaddr: [u8; 6],
+    pub(crate) chaddr: [u8; 6],
     /// Options as (code, value), in order.
-    pub options: Vec<(u8, Vec<u8>)>,
+    pub(crate) options: Vec<(u8, Vec<u8>)>,
 }
 
 /// A lease: what the interface gets configured with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     /// The address.
-    pub address: Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
     /// Prefix length from the subnet mask.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// Default gateway (option 3).
-    pub router: Option<Ipv4Addr>,
+    pub(crate) router: Option<Ipv4Addr>,
     /// DNS servers (option 6).
-    pub dns: Vec<Ipv4Addr>,
+    pub(crate) dns: Vec<Ipv4Addr>,
     /// Domain name (option 15).
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Classless static routes (option 121): destination, prefix, gateway.
-    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
+    pub(crate) routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
     /// The server that granted it (option 54).
-    pub server: Ipv4Addr,
+    pub(crate) server: Ipv4Addr,
     /// Lease time in seconds (option 51).
-    pub lease_seconds: u32,
+    pub(crate) lease_seconds: u32,
 }
 
 impl Message {
     /// A client request of `kind` from `mac`.
-    pub fn request(kind: MessageType, xid: u32, mac: [u8; 6], extra: Vec<(u8, Vec<u8>)>) -> Self {
+    pub(crate) fn request(
+        kind: MessageType,
+        xid: u32,
+        mac: [u8; 6],
+        extra: Vec<(u8, Vec<u8>)>,
+    ) -> Self {
         let mut options = vec![(53, vec![kind as u8])];
         let mut client_id = vec![1u8];
         client_id.extend_from_slice(&mac);
@@ -102,7 +107,7 @@ impl Message {
     }
 
     /// The wire form (at least 300 bytes, as BOOTP relays expect).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; 236];
         b[0] = self.op;
         b[1] = 1; // Ethernet
@@ -125,7 +130,7 @@ impl Message {
     }
 
     /// Parses a message; `None` when it is not DHCP.
-    pub fn decode(b: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Self> {
         if b.len() < 240 || b[236..240] != MAGIC || b[1] != 1 || b[2] != 6 {
             return None;
         }
@@ -153,7 +158,7 @@ impl Message {
     }
 
     /// The value of option `code`.
-    pub fn option(&self, code: u8) -> Option<&[u8]> {
+    pub(crate) fn option(&self, code: u8) -> Option<&[u8]> {
         self.options
             .iter()
             .find(|(c, _)| *c == code)
@@ -161,7 +166,7 @@ impl Message {
     }
 
     /// The message type (option 53).
-    pub fn kind(&self) -> Option<MessageType> {
+    pub(crate) fn kind(&self) -> Option<MessageType> {
         MessageType::from_u8(*self.option(53)?.first()?)
     }
 
@@ -171,7 +176,7 @@ impl Message {
     }
 
     /// The lease an ACK grants.
-    pub fn lease(&self) -> Option<Lease> {
+    pub(crate) fn lease(&self) -> Option<Lease> {
         let mask = self.ip(1).map(u32::from).unwrap_or(0xffff_ff00);
         let dns = self
             .option(6)
@@ -200,7 +205,7 @@ impl Message {
 }
 
 /// Decodes option 121 (RFC 3442): width, significant destination octets, gateway.
-fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
+pub(crate) fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
@@ -229,7 +234,7 @@ fn classless_routes(v: &[u8]) -> Vec<(Ipv4Addr, u8, Ipv4Addr)> {
 
 /// Errors of the DHCP exchange.
 #[derive(Debug, thiserror::Error)]
-pub enum DhcpError {
+pub(crate) enum DhcpError {
     /// The socket cannot be set up.
     #[error("DHCP socket on {iface}: {detail}")]
     Socket {
@@ -291,7 +296,11 @@ async fn exchange(
 }
 
 /// Obtains a lease on `iface` (which must be up), retrying until `total` passes.
-pub async fn acquire(iface: &str, mac: [u8; 6], total: Duration) -> Result<Lease, DhcpError> {
+pub(crate) async fn acquire(
+    iface: &str,
+    mac: [u8; 6],
+    total: Duration,
+) -> Result<Lease, DhcpError> {
     let sock = socket(iface)?;
     let deadline = tokio::time::Instant::now() + total;
     let mut wait = Duration::from_secs(1);

@@ -31,11 +31,11 @@ pub const READY_MARKER: &str = "pod VM ready: forwarder listening";
 /// grace period; a clean stop is logged as `<service> stopped`).
 pub const STOPPING_MARKER: &str = "powering off: SIGTERM to the services";
 /// Where init leaves the fetched user data for the forwarder.
-const USER_DATA: &str = "/run/peerpod/user-data";
+pub(crate) const USER_DATA: &str = "/run/peerpod/user-data";
 /// kata-agent's configuration, written by init.
-const AGENT_CONFIG: &str = "/run/peerpod/agent-config.toml";
+pub(crate) const AGENT_CONFIG: &str = "/run/peerpod/agent-config.toml";
 /// kata-agent in the image.
-const KATA_AGENT: &str = "/usr/bin/kata-agent";
+pub(crate) const KATA_AGENT: &str = "/usr/bin/kata-agent";
 /// kata-agent's command line when the image sets one (`image build --kata-agent-arg`): one
 /// argument a line.
 pub const KATA_AGENT_ARGS: &str = "/etc/sandboxd/kata-agent.args";
@@ -53,9 +53,9 @@ pub(crate) fn kata_agent_args(file: Option<&str>) -> Vec<String> {
     }
 }
 /// confidential-data-hub in the image (with an upstream kata-agent; started before it).
-const CDH: &str = "/usr/local/bin/confidential-data-hub";
+pub(crate) const CDH: &str = "/usr/local/bin/confidential-data-hub";
 /// Set in init's environment once the root is a tmpfs ([`switch_root`]).
-const SWITCHED_ROOT_ENV: &str = "SANDBOXD_ROOT_SWITCHED";
+pub(crate) const SWITCHED_ROOT_ENV: &str = "SANDBOXD_ROOT_SWITCHED";
 /// Printed on the console once the agent accepts connections on its socket.
 pub const AGENT_READY_MARKER: &str = "agent ready on /run/kata-containers/agent.sock";
 /// Printed on the console as the first thing `/init` does.
@@ -86,7 +86,7 @@ fn uptime() -> f64 {
 }
 
 /// Logs one line on the console (stderr of PID 1 is `/dev/console`).
-fn log(msg: &str) {
+pub(crate) fn log(msg: &str) {
     eprintln!("[{:>9.3}] sandboxd-init: {msg}", uptime());
 }
 
@@ -412,7 +412,7 @@ struct Service {
 /// Init blocks the signals it takes with `sigwait`, and a blocked mask (like an ignored
 /// disposition) survives `exec`: `std::process::Command` keeps both, so a child started with
 /// it would never see SIGTERM and could not be stopped. `posix_spawn` resets them in the child.
-fn spawn_clean(
+pub(crate) fn spawn_clean(
     program: &Path,
     arg0: &str,
     args: &[String],
@@ -669,7 +669,7 @@ fn copy_tree(from: &Path, to: &Path, skip: &Path) -> std::io::Result<u64> {
 
 /// Moves the root from the initramfs into a tmpfs (what `switch_root` does): copies the
 /// initramfs into a new tmpfs, frees the initramfs' memory, makes the tmpfs the root.
-fn switch_root() -> Result<u64, String> {
+pub(crate) fn switch_root() -> Result<u64, String> {
     let new = Path::new("/sandboxd-root");
     std::fs::create_dir_all(new).map_err(|e| format!("creating {}: {e}", new.display()))?;
     mount(

@@ -7,11 +7,11 @@ use std::path::Path;
 use nix::mount::{MsFlags, mount};
 
 /// Where the seed is mounted (the forwarder's default `--seed` lives there).
-pub const MOUNT_POINT: &str = "/media/cidata";
+pub(crate) const MOUNT_POINT: &str = "/media/cidata";
 
 /// File system of a labelled volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fs {
+pub(crate) enum Fs {
     /// FAT (`vfat`).
     Vfat,
     /// ISO 9660 (`iso9660`).
@@ -28,7 +28,7 @@ impl Fs {
 }
 
 /// The ISO 9660 volume identifier in the primary volume descriptor (sector 16).
-fn iso_label(pvd: &[u8]) -> Option<String> {
+pub(crate) fn iso_label(pvd: &[u8]) -> Option<String> {
     if pvd.len() < 72 || pvd[0] != 1 || &pvd[1..6] != b"CD001" {
         return None;
     }
@@ -36,7 +36,7 @@ fn iso_label(pvd: &[u8]) -> Option<String> {
 }
 
 /// The label and file system of the volume on `dev`, if it has one we know.
-fn label(dev: &Path) -> Option<(String, Fs)> {
+pub(crate) fn label(dev: &Path) -> Option<(String, Fs)> {
     let mut f = std::fs::File::open(dev).ok()?;
     let mut boot = vec![0u8; 512];
     f.read_exact(&mut boot).ok()?;
@@ -50,7 +50,7 @@ fn label(dev: &Path) -> Option<(String, Fs)> {
 }
 
 /// Looks for a `cidata` volume among the block devices and mounts it; returns the device.
-pub fn find_and_mount() -> Option<String> {
+pub(crate) fn find_and_mount() -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir("/sys/class/block")
         .ok()?
         .filter_map(|e| e.ok())

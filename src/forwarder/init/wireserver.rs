@@ -9,23 +9,23 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// WireServer's fixed address.
-pub const WIRESERVER: &str = "168.63.129.16:80";
+pub(crate) const WIRESERVER: &str = "168.63.129.16:80";
 const VERSION: &str = "2012-11-30";
 
 /// The goal-state fields a health report repeats.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GoalState {
+pub(crate) struct GoalState {
     /// `Incarnation`.
-    pub incarnation: String,
+    pub(crate) incarnation: String,
     /// `Container/ContainerId`.
-    container_id: String,
+    pub(crate) container_id: String,
     /// `Container/RoleInstanceList/RoleInstance/InstanceId`.
-    instance_id: String,
+    pub(crate) instance_id: String,
 }
 
 /// Errors of the report.
 #[derive(Debug, thiserror::Error)]
-pub enum ReportError {
+pub(crate) enum ReportError {
     /// HTTP exchange failed.
     #[error("WireServer {step}: {detail}")]
     Http {
@@ -47,7 +47,7 @@ fn text_of<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// Parses the goal-state document.
-fn parse_goal_state(xml: &str) -> Result<GoalState, ReportError> {
+pub(crate) fn parse_goal_state(xml: &str) -> Result<GoalState, ReportError> {
     let container = text_of(xml, "Container").ok_or(ReportError::GoalState("Container"))?;
     let role = text_of(container, "RoleInstance").ok_or(ReportError::GoalState("RoleInstance"))?;
     Ok(GoalState {
@@ -70,7 +70,7 @@ fn escape(s: &str) -> String {
 }
 
 /// The health report saying `Ready` for a goal state.
-fn ready_report(g: &GoalState) -> String {
+pub(crate) fn ready_report(g: &GoalState) -> String {
     format!(
         concat!(
             "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n",
@@ -134,7 +134,7 @@ async fn http(
 }
 
 /// Reports Ready once: goal state, then health.
-async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
+pub(crate) async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
     let xml = http(addr, "goal state", "GET", "/machine/?comp=goalstate", None).await?;
     let g = parse_goal_state(&xml)?;
     http(
@@ -149,7 +149,7 @@ async fn report_ready_once(addr: &str) -> Result<GoalState, ReportError> {
 }
 
 /// Reports Ready, retrying until `total` passes.
-pub async fn report_ready(addr: &str, total: Duration) -> Result<GoalState, ReportError> {
+pub(crate) async fn report_ready(addr: &str, total: Duration) -> Result<GoalState, ReportError> {
     let deadline = tokio::time::Instant::now() + total;
     loop {
         match report_ready_once(addr).await {

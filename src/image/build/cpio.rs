@@ -6,31 +6,31 @@
 /// File type and permission bits of an entry.
 pub(crate) mod mode {
     /// Directory.
-    pub const DIR: u32 = 0o040000;
+    pub(crate) const DIR: u32 = 0o040000;
     /// Regular file.
-    pub const FILE: u32 = 0o100000;
+    pub(crate) const FILE: u32 = 0o100000;
     /// Character device.
-    pub const CHAR: u32 = 0o020000;
+    pub(crate) const CHAR: u32 = 0o020000;
     /// Symbolic link.
-    pub const SYMLINK: u32 = 0o120000;
+    pub(crate) const SYMLINK: u32 = 0o120000;
 }
 
 /// One archive member.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Path without a leading `/` (`init`, `lib/modules/vxlan.ko`).
-    pub path: String,
+    pub(crate) path: String,
     /// Type and permission bits (`mode::FILE | 0o755`).
-    pub mode: u32,
+    pub(crate) mode: u32,
     /// Device number (major, minor) of a device node.
-    rdev: (u32, u32),
+    pub(crate) rdev: (u32, u32),
     /// File contents, or the target of a symbolic link.
-    pub data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Entry {
     /// A directory.
-    pub fn dir(path: &str) -> Self {
+    pub(crate) fn dir(path: &str) -> Self {
         Self {
             path: path.into(),
             mode: mode::DIR | 0o755,
@@ -40,7 +40,7 @@ impl Entry {
     }
 
     /// A regular file with permission bits `perm`.
-    pub fn file(path: &str, perm: u32, data: Vec<u8>) -> Self {
+    pub(crate) fn file(path: &str, perm: u32, data: Vec<u8>) -> Self {
         Self {
             path: path.into(),
             mode: mode::FILE | perm,
@@ -50,7 +50,7 @@ impl Entry {
     }
 
     /// A symbolic link to `target`.
-    pub fn symlink(path: &str, target: &str) -> Self {
+    pub(crate) fn symlink(path: &str, target: &str) -> Self {
         Self {
             path: path.into(),
             mode: mode::SYMLINK | 0o777,
@@ -60,7 +60,7 @@ impl Entry {
     }
 
     /// A character device node.
-    pub fn char_dev(path: &str, perm: u32, major: u32, minor: u32) -> Self {
+    pub(crate) fn char_dev(path: &str, perm: u32, major: u32, minor: u32) -> Self {
         Self {
             path: path.into(),
             mode: mode::CHAR | perm,
@@ -103,7 +103,7 @@ fn header(out: &mut Vec<u8>, ino: u32, e: &Entry) {
 }
 
 /// Writes `entries` followed by the `TRAILER!!!` record.
-pub fn write(entries: &[Entry]) -> Vec<u8> {
+pub(crate) fn write(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.iter().map(|e| e.data.len() + 128).sum());
     for (i, e) in entries.iter().enumerate() {
         header(&mut out, i as u32 + 1, e);
@@ -125,7 +125,7 @@ pub fn write(entries: &[Entry]) -> Vec<u8> {
 
 /// Reads an archive back (tests): the entries before the trailer.
 #[cfg(test)]
-fn read(mut buf: &[u8]) -> Result<Vec<Entry>, String> {
+pub(crate) fn read(mut buf: &[u8]) -> Result<Vec<Entry>, String> {
     let mut entries = Vec::new();
     let mut offset = 0usize;
     loop {

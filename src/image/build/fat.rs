@@ -10,7 +10,7 @@ use std::io::{Cursor, Write};
 /// possible from 33 MiB on.
 const ESP_CLUSTER: u32 = 512;
 /// Smallest ESP: FAT32 needs at least 65525 clusters.
-pub const MIN_ESP: u64 = 36 << 20;
+pub(crate) const MIN_ESP: u64 = 36 << 20;
 
 fn io(e: std::io::Error) -> String {
     e.to_string()
@@ -41,7 +41,11 @@ fn populate<T: fatfs::ReadWriteSeek>(
 }
 
 /// A FAT32 EFI system partition of `size` bytes holding `files`.
-pub fn esp(size: u64, volume_id: u32, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>, String> {
+pub(crate) fn esp(
+    size: u64,
+    volume_id: u32,
+    files: &[(String, Vec<u8>)],
+) -> Result<Vec<u8>, String> {
     let mut disk = Cursor::new(vec![0u8; size as usize]);
     fatfs::format_volume(
         &mut disk,
@@ -98,7 +102,7 @@ pub fn read_file(image: &[u8], path: &str) -> Result<Vec<u8>, String> {
 }
 
 /// The volume label in a FAT boot sector (FAT12/16 or FAT32 layout), trimmed.
-pub fn boot_sector_label(sector: &[u8]) -> Option<String> {
+pub(crate) fn boot_sector_label(sector: &[u8]) -> Option<String> {
     if sector.len() < 512 || sector[510..512] != [0x55, 0xAA] {
         return None;
     }

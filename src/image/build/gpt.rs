@@ -2,7 +2,7 @@
 //! and entry arrays around the partitions.
 
 /// Sector size of the image.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 /// Partition entries in each array (the minimum the spec requires room for).
 const ENTRIES: u64 = 128;
 /// Size of one entry.
@@ -11,7 +11,7 @@ const ENTRY_SIZE: u64 = 128;
 const ARRAY_SECTORS: u64 = ENTRIES * ENTRY_SIZE / SECTOR;
 
 /// A GUID in its on-disk byte order (first three fields little-endian).
-type Guid = [u8; 16];
+pub(crate) type Guid = [u8; 16];
 
 /// Type GUID of an EFI system partition, C12A7328-F81F-11D2-BA4B-00A0C93EC93B.
 pub const ESP_TYPE: Guid = guid(
@@ -22,7 +22,7 @@ pub const ESP_TYPE: Guid = guid(
 );
 
 /// Builds a GUID from its textual fields.
-const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
+pub(crate) const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
     let a = a.to_le_bytes();
     let b = b.to_le_bytes();
     let c = c.to_le_bytes();
@@ -34,7 +34,7 @@ const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
 
 /// A random-looking (version 4, RFC 4122 variant) GUID taken from 16 bytes of a digest, so
 /// the same inputs give the same disk.
-pub fn guid_from_digest(bytes: &[u8]) -> Guid {
+pub(crate) fn guid_from_digest(bytes: &[u8]) -> Guid {
     let mut g: Guid = bytes[..16].try_into().expect("16 bytes");
     g[7] = (g[7] & 0x0f) | 0x40;
     g[8] = (g[8] & 0x3f) | 0x80;
@@ -43,7 +43,7 @@ pub fn guid_from_digest(bytes: &[u8]) -> Guid {
 
 /// Formats a GUID in its textual form.
 #[cfg(test)]
-fn guid_string(g: &Guid) -> String {
+pub(crate) fn guid_string(g: &Guid) -> String {
     let a = u32::from_le_bytes(g[0..4].try_into().unwrap());
     let b = u16::from_le_bytes(g[4..6].try_into().unwrap());
     let c = u16::from_le_bytes(g[6..8].try_into().unwrap());
@@ -58,24 +58,24 @@ pub struct Partition {
     /// Type GUID.
     pub type_guid: Guid,
     /// Unique GUID.
-    pub guid: Guid,
+    pub(crate) guid: Guid,
     /// First sector.
     pub first_lba: u64,
     /// Last sector (inclusive).
     pub last_lba: u64,
     /// Name (UTF-16 on disk, at most 36 code units).
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// A parsed table (see [`parse`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     /// The disk GUID.
-    disk_guid: Guid,
+    pub(crate) disk_guid: Guid,
     /// First usable sector.
-    first_usable: u64,
+    pub(crate) first_usable: u64,
     /// Last usable sector.
-    last_usable: u64,
+    pub(crate) last_usable: u64,
     /// Used entries.
     pub partitions: Vec<Partition>,
 }
@@ -128,13 +128,13 @@ fn header(
 }
 
 /// The first and last usable sector of a disk of `sectors` sectors.
-fn usable(sectors: u64) -> (u64, u64) {
+pub(crate) fn usable(sectors: u64) -> (u64, u64) {
     (2 + ARRAY_SECTORS, sectors - 2 - ARRAY_SECTORS)
 }
 
 /// Writes the protective MBR, both headers and both entry arrays into `disk` (whose length,
 /// a multiple of 512, is the disk size); partition contents are the caller's.
-pub fn write_table(disk: &mut [u8], disk_guid: &Guid, parts: &[Partition]) {
+pub(crate) fn write_table(disk: &mut [u8], disk_guid: &Guid, parts: &[Partition]) {
     let sectors = disk.len() as u64 / SECTOR;
     let (first, last) = usable(sectors);
     // Protective MBR: one partition of type 0xEE covering the disk.

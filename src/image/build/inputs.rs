@@ -38,13 +38,13 @@ pub struct Inputs {
 
 /// What [`stage`] wrote.
 #[derive(Clone, Debug)]
-struct Staged {
+pub(crate) struct Staged {
     /// The inputs at their new places.
-    inputs: Inputs,
+    pub(crate) inputs: Inputs,
     /// The modules copied, in load order.
-    modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// Bytes written.
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
@@ -63,7 +63,7 @@ fn copy(from: &Path, to: &Path) -> Result<u64, Error> {
 /// Copies the inputs into the layout under `out`: the kernel, systemd-boot, and of the module
 /// tree only `wanted` with their dependencies (what `sandboxd image build` puts in the
 /// initramfs) and `modules.builtin`.
-fn stage(
+pub(crate) fn stage(
     kernel: &Path,
     modules_dir: &Path,
     systemd_boot: &Path,
@@ -138,7 +138,7 @@ pub fn find(root: &Path) -> Option<Inputs> {
 
 /// The inputs to build from: each one given wins; the rest come from the layout under
 /// `root`. `None` when something is still missing.
-pub fn choose(
+pub(crate) fn choose(
     kernel: Option<&Path>,
     modules_dir: Option<&Path>,
     systemd_boot: Option<&Path>,
@@ -167,25 +167,25 @@ pub fn choose(
 pub struct StageArgs {
     /// The kernel (see `sandboxd image build --kernel`).
     #[arg(long)]
-    kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// The kernel's module tree (`lib/modules/<version>`).
     #[arg(long)]
-    modules_dir: PathBuf,
+    pub(crate) modules_dir: PathBuf,
     /// systemd-boot's EFI binary.
     #[arg(long)]
-    systemd_boot: PathBuf,
+    pub(crate) systemd_boot: PathBuf,
     /// Modules the image loads (their dependencies are added); the build's default.
     #[arg(long, value_delimiter = ',', default_values_t = modules::DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
-    modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// Directory to lay the inputs out in (the image carries them at
     /// `/usr/share/sandboxd/podvm`).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Lay out the inputs; prints a summary on stderr and the three paths on stdout
 /// (`KERNEL=`, `MODULES_DIR=`, `SYSTEMD_BOOT=`).
-pub async fn run(args: StageArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: StageArgs) -> anyhow::Result<()> {
     let staged = tokio::task::spawn_blocking(move || {
         stage(
             &args.kernel,

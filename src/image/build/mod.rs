@@ -22,25 +22,25 @@ use std::time::Instant;
 
 /// Where `/init` finds the module load order in the initramfs: one line per module, its
 /// name followed by the modules it depends on.
-pub const MODULES_LIST: &str = "etc/sandboxd/modules";
+pub(crate) const MODULES_LIST: &str = "etc/sandboxd/modules";
 /// Where the modules sit in the initramfs.
-pub const MODULES_DIR: &str = "lib/modules";
+pub(crate) const MODULES_DIR: &str = "lib/modules";
 /// kata-agent's path in the initramfs.
-const KATA_AGENT: &str = "usr/bin/kata-agent";
+pub(crate) const KATA_AGENT: &str = "usr/bin/kata-agent";
 /// kata-agent's command line in the initramfs (from `--kata-agent-arg`): one argument a line.
-const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
+pub(crate) const KATA_AGENT_ARGS: &str = "etc/sandboxd/kata-agent.args";
 /// The allow-all policy an upstream kata-agent (built with agent-policy) needs to start.
-const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
+pub(crate) const KATA_POLICY: &str = "etc/kata-opa/default-policy.rego";
 /// The pause bundle an upstream kata-agent runs the sandbox container from.
-const PAUSE_BUNDLE: &str = "pause_bundle";
+pub(crate) const PAUSE_BUNDLE: &str = "pause_bundle";
 /// confidential-data-hub in the initramfs (`--confidential-data-hub`).
-const CDH: &str = "usr/local/bin/confidential-data-hub";
+pub(crate) const CDH: &str = "usr/local/bin/confidential-data-hub";
 /// Build facts recorded in the initramfs.
-const BUILD_INFO: &str = "etc/sandboxd/build.json";
+pub(crate) const BUILD_INFO: &str = "etc/sandboxd/build.json";
 /// Kernel command line of the loader entry.
-const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 panic=-1";
+pub(crate) const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 panic=-1";
 /// Base name of the outputs (`podvm.raw`, `podvm.qcow2`, `podvm.vhd`).
-const OUTPUT_NAME: &str = "podvm";
+pub(crate) const OUTPUT_NAME: &str = "podvm";
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,7 +55,7 @@ pub enum Format {
 
 impl Format {
     /// File extension of the format.
-    fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
@@ -69,13 +69,13 @@ impl Format {
 pub struct Args {
     /// The kernel (`vmlinuz` with the EFI stub), e.g. from Debian's linux-image-cloud-amd64.
     #[arg(long)]
-    kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// The kernel's module tree (`lib/modules/<version>`).
     #[arg(long)]
-    modules_dir: PathBuf,
+    pub(crate) modules_dir: PathBuf,
     /// systemd-boot's EFI binary (`systemd-bootx64.efi` from systemd-boot-efi).
     #[arg(long)]
-    systemd_boot: PathBuf,
+    pub(crate) systemd_boot: PathBuf,
     /// An upstream kata-agent (static) to run instead of `sandboxd agent`; the image then
     /// also carries an allow-all policy, the pause bundle and the overlay module it needs.
     #[arg(long)]
@@ -83,7 +83,7 @@ pub struct Args {
     /// confidential-data-hub (static) for an upstream kata-agent, which pulls images
     /// through it: started before the agent (needs `--kata-agent`).
     #[arg(long)]
-    confidential_data_hub: Option<PathBuf>,
+    pub(crate) confidential_data_hub: Option<PathBuf>,
     /// An argument kata-agent starts with, instead of `--config <file written by init>`;
     /// repeatable, in order (needs `--kata-agent`).
     #[arg(
@@ -97,19 +97,19 @@ pub struct Args {
     pub sandboxd: Option<PathBuf>,
     /// Directory to write `podvm.<format>` into.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Formats to write.
     #[arg(long, value_delimiter = ',', default_value = "raw,qcow2,vhd")]
     pub format: Vec<Format>,
     /// Kernel modules to load at boot (their dependencies are added).
     #[arg(long, value_delimiter = ',', default_values_t = modules::DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
-    modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     /// CA certificate bundle to include (skipped when the default is absent).
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     pub ca_certs: PathBuf,
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    pub(crate) cmdline: String,
     /// Extra file for the initramfs, `SOURCE:DEST` (DEST absolute in the VM); repeatable.
     #[arg(long = "add-file", value_name = "SOURCE:DEST")]
     pub add_files: Vec<String>,
@@ -178,7 +178,7 @@ pub struct Built {
     /// Size of the compressed initramfs.
     pub initramfs_size: u64,
     /// Whether kata-agent is in the image.
-    kata_agent: bool,
+    pub(crate) kata_agent: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
@@ -210,7 +210,10 @@ impl Progress {
 
 /// The content of [`KATA_AGENT_ARGS`] for `--kata-agent-arg`s: none without arguments;
 /// refused without kata-agent, or for an argument that is empty or holds a line break.
-fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<Vec<u8>>, Error> {
+pub(crate) fn kata_agent_args_file(
+    args: &[String],
+    has_agent: bool,
+) -> Result<Option<Vec<u8>>, Error> {
     if args.is_empty() {
         return Ok(None);
     }
@@ -237,7 +240,7 @@ fn kata_agent_args_file(args: &[String], has_agent: bool) -> Result<Option<Vec<u
 /// An allow-all policy for an upstream kata-agent: every request of the agent protocol
 /// allowed (kata names its rules after the request messages), generated from
 /// `proto/agent.proto`.
-fn allow_all_policy() -> String {
+pub(crate) fn allow_all_policy() -> String {
     let fd = crate::protocol::agent::file_descriptor();
     let mut names: Vec<String> = fd
         .proto()
@@ -296,7 +299,7 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
 }
 
 /// The initramfs entries (uncompressed cpio members), in archive order.
-fn initramfs_entries(
+pub(crate) fn initramfs_entries(
     sandboxd: Vec<u8>,
     kata_agent: Option<Vec<u8>>,
     modules: &[(String, Vec<String>, Vec<u8>)],
@@ -400,7 +403,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 /// Builds the raw disk image in memory; returns it with the facts of the build.
-fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
+pub(crate) fn assemble(args: &Args) -> Result<(Vec<u8>, Built), Error> {
     let mut p = Progress {
         start: Instant::now(),
         stage: Instant::now(),
@@ -626,7 +629,7 @@ pub fn build(args: &Args) -> Result<Built, Error> {
 }
 
 /// Build the image.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let built = tokio::task::spawn_blocking(move || build(&args)).await??;
     if !built.kata_agent {
         eprintln!("[image] note: no --kata-agent given; the image boots without kata-agent");

@@ -35,9 +35,9 @@ pub struct Module {
     /// Name with `_` (as `depends=` spells it).
     pub name: String,
     /// Its `.ko` file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The modules it depends on (not built in).
-    pub depends: Vec<String>,
+    pub(crate) depends: Vec<String>,
 }
 
 /// Canonical module name of a file name: `virtio-net.ko` → `virtio_net`.
@@ -51,7 +51,7 @@ pub fn name_of(file: &str) -> Option<String> {
 }
 
 /// The `.modinfo` section of an ELF64 little-endian object.
-fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
         return Err("not a 64-bit little-endian ELF object".into());
     }

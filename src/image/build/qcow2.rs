@@ -12,7 +12,7 @@ const COPIED: u64 = 1 << 63;
 const HEADER_LEN: u32 = 104;
 
 /// Converts a raw disk into a qcow2 file with the same virtual size.
-pub fn from_raw(raw: &[u8]) -> Vec<u8> {
+pub(crate) fn from_raw(raw: &[u8]) -> Vec<u8> {
     let size = raw.len() as u64;
     let guest_clusters = raw.len().div_ceil(CLUSTER);
     let l1_size = guest_clusters.div_ceil(L2_ENTRIES).max(1);

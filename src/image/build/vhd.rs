@@ -4,7 +4,7 @@
 //! checks what it uploads with it.
 
 /// Size of the footer.
-const FOOTER: usize = 512;
+pub(crate) const FOOTER: usize = 512;
 /// Disk type of a fixed disk.
 const FIXED: u32 = 2;
 
@@ -12,21 +12,21 @@ const FIXED: u32 = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Footer {
     /// Creator application (4 ASCII bytes).
-    creator_app: [u8; 4],
+    pub(crate) creator_app: [u8; 4],
     /// Size of the disk in bytes (original and current).
     pub size: u64,
     /// Cylinders, heads, sectors per track.
-    geometry: (u16, u8, u8),
+    pub(crate) geometry: (u16, u8, u8),
     /// Disk type (2 = fixed).
-    disk_type: u32,
+    pub(crate) disk_type: u32,
     /// Unique id.
-    unique_id: [u8; 16],
+    pub(crate) unique_id: [u8; 16],
     /// Seconds since 2000-01-01.
-    timestamp: u32,
+    pub(crate) timestamp: u32,
 }
 
 /// The CHS geometry the specification derives from a size.
-fn geometry(size: u64) -> (u16, u8, u8) {
+pub(crate) fn geometry(size: u64) -> (u16, u8, u8) {
     let mut total = size / 512;
     total = total.min(65535 * 16 * 255);
     let (spt, heads, cth);
@@ -94,7 +94,7 @@ pub fn footer(size: u64, unique_id: [u8; 16], timestamp: u32) -> [u8; FOOTER] {
 }
 
 /// Reads and checks a footer: cookie, checksum, version, a fixed disk without data offset.
-pub fn read_footer(f: &[u8; FOOTER]) -> Result<Footer, String> {
+pub(crate) fn read_footer(f: &[u8; FOOTER]) -> Result<Footer, String> {
     if &f[..8] != b"conectix" {
         return Err("no VHD footer (the last 512 bytes do not start with \"conectix\")".into());
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::sharedkey::{SharedKey, Signed};
 
 /// The service version sandboxd speaks.
-const VERSION: &str = "2021-12-02";
+pub(crate) const VERSION: &str = "2021-12-02";
 
 /// Blob service failures.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum BlobError {
 
 impl BlobError {
     /// The HTTP status, when the service answered.
-    fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         match self {
             BlobError::Status { status, .. } => Some(*status),
             _ => None,
@@ -66,7 +66,7 @@ pub struct BlobProperties {
     /// `Content-Length`.
     pub length: u64,
     /// `x-ms-meta-*`, names lower-case without the prefix.
-    pub metadata: BTreeMap<String, String>,
+    pub(crate) metadata: BTreeMap<String, String>,
 }
 
 /// A client for the blobs of one account.
@@ -110,7 +110,7 @@ impl BlobClient {
     }
 
     /// The URL of `container/blob`.
-    pub fn blob_url(&self, container: &str, blob: &str) -> url::Url {
+    pub(crate) fn blob_url(&self, container: &str, blob: &str) -> url::Url {
         self.endpoint
             .join(&format!("{container}/{blob}"))
             .expect("container and blob names are URL-safe")
@@ -213,7 +213,7 @@ impl BlobClient {
     }
 
     /// Creates the container; one that exists already is fine.
-    pub async fn create_container(&self, container: &str) -> Result<(), BlobError> {
+    pub(crate) async fn create_container(&self, container: &str) -> Result<(), BlobError> {
         let mut url = self.endpoint.join(container).expect("URL-safe name");
         url.query_pairs_mut().append_pair("restype", "container");
         match self
@@ -227,7 +227,7 @@ impl BlobClient {
     }
 
     /// Creates (or replaces) an empty page blob of `size` bytes with `metadata`.
-    pub async fn create_page_blob(
+    pub(crate) async fn create_page_blob(
         &self,
         container: &str,
         blob: &str,
@@ -258,7 +258,7 @@ impl BlobClient {
     }
 
     /// Writes `data` at `offset` (both 512-aligned, at most 4 MiB).
-    pub async fn put_page(
+    pub(crate) async fn put_page(
         &self,
         container: &str,
         blob: &str,
@@ -382,7 +382,7 @@ impl BlobClient {
 }
 
 /// Parses a `PageList` document into half-open ranges (the service's `End` is inclusive).
-fn parse_page_list(xml: &str) -> Option<Vec<Range<u64>>> {
+pub(crate) fn parse_page_list(xml: &str) -> Option<Vec<Range<u64>>> {
     if !xml.contains("<PageList") {
         return None;
     }
@@ -409,7 +409,7 @@ fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
 
 /// Splits a blob URL into (blob endpoint, container, blob name), for an account named
 /// `account`: `https://acct.blob.../c/b` or the emulator's `http://host/acct/c/b`.
-pub fn split_blob_url(url: &url::Url, account: &str) -> Option<(url::Url, String, String)> {
+pub(crate) fn split_blob_url(url: &url::Url, account: &str) -> Option<(url::Url, String, String)> {
     let segs: Vec<&str> = url.path_segments()?.collect();
     let (prefix, rest) = if segs.first() == Some(&account) {
         (format!("/{account}/"), &segs[1..])

@@ -11,7 +11,7 @@ use crate::api::names::ANNOTATION_BUILT_IMAGE_ID;
 
 /// Writes `AZURE_IMAGE_ID` (and the annotation that sandboxd built it) into `peer-pods-cm`
 /// with server-side apply under the field manager `sandboxd`. The ConfigMap must exist.
-pub async fn update_configmap(
+pub(crate) async fn update_configmap(
     kube: &crate::k8s::KubeArgs,
     namespace: &str,
     image_id: &str,
@@ -60,7 +60,7 @@ pub async fn update_configmap(
 
 /// The image Job: publishes the prebuilt VHD into the gallery and records the id, unless
 /// `AZURE_IMAGE_ID` is already set. Returns the id it published.
-pub async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
+pub(crate) async fn job(args: &JobArgs) -> Result<Option<String>, Error> {
     let env: BTreeMap<String, String> = crate::config::env_map();
     if let Some(id) = env.get("AZURE_IMAGE_ID").filter(|v| !v.trim().is_empty())
         && !args.force

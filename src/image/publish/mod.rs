@@ -31,22 +31,22 @@ use gallery::ImageKind;
 /// Tag on every ARM resource `publish` creates; `delete` only touches resources with it.
 pub const TAG_CREATED_BY: &str = "sandboxd-created-by";
 /// Value of [`TAG_CREATED_BY`].
-const CREATED_BY: &str = "sandboxd";
+pub(crate) const CREATED_BY: &str = "sandboxd";
 /// Tag on images: the id of the storage account holding their source blob.
-const TAG_STORAGE_ACCOUNT: &str = "sandboxd-storage-account";
+pub(crate) const TAG_STORAGE_ACCOUNT: &str = "sandboxd-storage-account";
 
 /// `Microsoft.Storage` api-version.
-const STORAGE_API: &str = "2023-05-01";
+pub(crate) const STORAGE_API: &str = "2023-05-01";
 /// `Microsoft.Compute/images` api-version.
-const COMPUTE_API: &str = "2024-07-01";
+pub(crate) const COMPUTE_API: &str = "2024-07-01";
 /// `Microsoft.Compute/galleries` api-version.
-const GALLERY_API: &str = "2024-03-03";
+pub(crate) const GALLERY_API: &str = "2024-03-03";
 /// Resource groups api-version.
-const RESOURCES_API: &str = "2021-04-01";
+pub(crate) const RESOURCES_API: &str = "2021-04-01";
 
 /// Errors of the image tools.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A flag or the environment is wrong.
     #[error("{0}")]
     Input(String),
@@ -75,11 +75,11 @@ pub enum Error {
 
 /// How to reach Azure; shared by every image tool.
 #[derive(Debug, Clone, clap::Args)]
-struct AzureArgs {
+pub(crate) struct AzureArgs {
     /// The Azure cloud (`--azure-cloud`, else `AZURE_CLOUD` of the environment, which the
     /// image Job gets from `peer-pods-cm`) and the development endpoint flags.
     #[command(flatten)]
-    endpoints: EndpointArgs,
+    pub(crate) endpoints: EndpointArgs,
     /// Fastest LRO polling interval in milliseconds (tests lower it).
     #[arg(
         long,
@@ -87,7 +87,7 @@ struct AzureArgs {
         default_value_t = 1000,
         hide = true
     )]
-    min_poll_ms: u64,
+    pub(crate) min_poll_ms: u64,
 }
 
 /// Flags of `sandboxd image publish`.
@@ -95,54 +95,54 @@ struct AzureArgs {
 pub struct Args {
     /// Publish to Azure (the only target so far).
     #[arg(long)]
-    azure: bool,
+    pub(crate) azure: bool,
     /// The fixed VHD to upload (`sandboxd image build` writes one).
     #[arg(long)]
-    vhd: PathBuf,
+    pub(crate) vhd: PathBuf,
     /// Resource group of the storage account and the image (must exist).
     #[arg(long, env = "AZURE_RESOURCE_GROUP")]
-    resource_group: String,
+    pub(crate) resource_group: String,
     /// Region of the storage account and the image.
     #[arg(long, env = "AZURE_REGION")]
-    region: String,
+    pub(crate) region: String,
     /// Storage account to upload to: reused when it exists, created otherwise. Default: a
     /// name derived from the subscription and resource group.
     #[arg(long)]
-    storage_account: Option<String>,
+    pub(crate) storage_account: Option<String>,
     /// Blob container.
     #[arg(long, default_value = "vhds")]
-    container: String,
+    pub(crate) container: String,
     /// Name of the managed image (and of the blob). Default: `sandboxd-podvm-<content hash>`.
     #[arg(long)]
-    image_name: Option<String>,
+    pub(crate) image_name: Option<String>,
     /// Azure Compute Gallery to publish to (created when missing) instead of a managed image.
     #[arg(long, requires = "gallery_image_definition")]
-    gallery: Option<String>,
+    pub(crate) gallery: Option<String>,
     /// Image definition in the gallery (created when missing).
     #[arg(long, requires = "gallery")]
-    gallery_image_definition: Option<String>,
+    pub(crate) gallery_image_definition: Option<String>,
     /// Image version (`MAJOR.MINOR.PATCH`). Default: `0.0.<unix seconds>`.
     #[arg(long, requires = "gallery")]
-    gallery_image_version: Option<String>,
+    pub(crate) gallery_image_version: Option<String>,
     /// Make the gallery image definition Confidential-VM capable
     /// (`SecurityType=ConfidentialVMSupported`). Needs `--gallery`.
     #[arg(long)]
-    confidential: bool,
+    pub(crate) confidential: bool,
     /// Write `AZURE_IMAGE_ID` into `peer-pods-cm` (server-side apply).
     #[arg(long)]
-    update_configmap: bool,
+    pub(crate) update_configmap: bool,
     /// Namespace of `peer-pods-cm`.
     #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Parallel Put Page requests.
     #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Azure endpoints.
     #[command(flatten)]
-    azure_args: AzureArgs,
+    pub(crate) azure_args: AzureArgs,
     /// Kubernetes client flags (for `--update-configmap`).
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
 }
 
 /// Flags of `sandboxd image delete`.
@@ -150,10 +150,10 @@ pub struct Args {
 pub struct DeleteArgs {
     /// The image to delete: a managed image or a gallery image version id.
     #[arg(long)]
-    image_id: String,
+    pub(crate) image_id: String,
     /// Azure endpoints.
     #[command(flatten)]
-    azure_args: AzureArgs,
+    pub(crate) azure_args: AzureArgs,
 }
 
 /// Flags of `sandboxd image job`, mostly from the environment (`envFrom` `peer-pods-cm` and
@@ -162,58 +162,58 @@ pub struct DeleteArgs {
 pub struct JobArgs {
     /// A prebuilt VHD to publish; without it the Job builds one from the inputs below.
     #[arg(long, env = "PODVM_VHD")]
-    vhd: Option<PathBuf>,
+    pub(crate) vhd: Option<PathBuf>,
     /// Kernel to build the image from (see `sandboxd image build --kernel`).
     #[arg(long, env = "PODVM_KERNEL")]
-    kernel: Option<PathBuf>,
+    pub(crate) kernel: Option<PathBuf>,
     /// The kernel's module tree (see `sandboxd image build --modules-dir`).
     #[arg(long, env = "PODVM_MODULES_DIR")]
-    modules_dir: Option<PathBuf>,
+    pub(crate) modules_dir: Option<PathBuf>,
     /// systemd-boot's EFI binary (see `sandboxd image build --systemd-boot`).
     #[arg(long, env = "PODVM_SYSTEMD_BOOT")]
-    systemd_boot: Option<PathBuf>,
+    pub(crate) systemd_boot: Option<PathBuf>,
     /// kata-agent to put in the image.
     #[arg(long, env = "PODVM_KATA_AGENT")]
-    kata_agent: Option<PathBuf>,
+    pub(crate) kata_agent: Option<PathBuf>,
     /// Where the OCI image carries the build inputs (`sandboxd image stage-inputs`); used for
     /// each of `--kernel`, `--modules-dir` and `--systemd-boot` not given.
     #[arg(long, env = "PODVM_INPUTS_DIR", default_value = crate::image::build::inputs::DEFAULT_DIR)]
-    inputs_dir: PathBuf,
+    pub(crate) inputs_dir: PathBuf,
     /// Publish even when `AZURE_IMAGE_ID` is already set.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// Gallery of the image.
     #[arg(long, env = "IMAGE_GALLERY_NAME", default_value = "PodVMGallery")]
-    gallery: String,
+    pub(crate) gallery: String,
     /// Image definition.
     #[arg(long, env = "IMAGE_DEFINITION_NAME", default_value = "podvm-image")]
-    gallery_image_definition: String,
+    pub(crate) gallery_image_definition: String,
     /// `MAJOR.MINOR` of the version; the patch is the Unix time.
     #[arg(long, env = "IMAGE_VERSION_MAJ_MIN", default_value = "0.0")]
-    version_major_minor: String,
+    pub(crate) version_major_minor: String,
     /// Storage account (default: derived, as for `publish`).
     #[arg(long, env = "IMAGE_STORAGE_ACCOUNT")]
-    storage_account: Option<String>,
+    pub(crate) storage_account: Option<String>,
     /// Namespace of `peer-pods-cm`.
     #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
+    pub(crate) namespace: String,
     /// Azure endpoints.
     #[command(flatten)]
-    azure_args: AzureArgs,
+    pub(crate) azure_args: AzureArgs,
     /// Kubernetes client flags.
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
 }
 
 /// Publish an image.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let id = publish(&args).await?;
     println!("{id}");
     Ok(())
 }
 
 /// Delete a published image.
-pub async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
+pub(crate) async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
     for line in delete(&args).await? {
         println!("{line}");
     }
@@ -221,7 +221,7 @@ pub async fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
 }
 
 /// Build and publish as the in-cluster Job.
-pub async fn run_job(args: JobArgs) -> anyhow::Result<()> {
+pub(crate) async fn run_job(args: JobArgs) -> anyhow::Result<()> {
     if let Some(id) = job::job(&args).await? {
         println!("{id}");
     }
@@ -255,7 +255,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// The checks on `publish` flags that need no cloud.
-fn check_args(args: &Args) -> Result<(), Error> {
+pub(crate) fn check_args(args: &Args) -> Result<(), Error> {
     let mut problems = Vec::new();
     if !args.azure {
         problems.push("pass --azure (Azure is the only publish target)".to_string());
@@ -364,7 +364,7 @@ fn created_by_us(v: &Value) -> bool {
 }
 
 /// `publish`: returns the image id.
-async fn publish(args: &Args) -> Result<String, Error> {
+pub(crate) async fn publish(args: &Args) -> Result<String, Error> {
     check_args(args)?;
     let secret = CloudSecret::from_map(&crate::config::env_map())?;
     let vhd_path = args.vhd.clone();
@@ -478,7 +478,7 @@ fn unix_secs() -> u64 {
 }
 
 /// `delete`: what it did, one line per resource.
-async fn delete(args: &DeleteArgs) -> Result<Vec<String>, Error> {
+pub(crate) async fn delete(args: &DeleteArgs) -> Result<Vec<String>, Error> {
     let id = format!("/{}", args.image_id.trim().trim_matches('/'));
     let kind = gallery::image_kind(&id).ok_or_else(|| {
         Error::Input(format!(

@@ -10,18 +10,18 @@ use std::path::Path;
 use crate::image::build::vhd;
 
 /// The page size of page blobs; every write is aligned to it.
-const PAGE: u64 = 512;
+pub(crate) const PAGE: u64 = 512;
 /// The largest Put Page body.
-const MAX_PUT: u64 = 4 << 20;
+pub(crate) const MAX_PUT: u64 = 4 << 20;
 /// Zero gaps shorter than this between two non-zero runs are sent rather than skipped:
 /// one request for 64 KiB of zeros costs less than a second round trip.
-const MERGE_GAP: u64 = 64 << 10;
+pub(crate) const MERGE_GAP: u64 = 64 << 10;
 /// Azure's alignment of a VHD's virtual size.
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// Problems with the VHD file.
 #[derive(Debug, thiserror::Error)]
-pub enum VhdError {
+pub(crate) enum VhdError {
     /// Reading it failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -42,25 +42,25 @@ pub enum VhdError {
 
 /// What the scan of a VHD found.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// File size (virtual size + footer), the page blob's size.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Ranges to write, page-aligned, each at most [`MAX_PUT`], in order.
-    pub ranges: Vec<Range<u64>>,
+    pub(crate) ranges: Vec<Range<u64>>,
     /// SHA-256 of the whole file, hex: identifies the content of a half-uploaded blob.
-    pub sha256: String,
+    pub(crate) sha256: String,
 }
 
 impl Plan {
     /// Bytes the ranges cover.
-    pub fn data_bytes(&self) -> u64 {
+    pub(crate) fn data_bytes(&self) -> u64 {
         self.ranges.iter().map(|r| r.end - r.start).sum()
     }
 }
 
 /// Reads `path` once: checks it is an Azure-ready fixed VHD, finds its non-zero pages and
 /// hashes it.
-pub fn scan(path: &Path) -> Result<Plan, VhdError> {
+pub(crate) fn scan(path: &Path) -> Result<Plan, VhdError> {
     let p = path.display().to_string();
     let io = |source| VhdError::Io {
         path: p.clone(),
@@ -142,7 +142,7 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Joins runs separated by less than `gap` bytes.
-fn merge(runs: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
+pub(crate) fn merge(runs: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     for r in runs {
         match out.last_mut() {
@@ -154,7 +154,7 @@ fn merge(runs: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
 }
 
 /// Cuts ranges into pieces of at most `max` bytes.
-fn split(ranges: Vec<Range<u64>>, max: u64) -> Vec<Range<u64>> {
+pub(crate) fn split(ranges: Vec<Range<u64>>, max: u64) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     for r in ranges {
         let mut s = r.start;
@@ -168,7 +168,7 @@ fn split(ranges: Vec<Range<u64>>, max: u64) -> Vec<Range<u64>> {
 }
 
 /// The planned ranges that `present` (the blob's page ranges, any order) does not fully cover.
-pub fn missing(planned: &[Range<u64>], present: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(crate) fn missing(planned: &[Range<u64>], present: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut have: Vec<Range<u64>> = present.to_vec();
     have.sort_by_key(|r| r.start);
     let have = merge(have, 1);

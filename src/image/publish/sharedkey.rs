@@ -6,13 +6,13 @@ use base64::Engine;
 
 /// The headers a Blob request is signed over, as they go on the wire (lower-case names).
 #[derive(Clone, Debug)]
-pub struct Signed<'a> {
+pub(crate) struct Signed<'a> {
     /// HTTP method, upper-case.
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// The request URL (path and query are signed; host is not).
-    pub url: &'a url::Url,
+    pub(crate) url: &'a url::Url,
     /// Every request header; only the standard ones and `x-ms-*` take part.
-    pub headers: &'a [(String, String)],
+    pub(crate) headers: &'a [(String, String)],
 }
 
 /// An account name with its key.
@@ -46,7 +46,7 @@ impl SharedKey {
     }
 
     /// The `Authorization` header value of a request.
-    pub fn authorization(&self, req: &Signed<'_>) -> String {
+    pub(crate) fn authorization(&self, req: &Signed<'_>) -> String {
         let sts = string_to_sign(&self.account, req);
         let tag = ring::hmac::sign(&self.key, sts.as_bytes());
         format!(
@@ -68,7 +68,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
 /// The string to sign (Blob service, version 2015-02-21 and later): verb, the standard
 /// headers in their fixed order (`Content-Length` empty when zero), the canonicalized
 /// `x-ms-*` headers, and the canonicalized resource.
-fn string_to_sign(account: &str, req: &Signed<'_>) -> String {
+pub(crate) fn string_to_sign(account: &str, req: &Signed<'_>) -> String {
     let mut s = String::new();
     s.push_str(req.method);
     s.push('\n');
@@ -100,7 +100,7 @@ fn string_to_sign(account: &str, req: &Signed<'_>) -> String {
 
 /// `x-ms-*` headers: lower-case names, sorted, values with runs of whitespace folded, one
 /// `name:value\n` each.
-fn canonicalized_headers(headers: &[(String, String)]) -> String {
+pub(crate) fn canonicalized_headers(headers: &[(String, String)]) -> String {
     let mut ms: Vec<(String, String)> = headers
         .iter()
         .filter(|(k, _)| k.to_ascii_lowercase().starts_with("x-ms-"))
@@ -116,7 +116,7 @@ fn canonicalized_headers(headers: &[(String, String)]) -> String {
 /// `/<account><path>` then each query parameter as `name:value` (names lower-case, sorted,
 /// repeated values joined with commas). For path-style URLs (the emulator) the path already
 /// starts with the account, which then appears twice, as the documentation says it must.
-fn canonicalized_resource(account: &str, url: &url::Url) -> String {
+pub(crate) fn canonicalized_resource(account: &str, url: &url::Url) -> String {
     let mut s = format!("/{account}{}", url.path());
     let mut params: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (k, v) in url.query_pairs() {

@@ -11,9 +11,9 @@ use crate::cloud::azure::{Arm, ArmError};
 /// A storage account ready for upload: its id, blob endpoint and a signer.
 pub(super) struct Storage {
     /// The account's ARM id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its Blob service, signed with its key.
-    pub client: BlobClient,
+    pub(crate) client: BlobClient,
 }
 
 /// The account `name` in `rg`, created in `region` when missing.

@@ -15,28 +15,28 @@ use super::blob::{BlobClient, BlobError};
 use super::pages::Plan;
 
 /// Metadata key of the content hash on the blob.
-const META_SHA256: &str = "sandboxdsha256";
+pub(crate) const META_SHA256: &str = "sandboxdsha256";
 /// Metadata key marking a blob sandboxd created.
-pub const META_CREATED_BY: &str = "createdby";
+pub(crate) const META_CREATED_BY: &str = "createdby";
 
 /// What an upload did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Report {
+pub(crate) struct Report {
     /// Bytes sent in this run.
-    pub sent_bytes: u64,
+    pub(crate) sent_bytes: u64,
     /// Put Page requests in this run.
-    pub sent_ranges: usize,
+    pub(crate) sent_ranges: usize,
     /// Bytes that an earlier run had already written.
-    pub present_bytes: u64,
+    pub(crate) present_bytes: u64,
     /// Zero bytes never sent.
-    pub skipped_zero_bytes: u64,
+    pub(crate) skipped_zero_bytes: u64,
     /// Whether an earlier partial upload was resumed.
-    pub resumed: bool,
+    pub(crate) resumed: bool,
 }
 
 /// Upload failures.
 #[derive(Debug, thiserror::Error)]
-pub enum UploadError {
+pub(crate) enum UploadError {
     /// The Blob service refused or failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
@@ -46,7 +46,7 @@ pub enum UploadError {
 }
 
 /// Uploads `file` (scanned as `plan`) to `container/blob`.
-pub async fn upload(
+pub(crate) async fn upload(
     client: &BlobClient,
     container: &str,
     blob: &str,
@@ -163,6 +163,6 @@ async fn report_progress(sent: Arc<AtomicU64>, total: u64, present: u64) {
 }
 
 /// Bytes as MiB.
-pub fn mib(b: u64) -> f64 {
+pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }

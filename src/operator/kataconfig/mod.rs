@@ -62,7 +62,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Api { .. } => "api",
@@ -73,11 +73,11 @@ impl Error {
 
 /// What the controller needs to know beyond the API.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub(crate) struct Options {
     /// Which worker default applies to an empty selector.
-    pub flavor: Flavor,
+    pub(crate) flavor: Flavor,
     /// How the one-KataConfig rule is kept (`None`: not by this operator).
-    pub rule: Option<super::admission::Mechanism>,
+    pub(crate) rule: Option<super::admission::Mechanism>,
 }
 
 struct Ctx {
@@ -108,7 +108,11 @@ struct McoStores {
 }
 
 /// Runs the controller until `shutdown`.
-pub async fn run(shared: Shared, opts: Options, shutdown: CancellationToken) -> Result<(), Error> {
+pub(crate) async fn run(
+    shared: Shared,
+    opts: Options,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let client = &shared.client;
     let watches = Watches::new(&shutdown);
     let wc = watcher::Config::default();
@@ -519,7 +523,7 @@ async fn apply_node_action(
 
 /// Every unfinished pod that uses the runtime: `runtimeClassName: kata-remote` or the
 /// webhook's peer-pod label. One paged list; only names and nodes are kept.
-async fn list_kata_pods(client: &Client) -> Result<Vec<PodRef>, Error> {
+pub(crate) async fn list_kata_pods(client: &Client) -> Result<Vec<PodRef>, Error> {
     let api: Api<Pod> = Api::all(client.clone());
     let mut lp = ListParams::default().limit(500);
     let mut out = Vec::new();

@@ -10,13 +10,13 @@ use crate::operator::nodes::Selection;
 
 /// What the plan needs of a node.
 #[derive(Clone, Debug, Default)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     /// Node name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// Its annotations.
-    pub annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 
 impl NodeView {
@@ -27,7 +27,7 @@ impl NodeView {
         self.annotations.get(k).map(String::as_str)
     }
     /// Whether the operator or installer left anything of theirs on this node.
-    fn has_ours(&self) -> bool {
+    pub(crate) fn has_ours(&self) -> bool {
         self.labels.contains_key(LABEL_NODE_INSTALL)
             || self.labels.contains_key(LABEL_KATA)
             || self.annotations.contains_key(ANN_STATE)
@@ -36,13 +36,13 @@ impl NodeView {
 
 /// A pod that uses the runtime (not finished).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PodRef {
+pub(crate) struct PodRef {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// The node it is bound to, if any.
-    pub node: Option<String>,
+    pub(crate) node: Option<String>,
 }
 
 impl std::fmt::Display for PodRef {
@@ -53,7 +53,7 @@ impl std::fmt::Display for PodRef {
 
 /// A change to one node's labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeAction {
+pub(crate) enum NodeAction {
     /// Set the kata label and `node-install=install`.
     Install,
     /// Drop the kata label, set `node-install=uninstall`.
@@ -64,33 +64,33 @@ pub enum NodeAction {
 
 /// The plan for one reconcile.
 #[derive(Clone, Debug, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Label changes, by node name.
-    pub actions: Vec<(String, NodeAction)>,
+    pub(crate) actions: Vec<(String, NodeAction)>,
     /// Nodes by state.
-    pub nodes: KataNodesStatus,
+    pub(crate) nodes: KataNodesStatus,
     /// Failed nodes with their reasons.
-    pub failures: Vec<(String, String)>,
+    pub(crate) failures: Vec<(String, String)>,
     /// Deselected nodes that keep the runtime while peer pods run on them.
-    pub held_by_pods: Vec<(String, Vec<PodRef>)>,
+    pub(crate) held_by_pods: Vec<(String, Vec<PodRef>)>,
     /// Some node's fate depends on its pods, and none were given: list them and plan again.
-    pub needs_pods: bool,
+    pub(crate) needs_pods: bool,
     /// Nodes that still carry something of ours once the actions are done (not counting
     /// those the plan cleans).
-    pub remaining: usize,
+    pub(crate) remaining: usize,
     /// Some node already had the runtime (so a change is an update, not a first install).
-    pub had_installed: bool,
+    pub(crate) had_installed: bool,
     /// What else the install waits on besides the nodes (OpenShift: the machine-config
     /// pool's rollout). Non-empty keeps `InProgress` true.
-    pub pending: Vec<String>,
+    pub(crate) pending: Vec<String>,
     /// Peer pods: the pod VM image Job's `InProgress` (status, reason, message), shown once
     /// the nodes are done.
-    pub pod_vm_image: Option<(bool, &'static str, String)>,
+    pub(crate) pod_vm_image: Option<(bool, &'static str, String)>,
 }
 
 /// Plans every node. `selection` is `None` while the KataConfig is being deleted (no node
 /// is selected). `pods` are the pods using the runtime, when listed.
-pub fn plan(
+pub(crate) fn plan(
     nodes: &[NodeView],
     selection: Option<&Selection>,
     desired_config: &str,

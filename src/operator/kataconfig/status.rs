@@ -13,7 +13,7 @@ const NAMED: usize = 5;
 
 /// Where the KataConfig is in its life.
 #[derive(Clone, Debug)]
-pub enum Phase<'a> {
+pub(crate) enum Phase<'a> {
     /// Installed or installing on the selected nodes.
     Active,
     /// Another KataConfig is the active one; this one is ignored.
@@ -64,7 +64,7 @@ fn failures(plan: &Plan) -> Option<String> {
 }
 
 /// The `InProgress` condition for a plan.
-fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> Condition {
+pub(crate) fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> Condition {
     let k = &plan.nodes;
     let cond = |status, reason: &str, message: String| {
         conditions::new(CONDITION_IN_PROGRESS, status, reason, message, generation)
@@ -162,7 +162,7 @@ fn in_progress(plan: &Plan, phase: &Phase<'_>, generation: Option<i64>) -> Condi
 }
 
 /// The full status for a plan, merged into the previous conditions (transition times kept).
-pub fn build(
+pub(crate) fn build(
     previous: Option<&KataConfigStatus>,
     plan: &Plan,
     phase: &Phase<'_>,
@@ -187,7 +187,7 @@ pub fn build(
 }
 
 /// Whether two statuses differ in anything but condition timestamps.
-pub fn differs(a: Option<&KataConfigStatus>, b: &KataConfigStatus) -> bool {
+pub(crate) fn differs(a: Option<&KataConfigStatus>, b: &KataConfigStatus) -> bool {
     let Some(a) = a else { return true };
     a.runtime_classes != b.runtime_classes
         || a.kata_nodes != b.kata_nodes

@@ -17,11 +17,11 @@ pub const UNIT: &str = "containerd.service";
 /// The handler's `runtime_type`. containerd 1.6 ignores `runtime_path` and runs the shim
 /// this name resolves to on its PATH (`containerd-shim-kata-remote-v2`); 1.7 and 2.x run
 /// `runtime_path`.
-const RUNTIME_TYPE: &str = "io.containerd.kata-remote.v2";
+pub(crate) const RUNTIME_TYPE: &str = "io.containerd.kata-remote.v2";
 /// The name form of the shim for containerd 1.6: a link to the kata shim, on the PATH of
 /// every containerd service (kata-deploy made the same link before containerd had
 /// `runtime_path`).
-pub const SHIM_LINK: &str = "/usr/local/bin/containerd-shim-kata-remote-v2";
+pub(crate) const SHIM_LINK: &str = "/usr/local/bin/containerd-shim-kata-remote-v2";
 
 /// The shim binary containerd derives from a `runtime_type` (`io.containerd.<name>.<v>` →
 /// `containerd-shim-<name>-<v>`), as containerd 1.6 resolves it.
@@ -38,7 +38,7 @@ pub(crate) fn shim_binary_of(runtime_type: &str) -> Option<String> {
 
 /// Whether a kubelet-reported containerd (`containerd://1.6.20`) resolves shims by their
 /// `runtime_type` name only (before 1.7).
-pub fn needs_shim_link(runtime_version: &str) -> bool {
+pub(crate) fn needs_shim_link(runtime_version: &str) -> bool {
     let v = runtime_version
         .trim_start_matches("containerd://")
         .trim_start_matches('v');
@@ -48,7 +48,7 @@ pub fn needs_shim_link(runtime_version: &str) -> bool {
 
 /// Which config schema a node's containerd reads: the main config's `version` if set,
 /// else 3 for containerd 2.x and 2 for 1.x (from the kubelet's `containerd://X.Y.Z`).
-pub fn config_version(main: Option<&str>, runtime_version: &str) -> Result<i64, Error> {
+pub(crate) fn config_version(main: Option<&str>, runtime_version: &str) -> Result<i64, Error> {
     if let Some(text) = main {
         let doc: DocumentMut = text.parse().map_err(|e| Error::Parse {
             path: MAIN_CONFIG.into(),
@@ -69,7 +69,7 @@ pub fn config_version(main: Option<&str>, runtime_version: &str) -> Result<i64, 
 }
 
 /// The drop-in body for `version`.
-pub fn dropin(version: i64, shim: &str) -> String {
+pub(crate) fn dropin(version: i64, shim: &str) -> String {
     let plugin = if version >= 3 {
         "io.containerd.cri.v1.runtime"
     } else {
@@ -111,7 +111,7 @@ fn entry_covers(entry: &str, path: &str) -> bool {
 
 /// Whether the main config already imports [`DROPIN`] (exactly or by a glob of its
 /// directory).
-pub fn imports_dropin(main: &str) -> Result<bool, Error> {
+pub(crate) fn imports_dropin(main: &str) -> Result<bool, Error> {
     let doc = parse(main)?;
     Ok(doc
         .get("imports")
@@ -124,7 +124,7 @@ pub fn imports_dropin(main: &str) -> Result<bool, Error> {
 
 /// The main config with [`DROPIN`] added to `imports`; every other byte is kept. A missing
 /// main config becomes a minimal one of `version`.
-pub fn add_import(main: Option<&str>, version: i64) -> Result<String, Error> {
+pub(crate) fn add_import(main: Option<&str>, version: i64) -> Result<String, Error> {
     let Some(text) = main else {
         return Ok(format!("version = {version}\nimports = [\"{DROPIN}\"]\n"));
     };
@@ -148,7 +148,7 @@ pub fn add_import(main: Option<&str>, version: i64) -> Result<String, Error> {
 
 /// The main config without sandboxd's import (used when someone edited it after install,
 /// so the original bytes can not simply be restored). An `imports` left empty is removed.
-pub fn remove_import(text: &str) -> Result<String, Error> {
+pub(crate) fn remove_import(text: &str) -> Result<String, Error> {
     let mut doc = parse(text)?;
     let mut now_empty = false;
     if let Some(arr) = doc.get_mut("imports").and_then(Item::as_array_mut) {

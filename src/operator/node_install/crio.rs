@@ -5,12 +5,12 @@ use super::kata_config::KATA_CONFIG;
 use crate::api::names::RUNTIME_CLASS;
 
 /// sandboxd's drop-in.
-pub const DROPIN: &str = "/etc/crio/crio.conf.d/50-sandboxd-kata-remote.conf";
+pub(crate) const DROPIN: &str = "/etc/crio/crio.conf.d/50-sandboxd-kata-remote.conf";
 /// The systemd unit to restart.
-pub const UNIT: &str = "crio.service";
+pub(crate) const UNIT: &str = "crio.service";
 
 /// The drop-in body.
-pub fn dropin(shim: &str) -> String {
+pub(crate) fn dropin(shim: &str) -> String {
     format!(
         r#"[crio.runtime.runtimes.{RUNTIME_CLASS}]
 runtime_path = "{shim}"

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use super::Error;
 
 /// The first line of every file sandboxd owns on a host.
-const MARKER: &str = "# Managed by sandboxd node-install; removed on uninstall. Do not edit.\n";
+pub(crate) const MARKER: &str =
+    "# Managed by sandboxd node-install; removed on uninstall. Do not edit.\n";
 
 /// `root` joined with a host-absolute path.
 pub fn host_path(root: &Path, abs: &str) -> PathBuf {
@@ -14,7 +15,7 @@ pub fn host_path(root: &Path, abs: &str) -> PathBuf {
 }
 
 /// Reads a file; a missing file is `None`.
-pub fn read_opt(path: &Path) -> Result<Option<String>, Error> {
+pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, Error> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -47,7 +48,7 @@ fn create_parents(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Writes `content` atomically (temporary file + rename), creating parent directories.
 /// Returns the directories it had to create, outermost first.
-pub fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
+pub(crate) fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -61,7 +62,7 @@ pub fn write_atomic(path: &Path, content: &str) -> Result<Vec<PathBuf>, Error> {
 
 /// Writes an owned file (with [`MARKER`] prepended to `body`). Refuses to replace a file
 /// that is not ours. Returns (changed, directories created).
-pub fn write_owned(path: &Path, body: &str) -> Result<(bool, Vec<PathBuf>), Error> {
+pub(crate) fn write_owned(path: &Path, body: &str) -> Result<(bool, Vec<PathBuf>), Error> {
     let want = format!("{MARKER}{body}");
     match read_opt(path)? {
         Some(have) if have == want => Ok((false, Vec::new())),
@@ -72,7 +73,7 @@ pub fn write_owned(path: &Path, body: &str) -> Result<(bool, Vec<PathBuf>), Erro
 
 /// Removes an owned file. A missing file is fine; a file without [`MARKER`] is left alone.
 /// Returns whether it removed something.
-pub fn remove_owned(path: &Path) -> Result<bool, Error> {
+pub(crate) fn remove_owned(path: &Path) -> Result<bool, Error> {
     match read_opt(path)? {
         Some(have) if have.starts_with(MARKER) => {
             std::fs::remove_file(path).map_err(|source| Error::Io {
@@ -88,7 +89,7 @@ pub fn remove_owned(path: &Path) -> Result<bool, Error> {
 /// Copies the executable `src` to `path` (mode 0755, atomically: a running copy keeps its
 /// old file) unless `path` already holds the same bytes. Returns (changed, directories
 /// created).
-pub fn copy_executable(src: &Path, path: &Path) -> Result<(bool, Vec<PathBuf>), Error> {
+pub(crate) fn copy_executable(src: &Path, path: &Path) -> Result<(bool, Vec<PathBuf>), Error> {
     use std::os::unix::fs::PermissionsExt;
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -119,7 +120,7 @@ pub fn copy_executable(src: &Path, path: &Path) -> Result<(bool, Vec<PathBuf>), 
 }
 
 /// Removes directories (innermost first) if they are empty.
-pub fn remove_empty_dirs(dirs: &[PathBuf]) {
+pub(crate) fn remove_empty_dirs(dirs: &[PathBuf]) {
     for d in dirs.iter().rev() {
         let _ = std::fs::remove_dir(d);
     }
@@ -127,7 +128,7 @@ pub fn remove_empty_dirs(dirs: &[PathBuf]) {
 
 /// What [`link`] found or did at a symlink path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Link {
+pub(crate) enum Link {
     /// It already pointed at the target.
     Present,
     /// It was created (or repointed from `replaceable`), with the directories it needed.
@@ -138,7 +139,7 @@ pub enum Link {
 
 /// Makes `path` a symlink to `target` (a host path, written as is). A link pointing at one
 /// of `replaceable` (an earlier install's target) is repointed; anything else is left alone.
-pub fn link(path: &Path, target: &str, replaceable: &[&str]) -> Result<Link, Error> {
+pub(crate) fn link(path: &Path, target: &str, replaceable: &[&str]) -> Result<Link, Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -159,7 +160,7 @@ pub fn link(path: &Path, target: &str, replaceable: &[&str]) -> Result<Link, Err
 }
 
 /// Removes the symlink at `path` if it still points at `target`. Returns whether it did.
-pub fn unlink(path: &Path, target: &str) -> Result<bool, Error> {
+pub(crate) fn unlink(path: &Path, target: &str) -> Result<bool, Error> {
     match std::fs::read_link(path) {
         Ok(t) if t == Path::new(target) => {
             std::fs::remove_file(path).map_err(|source| Error::Io {

@@ -8,11 +8,11 @@ use super::InstallConfig;
 /// Where sandboxd writes the kata configuration on the host.
 pub const KATA_CONFIG: &str = "/etc/sandboxd/configuration-remote.toml";
 /// The directory of [`KATA_CONFIG`] (removed on uninstall when empty).
-pub const KATA_CONFIG_DIR: &str = "/etc/sandboxd";
+pub(crate) const KATA_CONFIG_DIR: &str = "/etc/sandboxd";
 
 /// Where the kata shim may be on a host, in order of preference: kata-deploy's location,
 /// then a local install, then the distribution package.
-const SHIM_CANDIDATES: [&str; 3] = [
+pub(crate) const SHIM_CANDIDATES: [&str; 3] = [
     "/opt/kata/bin/containerd-shim-kata-v2",
     "/usr/local/bin/containerd-shim-kata-v2",
     "/usr/bin/containerd-shim-kata-v2",
@@ -22,21 +22,21 @@ const SHIM_CANDIDATES: [&str; 3] = [
 pub const SANDBOXD_SHIM: &str = "/opt/sandboxd/bin/containerd-shim-sandboxd-v2";
 
 /// The host path of the kata shim, if installed under `root`.
-pub fn find_shim(root: &Path) -> Option<&'static str> {
+pub(crate) fn find_shim(root: &Path) -> Option<&'static str> {
     SHIM_CANDIDATES
         .into_iter()
         .find(|p| super::files::host_path(root, p).is_file())
 }
 
 /// Whether a `logLevel` turns on the runtime's debug output.
-fn debug_enabled(log_level: &str) -> bool {
+pub(crate) fn debug_enabled(log_level: &str) -> bool {
     matches!(log_level, "debug" | "trace")
 }
 
 /// How the pod's images reach the pod VM on this node's runtime: always pulled inside the
 /// VM (guest pull) — the node never needs the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestPull {
+pub(crate) enum GuestPull {
     /// containerd without nydus-snapshotter: kata itself forces guest pull
     /// (`experimental_force_guest_pull`).
     Kata,
@@ -51,7 +51,7 @@ pub enum GuestPull {
 /// (what kata's Rust runtime calls `gpu_model`); `experimental_force_guest_pull = true` on
 /// containerd; every key kata reads without a default (a missing one is 0 or empty) is
 /// written with upstream's value rather than left out.
-pub fn render(cfg: &InstallConfig, pull: GuestPull) -> String {
+pub(crate) fn render(cfg: &InstallConfig, pull: GuestPull) -> String {
     let debug = debug_enabled(&cfg.log_level);
     let force_guest_pull = pull == GuestPull::Kata;
     format!(

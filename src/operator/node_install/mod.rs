@@ -28,7 +28,7 @@ use crate::api::names::*;
 use crate::k8s::apply;
 
 /// Where the installer keeps what it needs to undo its work exactly.
-const STATE_FILE: &str = "/etc/sandboxd/node-install.state";
+pub(crate) const STATE_FILE: &str = "/etc/sandboxd/node-install.state";
 /// How long a failed install or uninstall waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(30);
 
@@ -94,7 +94,7 @@ impl From<apply::Error> for Error {
 impl Error {
     /// A short, stable label for metrics.
     #[cfg(test)]
-    fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::ShimMissing => "shim_missing",
             Error::UnsupportedRuntime(_) => "unsupported_runtime",
@@ -111,7 +111,7 @@ impl Error {
 /// Which containerd shim serves `kata-remote` on a node (the KataConfig's `spec.shim`).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum ShimChoice {
+pub(crate) enum ShimChoice {
     /// kata's shim where the node has one (OpenShift, kata-deploy), else sandboxd's.
     #[default]
     Auto,
@@ -124,7 +124,7 @@ pub enum ShimChoice {
 impl ShimChoice {
     /// From the KataConfig's `spec.shim` (an unknown value is `auto`; the CRD's enum
     /// rejects it first).
-    pub fn from_spec(s: &str) -> Self {
+    pub(crate) fn from_spec(s: &str) -> Self {
         match s {
             "kata" => ShimChoice::Kata,
             "sandboxd" => ShimChoice::Sandboxd,
@@ -133,7 +133,7 @@ impl ShimChoice {
     }
 
     /// As `spec.shim` and `KATA_SHIM` spell it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ShimChoice::Auto => "auto",
             ShimChoice::Kata => "kata",
@@ -147,18 +147,18 @@ impl ShimChoice {
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct InstallConfig {
     /// Format of this structure (bump when the written files change).
-    format: u32,
+    pub(crate) format: u32,
     /// The KataConfig's `logLevel`.
-    log_level: String,
+    pub(crate) log_level: String,
     /// The runtime handler.
-    runtime_class: String,
+    pub(crate) runtime_class: String,
     /// The remote hypervisor socket.
-    hypervisor_socket: String,
+    pub(crate) hypervisor_socket: String,
     /// Which shim serves the handler.
-    shim: ShimChoice,
+    pub(crate) shim: ShimChoice,
     /// The binary copied as sandboxd's shim (default: this running executable).
     #[serde(skip)]
-    shim_source: Option<PathBuf>,
+    pub(crate) shim_source: Option<PathBuf>,
 }
 
 impl InstallConfig {
@@ -176,7 +176,7 @@ impl InstallConfig {
     }
 
     /// The same with another shim choice.
-    pub fn with_shim(mut self, shim: ShimChoice) -> Self {
+    pub(crate) fn with_shim(mut self, shim: ShimChoice) -> Self {
         self.shim = shim;
         self
     }
@@ -189,7 +189,7 @@ impl InstallConfig {
 
 /// The container runtime of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Runtime {
+pub(crate) enum Runtime {
     /// containerd, with the kubelet-reported version (`containerd://2.0.0`).
     Containerd(String),
     /// CRI-O.
@@ -198,7 +198,7 @@ enum Runtime {
 
 impl Runtime {
     /// From the Node's `status.nodeInfo.containerRuntimeVersion`.
-    fn from_node_info(version: &str) -> Result<Self, Error> {
+    pub(crate) fn from_node_info(version: &str) -> Result<Self, Error> {
         if version.starts_with("containerd://") {
             Ok(Runtime::Containerd(version.to_string()))
         } else if version.starts_with("cri-o://") {
@@ -244,7 +244,7 @@ fn rel(root: &Path, p: &Path) -> String {
 
 /// Configures the runtime under `root`. Idempotent: a second run changes nothing and
 /// restarts nothing. Returns whether anything changed.
-async fn install(
+pub(crate) async fn install(
     root: &Path,
     runtime: &Runtime,
     cfg: &InstallConfig,
@@ -367,7 +367,7 @@ async fn install(
 /// Undoes [`install`]: removes sandboxd's files, restores the main containerd config
 /// (byte for byte when nobody edited it since), removes the directories it created, and
 /// restarts the runtime if anything changed. Returns whether anything changed.
-async fn uninstall(
+pub(crate) async fn uninstall(
     root: &Path,
     runtime: &Runtime,
     services: &impl ServiceManager,
@@ -435,25 +435,25 @@ async fn uninstall(
 
 /// Flags of `sandboxd operator node-install`.
 #[derive(Clone, Debug, clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The node this installer runs on.
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    pub(crate) node_name: String,
     /// Where the host's file system is mounted.
     #[arg(long, env = "SANDBOXD_HOST_ROOT", default_value = "/host")]
-    host_root: PathBuf,
+    pub(crate) host_root: PathBuf,
     /// The KataConfig's logLevel (the operator sets it).
     #[arg(long, env = "KATA_LOG_LEVEL", default_value = "info")]
-    log_level: String,
+    pub(crate) log_level: String,
     /// Which shim serves `kata-remote` (the KataConfig's `spec.shim`; the operator sets it).
     #[arg(long, env = "KATA_SHIM", value_enum, default_value = "auto")]
-    shim: ShimChoice,
+    pub(crate) shim: ShimChoice,
     /// The host's D-Bus system bus socket, relative to the host root.
     #[arg(long, default_value = "/run/dbus/system_bus_socket")]
-    dbus_socket: String,
+    pub(crate) dbus_socket: String,
     /// How to reach the API server.
     #[command(flatten)]
-    pub kube: crate::k8s::KubeArgs,
+    pub(crate) kube: crate::k8s::KubeArgs,
 }
 
 async fn report(
@@ -587,7 +587,7 @@ pub async fn follow(
 }
 
 /// Runs `sandboxd operator node-install` until SIGTERM.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let client = args.kube.client().await?;
     let shutdown = crate::shutdown::on_signals()?;
     let root = args.host_root.clone();

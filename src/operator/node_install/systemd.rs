@@ -12,9 +12,9 @@ pub trait ServiceManager: Send + Sync {
 
 /// systemd on the host's system bus socket.
 #[derive(Clone, Debug)]
-pub struct SystemdDbus {
+pub(crate) struct SystemdDbus {
     /// The bus socket (the host's `/run/dbus/system_bus_socket`, mounted in).
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl ServiceManager for SystemdDbus {

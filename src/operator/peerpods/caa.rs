@@ -18,7 +18,7 @@ use crate::api::names::{
 pub const CONFIG_HASH_ANNOTATION: &str = "peerpods.sandboxd.io/config-hash";
 
 /// The hash over what the CAA reads: the secret and configmap data and the ssh public key.
-pub fn config_hash(inputs: &ConfigInputs) -> String {
+pub(crate) fn config_hash(inputs: &ConfigInputs) -> String {
     let ssh = inputs
         .ssh
         .as_ref()
@@ -37,7 +37,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// From the API server's `major`/`minor` version (`minor` may carry a `+`).
-    pub fn from_version(major: &str, minor: &str) -> Self {
+    pub(crate) fn from_version(major: &str, minor: &str) -> Self {
         let num = |s: &str| {
             s.trim_end_matches('+')
                 .chars()

@@ -24,7 +24,7 @@ use crate::api::peerpodconfig::PeerPodConfigSpec;
 use crate::k8s::{FIELD_MANAGER, apply};
 
 /// The API group and version of CredentialsRequest.
-const API_VERSION: &str = "cloudcredential.openshift.io/v1";
+pub(crate) const API_VERSION: &str = "cloudcredential.openshift.io/v1";
 /// Name of the CredentialsRequest the operator creates.
 pub const CREDENTIALS_REQUEST: &str = "openshift-sandboxed-containers-azure";
 /// Namespace the cloud-credential-operator reads CredentialsRequests from.
@@ -35,7 +35,7 @@ pub const CCO_SECRET: &str = "cco-secret";
 pub const LABEL_DERIVED_FROM: &str = "peerpods.sandboxd.io/derived-from";
 
 /// The keys of the cloud-credential-operator's Secret and their `peer-pods-secret` names.
-const KEY_MAP: [(&str, &str); 4] = [
+pub(crate) const KEY_MAP: [(&str, &str); 4] = [
     ("azure_client_id", "AZURE_CLIENT_ID"),
     ("azure_client_secret", "AZURE_CLIENT_SECRET"),
     ("azure_tenant_id", "AZURE_TENANT_ID"),
@@ -44,7 +44,7 @@ const KEY_MAP: [(&str, &str); 4] = [
 
 /// Errors of the credentials path (reported in `ConfigValid`, never fatal to a pass).
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// An API call failed.
     #[error("{what}: {source}")]
     Api {
@@ -62,7 +62,7 @@ fn api_err(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
 
 /// What the credentials path found or did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The cloud secret exists and the user made it: left alone.
     UserSecret,
     /// The cloud secret is derived from the cloud-credential-operator's Secret (and up to date).
@@ -77,7 +77,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// What `ConfigValid` adds to its problems, if anything.
-    fn note(&self) -> Option<String> {
+    pub(crate) fn note(&self) -> Option<String> {
         match self {
             Outcome::Waiting => Some(format!(
                 "waiting for the cloud-credential-operator to write Secret {CCO_SECRET} for \
@@ -89,14 +89,14 @@ impl Outcome {
     }
 
     /// `problems` of `ConfigValid` with this outcome's note added.
-    pub fn explain(&self, mut problems: Vec<String>) -> Vec<String> {
+    pub(crate) fn explain(&self, mut problems: Vec<String>) -> Vec<String> {
         problems.extend(self.note());
         problems
     }
 }
 
 /// The `peer-pods-secret` data derived from the cloud-credential-operator's Secret data.
-fn derive(cco: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+pub(crate) fn derive(cco: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
     KEY_MAP
         .iter()
         .filter_map(|(from, to)| cco.get(*from).map(|v| (to.to_string(), v.clone())))
@@ -113,7 +113,7 @@ pub fn resource() -> ApiResource {
 
 /// The CredentialsRequest asking for Azure credentials written to Secret [`CCO_SECRET`] in
 /// `namespace`.
-fn credentials_request(
+pub(crate) fn credentials_request(
     namespace: &str,
     owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
 ) -> DynamicObject {

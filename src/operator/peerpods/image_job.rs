@@ -40,41 +40,41 @@ pub const SERVICE_ACCOUNT: &str = "sandboxd-podvm-image";
 /// image as built by sandboxd only when this manager owns that key.
 pub const IMAGE_JOB_FIELD_MANAGER: &str = "sandboxd-podvm-image";
 /// Environment of the Jobs: the namespace of the configmap to update.
-const ENV_NAMESPACE: &str = "POD_NAMESPACE";
+pub(crate) const ENV_NAMESPACE: &str = "POD_NAMESPACE";
 /// Environment of the Jobs: the name of the configmap to update.
-const ENV_CONFIGMAP: &str = "PEER_PODS_CM";
+pub(crate) const ENV_CONFIGMAP: &str = "PEER_PODS_CM";
 /// KataConfig annotation: the id of the pod VM image sandboxd built (deleted on uninstall).
 pub const ANN_BUILT_IMAGE: &str = "peerpods.sandboxd.io/built-image-id";
 /// KataConfig finalizer held while an image sandboxd built must be deleted on uninstall.
 pub const FINALIZER: &str = "peerpods.sandboxd.io/podvm-image";
 /// Label on both Jobs (the operator watches Jobs by it).
-const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub(crate) const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Value of [`LABEL_COMPONENT`].
-const COMPONENT: &str = "podvm-image";
+pub(crate) const COMPONENT: &str = "podvm-image";
 /// The configmap key holding the image id.
-const IMAGE_ID_KEY: &str = "AZURE_IMAGE_ID";
+pub(crate) const IMAGE_ID_KEY: &str = "AZURE_IMAGE_ID";
 
 /// Reasons of `PodVMImageReady`.
 pub mod reasons {
     /// `AZURE_IMAGE_ID` is set and sandboxd did not build it.
-    pub const IMAGE_PROVIDED: &str = "ImageProvided";
+    pub(crate) const IMAGE_PROVIDED: &str = "ImageProvided";
     /// `AZURE_IMAGE_ID` is the image the creation Job built.
-    pub const IMAGE_BUILT: &str = "ImageBuilt";
+    pub(crate) const IMAGE_BUILT: &str = "ImageBuilt";
     /// The cloud provider needs no pod VM image.
-    pub const NOT_REQUIRED: &str = "NotRequired";
+    pub(crate) const NOT_REQUIRED: &str = "NotRequired";
     /// The creation Job is running (or starting).
-    pub const JOB_RUNNING: &str = "ImageJobRunning";
+    pub(crate) const JOB_RUNNING: &str = "ImageJobRunning";
     /// The creation Job failed; the message carries its failure.
-    pub const JOB_FAILED: &str = "ImageJobFailed";
+    pub(crate) const JOB_FAILED: &str = "ImageJobFailed";
     /// The creation Job completed but `AZURE_IMAGE_ID` is empty.
-    pub const IMAGE_MISSING: &str = "ImageMissing";
+    pub(crate) const IMAGE_MISSING: &str = "ImageMissing";
     /// The Job waits for a valid configuration (`ConfigValid`).
-    pub const WAITING_FOR_CONFIG: &str = "WaitingForConfig";
+    pub(crate) const WAITING_FOR_CONFIG: &str = "WaitingForConfig";
 }
 
 /// Errors of the image Jobs.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A write failed.
     #[error(transparent)]
     Apply(#[from] apply::Error),
@@ -91,7 +91,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Read { .. } => "read",
@@ -131,7 +131,7 @@ impl Default for Settings {
 
 /// Where a Job is.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum JobState {
+pub(crate) enum JobState {
     /// Not finished (pending or running pods).
     Running,
     /// Finished successfully.
@@ -141,7 +141,7 @@ enum JobState {
 }
 
 /// The state of a Job from its conditions.
-fn job_state(job: &Job) -> JobState {
+pub(crate) fn job_state(job: &Job) -> JobState {
     let conds = job
         .status
         .as_ref()
@@ -166,36 +166,36 @@ fn job_state(job: &Job) -> JobState {
 
 /// What the plan reads.
 #[derive(Clone, Debug, Default)]
-struct Inputs<'a> {
+pub(crate) struct Inputs<'a> {
     /// The configuration is valid (`ConfigValid`), the image aside.
-    config_ok: bool,
+    pub(crate) config_ok: bool,
     /// The provider is known to need no image (a valid configuration that is not Azure).
-    no_image_needed: bool,
+    pub(crate) no_image_needed: bool,
     /// `AZURE_IMAGE_ID`, when not empty.
-    image_id: Option<&'a str>,
+    pub(crate) image_id: Option<&'a str>,
     /// The creation Job: its state and whether it is being deleted.
-    job: Option<(JobState, bool)>,
+    pub(crate) job: Option<(JobState, bool)>,
     /// The creation Job's field manager owns `AZURE_IMAGE_ID` in the configmap.
-    written_by_job: bool,
+    pub(crate) written_by_job: bool,
     /// The image recorded as built by sandboxd.
-    built: Option<&'a str>,
+    pub(crate) built: Option<&'a str>,
 }
 
 /// What to do about the pod VM image, and what to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Plan {
+pub(crate) struct Plan {
     /// `PodVMImageReady` status: the image is known (the CAA may run).
-    ready: bool,
+    pub(crate) ready: bool,
     /// Its reason.
-    reason: &'static str,
+    pub(crate) reason: &'static str,
     /// Its message.
-    message: String,
+    pub(crate) message: String,
     /// Create the creation Job.
-    create: bool,
+    pub(crate) create: bool,
     /// Delete the running creation Job (the user provided an image meanwhile).
-    delete_running: bool,
+    pub(crate) delete_running: bool,
     /// Record this id as built by sandboxd.
-    record: Option<String>,
+    pub(crate) record: Option<String>,
 }
 
 impl Plan {
@@ -213,7 +213,7 @@ impl Plan {
 
 /// The pure decision: the configmap's image id wins; otherwise the Job's state is shown, and
 /// a Job is started only when none exists and the configuration is otherwise valid.
-fn plan(i: &Inputs<'_>) -> Plan {
+pub(crate) fn plan(i: &Inputs<'_>) -> Plan {
     let state = i.job.as_ref().map(|(s, _)| s);
     if let Some(id) = i.image_id {
         let built_now = state == Some(&JobState::Complete) && i.written_by_job;
@@ -296,7 +296,9 @@ fn plan(i: &Inputs<'_>) -> Plan {
 /// `PodVMImageReady` condition, once its nodes are done (DESIGN: `PodVMImageJobRunning`,
 /// `PodVMImageJobCompleted`, `PodVMImageJobFailed`). `None` when the image says nothing
 /// (provided by the user, not needed, or no condition).
-pub fn kataconfig_progress(ppc_conditions: &[Condition]) -> Option<(bool, &'static str, String)> {
+pub(crate) fn kataconfig_progress(
+    ppc_conditions: &[Condition],
+) -> Option<(bool, &'static str, String)> {
     let c = conditions::find(ppc_conditions, CONDITION_POD_VM_IMAGE_READY)?;
     let (running, reason) = match c.reason.as_str() {
         reasons::JOB_RUNNING => (true, kataconfig::reasons::POD_VM_IMAGE_JOB_RUNNING),
@@ -312,7 +314,7 @@ pub fn kataconfig_progress(ppc_conditions: &[Condition]) -> Option<(bool, &'stat
 /// Whether the configmap's `AZURE_IMAGE_ID` was written by the image tooling: the
 /// annotation `sandboxd image` puts beside it names the same id, or the field is owned by
 /// [`IMAGE_JOB_FIELD_MANAGER`].
-fn written_by_job(cm: &ConfigMap) -> bool {
+pub(crate) fn written_by_job(cm: &ConfigMap) -> bool {
     let id = cm.data.as_ref().and_then(|d| d.get(IMAGE_ID_KEY));
     let annotated = cm
         .metadata
@@ -799,7 +801,7 @@ async fn uninstall_status(ctx: &Ctx, kc: &KataConfig, message: String) -> Result
 }
 
 /// The labels the Job watch selects.
-pub fn watch_selector() -> String {
+pub(crate) fn watch_selector() -> String {
     format!("{LABEL_COMPONENT}={COMPONENT}")
 }
 

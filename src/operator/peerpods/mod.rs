@@ -47,18 +47,18 @@ const CONFIG_RECHECK: Duration = Duration::from_secs(5);
 /// Reasons of the PeerPodConfig conditions.
 pub mod reasons {
     /// The limit is advertised by every selected node.
-    pub const APPLIED: &str = "Applied";
+    pub(crate) const APPLIED: &str = "Applied";
     /// `spec.limit` is not a non-negative integer; nodes were left unchanged.
-    pub const INVALID_LIMIT: &str = "InvalidLimit";
+    pub(crate) const INVALID_LIMIT: &str = "InvalidLimit";
     /// The secret, configmap and ssh key secret are valid.
-    pub const VALID: &str = "Valid";
+    pub(crate) const VALID: &str = "Valid";
     /// A key is missing or invalid, or an object is missing; the message names each.
-    pub const INVALID_CONFIG: &str = "InvalidConfig";
+    pub(crate) const INVALID_CONFIG: &str = "InvalidConfig";
 }
 
 /// Errors of the peer-pods controller.
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     /// A write or read failed.
     #[error(transparent)]
     Apply(#[from] apply::Error),
@@ -95,7 +95,7 @@ enum Error {
 
 impl Error {
     /// A short, stable label for metrics.
-    fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Read { .. } => "read",
@@ -143,7 +143,7 @@ fn trim_node(n: &mut Node) {
 
 /// Runs the peer-pods controller on `shared` until `shutdown`. Errors are retried with
 /// backoff, never returned: peer pods must not stop the KataConfig controller.
-pub async fn run(
+pub(crate) async fn run(
     shared: Shared,
     webhook: webhook::Settings,
     image_job: image_job::Settings,

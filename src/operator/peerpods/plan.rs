@@ -9,22 +9,22 @@ use crate::config::{CloudSecret, Error as ConfigError, PeerPodsConfig, Problem};
 
 /// What the controller knows of one node.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     /// The node name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// `status.capacity[kata.peerpods.io/vm]`.
-    pub capacity: Option<String>,
+    pub(crate) capacity: Option<String>,
     /// `status.allocatable[kata.peerpods.io/vm]`.
-    pub allocatable: Option<String>,
+    pub(crate) allocatable: Option<String>,
     /// Whether `status.capacity` / `status.allocatable` exist at all.
-    pub has_maps: (bool, bool),
+    pub(crate) has_maps: (bool, bool),
 }
 
 /// A change to one node's advertised VM resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeAction {
+pub(crate) enum NodeAction {
     /// Advertise this many VMs in capacity and allocatable.
     Set(u32),
     /// Stop advertising the resource.
@@ -33,14 +33,20 @@ pub enum NodeAction {
 
 /// Whether `labels` carry every pair of `selector` (an empty selector selects nothing, so a
 /// PeerPodConfig emptied by mistake never spreads the resource over the whole cluster).
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selects(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The limit in force: `PeerPodConfig.spec.limit` when set, else the configmap's
 /// `PEERPODS_LIMIT_PER_NODE`, else the default. A limit that is not a non-negative integer
 /// is refused, naming the key and the value.
-pub fn effective_limit(spec_limit: &str, configmap_limit: Option<u32>) -> Result<u32, Problem> {
+pub(crate) fn effective_limit(
+    spec_limit: &str,
+    configmap_limit: Option<u32>,
+) -> Result<u32, Problem> {
     let v = spec_limit.trim();
     if v.is_empty() {
         return Ok(configmap_limit.unwrap_or(crate::config::DEFAULT_LIMIT_PER_NODE));
@@ -54,7 +60,7 @@ pub fn effective_limit(spec_limit: &str, configmap_limit: Option<u32>) -> Result
 
 /// The node changes: with `limit` Some, selected nodes advertise it and the others lose it;
 /// with None (peer pods off), every node loses it. Sorted by node name.
-pub fn node_actions(
+pub(crate) fn node_actions(
     nodes: &[NodeView],
     selector: &BTreeMap<String, String>,
     limit: Option<u32>,
@@ -86,7 +92,7 @@ fn pointer(map: &str) -> String {
 }
 
 /// The JSON patch (RFC 6902) for `nodes/<name>/status` carrying out `action` on `node`.
-pub fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Value {
+pub(crate) fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Value {
     let mut ops = Vec::new();
     for (map, present, exists) in [
         ("capacity", node.capacity.is_some(), node.has_maps.0),
@@ -110,18 +116,18 @@ pub fn json_patch(node: &NodeView, action: &NodeAction) -> serde_json::Value {
 
 /// What the controller read for the config verdict: `None` when the object does not exist.
 #[derive(Clone, Debug, Default)]
-pub struct ConfigInputs {
+pub(crate) struct ConfigInputs {
     /// Name and data of the cloud secret.
-    pub secret: (String, Option<BTreeMap<String, String>>),
+    pub(crate) secret: (String, Option<BTreeMap<String, String>>),
     /// Name and data of the configmap.
-    pub configmap: (String, Option<BTreeMap<String, String>>),
+    pub(crate) configmap: (String, Option<BTreeMap<String, String>>),
     /// Data of `ssh-key-secret`.
-    pub ssh: Option<BTreeMap<String, String>>,
+    pub(crate) ssh: Option<BTreeMap<String, String>>,
 }
 
 /// The verdict on the user's configuration: `Ok(configmap)` or every problem, each naming
 /// the object, the key and the expectation (never a secret value).
-pub fn config_verdict(inputs: &ConfigInputs) -> Result<PeerPodsConfig, Vec<String>> {
+pub(crate) fn config_verdict(inputs: &ConfigInputs) -> Result<PeerPodsConfig, Vec<String>> {
     let mut problems = Vec::new();
     let cfg = match &inputs.configmap {
         (name, None) => {

@@ -42,13 +42,13 @@ fn to_time(d: std::time::Duration) -> time::Duration {
 
 /// When a certificate with `validity`, issued for `configured`, is renewed
 /// ([`Validity::renew_at`]).
-fn renew_at(validity: &Validity, configured: std::time::Duration) -> OffsetDateTime {
+pub(crate) fn renew_at(validity: &Validity, configured: std::time::Duration) -> OffsetDateTime {
     validity.renew_at(to_time(configured))
 }
 
 /// What to do with the CA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CaStep {
+pub(crate) enum CaStep {
     /// Keep it.
     Keep,
     /// Make a new CA (none usable, or the current one is due): the current certificate, if
@@ -60,7 +60,7 @@ enum CaStep {
 
 /// The CA decision for the usable current CA (`None`: missing or unusable) and the previous
 /// CA kept for overlap.
-fn ca_step(
+pub(crate) fn ca_step(
     current: Option<&Validity>,
     previous: Option<&Validity>,
     configured: std::time::Duration,
@@ -75,7 +75,11 @@ fn ca_step(
 }
 
 /// The caBundle: the current CA, then the previous one while it is still valid.
-fn ca_bundle(current: &str, previous: Option<(&str, &Validity)>, now: OffsetDateTime) -> String {
+pub(crate) fn ca_bundle(
+    current: &str,
+    previous: Option<(&str, &Validity)>,
+    now: OffsetDateTime,
+) -> String {
     let mut out = current.trim_end().to_string();
     out.push('\n');
     if let Some((pem, v)) = previous
@@ -89,7 +93,7 @@ fn ca_bundle(current: &str, previous: Option<(&str, &Validity)>, now: OffsetDate
 
 /// Which CA of the bundle the serving certificate verifies against (for every name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Signer {
+pub(crate) enum Signer {
     /// The current CA.
     Current,
     /// The previous CA (a CA rotation is under way).
@@ -98,7 +102,7 @@ enum Signer {
 
 /// How long after a new CA joined the bundle the serving certificate moves to it: time for
 /// every API server to see the new caBundle. A twelfth of the CA's validity, 1 s to 60 s.
-fn propagation_grace(ca_validity: std::time::Duration) -> std::time::Duration {
+pub(crate) fn propagation_grace(ca_validity: std::time::Duration) -> std::time::Duration {
     (ca_validity / 12).clamp(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(60),
@@ -108,7 +112,7 @@ fn propagation_grace(ca_validity: std::time::Duration) -> std::time::Duration {
 /// Whether the serving certificate must be (re)issued now. `serving` is its validity and
 /// signer (`None`: missing, unreadable, or not valid for the names under either CA);
 /// `ca_since` is when the current CA joined the bundle.
-fn serving_due(
+pub(crate) fn serving_due(
     serving: Option<(&Validity, Signer)>,
     ca_since: Option<OffsetDateTime>,
     settings: &Settings,
@@ -130,7 +134,7 @@ fn serving_due(
 }
 
 /// When the next decision is due: the earliest renewal, expiry or grace end still ahead.
-fn next_check(
+pub(crate) fn next_check(
     ca: &Validity,
     previous: Option<&Validity>,
     serving: &Validity,
@@ -157,7 +161,7 @@ fn next_check(
 }
 
 /// Which CA (current first) `cert_pem` verifies against for every one of `names` at `now`.
-fn signer_of(
+pub(crate) fn signer_of(
     cert_pem: &str,
     current_ca: &str,
     previous_ca: Option<&str>,

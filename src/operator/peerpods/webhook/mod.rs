@@ -35,20 +35,21 @@ use crate::webhook::manifest::{self, Endpoint};
 /// `ca.crt` (the caBundle).
 pub const SERVING_SECRET: &str = "peer-pods-webhook-cert";
 /// The serving certificate's key in [`SERVING_SECRET`].
-const TLS_CRT: &str = "tls.crt";
+pub(crate) const TLS_CRT: &str = "tls.crt";
 /// The serving key's key in [`SERVING_SECRET`].
-const TLS_KEY: &str = "tls.key";
+pub(crate) const TLS_KEY: &str = "tls.key";
 /// The CA Secret (operator only): `ca.crt`, `ca.key` and, during a CA rotation,
 /// `previous-ca.crt`.
 pub const CA_SECRET: &str = "peer-pods-webhook-ca";
 /// Annotation on [`CA_SECRET`]: when the current CA joined the caBundle (RFC 3339).
-const CA_SINCE_ANNOTATION: &str = "peerpods.sandboxd.io/ca-in-bundle-since";
+pub(crate) const CA_SINCE_ANNOTATION: &str = "peerpods.sandboxd.io/ca-in-bundle-since";
 /// The HTTPS port of the webhook container.
-const PORT: i32 = 9443;
+pub(crate) const PORT: i32 = 9443;
 /// Where the serving Secret is mounted in the webhook pods.
-const CERT_DIR: &str = "/etc/webhook/certs";
+pub(crate) const CERT_DIR: &str = "/etc/webhook/certs";
 /// OpenShift service-CA: Service annotation naming the Secret to create.
-const SERVICE_CA_SECRET_ANNOTATION: &str = "service.beta.openshift.io/serving-cert-secret-name";
+pub(crate) const SERVICE_CA_SECRET_ANNOTATION: &str =
+    "service.beta.openshift.io/serving-cert-secret-name";
 
 /// Who provides the webhook's serving certificate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -92,19 +93,19 @@ impl Default for Settings {
 
 /// What the rolled-out webhook serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Targets {
+pub(crate) struct Targets {
     /// Peer pods are on: the MutatingWebhookConfiguration sends `kata-remote` pods.
-    pub mutate: bool,
+    pub(crate) mutate: bool,
     /// The one-KataConfig rule on a cluster without ValidatingAdmissionPolicy: the
     /// ValidatingWebhookConfiguration refusing every KataConfig but this one.
-    pub singleton_for: Option<String>,
+    pub(crate) singleton_for: Option<String>,
 }
 
 impl Targets {}
 
 /// Errors of the webhook rollout.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A write failed.
     #[error(transparent)]
     Apply(#[from] apply::Error),
@@ -132,14 +133,14 @@ pub enum Error {
 #[error("--webhook-url {url:?}: {reason}")]
 pub struct UrlError {
     /// The flag's value.
-    url: String,
+    pub(crate) url: String,
     /// What is wrong.
-    reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 impl Error {
     /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply(e) => e.metric_label(),
             Error::Read { .. } => "read",
@@ -165,7 +166,7 @@ pub fn serving_names(namespace: &str, url: Option<&str>) -> Result<Vec<String>, 
 }
 
 /// Checks a `--webhook-url` value (`https://HOST:PORT`, no path).
-pub fn check_url(u: &str) -> Result<String, String> {
+pub(crate) fn check_url(u: &str) -> Result<String, String> {
     url_host(u)
         .map(|_| u.to_string())
         .map_err(|e| e.to_string())
@@ -194,7 +195,7 @@ fn url_host(u: &str) -> Result<String, UrlError> {
 }
 
 /// The webhook endpoint the configuration points at.
-fn endpoint(namespace: &str, url: Option<&str>) -> Endpoint {
+pub(crate) fn endpoint(namespace: &str, url: Option<&str>) -> Endpoint {
     match url {
         Some(u) => Endpoint::Url(format!(
             "{}{}",
@@ -236,7 +237,7 @@ where
 
 /// Rolls out (or keeps) everything the webhook needs. Returns when the next certificate
 /// decision is due.
-async fn ensure(
+pub(crate) async fn ensure(
     client: &kube::Client,
     namespace: &str,
     image: &str,
@@ -323,7 +324,7 @@ impl Configurations<'_> {
 /// Removes every webhook object, the configuration first (so no pod create is sent to a
 /// webhook that is going away) and the ServiceAccount last: [`ensure`] applies it first, so
 /// while it exists something may be left, and without it there is nothing to do (one read).
-async fn remove(client: &kube::Client, namespace: &str) -> Result<(), Error> {
+pub(crate) async fn remove(client: &kube::Client, namespace: &str) -> Result<(), Error> {
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
     if get(&sas, "ServiceAccount", WEBHOOK).await?.is_none() {
         return Ok(());
@@ -381,14 +382,14 @@ enum Last {
 /// place is re-read every few seconds or when a certificate decision is due, a removal is
 /// done once.
 #[derive(Debug)]
-pub struct Rollout {
+pub(crate) struct Rollout {
     settings: Settings,
     last: std::sync::Mutex<Last>,
 }
 
 impl Rollout {
     /// A rollout with `settings` that has done nothing yet.
-    pub fn new(settings: Settings) -> Self {
+    pub(crate) fn new(settings: Settings) -> Self {
         Self {
             settings,
             last: std::sync::Mutex::new(Last::Unknown),
@@ -396,7 +397,7 @@ impl Rollout {
     }
 
     /// The settings this rollout applies.
-    pub fn settings(&self) -> &Settings {
+    pub(crate) fn settings(&self) -> &Settings {
         &self.settings
     }
 
@@ -406,7 +407,7 @@ impl Rollout {
 
     /// [`ensure`], unless it completed for this owner less than a few seconds ago and no
     /// decision is due. Returns when the next pass is wanted.
-    pub async fn ensure(
+    pub(crate) async fn ensure(
         &self,
         client: &kube::Client,
         namespace: &str,
@@ -441,7 +442,7 @@ impl Rollout {
     }
 
     /// [`remove`], once.
-    pub async fn remove(&self, client: &kube::Client, namespace: &str) -> Result<(), Error> {
+    pub(crate) async fn remove(&self, client: &kube::Client, namespace: &str) -> Result<(), Error> {
         if matches!(*self.last.lock().expect("rollout state"), Last::Removed) {
             return Ok(());
         }

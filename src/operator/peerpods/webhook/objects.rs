@@ -89,7 +89,7 @@ pub fn deployment(namespace: &str, image: &str, owner: &OwnerReference) -> Deplo
 }
 
 /// The PodDisruptionBudget: at least one webhook pod stays through voluntary disruptions.
-pub fn pdb(namespace: &str, owner: &OwnerReference) -> PodDisruptionBudget {
+pub(crate) fn pdb(namespace: &str, owner: &OwnerReference) -> PodDisruptionBudget {
     stamped(json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -116,7 +116,7 @@ pub fn service(namespace: &str, tls: TlsSource, owner: &OwnerReference) -> Servi
 }
 
 /// The webhook pods' ServiceAccount: no token mounted, no permissions.
-pub fn service_account(namespace: &str, owner: &OwnerReference) -> ServiceAccount {
+pub(crate) fn service_account(namespace: &str, owner: &OwnerReference) -> ServiceAccount {
     stamped(json!({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -127,7 +127,7 @@ pub fn service_account(namespace: &str, owner: &OwnerReference) -> ServiceAccoun
 
 /// The MutatingWebhookConfiguration of [`manifest`], pointed at the Service (or the
 /// development URL) with `ca_bundle`.
-pub fn webhook_configuration(
+pub(crate) fn webhook_configuration(
     namespace: &str,
     settings: &Settings,
     ca_bundle: Option<String>,
@@ -159,7 +159,7 @@ pub fn webhook_configuration(
 
 /// The ValidatingWebhookConfiguration of the one-KataConfig rule for `active`, pointed at
 /// the webhook like [`webhook_configuration`].
-pub fn singleton_configuration(
+pub(crate) fn singleton_configuration(
     namespace: &str,
     settings: &Settings,
     active: &str,
