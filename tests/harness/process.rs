@@ -201,8 +201,29 @@ impl Drop for Process {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for test processes).
+/// A free TCP port for a test process to listen on. Taken below the kernel's ephemeral
+/// range (`ip_local_port_range`), so a listener another test binds to port 0, or an
+/// outgoing connection, cannot take it between this check and the process's own bind.
+/// Each test binary starts at its own offset (by pid) and never hands a port out twice.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SPAN: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > SPAN + 1024 {
+        let low = ephemeral_low - SPAN;
+        let offset = std::process::id().wrapping_mul(7919) % SPAN;
+        for _ in 0..SPAN {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (low + (offset + n) % SPAN) as u16;
+            if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
