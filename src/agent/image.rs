@@ -69,6 +69,17 @@ pub(crate) struct Store {
     // last one used, dropped [`CLIENT_IDLE`] after it: an idle agent keeps no connection
     // pools or root stores.
     pulls: std::sync::Arc<Mutex<Option<Kept>>>,
+    /// What each reference pulled in this VM resolved to: the registry's digest for it (the
+    /// image index's when it has one), its layer directories and config.
+    resolved: std::sync::Mutex<HashMap<String, Resolved>>,
+}
+
+/// A reference as its last pull resolved it.
+#[derive(Clone)]
+struct Resolved {
+    digest: String,
+    layers: Vec<PathBuf>,
+    config: ImageConfig,
 }
 
 impl std::fmt::Debug for Store {
@@ -381,6 +392,7 @@ impl Store {
             auth_file: auth_file.into(),
             config: ClientProtocol::HttpsExcept(insecure),
             pulls: std::sync::Arc::default(),
+            resolved: std::sync::Mutex::default(),
         }
     }
 
@@ -519,8 +531,27 @@ impl Store {
         auth: &RegistryAuth,
         start: std::time::Instant,
     ) -> Result<(Vec<PathBuf>, ImageConfig), Error> {
-        let (manifest, digest, config) = client
-            .pull_manifest_and_config(r, auth)
+        // Pulled before in this VM: the tag may have moved since, so the registry is asked
+        // for the reference's current digest (one HEAD request); when it is the one pulled,
+        // its layers and config are here already. Any other answer (or none) pulls anew.
+        let known = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reference)
+            .cloned();
+        if let Some(k) = known
+            && k.layers.iter().all(|d| d.is_dir())
+            && client
+                .fetch_manifest_digest(r, auth)
+                .await
+                .is_ok_and(|d| d == k.digest)
+        {
+            tracing::info!(image = %reference, digest = %k.digest, layers = k.layers.len(), fetched = 0, seconds = start.elapsed().as_secs_f64(), "image ready (the registry's digest is the one pulled)");
+            return Ok((k.layers, k.config));
+        }
+        let (manifest, digest, config, list_digest) = client
+            .pull_manifest_and_config_and_list_digest(r, auth)
             .await
             .map_err(|e| image_err(reference, describe(&e)))?;
         let manifest_seconds = start.elapsed().as_secs_f64();
@@ -586,6 +617,17 @@ impl Store {
             fetched += 1;
         }
         tracing::info!(image = %reference, %digest, layers = dirs.len(), fetched, manifest_seconds, seconds = start.elapsed().as_secs_f64(), "image ready");
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                reference.to_string(),
+                Resolved {
+                    digest: list_digest.unwrap_or(digest),
+                    layers: dirs.clone(),
+                    config: config.clone(),
+                },
+            );
         Ok((dirs, config))
     }
 }
