@@ -722,17 +722,23 @@ async fn survive_on(
             "line {i} of kubectl logs -f is {l:?}: output lost or repeated"
         );
     }
-    let p = pods.get(SURVIVOR).await?;
-    let c = p
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first().cloned())
-        .context("no container status")?;
-    let ended = c
-        .state
-        .and_then(|s| s.terminated)
-        .context("the container did not end")?;
+    // The kubelet reports the end shortly after the output's.
+    let (c, ended) = eventually(
+        "the container's end in the pod's status",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get(SURVIVOR).await?;
+            let c = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first().cloned())
+                .context("no container status")?;
+            let ended = c.state.clone().and_then(|s| s.terminated);
+            Ok(ended.map(|e| (c, e)))
+        },
+    )
+    .await?;
     ensure!(
         ended.exit_code == STREAM_EXIT && c.restart_count == 0,
         "the container ended with {} after {} restarts",
