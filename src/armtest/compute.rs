@@ -845,13 +845,18 @@ impl Inner {
     }
 }
 
-/// The checks ARM and Compute make on a VM PUT that sandboxd's bodies must pass.
 /// The resource group id (`/subscriptions/{s}/resourceGroups/{rg}`) of a resource id.
 fn rg_id_of(id: &str) -> Option<String> {
     let segs: Vec<&str> = id.split('/').collect();
     (segs.len() > 4).then(|| segs[..5].join("/"))
 }
 
+/// The subscription of a resource id.
+fn sub_of(id: &str) -> &str {
+    id.split('/').nth(2).unwrap_or_default()
+}
+
+/// The checks ARM and Compute make on a VM PUT that sandboxd's bodies must pass.
 fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
     let invalid = |target: &str, msg: &str| {
         Err(arm_error(
@@ -984,10 +989,13 @@ fn check_vm(g: &Inner, req: &Value, vm_id: &str) -> Result<(), Response> {
             ));
         }
     }
-    // The VM's security type must be one its gallery image definition declares.
-    if let Some(def) = image["id"]
-        .as_str()
-        .and_then(crate::cloud::azure::body::gallery_definition)
+    // The VM's security type must be one its gallery image definition declares (in one of
+    // the subscription's galleries, or shared with it, or a community gallery's).
+    let location = req["location"].as_str().unwrap_or_default();
+    if let Some(def) = ["id", "sharedGalleryImageId", "communityGalleryImageId"]
+        .iter()
+        .find_map(|k| image[*k].as_str())
+        .and_then(|id| crate::cloud::azure::body::gallery_definition(id, sub_of(vm_id), location))
         .and_then(|d| g.resources.get(&d.to_ascii_lowercase()))
     {
         let declared = def["properties"]["features"]

@@ -52,6 +52,53 @@ impl Ctx<'_> {
     }
 }
 
+/// Where a gallery image shared with the subscription (`/SharedGalleries/…`) or published
+/// to the community (`/CommunityGalleries/…`) is read: `GET /subscriptions/{sub}/providers/
+/// Microsoft.Compute/locations/{location}/{sharedGalleries|communityGalleries}/{gallery}/
+/// images/{image}` (read only; 404 where the image is not offered in that location).
+pub(crate) fn route_shared(
+    store: &Store,
+    method: &Method,
+    segs: &[String],
+    api: &str,
+) -> Option<Response> {
+    let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = l.iter().map(String::as_str).collect();
+    let [
+        "subscriptions",
+        _,
+        "providers",
+        "microsoft.compute",
+        "locations",
+        _,
+        kind @ ("sharedgalleries" | "communitygalleries"),
+        _,
+        "images",
+        _,
+    ] = l.as_slice()
+    else {
+        return None;
+    };
+    if !GALLERY_API_VERSIONS.contains(&api) {
+        return Some(unsupported_api(api, kind, GALLERY_API_VERSIONS));
+    }
+    if *method != Method::GET {
+        return Some(method_not_allowed());
+    }
+    let key = format!("/{}", l.join("/"));
+    match store.lock().resources.get(&key) {
+        Some(r) => Some(json_response(StatusCode::OK, r.clone())),
+        None => Some(arm_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            format!(
+                "The gallery image '{}' of gallery '{}' is not available in '{}'.",
+                segs[9], segs[7], segs[5]
+            ),
+        )),
+    }
+}
+
 pub(crate) fn route(
     store: &Store,
     base: &str,

@@ -255,6 +255,52 @@ impl Handle {
         version
     }
 
+    /// Seeds an image of a gallery shared directly with `subscription` (`community`:
+    /// false; read as `sharedGalleries`) or of a community gallery (`community`: true),
+    /// offered in `location`, whose definition declares `security_type` (none: standard VMs
+    /// only). Returns the version's id as VMs name it (`/SharedGalleries/{gallery}/Images/
+    /// {image}/Versions/1.0.0`, or `/CommunityGalleries/…`).
+    pub fn seed_shared_gallery_image(
+        &self,
+        subscription: &str,
+        community: bool,
+        location: &str,
+        gallery: &str,
+        image: &str,
+        security_type: Option<&str>,
+    ) -> String {
+        let (kind, prefix, ty) = if community {
+            (
+                "communityGalleries",
+                "CommunityGalleries",
+                "Microsoft.Compute/locations/communityGalleryImage",
+            )
+        } else {
+            (
+                "sharedGalleries",
+                "SharedGalleries",
+                "Microsoft.Compute/locations/sharedGalleryImage",
+            )
+        };
+        let unique = format!("/{prefix}/{gallery}/Images/{image}");
+        let mut props = serde_json::json!({"osType": "Linux", "osState": "Generalized",
+            "hyperVGeneration": "V2",
+            "identifier": {"publisher": "sandboxd", "offer": "podvm", "sku": image}});
+        if let Some(t) = security_type {
+            props["features"] = serde_json::json!([{"name": "SecurityType", "value": t}]);
+        }
+        let path = format!(
+            "/subscriptions/{subscription}/providers/Microsoft.Compute/locations/{}/{kind}/{gallery}/images/{image}",
+            storage::region_key(location)
+        );
+        self.store.lock().resources.insert(
+            path.to_ascii_lowercase(),
+            serde_json::json!({"name": image, "type": ty, "location": location,
+                "identifier": {"uniqueId": unique}, "properties": props}),
+        );
+        format!("{unique}/Versions/1.0.0")
+    }
+
     /// Seeds what a peer-pods setup needs in `subscription`: resource group `rg` in
     /// `location`, VNet `vnet` with subnet `worker` (10.0.1.0/24), NSG `nsg`, and gallery
     /// image version `g/podvm/1.0.0`. Returns (subnet id, NSG id, image id).
@@ -643,6 +689,7 @@ async fn handle(
     }
     if let Some(resp) = storage::route(store, &base, method, &segs, &api_version, &body)
         .or_else(|| images::route(store, &base, method, &segs, &api_version, &body))
+        .or_else(|| images::route_shared(store, method, &segs, &api_version))
     {
         return (resp, None);
     }

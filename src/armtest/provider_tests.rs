@@ -854,6 +854,81 @@ async fn shared_and_community_gallery_images_use_their_own_reference_fields() {
     }
 }
 
+/// Shared and community gallery images are Trusted Launch when their definition says so,
+/// read where they are offered (`locations/{region}/sharedGalleries|communityGalleries`);
+/// one not offered in the VM's region declares nothing, and the VM gets no security
+/// profile (which ARM then accepts). Every read is an action the CredentialsRequest grants.
+#[tokio::test]
+async fn shared_and_community_gallery_images_get_trusted_launch_when_their_definition_declares_it()
+{
+    let f = Fixture::start(armtest::Config::default()).await;
+    let seeded = f.handle.requests().len();
+    let shared = f.handle.seed_shared_gallery_image(
+        SUB,
+        false,
+        "eastus",
+        "0a1b-shared",
+        "tl",
+        Some("TrustedLaunchSupported"),
+    );
+    let community = f.handle.seed_shared_gallery_image(
+        SUB,
+        true,
+        "East US",
+        "podvm-1a2b",
+        "tl",
+        Some("TrustedLaunchSupported"),
+    );
+    let elsewhere = f.handle.seed_shared_gallery_image(
+        SUB,
+        true,
+        "westus",
+        "podvm-3c4d",
+        "tl",
+        Some("TrustedLaunch"),
+    );
+    let secure = f.provider_with(false, &secret(), |c| c.secure_boot = true);
+    for (i, image) in [&shared, &community].into_iter().enumerate() {
+        let name = format!("podvm-sgtl-0000000{i}");
+        let mut spec = f.spec(&name, "Standard_D4as_v5");
+        spec.image_id = image.clone();
+        secure.create(&spec).await.unwrap();
+        let sp = &f.handle.vm_request(&name).unwrap()["properties"]["securityProfile"];
+        assert_eq!(sp["securityType"], "TrustedLaunch", "{image}");
+        assert_eq!(sp["uefiSettings"]["secureBootEnabled"], true);
+    }
+    let mut spec = f.spec("podvm-sgtl-00000009", "Standard_D4as_v5");
+    spec.image_id = elsewhere;
+    secure.create(&spec).await.unwrap();
+    let body = f.handle.vm_request("podvm-sgtl-00000009").unwrap();
+    assert!(
+        body["properties"].get("securityProfile").is_none(),
+        "{body}"
+    );
+    let reads: Vec<String> = f
+        .handle
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("Galleries/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        reads
+            .iter()
+            .any(|p| p.contains("/locations/eastus/sharedGalleries/0a1b-shared/images/tl"))
+            && reads
+                .iter()
+                .any(|p| p.contains("/locations/eastus/communityGalleries/podvm-1a2b/images/tl")),
+        "{reads:?}"
+    );
+    let missing = crate::cloud::azure::permissions::ungranted(
+        f.handle.requests()[seeded..]
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str())),
+    );
+    assert!(missing.is_empty(), "not granted: {missing:?}");
+}
+
 /// Boot diagnostics are on (managed storage), so the serial log of a VM that never reached
 /// its forwarder can be read: through `retrieveBootDiagnosticsData`'s SAS URI.
 #[tokio::test]

@@ -213,6 +213,48 @@ async fn invalid_vm_bodies_are_rejected_naming_the_field() {
     assert!(h.vms().is_empty());
 }
 
+/// A Trusted Launch VM from a shared or community gallery image is refused unless the
+/// image's definition declares Trusted Launch, as for the subscription's own galleries.
+#[tokio::test]
+async fn a_trusted_launch_vm_needs_a_shared_or_community_image_that_declares_it() {
+    let (r, h) = router(Config::default());
+    let t = token(&r).await;
+    for (community, declared, status) in [
+        (false, None, 400),
+        (true, Some("ConfidentialVMSupported"), 400),
+        (false, Some("TrustedLaunchSupported"), 201),
+        (true, Some("TrustedLaunch"), 201),
+    ] {
+        let image = h.seed_shared_gallery_image(SUB, community, "eastus", "g1", "podvm", declared);
+        let mut body = vm_body(&h);
+        body["properties"]["storageProfile"]["imageReference"] = if community {
+            json!({"communityGalleryImageId": image})
+        } else {
+            json!({"sharedGalleryImageId": image})
+        };
+        body["properties"]["securityProfile"] = json!({"securityType": "TrustedLaunch",
+            "uefiSettings": {"secureBootEnabled": true, "vTpmEnabled": true}});
+        let vm = format!("{VM}-{community}-{status}-{}", declared.unwrap_or("none"));
+        let (s, _, v) = call(
+            &r,
+            "PUT",
+            &format!("{vm}?api-version=2024-07-01"),
+            Some(&t),
+            body,
+        )
+        .await;
+        assert_eq!(s, status, "{image} declaring {declared:?}: {v}");
+        if s == 400 {
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("security type")),
+                "{v}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn injected_throttling_answers_429_with_retry_after_then_expires() {
     let (r, h) = router(Config::default());

@@ -11,8 +11,10 @@
 //! a pod that asks for none while another fits.
 //!
 //! GPUs (`default_gpus`, `default_gpu_model` annotations) choose among the allowed sizes
-//! with at least that many GPUs; a model keeps the sizes whose name carries it (Azure names
-//! GPU sizes after their GPU: `Standard_NC24ads_A100_v4`, `Standard_NC4as_T4_v3`).
+//! with at least that many GPUs; a model keeps the sizes with that GPU ([`gpu_model`]):
+//! newer Azure sizes carry it as a part of the name (`Standard_NC24ads_A100_v4`,
+//! `Standard_NC4as_T4_v3`), older series only by family (NCv3 and NDv2: V100, ND A100 v4:
+//! A100, NVv3: M60, NVv4: MI25).
 
 use super::VmSize;
 
@@ -121,9 +123,7 @@ pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<St
     let gpu_fits = |s: &&VmSize| {
         s.gpus >= req.gpus.max(u32::from(gpu))
             && req.gpu_model.as_ref().is_none_or(|m| {
-                s.name
-                    .to_ascii_lowercase()
-                    .contains(&m.to_ascii_lowercase())
+                gpu_model(&s.name).is_some_and(|g| g.eq_ignore_ascii_case(m.trim()))
             })
     };
     if gpu && !allowed.iter().any(|s| gpu_fits(&s)) {
@@ -160,6 +160,43 @@ pub fn select(req: &SizeRequest, default: &str, allowed: &[VmSize]) -> Result<St
             });
     }
     Ok(default.to_string())
+}
+
+/// GPU models Azure writes into a size's name as a part of its own (`_A100_`, `_T4_`).
+const MODELS_IN_NAMES: &[&str] = &[
+    "A10", "A100", "H100", "H200", "GB200", "T4", "V100", "V620", "MI300X", "L4", "L40S",
+];
+
+/// The GPU model of an Azure size, by its name: a model written as a part of the name
+/// (`Standard_NC24ads_A100_v4` → A100; "A10" never matches "A100"), else the series the
+/// name belongs to (`Standard_NC6s_v3` → V100). `None` for a size without a known GPU.
+pub fn gpu_model(size: &str) -> Option<&'static str> {
+    let upper = size.to_ascii_uppercase();
+    let parts: Vec<&str> = upper.split('_').collect();
+    if let Some(m) = MODELS_IN_NAMES.iter().find(|m| parts.contains(m)) {
+        return Some(m);
+    }
+    // `Standard_<family><vcpus><features>[_<version>]`.
+    let (Some(core), version) = (parts.get(1), parts.get(2).copied()) else {
+        return None;
+    };
+    let family: String = core.chars().take_while(char::is_ascii_alphabetic).collect();
+    let features: String = core
+        .chars()
+        .skip_while(char::is_ascii_alphabetic)
+        .skip_while(char::is_ascii_digit)
+        .collect();
+    match (family.as_str(), features.as_str(), version) {
+        // NCv3 (`NC6s_v3`…`NC24rs_v3`) and NDv2 (`ND40rs_v2`): Tesla V100.
+        ("NC", "S" | "RS", Some("V3")) | ("ND", "RS", Some("V2")) => Some("V100"),
+        // ND A100 v4 (`ND96asr_v4`).
+        ("ND", "ASR", Some("V4")) => Some("A100"),
+        // NVv3 (`NV12s_v3`): Tesla M60.
+        ("NV", "S", Some("V3")) => Some("M60"),
+        // NVv4 (`NV4as_v4`): Radeon Instinct MI25.
+        ("NV", "AS", Some("V4")) => Some("MI25"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +368,45 @@ mod tests {
     }
 
     #[test]
+    fn gpu_models_come_from_the_name_or_the_series() {
+        for (size, model) in [
+            ("Standard_NC24ads_A100_v4", Some("A100")),
+            ("Standard_NV36ads_A10_v5", Some("A10")),
+            ("Standard_NC4as_T4_v3", Some("T4")),
+            ("Standard_NCC40ads_H100_v5", Some("H100")),
+            ("Standard_ND96isr_MI300X_v5", Some("MI300X")),
+            ("Standard_NC6s_v3", Some("V100")),
+            ("Standard_NC24rs_v3", Some("V100")),
+            ("Standard_ND40rs_v2", Some("V100")),
+            ("Standard_ND96asr_v4", Some("A100")),
+            ("Standard_NV12s_v3", Some("M60")),
+            ("Standard_NV4as_v4", Some("MI25")),
+            ("Standard_DC2as_v5", None),
+            ("Standard_NC4as_v3", None),
+            ("Standard_D4as_v5", None),
+            ("odd", None),
+        ] {
+            assert_eq!(gpu_model(size), model, "{size}");
+        }
+    }
+
+    #[test]
+    fn series_named_sizes_are_chosen_by_their_gpu_model() {
+        let sizes = vec![
+            VmSize {
+                gpus: 1,
+                ..size("Standard_NC6s_v3", 6, 114688)
+            },
+            VmSize {
+                gpus: 1,
+                ..size("Standard_NC4as_T4_v3", 4, 28672)
+            },
+        ];
+        let req = SizeRequest::default().with_gpus(Some("1"), Some("v100"));
+        assert_eq!(select(&req, "d", &sizes).unwrap(), "Standard_NC6s_v3");
+    }
+
+    #[test]
     fn gpus_choose_among_allowed_gpu_sizes_and_plain_pods_get_no_gpu_size() {
         let gpu = |name: &str, vcpus, mem, gpus| VmSize {
             gpus,
@@ -369,6 +445,11 @@ mod tests {
             err.contains("4 GPUs") && err.contains("Standard_NC48ads_A100_v4 (2 GPUs)"),
             "{err}"
         );
+        // "A10" is a model of its own, not a prefix of A100.
+        assert!(matches!(
+            select(&req(Some("1"), Some("A10")), "d", &sizes),
+            Err(Error::NoGpuFits { .. })
+        ));
         let err = select(&req(Some("1"), Some("H100")), "d", &sizes)
             .unwrap_err()
             .to_string();

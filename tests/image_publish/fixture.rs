@@ -131,6 +131,102 @@ impl Proxy {
     }
 }
 
+/// An HTTP forward proxy (what `HTTP_PROXY` names): each request arrives in absolute form
+/// and is forwarded to the origin it names; every forwarded `METHOD url` is recorded.
+#[derive(Clone)]
+pub struct HttpProxy {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    _stop: Arc<tokio_util::sync::DropGuard>,
+}
+
+impl HttpProxy {
+    pub async fn start() -> Result<Self> {
+        use axum::body::Body;
+        use axum::extract::Request;
+        use axum::response::Response;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = reqwest::Client::builder().no_proxy().build()?;
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let upstream = upstream.clone();
+            let record = record.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                // Only absolute-form requests are proxied; anything else is not a proxy's.
+                if parts.uri.scheme().is_none() {
+                    return Response::builder()
+                        .status(400)
+                        .body(Body::from("not a proxy request"))
+                        .unwrap();
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", parts.method, parts.uri));
+                let body = axum::body::to_bytes(body, 64 << 20)
+                    .await
+                    .unwrap_or_default();
+                let mut forward = upstream.request(parts.method.clone(), parts.uri.to_string());
+                for (k, v) in &parts.headers {
+                    if !HOP_BY_HOP.contains(&k.as_str()) {
+                        forward = forward.header(k, v);
+                    }
+                }
+                match forward.body(body).send().await {
+                    Ok(r) => {
+                        let mut out = Response::builder().status(r.status());
+                        for (k, v) in r.headers() {
+                            if !HOP_BY_HOP.contains(&k.as_str()) && k != "content-length" {
+                                out = out.header(k, v);
+                            }
+                        }
+                        let bytes = r.bytes().await.unwrap_or_default();
+                        out.body(Body::from(bytes)).unwrap()
+                    }
+                    Err(e) => Response::builder()
+                        .status(502)
+                        .body(Body::from(e.to_string()))
+                        .unwrap(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let token = tokio_util::sync::CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        Ok(Self {
+            url: format!("http://{addr}"),
+            seen,
+            _stop: Arc::new(token.drop_guard()),
+        })
+    }
+
+    /// Every `METHOD url` forwarded so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Headers that concern one connection, not the request (RFC 9110 §7.6.1), and `Host`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
 /// Every storage account the suite uses: Azurite knows them (with the keys the ARM test
 /// server hands out) from its start.
 pub const ACCOUNTS: &[&str] = &[
@@ -143,6 +239,7 @@ pub const ACCOUNTS: &[&str] = &[
     "acctjob",
     "acctcarried",
     "acctbench",
+    "acctproxy",
 ];
 
 /// The suite's one Azurite (blob service only, in memory, loopback); its port.

@@ -26,6 +26,11 @@ pub fn cases() -> Vec<Case> {
         )
         .skip_if(skip.clone()),
         Case::plain(
+            "image_publish::publish_sends_its_blob_token_and_arm_calls_through_the_proxy_the_environment_names",
+            through_http_proxy,
+        )
+        .skip_if(skip.clone()),
+        Case::plain(
             "image_publish::an_upload_killed_midway_resumes_sending_only_the_missing_ranges",
             interrupted_upload_resumes,
         )
@@ -76,6 +81,83 @@ pub fn cases() -> Vec<Case> {
 }
 
 const MIB: usize = 1 << 20;
+
+/// Behind a corporate proxy: with `HTTP_PROXY` set (every endpoint here is plain http on
+/// loopback; https ones take `HTTPS_PROXY` the same way), the page uploads, the token
+/// exchange and the ARM calls all go through it, and the image is published; with
+/// `NO_PROXY` naming the hosts, nothing does.
+async fn through_http_proxy(_env: Env) -> Result<()> {
+    let fx = Fixture::start("proxy", &["acctproxy"]).await?;
+    let proxy = fixture::HttpProxy::start().await?;
+    let (vhd, data) = sparse_vhd(&fx.dir, "disk.vhd", 8)?;
+    let args = |name: &'static str| {
+        [
+            "image",
+            "publish",
+            "--azure",
+            "--resource-group",
+            "rg",
+            "--region",
+            "eastus",
+            "--vhd",
+            vhd.to_str().unwrap(),
+            "--storage-account",
+            "acctproxy",
+            "--image-name",
+            name,
+        ]
+        .map(str::to_string)
+    };
+    let a = args("podvm-proxied");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = fx
+        .run(&a, &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "")])
+        .await?;
+    out.ok()?;
+    let seen = proxy.seen();
+    let blob = format!(
+        "127.0.0.1:{}/acctproxy/vhds/podvm-proxied.vhd",
+        fx.azurite_port
+    );
+    let arm = fx.arm.trim_start_matches("http://").trim_end_matches('/');
+    ensure!(
+        seen.iter()
+            .any(|r| r.starts_with("PUT http://") && r.contains(&blob) && r.contains("comp=page")),
+        "no page upload went through the proxy: {seen:?}"
+    );
+    ensure!(
+        seen.iter().any(|r| r.starts_with("POST http://")
+            && r.contains(arm)
+            && r.ends_with("/oauth2/v2.0/token")),
+        "the token exchange did not go through the proxy: {seen:?}"
+    );
+    ensure!(
+        seen.iter().any(|r| r.starts_with("PUT http://")
+            && r.contains(arm)
+            && r.contains("/providers/Microsoft.Compute/images/podvm-proxied")),
+        "the image's ARM call did not go through the proxy: {seen:?}"
+    );
+    // What went through arrived whole.
+    let ranges = fx
+        .blob_client("acctproxy")?
+        .page_ranges("vhds", "podvm-proxied.vhd")
+        .await?;
+    ensure!(fixture::merged(ranges) == fixture::non_zero_ranges(&data));
+
+    // NO_PROXY names the host: straight there.
+    let before = proxy.seen().len();
+    let a = args("podvm-direct");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    fx.run(&a, &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "127.0.0.1")])
+        .await?
+        .ok()?;
+    ensure!(
+        proxy.seen().len() == before,
+        "NO_PROXY=127.0.0.1 still used the proxy: {:?}",
+        &proxy.seen()[before..]
+    );
+    Ok(())
+}
 
 async fn sparse_upload_and_managed_image(_env: Env) -> Result<()> {
     let fx = Fixture::start("sparse", &["acctsparse"]).await?;

@@ -263,10 +263,31 @@ pub fn os_disk_name(vm: &str) -> String {
     format!("{vm}-osdisk")
 }
 
-/// The gallery image definition of a gallery image (version) id in the subscription's
-/// galleries; `None` for other images (managed, community gallery).
-pub fn gallery_definition(image_id: &str) -> Option<String> {
+/// Where the definition of a gallery image (version) is read, for a VM in `region` of
+/// `subscription`: the definition in one of the subscription's galleries, or the image of
+/// a gallery shared with the subscription (`/SharedGalleries/{g}/Images/{i}/…`) or of a
+/// community gallery (`/CommunityGalleries/{g}/Images/{i}/…`) as offered in `region`.
+/// `None` for managed images.
+pub fn gallery_definition(image_id: &str, subscription: &str, region: &str) -> Option<String> {
     let segs: Vec<&str> = image_id.split('/').collect();
+    let lower = image_id.to_ascii_lowercase();
+    for (prefix, kind) in [
+        ("/sharedgalleries/", "sharedGalleries"),
+        ("/communitygalleries/", "communityGalleries"),
+    ] {
+        if lower.starts_with(prefix) {
+            // ["", "SharedGalleries", g, "Images", i, …]
+            return (segs.len() >= 5 && segs[3].eq_ignore_ascii_case("images") && !segs[2].is_empty() && !segs[4].is_empty())
+                .then(|| {
+                    format!(
+                        "/subscriptions/{subscription}/providers/Microsoft.Compute/locations/{}/{kind}/{}/images/{}",
+                        region.to_ascii_lowercase().replace(' ', ""),
+                        segs[2],
+                        segs[4]
+                    )
+                });
+        }
+    }
     let i = segs
         .iter()
         .position(|s| s.eq_ignore_ascii_case("galleries"))?;

@@ -257,7 +257,8 @@ impl AzureProvider {
     }
 
     /// What the image of a plain VM declares (one read of its gallery image definition per
-    /// image): a plain VM gets Trusted Launch only when its image declares it.
+    /// image, in the subscription's galleries or as a shared or community gallery image): a
+    /// plain VM gets Trusted Launch only when its image declares it.
     async fn image_security(&self, image_id: &str) -> Result<body::ImageSecurity, Error> {
         if !self.config.disable_cvm {
             return Ok(body::ImageSecurity::default());
@@ -271,17 +272,18 @@ impl AzureProvider {
         if let Some(s) = known {
             return Ok(s);
         }
-        let security = match body::gallery_definition(image_id) {
-            Some(def) => match self
-                .arm
-                .get(&format!("{def}?api-version={GALLERY_API}"))
-                .await?
-            {
-                Some(d) => body::ImageSecurity::of_definition(&d),
+        let security =
+            match body::gallery_definition(image_id, &self.subscription, &self.config.region) {
+                Some(def) => match self
+                    .arm
+                    .get(&format!("{def}?api-version={GALLERY_API}"))
+                    .await?
+                {
+                    Some(d) => body::ImageSecurity::of_definition(&d),
+                    None => body::ImageSecurity::default(),
+                },
                 None => body::ImageSecurity::default(),
-            },
-            None => body::ImageSecurity::default(),
-        };
+            };
         if self.config.secure_boot && !security.allows_trusted_launch() {
             tracing::warn!(
                 image = image_id,

@@ -199,6 +199,16 @@ pub const PERMISSIONS: &[Permission] = &[
         role: CONTRIB,
     },
     Permission {
+        action: "Microsoft.Compute/locations/sharedGalleries/images/read",
+        used_by: "CAA: the definition of an image shared with the subscription (Trusted Launch)",
+        role: VMC,
+    },
+    Permission {
+        action: "Microsoft.Compute/locations/communityGalleries/images/read",
+        used_by: "CAA: the definition of a community gallery image (Trusted Launch)",
+        role: VMC,
+    },
+    Permission {
         action: "Microsoft.Compute/galleries/images/write",
         used_by: "image job: create the image definition when missing",
         role: CONTRIB,
@@ -376,6 +386,12 @@ mod tests {
                 "PUT",
                 format!("{sub}/Microsoft.Compute/galleries/g/images/d/versions/1.0.0"),
                 "Microsoft.Compute/galleries/images/versions/write",
+            ),
+            (
+                "GET",
+                "/subscriptions/s/providers/Microsoft.Compute/locations/eastus/communityGalleries/pub-1/images/podvm?api-version=2023-07-03"
+                    .into(),
+                "Microsoft.Compute/locations/communityGalleries/images/read",
             ),
             (
                 "GET",
