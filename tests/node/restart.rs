@@ -431,7 +431,8 @@ async fn assert_gone(client: &Client, ns: &str, world: &World, name: &str, vm: &
     .await
 }
 
-/// `node::peer_pods_keep_running_with_logs_and_exec_through_caa_sigkill_image_rollout_and_configmap_rollout`.
+/// The guide's install in its own world, then the three disruptions ([`survive_on`]); the
+/// relay's log is printed on a failure.
 pub async fn survive(env: Env) -> Result<()> {
     with_world(env, |env, node, client, world| {
         Box::pin(async move {
@@ -461,6 +462,9 @@ pub async fn survive(env: Env) -> Result<()> {
     .await
 }
 
+/// Three pods (one that streams and execs, two deleted during the rollouts), the user's
+/// sessions opened, then (a), (b), (c), each checked and measured, and the end: every line
+/// once, exit codes 7 and 0, nothing left.
 async fn survive_on(
     env: &Env,
     node: &'static TestNode,
