@@ -46,16 +46,40 @@ pub(crate) struct ImageConfig {
     pub working_dir: String,
 }
 
+/// How long a registry client is kept after a pull: the containers of a pod are created
+/// within seconds of each other, and each re-reads its image's manifest.
+const CLIENT_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The registry client of the last pull, for the next pull from the same registry with the
+/// same credentials: its connection, TLS session and root store are reused.
+struct Kept {
+    /// The registry and a digest of the credentials (`oci-client` keeps the first
+    /// credentials it saw for a registry: other credentials need another client).
+    key: Vec<u8>,
+    client: Client,
+    used: std::time::Instant,
+}
+
 /// The image store of the VM.
 pub(crate) struct Store {
     dir: PathBuf,
     auth_file: PathBuf,
-    // A client per pull: `oci-client` keeps the first credentials it saw for a registry
-    // (pull secrets change, or arrive after a first anonymous try), and an idle agent keeps
-    // no connection pools or root stores.
     config: ClientProtocol,
-    // One pull at a time: two containers of one image share its layers.
-    pulls: Mutex<()>,
+    // One pull at a time (two containers of one image share its layers), and the client the
+    // last one used, dropped [`CLIENT_IDLE`] after it: an idle agent keeps no connection
+    // pools or root stores.
+    pulls: std::sync::Arc<Mutex<Option<Kept>>>,
+    /// What each reference pulled in this VM resolved to: the registry's digest for it (the
+    /// image index's when it has one), its layer directories and config.
+    resolved: std::sync::Mutex<HashMap<String, Resolved>>,
+}
+
+/// A reference as its last pull resolved it.
+#[derive(Clone)]
+struct Resolved {
+    digest: String,
+    layers: Vec<PathBuf>,
+    config: ImageConfig,
 }
 
 impl std::fmt::Debug for Store {
@@ -160,6 +184,138 @@ pub(crate) fn auth_for(auth_json: &str, registry: &str) -> Result<RegistryAuth, 
     Ok(RegistryAuth::Basic(u.into(), p.into()))
 }
 
+/// Whether `c` is a path component of an image name: lowercase alphanumeric runs joined by
+/// `.`, `_`, `__` or dashes.
+fn path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if !b.first().is_some_and(|&x| alnum(x)) || !b.last().is_some_and(|&x| alnum(x)) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `d` is a registry host: dot-separated labels of letters, digits and inner
+/// dashes, with an optional `:port`.
+fn domain(d: &str) -> bool {
+    let (host, port) = match d.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (d, None),
+    };
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.iter().all(|x| x.is_ascii_alphanumeric() || *x == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    host.split('.').all(label)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|x| x.is_ascii_digit()))
+}
+
+/// Parses an image reference (`[registry/]path[:tag][@digest]`) by the distribution
+/// project's grammar, normalised as Docker does (`busybox` is
+/// `docker.io/library/busybox:latest`).
+///
+/// `oci-client`'s own parser (`str::parse::<Reference>`) matches one regular expression
+/// whose Unicode classes compile into some 8 MiB that stay in the process for its whole life:
+/// more than the rest of the agent's heap. This one allocates only the parts.
+pub(crate) fn parse_reference(s: &str) -> Result<Reference, String> {
+    if s.is_empty() {
+        return Err("the reference is empty".into());
+    }
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (s, None),
+    };
+    let (name, tag) = match rest.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (rest, None),
+    };
+    let bad = |what: &str| Err(format!("{what} in {s:?}"));
+    if let Some(t) = tag {
+        let b = t.as_bytes();
+        let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';
+        if b.is_empty()
+            || b.len() > 128
+            || !word(b[0])
+            || !b.iter().all(|&x| word(x) || x == b'.' || x == b'-')
+        {
+            return bad("invalid tag");
+        }
+    }
+    if let Some(d) = digest {
+        let Some((alg, hex)) = d.split_once(':') else {
+            return bad("invalid digest");
+        };
+        let alg_ok = alg.split(['-', '_', '+', '.']).all(|part| {
+            part.as_bytes()
+                .first()
+                .is_some_and(|x| x.is_ascii_alphabetic())
+                && part.bytes().all(|x| x.is_ascii_alphanumeric())
+        });
+        if !alg_ok || hex.len() < 32 || !hex.bytes().all(|x| x.is_ascii_hexdigit()) {
+            return bad("invalid digest");
+        }
+        let want = match alg {
+            "sha256" => 64,
+            "sha384" => 96,
+            "sha512" => 128,
+            _ => return bad("unsupported digest algorithm"),
+        };
+        if hex.len() != want {
+            return bad("invalid digest length");
+        }
+    }
+    let parts: Vec<&str> = name.split('/').collect();
+    let (first, path) = (parts[0], &parts[1..]);
+    let has_domain = !path.is_empty() && domain(first);
+    let path_ok = path.iter().all(|c| path_component(c));
+    if !path_ok || !(has_domain || path_component(first)) {
+        return bad("invalid name");
+    }
+    // Docker's normalisation: a first part with no `.` or `:` (and not `localhost`) is a
+    // path on Docker Hub; Docker Hub's official images live under `library/`.
+    let (mut registry, mut repository) = if path.is_empty()
+        || (!(first.contains('.') || first.contains(':')) && first != "localhost")
+    {
+        ("docker.io".to_string(), name.to_string())
+    } else {
+        (first.to_string(), path.join("/"))
+    };
+    if registry == "index.docker.io" {
+        registry = "docker.io".into();
+    }
+    if registry == "docker.io" && !repository.contains('/') {
+        repository = format!("library/{repository}");
+    }
+    if repository.len() > 255 {
+        return bad("repository name longer than 255 characters");
+    }
+    Ok(match (tag, digest) {
+        (Some(t), Some(d)) => {
+            Reference::with_tag_and_digest(registry, repository, t.into(), d.into())
+        }
+        (None, Some(d)) => Reference::with_digest(registry, repository, d.into()),
+        (t, None) => Reference::with_tag(registry, repository, t.unwrap_or("latest").into()),
+    })
+}
+
 fn hex_of(digest: &str) -> Result<&str, String> {
     let hex = digest
         .strip_prefix("sha256:")
@@ -235,8 +391,54 @@ impl Store {
             dir: dir.into(),
             auth_file: auth_file.into(),
             config: ClientProtocol::HttpsExcept(insecure),
-            pulls: Mutex::new(()),
+            pulls: std::sync::Arc::default(),
+            resolved: std::sync::Mutex::default(),
         }
+    }
+
+    /// The client for `registry` with `auth`: the one kept from the last pull when it was
+    /// for the same, else a new one.
+    fn client(&self, kept: &mut Option<Kept>, registry: &str, auth: &RegistryAuth) -> Kept {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in match auth {
+            RegistryAuth::Anonymous => vec![registry, "anonymous"],
+            RegistryAuth::Basic(u, p) => vec![registry, "basic", u, p],
+            RegistryAuth::Bearer(t) => vec![registry, "bearer", t],
+        } {
+            ctx.update(part.as_bytes());
+            ctx.update(b"\0");
+        }
+        let key = ctx.finish().as_ref().to_vec();
+        match kept.take() {
+            Some(k) if k.key == key => k,
+            _ => Kept {
+                key,
+                client: Client::new(ClientConfig {
+                    protocol: self.config.clone(),
+                    ..Default::default()
+                }),
+                used: std::time::Instant::now(),
+            },
+        }
+    }
+
+    /// Keeps `client` for the next pull, and drops it once unused for [`CLIENT_IDLE`].
+    fn keep(&self, slot: &mut Option<Kept>, mut client: Kept) {
+        client.used = std::time::Instant::now();
+        *slot = Some(client);
+        let pulls = std::sync::Arc::downgrade(&self.pulls);
+        tokio::spawn(async move {
+            tokio::time::sleep(CLIENT_IDLE).await;
+            if let Some(p) = pulls.upgrade() {
+                let mut slot = p.lock().await;
+                if slot
+                    .as_ref()
+                    .is_some_and(|k| k.used.elapsed() >= CLIENT_IDLE)
+                {
+                    *slot = None;
+                }
+            }
+        });
     }
 
     fn auth(&self, registry: &str) -> Result<RegistryAuth, String> {
@@ -303,22 +505,56 @@ impl Store {
 
     /// Pulls the image: its layer directories (bottom first) and its config.
     async fn pull(&self, reference: &str) -> Result<(Vec<PathBuf>, ImageConfig), Error> {
-        let r: Reference = reference
-            .parse()
+        let r = parse_reference(reference)
             .map_err(|e| image_err(reference, format!("invalid image reference: {e}")))?;
         let auth = self
             .auth(r.resolve_registry())
             .map_err(|e| image_err(reference, e))?;
-        let _one = self.pulls.lock().await;
+        let mut slot = self.pulls.lock().await;
         let start = std::time::Instant::now();
-        let client = Client::new(ClientConfig {
-            protocol: self.config.clone(),
-            ..Default::default()
-        });
-        let (manifest, digest, config) = client
-            .pull_manifest_and_config(&r, &auth)
+        let kept = self.client(&mut slot, r.resolve_registry(), &auth);
+        let pulled = self
+            .pull_with(&kept.client, reference, &r, &auth, start)
+            .await;
+        // A client whose pull failed is not kept (credentials refused, a broken connection).
+        if pulled.is_ok() {
+            self.keep(&mut slot, kept);
+        }
+        pulled
+    }
+
+    async fn pull_with(
+        &self,
+        client: &Client,
+        reference: &str,
+        r: &Reference,
+        auth: &RegistryAuth,
+        start: std::time::Instant,
+    ) -> Result<(Vec<PathBuf>, ImageConfig), Error> {
+        // Pulled before in this VM: the tag may have moved since, so the registry is asked
+        // for the reference's current digest (one HEAD request); when it is the one pulled,
+        // its layers and config are here already. Any other answer (or none) pulls anew.
+        let known = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reference)
+            .cloned();
+        if let Some(k) = known
+            && k.layers.iter().all(|d| d.is_dir())
+            && client
+                .fetch_manifest_digest(r, auth)
+                .await
+                .is_ok_and(|d| d == k.digest)
+        {
+            tracing::info!(image = %reference, digest = %k.digest, layers = k.layers.len(), fetched = 0, seconds = start.elapsed().as_secs_f64(), "image ready (the registry's digest is the one pulled)");
+            return Ok((k.layers, k.config));
+        }
+        let (manifest, digest, config, list_digest) = client
+            .pull_manifest_and_config_and_list_digest(r, auth)
             .await
             .map_err(|e| image_err(reference, describe(&e)))?;
+        let manifest_seconds = start.elapsed().as_secs_f64();
         let config = parse_config(&config).map_err(|e| image_err(reference, e))?;
         let layers_dir = self.dir.join("layers");
         std::fs::create_dir_all(&layers_dir)
@@ -349,7 +585,7 @@ impl Store {
             let file = std::fs::File::create(&blob)
                 .map(BlockingFile)
                 .map_err(super::io(format!("creating {}", blob.display())))?;
-            let pulled = client.pull_blob(&r, layer, file).await;
+            let pulled = client.pull_blob(r, layer, file).await;
             if let Err(e) = pulled {
                 let _ = std::fs::remove_file(&blob);
                 return Err(image_err(
@@ -380,7 +616,18 @@ impl Store {
                 .map_err(super::io(format!("renaming {}", tmp.display())))?;
             fetched += 1;
         }
-        tracing::info!(image = %reference, %digest, layers = dirs.len(), fetched, seconds = start.elapsed().as_secs_f64(), "image ready");
+        tracing::info!(image = %reference, %digest, layers = dirs.len(), fetched, manifest_seconds, seconds = start.elapsed().as_secs_f64(), "image ready");
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                reference.to_string(),
+                Resolved {
+                    digest: list_digest.unwrap_or(digest),
+                    layers: dirs.clone(),
+                    config: config.clone(),
+                },
+            );
         Ok((dirs, config))
     }
 }
@@ -517,6 +764,62 @@ mod tests {
         bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
         let e = unpack(&bytes[..], d.path()).unwrap_err();
         assert!(e.contains("leaves the layer"), "{e}");
+    }
+
+    #[test]
+    fn references_parse_as_oci_clients_parser_reads_them_without_its_regex() {
+        let valid = [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox",
+            "docker.io/busybox",
+            "index.docker.io/library/busybox:latest",
+            "quay.io/kata-containers/agent:3.2.0",
+            "localhost/foo",
+            "localhost:5000/foo/bar:t_1.x-2",
+            "10.0.2.100:36221/busybox:1",
+            "127.0.0.1:5000/private/busybox:1",
+            "test.com:tag",
+            "test.com:5000",
+            "test.com/repo:tag",
+            "a-b.example/x__y/z.w/u-v---w:Tag_",
+            "ghcr.io/o/r@sha256:8bdf8ecf96ef0e9bec596ad090c58c420fc335d3aff142d01ef95428d0accdb4",
+            "ghcr.io/o/r:v1@sha256:8bdf8ecf96ef0e9bec596ad090c58c420fc335d3aff142d01ef95428d0accdb4",
+        ];
+        for s in valid {
+            let ours = parse_reference(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            let theirs: Reference = s.parse().unwrap();
+            assert_eq!(ours, theirs, "{s}");
+            assert_eq!(ours.whole(), theirs.whole(), "{s}");
+        }
+        let long_tag = format!("busybox:{}", "a".repeat(129));
+        let long_name = format!("r.io/{}", "a".repeat(256));
+        let invalid = [
+            "",
+            "Not A Reference//",
+            "Busybox",
+            "r.io/Repo",
+            "busybox:",
+            "busybox:-x",
+            long_tag.as_str(),
+            long_name.as_str(),
+            "a//b",
+            "a/b/",
+            "r.io:/x",
+            "-r.io/x",
+            "r.io/x..y",
+            "r.io/x_-y",
+            "busybox@sha256:abc",
+            "busybox@sha256:8bdf8ecf96ef0e9bec596ad090c58c420fc335d3aff142d01ef95428d0accdb",
+            "busybox@md5:8bdf8ecf96ef0e9bec596ad090c58c42",
+            "busybox@sha256",
+        ];
+        for s in invalid {
+            assert!(parse_reference(s).is_err(), "{s} was accepted");
+            assert!(s.parse::<Reference>().is_err(), "oci-client accepts {s}");
+        }
+        // The grammar's `\w` is ASCII (Go's regexp); `oci-client`'s Unicode one is wider.
+        assert!(parse_reference("busybox:é").is_err());
     }
 
     #[test]

@@ -472,6 +472,7 @@ impl Agent {
     ) -> Result<(), Error> {
         let cid = req.container_id.clone();
         check_id("container id", &cid)?;
+        let start = std::time::Instant::now();
         let has_pause = {
             let mut st = self.state.lock().await;
             if st.sandbox.is_none() {
@@ -499,7 +500,7 @@ impl Agent {
             stdio,
             exit,
         });
-        tracing::info!(container = %cid, pid, sandbox = is_sandbox, "container created");
+        tracing::info!(container = %cid, pid, sandbox = is_sandbox, ms = start.elapsed().as_millis() as u64, "container created");
         st.containers.insert(
             cid,
             Container {
@@ -535,9 +536,11 @@ impl Agent {
         std::fs::create_dir_all(&bundle)
             .map_err(super::io(format!("creating {}", bundle.display())))?;
         let mut mounts = Vec::new();
+        let start = std::time::Instant::now();
         let prepared = self
             .prepare(cid, req, &spec, &bundle, &mut mounts, has_pause)
             .await;
+        tracing::debug!(container = %cid, ms = start.elapsed().as_millis() as u64, "storages and rootfs ready");
         let created = match prepared {
             Ok((rootfs, is_sandbox, image_config)) => {
                 let sandbox_ns = self.state.lock().await.sandbox_ns.clone();
@@ -719,10 +722,10 @@ impl Agent {
             transient,
             io,
         )?;
-        self.libcontainer_us.fetch_add(
-            t.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let us = t.elapsed().as_micros() as u64;
+        self.libcontainer_us
+            .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(container = %cid, ms = us / 1000, "libcontainer created it");
         let stdio = match (stdio, console) {
             (Some(s), _) => s,
             (None, Some(l)) => process::terminal(container::receive_console(&l.0)?)?,
@@ -771,16 +774,15 @@ impl Agent {
         }
         let t = std::time::Instant::now();
         container::start(&mut c.lc)?;
-        self.libcontainer_us.fetch_add(
-            t.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let us = t.elapsed().as_micros() as u64;
+        self.libcontainer_us
+            .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
         c.started = true;
         let (pid, is_sandbox) = (c.init.pid, c.is_sandbox);
         if is_sandbox {
             st.sandbox_ns = Some(PathBuf::from(format!("/proc/{pid}/ns")));
         }
-        tracing::info!(container = %req.container_id, pid, "container started");
+        tracing::info!(container = %req.container_id, pid, ms = us / 1000, "container started");
         Ok(())
     }
 

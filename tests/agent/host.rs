@@ -429,6 +429,30 @@ async fn pulls() -> Result<()> {
         "the private image's marker: {:?}",
         String::from_utf8_lossy(&marker)
     );
+    // A tag pushed again is pulled again (the agent asks the registry for the tag's digest
+    // each time); the same tag unchanged runs what was pulled.
+    let (moving, _) = open.push_busybox(Some(&netns), "moving", "1", "first")?;
+    for (cid, push, want) in [
+        ("moving1", None, &b"first"[..]),
+        ("moving2", Some("second"), &b"second"[..]),
+        ("moving3", None, &b"second"[..]),
+    ] {
+        if let Some(m) = push {
+            open.push_busybox(Some(&netns), "moving", "1", m)?;
+        }
+        if let Err(s) =
+            create_with_image(&mut w, &base, cid, &moving, &["cat", "/etc/marker"]).await?
+        {
+            bail!("{cid}: {s:?}\nagent log:\n{}", a.process.log_tail(40));
+        }
+        let got = super::sequence::start_and_read_first(&mut w, cid, 100).await?;
+        ensure!(
+            got == want,
+            "{cid} of {moving}: marker {:?}, expected {:?}",
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want)
+        );
+    }
     let _: Empty = w
         .ok(
             "/grpc.AgentService/DestroySandbox",

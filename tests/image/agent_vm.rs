@@ -287,7 +287,7 @@ async fn run() -> Result<()> {
         vm.accel, vm.boot_seconds
     );
     ensure!(
-        console.contains("root moved from the initramfs into a tmpfs"),
+        console.contains(sandboxd::forwarder::init::ROOT_SWITCHED_MARKER),
         "init did not move the root:\n{}",
         boot::tail(&console, 40)
     );

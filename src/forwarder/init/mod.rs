@@ -7,9 +7,12 @@
 //! confidential-data-hub first), reap orphans, log to the console, and power off cleanly on
 //! SIGTERM, SIGUSR2, SIGINT (Ctrl-Alt-Del), SIGPWR or the ACPI power button.
 //!
-//! First of all it moves the root from the initramfs into a tmpfs and starts itself again
-//! there ([`switch_root`]): the initramfs root cannot be `pivot_root`ed away, and containers
-//! need a real `pivot_root` (a chroot would be weaker).
+//! First of all it puts the root on a tmpfs mount of its own ([`switch_root`]): the
+//! initramfs root (the kernel's rootfs) cannot be `pivot_root`ed away, and containers need a
+//! real `pivot_root` (a chroot would be weaker). When the kernel unpacked the initramfs into
+//! a tmpfs (no `root=` on its command line, the pod VM's case) that tmpfs is bind-mounted
+//! onto `/` in place; a ramfs initramfs is copied into a new tmpfs and init starts again
+//! from there.
 
 pub(crate) mod dhcp;
 pub(crate) mod seed;
@@ -54,7 +57,9 @@ pub(crate) fn kata_agent_args(file: Option<&str>) -> Vec<String> {
 }
 /// confidential-data-hub in the image (with an upstream kata-agent; started before it).
 pub(crate) const CDH: &str = "/usr/local/bin/confidential-data-hub";
-/// Set in init's environment once the root is a tmpfs ([`switch_root`]).
+/// Printed on the console once the root is a tmpfs mount of its own ([`switch_root`]).
+pub const ROOT_SWITCHED_MARKER: &str = "root on a tmpfs mount of its own";
+/// Set in init's environment once the root is a tmpfs copy ([`switch_root`]).
 pub(crate) const SWITCHED_ROOT_ENV: &str = "SANDBOXD_ROOT_SWITCHED";
 /// Printed on the console once the agent accepts connections on its socket.
 pub const AGENT_READY_MARKER: &str = "agent ready on /run/kata-containers/agent.sock";
@@ -667,38 +672,69 @@ fn copy_tree(from: &Path, to: &Path, skip: &Path) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
-/// Moves the root from the initramfs into a tmpfs (what `switch_root` does): copies the
-/// initramfs into a new tmpfs, frees the initramfs' memory, makes the tmpfs the root.
-pub(crate) fn switch_root() -> Result<u64, String> {
+/// How [`switch_root`] left the initramfs root.
+pub(crate) enum NewRoot {
+    /// The initramfs was unpacked into a tmpfs: that tmpfs, bind-mounted onto `/`, is the
+    /// root; nothing was copied.
+    InPlace,
+    /// The initramfs was a ramfs: its files (this many bytes) were copied into a new tmpfs,
+    /// the ramfs emptied; init must start again from the copy.
+    Copied(u64),
+}
+
+/// Puts the root on a tmpfs mount of its own (what `switch_root` is for): the kernel's
+/// rootfs has no parent mount, so nothing can `pivot_root` away from it, while a mount on
+/// top of it can be. The kernel unpacks the initramfs into a tmpfs when its command line
+/// names no `root=`: then that tmpfs is bind-mounted onto `/` as it is (the files stay where
+/// the kernel put them, no byte copied). A ramfs initramfs is copied into a new tmpfs
+/// instead, and its memory freed.
+pub(crate) fn switch_root() -> Result<NewRoot, String> {
+    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
     let new = Path::new("/sandboxd-root");
     std::fs::create_dir_all(new).map_err(|e| format!("creating {}: {e}", new.display()))?;
-    mount(
-        Some("sandboxd-root"),
-        new,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("mode=0755"),
-    )
-    .map_err(|e| format!("mounting a tmpfs on {}: {e}", new.display()))?;
-    let bytes =
-        copy_tree(Path::new("/"), new, new).map_err(|e| format!("copying the initramfs: {e}"))?;
-    // The initramfs' files are memory: free them (everything but the new root).
-    for e in std::fs::read_dir("/").map_err(|e| e.to_string())?.flatten() {
-        let p = e.path();
-        if p != new {
-            let _ = if p.is_dir() && !p.is_symlink() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
+    let in_place = statfs("/").is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC);
+    let copied = if in_place {
+        mount(Some("/"), new, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| format!("bind-mounting / on {}: {e}", new.display()))?;
+        None
+    } else {
+        mount(
+            Some("sandboxd-root"),
+            new,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )
+        .map_err(|e| format!("mounting a tmpfs on {}: {e}", new.display()))?;
+        let bytes = copy_tree(Path::new("/"), new, new)
+            .map_err(|e| format!("copying the initramfs: {e}"))?;
+        // The initramfs' files are memory: free them (everything but the new root).
+        for e in std::fs::read_dir("/").map_err(|e| e.to_string())?.flatten() {
+            let p = e.path();
+            if p != new {
+                let _ = if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
         }
-    }
+        Some(bytes)
+    };
     std::env::set_current_dir(new).map_err(|e| format!("chdir: {e}"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("moving the new root onto /: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    Ok(bytes)
+    Ok(match copied {
+        // The bind's mount point, seen from the new root: an empty directory, no longer a
+        // mount point once the mount moved.
+        None => {
+            let _ = std::fs::remove_dir(new);
+            NewRoot::InPlace
+        }
+        Some(bytes) => NewRoot::Copied(bytes),
+    })
 }
 
 /// Starts `/init` again from the new root (its code then comes from the tmpfs, and the
@@ -721,9 +757,13 @@ pub fn main() -> ExitCode {
         log(INIT_ENTERED_MARKER);
         let start = Instant::now();
         match switch_root() {
-            Ok(bytes) => {
+            Ok(NewRoot::InPlace) => log(&format!(
+                "{ROOT_SWITCHED_MARKER}: the initramfs' tmpfs bind-mounted onto / in {} ms",
+                start.elapsed().as_millis()
+            )),
+            Ok(NewRoot::Copied(bytes)) => {
                 log(&format!(
-                    "root moved from the initramfs into a tmpfs ({:.1} MiB in {} ms)",
+                    "{ROOT_SWITCHED_MARKER}: the initramfs copied into a tmpfs ({:.1} MiB in {} ms)",
                     bytes as f64 / 1048576.0,
                     start.elapsed().as_millis()
                 ));
