@@ -4,6 +4,7 @@
 //! sandboxd's shim ([`peer_pods`]).
 
 mod peer_pods;
+mod restart;
 
 use std::time::Duration;
 
@@ -37,6 +38,11 @@ pub fn cases() -> Vec<Case> {
         Case::node(
             "node::the_guide_runs_kata_remote_pods_in_qemu_pod_vms_through_sandboxds_shim",
             peer_pods::guide,
+        )
+        .skip_if(skip.clone().or_else(peer_pods::skip_reason)),
+        Case::node(
+            "node::peer_pods_keep_running_with_logs_and_exec_through_caa_sigkill_image_rollout_and_configmap_rollout",
+            restart::survive,
         )
         .skip_if(skip.clone().or_else(peer_pods::skip_reason)),
         Case::node(

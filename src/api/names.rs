@@ -23,7 +23,7 @@ pub const RUNTIME_CLASS: &str = "kata-remote";
 /// The PeerPodConfig the operator creates in its namespace.
 pub const PEER_POD_CONFIG: &str = "peerpodconfig-openshift";
 /// The ConfigMap holding the peer-pods settings (`PeerPodConfig.spec.configMapName`).
-pub(crate) const CONFIG_MAP: &str = "peer-pods-cm";
+pub const CONFIG_MAP: &str = "peer-pods-cm";
 /// The Secret holding the cloud credentials (`PeerPodConfig.spec.cloudSecretName`).
 pub(crate) const CLOUD_SECRET: &str = "peer-pods-secret";
 /// The Secret holding the SSH public key given to the pod VMs.
@@ -144,7 +144,7 @@ pub(crate) const PEERPOD_DIR: &str = "/run/peerpod";
 pub(crate) const HYPERVISOR_SOCKET: &str = "/run/peerpod/hypervisor.sock";
 /// Where CAA itself serves the hypervisor API when the node agent relay holds
 /// [`HYPERVISOR_SOCKET`] in front of it (in [`PEERPOD_DIR`]).
-pub(crate) const CAA_SOCKET: &str = "/run/peerpod/caa/hypervisor.sock";
+pub const CAA_SOCKET: &str = "/run/peerpod/caa/hypervisor.sock";
 /// The node agent relay's control socket: CAA tells it which agent sockets to serve and
 /// gives it the mTLS client identity, in memory (in [`PEERPOD_DIR`], mode 0600).
 pub(crate) const RELAY_CONTROL_SOCKET: &str = "/run/peerpod/relay/control.sock";

@@ -58,7 +58,7 @@ pub fn skip_reason() -> Option<String> {
 pub struct ArmWithVms {
     process: Process,
     addr: std::net::SocketAddr,
-    vms: PathBuf,
+    pub(super) vms: PathBuf,
     image_id: String,
     _dir: tempfile::TempDir,
 }
@@ -123,19 +123,19 @@ impl ArmWithVms {
         })
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://{}/", self.addr)
     }
 
     /// The VMs ARM holds.
-    async fn arm_vms(&self) -> Result<Vec<serde_json::Value>> {
+    pub(super) async fn arm_vms(&self) -> Result<Vec<serde_json::Value>> {
         let body = curl_get(&format!("http://{}/armtest/vms", self.addr)).await?;
         let v: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
     /// The qemu VMs' state directories.
-    fn qemu_vms(&self) -> Vec<String> {
+    pub(super) fn qemu_vms(&self) -> Vec<String> {
         std::fs::read_dir(&self.vms)
             .map(|rd| {
                 rd.flatten()
@@ -333,7 +333,12 @@ async fn delete_workloads(client: &Client, ns: &str) -> Result<()> {
 /// `deploy/`, its secret, configmap and SSH key, a KataConfig selecting the node (shim
 /// `auto`: sandboxd's, the node has no kata shim) until Completed, the node's containerd
 /// configured and restarted by the node installer pod, the webhook and CAA ready.
-async fn install(env: &Env, node: &'static TestNode, client: &Client, world: &World) -> Result<()> {
+pub(super) async fn install(
+    env: &Env,
+    node: &'static TestNode,
+    client: &Client,
+    world: &World,
+) -> Result<()> {
     let image = image(node)?;
     let arm_url = world.arm.url();
     // The ARM test server is a development endpoint: a flag on the operator's command line,
@@ -466,7 +471,7 @@ async fn install(env: &Env, node: &'static TestNode, client: &Client, world: &Wo
 }
 
 /// `kubectl` against the test cluster in the test's namespace: (success, stdout, stderr).
-async fn kubectl(
+pub(super) async fn kubectl(
     env: &Env,
     node: &TestNode,
     args: &[&str],
@@ -509,13 +514,13 @@ const SHIM_SOCKETS: &str = "/run/containerd/s";
 const CAA_PODS: &str = "/run/peerpod/pods";
 
 /// What the node held before the test's peer pods (other pods' containers come and go).
-struct NodeFiles {
+pub(super) struct NodeFiles {
     sockets: BTreeSet<String>,
     caa: BTreeSet<String>,
 }
 
 impl NodeFiles {
-    fn read(node: &TestNode) -> Self {
+    pub(super) fn read(node: &TestNode) -> Self {
         let set = |d: &str| node.list_dir(d).unwrap_or_default().into_iter().collect();
         Self {
             sockets: set(SHIM_SOCKETS),
@@ -526,7 +531,7 @@ impl NodeFiles {
 
 /// The task bundles (and the pods' network namespaces) of the containers of namespace `ns`
 /// on the node, read from each bundle's OCI spec.
-fn bundles_of(node: &TestNode, ns: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+pub(super) fn bundles_of(node: &TestNode, ns: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let (mut bundles, mut netns) = (BTreeSet::new(), BTreeSet::new());
     for id in node.list_dir(TASKS).unwrap_or_default() {
         let Ok(text) = node.read_file(&format!("{TASKS}/{id}/config.json")) else {
@@ -552,7 +557,7 @@ fn bundles_of(node: &TestNode, ns: &str) -> (BTreeSet<String>, BTreeSet<String>)
 
 /// Processes whose command line contains `needle` (the whole machine: the node's
 /// processes are this host's).
-fn processes_with(needle: &str) -> Vec<String> {
+pub(super) fn processes_with(needle: &str) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -577,7 +582,7 @@ fn processes_with(needle: &str) -> Vec<String> {
 /// shim process, no task bundle of the test's namespace, none of its pods' network
 /// namespaces (`netns`, read while they ran), no CAA pod directory and no shim socket
 /// nobody serves beyond `before`.
-async fn nothing_left(
+pub(super) async fn nothing_left(
     client: &Client,
     env: &Env,
     node: &TestNode,

@@ -244,6 +244,11 @@ fn rel(root: &Path, p: &Path) -> String {
 
 /// Configures the runtime under `root`. Idempotent: a second run changes nothing and
 /// restarts nothing. Returns whether anything changed.
+///
+/// The runtime is restarted only when its own configuration changed (the drop-in, the
+/// import in its main file, the shim's name link): a new shim binary or kata configuration
+/// (an upgrade) is read by the next shim containerd starts, and a restart would end every
+/// `kubectl exec`, `attach` and `port-forward` session open on the node.
 pub(crate) async fn install(
     root: &Path,
     runtime: &Runtime,
@@ -267,6 +272,7 @@ pub(crate) async fn install(
     let mut state = load_state(root)?;
     let mut created: Vec<PathBuf> = Vec::new();
     let mut changed = false;
+    let mut restart = false;
     if shim == kata_config::SANDBOXD_SHIM {
         let src = match &cfg.shim_source {
             Some(p) => p.clone(),
@@ -305,6 +311,7 @@ pub(crate) async fn install(
                 &containerd::dropin(v, shim),
             )?;
             changed |= c;
+            restart |= c;
             created.extend(dirs);
             // The name form of the shim, for containerd 1.6 only, which resolves the shim by
             // its runtime_type name on PATH; 1.7 and later run `runtime_path`, and /usr may be
@@ -318,13 +325,16 @@ pub(crate) async fn install(
                         created.extend(dirs);
                         state.shim_link = Some(shim.to_string());
                         changed = true;
+                        restart = true;
                     }
                     files::Link::Foreign => {
                         return Err(Error::NotOurs(host_path(root, containerd::SHIM_LINK)));
                     }
                 }
             } else if let Some(target) = state.shim_link.take() {
-                changed |= files::unlink(&host_path(root, containerd::SHIM_LINK), &target)?;
+                let c = files::unlink(&host_path(root, containerd::SHIM_LINK), &target)?;
+                changed |= c;
+                restart |= c;
             }
             let imported = match &main {
                 Some(text) => containerd::imports_dropin(text)?,
@@ -339,11 +349,13 @@ pub(crate) async fn install(
                     *after = new;
                 }
                 changed = true;
+                restart = true;
             }
         }
         Runtime::Crio => {
             let (c, dirs) = write_owned(&host_path(root, crio::DROPIN), &crio::dropin(shim))?;
             changed |= c;
+            restart |= c;
             created.extend(dirs);
         }
     }
@@ -358,7 +370,7 @@ pub(crate) async fn install(
     if read_opt(&state_path)?.as_deref() != Some(body.as_str()) {
         write_atomic(&state_path, &body)?;
     }
-    if changed {
+    if restart {
         services.restart(runtime.unit()).await?;
     }
     Ok(changed)

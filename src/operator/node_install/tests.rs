@@ -465,10 +465,23 @@ async fn without_kata_the_node_gets_sandboxds_shim_and_loses_it_on_uninstall() {
     // Idempotent: the same binary is not copied again, nothing restarts.
     assert!(!install(&root, &rt, &cfg, &sm).await.unwrap());
     assert_eq!(restarts(&sm).len(), 1);
-    // A new sandboxd (an operator upgrade) replaces the copy.
+    // A new sandboxd (an operator upgrade) replaces the copy, and a new kata configuration
+    // is written, without restarting containerd: the next shim it starts reads them, and a
+    // restart would end the node's open exec sessions.
     std::fs::write(cfg.shim_source.as_ref().unwrap(), b"\x7fELF sandboxd 2").unwrap();
     assert!(install(&root, &rt, &cfg, &sm).await.unwrap());
     assert_eq!(std::fs::read(&shim).unwrap(), b"\x7fELF sandboxd 2");
+    let kata = || std::fs::read(files::host_path(&root, kata_config::KATA_CONFIG)).unwrap();
+    let before_debug = kata();
+    let mut debug = InstallConfig::new("debug");
+    debug.shim_source = cfg.shim_source.clone();
+    assert!(install(&root, &rt, &debug, &sm).await.unwrap());
+    assert_ne!(
+        kata(),
+        before_debug,
+        "the log level is in the kata configuration"
+    );
+    assert_eq!(restarts(&sm).len(), 1, "an upgrade restarted containerd");
     uninstall(&root, &rt, &sm).await.unwrap();
     assert_eq!(snapshot(&root), before, "uninstall left the host different");
 }
