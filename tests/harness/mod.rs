@@ -172,6 +172,27 @@ pub fn shutdown(success: bool) {
 }
 
 /// Whether `program` is on PATH.
+/// The longest time inside `[from, to]` between two of `times` (the window's edges count
+/// as events): the longest a user watching those events waited.
+pub fn longest_gap(
+    times: impl IntoIterator<Item = std::time::Instant>,
+    from: std::time::Instant,
+    to: std::time::Instant,
+) -> Duration {
+    let mut inside: Vec<std::time::Instant> = times
+        .into_iter()
+        .filter(|t| *t >= from && *t <= to)
+        .collect();
+    inside.sort();
+    inside.insert(0, from);
+    inside.push(to);
+    inside
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
 pub fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))

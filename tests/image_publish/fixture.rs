@@ -403,12 +403,17 @@ impl Fixture {
 
     /// `sandboxd image publish --azure --resource-group rg --region eastus <args>`.
     pub async fn publish(&self, args: &[&str]) -> Result<Run> {
+        self.publish_with_env(args, &[]).await
+    }
+
+    /// The same, with `extra` environment.
+    pub async fn publish_with_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Result<Run> {
         self.run(
             &Self::publish_args(args)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
-            &[],
+            extra,
         )
         .await
     }

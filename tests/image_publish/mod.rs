@@ -92,13 +92,6 @@ async fn through_http_proxy(_env: Env) -> Result<()> {
     let (vhd, data) = sparse_vhd(&fx.dir, "disk.vhd", 8)?;
     let args = |name: &'static str| {
         [
-            "image",
-            "publish",
-            "--azure",
-            "--resource-group",
-            "rg",
-            "--region",
-            "eastus",
             "--vhd",
             vhd.to_str().unwrap(),
             "--storage-account",
@@ -106,12 +99,12 @@ async fn through_http_proxy(_env: Env) -> Result<()> {
             "--image-name",
             name,
         ]
-        .map(str::to_string)
     };
-    let a = args("podvm-proxied");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let out = fx
-        .run(&a, &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "")])
+        .publish_with_env(
+            &args("podvm-proxied"),
+            &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "")],
+        )
         .await?;
     out.ok()?;
     let seen = proxy.seen();
@@ -146,11 +139,12 @@ async fn through_http_proxy(_env: Env) -> Result<()> {
 
     // NO_PROXY names the host: straight there.
     let before = proxy.seen().len();
-    let a = args("podvm-direct");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    fx.run(&a, &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "127.0.0.1")])
-        .await?
-        .ok()?;
+    fx.publish_with_env(
+        &args("podvm-direct"),
+        &[("HTTP_PROXY", &proxy.url), ("NO_PROXY", "127.0.0.1")],
+    )
+    .await?
+    .ok()?;
     ensure!(
         proxy.seen().len() == before,
         "NO_PROXY=127.0.0.1 still used the proxy: {:?}",

@@ -329,6 +329,29 @@ async fn delete_workloads(client: &Client, ns: &str) -> Result<()> {
     .await
 }
 
+/// `ctl install --vanilla --image IMAGE --wait`: installs, or upgrades to IMAGE. The ARM
+/// test server is a development endpoint: a flag on the operator's command line, which the
+/// operator hands on to the CAA and the image Jobs (never the ConfigMap).
+pub(super) async fn ctl_install(env: &Env, world: &World, image: &str) -> Result<()> {
+    let arm_url = world.arm.url();
+    ctl_ok(
+        env,
+        &[
+            "install",
+            "--vanilla",
+            "--image",
+            image,
+            "--wait",
+            "--timeout",
+            "180",
+            "--dev-arm-endpoint",
+            &arm_url,
+        ],
+    )
+    .await
+    .map(drop)
+}
+
 /// The guide's steps against the world's ARM test server: sandboxd installed from
 /// `deploy/`, its secret, configmap and SSH key, a KataConfig selecting the node (shim
 /// `auto`: sandboxd's, the node has no kata shim) until Completed, the node's containerd
@@ -339,26 +362,9 @@ pub(super) async fn install(
     client: &Client,
     world: &World,
 ) -> Result<()> {
-    let image = image(node)?;
-    let arm_url = world.arm.url();
-    // The ARM test server is a development endpoint: a flag on the operator's command line,
-    // which the operator hands on to the CAA and the image Jobs (never the ConfigMap).
-    ctl_ok(
-        env,
-        &[
-            "install",
-            "--vanilla",
-            "--image",
-            &image,
-            "--wait",
-            "--timeout",
-            "180",
-            "--dev-arm-endpoint",
-            &arm_url,
-        ],
-    )
-    .await
-    .context("installing the operator from deploy/")?;
+    ctl_install(env, world, &image(node)?)
+        .await
+        .context("installing the operator from deploy/")?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let ops = pods

@@ -19,9 +19,10 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::peer_pods::{
-    NodeFiles, World, bundles_of, install, kubectl, nothing_left, processes_with, with_world,
+    NodeFiles, World, bundles_of, ctl_install, install, kubectl, nothing_left, processes_with,
+    with_world,
 };
-use super::{NS, ctl_ok, image, phase};
+use super::{NS, image, phase};
 use crate::harness::node::TestNode;
 use crate::harness::{Env, eventually};
 
@@ -53,21 +54,8 @@ impl Seen {
     /// The longest time inside `[from, to]` with no line (the window's edges count as
     /// lines): the longest the user waited.
     fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
-        let mut times: Vec<Instant> = self
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(t, _)| *t)
-            .filter(|t| *t >= from && *t <= to)
-            .collect();
-        times.insert(0, from);
-        times.push(to);
-        times
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default()
+        let times: Vec<Instant> = self.0.lock().unwrap().iter().map(|(t, _)| *t).collect();
+        crate::harness::longest_gap(times, from, to)
     }
 }
 
@@ -613,23 +601,9 @@ async fn survive_on(
     );
     let held_before = held_calls(&caa_pods, &relay_name).await?.len();
     let t = Instant::now();
-    let arm_url = world.arm.url();
-    ctl_ok(
-        env,
-        &[
-            "install",
-            "--vanilla",
-            "--image",
-            &next,
-            "--wait",
-            "--timeout",
-            "180",
-            "--dev-arm-endpoint",
-            &arm_url,
-        ],
-    )
-    .await
-    .context("upgrading the operator")?;
+    ctl_install(env, world, &next)
+        .await
+        .context("upgrading the operator")?;
     let (caa, no_caa) = gap_delete(node, &caa_pods, &pods, &caa, gone[0]).await?;
     let running = caa
         .spec
