@@ -378,7 +378,7 @@ pub(super) async fn install(
         "no operator pod Running on the node"
     );
     azure_secret(env).await?;
-    azure_configmap(env, &arm_url, Some(&world.arm.image_id)).await?;
+    azure_configmap(env, &world.arm.url(), Some(&world.arm.image_id)).await?;
     ctl_ok(env, &["ssh-key"]).await?;
     let selector = format!("{REAL_NODE_LABEL}=true");
     // No --shim: `auto` picks sandboxd's shim on a node without kata's.
