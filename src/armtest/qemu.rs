@@ -13,7 +13,7 @@
 //! `qemu.log`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::dhcp;
-use crate::cloud::local::store::{self, start_time};
+use crate::cloud::local::store::{self, ProcessVms as _, start_time};
 use crate::cloud::net::Netlink;
-use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec, VmState};
+use crate::cloud::{Error, Provider, Vm, VmSize, VmSpec};
 
 /// OVMF's code (read-only) and the template of its variable store (Debian `ovmf`).
 pub(crate) const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -49,13 +49,25 @@ pub(crate) struct QemuVms {
 
 /// What `vm.json` records.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-struct Record {
+pub(crate) struct Record {
     index: u32,
     pid: i32,
     start_time: u64,
     ip: Ipv4Addr,
     tap: String,
     tags: BTreeMap<String, String>,
+}
+
+impl store::Record for Record {
+    fn process(&self) -> (i32, u64) {
+        (self.pid, self.start_time)
+    }
+    fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+    fn tags(&self) -> &BTreeMap<String, String> {
+        &self.tags
+    }
 }
 
 /// VMs booted under qemu.
@@ -110,26 +122,6 @@ impl QemuProvider {
         }
     }
 
-    fn read(&self, name: &str) -> Option<Record> {
-        store::read(&self.dir, name)
-    }
-
-    fn vm_of(name: &str, r: &Record) -> Vm {
-        let alive = store::alive(r.pid, r.start_time);
-        Vm {
-            name: name.to_string(),
-            id: format!("qemu://{name}"),
-            state: if alive {
-                VmState::Succeeded
-            } else {
-                VmState::Failed
-            },
-            private_ip: Some(IpAddr::V4(r.ip)),
-            public_ip: None,
-            tags: r.tags.clone(),
-        }
-    }
-
     fn args(&self, dir: &Path, tap: &str, mac: &str) -> Vec<String> {
         let p = |p: &Path| p.display().to_string();
         let c = &self.config;
@@ -169,6 +161,19 @@ impl QemuProvider {
             format!("virtio-net-pci,netdev=n0,mac={mac}"),
         ]
         .into()
+    }
+}
+
+impl store::ProcessVms for QemuProvider {
+    type Record = Record;
+    const SCHEME: &'static str = "qemu";
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn alloc(&self) -> &tokio::sync::Mutex<()> {
+        &self.alloc
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Vm, Error> {
@@ -297,7 +302,7 @@ impl QemuProvider {
             t.abort();
         }
         let child = lock(&self.children).remove(name);
-        if let Some(r) = self.read(name) {
+        if let Some(r) = self.record(name) {
             store::terminate(r.pid, r.start_time, Duration::from_secs(5)).await;
         }
         if let Some(mut c) = child {
@@ -326,23 +331,11 @@ impl Provider for QemuProvider {
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
-        let _g = self.alloc.lock().await;
-        if let Some(r) = self.read(&spec.name)
-            && store::alive(r.pid, r.start_time)
-        {
-            return Ok(Self::vm_of(&spec.name, &r));
-        }
-        match self.start(spec).await {
-            Ok(vm) => Ok(vm),
-            Err(e) => {
-                let _ = self.stop(&spec.name).await;
-                Err(e)
-            }
-        }
+        self.create_once(spec).await
     }
 
     async fn get(&self, name: &str) -> Result<Option<Vm>, Error> {
-        Ok(self.read(name).map(|r| Self::vm_of(name, &r)))
+        Ok(self.vm(name))
     }
 
     async fn delete(&self, name: &str) -> Result<(), Error> {
@@ -350,11 +343,7 @@ impl Provider for QemuProvider {
     }
 
     async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error> {
-        Ok(store::all::<Record>(&self.dir)
-            .into_iter()
-            .filter(|(_, r)| store::has_tags(&r.tags, tags))
-            .map(|(n, r)| Self::vm_of(&n, &r))
-            .collect())
+        Ok(self.owned(tags))
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,10 +22,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod store;
 
+use store::ProcessVms as _;
 pub use store::start_time;
 
 use super::net::Netlink;
-use super::{Error, Provider, Vm, VmSize, VmSpec, VmState};
+use super::{Error, Provider, Vm, VmSize, VmSpec};
 
 /// Default state directory.
 pub const DEFAULT_DIR: &str = "/run/peerpod/local";
@@ -49,6 +50,18 @@ pub struct LocalVm {
     pub(crate) node_link: String,
     /// Tags of the VM.
     pub(crate) tags: BTreeMap<String, String>,
+}
+
+impl store::Record for LocalVm {
+    fn process(&self) -> (i32, u64) {
+        (self.pid, self.start_time)
+    }
+    fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+    fn tags(&self) -> &BTreeMap<String, String> {
+        &self.tags
+    }
 }
 
 /// The local provider.
@@ -101,25 +114,18 @@ impl LocalProvider {
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
 
-    fn read(&self, name: &str) -> Option<LocalVm> {
-        store::read(&self.dir, name)
+impl store::ProcessVms for LocalProvider {
+    type Record = LocalVm;
+    const SCHEME: &'static str = "local";
+
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 
-    fn vm_of(name: &str, v: &LocalVm) -> Vm {
-        let alive = store::alive(v.pid, v.start_time);
-        Vm {
-            name: name.to_string(),
-            id: format!("local://{name}"),
-            state: if alive {
-                VmState::Succeeded
-            } else {
-                VmState::Failed
-            },
-            private_ip: Some(IpAddr::V4(v.ip)),
-            public_ip: None,
-            tags: v.tags.clone(),
-        }
+    fn alloc(&self) -> &tokio::sync::Mutex<()> {
+        &self.alloc
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Vm, Error> {
@@ -262,7 +268,7 @@ impl LocalProvider {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        if let Some(v) = self.read(name) {
+        if let Some(v) = self.record(name) {
             store::terminate(v.pid, v.start_time, Duration::from_secs(3)).await;
             if let Some(mut c) = child {
                 let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
@@ -298,23 +304,11 @@ impl Provider for LocalProvider {
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<Vm, Error> {
-        let _g = self.alloc.lock().await;
-        if let Some(v) = self.read(&spec.name)
-            && store::alive(v.pid, v.start_time)
-        {
-            return Ok(Self::vm_of(&spec.name, &v));
-        }
-        match self.start(spec).await {
-            Ok(vm) => Ok(vm),
-            Err(e) => {
-                let _ = self.stop(&spec.name).await;
-                Err(e)
-            }
-        }
+        self.create_once(spec).await
     }
 
     async fn get(&self, name: &str) -> Result<Option<Vm>, Error> {
-        Ok(self.read(name).map(|v| Self::vm_of(name, &v)))
+        Ok(self.vm(name))
     }
 
     async fn delete(&self, name: &str) -> Result<(), Error> {
@@ -322,10 +316,6 @@ impl Provider for LocalProvider {
     }
 
     async fn list_owned(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Vm>, Error> {
-        Ok(store::all::<LocalVm>(&self.dir)
-            .into_iter()
-            .filter(|(_, v)| store::has_tags(&v.tags, tags))
-            .map(|(n, v)| Self::vm_of(&n, &v))
-            .collect())
+        Ok(self.owned(tags))
     }
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::cloud::{Error, Vm, VmSpec, VmState};
+
 /// The record file in a VM's directory.
 pub const RECORD: &str = "vm.json";
 
@@ -104,6 +106,90 @@ pub(crate) fn remove(vm_dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(vm_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// What every process VM's record carries.
+pub(crate) trait Record: DeserializeOwned + Send {
+    /// The VM process's pid and start time.
+    fn process(&self) -> (i32, u64);
+    /// The VM's address.
+    fn ip(&self) -> Ipv4Addr;
+    /// Its tags.
+    fn tags(&self) -> &BTreeMap<String, String>;
+}
+
+/// A provider whose VMs are processes recorded under one directory: the provider's
+/// create, get and list follow from how it starts and stops one VM.
+pub(crate) trait ProcessVms: Sync {
+    /// The provider's record.
+    type Record: Record;
+    /// The scheme of the VMs' ids (`<scheme>://<name>`).
+    const SCHEME: &'static str;
+    /// The directory of the records.
+    fn dir(&self) -> &Path;
+    /// Held while a VM is created (slot allocation).
+    fn alloc(&self) -> &tokio::sync::Mutex<()>;
+    /// Starts VM `spec.name`, writing its record.
+    fn start(&self, spec: &VmSpec) -> impl Future<Output = Result<Vm, Error>> + Send;
+    /// Stops VM `name` and removes its directory; succeeds when it is gone already.
+    fn stop(&self, name: &str) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The record of VM `name`.
+    fn record(&self, name: &str) -> Option<Self::Record> {
+        read(self.dir(), name)
+    }
+
+    /// The VM of a record: running while its process is.
+    fn vm_of(name: &str, r: &Self::Record) -> Vm {
+        let (pid, started) = r.process();
+        Vm {
+            name: name.to_string(),
+            id: format!("{}://{name}", Self::SCHEME),
+            state: if alive(pid, started) {
+                VmState::Succeeded
+            } else {
+                VmState::Failed
+            },
+            private_ip: Some(std::net::IpAddr::V4(r.ip())),
+            public_ip: None,
+            tags: r.tags().clone(),
+        }
+    }
+
+    /// Creates VM `spec.name` once: a running one is answered as it is; a start that fails
+    /// leaves nothing behind.
+    fn create_once(&self, spec: &VmSpec) -> impl Future<Output = Result<Vm, Error>> + Send {
+        async move {
+            let _g = self.alloc().lock().await;
+            if let Some(r) = self.record(&spec.name) {
+                let (pid, started) = r.process();
+                if alive(pid, started) {
+                    return Ok(Self::vm_of(&spec.name, &r));
+                }
+            }
+            match self.start(spec).await {
+                Ok(vm) => Ok(vm),
+                Err(e) => {
+                    let _ = self.stop(&spec.name).await;
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// VM `name`, if it has a record.
+    fn vm(&self, name: &str) -> Option<Vm> {
+        self.record(name).map(|r| Self::vm_of(name, &r))
+    }
+
+    /// Every VM carrying `tags`.
+    fn owned(&self, tags: &BTreeMap<String, String>) -> Vec<Vm> {
+        all::<Self::Record>(self.dir())
+            .into_iter()
+            .filter(|(_, r)| has_tags(r.tags(), tags))
+            .map(|(n, r)| Self::vm_of(&n, &r))
+            .collect()
     }
 }
 
