@@ -184,20 +184,7 @@ async fn image_job_on(
     )
     .await?;
     ctl_ok(env, &["ssh-key"]).await?;
-    let selector = format!("{REAL_NODE_LABEL}=true");
-    ctl_ok(
-        env,
-        &[
-            "kataconfig",
-            "create",
-            "--name",
-            KATA_CONFIG,
-            "--peer-pods",
-            "--selector",
-            &selector,
-        ],
-    )
-    .await?;
+    kataconfig_create(env).await?;
     let id = eventually(
         "AZURE_IMAGE_ID recorded by the image Job",
         Duration::from_secs(400),
@@ -258,6 +245,25 @@ async fn sandboxd(env: &Env, args: &[&str]) -> Result<(bool, String)> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok((out.status.success(), text))
+}
+
+/// `ctl kataconfig create --peer-pods` for the real node (selected by its label).
+async fn kataconfig_create(env: &Env) -> Result<()> {
+    let selector = format!("{REAL_NODE_LABEL}=true");
+    ctl_ok(
+        env,
+        &[
+            "kataconfig",
+            "create",
+            "--name",
+            KATA_CONFIG,
+            "--peer-pods",
+            "--selector",
+            &selector,
+        ],
+    )
+    .await
+    .map(drop)
 }
 
 /// `ctl azure secret` as the guide has it, the client secret from the environment.

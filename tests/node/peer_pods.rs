@@ -22,8 +22,8 @@ use sandboxd::pki::{Ca, Usage};
 use serde_json::json;
 
 use super::{
-    KATA_CONFIG, NS, SUB, azure_configmap, azure_secret, ctl_ok, image, phase, pod_events,
-    print_pod_logs, sandboxd,
+    KATA_CONFIG, NS, SUB, azure_configmap, azure_secret, ctl_ok, image, kataconfig_create, phase,
+    pod_events, print_pod_logs, sandboxd,
 };
 use crate::agent::registry::Registry;
 use crate::harness::node::{REAL_NODE_LABEL, TestNode};
@@ -380,21 +380,8 @@ pub(super) async fn install(
     azure_secret(env).await?;
     azure_configmap(env, &world.arm.url(), Some(&world.arm.image_id)).await?;
     ctl_ok(env, &["ssh-key"]).await?;
-    let selector = format!("{REAL_NODE_LABEL}=true");
     // No --shim: `auto` picks sandboxd's shim on a node without kata's.
-    ctl_ok(
-        env,
-        &[
-            "kataconfig",
-            "create",
-            "--name",
-            KATA_CONFIG,
-            "--peer-pods",
-            "--selector",
-            &selector,
-        ],
-    )
-    .await?;
+    kataconfig_create(env).await?;
     let status = ctl_ok(env, &["status", "--watch", "--timeout", "240"])
         .await
         .with_context(|| {
