@@ -325,10 +325,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => peerpods::image_job::Settings::default().args,
             },
             backoff_limit: args.image_job_backoff_limit.max(0),
-            azure: args.azure.clone(),
+            azure: args.azure.clone().with_proxy_env_of_this_process(),
             ..Default::default()
         },
-        azure: args.azure,
+        azure: args.azure.with_proxy_env_of_this_process(),
     };
     let opts = Options {
         leader: opts.leader.map(|mut l| {

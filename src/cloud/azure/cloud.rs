@@ -192,6 +192,11 @@ pub struct EndpointArgs {
         requires = "dev_arm_endpoint"
     )]
     pub(crate) dev_authority_host: Option<Url>,
+    /// The proxy variables (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) to hand on as the
+    /// environment of the processes that carry these flags (CAA, the image Jobs): the
+    /// operator's own, which OLM sets from OpenShift's cluster-wide proxy. Not a flag.
+    #[arg(skip)]
+    pub(crate) proxy_env: Vec<(String, String)>,
 }
 
 impl EndpointArgs {
@@ -201,7 +206,22 @@ impl EndpointArgs {
             cloud: None,
             dev_arm_endpoint: Some(Url::parse(base).expect("a URL")),
             dev_authority_host: None,
+            proxy_env: Vec::new(),
         }
+    }
+
+    /// The same, handing on this process's proxy variables ([`EndpointArgs::proxy_env`]).
+    pub(crate) fn with_proxy_env_of_this_process(mut self) -> Self {
+        self.proxy_env = super::http::proxy_env();
+        self
+    }
+
+    /// [`EndpointArgs::proxy_env`] as container `env` entries.
+    pub(crate) fn proxy_env_entries(&self) -> Vec<serde_json::Value> {
+        self.proxy_env
+            .iter()
+            .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+            .collect()
     }
 
     /// The endpoints: the flag's cloud, else `configured` (from `peer-pods-cm`), else the

@@ -42,6 +42,18 @@ fn env(names: [&str; 2]) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// The proxy variables of this process, upper-case names (from either spelling).
+pub(crate) fn proxy_env() -> Vec<(String, String)> {
+    [
+        ["HTTPS_PROXY", "https_proxy"],
+        ["HTTP_PROXY", "http_proxy"],
+        ["NO_PROXY", "no_proxy"],
+    ]
+    .into_iter()
+    .filter_map(|names| env(names).map(|v| (names[0].to_string(), v)))
+    .collect()
+}
+
 impl HttpSettings {
     /// The process environment's proxy variables (upper or lower case) and the first
     /// system CA bundle that exists.

@@ -53,8 +53,9 @@ impl Cluster {
 
 /// The CAA container's environment beyond `envFrom`: the node's name and IP(s) and the pod's
 /// namespace from the downward API (the pod tunnel's worker end is the node IP; CAA keeps
-/// its certificates in a Secret of its namespace), and where the SSH key is mounted.
-fn env(cluster: Cluster) -> Vec<serde_json::Value> {
+/// its certificates in a Secret of its namespace), where the SSH key is mounted, and the
+/// operator's proxy variables.
+fn env(cluster: Cluster, azure: &crate::cloud::azure::EndpointArgs) -> Vec<serde_json::Value> {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}});
     let mut env = vec![
         field("NODE_NAME", "spec.nodeName"),
@@ -69,6 +70,8 @@ fn env(cluster: Cluster) -> Vec<serde_json::Value> {
     // serves behind it.
     env.push(json!({"name": "CAA_SOCKET", "value": CAA_SOCKET}));
     env.push(json!({"name": "CAA_RELAY_SOCKET", "value": RELAY_CONTROL_SOCKET}));
+    // Behind a cluster-wide proxy: ARM and Entra ID calls go through it.
+    env.extend(azure.proxy_env_entries());
     env
 }
 
@@ -183,7 +186,7 @@ pub fn daemonset(
                             {"secretRef": {"name": secret}},
                             {"configMapRef": {"name": configmap}},
                         ],
-                        "env": env(cluster),
+                        "env": env(cluster, azure),
                         // Scraped by the PodMonitor of deploy/monitoring (hostNetwork: the
                         // node's port).
                         "ports": [{"name": "metrics", "containerPort": crate::caa::METRICS_PORT, "protocol": "TCP"}],
@@ -289,6 +292,35 @@ mod tests {
             &Default::default(),
         );
         assert!(crate::k8s::apply::hash_matches(Some(&ds), &same));
+    }
+
+    #[test]
+    fn caa_carries_the_operators_proxy_variables_over_the_configmaps() {
+        let azure = crate::cloud::azure::EndpointArgs {
+            proxy_env: vec![("HTTPS_PROXY".into(), "http://proxy.example:3128".into())],
+            ..Default::default()
+        };
+        let ds = daemonset(
+            "ns",
+            "img",
+            "s",
+            "cm",
+            &BTreeMap::new(),
+            "h",
+            OwnerReference::default(),
+            Cluster::default(),
+            &azure,
+        );
+        // `env` wins over `envFrom` (peer-pods-cm) for the same name.
+        let env = ds.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert!(
+            env.iter().any(|e| e.name == "HTTPS_PROXY"
+                && e.value.as_deref() == Some("http://proxy.example:3128")),
+            "{env:?}"
+        );
     }
 
     #[test]

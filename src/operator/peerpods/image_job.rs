@@ -352,6 +352,13 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
         owner,
     } = c;
     let labels = json!({LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT});
+    // Behind a cluster-wide proxy: blob uploads, ARM and Entra ID calls go through it.
+    let mut env = vec![
+        json!({"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": ENV_CONFIGMAP, "value": spec.config_map_name}),
+        json!({"name": "TMPDIR", "value": "/tmp"}),
+    ];
+    env.extend(settings.azure.proxy_env_entries());
     let args: Vec<String> = args
         .iter()
         .cloned()
@@ -390,11 +397,7 @@ fn job(c: Common<'_>, name: &str, args: &[String], deadline: Duration, api_acces
                             {"secretRef": {"name": spec.cloud_secret_name}},
                             {"configMapRef": {"name": spec.config_map_name}},
                         ],
-                        "env": [
-                            {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                            {"name": ENV_CONFIGMAP, "value": spec.config_map_name},
-                            {"name": "TMPDIR", "value": "/tmp"},
-                        ],
+                        "env": env,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
@@ -1017,6 +1020,43 @@ mod tests {
             !written_by_job(&annotated("/img/0")),
             "the user replaced the built image"
         );
+    }
+
+    #[test]
+    fn jobs_carry_the_operators_proxy_variables() {
+        let spec = PeerPodConfigSpec::default();
+        let mut s = Settings::default();
+        s.azure.proxy_env = vec![
+            ("HTTPS_PROXY".into(), "http://proxy.example:3128".into()),
+            ("NO_PROXY".into(), ".cluster.local".into()),
+        ];
+        for j in [
+            creation_job("ns", "img:1", &spec, &s, OwnerReference::default()),
+            deletion_job(
+                "ns",
+                "img:1",
+                &spec,
+                "/img/1",
+                &s,
+                OwnerReference::default(),
+            ),
+        ] {
+            let env = j.spec.unwrap().template.spec.unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap();
+            let value = |n: &str| {
+                env.iter()
+                    .find(|e| e.name == n)
+                    .and_then(|e| e.value.clone())
+            };
+            assert_eq!(
+                value("HTTPS_PROXY").as_deref(),
+                Some("http://proxy.example:3128")
+            );
+            assert_eq!(value("NO_PROXY").as_deref(), Some(".cluster.local"));
+            assert_eq!(value("HTTP_PROXY"), None);
+        }
     }
 
     #[test]
