@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     // One TLS crypto provider for every client and server in the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = sandboxd::pki::tls_provider().install_default();
     if let Err(e) = sandboxd::telemetry::init_logging(&cli.log) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -43,8 +43,12 @@ fn main() -> ExitCode {
     // hand-offs between threads (measured faster than the multi-threaded runtime on one core).
     // The agent clones container processes (libcontainer): with one thread, no other thread
     // can hold a lock (the allocator's included) that the child would inherit locked.
+    // The forwarder relays one pod's few connections: one thread hands a message from the
+    // socket it arrived on to the next with no wake-up of another CPU of the VM.
     let mut builder = match &cli.command {
-        Command::Webhook(_) | Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Webhook(_) | Command::Agent(_) | Command::Forwarder(_) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {

@@ -57,7 +57,30 @@ struct Kept {
     /// credentials it saw for a registry: other credentials need another client).
     key: Vec<u8>,
     client: Client,
+    /// For a pull without credentials: a plain HTTP client for the digest check (see
+    /// [`Store::plain_digest`]); none once the registry asked for a token.
+    plain: Option<oci_http::Client>,
     used: std::time::Instant,
+}
+
+/// The manifest media types a digest check accepts: those `oci-client` asks for, so the
+/// registry answers with the digest of the same document (an image index's for a
+/// multi-platform tag).
+const MANIFEST_TYPES: &[&str] = &[
+    oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+    oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+    oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+    oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+];
+
+/// What a plain digest check learnt.
+enum Plain {
+    /// The registry's digest for the reference.
+    Digest(String),
+    /// The registry wants credentials or a token: `oci-client` asks from now on.
+    Refused,
+    /// No digest (an error, another status, no header): `oci-client` asks this time.
+    Unknown,
 }
 
 /// The image store of the VM.
@@ -65,6 +88,8 @@ pub(crate) struct Store {
     dir: PathBuf,
     auth_file: PathBuf,
     config: ClientProtocol,
+    /// Registries (`host:port`) reached over plain HTTP.
+    insecure: Vec<String>,
     // One pull at a time (two containers of one image share its layers), and the client the
     // last one used, dropped [`CLIENT_IDLE`] after it: an idle agent keeps no connection
     // pools or root stores.
@@ -385,12 +410,14 @@ impl Store {
     /// A store in `dir`; `auth_file` holds registry credentials (absent: anonymous);
     /// `insecure` registries (`host:port`) are reached over plain HTTP.
     pub(crate) fn new(dir: &Path, auth_file: &Path, insecure: Vec<String>) -> Self {
-        // The registry client's TLS takes the process-wide provider (ring, as everywhere).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // The registry clients' TLS takes the process-wide provider (ring, its cipher suites
+        // in the order this CPU runs fastest: `pki::tls_provider`).
+        let _ = crate::pki::tls_provider().install_default();
         Self {
             dir: dir.into(),
             auth_file: auth_file.into(),
-            config: ClientProtocol::HttpsExcept(insecure),
+            config: ClientProtocol::HttpsExcept(insecure.clone()),
+            insecure,
             pulls: std::sync::Arc::default(),
             resolved: std::sync::Mutex::default(),
         }
@@ -417,6 +444,16 @@ impl Store {
                     protocol: self.config.clone(),
                     ..Default::default()
                 }),
+                // Built as oci-client builds its own (same roots, proxies from the
+                // environment); a client that cannot be built only costs the faster check.
+                plain: matches!(auth, RegistryAuth::Anonymous)
+                    .then(|| {
+                        oci_http::Client::builder()
+                            .user_agent(concat!("sandboxd/", env!("CARGO_PKG_VERSION")))
+                            .build()
+                            .ok()
+                    })
+                    .flatten(),
                 used: std::time::Instant::now(),
             },
         }
@@ -512,10 +549,8 @@ impl Store {
             .map_err(|e| image_err(reference, e))?;
         let mut slot = self.pulls.lock().await;
         let start = std::time::Instant::now();
-        let kept = self.client(&mut slot, r.resolve_registry(), &auth);
-        let pulled = self
-            .pull_with(&kept.client, reference, &r, &auth, start)
-            .await;
+        let mut kept = self.client(&mut slot, r.resolve_registry(), &auth);
+        let pulled = self.pull_with(&mut kept, reference, &r, &auth, start).await;
         // A client whose pull failed is not kept (credentials refused, a broken connection).
         if pulled.is_ok() {
             self.keep(&mut slot, kept);
@@ -523,9 +558,66 @@ impl Store {
         pulled
     }
 
+    /// The registry's digest for `r` by one `HEAD` without credentials.
+    ///
+    /// `oci-client` asks a registry's `/v2/` for a challenge before every request when it
+    /// holds no token for it, which is always for a registry that needs no credentials: two
+    /// round trips for one answer. A registry that wants a token answers 401 here, and
+    /// `oci-client` (which fetches tokens) asks it from then on.
+    async fn plain_digest(&self, http: &oci_http::Client, r: &Reference) -> Plain {
+        let registry = r.resolve_registry();
+        let scheme = if self.insecure.iter().any(|i| i == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{}",
+            r.repository(),
+            r.digest().or(r.tag()).unwrap_or("latest")
+        );
+        let res = match http
+            .head(&url)
+            .header("Accept", MANIFEST_TYPES.join(", "))
+            .send()
+            .await
+        {
+            Ok(res) => res,
+            Err(_) => return Plain::Unknown,
+        };
+        match res.status().as_u16() {
+            200 => res
+                .headers()
+                .get("Docker-Content-Digest")
+                .and_then(|v| v.to_str().ok())
+                .filter(|d| !d.is_empty())
+                .map_or(Plain::Unknown, |d| Plain::Digest(d.to_string())),
+            401 | 403 => Plain::Refused,
+            _ => Plain::Unknown,
+        }
+    }
+
+    /// The registry's current digest for `r`: the plain check when the kept client has one,
+    /// else (or when it knew nothing) `oci-client`'s.
+    async fn current_digest(
+        &self,
+        kept: &mut Kept,
+        r: &Reference,
+        auth: &RegistryAuth,
+    ) -> Option<String> {
+        if let Some(http) = &kept.plain {
+            match self.plain_digest(http, r).await {
+                Plain::Digest(d) => return Some(d),
+                Plain::Refused => kept.plain = None,
+                Plain::Unknown => {}
+            }
+        }
+        kept.client.fetch_manifest_digest(r, auth).await.ok()
+    }
+
     async fn pull_with(
         &self,
-        client: &Client,
+        kept: &mut Kept,
         reference: &str,
         r: &Reference,
         auth: &RegistryAuth,
@@ -542,18 +634,34 @@ impl Store {
             .cloned();
         if let Some(k) = known
             && k.layers.iter().all(|d| d.is_dir())
-            && client
-                .fetch_manifest_digest(r, auth)
+            && self
+                .current_digest(kept, r, auth)
                 .await
-                .is_ok_and(|d| d == k.digest)
+                .is_some_and(|d| d == k.digest)
         {
-            tracing::info!(image = %reference, digest = %k.digest, layers = k.layers.len(), fetched = 0, seconds = start.elapsed().as_secs_f64(), "image ready (the registry's digest is the one pulled)");
+            tracing::debug!(image = %reference, digest = %k.digest, layers = k.layers.len(), fetched = 0, seconds = start.elapsed().as_secs_f64(), "image ready (the registry's digest is the one pulled)");
             return Ok((k.layers, k.config));
         }
-        let (manifest, digest, config, list_digest) = client
-            .pull_manifest_and_config_and_list_digest(r, auth)
-            .await
-            .map_err(|e| image_err(reference, describe(&e)))?;
+        // The plain client's first check (its connection and TLS session) goes with the
+        // pull, so that the next check of this image is one round trip.
+        let warm = async {
+            if let Some(http) = &kept.plain
+                && let Plain::Refused = self.plain_digest(http, r).await
+            {
+                return false;
+            }
+            true
+        };
+        let client = &kept.client;
+        let (pulled, plain_ok) = tokio::join!(
+            client.pull_manifest_and_config_and_list_digest(r, auth),
+            warm
+        );
+        if !plain_ok {
+            kept.plain = None;
+        }
+        let (manifest, digest, config, list_digest) =
+            pulled.map_err(|e| image_err(reference, describe(&e)))?;
         let manifest_seconds = start.elapsed().as_secs_f64();
         let config = parse_config(&config).map_err(|e| image_err(reference, e))?;
         let layers_dir = self.dir.join("layers");

@@ -500,7 +500,9 @@ impl Agent {
             stdio,
             exit,
         });
-        tracing::info!(container = %cid, pid, sandbox = is_sandbox, ms = start.elapsed().as_millis() as u64, "container created");
+        // Debug: "container started" follows (every line of the serial console costs the VM
+        // hundreds of emulated port writes).
+        tracing::debug!(container = %cid, pid, sandbox = is_sandbox, ms = start.elapsed().as_millis() as u64, "container created");
         st.containers.insert(
             cid,
             Container {
@@ -782,7 +784,7 @@ impl Agent {
         if is_sandbox {
             st.sandbox_ns = Some(PathBuf::from(format!("/proc/{pid}/ns")));
         }
-        tracing::info!(container = %req.container_id, pid, ms = us / 1000, "container started");
+        tracing::info!(container = %req.container_id, pid, sandbox = is_sandbox, ms = us / 1000, "container started");
         Ok(())
     }
 

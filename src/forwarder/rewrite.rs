@@ -72,7 +72,7 @@ pub(crate) fn rewrite(f: &Frame, netns: &str) -> Result<Option<Frame>, RewriteEr
         "CreateContainer" => {
             let mut m = CreateContainerRequest::parse_from_bytes(&req.payload).map_err(body_err)?;
             add_network_namespace(&mut m, netns);
-            tracing::info!(container = %m.container_id, netns, "CreateContainer: joining the pod network namespace");
+            tracing::debug!(container = %m.container_id, netns, "CreateContainer: joining the pod network namespace");
             m.write_to_bytes().map_err(body_err)?
         }
         _ => return Ok(None),

@@ -67,8 +67,21 @@ pub struct LogArgs {
     pub(crate) log_level: Option<String>,
 }
 
-/// The directive added to every filter that does not name rustls (see [`LogArgs::filter`]).
-const QUIET_RUSTLS_SNI: &str = "rustls::msgs::handshake=error";
+/// Messages of other crates that say nothing a user can act on, each quiet unless the
+/// filter names its crate (see [`LogArgs::filter`]): (crate, directive).
+const QUIET: &[(&str, &str)] = &[
+    // A warning for every connection whose client sends an IP address as SNI (curl, wrk and
+    // other OpenSSL clients do for `https://<ip>/`).
+    ("rustls", "rustls::msgs::handshake=error"),
+    // `sandboxd agent`'s containers: "cgroup manager V2 will be used" on each container
+    // created or removed, and a warning for each cgroup controller of the kernel that
+    // libcgroups does not manage (rdma, misc), none of which a container asks for.
+    ("libcgroups", "libcgroups=warn,libcgroups::v2::util=error"),
+    // "seccomp not available" for every container: libcontainer is built without
+    // libseccomp because the agent compiles and installs the container's seccomp profile
+    // itself (agent::seccomp), and no_new_privileges is set either way.
+    ("libcontainer", "libcontainer::process::init::process=error"),
+];
 
 /// A log filter: the documented forms (a level, per-module directives) are a [`Targets`]
 /// filter, which costs little per event and little code at start; span and field directives
@@ -89,14 +102,16 @@ impl LogArgs {
             .clone()
             .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
             .unwrap_or_else(|| "info".to_string());
-        // rustls warns on every connection whose client sends an IP address as SNI (curl,
-        // wrk and other OpenSSL clients do for `https://<ip>/`): nothing to act on, so it is
-        // quiet unless the filter names rustls or turns logging off.
-        let effective = if value.contains("rustls") || value.trim() == "off" {
-            value.clone()
-        } else {
-            format!("{value},{QUIET_RUSTLS_SNI}")
-        };
+        // Messages nobody can act on stay quiet unless the filter names their crate or
+        // turns logging off.
+        let mut effective = value.clone();
+        if value.trim() != "off" {
+            for (krate, directive) in QUIET {
+                if !value.contains(krate) {
+                    effective = format!("{effective},{directive}");
+                }
+            }
+        }
         // `Targets` would read a span or field directive as a target name.
         if !value.contains(['[', '{'])
             && let Ok(targets) = effective.parse::<Targets>()
@@ -152,6 +167,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(redact::RedactingMakeWriter(log_writer))
+                    .with_ansi(colours())
                     .with_target(true),
             )
             .try_init(),
@@ -166,6 +182,14 @@ pub fn init_logging(args: &LogArgs) -> Result<(), Error> {
             .try_init(),
     };
     result.map_err(|_| Error::AlreadyInitialised)
+}
+
+/// Colours only for a person at a terminal: not in `kubectl logs`, files or pipes, and not
+/// where `NO_COLOR` is set (the pod VM's init sets it: its serial console is a terminal
+/// that boot diagnostics store as text).
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// A metrics registry under the `sandboxd` prefix, with a `build_info` gauge.
@@ -243,6 +267,48 @@ mod tests {
         // Other rustls warnings still show; `off` stays off.
         assert!(targets_of("warn").would_enable("rustls::conn", &tracing::Level::WARN));
         assert!(!sni("off", tracing::Level::ERROR));
+    }
+
+    #[test]
+    fn container_runtime_chatter_is_quiet_unless_its_crate_is_named() {
+        let on = |level: &str, target: &str, at: tracing::Level| {
+            targets_of(level).would_enable(target, &at)
+        };
+        use tracing::Level;
+        // Per container: the cgroup manager chosen, controllers it does not manage, and
+        // libcontainer's seccomp warning (the agent installs the profile itself).
+        assert!(!on("info", "libcgroups::common", Level::INFO));
+        assert!(!on("info", "libcgroups::v2::util", Level::WARN));
+        assert!(!on(
+            "info",
+            "libcontainer::process::init::process",
+            Level::WARN
+        ));
+        assert!(!on("debug", "libcgroups::common", Level::INFO));
+        // Their real failures still show.
+        assert!(on("info", "libcgroups::v2::manager", Level::WARN));
+        assert!(on(
+            "info",
+            "libcontainer::process::init::process",
+            Level::ERROR
+        ));
+        assert!(on("info", "libcontainer::container", Level::WARN));
+        // Named, they speak; the other crates stay quiet.
+        assert!(on(
+            "info,libcgroups=info",
+            "libcgroups::common",
+            Level::INFO
+        ));
+        assert!(on(
+            "info,libcontainer=debug",
+            "libcontainer::process::init::process",
+            Level::WARN
+        ));
+        assert!(!on(
+            "info,libcontainer=debug",
+            "libcgroups::v2::util",
+            Level::WARN
+        ));
     }
 
     #[test]

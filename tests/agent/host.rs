@@ -430,7 +430,8 @@ async fn pulls() -> Result<()> {
         String::from_utf8_lossy(&marker)
     );
     // A tag pushed again is pulled again (the agent asks the registry for the tag's digest
-    // each time); the same tag unchanged runs what was pulled.
+    // each time); the same tag unchanged runs what was pulled, and asking costs one request
+    // to a registry that needs no credentials (no `/v2/` probe before it).
     let (moving, _) = open.push_busybox(Some(&netns), "moving", "1", "first")?;
     for (cid, push, want) in [
         ("moving1", None, &b"first"[..]),
@@ -440,6 +441,7 @@ async fn pulls() -> Result<()> {
         if let Some(m) = push {
             open.push_busybox(Some(&netns), "moving", "1", m)?;
         }
+        let before = open.requests().len();
         if let Err(s) =
             create_with_image(&mut w, &base, cid, &moving, &["cat", "/etc/marker"]).await?
         {
@@ -452,6 +454,13 @@ async fn pulls() -> Result<()> {
             String::from_utf8_lossy(&got),
             String::from_utf8_lossy(want)
         );
+        if cid == "moving3" {
+            let asked = open.requests().split_off(before);
+            ensure!(
+                asked == ["HEAD /v2/moving/manifests/1"],
+                "checking the unchanged tag {moving} took these registry requests: {asked:?}"
+            );
+        }
     }
     let _: Empty = w
         .ok(

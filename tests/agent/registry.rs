@@ -162,6 +162,19 @@ impl Registry {
         })
     }
 
+    /// The requests the registry has answered so far, as `METHOD /path` from its access log.
+    pub fn requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self._process.log_path()).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once(" \"")?;
+                let (request, _) = rest.split_once(" HTTP/")?;
+                let (method, path) = request.split_once(' ')?;
+                Some(format!("{method} {path}"))
+            })
+            .collect()
+    }
+
     fn registry_auth(&self) -> RegistryAuth {
         match &self.auth {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),

@@ -49,6 +49,7 @@ where
         .ok("/grpc.AgentService/GetMetrics", &GetMetricsRequest::new())
         .await?;
     let t = Instant::now();
+    let mut marks = Vec::new();
     let _: Empty = w
         .ok(
             "/grpc.AgentService/CreateSandbox",
@@ -59,6 +60,7 @@ where
             },
         )
         .await?;
+    marks.push(("CreateSandbox".to_string(), t.elapsed()));
     for (cid, args, sandbox) in [
         ("pause", vec!["/pause"], true),
         ("app", vec!["sleep", "1000"], false),
@@ -70,6 +72,7 @@ where
                 &sequence::create_request(setup, cid, spec, sandbox),
             )
             .await?;
+        marks.push((format!("CreateContainer {cid}"), t.elapsed()));
         let _: Empty = w
             .ok(
                 "/grpc.AgentService/StartContainer",
@@ -79,8 +82,19 @@ where
                 },
             )
             .await?;
+        marks.push((format!("StartContainer {cid}"), t.elapsed()));
     }
     let total = t.elapsed().as_secs_f64();
+    let mut prev = Duration::ZERO;
+    let steps: Vec<String> = marks
+        .iter()
+        .map(|(n, d)| {
+            let s = format!("{n} {:.1} ms", (*d - prev).as_secs_f64() * 1000.0);
+            prev = *d;
+            s
+        })
+        .collect();
+    eprintln!("pod {n}: {}", steps.join(", "));
     let after: Metrics = w
         .ok("/grpc.AgentService/GetMetrics", &GetMetricsRequest::new())
         .await?;
@@ -149,12 +163,31 @@ async fn run() -> Result<()> {
             pause: true,
         };
         let (uncached, rss_pod) = pod(&mut w, &setup, 1).await?;
+        let mut rtts = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            let _: sandboxd::protocol::health::HealthCheckResponse = w
+                .ok(
+                    "/grpc.Health/Check",
+                    &sandboxd::protocol::health::CheckRequest::new(),
+                )
+                .await?;
+            rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        rtts.sort_by(f64::total_cmp);
+        eprintln!(
+            "round trip (grpc.Health/Check, 21 calls): median {:.2} ms, min {:.2} ms",
+            rtts[10], rtts[0]
+        );
         let (cached, _) = pod(&mut w, &setup, 2).await?;
         drop(w);
+        if std::env::var_os("SANDBOXD_BENCH_PODVM_CONSOLE").is_some() {
+            eprintln!("{}", vm.console_text());
+        }
         let accel = vm.accel;
         vm.power_off().await?;
         let row = format!(
-            "| {run} | {accel} | {:.0} ms | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.1}x | {:.1} MiB ({:.1} anon) | {:.1} MiB ({:.1} anon) |",
+            "| {run} | {accel} | {:.0} ms | {:.2} s | {:.2} s | {:.3} s | {:.3} s | {:.2}x | {:.1} MiB ({:.1} anon) | {:.1} MiB ({:.1} anon) |",
             (ready - entered) * 1000.0,
             uncached.total,
             uncached.libcontainer,

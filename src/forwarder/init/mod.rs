@@ -437,6 +437,11 @@ pub(crate) fn spawn_clean(
         }
     }
     envp.push(cstr("PATH=/usr/bin:/bin:/usr/sbin:/sbin")?);
+    // The console is the serial port, a terminal whose log boot diagnostics keep as text:
+    // no colour codes in it (each byte also costs the VM an emulated port write).
+    if std::env::var_os("NO_COLOR").is_none() {
+        envp.push(cstr("NO_COLOR=1")?);
+    }
     let e = |what: &str, err: nix::Error| format!("{what}: {err}");
     let mut attr = PosixSpawnAttr::init().map_err(|x| e("spawn attributes", x))?;
     attr.set_flags(
@@ -971,5 +976,28 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn services_write_no_colour_codes_to_the_serial_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let pid = spawn_clean(
+            Path::new("/bin/sh"),
+            "sh",
+            &["-c".into(), "echo \"NO_COLOR=$NO_COLOR PATH=$PATH\"".into()],
+            Some(&out),
+        )
+        .unwrap();
+        assert!(matches!(
+            waitpid(pid, None).unwrap(),
+            WaitStatus::Exited(_, 0)
+        ));
+        // NO_COLOR as init got it from the kernel command line, else set.
+        let want = std::env::var("NO_COLOR").unwrap_or_else(|_| "1".into());
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            format!("NO_COLOR={want} PATH=/usr/bin:/bin:/usr/sbin:/sbin\n")
+        );
     }
 }
