@@ -6,6 +6,11 @@
 //!   pod of the same image), against the time libcontainer itself spent creating and
 //!   starting the same containers in the same VM (the agent's counter);
 //! - the agent's resident memory idle and with the pod running.
+//!
+//! Each run also prints the client-side time of each call of the cached pod and the round
+//! trip of a trivial call (`grpc.Health/Check`) through the same path;
+//! `SANDBOXD_BENCH_PODVM_CONSOLE=1` prints the VM's console (init's, the forwarder's and
+//! the agent's logs) after each run.
 
 use std::time::{Duration, Instant};
 
