@@ -79,7 +79,8 @@ enum Plain {
     Digest(String),
     /// The registry wants credentials or a token: `oci-client` asks from now on.
     Refused,
-    /// No digest (an error, another status, no header): `oci-client` asks this time.
+    /// No digest (no plain client, an error, another status, no header): `oci-client`
+    /// asks this time.
     Unknown,
 }
 
@@ -87,7 +88,6 @@ enum Plain {
 pub(crate) struct Store {
     dir: PathBuf,
     auth_file: PathBuf,
-    config: ClientProtocol,
     /// Registries (`host:port`) reached over plain HTTP.
     insecure: Vec<String>,
     // One pull at a time (two containers of one image share its layers), and the client the
@@ -416,7 +416,6 @@ impl Store {
         Self {
             dir: dir.into(),
             auth_file: auth_file.into(),
-            config: ClientProtocol::HttpsExcept(insecure.clone()),
             insecure,
             pulls: std::sync::Arc::default(),
             resolved: std::sync::Mutex::default(),
@@ -441,7 +440,7 @@ impl Store {
             _ => Kept {
                 key,
                 client: Client::new(ClientConfig {
-                    protocol: self.config.clone(),
+                    protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
                     ..Default::default()
                 }),
                 // Built as oci-client builds its own (same roots, proxies from the
@@ -564,7 +563,10 @@ impl Store {
     /// holds no token for it, which is always for a registry that needs no credentials: two
     /// round trips for one answer. A registry that wants a token answers 401 here, and
     /// `oci-client` (which fetches tokens) asks it from then on.
-    async fn plain_digest(&self, http: &oci_http::Client, r: &Reference) -> Plain {
+    async fn plain_digest(&self, kept: &Kept, r: &Reference) -> Plain {
+        let Some(http) = &kept.plain else {
+            return Plain::Unknown;
+        };
         let registry = r.resolve_registry();
         let scheme = if self.insecure.iter().any(|i| i == registry) {
             "http"
@@ -605,12 +607,10 @@ impl Store {
         r: &Reference,
         auth: &RegistryAuth,
     ) -> Option<String> {
-        if let Some(http) = &kept.plain {
-            match self.plain_digest(http, r).await {
-                Plain::Digest(d) => return Some(d),
-                Plain::Refused => kept.plain = None,
-                Plain::Unknown => {}
-            }
+        match self.plain_digest(kept, r).await {
+            Plain::Digest(d) => return Some(d),
+            Plain::Refused => kept.plain = None,
+            Plain::Unknown => {}
         }
         kept.client.fetch_manifest_digest(r, auth).await.ok()
     }
@@ -644,22 +644,15 @@ impl Store {
         }
         // The plain client's first check (its connection and TLS session) goes with the
         // pull, so that the next check of this image is one round trip.
-        let warm = async {
-            if let Some(http) = &kept.plain
-                && let Plain::Refused = self.plain_digest(http, r).await
-            {
-                return false;
-            }
-            true
-        };
-        let client = &kept.client;
-        let (pulled, plain_ok) = tokio::join!(
-            client.pull_manifest_and_config_and_list_digest(r, auth),
-            warm
+        let (pulled, warmed) = tokio::join!(
+            kept.client
+                .pull_manifest_and_config_and_list_digest(r, auth),
+            self.plain_digest(kept, r)
         );
-        if !plain_ok {
+        if let Plain::Refused = warmed {
             kept.plain = None;
         }
+        let client = &kept.client;
         let (manifest, digest, config, list_digest) =
             pulled.map_err(|e| image_err(reference, describe(&e)))?;
         let manifest_seconds = start.elapsed().as_secs_f64();
